@@ -1,0 +1,56 @@
+// The one place where dualres_ext's operators are declared (TORCH_LIBRARY), plus the Python
+// module init that lets `import dualres_ext._C` load the library and run these registrations.
+// Kernels live per op family and device: csrc/<family>/cpu/*.cpp registers
+// TORCH_LIBRARY_IMPL(dualres_ext, CPU, m), csrc/<family>/cuda/*.cu registers the CUDA ones.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace dualres {
+
+// What this binary was built with, for bug reports and for tests that must know whether the
+// CUDA kernels exist (a build without them must not pretend otherwise).
+std::string build_info() {
+  std::string info;
+#ifdef DUALRES_WITH_CUDA
+  info += "cuda=1";
+#else
+  info += "cuda=0";
+#endif
+#ifdef _OPENMP
+  info += " openmp=" + std::to_string(_OPENMP);
+#else
+  info += " openmp=0";
+#endif
+#if defined(__AVX512F__)
+  info += " simd=avx512";
+#elif defined(__AVX2__)
+  info += " simd=avx2";
+#elif defined(__ARM_NEON)
+  info += " simd=neon";
+#else
+  info += " simd=baseline";
+#endif
+  info += " compiler=" __VERSION__;
+  return info;
+}
+
+}  // namespace dualres
+
+TORCH_LIBRARY(dualres_ext, m) {
+  m.def("build_info() -> str", &dualres::build_info);
+
+  // --- rans (csrc/rans) ---
+
+  // --- gaussian (csrc/gaussian) ---
+
+  // --- gdn (csrc/gdn) ---
+}
+
+// `import dualres_ext._C` needs a module init; the module itself is empty because every
+// entry point is reached through torch.ops.dualres_ext.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "dualres_ext native operators", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
