@@ -25,17 +25,26 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _is_toolkit(prefix):
+    return os.path.exists(os.path.join(prefix, "bin", "nvcc")) and os.path.exists(
+        os.path.join(prefix, "include", "cuda_runtime.h"))
+
+
 def _find_cuda_home():
-    """CUDA_HOME as torch would find it, plus the usual install prefix torch does not look at."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    """CUDA_HOME as torch would find it, plus the usual install prefixes torch does not look at.
+
+    An ``nvcc`` on PATH may be a wrapper script (this machine's /usr/local/bin/nvcc is), so a
+    candidate prefix only counts when it holds both bin/nvcc and include/cuda_runtime.h.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    for prefix in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-        if os.path.exists(os.path.join(prefix, "bin", "nvcc")):
-            return prefix
-    return None
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((c for c in candidates if _is_toolkit(c)), None)
 
 
 def _pip_cuda_include_dirs():
