@@ -184,9 +184,9 @@ def _to_tensor(image) -> Tuple[torch.Tensor, bool]:
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype == np.uint8:
-            t = torch.from_numpy(np.ascontiguousarray(arr)).float() / 255.0
+            t = torch.from_numpy(np.array(arr, dtype=np.float32)) / 255.0
         elif arr.dtype in (np.float32, np.float64, np.float16):
-            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            t = torch.from_numpy(np.array(arr, dtype=np.float32))
         else:
             raise TypeError(f"image: numpy arrays must be uint8 (or float in [0, 1]), got {arr.dtype}")
         if t.dim() == 2:

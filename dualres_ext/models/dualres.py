@@ -84,11 +84,13 @@ def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool) -> torch.Tenso
 
 
 def _slice_net(in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:
-    """Small fully convolutional net (3x3 kernels, no spatial causality) for slice parameters."""
+    """Small fully convolutional net for slice parameters: one 3x3 layer gathers the
+    neighbourhood (no spatial causality: all positions at once), 1x1 layers mix channels.
+    (3x3 everywhere cost as much as the whole analysis transform at stride 8.)"""
     return nn.Sequential(
         nn.Conv2d(in_ch, hidden, 3, padding=1), nn.GELU(),
-        nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU(),
-        nn.Conv2d(hidden, out_ch, 3, padding=1),
+        nn.Conv2d(hidden, hidden, 1), nn.GELU(),
+        nn.Conv2d(hidden, out_ch, 1),
     )
 
 
