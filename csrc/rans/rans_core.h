@@ -81,37 +81,7 @@ inline const char* check_table(const TableView& tv, int64_t t, int* precision_ou
   return nullptr;
 }
 
-// Native encoder symbol with a precomputed reciprocal (Alverson division, as in ryg's
-// RansEncSymbol), so encoding needs a multiply instead of a 32-bit division.
-struct EncSym {
-  uint32_t x_max;      // renormalise (emit bytes) while state >= x_max
-  uint32_t rcp;        // fixed-point reciprocal of freq
-  uint32_t bias;
-  uint16_t cmpl;       // (1 << precision) - freq
-  uint16_t rcp_shift;
-};
-
 constexpr uint32_t kLow = 1u << 23;   // native state lives in [kLow, kLow << 8)
-
-inline EncSym make_enc_sym(uint32_t start, uint32_t freq, int precision) {
-  EncSym s;
-  s.x_max = ((kLow >> precision) << 8) * freq;
-  s.cmpl = static_cast<uint16_t>((1u << precision) - freq);
-  if (freq < 2) {
-    // freq == 1 (only possible when it is the whole... or a tiny symbol): x / 1 = x; the
-    // reciprocal ~0 gives q = x - 1 after the shift, the bias corrects by + (M - 1).
-    s.rcp = ~0u;
-    s.rcp_shift = 0;
-    s.bias = start + (1u << precision) - 1;
-  } else {
-    uint32_t shift = 0;
-    while (freq > (1u << shift)) ++shift;
-    s.rcp = static_cast<uint32_t>(((uint64_t{1} << (shift + 31)) + freq - 1) / freq);
-    s.rcp_shift = static_cast<uint16_t>(shift - 1);
-    s.bias = start;
-  }
-  return s;
-}
 
 // Tables validated and converted once per call. Only the rows named by the indexes are
 // prepared (prepare_rows), so a per-position decode_stream call with a few symbols stays cheap.
@@ -119,10 +89,8 @@ struct Prepared {
   TableView tv;
   int precision = -1;               // common precision of all prepared rows
   int bucket_bits = 0, bucket_shift = 0;
-  bool want_enc = false;
   std::vector<uint8_t> ready;       // [T]
   std::vector<uint16_t> bucket;     // [T, 2^bucket_bits + 1]: symbol holding slot (b << shift)
-  std::vector<EncSym> enc;          // [T, W] (encoder only)
 
   int64_t bucket_stride() const { return (int64_t{1} << bucket_bits) + 1; }
 
@@ -131,7 +99,7 @@ struct Prepared {
   const char* prepare(const TableView& v, const int32_t* idx, int64_t n, bool for_encode,
                       int required_precision) {
     tv = v;
-    want_enc = for_encode;
+    (void)for_encode;  // encoder and decoder share the prepared rows
     ready.assign(static_cast<size_t>(tv.T), 0);
     std::vector<uint8_t> used(static_cast<size_t>(tv.T), 0);
     for (int64_t i = 0; i < n; ++i) {
@@ -153,7 +121,6 @@ struct Prepared {
     bucket_bits = precision < 8 ? precision : 8;
     bucket_shift = precision - bucket_bits;
     bucket.assign(static_cast<size_t>(tv.T * bucket_stride()), 0);
-    if (for_encode) enc.assign(static_cast<size_t>(tv.T * tv.W), EncSym{});
     for (int64_t t = 0; t < tv.T; ++t)
       if (used[t]) prepare_row(t);
     return nullptr;
@@ -171,25 +138,22 @@ struct Prepared {
       b[k] = static_cast<uint16_t>(s);
     }
     b[nb] = static_cast<uint16_t>(len - 2);
-    if (want_enc) {
-      EncSym* e = enc.data() + t * tv.W;
-      for (int32_t v = 0; v + 1 < len; ++v)
-        e[v] = make_enc_sym(static_cast<uint32_t>(c[v]), static_cast<uint32_t>(c[v + 1] - c[v]), precision);
-    }
     ready[t] = 1;
   }
 
-  // The symbol s with cdf[s] <= slot < cdf[s + 1]: the bucket narrows it to [lo, hi] (one
-  // symbol for the wide, frequent ones), then a binary search -- never a linear scan.
+  // The symbol s with cdf[s] <= slot < cdf[s + 1]: the bucket narrows it to [lo, hi] (almost
+  // always one or two candidates), a binary search handles the rare wider range (tails), and the
+  // last step is branch-free -- never a linear scan.
   inline uint32_t find(int32_t t, uint32_t slot) const {
     const uint16_t* b = bucket.data() + t * bucket_stride() + (slot >> bucket_shift);
     uint32_t lo = b[0], hi = b[1];
     const int32_t* c = tv.cdfs + int64_t{t} * tv.W;
-    while (lo < hi) {
-      const uint32_t mid = (lo + hi + 1) >> 1;
+    while (hi > lo + 1) {
+      const uint32_t mid = (lo + hi) >> 1;
       if (static_cast<uint32_t>(c[mid]) <= slot) lo = mid; else hi = mid - 1;
     }
-    return lo;
+    // lo <= len - 2, so c[lo + 1] exists; when lo == hi it is > slot.
+    return lo + (static_cast<uint32_t>(c[lo + 1]) <= slot);
   }
 };
 
@@ -230,11 +194,6 @@ struct BackBuffer {
   size_t size() const { return buf.size() - pos; }
 };
 
-inline void enc_put(uint32_t& x, uint8_t*& p, const EncSym& s) {
-  while (x >= s.x_max) { *--p = static_cast<uint8_t>(x); x >>= 8; }
-  const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(x) * s.rcp) >> 32) >> s.rcp_shift;
-  x = x + s.bias + q * s.cmpl;
-}
 inline void enc_put_bits(uint32_t& x, uint8_t*& p, uint32_t val) {
   constexpr uint32_t x_max = (kLow >> kBypassBits) << 8;
   while (x >= x_max) { *--p = static_cast<uint8_t>(x); x >>= 8; }
@@ -243,6 +202,21 @@ inline void enc_put_bits(uint32_t& x, uint8_t*& p, uint32_t val) {
 
 // Puts one symbol (value incl. escapes). Worst case 12 bytes: 9 raw chunks + 1 count chunk + 2.
 constexpr size_t kMaxBytesPerSymbol = 16;
+
+// x = C(s, x). A plain division: with 4 interleaved states it measured as fast as ryg's
+// precomputed reciprocals (hardware 32-bit division is cheap on current x86) and needs no
+// [T, W] reciprocal table rebuilt on every call. Renormalisation is branch-free: precision <= 16
+// needs at most 2 bytes (x < 2^31, x_max >= 2^15); both candidate bytes are stored and the
+// pointer moves by the number actually emitted.
+inline void enc_put_div(uint32_t& x, uint8_t*& p, uint32_t start, uint32_t freq, uint32_t precision) {
+  const uint32_t x_max = ((kLow >> precision) << 8) * freq;
+  const uint32_t nbytes = (x >= x_max) + (uint64_t{x} >= (uint64_t{x_max} << 8));
+  p[-1] = static_cast<uint8_t>(x);
+  p[-2] = static_cast<uint8_t>(x >> 8);
+  p -= nbytes;
+  x >>= 8 * nbytes;
+  x = ((x / freq) << precision) + (x % freq) + start;
+}
 
 inline void native_encode_one(uint32_t& x, uint8_t*& p, const Prepared& pt, int32_t t, int32_t sym) {
   const int64_t max_value = pt.tv.lengths[t] - 2;
@@ -259,7 +233,8 @@ inline void native_encode_one(uint32_t& x, uint8_t*& p, const Prepared& pt, int3
     for (int j = 0; j < full; ++j) enc_put_bits(x, p, kBypassMax);
     v = max_value;
   }
-  enc_put(x, p, pt.enc[int64_t{t} * pt.tv.W + v]);
+  const int32_t* c = pt.tv.cdfs + int64_t{t} * pt.tv.W;
+  enc_put_div(x, p, static_cast<uint32_t>(c[v]), static_cast<uint32_t>(c[v + 1] - c[v]), static_cast<uint32_t>(pt.precision));
 }
 
 // Encodes symbols [0, n) of one lane with K interleaved states (symbol j uses state j % K).
@@ -296,43 +271,84 @@ struct ByteReader {
   }
 };
 
-inline void dec_renorm(uint32_t& x, ByteReader& r) {
+inline void dec_renorm_slow(uint32_t& x, ByteReader& r) {
   // x >= 1 always here, so at most 3 iterations (precision <= 16 needs at most 2).
   while (x < kLow && !r.overrun) x = (x << 8) | r.next();
 }
 
-inline Status native_decode_one(uint32_t& x, ByteReader& r, const Prepared& pt, int32_t t, int32_t* out) {
-  const uint32_t mask = (1u << pt.precision) - 1;
-  const uint32_t slot = x & mask;
-  const uint32_t s = pt.find(t, slot);
-  const int32_t* c = pt.tv.cdfs + int64_t{t} * pt.tv.W;
+// After a decode step x >= 2^7 * freq >= 2^7, so at most 2 bytes are needed (precision <= 16).
+// With 2 bytes left, read both and select without branches (the byte count is unpredictable).
+inline void dec_renorm(uint32_t& x, ByteReader& r) {
+  if (r.end - r.p >= 2) {
+    // Pure arithmetic (no ?: that the compiler might turn back into a branch).
+    const uint32_t n = (x < kLow) + (x < (kLow >> 8));
+    const uint32_t two = (uint32_t{r.p[0]} << 8) | r.p[1];
+    x = (x << (8 * n)) | (two >> (8 * (2 - n)));
+    r.p += n;
+  } else {
+    dec_renorm_slow(x, r);
+  }
+}
+
+// Escape path (rare): reads the bypass count and chunks after the escape symbol; returns the value.
+[[gnu::noinline]] inline Status native_decode_bypass(uint32_t& x, ByteReader& r, int64_t max_value, int64_t& v) {
+  auto get = [&]() {
+    const uint32_t val = x & kBypassMax;
+    x >>= kBypassBits;
+    dec_renorm(x, r);
+    return val;
+  };
+  uint32_t val = get();
+  int nb = static_cast<int>(val);
+  while (val == kBypassMax) {
+    if (nb > 9 || r.overrun) return Status::kCorrupt;  // a 34-bit raw value needs <= 9 chunks
+    val = get();
+    nb += static_cast<int>(val);
+  }
+  if (nb > 9) return Status::kCorrupt;
+  uint64_t raw = 0;
+  for (int j = 0; j < nb; ++j) raw |= uint64_t{get()} << (j * kBypassBits);
+  v = value_from_raw(raw, max_value);
+  return Status::kOk;
+}
+
+// Hot-loop copies of the prepared tables (locals, so stores to the output cannot alias them).
+struct DecodeCtx {
+  const int32_t* cdfs;
+  const int32_t* lengths;
+  const int32_t* offsets;
+  const uint16_t* bucket;
+  int64_t W, bstride;
+  uint32_t precision, mask, bshift;
+  explicit DecodeCtx(const Prepared& pt)
+      : cdfs(pt.tv.cdfs), lengths(pt.tv.lengths), offsets(pt.tv.offsets), bucket(pt.bucket.data()), W(pt.tv.W),
+        bstride(pt.bucket_stride()), precision(static_cast<uint32_t>(pt.precision)),
+        mask((1u << pt.precision) - 1), bshift(static_cast<uint32_t>(pt.bucket_shift)) {}
+};
+
+inline Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t, int32_t* out) {
+  const uint32_t slot = x & d.mask;
+  const int32_t* c = d.cdfs + int64_t{t} * d.W;
+  // Symbol search (see Prepared::find): bucket, rare binary search, branch-free last step.
+  const uint16_t* b = d.bucket + t * d.bstride + (slot >> d.bshift);
+  uint32_t lo = b[0], hi = b[1];
+  while (hi > lo + 1) {
+    const uint32_t mid = (lo + hi) >> 1;
+    if (static_cast<uint32_t>(c[mid]) <= slot) lo = mid; else hi = mid - 1;
+  }
+  const uint32_t s = lo + (static_cast<uint32_t>(c[lo + 1]) <= slot);
   const uint32_t start = static_cast<uint32_t>(c[s]);
   const uint32_t freq = static_cast<uint32_t>(c[s + 1]) - start;
-  x = freq * (x >> pt.precision) + slot - start;
+  x = freq * (x >> d.precision) + slot - start;
   dec_renorm(x, r);
-  const int64_t max_value = pt.tv.lengths[t] - 2;
+  const int64_t max_value = d.lengths[t] - 2;
   int64_t v = s;
-  if (v == max_value) {
-    auto get = [&]() {
-      const uint32_t val = x & kBypassMax;
-      x >>= kBypassBits;
-      dec_renorm(x, r);
-      return val;
-    };
-    uint32_t val = get();
-    int nb = static_cast<int>(val);
-    while (val == kBypassMax) {
-      if (nb > 9 || r.overrun) return Status::kCorrupt;  // a 34-bit raw value needs <= 9 chunks
-      val = get();
-      nb += static_cast<int>(val);
-    }
-    if (nb > 9) return Status::kCorrupt;
-    uint64_t raw = 0;
-    for (int j = 0; j < nb; ++j) raw |= uint64_t{get()} << (j * kBypassBits);
-    v = value_from_raw(raw, max_value);
+  if (__builtin_expect(v == max_value, 0)) {
+    const Status st = native_decode_bypass(x, r, max_value, v);
+    if (st != Status::kOk) return st;
   }
-  const int64_t o = v + pt.tv.offsets[t];
-  if (o < INT32_MIN || o > INT32_MAX) return Status::kCorrupt;
+  const int64_t o = v + d.offsets[t];
+  if (__builtin_expect(o < INT32_MIN || o > INT32_MAX, 0)) return Status::kCorrupt;
   *out = static_cast<int32_t>(o);
   return Status::kOk;
 }
@@ -342,6 +358,7 @@ Status native_decode_lane(const uint8_t* data, size_t size, const int32_t* idx, 
                           int32_t* out) {
   if (size < 4 * K) return Status::kTruncated;
   ByteReader r{data, data + size};
+  const DecodeCtx d(pt);
   uint32_t x[K];
   for (int k = 0; k < K; ++k) {
     x[k] = uint32_t{data[4 * k]} | uint32_t{data[4 * k + 1]} << 8 | uint32_t{data[4 * k + 2]} << 16 |
@@ -353,13 +370,13 @@ Status native_decode_lane(const uint8_t* data, size_t size, const int32_t* idx, 
   for (; j + K <= n; j += K) {
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
-      const Status st = native_decode_one(x[k], r, pt, idx[j + k], out + j + k);
+      const Status st = native_decode_one(x[k], r, d, idx[j + k], out + j + k);
       if (st != Status::kOk) return st;
     }
     if (r.overrun) return Status::kTruncated;
   }
   for (int k = 0; j < n; ++j, ++k) {
-    const Status st = native_decode_one(x[k], r, pt, idx[j], out + j);
+    const Status st = native_decode_one(x[k], r, d, idx[j], out + j);
     if (st != Status::kOk) return st;
   }
   if (r.overrun) return Status::kTruncated;
@@ -468,8 +485,17 @@ struct CompatDecoder {
     if (x < kLow64 || x >= (uint64_t{1} << 63)) return Status::kCorrupt;
     return Status::kOk;
   }
+  // Branch-free when a whole word is left (whether a word is needed is unpredictable).
   inline void renorm() {
-    if (x < kLow64) x = (x << 32) | word();
+    if (pos + 4 <= size) {
+      const uint64_t need = x < kLow64;
+      uint32_t w;
+      std::memcpy(&w, data + pos, 4);  // little-endian host assumed (x86/ARM), as in CompressAI
+      x = (x << (32 * need)) | (uint64_t{w} & (0 - need));
+      pos += 4 * need;
+    } else if (x < kLow64) {
+      x = (x << 32) | word();
+    }
   }
   inline uint32_t get_bits() {
     const uint32_t val = static_cast<uint32_t>(x) & kBypassMax;

@@ -23,8 +23,8 @@ namespace dualres::rans {
 
 constexpr uint8_t kMagic0 = 0xD7, kMagic1 = 0x52;  // "\xD7R"
 constexpr uint8_t kVersion = 1;
-constexpr int kDefaultStates = 2;          // interleaved states per lane (measured: FORMAT.md)
-constexpr int64_t kMinLaneSymbols = 16384; // default lane size floor
+constexpr int kDefaultStates = 4;          // interleaved states per lane (measured: FORMAT.md)
+constexpr int64_t kMinLaneSymbols = 24576; // default lane size floor (~20 lanes for the DESIGN workload)
 constexpr int64_t kMaxLanes = 64;          // default lane count cap
 constexpr int64_t kMaxLanesHard = 1 << 16; // what an encoder may be asked for / a decoder accepts
 
@@ -158,12 +158,12 @@ Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t 
       else encode_lanes<2>(sym, idx, n, lanes, pt, bufs, lo, hi);
     });
     if (!auto_lanes || lanes <= 1) break;
-    // Keep the per-lane cost (states + length varint) under 0.5% of the payload: low-entropy
+    // Keep the per-lane cost (states + length varint) under 0.25% of the payload: low-entropy
     // data gets fewer, longer lanes (re-encoded once; such data is cheap to code anyway).
     size_t payload = 0;
     for (auto& b : bufs) payload += b.size();
     const int64_t per_lane = 4 * states + 3;
-    const int64_t affordable = std::max<int64_t>(1, static_cast<int64_t>(payload / 200) / per_lane);
+    const int64_t affordable = std::max<int64_t>(1, static_cast<int64_t>(payload / 400) / per_lane);
     if (lanes <= affordable) break;
     lanes = affordable;
   }
