@@ -135,6 +135,7 @@ def rans_decode_compat_stream(data: torch.Tensor, state: torch.Tensor, indexes, 
     cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets)
     return _ops.rans_decode_compat_stream(data, state, indexes, cdfs, cdf_lengths, offsets)
 
+
 # --- gaussian ---
 # Gaussian conditional kernels (csrc/gaussian): scale -> table index, quantisation, the training
 # likelihood and the coder's CDF tables. Semantics follow CompressAI 1.2.8 exactly where the
