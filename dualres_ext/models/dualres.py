@@ -72,15 +72,16 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool) -> torch.Tensor:
+def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool, entropy_model) -> torch.Tensor:
     """``round(x - offset) + offset``: straight-through in training, exact in eval.
 
-    Eval uses the very expression the entropy models' ``dequantize`` computes
-    (``symbols.float() + offset``), so encoder and decoder get bit-identical values.
+    Eval goes through the entropy model's own ``quantize(.., "symbols")``/``dequantize`` -- the
+    very functions ``compress``/``decompress`` use -- so ``forward``, the encoder and the decoder
+    get bit-identical values (ties, rounding mode and all).
     """
     if training:
         return ste_round(x - offset) + offset
-    return torch.round(x - offset) + offset
+    return entropy_model.dequantize(entropy_model.quantize(x, "symbols", offset), offset, x.dtype)
 
 
 def _slice_net(in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:
@@ -135,7 +136,7 @@ class DualRes(nn.Module):
     def __init__(self, N: int = 64, N1: Optional[int] = None, M_H: int = 48, M_L: int = 96, N_hyper: int = 64,
                  Z: int = 48, slices_H: Sequence[int] = (16, 32),
                  slices_L: Sequence[int] = (16, 32, 48), hidden: int = 64,
-                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, lanes: Optional[int] = None,
+                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, lanes: Union[None, str, int] = "auto",
                  name: str = "custom"):
         super().__init__()
         if sum(slices_H) != M_H or sum(slices_L) != M_L:
@@ -151,7 +152,6 @@ class DualRes(nn.Module):
                            lambdas=tuple(float(v) for v in lambdas))
         self.lambdas: List[float] = [float(v) for v in lambdas]
         self.num_qualities = len(self.lambdas)
-        self.lanes = lanes
 
         # Analysis: shared stride-4 stem, then one branch per latent.
         # N1: the width at stride 2, where a layer costs 4x more per channel than at stride 4.
@@ -195,8 +195,11 @@ class DualRes(nn.Module):
         self.inv_gain_h = nn.Parameter((-log_g)[:, None].repeat(1, M_H).clone())
         self.inv_gain_l = nn.Parameter((-log_g)[:, None].repeat(1, M_L).clone())
 
-        self.entropy_bottleneck = EntropyBottleneck(Z)
-        self.gaussian_conditional = GaussianConditional(None)
+        # lanes: "auto"/int = dualres_ext's multi-lane rANS stream (the encoder picks the lane
+        # count and writes it; decoding does not depend on the thread count), None = CompressAI's
+        # single-lane stream.
+        self.entropy_bottleneck = EntropyBottleneck(Z, lanes=lanes)
+        self.gaussian_conditional = GaussianConditional(None, lanes=lanes)
 
     # ------------------------------------------------------------------ gains
     def _gain(self, table: torch.Tensor, quality) -> torch.Tensor:
@@ -261,7 +264,7 @@ class DualRes(nn.Module):
             scales, means = coder.params(i, ctx)
             _, lik = self.gaussian_conditional(y_s, scales, means=means)
             likelihoods.append(lik)
-            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, self.training)))
+            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, self.training, self.gaussian_conditional)))
         return torch.cat(decoded, 1), torch.cat(likelihoods, 1)
 
     def forward(self, x: torch.Tensor, quality=None):
@@ -270,7 +273,7 @@ class DualRes(nn.Module):
         y_h, y_l = self._analysis(x, quality)
         z = self._hyper_analysis(y_h, y_l)
         _, z_likelihoods = self.entropy_bottleneck(z)
-        z_hat = _quant(z, self._z_offset(), self.training)
+        z_hat = _quant(z, self._z_offset(), self.training, self.entropy_bottleneck)
         f_h, f_l = self._hyper_synthesis(z_hat)
         y_h_hat, y_h_likelihoods = self._code_latent(self.coder_h, y_h, f_h)
         cond = self.cond_down_h(y_h_hat)
@@ -293,9 +296,6 @@ class DualRes(nn.Module):
         updated |= self.entropy_bottleneck.update(force=force)
         return bool(updated)
 
-    def _coder_kwargs(self) -> dict:
-        return {} if self.lanes is None else {"lanes": self.lanes}
-
     @torch.no_grad()
     def compress(self, x: torch.Tensor, quality=None):
         """Encode ``x`` (B, 3, H, W), H and W multiples of 64, into byte strings.
@@ -310,7 +310,7 @@ class DualRes(nn.Module):
         y_h, y_l = self._analysis(x, quality)
         z = self._hyper_analysis(y_h, y_l)
         strings = [self.entropy_bottleneck.compress(z)]
-        z_hat = _quant(z, self._z_offset(), False)
+        z_hat = _quant(z, self._z_offset(), False, self.entropy_bottleneck)
         f_h, f_l = self._hyper_synthesis(z_hat)
         y_h_hat = self._compress_latent(self.coder_h, y_h, f_h, None, strings)
         cond = self.cond_down_h(y_h_hat)
@@ -325,8 +325,8 @@ class DualRes(nn.Module):
             ctx = torch.cat(base + decoded, 1)
             scales, means = coder.params(i, ctx)
             indexes = gc.build_indexes(scales)
-            strings.append(gc.compress(y_s, indexes, means=means, **self._coder_kwargs()))
-            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, False)))
+            strings.append(gc.compress(y_s, indexes, means=means))
+            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, False, self.gaussian_conditional)))
         return torch.cat(decoded, 1)
 
     @torch.no_grad()
