@@ -253,11 +253,30 @@ def test_cli_round_trip(tmp_path, model):
     back = np.asarray(Image.open(tmp_path / "back.png"))
     data = (tmp_path / "out.drx").read_bytes()
     assert np.array_equal(back, codec.decode(data, weights=weights, output="numpy"))
-    # Errors: clear message, non-zero exit code.
-    r = _cli("compress", "missing.png", "x.drx", "--weights", str(weights), cwd=tmp_path)
-    assert r.returncode == 1 and "no such file" in r.stderr
-    (tmp_path / "bad.drx").write_bytes(data[:-3])
-    r = _cli("decompress", "bad.drx", "x.png", "--weights", str(weights), cwd=tmp_path)
-    assert r.returncode == 3 and "truncated" in r.stderr
-    r = _cli("compress", "in.png", "x.drx", "--quality", "9", "--weights", str(weights), cwd=tmp_path)
-    assert r.returncode == 1 and "quality" in r.stderr
+
+
+def test_cli_errors(tmp_path, model, capsys, monkeypatch):
+    """Error paths in-process (a subprocess per case would cost seconds each)."""
+    from dualres_ext.__main__ import main
+
+    weights = tmp_path / "w.pt"
+    codec.save_weights(model, weights)
+    Image.fromarray(photo_like(8, 8)).save(tmp_path / "in.png")
+    (tmp_path / "bad.drx").write_bytes(codec.encode(photo_like(8, 8), weights=model)[:-3])
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["compress", "missing.png", "x.drx", "--weights", str(weights)], 1, "no such file"),
+        (["compress", "w.pt", "x.drx", "--weights", str(weights)], 1, "not a readable image"),
+        (["compress", "in.png", "x.drx", "--quality", "9", "--weights", str(weights)], 1, "quality"),
+        (["compress", "in.png", "x.drx", "--weights", "nope.pt"], 4, "not found"),
+        (["decompress", "in.png", "x.png", "--weights", str(weights)], 3, "magic"),
+        (["decompress", "bad.drx", "x.png", "--weights", str(weights)], 3, "truncated"),
+        (["decompress", "missing.drx", "x.png", "--weights", str(weights)], 1, "no such file"),
+    ]
+    for argv, code, message in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("dualres: error:"), (argv, err)
+    monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
+    assert main(["compress", "in.png", "x.drx"]) == 4
+    assert "no trained DualRes weights" in capsys.readouterr().err
