@@ -210,24 +210,26 @@ class DualRes(nn.Module):
     def _gain(self, table: torch.Tensor, quality) -> torch.Tensor:
         """Gain vector(s) for ``quality`` as (B or 1, C, 1, 1), log-linear interpolation."""
         n = self.num_qualities
-        if isinstance(quality, torch.Tensor) and quality.dim() > 0:
-            q = quality.to(device=table.device, dtype=table.dtype).reshape(-1)
+        if isinstance(quality, torch.Tensor):
+            if quality.dim() > 1 or quality.is_complex() or quality.dtype == torch.bool:
+                raise ValueError(f"quality: a number or a 1-D tensor of per-sample qualities, "
+                                 f"got shape {tuple(quality.shape)} {quality.dtype}")
+            q = quality.detach().reshape(-1).to(table.dtype)
+            bad = ~torch.isfinite(q) | (q < 0) | (q > n - 1)  # checked where it lives (CPU: no sync)
+            if bool(bad.any()):
+                raise ValueError(f"quality must lie in [0, {n - 1}], got {quality.tolist()}")
+            q = q.to(table.device)
         else:
+            if isinstance(quality, bool) or not isinstance(quality, (int, float)):
+                raise TypeError(f"quality must be an int, a float or a tensor, got {type(quality).__name__}")
+            if not (math.isfinite(quality) and 0 <= quality <= n - 1):
+                raise ValueError(f"quality must lie in [0, {n - 1}], got {quality!r}")
             q = torch.tensor([float(quality)], device=table.device, dtype=table.dtype)
-        if not bool(torch.isfinite(q).all()) or bool((q < 0).any()) or bool((q > n - 1).any()):
-            raise ValueError(f"quality must lie in [0, {n - 1}], got {quality!r}")
         lo = q.floor().long().clamp(max=n - 1)
         hi = (lo + 1).clamp(max=n - 1)
         t = (q - lo.to(q.dtype))[:, None]
         log_g = table[lo] * (1 - t) + table[hi] * t
         return torch.exp(log_g)[:, :, None, None]
-
-    def _check_quality(self, quality):
-        if isinstance(quality, torch.Tensor) and quality.dim() > 0:
-            return
-        if isinstance(quality, bool) or not isinstance(quality, (int, float)) and not (
-                isinstance(quality, torch.Tensor)):
-            raise TypeError(f"quality must be an int or a float, got {type(quality).__name__}")
 
     # ------------------------------------------------------------------ pieces
     def _analysis(self, x: torch.Tensor, quality):
@@ -236,7 +238,6 @@ class DualRes(nn.Module):
         if x.size(2) % self.stride or x.size(3) % self.stride:
             raise ValueError(f"x: H and W must be multiples of {self.stride}, got "
                              f"{tuple(x.shape[-2:])} (pad the image; the codec does)")
-        self._check_quality(quality)
         f = self.g_a_stem(x)
         y_h = self.g_a_h(f) * self._gain(self.gain_h, quality)
         y_l = self.g_a_l(f) * self._gain(self.gain_l, quality)
