@@ -52,13 +52,13 @@ SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 
 CONFIGS: Dict[str, dict] = {
     # Sized to train on a couple of CPU cores and to be fast on CPU at inference.
-    "compact": dict(N=64, N1=32, M_H=48, M_L=96, N_hyper=64, Z=48,
+    "compact": dict(N=64, N1=32, k1=3, M_H=48, M_L=96, N_hyper=64, Z=48,
                     slices_H=(16, 32), slices_L=(16, 32, 48), hidden=64,
                     lambdas=DEFAULT_LAMBDAS),
     # The paper's size: N=192 and 320 latent channels in total (y_H + y_L); 128 channels at
     # stride 2, where a layer costs 4x more per channel (it still beats the checkerboard model's
     # 2x speed target; see benchmarks/RESULTS.md).
-    "paper": dict(N=192, N1=128, M_H=128, M_L=192, N_hyper=192, Z=128,
+    "paper": dict(N=192, N1=128, k1=5, M_H=128, M_L=192, N_hyper=192, Z=128,
                   slices_H=(32, 32, 64), slices_L=(32, 32, 64, 64), hidden=128,
                   lambdas=DEFAULT_LAMBDAS),
 }
@@ -86,43 +86,42 @@ def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool, entropy_model)
     return entropy_model.dequantize(entropy_model.quantize(x, "symbols", offset), offset, x.dtype)
 
 
-def _slice_net(in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:
-    """Small fully convolutional net for slice parameters: one 3x3 layer gathers the
-    neighbourhood (no spatial causality: all positions at once), 1x1 layers mix channels.
-    (3x3 everywhere cost as much as the whole analysis transform at stride 8.)"""
-    return nn.Sequential(
-        nn.Conv2d(in_ch, hidden, 3, padding=1), nn.GELU(),
-        nn.Conv2d(hidden, hidden, 1), nn.GELU(),
-        nn.Conv2d(hidden, out_ch, 1),
-    )
-
-
 class _SliceCoder(nn.Module):
     """Parameter and LRP networks of one latent split into channel slices.
 
     Slice ``i``'s context is ``cat(features, extra, ŷ[<i])`` where ``features`` are the hyper
     features and ``extra`` an optional extra conditioning tensor (``down(ŷ_H)`` for ``y_L``).
+    One 3x3 layer gathers the context's neighbourhood (all positions at once: no spatial
+    causality), 1x1 layers mix channels into (scale, mean). The latent residual prediction
+    (Minnen & Singh 2020) reuses those 3x3 features with the decoded slice, through 1x1 layers:
+    the 3x3 layers are the coders' main cost, and a second set for LRP would double it.
     """
 
     def __init__(self, slices: Sequence[int], ctx_ch: int, hidden: int):
         super().__init__()
         self.slices = [int(s) for s in slices]
+        self.context_nets = nn.ModuleList()
         self.param_nets = nn.ModuleList()
         self.lrp_nets = nn.ModuleList()
         done = 0
         for s in self.slices:
-            self.param_nets.append(_slice_net(ctx_ch + done, hidden, 2 * s))
-            self.lrp_nets.append(_slice_net(ctx_ch + done + s, hidden // 2, s))
+            self.context_nets.append(nn.Sequential(
+                nn.Conv2d(ctx_ch + done, hidden, 3, padding=1), nn.GELU()))
+            self.param_nets.append(nn.Sequential(
+                nn.Conv2d(hidden, hidden, 1), nn.GELU(), nn.Conv2d(hidden, 2 * s, 1)))
+            self.lrp_nets.append(nn.Sequential(
+                nn.Conv2d(hidden + s, hidden // 2, 1), nn.GELU(), nn.Conv2d(hidden // 2, s, 1)))
             done += s
 
     def params(self, i: int, ctx: torch.Tensor):
-        scales, means = self.param_nets[i](ctx).chunk(2, dim=1)
-        return scales, means
+        """(scales, means, features) of slice ``i``; ``features`` feed :meth:`lrp`."""
+        h = self.context_nets[i](ctx)
+        scales, means = self.param_nets[i](h).chunk(2, dim=1)
+        return scales, means, h
 
-    def lrp(self, i: int, ctx: torch.Tensor, y_hat_slice: torch.Tensor) -> torch.Tensor:
-        # Latent residual prediction: a bounded correction of the quantisation error, computed
-        # from what the decoder knows (so it never needs bits).
-        return y_hat_slice + 0.5 * torch.tanh(self.lrp_nets[i](torch.cat([ctx, y_hat_slice], 1)))
+    def lrp(self, i: int, h: torch.Tensor, y_hat_slice: torch.Tensor) -> torch.Tensor:
+        # A bounded correction of the quantisation error, from what the decoder knows (no bits).
+        return y_hat_slice + 0.5 * torch.tanh(self.lrp_nets[i](torch.cat([h, y_hat_slice], 1)))
 
 
 class DualRes(nn.Module):
@@ -135,7 +134,7 @@ class DualRes(nn.Module):
 
     stride = 64  # input sizes must be multiples of this (z's stride)
 
-    def __init__(self, N: int = 64, N1: Optional[int] = None, M_H: int = 48, M_L: int = 96, N_hyper: int = 64,
+    def __init__(self, N: int = 64, N1: Optional[int] = None, k1: int = 5, M_H: int = 48, M_L: int = 96, N_hyper: int = 64,
                  Z: int = 48, slices_H: Sequence[int] = (16, 32),
                  slices_L: Sequence[int] = (16, 32, 48), hidden: int = 64,
                  lambdas: Sequence[float] = DEFAULT_LAMBDAS, lanes: Union[None, str, int] = "auto",
@@ -148,7 +147,10 @@ class DualRes(nn.Module):
             raise ValueError("lambdas: at least two quality levels are needed")
         self.name = name
         N1 = N if N1 is None else int(N1)
-        self.config = dict(N=N, N1=N1, M_H=M_H, M_L=M_L, N_hyper=N_hyper, Z=Z,
+        k1 = int(k1)
+        if k1 not in (3, 5):
+            raise ValueError(f"k1 must be 3 or 5, got {k1}")
+        self.config = dict(N=N, N1=N1, k1=k1, M_H=M_H, M_L=M_L, N_hyper=N_hyper, Z=Z,
                            slices_H=tuple(int(s) for s in slices_H),
                            slices_L=tuple(int(s) for s in slices_L), hidden=hidden,
                            lambdas=tuple(float(v) for v in lambdas))
@@ -156,8 +158,9 @@ class DualRes(nn.Module):
         self.num_qualities = len(self.lambdas)
 
         # Analysis: shared stride-4 stem, then one branch per latent.
-        # N1: the width at stride 2, where a layer costs 4x more per channel than at stride 4.
-        self.g_a_stem = nn.Sequential(conv(3, N1, 5, 2), GDN(N1), conv(N1, N, 5, 2), GDN(N))
+        # N1: the width at stride 2, where a layer costs 4x more per channel than at stride 4;
+        # k1: the kernel of the layers between strides 2 and 4 (the costliest pair).
+        self.g_a_stem = nn.Sequential(conv(3, N1, 5, 2), GDN(N1), conv(N1, N, k1, 2), GDN(N))
         self.g_a_h = conv(N, M_H, 5, 2)
         self.g_a_l = nn.Sequential(conv(N, N, 5, 2), GDN(N), conv(N, M_L, 5, 2))
 
@@ -168,7 +171,7 @@ class DualRes(nn.Module):
         self.g_s = nn.Sequential(
             nn.Conv2d(N + M_H, N, 1),
             deconv(N, N, 5, 2), GDN(N, inverse=True),
-            deconv(N, N1, 5, 2), GDN(N1, inverse=True),
+            deconv(N, N1, k1, 2), GDN(N1, inverse=True),
             deconv(N1, 3, 5, 2),
         )
 
@@ -267,10 +270,10 @@ class DualRes(nn.Module):
         base = [features] if extra is None else [features, extra]
         for i, y_s in enumerate(y_slices):
             ctx = torch.cat(base + decoded, 1)
-            scales, means = coder.params(i, ctx)
+            scales, means, h = coder.params(i, ctx)
             _, lik = self.gaussian_conditional(y_s, scales, means=means)
             likelihoods.append(lik)
-            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, self.training, self.gaussian_conditional)))
+            decoded.append(coder.lrp(i, h, _quant(y_s, means, self.training, self.gaussian_conditional)))
         return torch.cat(decoded, 1), torch.cat(likelihoods, 1)
 
     def forward(self, x: torch.Tensor, quality=None):
@@ -329,10 +332,10 @@ class DualRes(nn.Module):
         base = [features] if extra is None else [features, extra]
         for i, y_s in enumerate(y.split(coder.slices, 1)):
             ctx = torch.cat(base + decoded, 1)
-            scales, means = coder.params(i, ctx)
+            scales, means, h = coder.params(i, ctx)
             indexes = gc.build_indexes(scales)
             strings.append(gc.compress(y_s, indexes, means=means))
-            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, False, self.gaussian_conditional)))
+            decoded.append(coder.lrp(i, h, _quant(y_s, means, False, self.gaussian_conditional)))
         return torch.cat(decoded, 1)
 
     @torch.no_grad()
@@ -360,8 +363,8 @@ class DualRes(nn.Module):
         base = [features] if extra is None else [features, extra]
         for i in range(len(coder.slices)):
             ctx = torch.cat(base + decoded, 1)
-            scales, means = coder.params(i, ctx)
+            scales, means, h = coder.params(i, ctx)
             indexes = gc.build_indexes(scales)
             y_s = gc.decompress(strings[i], indexes, means=means)
-            decoded.append(coder.lrp(i, ctx, y_s.to(means.dtype)))
+            decoded.append(coder.lrp(i, h, y_s.to(means.dtype)))
         return torch.cat(decoded, 1)
