@@ -1,0 +1,181 @@
+// CPU torch ops around the torch-free rANS core (csrc/rans/rans_core.h, rans_stream.h).
+// Schemas are declared in csrc/register.cpp under "--- rans ---".
+//
+// Tensors in, tensors out: no Python lists anywhere. Arguments are validated here with messages
+// naming the argument (TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError); the core
+// validates the bitstream itself and reports failures as Status codes, turned into ValueError.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "rans/rans_stream.h"
+
+namespace dualres::rans {
+namespace {
+
+void check_int32_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be an int32 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+}
+
+// Owns contiguous copies (when needed) of the table tensors and exposes them as a TableView.
+struct Tables {
+  at::Tensor cdfs, lengths, offsets;
+  TableView view;
+  Tables(const at::Tensor& c, const at::Tensor& l, const at::Tensor& o) {
+    check_int32_cpu(c, "cdfs");
+    check_int32_cpu(l, "cdf_lengths");
+    check_int32_cpu(o, "offsets");
+    TORCH_CHECK_VALUE(c.dim() == 2, "cdfs must be 2-D [tables, max_length], got shape ", c.sizes());
+    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == c.size(0), "cdf_lengths must be 1-D with one entry per cdfs row (",
+                      c.size(0), "), got shape ", l.sizes());
+    TORCH_CHECK_VALUE(o.dim() == 1 && o.size(0) == c.size(0), "offsets must be 1-D with one entry per cdfs row (",
+                      c.size(0), "), got shape ", o.sizes());
+    cdfs = c.contiguous();
+    lengths = l.contiguous();
+    offsets = o.contiguous();
+    view = TableView{cdfs.data_ptr<int32_t>(), lengths.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), c.size(0),
+                     c.size(1)};
+  }
+};
+
+void prepare_or_throw(Prepared& pt, const Tables& tb, const at::Tensor& idx, bool for_encode, int precision) {
+  const char* err = pt.prepare(tb.view, idx.data_ptr<int32_t>(), idx.numel(), for_encode, precision);
+  TORCH_CHECK_VALUE(err == nullptr, err ? err : "");
+}
+
+void throw_status(Status st, const char* what) {
+  TORCH_CHECK_VALUE(st == Status::kOk, what, ": ", status_message(st));
+}
+
+const uint8_t* stream_bytes(const at::Tensor& data, size_t& size) {
+  TORCH_CHECK_TYPE(data.scalar_type() == at::kByte, "data must be a uint8 tensor, got ", data.scalar_type());
+  TORCH_CHECK_VALUE(data.device().is_cpu(), "data must be on the CPU, got ", data.device());
+  TORCH_CHECK_VALUE(data.dim() == 1, "data must be 1-D, got shape ", data.sizes());
+  TORCH_CHECK_VALUE(data.is_contiguous(), "data must be contiguous");
+  size = static_cast<size_t>(data.numel());
+  return data.data_ptr<uint8_t>();
+}
+
+at::Tensor to_tensor(const std::vector<uint8_t>& bytes) {
+  at::Tensor out = at::empty({static_cast<int64_t>(bytes.size())}, at::TensorOptions().dtype(at::kByte));
+  if (!bytes.empty()) std::memcpy(out.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+  return out;
+}
+
+// ATen's thread pool behind the core's parallel_for interface; one lane per task.
+struct AtenFor {
+  template <class F>
+  void operator()(int64_t b, int64_t e, F&& f) const {
+    at::parallel_for(b, e, 1, [&](int64_t lo, int64_t hi) { f(lo, hi); });
+  }
+};
+
+std::pair<at::Tensor, at::Tensor> symbols_and_indexes(const at::Tensor& symbols, const at::Tensor& indexes) {
+  check_int32_cpu(symbols, "symbols");
+  check_int32_cpu(indexes, "indexes");
+  TORCH_CHECK_VALUE(symbols.sizes() == indexes.sizes(), "symbols and indexes must have the same shape, got ",
+                    symbols.sizes(), " and ", indexes.sizes());
+  return {symbols.contiguous(), indexes.contiguous()};
+}
+
+at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& indexes, const at::Tensor& cdfs,
+                       const at::Tensor& cdf_lengths, const at::Tensor& offsets, int64_t lanes) {
+  auto [sym, idx] = symbols_and_indexes(symbols, indexes);
+  TORCH_CHECK_VALUE(lanes <= kMaxLanesHard, "lanes must be <= ", kMaxLanesHard, ", got ", lanes);
+  Tables tb(cdfs, cdf_lengths, offsets);
+  Prepared pt;
+  prepare_or_throw(pt, tb, idx, /*for_encode=*/true, 0);
+  std::vector<uint8_t> out;
+  throw_status(encode_stream(sym.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), idx.numel(), lanes, pt, out, AtenFor{}),
+               "rans_encode");
+  return to_tensor(out);
+}
+
+at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& indexes, const at::Tensor& cdfs,
+                       const at::Tensor& cdf_lengths, const at::Tensor& offsets) {
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  check_int32_cpu(indexes, "indexes");
+  at::Tensor idx = indexes.contiguous();
+  Tables tb(cdfs, cdf_lengths, offsets);
+  Prepared pt;
+  prepare_or_throw(pt, tb, idx, /*for_encode=*/false, 0);
+  at::Tensor out = at::empty(indexes.sizes(), at::TensorOptions().dtype(at::kInt));
+  throw_status(decode_stream(bytes, size, idx.data_ptr<int32_t>(), idx.numel(), pt, out.data_ptr<int32_t>(), AtenFor{}),
+               "rans_decode");
+  return out;
+}
+
+at::Tensor rans_encode_compat(const at::Tensor& symbols, const at::Tensor& indexes, const at::Tensor& cdfs,
+                              const at::Tensor& cdf_lengths, const at::Tensor& offsets) {
+  auto [sym, idx] = symbols_and_indexes(symbols, indexes);
+  Tables tb(cdfs, cdf_lengths, offsets);
+  Prepared pt;
+  prepare_or_throw(pt, tb, idx, /*for_encode=*/true, kCompatPrecision);
+  std::vector<uint8_t> out;
+  throw_status(compat_encode(sym.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), idx.numel(), pt, out),
+               "rans_encode_compat");
+  return to_tensor(out);
+}
+
+// Decodes indexes.numel() symbols of a CompressAI stream. state: int64 [2] = (next byte position,
+// 64-bit rANS state), updated in place; position 0 means "start of the stream" (reads the
+// initial state). With check_end the stream must end exactly here (whole-stream decode).
+at::Tensor decode_compat_impl(const at::Tensor& data, int64_t* state, const at::Tensor& indexes, const at::Tensor& cdfs,
+                              const at::Tensor& cdf_lengths, const at::Tensor& offsets, bool check_end) {
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  check_int32_cpu(indexes, "indexes");
+  at::Tensor idx = indexes.contiguous();
+  Tables tb(cdfs, cdf_lengths, offsets);
+  Prepared pt;
+  prepare_or_throw(pt, tb, idx, /*for_encode=*/false, kCompatPrecision);
+  at::Tensor out = at::empty(indexes.sizes(), at::TensorOptions().dtype(at::kInt));
+  if (idx.numel() == 0 && check_end) return out;
+  CompatDecoder dec;
+  if (state[0] == 0) {
+    throw_status(dec.init(bytes, size), "rans_decode_compat");
+  } else {
+    TORCH_CHECK_VALUE(state[0] > 0 && static_cast<uint64_t>(state[0]) <= size,
+                      "state: byte position outside the stream (was set_stream called with this data?)");
+    dec.data = bytes;
+    dec.size = size;
+    dec.pos = static_cast<size_t>(state[0]);
+    dec.x = static_cast<uint64_t>(state[1]);
+  }
+  Status st = dec.decode(idx.data_ptr<int32_t>(), idx.numel(), pt, out.data_ptr<int32_t>());
+  if (st == Status::kOk && check_end && !dec.finished_cleanly()) st = Status::kCorrupt;
+  throw_status(st, "rans_decode_compat");
+  state[0] = static_cast<int64_t>(dec.pos);
+  state[1] = static_cast<int64_t>(dec.x);
+  return out;
+}
+
+at::Tensor rans_decode_compat(const at::Tensor& data, const at::Tensor& indexes, const at::Tensor& cdfs,
+                              const at::Tensor& cdf_lengths, const at::Tensor& offsets) {
+  int64_t state[2] = {0, 0};
+  return decode_compat_impl(data, state, indexes, cdfs, cdf_lengths, offsets, /*check_end=*/true);
+}
+
+at::Tensor rans_decode_compat_stream(const at::Tensor& data, const at::Tensor& state, const at::Tensor& indexes,
+                                     const at::Tensor& cdfs, const at::Tensor& cdf_lengths, const at::Tensor& offsets) {
+  TORCH_CHECK_TYPE(state.scalar_type() == at::kLong, "state must be an int64 tensor, got ", state.scalar_type());
+  TORCH_CHECK_VALUE(state.device().is_cpu() && state.numel() == 2 && state.is_contiguous(),
+                    "state must be a contiguous CPU tensor with 2 elements");
+  return decode_compat_impl(data, state.data_ptr<int64_t>(), indexes, cdfs, cdf_lengths, offsets, /*check_end=*/false);
+}
+
+}  // namespace
+}  // namespace dualres::rans
+
+TORCH_LIBRARY_IMPL(dualres_ext, CPU, m) {
+  m.impl("rans_encode", &dualres::rans::rans_encode);
+  m.impl("rans_decode", &dualres::rans::rans_decode);
+  m.impl("rans_encode_compat", &dualres::rans::rans_encode_compat);
+  m.impl("rans_decode_compat", &dualres::rans::rans_decode_compat);
+  m.impl("rans_decode_compat_stream", &dualres::rans::rans_decode_compat_stream);
+}

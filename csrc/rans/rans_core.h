@@ -1,0 +1,545 @@
+// rans_core.h -- header-only, torch-free rANS coder for dualres_ext.
+//
+// Two coders share the table preparation below:
+//  * the NATIVE coder: 32-bit state, byte-wise renormalisation (ryg_rans' rans_byte.h design),
+//    precision 1..16 bits, K interleaved states per lane, many independent lanes in one stream
+//    (container format: csrc/rans/FORMAT.md, implemented in rans_stream.h);
+//  * the COMPAT coder: CompressAI 1.2.8's exact byte format (ryg's Rans64: 64-bit state,
+//    32-bit words, precision 16, 4-bit bypass chunks), so streams are interchangeable with
+//    compressai.ans.
+//
+// Tables use CompressAI's layout: table t is a row of an int32 [T, W] array holding a CDF that
+// starts at 0 and ends at 1 << precision after cdf_lengths[t] entries; symbol value v (after
+// subtracting offsets[t]) in [0, cdf_lengths[t] - 2) is coded with the table, everything else is
+// signalled by the last entry (the escape symbol, value cdf_lengths[t] - 2) followed by the value
+// in 4-bit bypass chunks.
+//
+// Decoding treats the stream as hostile: every byte read is bounds-checked, loops are bounded,
+// and failures come back as a Status code (no exceptions, no aborts) so the core can be fuzzed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace dualres::rans {
+
+enum class Status : int {
+  kOk = 0,
+  kTruncated,      // the stream ended before all symbols were decoded
+  kCorrupt,        // impossible state / bypass count / value, or a lane that does not end cleanly
+  kBadHeader,      // container header malformed (magic, version, lengths)
+  kMismatch,       // stream describes a different symbol count or precision than the caller's
+  kBadIndex,       // an index outside [0, T)
+  kUnencodable,    // a symbol the format cannot represent (compat: |value| >= 2^30)
+};
+
+inline const char* status_message(Status s) {
+  switch (s) {
+    case Status::kOk: return "ok";
+    case Status::kTruncated: return "rANS stream is truncated";
+    case Status::kCorrupt: return "rANS stream is corrupt (decoder state or escape data invalid)";
+    case Status::kBadHeader: return "rANS stream header is malformed (wrong magic/version or inconsistent lengths)";
+    case Status::kMismatch: return "rANS stream does not match the given indexes/tables (symbol count or precision differ)";
+    case Status::kBadIndex: return "index out of range of the CDF tables";
+    case Status::kUnencodable: return "symbol value outside the range the CompressAI format can represent";
+  }
+  return "unknown rANS error";
+}
+
+constexpr int kBypassBits = 4;                       // CompressAI's bypass chunk width
+constexpr uint32_t kBypassMax = (1u << kBypassBits) - 1;
+
+// ---------------------------------------------------------------------------------------------
+// Tables
+// ---------------------------------------------------------------------------------------------
+
+// A non-owning view of CompressAI-layout tables.
+struct TableView {
+  const int32_t* cdfs = nullptr;      // [T, W] row-major
+  const int32_t* lengths = nullptr;   // [T]
+  const int32_t* offsets = nullptr;   // [T]
+  int64_t T = 0, W = 0;
+};
+
+// Returns nullptr when row t is a valid CDF, else a message. precision_out gets log2 of its total.
+inline const char* check_table(const TableView& tv, int64_t t, int* precision_out) {
+  const int32_t len = tv.lengths[t];
+  if (len < 2) return "cdf_lengths: every table needs at least 2 entries";
+  if (len > tv.W) return "cdf_lengths: a length exceeds the row width of cdfs";
+  const int32_t* c = tv.cdfs + t * tv.W;
+  if (c[0] != 0) return "cdfs: every row must start at 0";
+  for (int32_t j = 1; j < len; ++j)
+    if (c[j] <= c[j - 1]) return "cdfs: rows must be strictly increasing (every symbol needs frequency >= 1)";
+  const uint32_t total = static_cast<uint32_t>(c[len - 1]);
+  if ((total & (total - 1)) != 0 || total < 2 || total > (1u << 16))
+    return "cdfs: every row must end at a power of two 1 << precision with 1 <= precision <= 16";
+  int p = 0;
+  while ((1u << p) < total) ++p;
+  *precision_out = p;
+  return nullptr;
+}
+
+constexpr uint32_t kLow = 1u << 23;   // native state lives in [kLow, kLow << 8)
+
+// Tables validated and converted once per call. Only the rows named by the indexes are
+// prepared (prepare_rows), so a per-position decode_stream call with a few symbols stays cheap.
+struct Prepared {
+  TableView tv;
+  int precision = -1;               // common precision of all prepared rows
+  int bucket_bits = 0, bucket_shift = 0;
+  std::vector<uint8_t> ready;       // [T]
+  std::vector<uint16_t> bucket;     // [T, 2^bucket_bits + 1]: symbol holding slot (b << shift)
+
+  int64_t bucket_stride() const { return (int64_t{1} << bucket_bits) + 1; }
+
+  // Marks and prepares the rows used by idx[0..n). Returns nullptr or an error message.
+  // required_precision > 0 demands that precision (compat: 16).
+  const char* prepare(const TableView& v, const int32_t* idx, int64_t n, bool for_encode,
+                      int required_precision) {
+    tv = v;
+    (void)for_encode;  // encoder and decoder share the prepared rows
+    ready.assign(static_cast<size_t>(tv.T), 0);
+    std::vector<uint8_t> used(static_cast<size_t>(tv.T), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t t = idx[i];
+      if (t < 0 || t >= tv.T) return "indexes: value out of range [0, number of CDF tables)";
+      used[t] = 1;
+    }
+    // Precision first: the bucket layout depends on it.
+    for (int64_t t = 0; t < tv.T; ++t) {
+      if (!used[t]) continue;
+      int p = 0;
+      if (const char* e = check_table(tv, t, &p)) return e;
+      if (precision < 0) precision = p;
+      if (p != precision) return "cdfs: all rows used must share one precision (same final value)";
+    }
+    if (precision < 0) precision = required_precision > 0 ? required_precision : 16;
+    if (required_precision > 0 && precision != required_precision)
+      return "cdfs: CompressAI's format needs 16-bit tables (rows ending at 65536)";
+    bucket_bits = precision < 8 ? precision : 8;
+    bucket_shift = precision - bucket_bits;
+    bucket.assign(static_cast<size_t>(tv.T * bucket_stride()), 0);
+    for (int64_t t = 0; t < tv.T; ++t)
+      if (used[t]) prepare_row(t);
+    return nullptr;
+  }
+
+  void prepare_row(int64_t t) {
+    const int32_t* c = tv.cdfs + t * tv.W;
+    const int32_t len = tv.lengths[t];
+    uint16_t* b = bucket.data() + t * bucket_stride();
+    const int64_t nb = int64_t{1} << bucket_bits;
+    int32_t s = 0;
+    for (int64_t k = 0; k < nb; ++k) {
+      const int32_t slot = static_cast<int32_t>(k << bucket_shift);
+      while (c[s + 1] <= slot) ++s;   // c[len-1] = M > slot, so s stays <= len - 2
+      b[k] = static_cast<uint16_t>(s);
+    }
+    b[nb] = static_cast<uint16_t>(len - 2);
+    ready[t] = 1;
+  }
+
+  // The symbol s with cdf[s] <= slot < cdf[s + 1]: the bucket narrows it to [lo, hi] (almost
+  // always one or two candidates), a binary search handles the rare wider range (tails), and the
+  // last step is branch-free -- never a linear scan.
+  inline uint32_t find(int32_t t, uint32_t slot) const {
+    const uint16_t* b = bucket.data() + t * bucket_stride() + (slot >> bucket_shift);
+    uint32_t lo = b[0], hi = b[1];
+    const int32_t* c = tv.cdfs + int64_t{t} * tv.W;
+    while (hi > lo + 1) {
+      const uint32_t mid = (lo + hi) >> 1;
+      if (static_cast<uint32_t>(c[mid]) <= slot) lo = mid; else hi = mid - 1;
+    }
+    // lo <= len - 2, so c[lo + 1] exists; when lo == hi it is > slot.
+    return lo + (static_cast<uint32_t>(c[lo + 1]) <= slot);
+  }
+};
+
+// CompressAI's mapping of an out-of-table value to the non-negative raw bypass value.
+// v is value - offset as int64 (no overflow); max_value is the escape symbol.
+inline uint64_t raw_from_value(int64_t v, int64_t max_value) {
+  return v < 0 ? static_cast<uint64_t>(-2 * v - 1) : static_cast<uint64_t>(2 * (v - max_value));
+}
+inline int64_t value_from_raw(uint64_t raw, int64_t max_value) {
+  const int64_t h = static_cast<int64_t>(raw >> 1);
+  return (raw & 1) ? -h - 1 : h + max_value;
+}
+inline int n_chunks(uint64_t raw) {
+  int n = 0;
+  while ((raw >> (n * kBypassBits)) != 0) ++n;
+  return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Native coder: 32-bit state, byte renormalisation, writes backwards into a growable buffer.
+// ---------------------------------------------------------------------------------------------
+
+// Output written from the end towards the front (rANS encodes in reverse).
+struct BackBuffer {
+  std::vector<uint8_t> buf;
+  size_t pos = 0;  // first written byte
+  explicit BackBuffer(size_t cap) : buf(cap < 64 ? 64 : cap), pos(buf.size()) {}
+  // Ensures at least `need` free bytes in front of pos (moving what was written to a new end).
+  inline void reserve_front(size_t need) {
+    if (pos >= need) return;
+    const size_t used = buf.size() - pos;
+    std::vector<uint8_t> bigger(2 * buf.size() + need);
+    std::memcpy(bigger.data() + bigger.size() - used, buf.data() + pos, used);
+    buf.swap(bigger);
+    pos = buf.size() - used;
+  }
+  const uint8_t* data() const { return buf.data() + pos; }
+  size_t size() const { return buf.size() - pos; }
+};
+
+inline void enc_put_bits(uint32_t& x, uint8_t*& p, uint32_t val) {
+  constexpr uint32_t x_max = (kLow >> kBypassBits) << 8;
+  while (x >= x_max) { *--p = static_cast<uint8_t>(x); x >>= 8; }
+  x = (x << kBypassBits) | val;
+}
+
+// Puts one symbol (value incl. escapes). Worst case 12 bytes: 9 raw chunks + 1 count chunk + 2.
+constexpr size_t kMaxBytesPerSymbol = 16;
+
+// x = C(s, x). A plain division: with 4 interleaved states it measured as fast as ryg's
+// precomputed reciprocals (hardware 32-bit division is cheap on current x86) and needs no
+// [T, W] reciprocal table rebuilt on every call. Renormalisation is branch-free: precision <= 16
+// needs at most 2 bytes (x < 2^31, x_max >= 2^15); both candidate bytes are stored and the
+// pointer moves by the number actually emitted.
+inline void enc_put_div(uint32_t& x, uint8_t*& p, uint32_t start, uint32_t freq, uint32_t precision) {
+  const uint32_t x_max = ((kLow >> precision) << 8) * freq;
+  const uint32_t nbytes = (x >= x_max) + (uint64_t{x} >= (uint64_t{x_max} << 8));
+  p[-1] = static_cast<uint8_t>(x);
+  p[-2] = static_cast<uint8_t>(x >> 8);
+  p -= nbytes;
+  x >>= 8 * nbytes;
+  x = ((x / freq) << precision) + (x % freq) + start;
+}
+
+inline void native_encode_one(uint32_t& x, uint8_t*& p, const Prepared& pt, int32_t t, int32_t sym) {
+  const int64_t max_value = pt.tv.lengths[t] - 2;
+  int64_t v = int64_t{sym} - pt.tv.offsets[t];
+  if (v < 0 || v >= max_value) {
+    const uint64_t raw = raw_from_value(v, max_value);
+    int nb = n_chunks(raw);
+    // Reverse of the decoder's order: the decoder reads count chunks, then raw chunks low first.
+    for (int j = nb - 1; j >= 0; --j) enc_put_bits(x, p, static_cast<uint32_t>(raw >> (j * kBypassBits)) & kBypassMax);
+    int cnt = nb;
+    // count = sum of chunks, a chunk == 15 means "more follows"; written last-first.
+    int full = cnt / static_cast<int>(kBypassMax);
+    enc_put_bits(x, p, static_cast<uint32_t>(cnt - full * static_cast<int>(kBypassMax)));
+    for (int j = 0; j < full; ++j) enc_put_bits(x, p, kBypassMax);
+    v = max_value;
+  }
+  const int32_t* c = pt.tv.cdfs + int64_t{t} * pt.tv.W;
+  enc_put_div(x, p, static_cast<uint32_t>(c[v]), static_cast<uint32_t>(c[v + 1] - c[v]), static_cast<uint32_t>(pt.precision));
+}
+
+// Encodes symbols [0, n) of one lane with K interleaved states (symbol j uses state j % K).
+// Output: K little-endian 32-bit states (state 0 first) followed by the renormalisation bytes.
+template <int K>
+void native_encode_lane(const int32_t* sym, const int32_t* idx, int64_t n, const Prepared& pt, BackBuffer& out) {
+  uint32_t x[K];
+  for (int k = 0; k < K; ++k) x[k] = kLow;
+  const int64_t last_block = n > 0 ? ((n - 1) / K) * K : -K;
+  for (int64_t jb = last_block; jb >= 0; jb -= K) {
+    out.reserve_front(K * kMaxBytesPerSymbol);
+    uint8_t* p = out.buf.data() + out.pos;
+#pragma GCC unroll 4
+    for (int k = K - 1; k >= 0; --k) {
+      const int64_t j = jb + k;
+      if (j < n) native_encode_one(x[k], p, pt, idx[j], sym[j]);
+    }
+    out.pos = static_cast<size_t>(p - out.buf.data());
+  }
+  out.reserve_front(4 * K);
+  for (int k = K - 1; k >= 0; --k)
+    for (int b = 3; b >= 0; --b) out.buf[--out.pos] = static_cast<uint8_t>(x[k] >> (8 * b));
+}
+
+// Bounds-checked byte reader for the native decoder.
+struct ByteReader {
+  const uint8_t* p;
+  const uint8_t* end;
+  bool overrun = false;
+  inline uint32_t next() {
+    if (p < end) return *p++;
+    overrun = true;
+    return 0;
+  }
+};
+
+inline void dec_renorm_slow(uint32_t& x, ByteReader& r) {
+  // x >= 1 always here, so at most 3 iterations (precision <= 16 needs at most 2).
+  while (x < kLow && !r.overrun) x = (x << 8) | r.next();
+}
+
+// After a decode step x >= 2^7 * freq >= 2^7, so at most 2 bytes are needed (precision <= 16).
+// With 2 bytes left, read both and select without branches (the byte count is unpredictable).
+inline void dec_renorm(uint32_t& x, ByteReader& r) {
+  if (r.end - r.p >= 2) {
+    // Pure arithmetic (no ?: that the compiler might turn back into a branch).
+    const uint32_t n = (x < kLow) + (x < (kLow >> 8));
+    const uint32_t two = (uint32_t{r.p[0]} << 8) | r.p[1];
+    x = (x << (8 * n)) | (two >> (8 * (2 - n)));
+    r.p += n;
+  } else {
+    dec_renorm_slow(x, r);
+  }
+}
+
+// Escape path (rare): reads the bypass count and chunks after the escape symbol; returns the value.
+[[gnu::noinline]] inline Status native_decode_bypass(uint32_t& x, ByteReader& r, int64_t max_value, int64_t& v) {
+  auto get = [&]() {
+    const uint32_t val = x & kBypassMax;
+    x >>= kBypassBits;
+    dec_renorm(x, r);
+    return val;
+  };
+  uint32_t val = get();
+  int nb = static_cast<int>(val);
+  while (val == kBypassMax) {
+    if (nb > 9 || r.overrun) return Status::kCorrupt;  // a 34-bit raw value needs <= 9 chunks
+    val = get();
+    nb += static_cast<int>(val);
+  }
+  if (nb > 9) return Status::kCorrupt;
+  uint64_t raw = 0;
+  for (int j = 0; j < nb; ++j) raw |= uint64_t{get()} << (j * kBypassBits);
+  v = value_from_raw(raw, max_value);
+  return Status::kOk;
+}
+
+// Hot-loop copies of the prepared tables (locals, so stores to the output cannot alias them).
+struct DecodeCtx {
+  const int32_t* cdfs;
+  const int32_t* lengths;
+  const int32_t* offsets;
+  const uint16_t* bucket;
+  int64_t W, bstride;
+  uint32_t precision, mask, bshift;
+  explicit DecodeCtx(const Prepared& pt)
+      : cdfs(pt.tv.cdfs), lengths(pt.tv.lengths), offsets(pt.tv.offsets), bucket(pt.bucket.data()), W(pt.tv.W),
+        bstride(pt.bucket_stride()), precision(static_cast<uint32_t>(pt.precision)),
+        mask((1u << pt.precision) - 1), bshift(static_cast<uint32_t>(pt.bucket_shift)) {}
+};
+
+inline Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t, int32_t* out) {
+  const uint32_t slot = x & d.mask;
+  const int32_t* c = d.cdfs + int64_t{t} * d.W;
+  // Symbol search (see Prepared::find): bucket, rare binary search, branch-free last step.
+  const uint16_t* b = d.bucket + t * d.bstride + (slot >> d.bshift);
+  uint32_t lo = b[0], hi = b[1];
+  while (hi > lo + 1) {
+    const uint32_t mid = (lo + hi) >> 1;
+    if (static_cast<uint32_t>(c[mid]) <= slot) lo = mid; else hi = mid - 1;
+  }
+  const uint32_t s = lo + (static_cast<uint32_t>(c[lo + 1]) <= slot);
+  const uint32_t start = static_cast<uint32_t>(c[s]);
+  const uint32_t freq = static_cast<uint32_t>(c[s + 1]) - start;
+  x = freq * (x >> d.precision) + slot - start;
+  dec_renorm(x, r);
+  const int64_t max_value = d.lengths[t] - 2;
+  int64_t v = s;
+  if (__builtin_expect(v == max_value, 0)) {
+    const Status st = native_decode_bypass(x, r, max_value, v);
+    if (st != Status::kOk) return st;
+  }
+  const int64_t o = v + d.offsets[t];
+  if (__builtin_expect(o < INT32_MIN || o > INT32_MAX, 0)) return Status::kCorrupt;
+  *out = static_cast<int32_t>(o);
+  return Status::kOk;
+}
+
+template <int K>
+Status native_decode_lane(const uint8_t* data, size_t size, const int32_t* idx, int64_t n, const Prepared& pt,
+                          int32_t* out) {
+  if (size < 4 * K) return Status::kTruncated;
+  ByteReader r{data, data + size};
+  const DecodeCtx d(pt);
+  uint32_t x[K];
+  for (int k = 0; k < K; ++k) {
+    x[k] = uint32_t{data[4 * k]} | uint32_t{data[4 * k + 1]} << 8 | uint32_t{data[4 * k + 2]} << 16 |
+           uint32_t{data[4 * k + 3]} << 24;
+    if (x[k] < kLow || x[k] >= (kLow << 8)) return Status::kCorrupt;
+  }
+  r.p += 4 * K;
+  int64_t j = 0;
+  for (; j + K <= n; j += K) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const Status st = native_decode_one(x[k], r, d, idx[j + k], out + j + k);
+      if (st != Status::kOk) return st;
+    }
+    if (r.overrun) return Status::kTruncated;
+  }
+  for (int k = 0; j < n; ++j, ++k) {
+    const Status st = native_decode_one(x[k], r, d, idx[j], out + j);
+    if (st != Status::kOk) return st;
+  }
+  if (r.overrun) return Status::kTruncated;
+  // A clean lane ends with every state back at its initial value and every byte consumed:
+  // this catches nearly all corruptions (a random pass has probability ~2^-23 per state).
+  for (int k = 0; k < K; ++k)
+    if (x[k] != kLow) return Status::kCorrupt;
+  if (r.p != r.end) return Status::kCorrupt;
+  return Status::kOk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compat coder: CompressAI 1.2.8 / ryg Rans64 byte format.
+//   state x in [2^31, 2^63); 32-bit little-endian words; encoder writes backwards and finally
+//   the 64-bit state as two words (low first); precision 16; bypass chunks of 4 bits coded as
+//   symbols of frequency 1 in a 4-bit range.
+// ---------------------------------------------------------------------------------------------
+
+constexpr uint64_t kLow64 = uint64_t{1} << 31;
+constexpr int kCompatPrecision = 16;
+
+struct WordBackBuffer {
+  std::vector<uint32_t> buf;
+  size_t pos;
+  explicit WordBackBuffer(size_t cap) : buf(cap < 16 ? 16 : cap), pos(buf.size()) {}
+  inline void reserve_front(size_t need) {
+    if (pos >= need) return;
+    const size_t used = buf.size() - pos;
+    std::vector<uint32_t> bigger(2 * buf.size() + need);
+    std::memcpy(bigger.data() + bigger.size() - used, buf.data() + pos, used * 4);
+    buf.swap(bigger);
+    pos = buf.size() - used;
+  }
+};
+
+inline void compat_put(uint64_t& x, uint32_t*& p, uint32_t start, uint32_t freq, int bits) {
+  const uint64_t x_max = ((kLow64 >> bits) << 32) * freq;
+  if (x >= x_max) { *--p = static_cast<uint32_t>(x); x >>= 32; }
+  x = ((x / freq) << bits) + (x % freq) + start;
+}
+
+// Encodes all symbols into CompressAI's format. Symbols whose bypass value does not fit the
+// int32 arithmetic CompressAI uses (|value| >= 2^30) are rejected (CompressAI itself hangs).
+inline Status compat_encode(const int32_t* sym, const int32_t* idx, int64_t n, const Prepared& pt,
+                            std::vector<uint8_t>& out) {
+  WordBackBuffer wb(static_cast<size_t>(n / 4 + 64));
+  uint64_t x = kLow64;
+  for (int64_t i = n - 1; i >= 0; --i) {
+    wb.reserve_front(12);
+    uint32_t* p = wb.buf.data() + wb.pos;
+    const int32_t t = idx[i];
+    const int32_t* c = pt.tv.cdfs + int64_t{t} * pt.tv.W;
+    const int64_t max_value = pt.tv.lengths[t] - 2;
+    int64_t v = int64_t{sym[i]} - pt.tv.offsets[t];
+    if (v < 0 || v >= max_value) {
+      const uint64_t raw = raw_from_value(v, max_value);
+      if (raw >= (uint64_t{1} << 31)) return Status::kUnencodable;
+      int nb = n_chunks(raw);
+      for (int j = nb - 1; j >= 0; --j)
+        compat_put(x, p, static_cast<uint32_t>(raw >> (j * kBypassBits)) & kBypassMax, 1, kBypassBits);
+      while (nb >= static_cast<int>(kBypassMax)) {
+        nb -= kBypassMax;
+        compat_put(x, p, kBypassMax, 1, kBypassBits);
+      }
+      compat_put(x, p, static_cast<uint32_t>(nb), 1, kBypassBits);
+      v = max_value;
+    }
+    compat_put(x, p, static_cast<uint32_t>(c[v]), static_cast<uint32_t>(c[v + 1] - c[v]), kCompatPrecision);
+    wb.pos = static_cast<size_t>(p - wb.buf.data());
+  }
+  wb.reserve_front(2);
+  wb.buf[--wb.pos] = static_cast<uint32_t>(x >> 32);
+  wb.buf[--wb.pos] = static_cast<uint32_t>(x);
+  const size_t words = wb.buf.size() - wb.pos;
+  out.resize(words * 4);
+  for (size_t w = 0; w < words; ++w) {
+    const uint32_t v = wb.buf[wb.pos + w];
+    for (int b = 0; b < 4; ++b) out[4 * w + b] = static_cast<uint8_t>(v >> (8 * b));
+  }
+  return Status::kOk;
+}
+
+// Decoder state for CompressAI streams; also the state of a RansDecoder between decode_stream calls.
+struct CompatDecoder {
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+  size_t pos = 0;      // next byte to read
+  uint64_t x = 0;
+  bool overrun = false;
+
+  inline uint32_t word() {
+    if (pos + 4 <= size) {
+      const uint8_t* q = data + pos;
+      pos += 4;
+      return uint32_t{q[0]} | uint32_t{q[1]} << 8 | uint32_t{q[2]} << 16 | uint32_t{q[3]} << 24;
+    }
+    overrun = true;
+    return 0;
+  }
+  // Reads the initial 64-bit state (the first two words).
+  Status init(const uint8_t* d, size_t s) {
+    data = d; size = s; pos = 0; overrun = false;
+    const uint64_t lo = word(), hi = word();
+    if (overrun) return Status::kTruncated;
+    x = lo | hi << 32;
+    if (x < kLow64 || x >= (uint64_t{1} << 63)) return Status::kCorrupt;
+    return Status::kOk;
+  }
+  // Branch-free when a whole word is left (whether a word is needed is unpredictable).
+  inline void renorm() {
+    if (pos + 4 <= size) {
+      const uint64_t need = x < kLow64;
+      uint32_t w;
+      std::memcpy(&w, data + pos, 4);  // little-endian host assumed (x86/ARM), as in CompressAI
+      x = (x << (32 * need)) | (uint64_t{w} & (0 - need));
+      pos += 4 * need;
+    } else if (x < kLow64) {
+      x = (x << 32) | word();
+    }
+  }
+  inline uint32_t get_bits() {
+    const uint32_t val = static_cast<uint32_t>(x) & kBypassMax;
+    x >>= kBypassBits;
+    renorm();
+    return val;
+  }
+  // Decodes n symbols, continuing from the current state.
+  Status decode(const int32_t* idx, int64_t n, const Prepared& pt, int32_t* out) {
+    constexpr uint32_t mask = (1u << kCompatPrecision) - 1;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t t = idx[i];
+      const uint32_t slot = static_cast<uint32_t>(x) & mask;
+      const uint32_t s = pt.find(t, slot);
+      const int32_t* c = pt.tv.cdfs + int64_t{t} * pt.tv.W;
+      const uint32_t start = static_cast<uint32_t>(c[s]);
+      const uint32_t freq = static_cast<uint32_t>(c[s + 1]) - start;
+      x = freq * (x >> kCompatPrecision) + slot - start;
+      renorm();
+      const int64_t max_value = pt.tv.lengths[t] - 2;
+      int64_t v = s;
+      if (v == max_value) {
+        uint32_t val = get_bits();
+        int nb = static_cast<int>(val);
+        while (val == kBypassMax) {
+          if (nb > 8 || overrun) return Status::kCorrupt;  // int32 raw values need <= 8 chunks
+          val = get_bits();
+          nb += static_cast<int>(val);
+        }
+        if (nb > 8) return Status::kCorrupt;
+        uint64_t raw = 0;
+        for (int j = 0; j < nb; ++j) raw |= uint64_t{get_bits()} << (j * kBypassBits);
+        if (raw >= (uint64_t{1} << 31)) return Status::kCorrupt;
+        v = value_from_raw(raw, max_value);
+      }
+      if (overrun) return Status::kTruncated;
+      const int64_t o = v + pt.tv.offsets[t];
+      if (o < INT32_MIN || o > INT32_MAX) return Status::kCorrupt;
+      out[i] = static_cast<int32_t>(o);
+    }
+    return overrun ? Status::kTruncated : Status::kOk;
+  }
+  // After a whole-stream decode: the encoder's initial state is back and every byte is used.
+  bool finished_cleanly() const { return !overrun && x == kLow64 && pos == size; }
+};
+
+}  // namespace dualres::rans
