@@ -1,0 +1,225 @@
+"""GDN / IGDN layers and the convolution blocks of the DualRes model.
+
+:class:`GDN` and :class:`GDN1` are drop-in replacements for ``compressai.layers.GDN`` /
+``GDN1``: same constructor, same parameters and reparametrisation, same state-dict keys::
+
+    beta, gamma,
+    beta_reparam.pedestal,  beta_reparam.lower_bound.bound,
+    gamma_reparam.pedestal, gamma_reparam.lower_bound.bound
+
+so a CompressAI state dict loads with ``strict=True`` and gives the same output. The forward
+runs the fused native kernel (``dualres_ext.ops.gdn``) where one exists for the device/dtype
+and CompressAI's plain expression otherwise.
+
+Blocks (state-dict keys in brackets):
+  * ``conv``, ``deconv``, ``conv3x3``, ``conv1x1``: plain ``nn.Conv2d`` / ``nn.ConvTranspose2d``
+    factories as in CompressAI ([weight, bias]).
+  * :class:`ResidualBlock` ([conv1.*, conv2.*, skip.* when channels differ]).
+  * :class:`ConvGDN` ([conv.weight, conv.bias, gdn.*]) and :class:`DeconvIGDN`
+    ([deconv.weight, deconv.bias, igdn.*]): convolution followed by (I)GDN, with the
+    convolution's bias optionally added inside the GDN kernel instead of by the convolution.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+__all__ = [
+    "LowerBound", "NonNegativeParametrizer", "GDN", "GDN1",
+    "conv", "deconv", "conv3x3", "conv1x1", "ResidualBlock", "ConvGDN", "DeconvIGDN",
+]
+
+
+class _LowerBoundFunction(torch.autograd.Function):
+    """max(x, bound), with CompressAI's gradient: pass it through where x >= bound, or where
+    the gradient would push x upwards (towards the bound) - so parameters stuck at the bound
+    can still move away from it."""
+
+    @staticmethod
+    def forward(ctx, x, bound):
+        ctx.save_for_backward(x, bound)
+        return torch.max(x, bound)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, bound = ctx.saved_tensors
+        pass_through = (x >= bound) | (grad_output < 0)
+        return pass_through * grad_output, None
+
+
+class LowerBound(nn.Module):
+    """``torch.max(x, bound)`` with CompressAI's custom gradient (buffer: ``bound``)."""
+
+    bound: Tensor
+
+    def __init__(self, bound: float):
+        super().__init__()
+        self.register_buffer("bound", torch.Tensor([float(bound)]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _LowerBoundFunction.apply(x, self.bound)
+
+
+class NonNegativeParametrizer(nn.Module):
+    """CompressAI's non-negative reparametrisation: value = max(p, sqrt(minimum + pedestal))**2 - pedestal.
+
+    Buffers ``pedestal`` and ``lower_bound.bound`` carry the same names and values as CompressAI's.
+    """
+
+    pedestal: Tensor
+
+    def __init__(self, minimum: float = 0.0, reparam_offset: float = 2**-18):
+        super().__init__()
+        self.minimum = float(minimum)
+        self.reparam_offset = float(reparam_offset)
+        self.register_buffer("pedestal", torch.Tensor([self.reparam_offset**2]))
+        self.lower_bound = LowerBound((self.minimum + self.reparam_offset**2) ** 0.5)
+
+    def init(self, x: Tensor) -> Tensor:
+        """The stored parameter that represents the value ``x``."""
+        return torch.sqrt(torch.max(x + self.pedestal, self.pedestal))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lower_bound(x) ** 2 - self.pedestal
+
+
+class GDN(nn.Module):
+    r"""Generalized Divisive Normalization (Ballé et al. 2016), CompressAI-compatible.
+
+    ``y[i] = x[i] / sqrt(beta[i] + sum_j gamma[i, j] * x[j]^2)``; ``inverse=True`` multiplies
+    instead (IGDN). Parameters ``beta`` (C,) and ``gamma`` (C, C) are stored reparametrised
+    exactly as in ``compressai.layers.GDN``.
+
+    ``forward(x, bias=None)``: ``bias`` (C,) is added to ``x`` first, inside the fused kernel
+    (used by :class:`ConvGDN` to fold the convolution's bias).
+    """
+
+    _simplified = False
+
+    def __init__(self, in_channels: int, inverse: bool = False, beta_min: float = 1e-6, gamma_init: float = 0.1):
+        super().__init__()
+        in_channels = int(in_channels)
+        if in_channels < 1:
+            raise ValueError(f"GDN: in_channels must be >= 1, got {in_channels}")
+        beta_min = float(beta_min)
+        gamma_init = float(gamma_init)
+        if not beta_min > 0.0:
+            raise ValueError(f"GDN: beta_min must be > 0, got {beta_min}")
+        self.in_channels = in_channels
+        self.inverse = bool(inverse)
+
+        self.beta_reparam = NonNegativeParametrizer(minimum=beta_min)
+        self.beta = nn.Parameter(self.beta_reparam.init(torch.ones(in_channels)))
+
+        self.gamma_reparam = NonNegativeParametrizer()
+        self.gamma = nn.Parameter(self.gamma_reparam.init(gamma_init * torch.eye(in_channels)))
+
+        # Validate beta/gamma for NaN/Inf on each call (a device sync on CUDA; can be turned off).
+        self.check_finite = True
+
+    def effective_params(self) -> tuple[Tensor, Tensor]:
+        """(beta, gamma) after the reparametrisation: what the normalisation actually uses."""
+        return self.beta_reparam(self.beta), self.gamma_reparam(self.gamma)
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        beta, gamma = self.effective_params()
+        return ops.gdn(x, beta, gamma, bias, inverse=self.inverse, simplified=self._simplified,
+                       check_finite=self.check_finite)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, inverse={self.inverse}"
+
+
+class GDN1(GDN):
+    r"""Simplified GDN (Johnston et al. 2019): ``y[i] = x[i] / (beta[i] + sum_j gamma[i, j] * |x[j]|)``;
+    ``inverse=True`` multiplies. Same parameters and keys as ``compressai.layers.GDN1``."""
+
+    _simplified = True
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int = 5, stride: int = 2) -> nn.Conv2d:
+    """Strided convolution with 'same'-style padding (CompressAI's ``conv``)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2)
+
+
+def deconv(in_channels: int, out_channels: int, kernel_size: int = 5, stride: int = 2) -> nn.ConvTranspose2d:
+    """Transposed convolution that upsamples by exactly ``stride`` (CompressAI's ``deconv``)."""
+    return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride,
+                              output_padding=stride - 1, padding=kernel_size // 2)
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1."""
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1)
+
+
+def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution."""
+    return nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride)
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3 - LeakyReLU - conv3x3 - LeakyReLU, plus the input (through a 1x1 conv when the
+    channel counts differ). Same structure and keys as ``compressai.layers.ResidualBlock``."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = conv3x3(in_ch, out_ch)
+        self.leaky_relu = nn.LeakyReLU(inplace=True)
+        self.conv2 = conv3x3(out_ch, out_ch)
+        self.skip = conv1x1(in_ch, out_ch) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.skip is None else self.skip(x)
+        out = self.leaky_relu(self.conv1(x))
+        out = self.leaky_relu(self.conv2(out))
+        return out + identity
+
+
+class ConvGDN(nn.Module):
+    """``conv(in_ch, out_ch, kernel_size, stride)`` followed by GDN (IGDN if ``inverse``).
+
+    Keys: ``conv.weight``, ``conv.bias``, ``gdn.*``. With ``fold_bias=True`` the convolution
+    runs without its bias and the GDN kernel adds it in its own pass over the data.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 5, stride: int = 2, inverse: bool = False,
+                 fold_bias: bool = False):
+        super().__init__()
+        self.conv = conv(in_ch, out_ch, kernel_size, stride)
+        self.gdn = GDN(out_ch, inverse=inverse)
+        self.fold_bias = bool(fold_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fold_bias:
+            c = self.conv
+            return self.gdn(F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups), bias=c.bias)
+        return self.gdn(self.conv(x))
+
+
+class DeconvIGDN(nn.Module):
+    """``deconv(in_ch, out_ch, kernel_size, stride)`` followed by IGDN (GDN if ``inverse=False``).
+
+    Keys: ``deconv.weight``, ``deconv.bias``, ``igdn.*``. ``fold_bias`` as in :class:`ConvGDN`.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 5, stride: int = 2, inverse: bool = True,
+                 fold_bias: bool = False):
+        super().__init__()
+        self.deconv = deconv(in_ch, out_ch, kernel_size, stride)
+        self.igdn = GDN(out_ch, inverse=inverse)
+        self.fold_bias = bool(fold_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fold_bias:
+            d = self.deconv
+            y = F.conv_transpose2d(x, d.weight, None, d.stride, d.padding, d.output_padding, d.groups, d.dilation)
+            return self.igdn(y, bias=d.bias)
+        return self.igdn(self.deconv(x))
