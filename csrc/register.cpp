@@ -51,6 +51,18 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def("rans_decode_compat_stream(Tensor data, Tensor(a!) state, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
 
   // --- gaussian (csrc/gaussian) ---
+  // check: bit mask of scale problems that raise (1 NaN, 2 Inf, 4 negative); see gaussian_math.h.
+  m.def("gaussian_build_indexes(Tensor scales, Tensor scale_table, float scale_bound, int check) -> Tensor");
+  m.def("gaussian_quantize(Tensor y, Tensor? means) -> Tensor");
+  m.def("gaussian_quantize_indexes(Tensor y, Tensor? means, Tensor scales, Tensor scale_table, float scale_bound, "
+        "int check) -> (Tensor, Tensor)");
+  m.def("gaussian_dequantize(Tensor symbols, Tensor? means, ScalarType dtype) -> Tensor");
+  m.def("gaussian_likelihood(Tensor inputs, Tensor? means, Tensor scales, float scale_bound, "
+        "float likelihood_bound) -> Tensor");
+  m.def("gaussian_likelihood_backward(Tensor grad, Tensor inputs, Tensor? means, Tensor scales, float scale_bound, "
+        "float likelihood_bound) -> (Tensor, Tensor)");
+  m.def("pmf_to_quantized_cdf(Tensor pmf, Tensor lengths, int precision) -> Tensor");
+  m.def("gaussian_cdf_tables(Tensor scale_table, float tail_mass, int precision) -> (Tensor, Tensor, Tensor)");
 
   // --- gdn (csrc/gdn) ---
   // beta (C,), gamma (C, C): effective (reparametrised) float32 parameters; bias (C,) is added to x first.

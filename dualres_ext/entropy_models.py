@@ -1,0 +1,559 @@
+"""EntropyBottleneck and GaussianConditional on dualres_ext's native kernels.
+
+Drop-in replacements for ``compressai.entropy_models`` (1.2.8): the same constructor arguments,
+methods, parameters and buffers, so a CompressAI state dict loads unchanged (``strict=True``) and,
+in the default single-lane mode, ``compress`` returns byte-identical strings. CompressAI itself is
+never imported.
+
+``lanes`` (constructor keyword or attribute) picks the bitstream:
+  * ``None`` (default): CompressAI's single-lane rANS stream, byte-identical to CompressAI.
+  * ``"auto"`` or an int >= 1: dualres_ext's native multi-lane stream (the lane count is written
+    in the stream; ``decompress`` reads it, so the decoder only needs ``lanes`` to be not None).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple, Union
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["LowerBound", "EntropyModel", "EntropyBottleneck", "GaussianConditional"]
+
+
+class LowerBound(nn.Module):
+    """CompressAI's LowerBound (same ``bound`` buffer, same gradient rule)."""
+
+    bound: Tensor
+
+    def __init__(self, bound: float):
+        super().__init__()
+        self.register_buffer("bound", torch.Tensor([float(bound)]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.lower_bound(x, self.bound)
+
+
+def _check_lanes(lanes):
+    if lanes is None or lanes == "auto":
+        return lanes
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+        raise ValueError(f'lanes must be None (CompressAI stream), "auto" or an int >= 1, got {lanes!r}')
+    return lanes
+
+
+class EntropyModel(nn.Module):
+    """Base class: quantisation, the coder tables and compress/decompress on the native coder.
+
+    Args:
+        likelihood_bound: minimum likelihood (0 disables the bound)
+        entropy_coder: only "ans" (or None) is available
+        entropy_coder_precision: bits of the quantized CDFs (16 like CompressAI)
+        lanes: None for CompressAI-compatible strings, "auto"/int for the native multi-lane stream
+    """
+
+    _offset: Tensor
+    _quantized_cdf: Tensor
+    _cdf_length: Tensor
+
+    def __init__(
+        self,
+        likelihood_bound: float = 1e-9,
+        entropy_coder: Optional[str] = None,
+        entropy_coder_precision: int = 16,
+        lanes: Union[None, str, int] = None,
+    ):
+        super().__init__()
+        if entropy_coder not in (None, "ans"):
+            raise ValueError(f'Unknown entropy coder "{entropy_coder}" (available: ans)')
+        self.entropy_coder = "ans"
+        self.entropy_coder_precision = int(entropy_coder_precision)
+        if not 1 <= self.entropy_coder_precision <= 16:
+            raise ValueError(f"entropy_coder_precision must be in [1, 16], got {entropy_coder_precision}")
+        self.lanes = _check_lanes(lanes)
+
+        self.use_likelihood_bound = likelihood_bound > 0
+        if self.use_likelihood_bound:
+            self.likelihood_lower_bound = LowerBound(likelihood_bound)
+
+        # filled by update()
+        self.register_buffer("_offset", torch.IntTensor())
+        self.register_buffer("_quantized_cdf", torch.IntTensor())
+        self.register_buffer("_cdf_length", torch.IntTensor())
+        self._coder_cache = None
+
+    # The coder tables and scale table change shape on update(); a fresh module has empty ones. Resize
+    # them to what the state dict holds so that CompressAI checkpoints load with strict=True.
+    _RESIZABLE_BUFFERS: Tuple[str, ...] = ("_offset", "_quantized_cdf", "_cdf_length")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._RESIZABLE_BUFFERS:
+            key = prefix + name
+            current = getattr(self, name, None)
+            if key in state_dict and isinstance(current, Tensor) and current.shape != state_dict[key].shape:
+                setattr(self, name, torch.empty_like(state_dict[key], dtype=current.dtype, device=current.device))
+        self._coder_cache = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def offset(self):
+        return self._offset
+
+    @property
+    def quantized_cdf(self):
+        return self._quantized_cdf
+
+    @property
+    def cdf_length(self):
+        return self._cdf_length
+
+    def forward(self, *args: Any) -> Any:
+        raise NotImplementedError()
+
+    def quantize(self, inputs: Tensor, mode: str, means: Optional[Tensor] = None) -> Tensor:
+        if mode not in ("noise", "dequantize", "symbols"):
+            raise ValueError(f'Invalid quantization mode: "{mode}"')
+        if mode == "noise":
+            noise = torch.empty_like(inputs).uniform_(-0.5, 0.5)
+            return inputs + noise
+        if mode == "symbols":
+            return ops.quantize_symbols(inputs, means)
+        outputs = inputs.clone()
+        if means is not None:
+            outputs -= means
+        outputs = torch.round(outputs)
+        if means is not None:
+            outputs += means
+        return outputs
+
+    @staticmethod
+    def dequantize(inputs: Tensor, means: Optional[Tensor] = None, dtype: torch.dtype = torch.float) -> Tensor:
+        return ops.dequantize(inputs, means, dtype)
+
+    # -- coder tables -------------------------------------------------------------------------
+
+    def _check_tables(self):
+        if self._quantized_cdf.numel() == 0:
+            raise ValueError("Uninitialized CDFs. Run update() first")
+        if self._quantized_cdf.dim() != 2:
+            raise ValueError(f"Invalid CDF size {tuple(self._quantized_cdf.size())}")
+        if self._offset.numel() == 0:
+            raise ValueError("Uninitialized offsets. Run update() first")
+        if self._offset.dim() != 1:
+            raise ValueError(f"Invalid offsets size {tuple(self._offset.size())}")
+        if self._cdf_length.numel() == 0:
+            raise ValueError("Uninitialized CDF lengths. Run update() first")
+        if self._cdf_length.dim() != 1:
+            raise ValueError(f"Invalid CDF lengths size {tuple(self._cdf_length.size())}")
+
+    def _coder_tables(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """CPU, contiguous int32 copies of the three tables, cached until a buffer changes."""
+        self._check_tables()
+        bufs = (self._quantized_cdf, self._cdf_length, self._offset)
+        key = tuple((b.data_ptr(), b._version, tuple(b.shape)) for b in bufs)
+        cache = self._coder_cache
+        if cache is None or cache[0] != key:
+            tables = tuple(b.detach().to("cpu", torch.int32).contiguous() for b in bufs)
+            self._coder_cache = cache = (key, tables)
+        return cache[1]
+
+    def _encode(self, symbols: Tensor, indexes: Tensor, tables) -> bytes:
+        cdf, lengths, offsets = tables
+        if self.lanes is None:
+            return ops.rans_encode_compat(symbols, indexes, cdf, lengths, offsets)
+        lanes = None if self.lanes == "auto" else self.lanes
+        return ops.rans_encode(symbols, indexes, cdf, lengths, offsets, lanes=lanes)
+
+    def _decode(self, string: bytes, indexes: Tensor, tables) -> Tensor:
+        cdf, lengths, offsets = tables
+        if self.lanes is None:
+            return ops.rans_decode_compat(string, indexes, cdf, lengths, offsets)
+        return ops.rans_decode(string, indexes, cdf, lengths, offsets)
+
+    @staticmethod
+    def _as_indexes(indexes: Tensor) -> Tensor:
+        if not isinstance(indexes, Tensor):
+            raise TypeError(f"indexes must be a torch.Tensor, got {type(indexes).__name__}")
+        if indexes.is_floating_point() or indexes.is_complex() or indexes.dtype == torch.bool:
+            raise TypeError(f"indexes must be an integer tensor, got {indexes.dtype}")
+        return indexes.to("cpu", torch.int32).contiguous()
+
+    def compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor] = None) -> List[bytes]:
+        """Compress `inputs` (N, C, ...) to one string per batch element."""
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        if inputs.dim() < 2:
+            raise ValueError("Invalid `inputs` size. Expected a tensor with at least 2 dimensions.")
+        if inputs.size() != indexes.size():
+            raise ValueError("`inputs` and `indexes` should have the same size.")
+        tables = self._coder_tables()
+        symbols = ops.quantize_symbols(inputs, means).cpu()
+        indexes = self._as_indexes(indexes)
+        self._check_index_range(indexes)
+        n = symbols.size(0)
+        symbols = symbols.reshape(n, -1)
+        indexes = indexes.reshape(n, -1)
+        return [self._encode(symbols[i], indexes[i], tables) for i in range(n)]
+
+    def _check_index_range(self, indexes: Tensor):
+        if indexes.numel() and (int(indexes.min()) < 0 or int(indexes.max()) >= self._quantized_cdf.size(0)):
+            raise ValueError(f"indexes must lie in [0, {self._quantized_cdf.size(0)}), got "
+                             f"[{int(indexes.min())}, {int(indexes.max())}]")
+
+    def decompress(
+        self,
+        strings: List[bytes],
+        indexes: Tensor,
+        dtype: torch.dtype = torch.float,
+        means: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Decode the strings of compress() back to the dequantized tensor (N, C, ...)."""
+        if not isinstance(strings, (tuple, list)):
+            raise ValueError("Invalid `strings` parameter type.")
+        if not len(strings) == indexes.size(0):
+            raise ValueError("Invalid strings or indexes parameters")
+        if indexes.dim() < 2:
+            raise ValueError("Invalid `indexes` size. Expected a tensor with at least 2 dimensions.")
+        tables = self._coder_tables()
+        if means is not None:
+            if means.size()[:2] != indexes.size()[:2]:
+                raise ValueError("Invalid means or indexes parameters")
+            if means.size() != indexes.size():
+                for i in range(2, indexes.dim()):
+                    if means.size(i) != 1:
+                        raise ValueError("Invalid means parameters")
+        device = indexes.device
+        flat = self._as_indexes(indexes).reshape(indexes.size(0), -1)
+        self._check_index_range(flat)
+        if len(strings) == 1:
+            symbols = self._decode(strings[0], flat[0], tables).reshape(indexes.shape)
+        else:
+            symbols = torch.stack([self._decode(s, flat[i], tables) for i, s in enumerate(strings)])
+            symbols = symbols.reshape(indexes.shape)
+        symbols = symbols.to(device)
+        return self.dequantize(symbols, means, dtype)
+
+
+class EntropyBottleneck(EntropyModel):
+    """Factorized prior (Ballé et al. 2018), CompressAI's EntropyBottleneck on the native coder."""
+
+    _offset: Tensor
+
+    def __init__(
+        self,
+        channels: int,
+        *args: Any,
+        tail_mass: float = 1e-9,
+        init_scale: float = 10,
+        filters: Tuple[int, ...] = (3, 3, 3, 3),
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.channels = int(channels)
+        self.filters = tuple(int(f) for f in filters)
+        self.init_scale = float(init_scale)
+        self.tail_mass = float(tail_mass)
+
+        filters = (1,) + self.filters + (1,)
+        scale = self.init_scale ** (1 / (len(self.filters) + 1))
+        channels = self.channels
+
+        self.matrices = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.factors = nn.ParameterList()
+        for i in range(len(self.filters) + 1):
+            init = math.log(math.expm1(1 / scale / filters[i + 1]))
+            matrix = torch.Tensor(channels, filters[i + 1], filters[i])
+            matrix.data.fill_(init)
+            self.matrices.append(nn.Parameter(matrix))
+
+            bias = torch.Tensor(channels, filters[i + 1], 1)
+            nn.init.uniform_(bias, -0.5, 0.5)
+            self.biases.append(nn.Parameter(bias))
+
+            if i < len(self.filters):
+                factor = torch.Tensor(channels, filters[i + 1], 1)
+                nn.init.zeros_(factor)
+                self.factors.append(nn.Parameter(factor))
+
+        self.quantiles = nn.Parameter(torch.Tensor(channels, 1, 3))
+        init = torch.Tensor([-self.init_scale, 0, self.init_scale])
+        self.quantiles.data = init.repeat(self.quantiles.size(0), 1, 1)
+
+        target = math.log(2 / self.tail_mass - 1)
+        self.register_buffer("target", torch.Tensor([-target, 0, target]))
+
+    def _get_medians(self) -> Tensor:
+        return self.quantiles[:, :, 1:2]
+
+    def update(self, force: bool = False, update_quantiles: bool = False) -> bool:
+        """Build the coder tables from the learnt density (CompressAI's semantics, same tables)."""
+        if self._offset.numel() > 0 and not force:
+            return False
+        if update_quantiles:
+            self._update_quantiles()
+
+        medians = self.quantiles[:, 0, 1]
+        minima = torch.clamp(torch.ceil(medians - self.quantiles[:, 0, 0]).int(), min=0)
+        maxima = torch.clamp(torch.ceil(self.quantiles[:, 0, 2] - medians).int(), min=0)
+        self._offset = -minima
+
+        pmf_start = medians - minima
+        pmf_length = maxima + minima + 1
+        max_length = pmf_length.max().item()
+        device = pmf_start.device
+        samples = torch.arange(max_length, device=device)
+        samples = samples[None, :] + pmf_start[:, None, None]
+
+        with torch.no_grad():
+            pmf, lower, upper = self._likelihood(samples, stop_gradient=True)
+        pmf = pmf[:, 0, :]
+        tail_mass = torch.sigmoid(lower[:, 0, :1]) + torch.sigmoid(-upper[:, 0, -1:])
+
+        # Row i: pmf[i, :length_i] then its tail mass, like CompressAI's _pmf_to_cdf.
+        lengths = pmf_length.to(torch.int64).cpu()
+        rows = torch.zeros(pmf.size(0), max_length + 1, dtype=torch.float32)
+        rows[:, :max_length] = pmf.detach().cpu().float()
+        valid = torch.arange(max_length + 1)[None, :] < lengths[:, None]
+        rows = rows.masked_fill(~valid, 0.0)
+        rows.scatter_(1, lengths[:, None], tail_mass.detach().cpu().float())
+        cdf = ops.pmf_to_quantized_cdf(rows, lengths + 1, self.entropy_coder_precision)
+        self._quantized_cdf = cdf.to(device)
+        self._cdf_length = (pmf_length + 2).to(torch.int32)
+        self._coder_cache = None
+        return True
+
+    def loss(self) -> Tensor:
+        logits = self._logits_cumulative(self.quantiles, stop_gradient=True)
+        return torch.abs(logits - self.target).sum()
+
+    def _logits_cumulative(self, inputs: Tensor, stop_gradient: bool) -> Tensor:
+        logits = inputs
+        for i in range(len(self.filters) + 1):
+            matrix = self.matrices[i]
+            if stop_gradient:
+                matrix = matrix.detach()
+            logits = torch.matmul(F.softplus(matrix), logits)
+
+            bias = self.biases[i]
+            if stop_gradient:
+                bias = bias.detach()
+            logits = logits + bias
+
+            if i < len(self.filters):
+                factor = self.factors[i]
+                if stop_gradient:
+                    factor = factor.detach()
+                logits = logits + torch.tanh(factor) * torch.tanh(logits)
+        return logits
+
+    def _likelihood(self, inputs: Tensor, stop_gradient: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        half = float(0.5)
+        lower = self._logits_cumulative(inputs - half, stop_gradient=stop_gradient)
+        upper = self._logits_cumulative(inputs + half, stop_gradient=stop_gradient)
+        likelihood = torch.sigmoid(upper) - torch.sigmoid(lower)
+        return likelihood, lower, upper
+
+    def forward(self, x: Tensor, training: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+        if training is None:
+            training = self.training
+        # B x C x ... -> C x B x ...
+        perm = [1, 0] + list(range(2, x.dim()))
+        x = x.permute(*perm).contiguous()
+        shape = x.size()
+        values = x.reshape(x.size(0), 1, -1)
+
+        outputs = self.quantize(values, "noise" if training else "dequantize", self._get_medians())
+        likelihood, _, _ = self._likelihood(outputs)
+        if self.use_likelihood_bound:
+            likelihood = self.likelihood_lower_bound(likelihood)
+
+        outputs = outputs.reshape(shape).permute(*perm).contiguous()
+        likelihood = likelihood.reshape(shape).permute(*perm).contiguous()
+        return outputs, likelihood
+
+    @staticmethod
+    def _build_indexes(size) -> Tensor:
+        """Channel index of every element of a (N, C, ...) tensor, int32."""
+        n, c = size[0], size[1]
+        view = [1, -1] + [1] * (len(size) - 2)
+        return torch.arange(c, dtype=torch.int32).view(*view).expand(n, c, *size[2:]).contiguous()
+
+    @staticmethod
+    def _extend_ndims(tensor: Tensor, n: int) -> Tensor:
+        return tensor.reshape(-1, *([1] * n)) if n > 0 else tensor.reshape(-1)
+
+    @torch.no_grad()
+    def _update_quantiles(self, search_radius=1e5, rtol=1e-4, atol=1e-3):
+        """Quantiles by bisection on the learnt CDF (CompressAI's fast alternative to the aux loss)."""
+        device = self.quantiles.device
+        shape = (self.channels, 1, 1)
+        low = torch.full(shape, -search_radius, device=device)
+        high = torch.full(shape, search_radius, device=device)
+
+        def f(y, self=self):
+            return self._logits_cumulative(y, stop_gradient=True)
+
+        for i in range(len(self.target)):
+            q_i = self._search_target(f, self.target[i], low, high, rtol, atol)
+            self.quantiles[:, :, i] = q_i[:, :, 0]
+
+    @staticmethod
+    def _search_target(f, target, low, high, rtol=1e-4, atol=1e-3, strict=False):
+        assert (low <= high).all()
+        if strict:
+            assert ((f(low) <= target) & (target <= f(high))).all()
+        else:
+            low = torch.where(target <= f(high), low, high)
+            high = torch.where(f(low) <= target, high, low)
+        while not torch.isclose(low, high, rtol=rtol, atol=atol).all():
+            mid = (low + high) / 2
+            f_mid = f(mid)
+            low = torch.where(f_mid <= target, mid, low)
+            high = torch.where(f_mid >= target, mid, high)
+        return (low + high) / 2
+
+    def _medians_like(self, batch: int, spatial_dims: int) -> Tensor:
+        medians = self._extend_ndims(self._get_medians().detach(), spatial_dims)
+        return medians.expand(batch, *([-1] * (spatial_dims + 1)))
+
+    def compress(self, x: Tensor) -> List[bytes]:
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            raise ValueError("x must be a tensor of shape (N, C, ...)")
+        if x.size(1) != self.channels:
+            raise ValueError(f"x has {x.size(1)} channels, the bottleneck {self.channels}")
+        indexes = self._build_indexes(x.size())
+        medians = self._medians_like(x.size(0), x.dim() - 2)
+        return super().compress(x, indexes, medians)
+
+    def decompress(self, strings: List[bytes], size) -> Tensor:
+        output_size = (len(strings), self._quantized_cdf.size(0), *size)
+        indexes = self._build_indexes(output_size).to(self._quantized_cdf.device)
+        medians = self._medians_like(len(strings), len(size))
+        return super().decompress(strings, indexes, medians.dtype, medians)
+
+
+class GaussianConditional(EntropyModel):
+    """Gaussian conditional (Ballé et al. 2018), CompressAI's GaussianConditional on native kernels."""
+
+    _RESIZABLE_BUFFERS = EntropyModel._RESIZABLE_BUFFERS + ("scale_table",)
+
+    # CDF tables per (scale table, tail mass, precision): building them costs ~0.1 s and every
+    # GaussianConditional of a model usually shares CompressAI's default table.
+    _TABLE_CACHE: dict = {}
+
+    def __init__(
+        self,
+        scale_table: Optional[Union[List, Tuple]],
+        *args: Any,
+        scale_bound: float = 0.11,
+        tail_mass: float = 1e-9,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        if not isinstance(scale_table, (type(None), list, tuple)):
+            raise ValueError(f'Invalid type for scale_table "{type(scale_table)}"')
+        if isinstance(scale_table, (list, tuple)) and len(scale_table) < 1:
+            raise ValueError(f'Invalid scale_table length "{len(scale_table)}"')
+        if scale_table and (list(scale_table) != sorted(scale_table) or any(s <= 0 for s in scale_table)):
+            raise ValueError(f'Invalid scale_table "({scale_table})"')
+
+        self.tail_mass = float(tail_mass)
+        if scale_bound is None and scale_table:
+            scale_bound = scale_table[0]
+        if scale_bound is None or scale_bound <= 0:
+            raise ValueError("Invalid parameters")
+        self.lower_bound_scale = LowerBound(scale_bound)
+
+        self.register_buffer(
+            "scale_table", self._prepare_scale_table(scale_table) if scale_table else torch.Tensor())
+        self.register_buffer("scale_bound", torch.Tensor([float(scale_bound)]))
+        self._tables_key = None
+
+    @staticmethod
+    def _prepare_scale_table(scale_table):
+        return torch.Tensor(tuple(float(s) for s in scale_table))
+
+    def _standardized_cumulative(self, inputs: Tensor) -> Tensor:
+        # erfc keeps the precision in the tails.
+        return 0.5 * torch.erfc(float(-(2**-0.5)) * inputs)
+
+    @staticmethod
+    def _standardized_quantile(quantile):
+        return torch.special.ndtri(torch.tensor(float(quantile), dtype=torch.float64)).item()
+
+    def update_scale_table(self, scale_table, force: bool = False) -> bool:
+        if self._offset.numel() > 0 and not force:
+            return False
+        device = self.scale_table.device
+        self.scale_table = self._prepare_scale_table(scale_table).to(device)
+        self.update(force=True)
+        return True
+
+    def _table_key(self):
+        return (tuple(self.scale_table.tolist()), str(self.scale_table.dtype), self.tail_mass,
+                self.entropy_coder_precision)
+
+    def update(self, force: bool = False) -> bool:
+        """Build the coder tables from `scale_table` (identical to CompressAI's update()).
+
+        Unlike CompressAI (which always rebuilds), a call without `force` is a no-op when the
+        tables were already built from the current scale table; returns whether it rebuilt them.
+        """
+        if self.scale_table.numel() == 0:
+            raise ValueError("scale_table is empty: pass one to the constructor or update_scale_table()")
+        key = self._table_key()
+        if not force and self._offset.numel() > 0 and key == self._tables_key:
+            return False
+        tables = self._TABLE_CACHE.get(key)
+        if tables is None:
+            tables = ops.gaussian_cdf_tables(self.scale_table, self.tail_mass, self.entropy_coder_precision)
+            self._TABLE_CACHE[key] = tables
+        device = self.scale_table.device
+        cdf, lengths, offsets = (t.clone().to(device) for t in tables)
+        self._quantized_cdf = cdf
+        self._cdf_length = lengths
+        self._offset = offsets
+        self._tables_key = key
+        self._coder_cache = None
+        return True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._tables_key = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _likelihood(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None) -> Tensor:
+        """Likelihood without the likelihood lower bound (CompressAI's _likelihood), fused."""
+        return ops.gaussian_likelihood(inputs, scales, means, scale_bound=self.lower_bound_scale.bound,
+                                       likelihood_bound=None)
+
+    def forward(
+        self,
+        inputs: Tensor,
+        scales: Tensor,
+        means: Optional[Tensor] = None,
+        training: Optional[bool] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        if training is None:
+            training = self.training
+        outputs = self.quantize(inputs, "noise" if training else "dequantize", means)
+        likelihood_bound = self.likelihood_lower_bound.bound if self.use_likelihood_bound else None
+        likelihood = ops.gaussian_likelihood(outputs, scales, means, scale_bound=self.lower_bound_scale.bound,
+                                             likelihood_bound=likelihood_bound)
+        return outputs, likelihood
+
+    def build_indexes(self, scales: Tensor) -> Tensor:
+        """CompressAI's build_indexes in one pass. NaN scales raise; negative/inf are clamped."""
+        if self.scale_table.numel() == 0:
+            raise ValueError("scale_table is empty: run update_scale_table() first")
+        return ops.build_indexes(scales, self.scale_table, self.lower_bound_scale.bound, strict=False)
+
+    def quantize_and_index(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None):
+        """(symbols, indexes) for compress_symbols() in one pass over inputs, means and scales."""
+        return ops.quantize_and_index(inputs, scales, self.scale_table, means,
+                                      scale_bound=self.lower_bound_scale.bound, strict=False)
