@@ -21,4 +21,14 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["ops", "build_info", "__version__"]
+def __getattr__(name):
+    # The codec pulls in the model, numpy and PIL: load it on first use only, so that
+    # ``import dualres_ext`` (ops, layers) stays light.
+    if name in ("encode", "decode"):
+        from . import codec
+
+        return getattr(codec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ops", "build_info", "encode", "decode", "__version__"]

@@ -12,11 +12,91 @@ def _cmd_info(args) -> int:
     return 0
 
 
+# Exit codes of compress/decompress (argparse itself exits with 2 on usage errors).
+EXIT_ERROR, EXIT_BITSTREAM, EXIT_WEIGHTS = 1, 3, 4
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"dualres: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run_codec(func, args) -> int:
+    """Run a codec command, turning the expected failures into messages and exit codes."""
+    from .codec import BitstreamError, WeightsNotFoundError
+
+    try:
+        return func(args)
+    except WeightsNotFoundError as exc:
+        return _fail(str(exc), EXIT_WEIGHTS)
+    except BitstreamError as exc:
+        return _fail(f"{args.input}: {exc}", EXIT_BITSTREAM)
+    except (OSError, ValueError, TypeError) as exc:
+        return _fail(str(exc), EXIT_ERROR)
+
+
+def _cmd_compress(args) -> int:
+    import time
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .codec import encode
+
+    try:
+        image = Image.open(args.input)
+        image.load()
+    except FileNotFoundError:
+        return _fail(f"{args.input}: no such file", EXIT_ERROR)
+    except (UnidentifiedImageError, OSError) as exc:
+        return _fail(f"{args.input}: not a readable image ({exc})", EXIT_ERROR)
+    start = time.perf_counter()
+    data = encode(image, quality=args.quality, device=args.device, weights=args.weights)
+    seconds = time.perf_counter() - start
+    with open(args.output, "wb") as f:
+        f.write(data)
+    bpp = 8.0 * len(data) / (image.width * image.height)
+    print(f"{args.output}: {len(data)} bytes, {bpp:.4f} bpp, {image.width}x{image.height}, "
+          f"quality {args.quality}, {seconds:.2f} s")
+    return 0
+
+
+def _cmd_decompress(args) -> int:
+    import time
+
+    from .codec import decode
+
+    try:
+        with open(args.input, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return _fail(f"{args.input}: no such file", EXIT_ERROR)
+    start = time.perf_counter()
+    image = decode(data, device=args.device, weights=args.weights)
+    seconds = time.perf_counter() - start
+    image.save(args.output)
+    print(f"{args.output}: {image.width}x{image.height} {image.mode}, {seconds:.2f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualres", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="how the native extension was built")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("compress", help="compress an image file into a .drx bitstream")
+    p.add_argument("input", help="image file (PNG, JPEG, ...; grey and RGBA are handled)")
+    p.add_argument("output", help="bitstream file to write (.drx)")
+    p.add_argument("--quality", "-q", type=float, default=3,
+                   help="0 (smallest) .. 5 (best), fractions interpolate (default 3)")
+    p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.set_defaults(func=lambda a: _run_codec(_cmd_compress, a))
+    p = sub.add_parser("decompress", help="decompress a .drx bitstream into an image file")
+    p.add_argument("input", help="bitstream file (.drx)")
+    p.add_argument("output", help="image file to write (format from the extension, e.g. .png)")
+    p.add_argument("--weights", help="checkpoint the bitstream was written with (default: the package's)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.set_defaults(func=lambda a: _run_codec(_cmd_decompress, a))
     p = sub.add_parser("demo", help="the main job: a short demonstration of the package")
     p.set_defaults(func=_cmd_info)
     return parser

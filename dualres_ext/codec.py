@@ -1,0 +1,388 @@
+"""Image codec on the DualRes model: ``encode(image) -> bytes`` and ``decode(bytes) -> image``.
+
+The bitstream container is described in docs/BITSTREAM.md. In short (little-endian)::
+
+    magic "\\x89DRX" | version u8 | config id u8 | flags u8 | reserved u8 | quality f32 |
+    weights id u32 | width u32 | height u32 | section count u16 | section lengths u32 ... |
+    sections (z, y_H slices, y_L slices) | CRC-32 of everything before it (u32)
+
+Anything malformed raises :class:`BitstreamError` (a ``ValueError``).
+
+Weights: ``weights=None`` loads the package's trained checkpoint
+(``dualres_ext/weights/dualres_compact.pt``); a path loads another checkpoint written by
+:func:`save_weights`; a ``DualRes`` model object is used as it is (after ``update()``).
+Random weights are never used silently.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import threading
+import warnings
+import zlib
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MAGIC = b"\x89DRX"
+VERSION = 1
+# Configuration ids written in the header (0: any other configuration, identified by weights id).
+CONFIG_IDS = {"custom": 0, "compact": 1, "paper": 2}
+_CONFIG_NAMES = {v: k for k, v in CONFIG_IDS.items()}
+
+FLAG_GREY = 0x01   # the input was greyscale: decode returns one channel
+FLAG_CUDA = 0x02   # encoded on a CUDA device (decode on the same kind of device)
+_KNOWN_FLAGS = FLAG_GREY | FLAG_CUDA
+
+_HEAD = struct.Struct("<4sBBBBfIIIH")   # magic .. section count
+_CRC = struct.Struct("<I")
+MAX_SIDE = 1 << 16                     # largest width/height the container accepts
+
+WEIGHTS_FORMAT = "dualres-weights"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "dualres_compact.pt"
+
+
+class BitstreamError(ValueError):
+    """A DualRes bitstream is malformed: wrong magic, unknown version, truncated, corrupted."""
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No trained weights are available (the package was built without them)."""
+
+
+# ---------------------------------------------------------------------------- weights
+def save_weights(model, path, metadata: Optional[dict] = None, half: bool = True) -> None:
+    """Write ``model`` as a checkpoint ``encode``/``decode`` can load (``weights=path``).
+
+    Floating point tensors are stored in float16 when ``half`` (half the size; the CDF tables
+    are recomputed from the stored values at load time, so encoder and decoder agree).
+    ``metadata`` (training command, data, steps, ...) is stored as it is.
+    """
+    state = {}
+    for key, value in model.state_dict().items():
+        if _is_cdf_buffer(key):
+            continue  # rebuilt by update() at load
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value.detach().cpu().clone()
+    torch.save({"format": WEIGHTS_FORMAT, "format_version": 1, "name": model.name,
+                "config": dict(model.config), "state_dict": state,
+                "metadata": dict(metadata or {})}, str(path))
+
+
+def _is_cdf_buffer(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf in ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+def load_weights(path, device=None):
+    """A ready-to-code ``DualRes`` model (eval mode, CDF tables built) from a checkpoint file."""
+    from .models import DualRes
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file not found: {path}")
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
+        raise ValueError(f"{path}: not a readable DualRes weights file ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"{path}: not a DualRes weights file (use codec.save_weights to write one)")
+    model = DualRes(name=ckpt.get("name", "custom"), **ckpt["config"])
+    state = {k: v for k, v in ckpt["state_dict"].items() if not _is_cdf_buffer(k)}
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_cdf_buffer(k)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the configuration "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.metadata = ckpt.get("metadata", {})
+    return _prepare(model, device)
+
+
+def _prepare(model, device):
+    model = model.to(device if device is not None else "cpu").eval()
+    model.update(force=True)
+    return model
+
+
+_cache_lock = threading.Lock()
+_cache: dict = {}
+
+
+def _resolve_model(weights, device):
+    """(model, weights id) for ``weights`` (None, a path or a model) on ``device``."""
+    from .models import DualRes
+
+    if isinstance(weights, DualRes):
+        model = weights
+        if device is not None:
+            model = model.to(device)
+        if model.training:
+            raise ValueError("weights: the model is in training mode; call model.eval() first")
+        if not _has_tables(model):
+            raise ValueError("weights: the model's entropy models have no CDF tables; "
+                             "call model.update(force=True) first")
+        return model, weights_id(model)
+    if weights is None:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise WeightsNotFoundError(
+                f"no trained DualRes weights in this installation ({DEFAULT_WEIGHTS} is missing); "
+                "pass weights=PATH (a checkpoint from codec.save_weights) or weights=MODEL")
+        weights = DEFAULT_WEIGHTS
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be None, a path or a DualRes model, got {type(weights).__name__}")
+    dev = torch.device(device if device is not None else "cpu")
+    key = (str(Path(weights).resolve()), str(dev))
+    with _cache_lock:
+        if key not in _cache:
+            model = load_weights(weights, dev)
+            _cache[key] = (model, weights_id(model))
+        return _cache[key]
+
+
+def _has_tables(model) -> bool:
+    gc = model.gaussian_conditional
+    return gc._offset.numel() > 0 and model.entropy_bottleneck._offset.numel() > 0
+
+
+def weights_id(model) -> int:
+    """CRC-32 fingerprint of a model's parameters (written in the header, checked on decode)."""
+    crc = 0
+    for key, value in sorted(model.state_dict().items()):
+        if _is_cdf_buffer(key):
+            continue
+        crc = zlib.crc32(key.encode(), crc)
+        crc = zlib.crc32(value.detach().to("cpu", torch.float32 if value.is_floating_point()
+                                           else value.dtype).contiguous().numpy().tobytes(), crc)
+    return crc & 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------- images in/out
+def _to_tensor(image) -> Tuple[torch.Tensor, bool]:
+    """(1, 3, H, W) float32 in [0, 1], and whether the input was greyscale."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        mode = image.mode
+        if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            raise ValueError(f"image: PIL mode {mode!r} (high bit depth) is not supported; "
+                             "convert to 8-bit 'L' or 'RGB' first")
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+            warnings.warn(f"image: PIL mode {mode!r} has an alpha channel; it is dropped "
+                          "(only colour is coded)", stacklevel=3)
+        grey = mode in ("1", "L", "LA", "La")
+        image = np.asarray(image.convert("L" if grey else "RGB"))
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype == np.uint8:
+            t = torch.from_numpy(np.ascontiguousarray(arr)).float() / 255.0
+        elif arr.dtype in (np.float32, np.float64, np.float16):
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        else:
+            raise TypeError(f"image: numpy arrays must be uint8 (or float in [0, 1]), got {arr.dtype}")
+        if t.dim() == 2:
+            t = t[:, :, None]
+        if t.dim() != 3:
+            raise ValueError(f"image: expected an HxW or HxWxC array, got shape {arr.shape}")
+        t = t.permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.dim() == 4:
+            if t.size(0) != 1:
+                raise ValueError(f"image: one image at a time, got a batch of {t.size(0)}")
+            t = t[0]
+        if t.dim() == 2:
+            t = t[None]
+        if t.dim() != 3:
+            raise ValueError(f"image: expected a (C, H, W) tensor, got shape {tuple(image.shape)}")
+        if t.dtype == torch.uint8:
+            t = t.float() / 255.0
+        elif not t.is_floating_point():
+            raise TypeError(f"image: tensors must be float in [0, 1] or uint8, got {t.dtype}")
+        t = t.to("cpu", torch.float32)
+    else:
+        raise TypeError("image must be a PIL image, a numpy array or a torch tensor, "
+                        f"got {type(image).__name__}")
+    channels = t.size(0)
+    if channels == 4 or channels == 2:
+        warnings.warn(f"image: {channels} channels; the last (alpha) channel is dropped", stacklevel=3)
+        t = t[:-1]
+        channels -= 1
+    if channels not in (1, 3):
+        raise ValueError(f"image: expected 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {channels}")
+    if t.size(1) < 1 or t.size(2) < 1:
+        raise ValueError(f"image: empty image of size {t.size(2)}x{t.size(1)}")
+    if t.size(1) > MAX_SIDE or t.size(2) > MAX_SIDE:
+        raise ValueError(f"image: sides up to {MAX_SIDE} pixels are supported, got {t.size(2)}x{t.size(1)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("image contains NaN or Inf")
+    if float(t.min()) < 0.0 or float(t.max()) > 1.0:
+        raise ValueError(f"image: float values must lie in [0, 1], got [{float(t.min()):.4g}, {float(t.max()):.4g}]")
+    grey = channels == 1
+    if grey:
+        t = t.expand(3, -1, -1)
+    return t[None].contiguous(), grey
+
+
+def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad bottom/right to a multiple of ``multiple`` by replicating the border (any size, 1x1
+    too: a flat continuation costs almost no bits). Gathers with clamped indices, which unlike
+    ``F.pad(mode="replicate")`` has no limit on the pad width."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    rows = torch.arange(h + ph, device=x.device).clamp_(max=h - 1)
+    cols = torch.arange(w + pw, device=x.device).clamp_(max=w - 1)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _from_tensor(x: torch.Tensor, grey: bool, output: str):
+    x = x.clamp(0.0, 1.0)
+    if grey:
+        x = x.mean(dim=0, keepdim=True)
+    if output == "tensor":
+        return x
+    arr = (x.mul(255.0).round().to(torch.uint8)).permute(1, 2, 0).cpu().numpy()
+    if grey:
+        arr = arr[:, :, 0]
+    if output == "numpy":
+        return arr
+    from PIL import Image
+
+    return Image.fromarray(arr, mode="L" if grey else "RGB")
+
+
+# ---------------------------------------------------------------------------- container
+def _pack(config_id: int, flags: int, quality: float, wid: int, width: int, height: int,
+          sections) -> bytes:
+    out = io.BytesIO()
+    out.write(_HEAD.pack(MAGIC, VERSION, config_id, flags, 0, quality, wid, width, height,
+                         len(sections)))
+    out.write(struct.pack(f"<{len(sections)}I", *[len(s) for s in sections]))
+    for s in sections:
+        out.write(s)
+    body = out.getvalue()
+    return body + _CRC.pack(zlib.crc32(body) & 0xFFFFFFFF)
+
+
+def parse_header(data) -> dict:
+    """Header fields of a DualRes bitstream (checks magic, version, lengths and checksum).
+
+    Returns ``{"version", "config", "config_id", "flags", "grey", "cuda", "quality",
+    "weights_id", "width", "height", "sections": [bytes, ...]}``.
+    """
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    if len(data) < 4 or data[:4] != MAGIC:
+        raise BitstreamError("not a DualRes bitstream (wrong magic bytes)")
+    if len(data) < _HEAD.size + _CRC.size:
+        raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
+    magic, version, config_id, flags, reserved, quality, wid, width, height, n = _HEAD.unpack_from(data)
+    if version != VERSION:
+        raise BitstreamError(f"unsupported DualRes bitstream version {version} (this library reads {VERSION})")
+    table_end = _HEAD.size + 4 * n
+    if len(data) < table_end + _CRC.size:
+        raise BitstreamError("truncated bitstream: section table incomplete")
+    lengths = struct.unpack_from(f"<{n}I", data, _HEAD.size)
+    end = table_end + sum(lengths)
+    if len(data) < end + _CRC.size:
+        raise BitstreamError(f"truncated bitstream: {len(data)} bytes, expected {end + _CRC.size}")
+    if len(data) > end + _CRC.size:
+        raise BitstreamError(f"trailing garbage: {len(data) - end - _CRC.size} bytes after the bitstream")
+    (crc,) = _CRC.unpack_from(data, end)
+    if zlib.crc32(data[:end]) & 0xFFFFFFFF != crc:
+        raise BitstreamError("corrupted bitstream: checksum mismatch")
+    if reserved != 0 or flags & ~_KNOWN_FLAGS:
+        raise BitstreamError(f"unknown header flags 0x{flags:02x}/{reserved:02x} (newer writer?)")
+    if config_id not in _CONFIG_NAMES:
+        raise BitstreamError(f"unknown model configuration id {config_id}")
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise BitstreamError(f"invalid image size {width}x{height}")
+    if not math.isfinite(quality) or quality < 0:
+        raise BitstreamError(f"invalid quality {quality}")
+    sections, pos = [], table_end
+    for length in lengths:
+        sections.append(data[pos:pos + length])
+        pos += length
+    return {"version": version, "config": _CONFIG_NAMES[config_id], "config_id": config_id,
+            "flags": flags, "grey": bool(flags & FLAG_GREY), "cuda": bool(flags & FLAG_CUDA),
+            "quality": quality, "weights_id": wid, "width": width, "height": height,
+            "sections": sections}
+
+
+# ---------------------------------------------------------------------------- API
+def _check_quality(model, quality) -> float:
+    if isinstance(quality, bool) or not isinstance(quality, (int, float, np.integer, np.floating)):
+        raise TypeError(f"quality must be a number, got {type(quality).__name__}")
+    q = float(np.float32(quality))  # what the header stores: encoder and decoder agree exactly
+    if not math.isfinite(q) or q < 0 or q > model.num_qualities - 1:
+        raise ValueError(f"quality must lie in [0, {model.num_qualities - 1}], got {quality!r}")
+    return q
+
+
+def encode(image, quality: Union[int, float] = 3, device=None, weights=None) -> bytes:
+    """Compress one image into a DualRes bitstream.
+
+    ``image``: a PIL image, an HxWx3 (or HxW grey, HxWx4 RGBA) uint8 numpy array, or a float
+    tensor (3, H, W) / (1, 3, H, W) / (1, H, W) in [0, 1]. Any size. Grey images are coded as
+    three equal channels and flagged (``decode`` returns grey); an alpha channel is dropped with
+    a warning. ``quality``: 0 (smallest) .. ``num_qualities - 1`` (best), floats interpolate.
+    ``device``: where the model runs (default CPU); decode on the same kind of device.
+    """
+    model, wid = _resolve_model(weights, device)
+    q = _check_quality(model, quality)
+    x, grey = _to_tensor(image)
+    height, width = x.shape[-2:]
+    dev = next(model.parameters()).device
+    x = _pad(x, model.stride).to(dev)
+    out = model.compress(x, q)
+    sections = [s[0] for s in out["strings"]]
+    flags = (FLAG_GREY if grey else 0) | (FLAG_CUDA if dev.type == "cuda" else 0)
+    config_id = CONFIG_IDS.get(getattr(model, "name", "custom"), 0)
+    return _pack(config_id, flags, q, wid, int(width), int(height), sections)
+
+
+def decode(data, device=None, output: str = "pil", weights=None):
+    """Decompress a DualRes bitstream. ``output``: ``"pil"`` (default), ``"numpy"`` (HxWx3 or
+    HxW uint8) or ``"tensor"`` ((3 or 1, H, W) float in [0, 1], not rounded to 8 bits)."""
+    if output not in ("pil", "numpy", "tensor"):
+        raise ValueError(f"output must be 'pil', 'numpy' or 'tensor', got {output!r}")
+    head = parse_header(data)
+    model, wid = _resolve_model(weights, device)
+    if head["weights_id"] != wid:
+        raise BitstreamError(
+            f"the bitstream was written with other weights (id {head['weights_id']:08x}, "
+            f"configuration {head['config']!r}) than the decoder's (id {wid:08x}, "
+            f"{getattr(model, 'name', 'custom')!r})")
+    if head["quality"] > model.num_qualities - 1:
+        raise BitstreamError(f"quality {head['quality']} out of the model's range")
+    dev = next(model.parameters()).device
+    if head["cuda"] != (dev.type == "cuda"):
+        warnings.warn("the bitstream was encoded on a different kind of device "
+                      f"({'CUDA' if head['cuda'] else 'CPU'}); decoding may not reproduce it",
+                      stacklevel=2)
+    stride = model.stride
+    shape = (-(-head["height"] // stride), -(-head["width"] // stride))
+    strings = [[s] for s in head["sections"]]
+    try:
+        x_hat = model.decompress(strings, shape, head["quality"])["x_hat"]
+    except (RuntimeError, ValueError) as exc:
+        raise BitstreamError(f"corrupted bitstream: {exc}") from exc
+    x_hat = x_hat[0, :, :head["height"], :head["width"]]
+    return _from_tensor(x_hat, head["grey"], output)
+
+
+__all__ = ["encode", "decode", "BitstreamError", "WeightsNotFoundError", "save_weights",
+           "load_weights", "parse_header", "weights_id", "MAGIC", "VERSION"]

@@ -1,0 +1,25 @@
+"""Learned image compression models. ``build(name, **overrides)`` makes a configured model."""
+from __future__ import annotations
+
+from .dualres import CONFIGS, DEFAULT_LAMBDAS, DualRes, get_scale_table
+
+
+def build(name: str = "compact", **overrides) -> DualRes:
+    """A DualRes model from a named configuration (``"compact"``, ``"paper"``).
+
+    ``overrides`` replace configuration entries (``N``, ``M_H``, ``M_L``, ``N_hyper``, ``Z``,
+    ``slices_H``, ``slices_L``, ``hidden``, ``lambdas``) or set ``lanes`` (the number of rANS
+    lanes per slice the encoder writes; ``None`` lets the entropy model choose).
+    Weights are randomly initialised; trained weights come through ``dualres_ext.codec``.
+    """
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model configuration {name!r}; known: {sorted(CONFIGS)}")
+    config = dict(CONFIGS[name])
+    unknown = set(overrides) - set(config) - {"lanes"}
+    if unknown:
+        raise TypeError(f"unknown configuration entries for {name!r}: {sorted(unknown)}")
+    config.update(overrides)
+    return DualRes(name=name, **config)
+
+
+__all__ = ["build", "DualRes", "CONFIGS", "DEFAULT_LAMBDAS", "get_scale_table"]

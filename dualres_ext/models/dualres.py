@@ -1,0 +1,359 @@
+"""DualRes: a two-branch learned image codec with conditional (channel-wise) entropy coding.
+
+After "Learned Image Compression with Dual-Branch Encoder and Conditional Information Coding"
+(Fu, Liang, Liang, Fang, Zhang, Han). The shape (see shared/DESIGN.md, "The model"):
+
+    x ──stem (stride 4)──┬── g_a^H (stride 8)  ─► y_H   (fewer channels: local detail)
+                         └── g_a^L (stride 16) ─► y_L   (more channels: global content)
+    h_a(down(y_H) ⊕ y_L) ─► z (stride 64), factorized prior (EntropyBottleneck)
+    h_s(ẑ) ─► hyper features F_L (stride 16) and F_H (stride 8)
+    y_H slice by slice: (μ, σ) = net_i(F_H, ŷ_H[<i]);             LRP_i adds a bounded correction
+    y_L slice by slice: (μ, σ) = net_j(F_L, down(ŷ_H), ŷ_L[<j]);  LRP_j likewise
+    x̂ = g_s(up(ŷ_L) ⊕ ŷ_H)  (deconvolutions + IGDN)
+
+The two analysis branches share a stride-4 stem: the image-resolution layers are the costly
+ones, and computing them once halves the encoder's cost at no visible loss of flexibility
+(each branch still has its own strided layers and its own latent).
+
+Entropy coding is channel-wise autoregressive (Minnen & Singh 2020, with latent residual
+prediction) and has no spatial context: every position of a slice is coded at once, the only
+serial loop is over the slices. ``y_L``'s networks see the decoded ``ŷ_H`` (downsampled to
+stride 16): the high-resolution latent conditions the low-resolution one.
+
+Variable rate comes from gain units (Cui et al. 2021): per quality, a positive gain per latent
+channel multiplies ``y_H``/``y_L`` before quantisation and an inverse gain multiplies ``ŷ`` before
+the synthesis. A float quality interpolates between the two neighbouring gain vectors in the
+log domain, so ``quality`` is continuous in ``[0, num_qualities - 1]``.
+
+Quantisation in training (as CompressAI's recent models do): the likelihoods see additive
+uniform noise (``GaussianConditional``/``EntropyBottleneck`` in training mode), while the
+synthesis and the conditioning networks see ``round(y - μ) + μ`` with a straight-through
+gradient, i.e. exactly the values the decoder will have. In eval mode ``forward`` uses plain
+``torch.round`` so that its ``x_hat`` is bit-identical to ``decompress(compress(x))``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..entropy_models import EntropyBottleneck, GaussianConditional
+from ..layers import GDN, conv, deconv
+
+# CompressAI's MSE lambdas for its qualities 1..6 (rate + lambda * 255^2 * MSE), the trained
+# operating points of the default quality ladder; quality index 0 is the lowest rate.
+DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)
+
+# Scale table of the Gaussian conditional: CompressAI's default (64 scales, log-spaced).
+SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
+
+CONFIGS: Dict[str, dict] = {
+    # Sized to train on a couple of CPU cores and to be fast on CPU at inference.
+    "compact": dict(N=64, N1=32, M_H=48, M_L=96, N_hyper=64, Z=48,
+                    slices_H=(16, 32), slices_L=(16, 32, 48), hidden=64,
+                    lambdas=DEFAULT_LAMBDAS),
+    # The paper's size: N=192 and 320 latent channels in total (y_H + y_L).
+    "paper": dict(N=192, N1=192, M_H=128, M_L=192, N_hyper=192, Z=128,
+                  slices_H=(32, 32, 64), slices_L=(32, 32, 64, 64), hidden=192,
+                  lambdas=DEFAULT_LAMBDAS),
+}
+
+
+def get_scale_table(min_=SCALES_MIN, max_=SCALES_MAX, levels=SCALES_LEVELS) -> torch.Tensor:
+    """CompressAI's default scale table (log-spaced), as a float tensor."""
+    return torch.exp(torch.linspace(math.log(min_), math.log(max_), levels))
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through (identity) gradient."""
+    return (torch.round(x) - x).detach() + x
+
+
+def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool) -> torch.Tensor:
+    """``round(x - offset) + offset``: straight-through in training, exact in eval.
+
+    Eval uses the very expression the entropy models' ``dequantize`` computes
+    (``symbols.float() + offset``), so encoder and decoder get bit-identical values.
+    """
+    if training:
+        return ste_round(x - offset) + offset
+    return torch.round(x - offset) + offset
+
+
+def _slice_net(in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:
+    """Small fully convolutional net (3x3 kernels, no spatial causality) for slice parameters."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, hidden, 3, padding=1), nn.GELU(),
+        nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU(),
+        nn.Conv2d(hidden, out_ch, 3, padding=1),
+    )
+
+
+class _SliceCoder(nn.Module):
+    """Parameter and LRP networks of one latent split into channel slices.
+
+    Slice ``i``'s context is ``cat(features, extra, ŷ[<i])`` where ``features`` are the hyper
+    features and ``extra`` an optional extra conditioning tensor (``down(ŷ_H)`` for ``y_L``).
+    """
+
+    def __init__(self, slices: Sequence[int], ctx_ch: int, hidden: int):
+        super().__init__()
+        self.slices = [int(s) for s in slices]
+        self.param_nets = nn.ModuleList()
+        self.lrp_nets = nn.ModuleList()
+        done = 0
+        for s in self.slices:
+            self.param_nets.append(_slice_net(ctx_ch + done, hidden, 2 * s))
+            self.lrp_nets.append(_slice_net(ctx_ch + done + s, hidden // 2, s))
+            done += s
+
+    def params(self, i: int, ctx: torch.Tensor):
+        scales, means = self.param_nets[i](ctx).chunk(2, dim=1)
+        return scales, means
+
+    def lrp(self, i: int, ctx: torch.Tensor, y_hat_slice: torch.Tensor) -> torch.Tensor:
+        # Latent residual prediction: a bounded correction of the quantisation error, computed
+        # from what the decoder knows (so it never needs bits).
+        return y_hat_slice + 0.5 * torch.tanh(self.lrp_nets[i](torch.cat([ctx, y_hat_slice], 1)))
+
+
+class DualRes(nn.Module):
+    """The DualRes model. Build it through :func:`dualres_ext.models.build`.
+
+    ``forward(x, quality)``: ``x`` is (B, 3, H, W) in [0, 1] with H, W multiples of 64;
+    ``quality`` an int in ``[0, num_qualities)``, a float (interpolates the gains) or a 1-D
+    tensor of per-sample qualities. Returns ``{"x_hat", "likelihoods": {"y_h", "y_l", "z"}}``.
+    """
+
+    stride = 64  # input sizes must be multiples of this (z's stride)
+
+    def __init__(self, N: int = 64, N1: Optional[int] = None, M_H: int = 48, M_L: int = 96, N_hyper: int = 64,
+                 Z: int = 48, slices_H: Sequence[int] = (16, 32),
+                 slices_L: Sequence[int] = (16, 32, 48), hidden: int = 64,
+                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, lanes: Optional[int] = None,
+                 name: str = "custom"):
+        super().__init__()
+        if sum(slices_H) != M_H or sum(slices_L) != M_L:
+            raise ValueError(f"slices_H {tuple(slices_H)} must sum to M_H={M_H} and "
+                             f"slices_L {tuple(slices_L)} to M_L={M_L}")
+        if len(lambdas) < 2:
+            raise ValueError("lambdas: at least two quality levels are needed")
+        self.name = name
+        N1 = N if N1 is None else int(N1)
+        self.config = dict(N=N, N1=N1, M_H=M_H, M_L=M_L, N_hyper=N_hyper, Z=Z,
+                           slices_H=tuple(int(s) for s in slices_H),
+                           slices_L=tuple(int(s) for s in slices_L), hidden=hidden,
+                           lambdas=tuple(float(v) for v in lambdas))
+        self.lambdas: List[float] = [float(v) for v in lambdas]
+        self.num_qualities = len(self.lambdas)
+        self.lanes = lanes
+
+        # Analysis: shared stride-4 stem, then one branch per latent.
+        # N1: the width at stride 2, where a layer costs 4x more per channel than at stride 4.
+        self.g_a_stem = nn.Sequential(conv(3, N1, 5, 2), GDN(N1), conv(N1, N, 5, 2), GDN(N))
+        self.g_a_h = conv(N, M_H, 5, 2)
+        self.g_a_l = nn.Sequential(conv(N, N, 5, 2), GDN(N), conv(N, M_L, 5, 2))
+
+        # Synthesis: ŷ_L up to stride 8, joined with ŷ_H, then three x2 deconvolutions + IGDN.
+        self.g_s_up_l = nn.Sequential(deconv(M_L, N, 5, 2), GDN(N, inverse=True))
+        self.g_s = nn.Sequential(
+            deconv(N + M_H, N, 5, 2), GDN(N, inverse=True),
+            deconv(N, N1, 5, 2), GDN(N1, inverse=True),
+            deconv(N1, 3, 5, 2),
+        )
+
+        # Hyperprior: z from down(y_H) ⊕ y_L; h_s gives features at strides 16 and 8.
+        self.h_a_down_h = conv(M_H, N_hyper, 3, 2)
+        self.h_a = nn.Sequential(
+            conv(N_hyper + M_L, N_hyper, 3, 1), nn.GELU(),
+            conv(N_hyper, N_hyper, 5, 2), nn.GELU(),
+            conv(N_hyper, Z, 5, 2),
+        )
+        self.h_s = nn.Sequential(
+            deconv(Z, N_hyper, 5, 2), nn.GELU(),
+            deconv(N_hyper, N_hyper, 5, 2), nn.GELU(),
+            conv(N_hyper, M_L, 3, 1),
+        )
+        self.h_s_up_h = nn.Sequential(nn.GELU(), deconv(M_L, M_H, 5, 2))
+
+        # ŷ_H conditions y_L: brought to stride 16.
+        self.cond_down_h = conv(M_H, M_H, 3, 2)
+        self.coder_h = _SliceCoder(slices_H, M_H, hidden)
+        self.coder_l = _SliceCoder(slices_L, M_L + M_H, hidden)
+
+        # Gain units: log gains per quality and channel. Initialised so that the quantisation
+        # step scales like lambda^-1/2 (the high-rate optimum), centred on the middle quality.
+        ref = self.lambdas[len(self.lambdas) // 2]
+        log_g = torch.tensor([0.5 * math.log(lam / ref) for lam in self.lambdas])
+        self.gain_h = nn.Parameter(log_g[:, None].repeat(1, M_H).clone())
+        self.gain_l = nn.Parameter(log_g[:, None].repeat(1, M_L).clone())
+        self.inv_gain_h = nn.Parameter((-log_g)[:, None].repeat(1, M_H).clone())
+        self.inv_gain_l = nn.Parameter((-log_g)[:, None].repeat(1, M_L).clone())
+
+        self.entropy_bottleneck = EntropyBottleneck(Z)
+        self.gaussian_conditional = GaussianConditional(None)
+
+    # ------------------------------------------------------------------ gains
+    def _gain(self, table: torch.Tensor, quality) -> torch.Tensor:
+        """Gain vector(s) for ``quality`` as (B or 1, C, 1, 1), log-linear interpolation."""
+        n = self.num_qualities
+        if isinstance(quality, torch.Tensor) and quality.dim() > 0:
+            q = quality.to(device=table.device, dtype=table.dtype).reshape(-1)
+        else:
+            q = torch.tensor([float(quality)], device=table.device, dtype=table.dtype)
+        if not bool(torch.isfinite(q).all()) or bool((q < 0).any()) or bool((q > n - 1).any()):
+            raise ValueError(f"quality must lie in [0, {n - 1}], got {quality!r}")
+        lo = q.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        t = (q - lo.to(q.dtype))[:, None]
+        log_g = table[lo] * (1 - t) + table[hi] * t
+        return torch.exp(log_g)[:, :, None, None]
+
+    def _check_quality(self, quality):
+        if isinstance(quality, torch.Tensor) and quality.dim() > 0:
+            return
+        if isinstance(quality, bool) or not isinstance(quality, (int, float)) and not (
+                isinstance(quality, torch.Tensor)):
+            raise TypeError(f"quality must be an int or a float, got {type(quality).__name__}")
+
+    # ------------------------------------------------------------------ pieces
+    def _analysis(self, x: torch.Tensor, quality):
+        if x.dim() != 4 or x.size(1) != 3:
+            raise ValueError(f"x must be (B, 3, H, W), got {tuple(x.shape)}")
+        if x.size(2) % self.stride or x.size(3) % self.stride:
+            raise ValueError(f"x: H and W must be multiples of {self.stride}, got "
+                             f"{tuple(x.shape[-2:])} (pad the image; the codec does)")
+        self._check_quality(quality)
+        f = self.g_a_stem(x)
+        y_h = self.g_a_h(f) * self._gain(self.gain_h, quality)
+        y_l = self.g_a_l(f) * self._gain(self.gain_l, quality)
+        return y_h, y_l
+
+    def _hyper_analysis(self, y_h, y_l):
+        return self.h_a(torch.cat([self.h_a_down_h(y_h), y_l], 1))
+
+    def _hyper_synthesis(self, z_hat):
+        f_l = self.h_s(z_hat)
+        return self.h_s_up_h(f_l), f_l
+
+    def _synthesis(self, y_h_hat, y_l_hat, quality):
+        y_h_hat = y_h_hat * self._gain(self.inv_gain_h, quality)
+        y_l_hat = y_l_hat * self._gain(self.inv_gain_l, quality)
+        return self.g_s(torch.cat([self.g_s_up_l(y_l_hat), y_h_hat], 1))
+
+    def _z_offset(self) -> torch.Tensor:
+        eb = self.entropy_bottleneck
+        return eb._get_medians().detach()
+
+    # ------------------------------------------------------------------ training
+    def _code_latent(self, coder: _SliceCoder, y, features, extra=None):
+        """Training/eval pass over the slices of one latent: ŷ and likelihoods."""
+        y_slices = y.split(coder.slices, 1)
+        decoded, likelihoods = [], []
+        base = [features] if extra is None else [features, extra]
+        for i, y_s in enumerate(y_slices):
+            ctx = torch.cat(base + decoded, 1)
+            scales, means = coder.params(i, ctx)
+            _, lik = self.gaussian_conditional(y_s, scales, means=means)
+            likelihoods.append(lik)
+            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, self.training)))
+        return torch.cat(decoded, 1), torch.cat(likelihoods, 1)
+
+    def forward(self, x: torch.Tensor, quality=None):
+        if quality is None:
+            quality = self.num_qualities - 1
+        y_h, y_l = self._analysis(x, quality)
+        z = self._hyper_analysis(y_h, y_l)
+        _, z_likelihoods = self.entropy_bottleneck(z)
+        z_hat = _quant(z, self._z_offset(), self.training)
+        f_h, f_l = self._hyper_synthesis(z_hat)
+        y_h_hat, y_h_likelihoods = self._code_latent(self.coder_h, y_h, f_h)
+        cond = self.cond_down_h(y_h_hat)
+        y_l_hat, y_l_likelihoods = self._code_latent(self.coder_l, y_l, f_l, cond)
+        x_hat = self._synthesis(y_h_hat, y_l_hat, quality)
+        return {"x_hat": x_hat,
+                "likelihoods": {"y_h": y_h_likelihoods, "y_l": y_l_likelihoods,
+                                "z": z_likelihoods}}
+
+    def aux_loss(self) -> torch.Tensor:
+        """The factorized prior's quantile loss (optimise with its own optimizer, as in CompressAI)."""
+        return self.entropy_bottleneck.loss()
+
+    # ------------------------------------------------------------------ coding
+    def update(self, scale_table=None, force: bool = False) -> bool:
+        """Build the CDF tables of both entropy models (call after training / loading)."""
+        if scale_table is None:
+            scale_table = get_scale_table()
+        updated = self.gaussian_conditional.update_scale_table(scale_table, force=force)
+        updated |= self.entropy_bottleneck.update(force=force)
+        return bool(updated)
+
+    def _coder_kwargs(self) -> dict:
+        return {} if self.lanes is None else {"lanes": self.lanes}
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor, quality=None):
+        """Encode ``x`` (B, 3, H, W), H and W multiples of 64, into byte strings.
+
+        Returns ``{"strings": [z, y_H slice 0, ..., y_L slice 0, ...], "shape": z's (h, w)}``,
+        each entry a list with one ``bytes`` per batch element (CompressAI's convention).
+        """
+        if quality is None:
+            quality = self.num_qualities - 1
+        if isinstance(quality, torch.Tensor) and quality.dim() > 0:
+            raise ValueError("compress: quality must be a single int or float")
+        y_h, y_l = self._analysis(x, quality)
+        z = self._hyper_analysis(y_h, y_l)
+        strings = [self.entropy_bottleneck.compress(z)]
+        z_hat = _quant(z, self._z_offset(), False)
+        f_h, f_l = self._hyper_synthesis(z_hat)
+        y_h_hat = self._compress_latent(self.coder_h, y_h, f_h, None, strings)
+        cond = self.cond_down_h(y_h_hat)
+        self._compress_latent(self.coder_l, y_l, f_l, cond, strings)
+        return {"strings": strings, "shape": tuple(z.shape[-2:])}
+
+    def _compress_latent(self, coder, y, features, extra, strings):
+        gc = self.gaussian_conditional
+        decoded = []
+        base = [features] if extra is None else [features, extra]
+        for i, y_s in enumerate(y.split(coder.slices, 1)):
+            ctx = torch.cat(base + decoded, 1)
+            scales, means = coder.params(i, ctx)
+            indexes = gc.build_indexes(scales)
+            strings.append(gc.compress(y_s, indexes, means=means, **self._coder_kwargs()))
+            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, False)))
+        return torch.cat(decoded, 1)
+
+    @torch.no_grad()
+    def decompress(self, strings, shape, quality=None):
+        """Inverse of :meth:`compress`: ``{"x_hat": (B, 3, 64*h, 64*w)}`` (not clamped)."""
+        if quality is None:
+            quality = self.num_qualities - 1
+        n_expected = 1 + len(self.coder_h.slices) + len(self.coder_l.slices)
+        if len(strings) != n_expected:
+            raise ValueError(f"strings: expected {n_expected} entries (z + slices), got {len(strings)}")
+        shape = tuple(int(s) for s in shape)
+        z_hat = self.entropy_bottleneck.decompress(strings[0], shape)
+        f_h, f_l = self._hyper_synthesis(z_hat)
+        pos = 1
+        y_h_hat = self._decompress_latent(self.coder_h, strings[pos:pos + len(self.coder_h.slices)],
+                                          f_h, None)
+        pos += len(self.coder_h.slices)
+        cond = self.cond_down_h(y_h_hat)
+        y_l_hat = self._decompress_latent(self.coder_l, strings[pos:], f_l, cond)
+        return {"x_hat": self._synthesis(y_h_hat, y_l_hat, quality)}
+
+    def _decompress_latent(self, coder, strings, features, extra):
+        gc = self.gaussian_conditional
+        decoded = []
+        base = [features] if extra is None else [features, extra]
+        for i in range(len(coder.slices)):
+            ctx = torch.cat(base + decoded, 1)
+            scales, means = coder.params(i, ctx)
+            indexes = gc.build_indexes(scales)
+            y_s = gc.decompress(strings[i], indexes, means=means)
+            decoded.append(coder.lrp(i, ctx, y_s.to(means.dtype)))
+        return torch.cat(decoded, 1)
