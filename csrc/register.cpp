@@ -65,6 +65,11 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def("gaussian_cdf_tables(Tensor scale_table, float tail_mass, int precision) -> (Tensor, Tensor, Tensor)");
 
   // --- gdn (csrc/gdn) ---
+  // beta (C,), gamma (C, C): effective (reparametrised) float32 parameters; bias (C,) is added to x first.
+  m.def("gdn_forward(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> Tensor");
+  // Returns (grad_x, grad_beta, grad_gamma); grad_bias is grad_x summed over N, H, W.
+  m.def("gdn_backward(Tensor grad_y, Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, "
+        "bool simplified) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import dualres_ext._C` needs a module init; the module itself is empty because every

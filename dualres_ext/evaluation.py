@@ -1,0 +1,156 @@
+"""Rate-distortion evaluation over a folder: DualRes against classical codecs.
+
+For every image and every quality: the real bitstream size (bpp), RGB PSNR, MS-SSIM and encode/
+decode milliseconds; the same for each classical codec over its quality sweep; dataset-average
+curves, Bjøntegaard delta-rates of ours against each codec, an R-D plot and CSV/JSON files.
+Used by ``python -m dualres_ext eval DIR`` and ``python/eval_rd.py``.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .classic import available_codecs
+from .metrics import bd_rate, ms_ssim, psnr
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def _images(folder: str) -> List[str]:
+    files = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise FileNotFoundError(f"no images in {folder!r}")
+    return files
+
+
+def _ms_ssim_or_nan(a, b) -> float:
+    try:
+        return ms_ssim(a, b)
+    except ValueError:  # image too small for five scales
+        return float("nan")
+
+
+def _average(rows: List[dict], key_fields: Sequence[str]) -> List[dict]:
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in key_fields), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        avg = dict(zip(key_fields, key))
+        for m in ("bpp", "psnr", "ms_ssim", "enc_ms", "dec_ms"):
+            vals = [r[m] for r in rs if r.get(m) is not None and not np.isnan(r[m])]
+            avg[m] = float(np.mean(vals)) if vals else float("nan")
+        avg["images"] = len(rs)
+        out.append(avg)
+    return sorted(out, key=lambda r: (r["codec"], r["bpp"]))
+
+
+def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequence[float]] = None,
+             codecs: Optional[Sequence[str]] = None, device=None, log=print) -> dict:
+    """Run the evaluation; write ``out_dir``/{per_image.csv, summary.json, rd.png}; return the summary."""
+    from .codec import decode, encode, _resolve_model  # the codec loads torch models: import lazily
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = _images(folder)
+    model, _ = _resolve_model(weights, device)
+    if qualities is None:
+        qualities = list(range(model.num_qualities))
+    all_codecs = available_codecs()
+    chosen = list(all_codecs) if codecs is None else list(codecs)
+    unknown = [c for c in chosen if c not in all_codecs]
+    if unknown:
+        raise ValueError(f"codecs not available here: {unknown} (available: {sorted(all_codecs)})")
+
+    rows = []
+    for i, path in enumerate(files):
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        pixels = rgb.shape[0] * rgb.shape[1]
+        name = os.path.basename(path)
+        for q in qualities:
+            t0 = time.perf_counter()
+            data = encode(rgb, quality=q, device=device, weights=weights)
+            t1 = time.perf_counter()
+            rec = decode(data, device=device, output="numpy", weights=weights)
+            t2 = time.perf_counter()
+            rows.append({"image": name, "codec": "dualres", "quality": q, "bytes": len(data),
+                         "bpp": 8 * len(data) / pixels, "psnr": psnr(rgb, rec), "ms_ssim": _ms_ssim_or_nan(rgb, rec),
+                         "enc_ms": 1e3 * (t1 - t0), "dec_ms": 1e3 * (t2 - t1)})
+        for key in chosen:
+            codec = all_codecs[key]
+            for q in codec.qualities:
+                t0 = time.perf_counter()
+                data = codec.encode(rgb, q)
+                t1 = time.perf_counter()
+                rec = codec.decode(data)
+                t2 = time.perf_counter()
+                rows.append({"image": name, "codec": key, "quality": q, "bytes": len(data),
+                             "bpp": 8 * len(data) / pixels, "psnr": psnr(rgb, rec),
+                             "ms_ssim": _ms_ssim_or_nan(rgb, rec),
+                             "enc_ms": 1e3 * (t1 - t0), "dec_ms": 1e3 * (t2 - t1)})
+        ours = [r for r in rows if r["image"] == name and r["codec"] == "dualres"]
+        log(f"[{i + 1}/{len(files)}] {name}: " + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours))
+
+    with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    curves = _average(rows, ("codec", "quality"))
+    ours = [c for c in curves if c["codec"] == "dualres"]
+    lo, hi = min(c["psnr"] for c in ours), max(c["psnr"] for c in ours)
+    bd = {}
+    for key in chosen:
+        # Fit the anchor only where it is comparable with ours (a cubic over JPEG's whole 5-95 sweep
+        # would be dominated by rates far outside ours).
+        anchor = [c for c in curves if c["codec"] == key and lo - 1.5 <= c["psnr"] <= hi + 1.5]
+        try:
+            bd[key] = bd_rate([c["bpp"] for c in anchor], [c["psnr"] for c in anchor],
+                              [c["bpp"] for c in ours], [c["psnr"] for c in ours])
+        except ValueError as exc:
+            bd[key] = None
+            log(f"BD-rate vs {key}: not computable ({exc})")
+    summary = {"folder": os.path.abspath(folder), "images": len(files), "qualities": list(qualities),
+               "curves": curves, "bd_rate_psnr_percent": bd,
+               "codec_names": {k: all_codecs[k].name for k in chosen}}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    _plot(curves, summary["codec_names"], os.path.join(out_dir, "rd.png"), title=os.path.basename(os.path.abspath(folder)))
+    for key, value in bd.items():
+        log(f"BD-rate (PSNR) of DualRes vs {all_codecs[key].name}: "
+            + ("n/a" if value is None else f"{value:+.1f}%"))
+    return summary
+
+
+def _plot(curves: List[dict], names: Dict[str, str], path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in ["dualres"] + list(names):
+        cs = [c for c in curves if c["codec"] == key]
+        label = "DualRes (ours)" if key == "dualres" else names[key]
+        style = dict(marker="o", linewidth=2.2, color="black") if key == "dualres" else dict(marker=".", linewidth=1)
+        axes[0].plot([c["bpp"] for c in cs], [c["psnr"] for c in cs], label=label, **style)
+        axes[1].plot([c["bpp"] for c in cs], [-10 * np.log10(max(1 - c["ms_ssim"], 1e-10)) for c in cs], label=label, **style)
+    ours = [c["bpp"] for c in curves if c["codec"] == "dualres"]
+    for ax, ylabel in zip(axes, ["RGB PSNR (dB)", "MS-SSIM (dB)"]):
+        ax.set_xlim(0, max(ours) * 1.3)
+        ax.set_xlabel("bits per pixel")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Rate-distortion on {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

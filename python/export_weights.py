@@ -1,0 +1,49 @@
+"""Turn a training checkpoint (python/train.py's last.pt / best.pt) into the package's weights file.
+
+  python python/export_weights.py runs/compact/best.pt dualres_ext/weights/dualres_compact.pt
+
+The weights file (float16, CDF tables left out: they are rebuilt at load time) records the
+training command, steps, data and validation figures, so the shipped weights say how they were made.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from dualres_ext.codec import save_weights
+from dualres_ext.models import build
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("output")
+    ap.add_argument("--data", default="python/gather_data.py pool (see docs/TRAINING.md)",
+                    help="a description of the training data, stored in the metadata")
+    args = ap.parse_args(argv)
+
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    model = build(ckpt["model_name"])
+    model.load_state_dict(ckpt["state_dict"])
+    history = ckpt.get("history", [])
+    vals = [h["val"] for h in history if "val" in h]
+    metadata = {
+        "training_command": ckpt.get("command"),
+        "steps": ckpt["step"],
+        "crop": ckpt["args"].get("crop"), "batch": ckpt["args"].get("batch"), "lr": ckpt["args"].get("lr"),
+        "training_images": ckpt.get("train_images"),
+        "data": args.data,
+        "validation": vals[-1] if vals else None,
+        "source_checkpoint": os.path.basename(args.checkpoint),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    save_weights(model, args.output, metadata=metadata, half=True)
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.2f} MB) from step {ckpt['step']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

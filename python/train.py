@@ -1,0 +1,316 @@
+"""Train a DualRes model (CompressAI-style), on CPU or GPU, resumable across sessions.
+
+Loss per batch: bpp + lambda_q * 255^2 * MSE, with one random quality q per batch so that one
+set of weights learns every rate (gain units). The factorized prior's quantiles are trained by
+their own optimizer on the auxiliary loss, as in CompressAI.
+
+  # CPU, this machine (2 cores): stops by itself after --minutes and leaves a resumable checkpoint
+  python python/train.py --train data/pool/train --val data/pool/val --out runs/compact --minutes 60
+  # resume (same command; --out holds last.pt)
+  python python/train.py --train data/pool/train --val data/pool/val --out runs/compact --minutes 60
+  # several GPUs
+  torchrun --nproc_per_node=4 python/train.py --train ... --val ... --out runs/paper --model paper --device cuda
+
+Checkpoints: OUT/last.pt (every --save-every steps and at exit) and OUT/best.pt (lowest validation
+loss averaged over qualities). python/export_weights.py turns one into the package's weights file.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from dualres_ext.models import build
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+def list_images(folder: str) -> list[str]:
+    files = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise SystemExit(f"no images found in {folder!r}")
+    return files
+
+
+class CropSampler:
+    """Random crops of in-memory photos: random rescale (0.5-1x, antialiased), crop, flips.
+
+    The pool is small (a few hundred photos), so it is decoded once and kept as uint8 tensors;
+    every batch is then cheap to make in the training process itself, which on a 2-core machine
+    beats spending a core on DataLoader workers.
+    """
+
+    def __init__(self, files: list[str], crop: int, seed: int):
+        self.crop = crop
+        self.rng = random.Random(seed)
+        self.images = []
+        for f in files:
+            img = Image.open(f).convert("RGB")
+            if min(img.size) < crop:  # upscale tiny pictures just enough to crop from
+                s = crop / min(img.size)
+                img = img.resize((math.ceil(img.size[0] * s), math.ceil(img.size[1] * s)), Image.BICUBIC)
+            self.images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+
+    def sample(self) -> torch.Tensor:
+        img = self.images[self.rng.randrange(len(self.images))]
+        _, h, w = img.shape
+        # Rescaling shows the model textures at other scales (photos here are ~1-2 MP, Kodak is 0.4 MP).
+        lo = max(self.crop / min(h, w), 0.5)
+        s = self.rng.uniform(min(lo, 1.0), 1.0)
+        ch, cw = min(h, math.ceil(self.crop / s)), min(w, math.ceil(self.crop / s))
+        y, x = self.rng.randrange(h - ch + 1), self.rng.randrange(w - cw + 1)
+        patch = img[:, y:y + ch, x:x + cw].float().div_(255)
+        if (ch, cw) != (self.crop, self.crop):
+            patch = F.interpolate(patch[None], size=(self.crop, self.crop), mode="bilinear",
+                                  antialias=True, align_corners=False)[0].clamp_(0, 1)
+        if self.rng.random() < 0.5:
+            patch = patch.flip(-1)
+        if self.rng.random() < 0.5:
+            patch = patch.flip(-2)
+        return patch
+
+    def batch(self, n: int) -> torch.Tensor:
+        return torch.stack([self.sample() for _ in range(n)])
+
+
+def load_val(files: list[str], size: int) -> list[torch.Tensor]:
+    """Fixed centre crops (multiples of 64) of the validation photos, for a stable validation loss."""
+    out = []
+    for f in files:
+        img = Image.open(f).convert("RGB")
+        w, h = img.size
+        s = min(1.0, size / min(w, h))
+        if s < 1:
+            img = img.resize((round(w * s), round(h * s)), Image.LANCZOS)
+        w, h = img.size
+        cw, ch = min(w, size) // 64 * 64, min(h, size) // 64 * 64
+        if cw == 0 or ch == 0:
+            continue
+        l, t = (w - cw) // 2, (h - ch) // 2
+        out.append(torch.from_numpy(np.asarray(img.crop((l, t, l + cw, t + ch))).copy()).permute(2, 0, 1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# loss
+def rate_distortion(out: dict, x: torch.Tensor, lmbda: float) -> dict:
+    num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    bpp = sum(torch.log(l).sum() for l in out["likelihoods"].values()) / (-math.log(2) * num_pixels)
+    mse = F.mse_loss(out["x_hat"], x)
+    return {"loss": bpp + lmbda * 255 ** 2 * mse, "bpp": bpp, "mse": mse}
+
+
+@torch.no_grad()
+def validate(model, val_images, device) -> dict:
+    model.eval()
+    per_q = []
+    for q, lmbda in enumerate(model.lambdas):
+        tot = {"loss": 0.0, "bpp": 0.0, "psnr": 0.0}
+        for img in val_images:
+            x = img[None].float().div(255).to(device)
+            out = model(x, q)
+            rd = rate_distortion(out, x, lmbda)
+            tot["loss"] += rd["loss"].item()
+            tot["bpp"] += rd["bpp"].item()
+            tot["psnr"] += 10 * math.log10(1 / max(rd["mse"].item(), 1e-10))
+        per_q.append({k: v / len(val_images) for k, v in tot.items()})
+    model.train()
+    return {"loss": sum(p["loss"] for p in per_q) / len(per_q), "per_quality": per_q}
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+def save_checkpoint(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind if the session is cut off
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def parameter_groups(model):
+    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles") and p.requires_grad]
+    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles") and p.requires_grad]
+    return main, aux
+
+
+class Progress:
+    """A one-line progress display (tqdm-like) that also works when the output is a log file."""
+
+    def __init__(self, start_step: int, total: int | None, deadline: float | None, is_tty: bool):
+        self.start, self.total, self.deadline, self.tty = start_step, total, deadline, is_tty
+        self.t0 = time.time()
+
+    def show(self, step: int, msg: str, force_newline: bool = False) -> None:
+        done = step - self.start
+        rate = done / max(time.time() - self.t0, 1e-9)
+        left = ""
+        if self.deadline is not None:
+            left = f" {max(0, self.deadline - time.time()) / 60:.1f} min left"
+        elif self.total:
+            left = f" eta {(self.total - step) / max(rate, 1e-9) / 60:.1f} min"
+        line = f"step {step}{f'/{self.total}' if self.total else ''} {rate:.2f} it/s{left} | {msg}"
+        if self.tty and not force_newline:
+            print("\r" + line.ljust(120), end="", flush=True)
+        else:
+            print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", required=True, help="folder of training images")
+    ap.add_argument("--val", required=True, help="folder of validation images")
+    ap.add_argument("--out", required=True, help="run folder: last.pt, best.pt, log.jsonl")
+    ap.add_argument("--model", default="compact", help="configuration name for dualres_ext.models.build")
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8, help="per process")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--aux-lr", type=float, default=1e-3)
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    ap.add_argument("--steps", type=int, default=None, help="stop at this total step count")
+    ap.add_argument("--minutes", type=float, default=None, help="stop after this many minutes in this run")
+    ap.add_argument("--lr-drop-at", type=int, default=None, help="divide the lr by 10 from this step on")
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--val-every", type=int, default=1000)
+    ap.add_argument("--val-size", type=int, default=256, help="validation centre-crop size")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    distributed = "LOCAL_RANK" in os.environ
+    rank = 0
+    if distributed:  # torchrun
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+
+    torch.manual_seed(args.seed + rank)
+    model = build(args.model).to(device)
+    main_params, aux_params = parameter_groups(model)
+    optimizer = torch.optim.Adam(main_params, lr=args.lr)
+    aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
+    step, best_val, history = 0, float("inf"), []
+    if os.path.exists(last_path):
+        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        if ckpt["model_name"] != args.model:
+            raise SystemExit(f"{last_path} holds a {ckpt['model_name']!r} model, not {args.model!r}")
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+        step, best_val, history = ckpt["step"], ckpt["best_val"], ckpt.get("history", [])
+        if rank == 0:
+            print(f"resumed {last_path} at step {step} (best val loss {best_val:.4f})", flush=True)
+    for g in optimizer.param_groups:
+        g["lr"] = args.lr / (10 if args.lr_drop_at is not None and step >= args.lr_drop_at else 1)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = CropSampler(list_images(args.train), args.crop, seed=args.seed * 1000 + rank + step)
+    val_images = load_val(list_images(args.val), args.val_size) if rank == 0 else []
+    qrng = random.Random(args.seed * 7919 + step)
+    deadline = time.time() + args.minutes * 60 if args.minutes else None
+    progress = Progress(step, args.steps, deadline, sys.stdout.isatty())
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    lambdas = unwrap(model).lambdas
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(sampler.images)} training photos, "
+              f"{len(val_images)} validation crops, qualities {len(lambdas)}, device {device}", flush=True)
+
+    def checkpoint(path):
+        save_checkpoint(path, {
+            "model_name": args.model, "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "aux_optimizer": aux_optimizer.state_dict(), "step": step, "best_val": best_val, "history": history,
+            "command": command, "args": vars(args), "train_images": len(sampler.images),
+        })
+
+    model.train()
+    running = {"loss": 0.0, "bpp": 0.0, "psnr": 0.0, "aux": 0.0, "n": 0}
+    while True:
+        if (args.steps is not None and step >= args.steps) or (deadline is not None and time.time() >= deadline):
+            break
+        if args.lr_drop_at is not None and step == args.lr_drop_at:
+            for g in optimizer.param_groups:
+                g["lr"] = args.lr / 10
+        x = sampler.batch(args.batch).to(device, non_blocking=True)
+        q = qrng.randrange(len(lambdas))
+        out = model(x, q)
+        rd = rate_distortion(out, x, lambdas[q])
+        optimizer.zero_grad(set_to_none=True)
+        rd["loss"].backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(main_params, args.clip)
+        optimizer.step()
+        aux_loss = unwrap(model).aux_loss()
+        aux_optimizer.zero_grad(set_to_none=True)
+        aux_loss.backward()
+        aux_optimizer.step()
+        step += 1
+
+        running["loss"] += rd["loss"].item()
+        running["bpp"] += rd["bpp"].item()
+        running["psnr"] += 10 * math.log10(1 / max(rd["mse"].item(), 1e-10))
+        running["aux"] += aux_loss.item()
+        running["n"] += 1
+        if rank == 0 and (step % 10 == 0):
+            n = running["n"]
+            progress.show(step, f"loss {running['loss'] / n:.4f} bpp {running['bpp'] / n:.3f} "
+                                f"psnr {running['psnr'] / n:.2f} aux {running['aux'] / n:.1f}")
+            history.append({"step": step, "time": time.time(), **{k: running[k] / n for k in ("loss", "bpp", "psnr", "aux")}})
+            running = {k: 0.0 for k in running} | {"n": 0}
+        if rank == 0 and step % args.val_every == 0 and val_images:
+            val = validate(unwrap(model), val_images, device)
+            history.append({"step": step, "val": val})
+            summary = " ".join(f"q{i}:{p['bpp']:.3f}bpp/{p['psnr']:.2f}dB" for i, p in enumerate(val["per_quality"]))
+            progress.show(step, f"val loss {val['loss']:.4f} | {summary}", force_newline=True)
+            if val["loss"] < best_val:
+                best_val = val["loss"]
+                checkpoint(best_path)
+        if rank == 0 and step % args.save_every == 0:
+            checkpoint(last_path)
+
+    if rank == 0:
+        print(flush=True)
+        if val_images:
+            val = validate(unwrap(model), val_images, device)
+            history.append({"step": step, "val": val})
+            print(json.dumps({"step": step, "val_loss": val["loss"], "per_quality": val["per_quality"]}), flush=True)
+            if val["loss"] < best_val:
+                best_val = val["loss"]
+                checkpoint(best_path)
+        checkpoint(last_path)
+        print(f"saved {last_path} at step {step}", flush=True)
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
