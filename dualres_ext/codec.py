@@ -21,6 +21,7 @@ import os
 import struct
 import threading
 import warnings
+import weakref
 import zlib
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -121,7 +122,7 @@ def load_weights(path, device=None):
     return model
 
 
-_cache_lock = threading.Lock()
+_cache_lock = threading.RLock()  # re-entered: loading computes the weights id
 _cache: dict = {}
 
 
@@ -131,8 +132,10 @@ def _resolve_model(weights, device):
 
     if isinstance(weights, DualRes):
         model = weights
-        if device is not None:
-            model = model.to(device)
+        where = next(model.parameters()).device
+        if device is not None and torch.device(device) != where:
+            raise ValueError(f"device={device!r} but the model given as weights is on {where}; "
+                             "move the model (model.to(device)) or leave device out")
         if model.training:
             raise ValueError("weights: the model is in training mode; call model.eval() first")
         if not _has_tables(model):
@@ -161,15 +164,28 @@ def _has_tables(model) -> bool:
     return gc._offset.numel() > 0 and model.entropy_bottleneck._offset.numel() > 0
 
 
+_id_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def weights_id(model) -> int:
     """CRC-32 fingerprint of a model's parameters and coder tables (written in the header,
     checked on decode: a stream decoded with other weights would silently be garbage)."""
+    state = model.state_dict()
+    # Cached while no tensor was replaced or modified in place (tensor versions count writes).
+    key = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
+    with _cache_lock:
+        cached = _id_cache.get(model)
+        if cached is not None and cached[0] == key:
+            return cached[1]
     crc = 0
-    for key, value in sorted(model.state_dict().items()):
-        crc = zlib.crc32(key.encode(), crc)
+    for key_name, value in sorted(state.items()):
+        crc = zlib.crc32(key_name.encode(), crc)
         crc = zlib.crc32(value.detach().to("cpu", torch.float32 if value.is_floating_point()
                                            else value.dtype).contiguous().numpy().tobytes(), crc)
-    return crc & 0xFFFFFFFF
+    crc &= 0xFFFFFFFF
+    with _cache_lock:
+        _id_cache[model] = (key, crc)
+    return crc
 
 
 # ---------------------------------------------------------------------------- images in/out

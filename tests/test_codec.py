@@ -280,3 +280,14 @@ def test_cli_errors(tmp_path, model, capsys, monkeypatch):
     monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
     assert main(["compress", "in.png", "x.drx"]) == 4
     assert "no trained DualRes weights" in capsys.readouterr().err
+
+
+def test_weights_id_follows_changes(model):
+    m = make_model()
+    before = codec.weights_id(m)
+    assert codec.weights_id(m) == before
+    with torch.no_grad():
+        m.g_s[0].weight[0, 0, 0, 0] += 1e-3  # an in-place change is seen
+    assert codec.weights_id(m) != before
+    with pytest.raises(ValueError, match="device"):
+        codec.encode(photo_like(8, 8), weights=model, device="meta")
