@@ -38,6 +38,15 @@ class LowerBound(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.lower_bound(x, self.bound)
 
+    def value(self) -> float:
+        """The bound as a Python float, cached until the buffer changes (no device sync per call)."""
+        key = (self.bound.data_ptr(), self.bound._version)
+        cached = getattr(self, "_value_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, float(self.bound.reshape(-1)[0]))
+            self._value_cache = cached
+        return cached[1]
+
 
 def _check_lanes(lanes):
     if lanes is None or lanes == "auto":
@@ -522,7 +531,7 @@ class GaussianConditional(EntropyModel):
 
     def _likelihood(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None) -> Tensor:
         """Likelihood without the likelihood lower bound (CompressAI's _likelihood), fused."""
-        return ops.gaussian_likelihood(inputs, scales, means, scale_bound=self.lower_bound_scale.bound,
+        return ops.gaussian_likelihood(inputs, scales, means, scale_bound=self.lower_bound_scale.value(),
                                        likelihood_bound=None)
 
     def forward(
@@ -535,8 +544,8 @@ class GaussianConditional(EntropyModel):
         if training is None:
             training = self.training
         outputs = self.quantize(inputs, "noise" if training else "dequantize", means)
-        likelihood_bound = self.likelihood_lower_bound.bound if self.use_likelihood_bound else None
-        likelihood = ops.gaussian_likelihood(outputs, scales, means, scale_bound=self.lower_bound_scale.bound,
+        likelihood_bound = self.likelihood_lower_bound.value() if self.use_likelihood_bound else None
+        likelihood = ops.gaussian_likelihood(outputs, scales, means, scale_bound=self.lower_bound_scale.value(),
                                              likelihood_bound=likelihood_bound)
         return outputs, likelihood
 

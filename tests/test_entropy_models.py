@@ -272,3 +272,16 @@ def test_compress_rejects_bad_arguments():
         mine.decompress(strings, indexes, means=torch.zeros(1, 4, 3, 2))
     with pytest.raises(ValueError):
         mine.decompress([strings[0][: len(strings[0]) // 2]], indexes)  # truncated
+
+
+def test_loaded_bounds_are_used():
+    # The bounds come from buffers; a state dict with other bounds must change the results.
+    src = theirs.GaussianConditional(None, scale_bound=0.5, likelihood_bound=1e-3)
+    mine = ours.GaussianConditional(None)
+    y, scales = torch.randn(1, 4, 5, 5) * 20, torch.rand(1, 4, 5, 5)
+    mine(y, scales, training=False)  # caches the default bounds
+    mine.load_state_dict(src.state_dict())
+    _, expected = src(y, scales, training=False)
+    _, got = mine(y, scales, training=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert (got >= 1e-3 * (1 - 1e-6)).all()
