@@ -297,8 +297,10 @@ def test_cuda_kernels_match_cpu(reference_gc):
         x, s, m = _likelihood_inputs((2, 16, 12, 9), dtype)
         xc, sc, mc = (t.detach().to(dev).requires_grad_() for t in (x, s, m))
         got = ops.gaussian_likelihood(xc, sc, mc)
-        ref = ops.gaussian_likelihood(x, s, m)
-        torch.testing.assert_close(got.cpu(), ref.detach(), rtol=tol * 10, atol=tol)
+        x64, s64, m64 = (t.detach().double().requires_grad_() for t in (x, s, m))
+        ref = _reference_likelihood(x64, s64, m64)
+        torch.testing.assert_close(got.cpu().double(), ref.detach(), rtol=tol * 10, atol=tol)
         g = torch.randn_like(ref)
-        for a, b in zip(torch.autograd.grad(got, (xc, sc, mc), g.to(dev)), torch.autograd.grad(ref, (x, s, m), g)):
-            torch.testing.assert_close(a.cpu(), b, rtol=tol * 100, atol=tol * 10)
+        for a, b in zip(torch.autograd.grad(got, (xc, sc, mc), g.to(dev, dtype)),
+                        torch.autograd.grad(ref, (x64, s64, m64), g)):
+            torch.testing.assert_close(a.cpu().double(), b, rtol=tol * 100, atol=tol * 10)
