@@ -19,9 +19,9 @@ from dualres_ext import ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def random_tables(gen, T, precision=16, max_len=40):
+def random_tables(gen, T, precision=16, max_len=40, min_len=2):
     """Random CompressAI-layout tables: each row a CDF 0..1<<precision, padded with zeros."""
-    lengths = torch.randint(2, max_len + 1, (T,), generator=gen)
+    lengths = torch.randint(min_len, max_len + 1, (T,), generator=gen)
     W = int(lengths.max()) + int(torch.randint(0, 4, (1,), generator=gen))
     cdfs = torch.zeros(T, W, dtype=torch.int32)
     M = 1 << precision
