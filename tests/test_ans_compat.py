@@ -1,5 +1,6 @@
 """dualres_ext.ans against compressai.ans 1.2.8: identical bytes, mutual decoding, robustness."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 compressai_ans = pytest.importorskip("compressai.ans")
 
 from dualres_ext import ans, ops  # noqa: E402
-from test_rans import gaussian_workload  # noqa: E402
-from test_rans import random_tables as _random_tables  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rans_testlib import gaussian_workload  # noqa: E402
+from rans_testlib import random_tables as _random_tables  # noqa: E402
 
 
 def random_tables(gen, T, max_len=40):
