@@ -27,6 +27,7 @@ def build_info() -> str:
 # is added to x first (the preceding convolution's bias, folded into the same pass).
 
 _GDN_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GDN_CUDA_MAX_CHANNELS = 4096
 
 
 def _gdn_has_native(device_type: str) -> bool:
@@ -123,7 +124,10 @@ def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = Fal
     """
     _gdn_check(x, beta, gamma, bias, check_finite)
     dev = x.device.type
-    native = _gdn_has_native(dev) and (x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _GDN_CUDA_DTYPES))
+    native = _gdn_has_native(dev) and (
+        x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _GDN_CUDA_DTYPES))
+    if dev == "cuda" and x.shape[1] > _GDN_CUDA_MAX_CHANNELS:
+        native = False  # the CUDA kernel stages C x pixels tiles in 48 KiB of shared memory
     if not native:
         return gdn_reference(x, beta.to(x.dtype), gamma.to(x.dtype),
                              None if bias is None else bias.to(x.dtype), inverse, simplified)

@@ -128,10 +128,13 @@ void mix_forward(const Problem& pb, int64_t w, const at::Tensor& G, const float*
 // or one per element (NHWC rows: beta_stride 1).
 
 #if defined(__AVX512F__)
+// The zero-masked form: _mm512_sqrt_ps draws a false -Wmaybe-uninitialized from GCC 12.
+inline __m512 sqrt_vec(__m512 n) { return _mm512_maskz_sqrt_ps(__mmask16(0xFFFF), n); }
+
 template <int M>
 inline __m512 scale_vec(__m512 n) {
-  if constexpr (M == kGDN) return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_sqrt_ps(n));
-  else if constexpr (M == kIGDN) return _mm512_sqrt_ps(n);
+  if constexpr (M == kGDN) return _mm512_div_ps(_mm512_set1_ps(1.0f), sqrt_vec(n));
+  else if constexpr (M == kIGDN) return sqrt_vec(n);
   else if constexpr (M == kGDN1) return _mm512_div_ps(_mm512_set1_ps(1.0f), n);
   else return n;
 }
