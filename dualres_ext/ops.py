@@ -26,10 +26,13 @@ def build_info() -> str:
 # (CompressAI passes gamma.reshape(C, C, 1, 1) to conv2d). An optional per-channel `bias`
 # is added to x first (the preceding convolution's bias, folded into the same pass).
 
+import functools  # noqa: E402  (kept inside this section so merges stay trivial)
+
 _GDN_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GDN_CUDA_MAX_CHANNELS = 4096
 
 
+@functools.lru_cache(maxsize=None)
 def _gdn_has_native(device_type: str) -> bool:
     if not hasattr(_ops, "gdn_forward"):
         return False
@@ -65,16 +68,21 @@ class _GDNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, beta, gamma, bias, inverse, simplified):
-        y = _ops.gdn_forward(x, beta, gamma, bias, inverse, simplified)
-        ctx.save_for_backward(x, beta, gamma, bias)
+        scale = None
+        if x.device.type == "cpu" and any(ctx.needs_input_grad[:4]):
+            # Keep f(n) for the backward: saves one of its three C x C GEMMs (CPU is GEMM-bound).
+            y, scale = _ops.gdn_forward_save(x, beta, gamma, bias, inverse, simplified)
+        else:
+            y = _ops.gdn_forward(x, beta, gamma, bias, inverse, simplified)
+        ctx.save_for_backward(x, beta, gamma, bias, scale)
         ctx.flags = (inverse, simplified)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, beta, gamma, bias = ctx.saved_tensors
+        x, beta, gamma, bias, scale = ctx.saved_tensors
         inverse, simplified = ctx.flags
-        grad_x, grad_beta, grad_gamma = _ops.gdn_backward(grad_y, x, beta, gamma, bias, inverse, simplified)
+        grad_x, grad_beta, grad_gamma = _ops.gdn_backward(grad_y, x, beta, gamma, bias, scale, inverse, simplified)
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_x.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)

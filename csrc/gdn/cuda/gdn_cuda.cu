@@ -212,8 +212,10 @@ at::Tensor& gdn_forward_inplace_cuda(at::Tensor& x, const at::Tensor& beta, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                                                  const at::Tensor& beta, const at::Tensor& gamma,
-                                                                 const std::optional<at::Tensor>& bias, bool inverse,
-                                                                 bool simplified) {
+                                                                 const std::optional<at::Tensor>& bias,
+                                                                 const std::optional<at::Tensor>& /*scale*/,
+                                                                 bool inverse, bool simplified) {
+  // `scale` (the CPU forward's saved f(n)) is not used here: recomputing n is cheap on the GPU.
   const c10::cuda::CUDAGuard guard(x.device());
   Checked a = check_and_prepare(x, beta, gamma, bias);
   TORCH_CHECK(grad_y.sizes() == a.x.sizes() && grad_y.scalar_type() == a.x.scalar_type() &&
