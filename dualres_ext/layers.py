@@ -94,14 +94,16 @@ class GDN(nn.Module):
     instead (IGDN). Parameters ``beta`` (C,) and ``gamma`` (C, C) are stored reparametrised
     exactly as in ``compressai.layers.GDN``.
 
-    ``forward(x, bias=None, inplace=False)``: ``bias`` (C,) is added to ``x`` first, inside the
-    fused kernel (used by :class:`ConvGDN` to fold the convolution's bias); ``inplace=True`` lets
-    the kernel overwrite ``x`` when no gradient is recorded (see :func:`dualres_ext.ops.gdn`).
+    ``inplace=True`` (constructor, not in CompressAI; state dict unaffected) or
+    ``forward(x, inplace=True)`` lets the kernel overwrite ``x`` when no gradient is recorded
+    (see :func:`dualres_ext.ops.gdn`). ``forward(x, bias=...)``: ``bias`` (C,) is added to ``x``
+    first, inside the fused kernel (used by :class:`ConvGDN` to fold the convolution's bias).
     """
 
     _simplified = False
 
-    def __init__(self, in_channels: int, inverse: bool = False, beta_min: float = 1e-6, gamma_init: float = 0.1):
+    def __init__(self, in_channels: int, inverse: bool = False, beta_min: float = 1e-6, gamma_init: float = 0.1,
+                 inplace: bool = False):
         super().__init__()
         in_channels = int(in_channels)
         if in_channels < 1:
@@ -112,6 +114,9 @@ class GDN(nn.Module):
             raise ValueError(f"GDN: beta_min must be > 0, got {beta_min}")
         self.in_channels = in_channels
         self.inverse = bool(inverse)
+        # Like nn.ReLU(inplace=True): overwrite the input when no gradient is recorded. Safe after a
+        # convolution in an nn.Sequential (its output is a temporary); saves an output allocation.
+        self.inplace = bool(inplace)
 
         self.beta_reparam = NonNegativeParametrizer(minimum=beta_min)
         self.beta = nn.Parameter(self.beta_reparam.init(torch.ones(in_channels)))
@@ -132,10 +137,10 @@ class GDN(nn.Module):
                 f"{type(self).__name__}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         beta, gamma = self.effective_params()
         return ops.gdn(x, beta, gamma, bias, inverse=self.inverse, simplified=self._simplified,
-                       check_finite=self.check_finite, inplace=inplace)
+                       check_finite=self.check_finite, inplace=inplace or self.inplace)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, inverse={self.inverse}"
+        return f"{self.in_channels}, inverse={self.inverse}" + (", inplace=True" if self.inplace else "")
 
 
 class GDN1(GDN):

@@ -159,6 +159,19 @@ def test_inplace_forward(channels_last):
     assert out.data_ptr() != xg.data_ptr() and torch.equal(xg.detach(), x)
 
 
+def test_module_inplace_flag_in_sequential():
+    torch.manual_seed(9)
+    plain = torch.nn.Sequential(layers.conv(3, 8), layers.GDN(8))
+    fast = torch.nn.Sequential(layers.conv(3, 8), layers.GDN(8, inplace=True))
+    fast.load_state_dict(plain.state_dict(), strict=True)  # same keys
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+    xg = x.clone().requires_grad_()
+    fast(xg).sum().backward()  # with autograd the flag is ignored: gradients still flow
+    assert xg.grad is not None and fast[1].gamma.grad is not None
+
+
 # ---- compatibility with CompressAI ---------------------------------------------------------
 
 compressai_layers = pytest.importorskip("compressai.layers")
