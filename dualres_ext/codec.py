@@ -59,29 +59,49 @@ class WeightsNotFoundError(FileNotFoundError):
 def save_weights(model, path, metadata: Optional[dict] = None, half: bool = True) -> None:
     """Write ``model`` as a checkpoint ``encode``/``decode`` can load (``weights=path``).
 
-    Floating point tensors are stored in float16 when ``half`` (half the size; the CDF tables
-    are recomputed from the stored values at load time, so encoder and decoder agree).
+    Floating point tensors are stored in float16 when ``half`` (half the size). The entropy
+    coder tables are rebuilt from the stored (rounded) parameters and saved with them, so every
+    decoder uses the very tables of the encoder, whatever its floating point quirks.
     ``metadata`` (training command, data, steps, ...) is stored as it is.
     """
-    state = {}
-    for key, value in model.state_dict().items():
-        if _is_cdf_buffer(key):
-            continue  # rebuilt by update() at load
-        if half and value.is_floating_point():
-            value = value.half()
-        state[key] = value.detach().cpu().clone()
+    from .models import DualRes
+
+    params = {k: v.detach().cpu() for k, v in model.state_dict().items() if not _is_table(k)}
+    if half:
+        params = {k: v.half() if v.is_floating_point() else v for k, v in params.items()}
+    # The model as a decoder will see it: stored parameters, tables built from them.
+    ref = DualRes(name=model.name, **model.config)
+    _load_params(ref, {k: v.float() if v.is_floating_point() else v for k, v in params.items()}, str(path))
+    ref.update(force=True)
+    # The factorized prior's tables come from its learnt density (float maths that may round
+    # differently elsewhere): store them. The Gaussian tables follow from the scale table alone
+    # by a fixed computation (and are ~1 MB): rebuilt at load.
+    tables = {k: v.detach().cpu().clone() for k, v in ref.state_dict().items()
+              if _is_table(k) and not (k.startswith("gaussian_conditional.") and k != "gaussian_conditional.scale_table")}
     torch.save({"format": WEIGHTS_FORMAT, "format_version": 1, "name": model.name,
-                "config": dict(model.config), "state_dict": state,
+                "config": dict(model.config), "state_dict": {**params, **tables},
                 "metadata": dict(metadata or {})}, str(path))
 
 
-def _is_cdf_buffer(key: str) -> bool:
-    leaf = key.rsplit(".", 1)[-1]
-    return leaf in ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+def _is_table(key: str) -> bool:
+    """Coder tables and scale table: derived from the parameters by ``update()``."""
+    return key.rsplit(".", 1)[-1] in ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+def _load_params(model, state: dict, source: str) -> None:
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v
+             for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_table(k)]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the configuration "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def load_weights(path, device=None):
-    """A ready-to-code ``DualRes`` model (eval mode, CDF tables built) from a checkpoint file."""
+    """A ready-to-code ``DualRes`` model (eval mode, coder tables loaded) from a checkpoint file
+    written by :func:`save_weights`."""
     from .models import DualRes
 
     path = Path(path)
@@ -92,23 +112,12 @@ def load_weights(path, device=None):
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
         raise ValueError(f"{path}: not a readable DualRes weights file ({exc})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path}: not a DualRes weights file (use codec.save_weights to write one)")
+        raise ValueError(f"{path}: not a DualRes weights file (write one with codec.save_weights)")
     model = DualRes(name=ckpt.get("name", "custom"), **ckpt["config"])
-    state = {k: v for k, v in ckpt["state_dict"].items() if not _is_cdf_buffer(k)}
-    own = model.state_dict()
-    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _is_cdf_buffer(k)]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the configuration "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    _load_params(model, ckpt["state_dict"], str(path))
     model.metadata = ckpt.get("metadata", {})
-    return _prepare(model, device)
-
-
-def _prepare(model, device):
     model = model.to(device if device is not None else "cpu").eval()
-    model.update(force=True)
+    model.update(force=False)  # builds only what the file lacks
     return model
 
 
@@ -153,11 +162,10 @@ def _has_tables(model) -> bool:
 
 
 def weights_id(model) -> int:
-    """CRC-32 fingerprint of a model's parameters (written in the header, checked on decode)."""
+    """CRC-32 fingerprint of a model's parameters and coder tables (written in the header,
+    checked on decode: a stream decoded with other weights would silently be garbage)."""
     crc = 0
     for key, value in sorted(model.state_dict().items()):
-        if _is_cdf_buffer(key):
-            continue
         crc = zlib.crc32(key.encode(), crc)
         crc = zlib.crc32(value.detach().to("cpu", torch.float32 if value.is_floating_point()
                                            else value.dtype).contiguous().numpy().tobytes(), crc)
@@ -184,9 +192,9 @@ def _to_tensor(image) -> Tuple[torch.Tensor, bool]:
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype == np.uint8:
-            t = torch.from_numpy(np.ascontiguousarray(arr)).float() / 255.0
+            t = torch.from_numpy(np.array(arr, dtype=np.float32)) / 255.0
         elif arr.dtype in (np.float32, np.float64, np.float16):
-            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            t = torch.from_numpy(np.array(arr, dtype=np.float32))
         else:
             raise TypeError(f"image: numpy arrays must be uint8 (or float in [0, 1]), got {arr.dtype}")
         if t.dim() == 2:

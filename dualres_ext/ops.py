@@ -264,7 +264,6 @@ def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = Fal
     return _GDNFunction.apply(x, beta32, gamma32, bias32, bool(inverse), bool(simplified))
 
 
-
 # --- gaussian ---
 # Gaussian conditional kernels (csrc/gaussian): scale -> table index, quantisation, the training
 # likelihood and the coder's CDF tables. Semantics follow CompressAI 1.2.8 exactly where the

@@ -7,9 +7,10 @@ from .dualres import CONFIGS, DEFAULT_LAMBDAS, DualRes, get_scale_table
 def build(name: str = "compact", **overrides) -> DualRes:
     """A DualRes model from a named configuration (``"compact"``, ``"paper"``).
 
-    ``overrides`` replace configuration entries (``N``, ``M_H``, ``M_L``, ``N_hyper``, ``Z``,
-    ``slices_H``, ``slices_L``, ``hidden``, ``lambdas``) or set ``lanes`` (the number of rANS
-    lanes per slice the encoder writes; ``None`` lets the entropy model choose).
+    ``overrides`` replace configuration entries (``N``, ``N1``, ``M_H``, ``M_L``, ``N_hyper``, ``Z``,
+    ``slices_H``, ``slices_L``, ``hidden``, ``lambdas``) or set ``lanes``: ``"auto"`` (default) or
+    an int = the multi-lane rANS stream with that many lanes per slice (chosen by the encoder,
+    read from the stream by the decoder); ``None`` = CompressAI's single-lane stream.
     Weights are randomly initialised; trained weights come through ``dualres_ext.codec``.
     """
     if name not in CONFIGS:

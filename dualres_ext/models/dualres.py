@@ -52,12 +52,14 @@ SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 
 CONFIGS: Dict[str, dict] = {
     # Sized to train on a couple of CPU cores and to be fast on CPU at inference.
-    "compact": dict(N=64, N1=32, M_H=48, M_L=96, N_hyper=64, Z=48,
+    "compact": dict(N=64, N1=32, k1=3, M_H=48, M_L=96, N_hyper=64, Z=48,
                     slices_H=(16, 32), slices_L=(16, 32, 48), hidden=64,
                     lambdas=DEFAULT_LAMBDAS),
-    # The paper's size: N=192 and 320 latent channels in total (y_H + y_L).
-    "paper": dict(N=192, N1=192, M_H=128, M_L=192, N_hyper=192, Z=128,
-                  slices_H=(32, 32, 64), slices_L=(32, 32, 64, 64), hidden=192,
+    # The paper's size: N=192 and 320 latent channels in total (y_H + y_L); 128 channels at
+    # stride 2, where a layer costs 4x more per channel (it still beats the checkerboard model's
+    # 2x speed target; see benchmarks/RESULTS.md).
+    "paper": dict(N=192, N1=128, k1=5, M_H=128, M_L=192, N_hyper=192, Z=128,
+                  slices_H=(32, 32, 64), slices_L=(32, 32, 64, 64), hidden=128,
                   lambdas=DEFAULT_LAMBDAS),
 }
 
@@ -72,24 +74,16 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool) -> torch.Tensor:
+def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool, entropy_model) -> torch.Tensor:
     """``round(x - offset) + offset``: straight-through in training, exact in eval.
 
-    Eval uses the very expression the entropy models' ``dequantize`` computes
-    (``symbols.float() + offset``), so encoder and decoder get bit-identical values.
+    Eval goes through the entropy model's own ``quantize(.., "symbols")``/``dequantize`` -- the
+    very functions ``compress``/``decompress`` use -- so ``forward``, the encoder and the decoder
+    get bit-identical values (ties, rounding mode and all).
     """
     if training:
         return ste_round(x - offset) + offset
-    return torch.round(x - offset) + offset
-
-
-def _slice_net(in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:
-    """Small fully convolutional net (3x3 kernels, no spatial causality) for slice parameters."""
-    return nn.Sequential(
-        nn.Conv2d(in_ch, hidden, 3, padding=1), nn.GELU(),
-        nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU(),
-        nn.Conv2d(hidden, out_ch, 3, padding=1),
-    )
+    return entropy_model.dequantize(entropy_model.quantize(x, "symbols", offset), offset, x.dtype)
 
 
 class _SliceCoder(nn.Module):
@@ -97,27 +91,37 @@ class _SliceCoder(nn.Module):
 
     Slice ``i``'s context is ``cat(features, extra, ŷ[<i])`` where ``features`` are the hyper
     features and ``extra`` an optional extra conditioning tensor (``down(ŷ_H)`` for ``y_L``).
+    One 3x3 layer gathers the context's neighbourhood (all positions at once: no spatial
+    causality), 1x1 layers mix channels into (scale, mean). The latent residual prediction
+    (Minnen & Singh 2020) reuses those 3x3 features with the decoded slice, through 1x1 layers:
+    the 3x3 layers are the coders' main cost, and a second set for LRP would double it.
     """
 
     def __init__(self, slices: Sequence[int], ctx_ch: int, hidden: int):
         super().__init__()
         self.slices = [int(s) for s in slices]
+        self.context_nets = nn.ModuleList()
         self.param_nets = nn.ModuleList()
         self.lrp_nets = nn.ModuleList()
         done = 0
         for s in self.slices:
-            self.param_nets.append(_slice_net(ctx_ch + done, hidden, 2 * s))
-            self.lrp_nets.append(_slice_net(ctx_ch + done + s, hidden // 2, s))
+            self.context_nets.append(nn.Sequential(
+                nn.Conv2d(ctx_ch + done, hidden, 3, padding=1), nn.GELU()))
+            self.param_nets.append(nn.Sequential(
+                nn.Conv2d(hidden, hidden, 1), nn.GELU(), nn.Conv2d(hidden, 2 * s, 1)))
+            self.lrp_nets.append(nn.Sequential(
+                nn.Conv2d(hidden + s, hidden // 2, 1), nn.GELU(), nn.Conv2d(hidden // 2, s, 1)))
             done += s
 
     def params(self, i: int, ctx: torch.Tensor):
-        scales, means = self.param_nets[i](ctx).chunk(2, dim=1)
-        return scales, means
+        """(scales, means, features) of slice ``i``; ``features`` feed :meth:`lrp`."""
+        h = self.context_nets[i](ctx)
+        scales, means = self.param_nets[i](h).chunk(2, dim=1)
+        return scales, means, h
 
-    def lrp(self, i: int, ctx: torch.Tensor, y_hat_slice: torch.Tensor) -> torch.Tensor:
-        # Latent residual prediction: a bounded correction of the quantisation error, computed
-        # from what the decoder knows (so it never needs bits).
-        return y_hat_slice + 0.5 * torch.tanh(self.lrp_nets[i](torch.cat([ctx, y_hat_slice], 1)))
+    def lrp(self, i: int, h: torch.Tensor, y_hat_slice: torch.Tensor) -> torch.Tensor:
+        # A bounded correction of the quantisation error, from what the decoder knows (no bits).
+        return y_hat_slice + 0.5 * torch.tanh(self.lrp_nets[i](torch.cat([h, y_hat_slice], 1)))
 
 
 class DualRes(nn.Module):
@@ -130,10 +134,10 @@ class DualRes(nn.Module):
 
     stride = 64  # input sizes must be multiples of this (z's stride)
 
-    def __init__(self, N: int = 64, N1: Optional[int] = None, M_H: int = 48, M_L: int = 96, N_hyper: int = 64,
+    def __init__(self, N: int = 64, N1: Optional[int] = None, k1: int = 5, M_H: int = 48, M_L: int = 96, N_hyper: int = 64,
                  Z: int = 48, slices_H: Sequence[int] = (16, 32),
                  slices_L: Sequence[int] = (16, 32, 48), hidden: int = 64,
-                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, lanes: Optional[int] = None,
+                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, lanes: Union[None, str, int] = "auto",
                  name: str = "custom"):
         super().__init__()
         if sum(slices_H) != M_H or sum(slices_L) != M_L:
@@ -143,25 +147,31 @@ class DualRes(nn.Module):
             raise ValueError("lambdas: at least two quality levels are needed")
         self.name = name
         N1 = N if N1 is None else int(N1)
-        self.config = dict(N=N, N1=N1, M_H=M_H, M_L=M_L, N_hyper=N_hyper, Z=Z,
+        k1 = int(k1)
+        if k1 not in (3, 5):
+            raise ValueError(f"k1 must be 3 or 5, got {k1}")
+        self.config = dict(N=N, N1=N1, k1=k1, M_H=M_H, M_L=M_L, N_hyper=N_hyper, Z=Z,
                            slices_H=tuple(int(s) for s in slices_H),
                            slices_L=tuple(int(s) for s in slices_L), hidden=hidden,
                            lambdas=tuple(float(v) for v in lambdas))
         self.lambdas: List[float] = [float(v) for v in lambdas]
         self.num_qualities = len(self.lambdas)
-        self.lanes = lanes
 
         # Analysis: shared stride-4 stem, then one branch per latent.
-        # N1: the width at stride 2, where a layer costs 4x more per channel than at stride 4.
-        self.g_a_stem = nn.Sequential(conv(3, N1, 5, 2), GDN(N1), conv(N1, N, 5, 2), GDN(N))
+        # N1: the width at stride 2, where a layer costs 4x more per channel than at stride 4;
+        # k1: the kernel of the layers between strides 2 and 4 (the costliest pair).
+        self.g_a_stem = nn.Sequential(conv(3, N1, 5, 2), GDN(N1), conv(N1, N, k1, 2), GDN(N))
         self.g_a_h = conv(N, M_H, 5, 2)
         self.g_a_l = nn.Sequential(conv(N, N, 5, 2), GDN(N), conv(N, M_L, 5, 2))
 
         # Synthesis: ŷ_L up to stride 8, joined with ŷ_H, then three x2 deconvolutions + IGDN.
         self.g_s_up_l = nn.Sequential(deconv(M_L, N, 5, 2), GDN(N, inverse=True))
+        # The join is a 1x1 fusion to N channels: a 5x5 deconvolution on all N + M_H channels
+        # at stride 8 cost as much as the rest of the stride-8 synthesis.
         self.g_s = nn.Sequential(
-            deconv(N + M_H, N, 5, 2), GDN(N, inverse=True),
-            deconv(N, N1, 5, 2), GDN(N1, inverse=True),
+            nn.Conv2d(N + M_H, N, 1),
+            deconv(N, N, 5, 2), GDN(N, inverse=True),
+            deconv(N, N1, k1, 2), GDN(N1, inverse=True),
             deconv(N1, 3, 5, 2),
         )
 
@@ -193,31 +203,36 @@ class DualRes(nn.Module):
         self.inv_gain_h = nn.Parameter((-log_g)[:, None].repeat(1, M_H).clone())
         self.inv_gain_l = nn.Parameter((-log_g)[:, None].repeat(1, M_L).clone())
 
-        self.entropy_bottleneck = EntropyBottleneck(Z)
-        self.gaussian_conditional = GaussianConditional(None)
+        # lanes: "auto"/int = dualres_ext's multi-lane rANS stream (the encoder picks the lane
+        # count and writes it; decoding does not depend on the thread count), None = CompressAI's
+        # single-lane stream.
+        self.entropy_bottleneck = EntropyBottleneck(Z, lanes=lanes)
+        self.gaussian_conditional = GaussianConditional(None, lanes=lanes)
 
     # ------------------------------------------------------------------ gains
     def _gain(self, table: torch.Tensor, quality) -> torch.Tensor:
         """Gain vector(s) for ``quality`` as (B or 1, C, 1, 1), log-linear interpolation."""
         n = self.num_qualities
-        if isinstance(quality, torch.Tensor) and quality.dim() > 0:
-            q = quality.to(device=table.device, dtype=table.dtype).reshape(-1)
+        if isinstance(quality, torch.Tensor):
+            if quality.dim() > 1 or quality.is_complex() or quality.dtype == torch.bool:
+                raise ValueError(f"quality: a number or a 1-D tensor of per-sample qualities, "
+                                 f"got shape {tuple(quality.shape)} {quality.dtype}")
+            q = quality.detach().reshape(-1).to(table.dtype)
+            bad = ~torch.isfinite(q) | (q < 0) | (q > n - 1)  # checked where it lives (CPU: no sync)
+            if bool(bad.any()):
+                raise ValueError(f"quality must lie in [0, {n - 1}], got {quality.tolist()}")
+            q = q.to(table.device)
         else:
+            if isinstance(quality, bool) or not isinstance(quality, (int, float)):
+                raise TypeError(f"quality must be an int, a float or a tensor, got {type(quality).__name__}")
+            if not (math.isfinite(quality) and 0 <= quality <= n - 1):
+                raise ValueError(f"quality must lie in [0, {n - 1}], got {quality!r}")
             q = torch.tensor([float(quality)], device=table.device, dtype=table.dtype)
-        if not bool(torch.isfinite(q).all()) or bool((q < 0).any()) or bool((q > n - 1).any()):
-            raise ValueError(f"quality must lie in [0, {n - 1}], got {quality!r}")
         lo = q.floor().long().clamp(max=n - 1)
         hi = (lo + 1).clamp(max=n - 1)
         t = (q - lo.to(q.dtype))[:, None]
         log_g = table[lo] * (1 - t) + table[hi] * t
         return torch.exp(log_g)[:, :, None, None]
-
-    def _check_quality(self, quality):
-        if isinstance(quality, torch.Tensor) and quality.dim() > 0:
-            return
-        if isinstance(quality, bool) or not isinstance(quality, (int, float)) and not (
-                isinstance(quality, torch.Tensor)):
-            raise TypeError(f"quality must be an int or a float, got {type(quality).__name__}")
 
     # ------------------------------------------------------------------ pieces
     def _analysis(self, x: torch.Tensor, quality):
@@ -226,7 +241,6 @@ class DualRes(nn.Module):
         if x.size(2) % self.stride or x.size(3) % self.stride:
             raise ValueError(f"x: H and W must be multiples of {self.stride}, got "
                              f"{tuple(x.shape[-2:])} (pad the image; the codec does)")
-        self._check_quality(quality)
         f = self.g_a_stem(x)
         y_h = self.g_a_h(f) * self._gain(self.gain_h, quality)
         y_l = self.g_a_l(f) * self._gain(self.gain_l, quality)
@@ -256,10 +270,10 @@ class DualRes(nn.Module):
         base = [features] if extra is None else [features, extra]
         for i, y_s in enumerate(y_slices):
             ctx = torch.cat(base + decoded, 1)
-            scales, means = coder.params(i, ctx)
+            scales, means, h = coder.params(i, ctx)
             _, lik = self.gaussian_conditional(y_s, scales, means=means)
             likelihoods.append(lik)
-            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, self.training)))
+            decoded.append(coder.lrp(i, h, _quant(y_s, means, self.training, self.gaussian_conditional)))
         return torch.cat(decoded, 1), torch.cat(likelihoods, 1)
 
     def forward(self, x: torch.Tensor, quality=None):
@@ -268,7 +282,7 @@ class DualRes(nn.Module):
         y_h, y_l = self._analysis(x, quality)
         z = self._hyper_analysis(y_h, y_l)
         _, z_likelihoods = self.entropy_bottleneck(z)
-        z_hat = _quant(z, self._z_offset(), self.training)
+        z_hat = _quant(z, self._z_offset(), self.training, self.entropy_bottleneck)
         f_h, f_l = self._hyper_synthesis(z_hat)
         y_h_hat, y_h_likelihoods = self._code_latent(self.coder_h, y_h, f_h)
         cond = self.cond_down_h(y_h_hat)
@@ -291,9 +305,6 @@ class DualRes(nn.Module):
         updated |= self.entropy_bottleneck.update(force=force)
         return bool(updated)
 
-    def _coder_kwargs(self) -> dict:
-        return {} if self.lanes is None else {"lanes": self.lanes}
-
     @torch.no_grad()
     def compress(self, x: torch.Tensor, quality=None):
         """Encode ``x`` (B, 3, H, W), H and W multiples of 64, into byte strings.
@@ -308,7 +319,7 @@ class DualRes(nn.Module):
         y_h, y_l = self._analysis(x, quality)
         z = self._hyper_analysis(y_h, y_l)
         strings = [self.entropy_bottleneck.compress(z)]
-        z_hat = _quant(z, self._z_offset(), False)
+        z_hat = _quant(z, self._z_offset(), False, self.entropy_bottleneck)
         f_h, f_l = self._hyper_synthesis(z_hat)
         y_h_hat = self._compress_latent(self.coder_h, y_h, f_h, None, strings)
         cond = self.cond_down_h(y_h_hat)
@@ -321,10 +332,10 @@ class DualRes(nn.Module):
         base = [features] if extra is None else [features, extra]
         for i, y_s in enumerate(y.split(coder.slices, 1)):
             ctx = torch.cat(base + decoded, 1)
-            scales, means = coder.params(i, ctx)
+            scales, means, h = coder.params(i, ctx)
             indexes = gc.build_indexes(scales)
-            strings.append(gc.compress(y_s, indexes, means=means, **self._coder_kwargs()))
-            decoded.append(coder.lrp(i, ctx, _quant(y_s, means, False)))
+            strings.append(gc.compress(y_s, indexes, means=means))
+            decoded.append(coder.lrp(i, h, _quant(y_s, means, False, self.gaussian_conditional)))
         return torch.cat(decoded, 1)
 
     @torch.no_grad()
@@ -352,8 +363,8 @@ class DualRes(nn.Module):
         base = [features] if extra is None else [features, extra]
         for i in range(len(coder.slices)):
             ctx = torch.cat(base + decoded, 1)
-            scales, means = coder.params(i, ctx)
+            scales, means, h = coder.params(i, ctx)
             indexes = gc.build_indexes(scales)
             y_s = gc.decompress(strings[i], indexes, means=means)
-            decoded.append(coder.lrp(i, ctx, y_s.to(means.dtype)))
+            decoded.append(coder.lrp(i, h, y_s.to(means.dtype)))
         return torch.cat(decoded, 1)

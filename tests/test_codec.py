@@ -1,0 +1,282 @@
+"""The image codec: encode/decode API, container checks, weights files, CLI."""
+import math
+import os
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualres_ext import codec
+from dualres_ext.models import build
+
+TINY = dict(N=32, N1=16, M_H=24, M_L=40, N_hyper=24, Z=16, slices_H=(8, 16),
+            slices_L=(8, 16, 16), hidden=24)
+
+
+def make_model(seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = build("compact", **TINY)
+    with torch.no_grad():  # larger latents: random-init weights then code many symbols
+        for p in (model.gain_h, model.gain_l):
+            p.add_(math.log(24.0))
+        for p in (model.inv_gain_h, model.inv_gain_l):
+            p.sub_(math.log(24.0))
+    model.eval().update(force=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def photo_like(h, w, channels=3):
+    """A smooth random image with some texture (not a constant)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / 7.0 + c) * np.cos(yy / 5.0 - c) for c in range(channels)], -1)
+    noise = np.random.rand(h, w, channels)
+    return np.clip(127 + 80 * base + 40 * noise, 0, 255).astype(np.uint8)
+
+
+def test_round_trip_matches_forward(model):
+    img = photo_like(70, 100)
+    quality = 2.25
+    data = codec.encode(img, quality=quality, weights=model)
+    assert data[:4] == codec.MAGIC
+    out = codec.decode(data, weights=model, output="tensor")
+    # What forward predicts for the padded image, cropped back.
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        expected = model(codec._pad(x, 64), quality)["x_hat"][0, :, :70, :100].clamp(0, 1)
+    assert out.shape == (3, 70, 100)
+    assert torch.equal(out, expected)
+    arr = codec.decode(data, weights=model, output="numpy")
+    assert arr.dtype == np.uint8 and arr.shape == (70, 100, 3)
+    assert np.array_equal(arr, (expected * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    pil = codec.decode(data, weights=model)
+    assert pil.mode == "RGB" and pil.size == (100, 70)
+
+
+def test_top_level_exports():
+    import dualres_ext
+
+    assert dualres_ext.encode is codec.encode and dualres_ext.decode is codec.decode
+    from dualres_ext import decode, encode  # noqa: F401
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 70), (65, 3), (37, 5), (64, 128)])
+def test_any_size(model, size):
+    h, w = size
+    img = photo_like(h, w)
+    data = codec.encode(img, quality=1, weights=model)
+    out = codec.decode(data, weights=model, output="numpy")
+    assert out.shape == (h, w, 3)
+    head = codec.parse_header(data)
+    assert (head["width"], head["height"]) == (w, h)
+
+
+def test_pad_replicates_border():
+    x = torch.rand(1, 3, 5, 3)
+    p = codec._pad(x, 64)
+    assert p.shape == (1, 3, 64, 64)
+    assert torch.equal(p[..., :5, :3], x)
+    assert torch.equal(p[..., 10, 2], x[..., 4, 2]) and torch.equal(p[..., 0, 40], x[..., 0, 2])
+
+
+def test_grey_and_rgba(model):
+    grey = photo_like(40, 33, 1)[:, :, 0]
+    for image in (grey, Image.fromarray(grey, "L")):
+        data = codec.encode(image, quality=3, weights=model)
+        assert codec.parse_header(data)["grey"]
+        out = codec.decode(data, weights=model)
+        assert out.mode == "L" and out.size == (33, 40)
+        assert codec.decode(data, weights=model, output="numpy").shape == (40, 33)
+    rgb = photo_like(20, 30)
+    alpha = np.random.randint(0, 256, (20, 30, 1), dtype=np.uint8)
+    rgba = np.concatenate([rgb, alpha], -1)
+    with pytest.warns(UserWarning, match="alpha"):
+        data_a = codec.encode(rgba, quality=3, weights=model)
+    with pytest.warns(UserWarning, match="alpha"):
+        data_p = codec.encode(Image.fromarray(rgba, "RGBA"), quality=3, weights=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data_rgb = codec.encode(rgb, quality=3, weights=model)
+    assert data_a == data_rgb == data_p
+
+
+def test_tensor_inputs(model):
+    img = photo_like(48, 64)
+    t = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    data = codec.encode(t, quality=4, weights=model)
+    assert codec.encode(t[None], quality=4, weights=model) == data
+    assert codec.encode(img, quality=4, weights=model) == data
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        codec.encode(t * 2, quality=4, weights=model)
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode(torch.full((3, 4, 4), float("nan")), weights=model)
+    with pytest.raises(TypeError, match="uint8"):
+        codec.encode(img.astype(np.int32), weights=model)
+    with pytest.raises(ValueError, match="channels"):
+        codec.encode(torch.rand(5, 8, 8), weights=model)
+    with pytest.raises(ValueError, match="one image"):
+        codec.encode(torch.rand(2, 3, 8, 8), weights=model)
+    with pytest.raises(TypeError, match="PIL image"):
+        codec.encode([[1, 2]], weights=model)
+
+
+def test_quality_checks(model):
+    img = photo_like(8, 8)
+    for bad in (-1, 5.5, float("nan")):
+        with pytest.raises(ValueError, match="quality"):
+            codec.encode(img, quality=bad, weights=model)
+    with pytest.raises(TypeError, match="quality"):
+        codec.encode(img, quality="3", weights=model)
+    sizes = [len(codec.encode(photo_like(64, 64), quality=q, weights=model)) for q in (0, 5)]
+    assert sizes[1] > sizes[0]
+
+
+@pytest.fixture(scope="module")
+def stream(model):
+    return codec.encode(photo_like(64, 96), quality=2, weights=model)
+
+
+def test_bad_magic_and_version(model, stream):
+    with pytest.raises(codec.BitstreamError, match="magic"):
+        codec.decode(b"GIF89a" + stream[6:], weights=model)
+    with pytest.raises(codec.BitstreamError, match="magic"):
+        codec.decode(b"", weights=model)
+    bad = bytearray(stream)
+    bad[4] = 99
+    with pytest.raises(codec.BitstreamError, match="version 99"):
+        codec.decode(bytes(bad), weights=model)
+    assert issubclass(codec.BitstreamError, ValueError)
+    with pytest.raises(TypeError, match="bytes"):
+        codec.decode("not bytes", weights=model)
+
+
+def test_truncation(model, stream):
+    for cut in sorted({5, 20, len(stream) // 2, len(stream) - 5, len(stream) - 1}):
+        with pytest.raises(codec.BitstreamError, match="truncated|checksum"):
+            codec.decode(stream[:cut], weights=model)
+    with pytest.raises(codec.BitstreamError, match="trailing"):
+        codec.decode(stream + b"\0", weights=model)
+
+
+def test_bit_flips(model, stream):
+    rng = np.random.default_rng()
+    positions = rng.choice(np.arange(5, len(stream)), size=min(25, len(stream) - 5), replace=False)
+    for pos in positions:
+        bad = bytearray(stream)
+        bad[pos] ^= 1 << int(rng.integers(8))
+        with pytest.raises(codec.BitstreamError):
+            codec.decode(bytes(bad), weights=model)
+
+
+def test_header_fields_and_checks(model, stream):
+    head = codec.parse_header(stream)
+    assert head["version"] == codec.VERSION and head["quality"] == 2.0
+    assert head["weights_id"] == codec.weights_id(model)
+    assert len(head["sections"]) == 1 + 2 + 3
+    # A well-formed stream whose fields are invalid (checksum recomputed) is still rejected.
+    body = bytearray(stream[:-4])
+    body[6] = 0x80  # unknown flag
+    with pytest.raises(codec.BitstreamError, match="flags"):
+        codec.parse_header(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+
+
+def test_weights_mismatch_is_detected(model, stream):
+    other = make_model()
+    with pytest.raises(codec.BitstreamError, match="other weights"):
+        codec.decode(stream, weights=other)
+
+
+def test_default_weights_missing(monkeypatch, tmp_path, stream):
+    monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
+    with pytest.raises(codec.WeightsNotFoundError, match="weights=PATH"):
+        codec.encode(photo_like(8, 8))
+    with pytest.raises(codec.WeightsNotFoundError):
+        codec.decode(stream)
+
+
+def test_model_must_be_ready():
+    m = build("compact", **TINY)
+    with pytest.raises(ValueError, match="training mode"):
+        codec.encode(photo_like(8, 8), weights=m)
+    with pytest.raises(ValueError, match="update"):
+        codec.encode(photo_like(8, 8), weights=m.eval())
+
+
+def test_save_and_load_weights(tmp_path, model):
+    path = tmp_path / "w.pt"
+    codec.save_weights(model, path, metadata={"steps": 0})
+    loaded = codec.load_weights(path)
+    assert loaded.metadata == {"steps": 0} and not loaded.training
+    assert loaded.config == model.config
+    img = photo_like(30, 50)
+    data = codec.encode(img, quality=3, weights=str(path))
+    assert np.array_equal(codec.decode(data, weights=path, output="numpy"),
+                          codec.decode(data, weights=loaded, output="numpy"))
+    # fp16 storage: the file is about half the size of the float32 parameters
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert path.stat().st_size < 0.7 * n_bytes + 200_000
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a"):
+        codec.load_weights(tmp_path / "junk.pt")
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ)
+    root = str(Path(codec.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "dualres_ext", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_round_trip(tmp_path, model):
+    weights = tmp_path / "w.pt"
+    codec.save_weights(model, weights)
+    img = photo_like(45, 70)
+    Image.fromarray(img).save(tmp_path / "in.png")
+    r = _cli("compress", "in.png", "out.drx", "--quality", "1.5", "--weights", str(weights), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "bpp" in r.stdout
+    r = _cli("decompress", "out.drx", "back.png", "--weights", str(weights), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    back = np.asarray(Image.open(tmp_path / "back.png"))
+    data = (tmp_path / "out.drx").read_bytes()
+    assert np.array_equal(back, codec.decode(data, weights=weights, output="numpy"))
+
+
+def test_cli_errors(tmp_path, model, capsys, monkeypatch):
+    """Error paths in-process (a subprocess per case would cost seconds each)."""
+    from dualres_ext.__main__ import main
+
+    weights = tmp_path / "w.pt"
+    codec.save_weights(model, weights)
+    Image.fromarray(photo_like(8, 8)).save(tmp_path / "in.png")
+    (tmp_path / "bad.drx").write_bytes(codec.encode(photo_like(8, 8), weights=model)[:-3])
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["compress", "missing.png", "x.drx", "--weights", str(weights)], 1, "no such file"),
+        (["compress", "w.pt", "x.drx", "--weights", str(weights)], 1, "not a readable image"),
+        (["compress", "in.png", "x.drx", "--quality", "9", "--weights", str(weights)], 1, "quality"),
+        (["compress", "in.png", "x.drx", "--weights", "nope.pt"], 4, "not found"),
+        (["decompress", "in.png", "x.png", "--weights", str(weights)], 3, "magic"),
+        (["decompress", "bad.drx", "x.png", "--weights", str(weights)], 3, "truncated"),
+        (["decompress", "missing.drx", "x.png", "--weights", str(weights)], 1, "no such file"),
+    ]
+    for argv, code, message in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("dualres: error:"), (argv, err)
+    monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
+    assert main(["compress", "in.png", "x.drx"]) == 4
+    assert "no trained DualRes weights" in capsys.readouterr().err
