@@ -200,3 +200,11 @@ def test_core_standalone_cpp(tmp_path):
     r = subprocess.run([exe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all tests passed" in r.stdout
+
+
+def test_demo_command_runs(capsys):
+    from dualres_ext.__main__ import main
+
+    assert main(["demo", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Msym/s" in out and "all round trips exact" in out
