@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -30,7 +31,7 @@ def _run_codec(func, args) -> int:
     except WeightsNotFoundError as exc:
         return _fail(str(exc), EXIT_WEIGHTS)
     except BitstreamError as exc:
-        return _fail(f"{args.input}: {exc}", EXIT_BITSTREAM)
+        return _fail(f"{getattr(args, 'input', args.command)}: {exc}", EXIT_BITSTREAM)
     except (OSError, ValueError, TypeError) as exc:
         return _fail(str(exc), EXIT_ERROR)
 
@@ -78,6 +79,20 @@ def _cmd_decompress(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.image, args.out, args.qualities, weights=args.weights)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluation import evaluate
+
+    evaluate(args.folder, args.out, weights=args.weights, codecs=args.codecs, device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualres", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,8 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="checkpoint the bitstream was written with (default: the package's)")
     p.add_argument("--device", help="torch device (default cpu)")
     p.set_defaults(func=lambda a: _run_codec(_cmd_decompress, a))
-    p = sub.add_parser("demo", help="the main job: a short demonstration of the package")
-    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("demo", help="the main job: compress the bundled photo, compare with JPEG and WebP")
+    p.add_argument("--image", help="another image to use instead of the bundled photo")
+    p.add_argument("--out", default="dualres_demo", help="folder for reconstructions and side_by_side.png")
+    p.add_argument("--qualities", type=int, nargs="+", default=[0, 2, 5])
+    p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
+    p.set_defaults(func=lambda a: _run_codec(_cmd_demo, a))
+    p = sub.add_parser("eval", help="R-D evaluation over a folder against classical codecs (BD-rate, plot)")
+    p.add_argument("folder", help="folder of images (e.g. ../shared/data/kodak)")
+    p.add_argument("--out", default="results/eval", help="folder for per_image.csv, summary.json, rd.png")
+    p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
+    p.add_argument("--codecs", nargs="*", help="classical codecs (default: every one installed)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.set_defaults(func=lambda a: _run_codec(_cmd_eval, a))
+    p = sub.add_parser("bench-rans", help="the rANS coder on the DESIGN.md latent workload (Msym/s, bits/symbol)")
+    p.add_argument("--repeat", type=int, default=5, help="timing repetitions (best is shown)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=lambda a: importlib.import_module("dualres_ext.rans_demo").run(a.repeat, a.seed))
     return parser
 
 

@@ -29,7 +29,11 @@ def _int32_tensor(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
+        except OverflowError:
+            raise ValueError(f"{name} has values outside the int32 range") from None
         except (TypeError, ValueError, RuntimeError) as e:
+            if "overflow" in str(e).lower():
+                raise ValueError(f"{name} has values outside the int32 range") from None
             raise TypeError(f"{name} must be a tensor, array or list of integers: {e}") from None
         if x.numel() == 0:
             x = x.to(torch.int32)
@@ -85,7 +89,8 @@ def rans_encode(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> byt
     """Encode int32 ``symbols`` with tables ``cdfs[indexes]`` into the native multi-lane stream.
 
     ``lanes=None`` lets the encoder choose (about one lane per 16k symbols, at most 64, fewer when
-    the payload is small); the decoder handles any lane count with any number of threads.
+    the payload is small); an explicit count is capped at the symbol count and at 65536. The
+    decoder handles any lane count with any number of threads.
     """
     symbols, indexes = _symbols_indexes(symbols, indexes)
     cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets)
@@ -142,9 +147,13 @@ def rans_decode_compat_stream(data: torch.Tensor, state: torch.Tensor, indexes, 
 # (CompressAI passes gamma.reshape(C, C, 1, 1) to conv2d). An optional per-channel `bias`
 # is added to x first (the preceding convolution's bias, folded into the same pass).
 
+import functools  # noqa: E402  (kept inside this section so merges stay trivial)
+
 _GDN_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GDN_CUDA_MAX_CHANNELS = 4096
 
 
+@functools.lru_cache(maxsize=None)
 def _gdn_has_native(device_type: str) -> bool:
     if not hasattr(_ops, "gdn_forward"):
         return False
@@ -153,6 +162,12 @@ def _gdn_has_native(device_type: str) -> bool:
     if device_type == "cuda":
         return "cuda=1" in _ops.build_info()
     return False
+
+
+def _gdn_inplace_ok(x, *params) -> bool:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return False
+    return hasattr(_ops, "gdn_forward_") and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
 
 
 def gdn_reference(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False):
@@ -174,16 +189,21 @@ class _GDNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, beta, gamma, bias, inverse, simplified):
-        y = _ops.gdn_forward(x, beta, gamma, bias, inverse, simplified)
-        ctx.save_for_backward(x, beta, gamma, bias)
+        scale = None
+        if x.device.type == "cpu" and any(ctx.needs_input_grad[:4]):
+            # Keep f(n) for the backward: saves one of its three C x C GEMMs (CPU is GEMM-bound).
+            y, scale = _ops.gdn_forward_save(x, beta, gamma, bias, inverse, simplified)
+        else:
+            y = _ops.gdn_forward(x, beta, gamma, bias, inverse, simplified)
+        ctx.save_for_backward(x, beta, gamma, bias, scale)
         ctx.flags = (inverse, simplified)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, beta, gamma, bias = ctx.saved_tensors
+        x, beta, gamma, bias, scale = ctx.saved_tensors
         inverse, simplified = ctx.flags
-        grad_x, grad_beta, grad_gamma = _ops.gdn_backward(grad_y, x, beta, gamma, bias, inverse, simplified)
+        grad_x, grad_beta, grad_gamma = _ops.gdn_backward(grad_y, x, beta, gamma, bias, scale, inverse, simplified)
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_x.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)
@@ -218,7 +238,8 @@ def _gdn_check(x, beta, gamma, bias, check_finite: bool):
             raise ValueError(f"gdn: {name} contains NaN or Inf")
 
 
-def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False, check_finite: bool = True):
+def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False, check_finite: bool = True,
+        inplace: bool = False):
     """GDN / IGDN / simplified GDN of ``x`` (N, C, H, W) with effective ``beta`` (C,) and ``gamma`` (C, C).
 
     Uses the fused native kernel (forward and backward) for float32 on CPU and
@@ -226,16 +247,24 @@ def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = Fal
     :func:`gdn_reference`. NCHW and channels-last inputs are both handled natively and the
     output keeps the input's memory format. ``check_finite`` validates beta/gamma/bias
     (on CUDA this synchronises; turn it off in hot loops once the parameters are trusted).
+    ``inplace=True`` lets the native kernel write the result into ``x`` (saving the output
+    allocation) when no gradient is being recorded and ``x`` is NCHW- or channels-last-contiguous;
+    otherwise it is ignored and a new tensor is returned. Use the return value either way.
     """
     _gdn_check(x, beta, gamma, bias, check_finite)
     dev = x.device.type
-    native = _gdn_has_native(dev) and (x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _GDN_CUDA_DTYPES))
+    native = _gdn_has_native(dev) and (
+        x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _GDN_CUDA_DTYPES))
+    if dev == "cuda" and x.shape[1] > _GDN_CUDA_MAX_CHANNELS:
+        native = False  # the CUDA kernel stages C x pixels tiles in 48 KiB of shared memory
     if not native:
         return gdn_reference(x, beta.to(x.dtype), gamma.to(x.dtype),
                              None if bias is None else bias.to(x.dtype), inverse, simplified)
     # Kernels take float32 parameters (they accumulate in float32 whatever x's dtype is).
     beta32, gamma32 = beta.float(), gamma.float()
     bias32 = None if bias is None else bias.float()
+    if inplace and _gdn_inplace_ok(x, beta32, gamma32, bias32):
+        return _ops.gdn_forward_(x, beta32, gamma32, bias32, bool(inverse), bool(simplified))
     return _GDNFunction.apply(x, beta32, gamma32, bias32, bool(inverse), bool(simplified))
 
 
