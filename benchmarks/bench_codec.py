@@ -72,9 +72,13 @@ def main():
     parser.add_argument("--image", default=os.path.join(here, "..", "..", "shared", "data", "kodak", "kodim01.png"))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is the steadiest on a busy machine")
     parser.add_argument("--skip-peers", action="store_true", help="time only DualRes")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = load_image(args.image, device)
     rows = []
