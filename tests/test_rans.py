@@ -202,9 +202,9 @@ def test_core_standalone_cpp(tmp_path):
     assert "all tests passed" in r.stdout
 
 
-def test_demo_command_runs(capsys):
+def test_bench_rans_command_runs(capsys):
     from dualres_ext.__main__ import main
 
-    assert main(["demo", "--repeat", "1"]) == 0
+    assert main(["bench-rans", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "Msym/s" in out and "all round trips exact" in out
