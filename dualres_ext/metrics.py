@@ -12,7 +12,7 @@ import torch.nn.functional as F
 def _as_float_tensor(img) -> torch.Tensor:
     """(N,C,H,W) float64 in [0, 255] from an HxWxC uint8 array or a (N,)C,H,W float tensor in [0,1]."""
     if isinstance(img, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(img)).double()
+        t = torch.from_numpy(np.array(img, dtype=np.float64))  # a private copy (input may be read-only)
         t = t.permute(2, 0, 1) if t.ndim == 3 else t[None]
         return t[None]
     t = img.detach().double() * 255
@@ -68,7 +68,9 @@ def ms_ssim(a, b, data_range: float = 255.0) -> float:
         ssim, cs = _ssim_terms(x, y, window, data_range)
         values.append(torch.relu(cs) if level < len(weights) - 1 else torch.relu(ssim))
         if level < len(weights) - 1:
-            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+            # Odd sides are padded rather than cropped (as pytorch_msssim and CompressAI's eval do).
+            pad = (x.shape[-2] % 2, x.shape[-1] % 2)
+            x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)
     stacked = torch.stack(values, dim=0)  # (levels, N)
     return torch.prod(stacked ** weights.view(-1, 1), dim=0).mean().item()
 

@@ -1,0 +1,111 @@
+"""The demo, the R-D evaluation and the metrics behind them."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualres_ext.classic import available_codecs, match_size
+from dualres_ext.metrics import bd_rate, ms_ssim, psnr
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    from dualres_ext.models import build
+
+    torch.manual_seed(0)
+    model = build("compact").eval()
+    model.update(force=True)
+    return model
+
+
+def _photo(size=(192, 128)):
+    from dualres_ext.demo import BUNDLED_PHOTO
+
+    return Image.open(BUNDLED_PHOTO).convert("RGB").resize(size, Image.LANCZOS)
+
+
+def test_psnr_matches_numpy():
+    rng = np.random.default_rng()
+    a = rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255 ** 2 / mse), rel=1e-12)
+    assert psnr(a, a) == float("inf")
+
+
+def test_ms_ssim_matches_pytorch_msssim():
+    ref = pytest.importorskip("pytorch_msssim")
+    rng = np.random.default_rng()
+    a = rng.integers(0, 256, (200, 180, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
+    ta, tb = (torch.from_numpy(v).permute(2, 0, 1)[None].double() for v in (a, b))
+    expected = ref.ms_ssim(ta, tb, data_range=255).item()
+    assert ms_ssim(a, b) == pytest.approx(expected, abs=1e-6)
+    assert ms_ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="161"):
+        ms_ssim(a[:100], b[:100])
+
+
+def test_bd_rate_recovers_a_known_rate_change():
+    rng = np.random.default_rng()
+    rates = np.sort(rng.uniform(0.1, 2.0, 6))
+    quality = 30 + 6 * np.log2(rates) + rng.normal(0, 0.01, 6)
+    factor = rng.uniform(0.5, 1.5)
+    assert bd_rate(rates, quality, rates * factor, quality) == pytest.approx((factor - 1) * 100, abs=1e-6)
+    with pytest.raises(ValueError):
+        bd_rate(rates[:3], quality[:3], rates[:3], quality[:3])
+    with pytest.raises(ValueError, match="overlap"):
+        bd_rate(rates, quality, rates, quality + 100)
+
+
+def test_match_size_never_exceeds_the_target():
+    rgb = np.asarray(_photo())
+    codec = available_codecs()["jpeg420"]
+    target = len(codec.encode(rgb, 50))
+    q, data = match_size(codec, rgb, target)
+    assert len(data) <= target and q >= 45
+    assert match_size(codec, rgb, 10) is None
+
+
+def test_demo_writes_reconstructions_and_comparison(tmp_path, random_model):
+    from dualres_ext.demo import run_demo
+
+    image = tmp_path / "photo.png"
+    _photo().save(image)
+    lines = []
+    rows = run_demo(str(image), str(tmp_path / "out"), qualities=(0, 5), weights=random_model, log=lines.append)
+    assert [r["quality"] for r in rows] == [0, 5]
+    for r in rows:
+        assert r["bytes"] > 0 and r["bpp"] == pytest.approx(8 * r["bytes"] / (192 * 128))
+        assert math.isfinite(r["psnr"])
+        assert os.path.exists(tmp_path / "out" / f"dualres_q{r['quality']}.png")
+    assert os.path.exists(tmp_path / "out" / "side_by_side.png")
+    assert any("JPEG" in line for line in lines)
+
+
+def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
+    from dualres_ext.evaluation import evaluate
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _photo((192, 192)).save(folder / "a.png")
+    _photo((160, 176)).save(folder / "b.png")
+    summary = evaluate(str(folder), str(tmp_path / "out"), weights=random_model, qualities=[0, 2, 4, 5],
+                       codecs=["jpeg420", "webp"], log=lambda *_: None)
+    assert summary["images"] == 2
+    with open(tmp_path / "out" / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    ours = [r for r in rows if r["codec"] == "dualres"]
+    assert len(ours) == 2 * 4
+    assert {r["codec"] for r in rows} == {"dualres", "jpeg420", "webp"}
+    assert set(summary["bd_rate_psnr_percent"]) == {"jpeg420", "webp"}
+    with open(tmp_path / "out" / "summary.json") as f:
+        assert json.load(f)["qualities"] == [0, 2, 4, 5]
+    assert os.path.getsize(tmp_path / "out" / "rd.png") > 1000
+    with pytest.raises(ValueError, match="not available"):
+        evaluate(str(folder), str(tmp_path / "out2"), weights=random_model, codecs=["nope"])
