@@ -85,7 +85,8 @@ def rans_encode(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> byt
     """Encode int32 ``symbols`` with tables ``cdfs[indexes]`` into the native multi-lane stream.
 
     ``lanes=None`` lets the encoder choose (about one lane per 16k symbols, at most 64, fewer when
-    the payload is small); the decoder handles any lane count with any number of threads.
+    the payload is small); an explicit count is capped at the symbol count and at 65536. The
+    decoder handles any lane count with any number of threads.
     """
     symbols, indexes = _symbols_indexes(symbols, indexes)
     cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets)
