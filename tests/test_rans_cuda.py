@@ -2,16 +2,21 @@
 escapes, empty/tiny inputs, many lanes, hostile streams.
 
 Every test but the first needs a GPU (marked ``cuda``; tests/conftest.py skips them without one).
-The random helpers are the CPU tests' (tests/test_rans.py), so both sides see the same inputs.
+The random helpers are the CPU tests' (tests/rans_testlib.py), so both sides see the same inputs.
 """
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import dualres_ext
 from dualres_ext import ops
-from test_rans import gaussian_workload, hostile_variants, random_symbols, random_tables
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rans_testlib import gaussian_workload, random_symbols, random_tables  # noqa: E402
 
 CUDA_OPS = ("rans_encode", "rans_decode", "rans_encode_batch", "rans_decode_batch")
 
@@ -23,6 +28,29 @@ def test_cuda_build_registers_cuda_kernels():
         assert all(has.values()), has
     else:
         assert not any(has.values()), has
+
+
+def hostile_variants(data, gen):
+    """Damaged copies of a valid stream: header, truncation, bit flips, garbage, extra bytes."""
+    b = bytes(data)
+    n = len(b)
+    yield "empty", b""
+    yield "wrong magic", bytes([b[0] ^ 0xFF]) + b[1:]
+    yield "wrong version", b[:2] + bytes([b[2] + 1]) + b[3:]
+    yield "wrong precision", b[:3] + bytes([(b[3] % 16) + 1]) + b[4:]
+    for _ in range(20):
+        cut = int(torch.randint(0, n, (1,), generator=gen))
+        yield f"truncated at {cut}", b[:cut]
+    for _ in range(40):
+        pos = int(torch.randint(0, n, (1,), generator=gen))
+        c = bytearray(b)
+        c[pos] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
+        yield f"bit flip at {pos}", bytes(c)
+    for _ in range(10):
+        start = int(torch.randint(0, n, (1,), generator=gen))
+        yield f"garbage from {start}", b[:start] + os.urandom(n - start)
+    yield "trailing byte", b + b"\x00"
+    yield "pure garbage", os.urandom(n)
 
 
 def _crc32c_table():
@@ -46,6 +74,24 @@ def reseal(stream: bytes) -> bytes:
         crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
     crc ^= 0xFFFFFFFF
     return stream[:5] + crc.to_bytes(4, "little") + stream[9:]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_gpu_schedule_emulated_on_the_host(tmp_path):
+    """The CUDA coder's lane plans and per-thread bodies (csrc/rans/rans_lanes.h), run in host loops:
+    byte identity with the CPU encoder on batches, worst-case scratch, corrupt lanes (ASan)."""
+    src = os.path.join(ROOT, "csrc", "rans", "tests", "test_rans_lanes.cpp")
+    exe = str(tmp_path / "test_rans_lanes")
+    base = ["g++", "-std=c++20", "-O1", "-g", "-Wall", "-Wextra", "-Werror", src, "-o", exe]
+    sanitized = base[:-3] + ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"] + base[-3:]
+    if subprocess.run(sanitized, capture_output=True).returncode != 0:
+        subprocess.run(base, check=True, capture_output=True)  # no sanitizer runtime here
+    r = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all tests passed" in r.stdout
 
 
 @pytest.fixture
@@ -248,3 +294,18 @@ def test_runs_on_the_current_stream(gen):
         out = ops.rans_decode(data, g[1], *g[2:])
     side.synchronize()
     assert data == expected and torch.equal(out.cpu(), sym)
+
+
+def test_batch_wrappers_on_the_cpu(gen):
+    """The batch API also works on CPU tensors (a loop over the single-stream op)."""
+    cdfs, lengths, offsets = random_tables(gen, 5)
+    pairs = [random_symbols(gen, cdfs, lengths, offsets, shape) for shape in ((0,), (7,), (40, 50))]
+    syms, idxs = [p[0] for p in pairs], [p[1] for p in pairs]
+    datas = ops.rans_encode_batch(syms, idxs, cdfs, lengths, offsets, lanes=3)
+    assert datas == [ops.rans_encode(s, i, cdfs, lengths, offsets, lanes=3) for s, i in pairs]
+    outs = ops.rans_decode_batch(datas, idxs, cdfs, lengths, offsets)
+    assert all(torch.equal(o, s) for o, s in zip(outs, syms))
+    with pytest.raises(ValueError, match="same length"):
+        ops.rans_encode_batch(syms, idxs[:2], cdfs, lengths, offsets)
+    with pytest.raises(ValueError, match="same length"):
+        ops.rans_decode_batch(datas[:1], idxs, cdfs, lengths, offsets)

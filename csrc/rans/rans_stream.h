@@ -38,6 +38,19 @@ inline int64_t default_lanes(int64_t n) {
   return std::clamp<int64_t>(n / kMinLaneSymbols, 1, kMaxLanes);
 }
 
+// The lane count an encoder starts with: lanes <= 0 means "choose" (default_lanes).
+inline int64_t initial_lanes(int64_t n, int64_t lanes) {
+  if (n <= 0) return 0;
+  return lanes <= 0 ? default_lanes(n) : std::min<int64_t>({lanes, n, kMaxLanesHard});
+}
+
+// With a chosen count: the most lanes whose cost (states + length varint) stays under 0.25% of
+// `payload` bytes; low-entropy data gets fewer, longer lanes (re-encoded once).
+inline int64_t affordable_lanes(uint64_t payload, int states) {
+  const int64_t per_lane = 4 * states + 3;
+  return std::max<int64_t>(1, static_cast<int64_t>(payload / 400) / per_lane);
+}
+
 // CRC-32C (Castagnoli) of the stream body. rANS alone cannot notice every corruption: bypass
 // chunks are stored verbatim in the state, so a flipped bit there decodes to another valid value.
 inline uint32_t crc32c(const uint8_t* p, size_t n) {
@@ -166,8 +179,7 @@ template <class ParFor>
 Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t lanes, const Prepared& pt,
                      std::vector<uint8_t>& out, ParFor&& parallel_for, int states = kDefaultStates) {
   const bool auto_lanes = lanes <= 0;
-  lanes = auto_lanes ? default_lanes(n) : std::min<int64_t>({lanes, n, kMaxLanesHard});
-  if (n == 0) lanes = 0;
+  lanes = initial_lanes(n, lanes);
   std::vector<BackBuffer> bufs;
   for (int attempt = 0; attempt < 2; ++attempt) {
     bufs.clear();
@@ -180,12 +192,9 @@ Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t 
       else encode_lanes<2>(sym, idx, n, lanes, pt, bufs, lo, hi);
     });
     if (!auto_lanes || lanes <= 1) break;
-    // Keep the per-lane cost (states + length varint) under 0.25% of the payload: low-entropy
-    // data gets fewer, longer lanes (re-encoded once; such data is cheap to code anyway).
     size_t payload = 0;
     for (auto& b : bufs) payload += b.size();
-    const int64_t per_lane = 4 * states + 3;
-    const int64_t affordable = std::max<int64_t>(1, static_cast<int64_t>(payload / 400) / per_lane);
+    const int64_t affordable = affordable_lanes(payload, states);
     if (lanes <= affordable) break;
     lanes = affordable;
   }

@@ -5,7 +5,8 @@
 // from rans_core.h are compiled for the device (DUALRES_HD), so GPU lanes run the very code the
 // CPU lanes run and the streams are byte-identical for the same lane count. This file only
 // schedules lanes (one thread per lane), moves bytes and assembles/parses the small header on
-// the host.
+// the host. The lane plans and per-thread bodies are in rans_lanes.h, which a host-only test
+// (csrc/rans/tests/test_rans_lanes.cpp) runs without a GPU against the CPU encoder.
 //
 // Encode:  check indexes (device flag) -> one thread per lane encodes into a worst-case-sized
 //          scratch region -> lane sizes -> inclusive prefix sum (at::cumsum, device) -> compaction
@@ -27,24 +28,13 @@
 #include <numeric>
 #include <vector>
 
-#include "rans/rans_stream.h"
+#include "rans/rans_lanes.h"
 
 namespace dualres::rans {
 namespace {
 
 constexpr int kStates = kDefaultStates;  // what the CPU encoder writes
-// Per-lane scratch beyond kMaxBytesPerSymbol per symbol: the K state words plus the two bytes
-// enc_put_div may store in front of the write position.
-constexpr int64_t kLaneSlack = 32;
 static_assert(4 * kStates + 2 <= kLaneSlack, "scratch slack too small for the final states");
-
-// One lane of one stream, in the flat (concatenated) buffers of a call.
-struct LaneJob {
-  int64_t sym_begin, sym_end;    // symbols [sym_begin, sym_end) of the flat symbol/index buffers
-  int64_t byte_begin, byte_end;  // encode: the lane's scratch region; decode: its bytes in the payload
-  int32_t states;                // decode: interleaved states of the lane's stream (1, 2 or 4)
-  int32_t unused;
-};
 
 // Same GIL policy as the CPU ops: the host work here (syncs, copies, CRC) touches no Python object.
 class GilRelease {
@@ -84,11 +74,7 @@ __global__ void encode_lanes_kernel(const int32_t* sym, const int32_t* idx, cons
     lane_size[g] = 0;
     return;
   }
-  const LaneJob j = jobs[g];
-  uint8_t* end = scratch + j.byte_end;
-  const uint8_t* begin = native_encode_lane_raw<kStates>(sym + j.sym_begin, idx + j.sym_begin,
-                                                         j.sym_end - j.sym_begin, tv, precision, end);
-  lane_size[g] = end - begin;
+  lane_size[g] = encode_lane_job<kStates>(jobs[g], sym, idx, tv, precision, scratch);
 }
 
 // One block per lane: moves the lane's bytes (at the end of its scratch region) to their place
@@ -96,10 +82,7 @@ __global__ void encode_lanes_kernel(const int32_t* sym, const int32_t* idx, cons
 __global__ void compact_lanes_kernel(const uint8_t* scratch, const LaneJob* jobs, const int64_t* lane_size,
                                      const int64_t* lane_end, uint8_t* payload) {
   const int64_t g = blockIdx.x;
-  const int64_t size = lane_size[g];
-  const uint8_t* src = scratch + jobs[g].byte_end - size;
-  uint8_t* dst = payload + lane_end[g] - size;
-  for (int64_t i = threadIdx.x; i < size; i += blockDim.x) dst[i] = src[i];
+  copy_lane_bytes(jobs[g], lane_size[g], lane_end[g], scratch, payload, threadIdx.x, blockDim.x);
 }
 
 __global__ void decode_lanes_kernel(const uint8_t* payload, const int32_t* idx, const LaneJob* jobs, int64_t lanes,
@@ -110,15 +93,7 @@ __global__ void decode_lanes_kernel(const uint8_t* payload, const int32_t* idx, 
     lane_status[g] = static_cast<int32_t>(Status::kBadIndex);
     return;
   }
-  const LaneJob j = jobs[g];
-  const uint8_t* data = payload + j.byte_begin;
-  const size_t size = static_cast<size_t>(j.byte_end - j.byte_begin);
-  const int64_t n = j.sym_end - j.sym_begin;
-  Status s;
-  if (j.states == 1) s = native_decode_lane<1>(data, size, idx + j.sym_begin, n, ctx, out + j.sym_begin);
-  else if (j.states == 2) s = native_decode_lane<2>(data, size, idx + j.sym_begin, n, ctx, out + j.sym_begin);
-  else s = native_decode_lane<4>(data, size, idx + j.sym_begin, n, ctx, out + j.sym_begin);
-  lane_status[g] = static_cast<int32_t>(s);
+  lane_status[g] = static_cast<int32_t>(decode_lane_job(jobs[g], payload, idx, ctx, out));
 }
 
 constexpr int kLaneThreads = 32;  // few lanes per block: spread the (few) lanes over all SMs
@@ -198,12 +173,7 @@ void prepare_used_rows(Prepared& pt, const TableView& tv, const at::Tensor& idx_
   TORCH_CHECK_VALUE(err == nullptr, err ? err : "");
 }
 
-// A stream inside the flat buffers of a call.
-struct Slice {
-  int64_t sym_offset = 0, n = 0;
-  int64_t lanes = 0;      // encode: lane count used
-  bool auto_lanes = false;
-};
+using Slice = LaneSlice;
 
 at::Tensor index_check_flag(const at::Tensor& idx_flat, int64_t T, bool run) {
   at::Tensor bad = at::zeros({1}, idx_flat.options().dtype(at::kInt));
@@ -223,14 +193,7 @@ std::pair<std::vector<int64_t>, at::Tensor> encode_round(const at::Tensor& sym, 
                                                          const std::vector<Slice>& slices, const GpuTables& tb,
                                                          uint32_t precision, const at::Tensor& bad) {
   std::vector<LaneJob> jobs;
-  int64_t scratch_bytes = 0;
-  for (const Slice& s : slices)
-    for (int64_t i = 0; i < s.lanes; ++i) {
-      const int64_t b = s.sym_offset + lane_begin(s.n, s.lanes, i), e = s.sym_offset + lane_begin(s.n, s.lanes, i + 1);
-      const int64_t cap = (e - b) * static_cast<int64_t>(kMaxBytesPerSymbol) + kLaneSlack;
-      jobs.push_back(LaneJob{b, e, scratch_bytes, scratch_bytes + cap, kStates, 0});
-      scratch_bytes += cap;
-    }
+  const int64_t scratch_bytes = plan_encode(slices, kStates, jobs);
   const int64_t L = static_cast<int64_t>(jobs.size());
   if (L == 0) return {{}, at::Tensor()};
   const at::Device dev = sym.device();
@@ -260,10 +223,8 @@ void encode_group(const at::Tensor& sym, const at::Tensor& idx, std::vector<Slic
                   const std::vector<size_t>& stream_ids, const Prepared& pt, const GpuTables& tb, int64_t lanes,
                   bool check_indexes, std::vector<at::Tensor>& out) {
   const at::Tensor bad = index_check_flag(idx, tb.host.T, check_indexes);
-  for (Slice& s : slices) {
-    s.auto_lanes = lanes <= 0;
-    s.lanes = s.n == 0 ? 0 : s.auto_lanes ? default_lanes(s.n) : std::min<int64_t>({lanes, s.n, kMaxLanesHard});
-  }
+  const bool auto_lanes = lanes <= 0;
+  for (Slice& s : slices) s.lanes = initial_lanes(s.n, lanes);
   const uint32_t precision = static_cast<uint32_t>(pt.precision);
   auto [sizes, payload] = encode_round(sym, idx, slices, tb, precision, bad);
   TORCH_CHECK_VALUE(bad.item<int32_t>() == 0, kBadIndexMessage);
@@ -275,9 +236,8 @@ void encode_group(const at::Tensor& sym, const at::Tensor& idx, std::vector<Slic
     int64_t payload_bytes = 0;
     for (int64_t i = 0; i < s.lanes; ++i) payload_bytes += sizes[lane0 + i];
     lane0 += s.lanes;
-    if (!s.auto_lanes || s.lanes <= 1) continue;
-    const int64_t per_lane = 4 * kStates + 3;
-    const int64_t affordable = std::max<int64_t>(1, (payload_bytes / 400) / per_lane);
+    if (!auto_lanes || s.lanes <= 1) continue;
+    const int64_t affordable = affordable_lanes(static_cast<uint64_t>(payload_bytes), kStates);
     if (s.lanes > affordable) {
       s.lanes = affordable;
       again = true;
@@ -289,21 +249,15 @@ void encode_group(const at::Tensor& sym, const at::Tensor& idx, std::vector<Slic
   if (total > 0) payload_h.copy_(payload.narrow(0, 0, total));  // the one copy of the result
   const uint8_t* src = payload_h.data_ptr<uint8_t>();
   lane0 = 0;
-  std::vector<uint8_t> header;
-  std::vector<uint64_t> lane_size;
+  std::vector<uint8_t> bytes;
   for (size_t k = 0; k < slices.size(); ++k) {
     const Slice& s = slices[k];
-    lane_size.assign(sizes.begin() + lane0, sizes.begin() + lane0 + s.lanes);
-    lane0 += s.lanes;
-    const uint64_t body = std::accumulate(lane_size.begin(), lane_size.end(), uint64_t{0});
     // No symbols: no row is used and the CPU encoder writes its default precision, 16.
-    write_stream_header(header, s.n == 0 ? 16 : pt.precision, kStates, s.n, s.lanes, lane_size.data());
-    at::Tensor stream = at::empty({static_cast<int64_t>(header.size() + body)}, at::TensorOptions().dtype(at::kByte));
-    uint8_t* dst = stream.data_ptr<uint8_t>();
-    std::memcpy(dst, header.data(), header.size());
-    if (body) std::memcpy(dst + header.size(), src, body);
-    src += body;
-    seal_stream(dst, static_cast<size_t>(stream.numel()));
+    assemble_stream(bytes, s.n == 0 ? 16 : pt.precision, kStates, s.n, s.lanes, sizes.data() + lane0, src);
+    for (int64_t i = 0; i < s.lanes; ++i) src += sizes[lane0 + i];
+    lane0 += s.lanes;
+    at::Tensor stream = at::empty({static_cast<int64_t>(bytes.size())}, at::TensorOptions().dtype(at::kByte));
+    std::memcpy(stream.data_ptr<uint8_t>(), bytes.data(), bytes.size());
     out[stream_ids[k]] = stream;
   }
 }
@@ -360,7 +314,7 @@ std::vector<at::Tensor> rans_encode_batch_cuda(at::TensorList symbols, at::Tenso
       const at::Tensor i = idx.narrow(0, slices[k].sym_offset, slices[k].n);
       Prepared pk;
       prepare_used_rows(pk, tb.host, i);
-      encode_group(s, i, {Slice{0, slices[k].n, 0, false}}, {k}, pk, tb, lanes, /*check_indexes=*/false, out);
+      encode_group(s, i, {Slice{0, slices[k].n, 0}}, {k}, pk, tb, lanes, /*check_indexes=*/false, out);
     }
   }
   return out;
@@ -378,11 +332,7 @@ void decode_group(const std::vector<at::Tensor>& data_h, const at::Tensor& idx, 
     StreamHeader h;
     throw_status(parse_header(bytes, size, s.n, h), "rans_decode");
     if (s.n > 0 && h.precision != pt.precision) throw_status(Status::kMismatch, "rans_decode");
-    const int64_t base = static_cast<int64_t>(payload.size());
-    for (int64_t i = 0; i < h.lanes; ++i)
-      jobs.push_back(LaneJob{s.sym_offset + lane_begin(s.n, h.lanes, i), s.sym_offset + lane_begin(s.n, h.lanes, i + 1),
-                             base + static_cast<int64_t>(h.lane_offset[i]),
-                             base + static_cast<int64_t>(h.lane_offset[i + 1]), h.states, 0});
+    plan_decode_stream(h, s.sym_offset, s.n, static_cast<int64_t>(payload.size()), jobs);
     payload.insert(payload.end(), bytes + h.payload_pos, bytes + size);
   }
   const at::Tensor bad = index_check_flag(idx, tb.host.T, check_indexes);
@@ -395,16 +345,7 @@ void decode_group(const std::vector<at::Tensor>& data_h, const at::Tensor& idx, 
   at::Tensor jobs_d = upload_bytes(jobs.data(), jobs.size() * sizeof(LaneJob), dev);
   at::Tensor payload_d = upload_bytes(payload.data(), payload.size(), dev);
   at::Tensor bucket_d = upload_bytes(pt.bucket.data(), pt.bucket.size() * sizeof(uint16_t), dev);
-  DecodeCtx ctx;
-  ctx.cdfs = tb.device.cdfs;
-  ctx.lengths = tb.device.lengths;
-  ctx.offsets = tb.device.offsets;
-  ctx.bucket = reinterpret_cast<const uint16_t*>(bucket_d.data_ptr<uint8_t>());
-  ctx.W = tb.device.W;
-  ctx.bstride = pt.bucket_stride();
-  ctx.precision = static_cast<uint32_t>(pt.precision);
-  ctx.mask = (1u << pt.precision) - 1;
-  ctx.bshift = static_cast<uint32_t>(pt.bucket_shift);
+  const DecodeCtx ctx = decode_ctx_for(pt, tb.device, reinterpret_cast<const uint16_t*>(bucket_d.data_ptr<uint8_t>()));
   at::Tensor status_d = at::empty({L}, idx.options().dtype(at::kInt));
   decode_lanes_kernel<<<lane_blocks(L), kLaneThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       payload_d.data_ptr<uint8_t>(), idx.data_ptr<int32_t>(), reinterpret_cast<const LaneJob*>(jobs_d.data_ptr<uint8_t>()),
@@ -452,7 +393,7 @@ std::vector<at::Tensor> rans_decode_batch_cuda(at::TensorList data, at::TensorLi
       at::Tensor o = out_flat.narrow(0, slices[k].sym_offset, slices[k].n);
       Prepared pk;
       prepare_used_rows(pk, tb.host, i);
-      decode_group({data_h[k]}, i, {Slice{0, slices[k].n, 0, false}}, pk, tb, /*check_indexes=*/false, o);
+      decode_group({data_h[k]}, i, {Slice{0, slices[k].n, 0}}, pk, tb, /*check_indexes=*/false, o);
     }
   }
   std::vector<at::Tensor> out;
