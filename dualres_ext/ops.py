@@ -34,7 +34,11 @@ def _int32_tensor(x, name: str, allow_cuda: bool = False) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
+        except OverflowError:
+            raise ValueError(f"{name} has values outside the int32 range") from None
         except (TypeError, ValueError, RuntimeError) as e:
+            if "overflow" in str(e).lower():
+                raise ValueError(f"{name} has values outside the int32 range") from None
             raise TypeError(f"{name} must be a tensor, array or list of integers: {e}") from None
         if x.numel() == 0:
             x = x.to(torch.int32)

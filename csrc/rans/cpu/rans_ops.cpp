@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -85,11 +87,22 @@ at::Tensor to_tensor(const std::vector<uint8_t>& bytes) {
   return out;
 }
 
-// ATen's thread pool behind the core's parallel_for interface; one lane per task.
+// ATen's thread pool behind the core's parallel_for interface. Lanes are handed out one at a
+// time from a shared counter rather than in fixed halves: when a worker is descheduled (a busy
+// machine) or a lane is slower, the other workers take over its lanes instead of waiting.
 struct AtenFor {
   template <class F>
   void operator()(int64_t b, int64_t e, F&& f) const {
-    at::parallel_for(b, e, 1, [&](int64_t lo, int64_t hi) { f(lo, hi); });
+    if (e <= b) return;
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), e - b);
+    if (workers <= 1 || at::in_parallel_region()) {
+      f(b, e);
+      return;
+    }
+    std::atomic<int64_t> next{b};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t i = next.fetch_add(1); i < e; i = next.fetch_add(1)) f(i, i + 1);
+    });
   }
 };
 
