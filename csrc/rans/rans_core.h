@@ -478,7 +478,7 @@ Status native_decode_lane(const uint8_t* data, size_t size, const int32_t* idx, 
   r.p += 4 * K;
   int64_t j = 0;
   for (; j + K <= n; j += K) {
-#pragma GCC unroll 4
+    DUALRES_UNROLL
     for (int k = 0; k < K; ++k) {
       const Status st = native_decode_one(x[k], r, d, idx[j + k], out + j + k);
       if (st != Status::kOk) return st;
