@@ -49,6 +49,10 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def("rans_encode_compat(Tensor symbols, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
   m.def("rans_decode_compat(Tensor data, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
   m.def("rans_decode_compat_stream(Tensor data, Tensor(a!) state, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
+  // Several native streams sharing one set of tables in one call (CUDA: one launch per step for
+  // all of them; csrc/rans/cuda). Outputs are in input order.
+  m.def("rans_encode_batch(Tensor[] symbols, Tensor[] indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets, int lanes) -> Tensor[]");
+  m.def("rans_decode_batch(Tensor[] data, Tensor[] indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor[]");
 
   // --- gaussian (csrc/gaussian) ---
   // check: bit mask of scale problems that raise (1 NaN, 2 Inf, 4 negative); see gaussian_math.h.

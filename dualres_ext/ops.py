@@ -24,8 +24,13 @@ def build_info() -> str:
 # offsets int32 [T]; symbol s with table t codes value s - offsets[t], values outside the table
 # are escaped (bypass coded), so any int32 symbol round-trips.
 
-def _int32_tensor(x, name: str) -> torch.Tensor:
-    """An int32 CPU tensor from a tensor, numpy array or (nested) list of integers."""
+def _rans_cuda_built() -> bool:
+    return "cuda=1" in _ops.build_info()
+
+
+def _int32_tensor(x, name: str, allow_cuda: bool = False) -> torch.Tensor:
+    """An int32 tensor from a tensor, numpy array or (nested) list of integers; on the CPU, or on
+    a CUDA device when ``allow_cuda`` and the extension was built with CUDA (native stream ops)."""
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
@@ -37,8 +42,10 @@ def _int32_tensor(x, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must be a tensor, array or list of integers: {e}") from None
         if x.numel() == 0:
             x = x.to(torch.int32)
-    if x.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU (CUDA rANS is not built yet), got {x.device}")
+    if x.device.type != "cpu" and not (allow_cuda and x.device.type == "cuda" and _rans_cuda_built()):
+        where = "the CPU or a CUDA device" if allow_cuda else "the CPU"
+        raise ValueError(f"{name} must be on {where} (this build: {'with' if _rans_cuda_built() else 'without'} "
+                         f"CUDA), got {x.device}")
     if x.dtype == torch.int32:
         return x
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -48,10 +55,10 @@ def _int32_tensor(x, name: str) -> torch.Tensor:
     return x.to(torch.int32)
 
 
-def _tables(cdfs, cdf_lengths, offsets):
-    cdfs = _int32_tensor(cdfs, "cdfs")
-    cdf_lengths = _int32_tensor(cdf_lengths, "cdf_lengths")
-    offsets = _int32_tensor(offsets, "offsets")
+def _tables(cdfs, cdf_lengths, offsets, allow_cuda: bool = False):
+    cdfs = _int32_tensor(cdfs, "cdfs", allow_cuda)
+    cdf_lengths = _int32_tensor(cdf_lengths, "cdf_lengths", allow_cuda)
+    offsets = _int32_tensor(offsets, "offsets", allow_cuda)
     if cdfs.dim() != 2:
         raise ValueError(f"cdfs must be 2-D [tables, max_length], got shape {tuple(cdfs.shape)}")
     if cdf_lengths.shape != (cdfs.shape[0],):
@@ -61,11 +68,11 @@ def _tables(cdfs, cdf_lengths, offsets):
     return cdfs, cdf_lengths, offsets
 
 
-def _stream_tensor(data) -> torch.Tensor:
+def _stream_tensor(data, allow_cuda: bool = False) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.uint8:
             raise TypeError(f"data must be a uint8 tensor or bytes-like, got a {data.dtype} tensor")
-        if data.device.type != "cpu":
+        if data.device.type != "cpu" and not (allow_cuda and data.device.type == "cuda" and _rans_cuda_built()):
             raise ValueError(f"data must be on the CPU, got {data.device}")
         return data.reshape(-1).contiguous()
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -76,9 +83,16 @@ def _stream_tensor(data) -> torch.Tensor:
     raise TypeError(f"data must be bytes, bytearray, memoryview or a uint8 tensor, got {type(data).__name__}")
 
 
-def _symbols_indexes(symbols, indexes):
-    symbols = _int32_tensor(symbols, "symbols")
-    indexes = _int32_tensor(indexes, "indexes")
+def _same_rans_device(device, **tensors):
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the symbols/indexes are on {device}: "
+                             "all tensors must be on one device")
+
+
+def _symbols_indexes(symbols, indexes, allow_cuda: bool = False):
+    symbols = _int32_tensor(symbols, "symbols", allow_cuda)
+    indexes = _int32_tensor(indexes, "indexes", allow_cuda)
     if symbols.shape != indexes.shape:
         raise ValueError(f"symbols and indexes must have the same shape, got {tuple(symbols.shape)} "
                          f"and {tuple(indexes.shape)}")
@@ -91,26 +105,85 @@ def rans_encode(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> byt
     ``lanes=None`` lets the encoder choose (about one lane per 16k symbols, at most 64, fewer when
     the payload is small); an explicit count is capped at the symbol count and at 65536. The
     decoder handles any lane count with any number of threads.
+
+    CUDA tensors (all on one device; CUDA builds) are encoded on the GPU into the very same bytes
+    as the CPU coder would write for the same lane count; the stream comes back to the host.
     """
-    symbols, indexes = _symbols_indexes(symbols, indexes)
-    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets)
-    if lanes is None:
-        lanes = 0
-    elif not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
-        raise ValueError(f"lanes must be None or a positive int, got {lanes!r}")
+    symbols, indexes = _symbols_indexes(symbols, indexes, allow_cuda=True)
+    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
+    _same_rans_device(symbols.device, indexes=indexes, cdfs=cdfs, cdf_lengths=cdf_lengths, offsets=offsets)
+    lanes = _lanes_arg(lanes)
     out = _ops.rans_encode(symbols, indexes, cdfs, cdf_lengths, offsets, lanes)
     return out.numpy().tobytes()
+
+
+def _lanes_arg(lanes) -> int:
+    if lanes is None:
+        return 0
+    if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
+        raise ValueError(f"lanes must be None or a positive int, got {lanes!r}")
+    return lanes
 
 
 def rans_decode(data, indexes, cdfs, cdf_lengths, offsets) -> torch.Tensor:
     """Decode a native stream; returns int32 symbols shaped like ``indexes``.
 
     Raises ValueError when the stream is malformed, truncated, corrupt or made for other indexes.
+    With ``indexes`` on a CUDA device (CUDA builds; tables on the same device) the symbols are
+    decoded on the GPU and returned there; ``data`` may stay on the host.
     """
-    data = _stream_tensor(data)
-    indexes = _int32_tensor(indexes, "indexes")
-    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets)
+    data = _stream_tensor(data, allow_cuda=True)
+    indexes = _int32_tensor(indexes, "indexes", allow_cuda=True)
+    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
+    _same_rans_device(indexes.device, cdfs=cdfs, cdf_lengths=cdf_lengths, offsets=offsets)
+    if data.device.type != "cpu":
+        _same_rans_device(indexes.device, data=data)
     return _ops.rans_decode(data, indexes, cdfs, cdf_lengths, offsets)
+
+
+def rans_encode_batch(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> list:
+    """:func:`rans_encode` of several tensors sharing one set of tables: ``symbols[k]`` with
+    ``indexes[k]`` gives stream k (bytes). On CUDA all streams are coded in the same kernel
+    launches (one synchronisation for the whole batch); on the CPU it is a loop."""
+    symbols, indexes = list(symbols), list(indexes)
+    if len(symbols) != len(indexes):
+        raise ValueError(f"symbols and indexes must be lists of the same length, got {len(symbols)} and {len(indexes)}")
+    if not symbols:
+        return []
+    pairs = [_symbols_indexes(s, i, allow_cuda=True) for s, i in zip(symbols, indexes)]
+    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
+    device = pairs[0][0].device
+    for k, (s, i) in enumerate(pairs):
+        _same_rans_device(device, **{f"symbols[{k}]": s, f"indexes[{k}]": i})
+    _same_rans_device(device, cdfs=cdfs, cdf_lengths=cdf_lengths, offsets=offsets)
+    lanes = _lanes_arg(lanes)
+    if device.type == "cpu":
+        outs = [_ops.rans_encode(s, i, cdfs, cdf_lengths, offsets, lanes) for s, i in pairs]
+    else:
+        outs = _ops.rans_encode_batch([s for s, _ in pairs], [i for _, i in pairs], cdfs, cdf_lengths, offsets, lanes)
+    return [o.numpy().tobytes() for o in outs]
+
+
+def rans_decode_batch(data, indexes, cdfs, cdf_lengths, offsets) -> list:
+    """:func:`rans_decode` of several streams sharing one set of tables; a list of int32 tensors
+    shaped like ``indexes[k]``. On CUDA one launch decodes every lane of every stream."""
+    data, indexes = list(data), list(indexes)
+    if len(data) != len(indexes):
+        raise ValueError(f"data and indexes must be lists of the same length, got {len(data)} and {len(indexes)}")
+    if not data:
+        return []
+    data = [_stream_tensor(d, allow_cuda=True) for d in data]
+    indexes = [_int32_tensor(i, "indexes", allow_cuda=True) for i in indexes]
+    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
+    device = indexes[0].device
+    for k, i in enumerate(indexes):
+        _same_rans_device(device, **{f"indexes[{k}]": i})
+        if data[k].device.type != "cpu":
+            _same_rans_device(device, **{f"data[{k}]": data[k]})
+    _same_rans_device(device, cdfs=cdfs, cdf_lengths=cdf_lengths, offsets=offsets)
+    if device.type == "cpu":
+        return [_ops.rans_decode(d, i, cdfs, cdf_lengths, offsets) for d, i in zip(data, indexes)]
+    return list(_ops.rans_decode_batch(data, indexes, cdfs, cdf_lengths, offsets))
 
 
 def rans_encode_compat(symbols, indexes, cdfs, cdf_lengths, offsets) -> bytes:

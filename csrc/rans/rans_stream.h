@@ -29,13 +29,26 @@ constexpr int64_t kMaxLanes = 64;          // default lane count cap
 constexpr int64_t kMaxLanesHard = 1 << 16; // what an encoder may be asked for / a decoder accepts
 
 // Lane i covers symbols [lane_begin(n, L, i), lane_begin(n, L, i + 1)).
-inline int64_t lane_begin(int64_t n, int64_t lanes, int64_t i) {
+DUALRES_HD inline int64_t lane_begin(int64_t n, int64_t lanes, int64_t i) {
   return static_cast<int64_t>((static_cast<__int128>(n) * i) / lanes);
 }
 
 inline int64_t default_lanes(int64_t n) {
   if (n <= 0) return 0;
   return std::clamp<int64_t>(n / kMinLaneSymbols, 1, kMaxLanes);
+}
+
+// The lane count an encoder starts with: lanes <= 0 means "choose" (default_lanes).
+inline int64_t initial_lanes(int64_t n, int64_t lanes) {
+  if (n <= 0) return 0;
+  return lanes <= 0 ? default_lanes(n) : std::min<int64_t>({lanes, n, kMaxLanesHard});
+}
+
+// With a chosen count: the most lanes whose cost (states + length varint) stays under 0.25% of
+// `payload` bytes; low-entropy data gets fewer, longer lanes (re-encoded once).
+inline int64_t affordable_lanes(uint64_t payload, int states) {
+  const int64_t per_lane = 4 * states + 3;
+  return std::max<int64_t>(1, static_cast<int64_t>(payload / 400) / per_lane);
 }
 
 // CRC-32C (Castagnoli) of the stream body. rANS alone cannot notice every corruption: bypass
@@ -129,6 +142,28 @@ inline Status parse_header(const uint8_t* data, size_t size, int64_t expected_sy
   return Status::kOk;
 }
 
+// Writes the header (CRC left as zeros) for a stream whose lanes have the given byte sizes.
+// Shared by the CPU encoder below and the CUDA encoder, which assembles streams on the host.
+inline void write_stream_header(std::vector<uint8_t>& out, int precision, int states, int64_t n, int64_t lanes,
+                                const uint64_t* lane_size) {
+  out.clear();
+  out.push_back(kMagic0);
+  out.push_back(kMagic1);
+  out.push_back(kVersion);
+  out.push_back(static_cast<uint8_t>(precision));
+  out.push_back(static_cast<uint8_t>(states));
+  out.resize(kFixedHeader);  // crc32c, filled in by seal_stream
+  put_varint(out, static_cast<uint64_t>(n));
+  put_varint(out, static_cast<uint64_t>(lanes));
+  for (int64_t i = 0; i < lanes; ++i) put_varint(out, lane_size[i]);
+}
+
+// Fills in the CRC-32C once header and payload are in place.
+inline void seal_stream(uint8_t* data, size_t size) {
+  const uint32_t crc = crc32c(data + kFixedHeader, size - kFixedHeader);
+  for (int b = 0; b < 4; ++b) data[5 + b] = static_cast<uint8_t>(crc >> (8 * b));
+}
+
 template <int K>
 void encode_lanes(const int32_t* sym, const int32_t* idx, int64_t n, int64_t lanes, const Prepared& pt,
                   std::vector<BackBuffer>& bufs, int64_t lane_lo, int64_t lane_hi) {
@@ -144,8 +179,7 @@ template <class ParFor>
 Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t lanes, const Prepared& pt,
                      std::vector<uint8_t>& out, ParFor&& parallel_for, int states = kDefaultStates) {
   const bool auto_lanes = lanes <= 0;
-  lanes = auto_lanes ? default_lanes(n) : std::min<int64_t>({lanes, n, kMaxLanesHard});
-  if (n == 0) lanes = 0;
+  lanes = initial_lanes(n, lanes);
   std::vector<BackBuffer> bufs;
   for (int attempt = 0; attempt < 2; ++attempt) {
     bufs.clear();
@@ -158,32 +192,21 @@ Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t 
       else encode_lanes<2>(sym, idx, n, lanes, pt, bufs, lo, hi);
     });
     if (!auto_lanes || lanes <= 1) break;
-    // Keep the per-lane cost (states + length varint) under 0.25% of the payload: low-entropy
-    // data gets fewer, longer lanes (re-encoded once; such data is cheap to code anyway).
     size_t payload = 0;
     for (auto& b : bufs) payload += b.size();
-    const int64_t per_lane = 4 * states + 3;
-    const int64_t affordable = std::max<int64_t>(1, static_cast<int64_t>(payload / 400) / per_lane);
+    const int64_t affordable = affordable_lanes(payload, states);
     if (lanes <= affordable) break;
     lanes = affordable;
   }
-  out.clear();
-  out.push_back(kMagic0);
-  out.push_back(kMagic1);
-  out.push_back(kVersion);
-  out.push_back(static_cast<uint8_t>(pt.precision));
-  out.push_back(static_cast<uint8_t>(states));
-  out.resize(kFixedHeader);  // crc32c, filled in below
-  put_varint(out, static_cast<uint64_t>(n));
-  put_varint(out, static_cast<uint64_t>(lanes));
+  std::vector<uint64_t> sizes(static_cast<size_t>(lanes));
   size_t payload = 0;
-  for (auto& b : bufs) { put_varint(out, b.size()); payload += b.size(); }
+  for (int64_t i = 0; i < lanes; ++i) { sizes[i] = bufs[i].size(); payload += bufs[i].size(); }
+  write_stream_header(out, pt.precision, states, n, lanes, sizes.data());
   const size_t hdr = out.size();
   out.resize(hdr + payload);
   size_t pos = hdr;
   for (auto& b : bufs) { std::memcpy(out.data() + pos, b.data(), b.size()); pos += b.size(); }
-  const uint32_t crc = crc32c(out.data() + kFixedHeader, out.size() - kFixedHeader);
-  for (int b = 0; b < 4; ++b) out[5 + b] = static_cast<uint8_t>(crc >> (8 * b));
+  seal_stream(out.data(), out.size());
   return Status::kOk;
 }
 
