@@ -42,6 +42,13 @@ _KNOWN_FLAGS = FLAG_GREY | FLAG_CUDA
 _HEAD = struct.Struct("<4sBBBBfIIIH")   # magic .. section count
 _CRC = struct.Struct("<I")
 MAX_SIDE = 1 << 16                     # largest width/height the container accepts
+# Decompression-bomb guard: decode refuses a header whose width x height exceeds this many pixels
+# before any model work or allocation (a forged 65536 x 65536 header would otherwise ask for
+# hundreds of GiB). Pillow's default (Image.MAX_IMAGE_PIXELS, ~179 Mpx) for the same purpose.
+# Override per call with decode(..., max_pixels=N), process-wide with the environment variable
+# DUALRES_MAX_PIXELS or by assigning codec.MAX_PIXELS.
+MAX_PIXELS = 178956970
+MAX_PIXELS_ENV = "DUALRES_MAX_PIXELS"
 
 WEIGHTS_FORMAT = "dualres-weights"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "dualres_compact.pt"
@@ -49,6 +56,10 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "dualres_compact
 
 class BitstreamError(ValueError):
     """A DualRes bitstream is malformed: wrong magic, unknown version, truncated, corrupted."""
+
+
+class ImageTooLargeError(BitstreamError):
+    """The bitstream's header declares more pixels than the decoder's limit (``max_pixels``)."""
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -362,12 +373,42 @@ def encode(image, quality: Union[int, float] = 3, device=None, weights=None) -> 
     return _pack(config_id, flags, q, wid, int(width), int(height), sections)
 
 
-def decode(data, device=None, output: str = "pil", weights=None):
+def _pixel_limit(max_pixels) -> int:
+    """The pixel limit in force: the argument, else $DUALRES_MAX_PIXELS, else MAX_PIXELS."""
+    source = "max_pixels"
+    if max_pixels is None:
+        env = os.environ.get(MAX_PIXELS_ENV)
+        if env is None or env.strip() == "":
+            max_pixels, source = MAX_PIXELS, "codec.MAX_PIXELS"
+        else:
+            try:
+                max_pixels, source = int(env), MAX_PIXELS_ENV
+            except ValueError:
+                raise ValueError(f"{MAX_PIXELS_ENV} must be a positive integer, got {env!r}") from None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)):
+        raise TypeError(f"{source} must be an int, got {type(max_pixels).__name__}")
+    if max_pixels < 1:
+        raise ValueError(f"{source} must be a positive integer, got {max_pixels}")
+    return int(max_pixels)
+
+
+def decode(data, device=None, output: str = "pil", weights=None, max_pixels: Optional[int] = None):
     """Decompress a DualRes bitstream. ``output``: ``"pil"`` (default), ``"numpy"`` (HxWx3 or
-    HxW uint8) or ``"tensor"`` ((3 or 1, H, W) float in [0, 1], not rounded to 8 bits)."""
+    HxW uint8) or ``"tensor"`` ((3 or 1, H, W) float in [0, 1], not rounded to 8 bits).
+
+    ``max_pixels``: refuse (:class:`ImageTooLargeError`, a ``BitstreamError``) a stream whose
+    header declares more than this many pixels, before any model work; default
+    ``$DUALRES_MAX_PIXELS`` or :data:`MAX_PIXELS` (~179 Mpx, as Pillow).
+    """
     if output not in ("pil", "numpy", "tensor"):
         raise ValueError(f"output must be 'pil', 'numpy' or 'tensor', got {output!r}")
+    limit = _pixel_limit(max_pixels)
     head = parse_header(data)
+    if head["width"] * head["height"] > limit:
+        raise ImageTooLargeError(
+            f"the bitstream declares a {head['width']}x{head['height']} image "
+            f"({head['width'] * head['height']} pixels), more than the limit of {limit} "
+            f"(raise it with decode(..., max_pixels=N) or ${MAX_PIXELS_ENV} if the source is trusted)")
     model, wid = _resolve_model(weights, device)
     if head["weights_id"] != wid:
         raise BitstreamError(
@@ -392,5 +433,5 @@ def decode(data, device=None, output: str = "pil", weights=None):
     return _from_tensor(x_hat, head["grey"], output)
 
 
-__all__ = ["encode", "decode", "BitstreamError", "WeightsNotFoundError", "save_weights",
-           "load_weights", "parse_header", "weights_id", "MAGIC", "VERSION"]
+__all__ = ["encode", "decode", "BitstreamError", "ImageTooLargeError", "WeightsNotFoundError", "save_weights",
+           "load_weights", "parse_header", "weights_id", "MAGIC", "VERSION", "MAX_PIXELS", "MAX_SIDE"]
