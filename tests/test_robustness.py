@@ -49,8 +49,7 @@ def test_bomb_header_refused_before_model_work(model, stream, monkeypatch):
         codec.decode(forged, weights=model)
     assert time.perf_counter() - t0 < 1.0 and not calls
     assert issubclass(codec.ImageTooLargeError, codec.BitstreamError)
-    # Just above the default limit (Pillow's), still refused; the argument can raise the limit
-    # (then the stream fails later only because its sections were made for 64x48).
+    # Just above the default limit: still refused.
     w, h = 65536, codec.MAX_PIXELS // 65536 + 1
     with pytest.raises(codec.ImageTooLargeError):
         codec.decode(_forge_size(stream, w, h), weights=model)
