@@ -130,11 +130,13 @@ def test_bad_input_is_refused(t, name, call, exc, text):
 
 def test_cdf_tables_limit_is_exact():
     """The new size check refuses only what the kernel refuses: the largest scale that fits
-    16 bits still builds its table (and it is the long table, not a wrapped one)."""
+    16 bits still builds its table, 1% more does not (and it is the long table, not a wrapped one)."""
     multiplier = -float(torch.special.ndtri(torch.tensor(1e-9 / 2, dtype=torch.float64)))
-    s = (2**15 - 1) / multiplier * 0.999
-    cdf, length, offset = ops.gaussian_cdf_tables(torch.tensor([s]))
+    s = (2**11 - 1) / multiplier * 0.999
+    cdf, length, offset = ops.gaussian_cdf_tables(torch.tensor([s]), precision=12)
     assert int(length[0]) == 2 * math.ceil(s * multiplier) + 3 and int(offset[0]) == -math.ceil(s * multiplier)
+    with pytest.raises(ValueError, match="12-bit"):
+        ops.gaussian_cdf_tables(torch.tensor([s * 1.01]), precision=12)
 
 
 def test_valid_edge_inputs_still_work(t):
