@@ -43,6 +43,15 @@ _KNOWN_FLAGS = FLAG_GREY | FLAG_CUDA
 _HEAD = struct.Struct("<4sBBBBfIIIH")   # magic .. section count
 _CRC = struct.Struct("<I")
 MAX_SIDE = 1 << 16                     # largest width/height the container accepts
+# Decompression-bomb guard: decode refuses a header whose width x height exceeds this many pixels
+# before any model work or allocation (a forged 65536 x 65536 header would otherwise ask for
+# hundreds of GiB). Measured: a 4000x3000 (12 Mpx) decode with the compact model peaks at
+# 2.3 GiB RSS, i.e. ~150 bytes per pixel over ~0.55 GiB of torch + model; 2^26 px (67 Mpx,
+# e.g. 8192x8192) is then ~10 GiB, while Pillow's 179 Mpx (Image.MAX_IMAGE_PIXELS) would need
+# ~26 GiB. Override per call with decode(..., max_pixels=N), process-wide with the environment
+# variable DUALRES_MAX_PIXELS or by assigning codec.MAX_PIXELS.
+MAX_PIXELS = 1 << 26
+MAX_PIXELS_ENV = "DUALRES_MAX_PIXELS"
 
 WEIGHTS_FORMAT = "dualres-weights"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "dualres_compact.pt"
@@ -50,6 +59,10 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "dualres_compact
 
 class BitstreamError(ValueError):
     """A DualRes bitstream is malformed: wrong magic, unknown version, truncated, corrupted."""
+
+
+class ImageTooLargeError(BitstreamError):
+    """The bitstream's header declares more pixels than the decoder's limit (``max_pixels``)."""
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -378,12 +391,43 @@ def encode(image, quality: Union[int, float] = 3, device=None, weights=None) -> 
     return _pack(config_id, flags, q, wid, int(width), int(height), sections)
 
 
-def decode(data, device=None, output: str = "pil", weights=None):
+def _pixel_limit(max_pixels) -> int:
+    """The pixel limit in force: the argument, else $DUALRES_MAX_PIXELS, else MAX_PIXELS."""
+    source = "max_pixels"
+    if max_pixels is None:
+        env = os.environ.get(MAX_PIXELS_ENV)
+        if env is None or env.strip() == "":
+            max_pixels, source = MAX_PIXELS, "codec.MAX_PIXELS"
+        else:
+            try:
+                max_pixels, source = int(env), MAX_PIXELS_ENV
+            except ValueError:
+                raise ValueError(f"{MAX_PIXELS_ENV} must be a positive integer, got {env!r}") from None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)):
+        raise TypeError(f"{source} must be an int, got {type(max_pixels).__name__}")
+    if max_pixels < 1:
+        raise ValueError(f"{source} must be a positive integer, got {max_pixels}")
+    return int(max_pixels)
+
+
+def decode(data, device=None, output: str = "pil", weights=None, max_pixels: Optional[int] = None):
     """Decompress a DualRes bitstream. ``output``: ``"pil"`` (default), ``"numpy"`` (HxWx3 or
-    HxW uint8) or ``"tensor"`` ((3 or 1, H, W) float in [0, 1], not rounded to 8 bits)."""
+    HxW uint8) or ``"tensor"`` ((3 or 1, H, W) float in [0, 1], not rounded to 8 bits).
+
+    ``max_pixels``: refuse (:class:`ImageTooLargeError`, a ``BitstreamError``) a stream whose
+    header declares more than this many pixels, before any model work; default
+    ``$DUALRES_MAX_PIXELS`` or :data:`MAX_PIXELS` (2^26 = 67 Mpx: ~10 GiB peak with the
+    compact model on CPU).
+    """
     if output not in ("pil", "numpy", "tensor"):
         raise ValueError(f"output must be 'pil', 'numpy' or 'tensor', got {output!r}")
+    limit = _pixel_limit(max_pixels)
     head = parse_header(data)
+    if head["width"] * head["height"] > limit:
+        raise ImageTooLargeError(
+            f"the bitstream declares a {head['width']}x{head['height']} image "
+            f"({head['width'] * head['height']} pixels), more than the limit of {limit} "
+            f"(raise it with decode(..., max_pixels=N) or ${MAX_PIXELS_ENV} if the source is trusted)")
     model, wid = _resolve_model(weights, device)
     if head["weights_id"] != wid:
         raise BitstreamError(
@@ -408,5 +452,5 @@ def decode(data, device=None, output: str = "pil", weights=None):
     return _from_tensor(x_hat, head["grey"], output)
 
 
-__all__ = ["encode", "decode", "BitstreamError", "WeightsNotFoundError", "save_weights",
-           "load_weights", "parse_header", "weights_id", "MAGIC", "VERSION"]
+__all__ = ["encode", "decode", "BitstreamError", "ImageTooLargeError", "WeightsNotFoundError", "save_weights",
+           "load_weights", "parse_header", "weights_id", "MAGIC", "VERSION", "MAX_PIXELS", "MAX_SIDE"]

@@ -6,6 +6,8 @@ well-formed tensors. The C++ side still checks what it cannot trust (bitstream b
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _C  # noqa: F401
@@ -209,6 +211,11 @@ def rans_decode_compat_stream(data: torch.Tensor, state: torch.Tensor, indexes, 
     ``state`` is an int64 tensor [2] = (byte position, rANS state), updated in place; start with
     zeros. ``data`` must be a uint8 tensor (kept by the caller between calls).
     """
+    # Checked here too: the op's schema would answer a non-tensor with a RuntimeError.
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a uint8 tensor (kept between calls), got {type(data).__name__}")
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be an int64 tensor [2], got {type(state).__name__}")
     indexes = _int32_tensor(indexes, "indexes")
     cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets)
     return _ops.rans_decode_compat_stream(data, state, indexes, cdfs, cdf_lengths, offsets)
@@ -293,6 +300,9 @@ def _gdn_check(x, beta, gamma, bias, check_finite: bool):
         raise ValueError(f"gdn: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"gdn: x must be a floating point tensor, got dtype {x.dtype}")
+    for name, t in (("beta", beta), ("gamma", gamma), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"gdn: {name} must be a torch.Tensor, got {type(t).__name__}")
     c = x.shape[1]
     if beta.shape != (c,):
         raise ValueError(f"gdn: beta must have shape ({c},) for x with {c} channels, got {tuple(beta.shape)}")
@@ -382,6 +392,10 @@ def _index_inputs(scales, scale_table, scale_bound):
     if scale_table.dim() != 1 or scale_table.numel() < 1:
         raise ValueError(f"scale_table must be a non-empty 1-D tensor, got shape {tuple(scale_table.shape)}")
     bound, bound_dtype = _bound_value("scale_bound", scale_bound)
+    if bound != bound:
+        raise ValueError("scale_bound is NaN")
+    if scale_table.device.type == "cpu" and bool(torch.isnan(scale_table).any()):  # (no CUDA sync)
+        raise ValueError("scale_table contains NaN")
     dtype = torch.promote_types(scales.dtype, bound_dtype)
     if dtype not in _NATIVE_FLOATS:
         dtype = torch.float32
@@ -563,6 +577,9 @@ def pmf_to_quantized_cdf(pmf, lengths=None, precision=16):
         _require_tensor("lengths", lengths, floating=False)
         if lengths.shape != (pmf.size(0),):
             raise ValueError(f"lengths must have shape ({pmf.size(0)},), got {tuple(lengths.shape)}")
+        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > pmf.size(1)):
+            # Checked before the int32 cast below, which would wrap values beyond int32.
+            raise ValueError(f"lengths must lie in [1, {pmf.size(1)}], got [{int(lengths.min())}, {int(lengths.max())}]")
     cdf = _ops.pmf_to_quantized_cdf(pmf.detach().cpu().float(), lengths.cpu().int(), int(precision))
     return cdf[0] if one_d else cdf
 
@@ -579,4 +596,11 @@ def gaussian_cdf_tables(scale_table, tail_mass=1e-9, precision=16):
         raise ValueError(f"tail_mass must be in (0, 1), got {tail_mass}")
     if not 1 <= int(precision) <= 30:
         raise ValueError(f"precision must be in [1, 30], got {precision}")
+    # The kernel casts ceil(scale * multiplier) to int32: a huge scale would wrap there and come
+    # back as a tiny, wrong table. Refuse what cannot fit 2^precision symbols, in float64 first.
+    multiplier = -float(torch.special.ndtri(torch.tensor(float(tail_mass) / 2, dtype=torch.float64)))
+    longest = 2 * math.ceil(float(scale_table.detach().max()) * multiplier) + 1
+    if longest > (1 << int(precision)) - 1:
+        raise ValueError(f"scale_table entry too large for {int(precision)}-bit precision: "
+                         f"the pmf needs {longest} symbols")
     return tuple(_ops.gaussian_cdf_tables(scale_table.detach().cpu(), float(tail_mass), int(precision)))
