@@ -67,6 +67,8 @@ TORCH_LIBRARY(dualres_ext, m) {
   // --- gdn (csrc/gdn) ---
   // beta (C,), gamma (C, C): effective (reparametrised) float32 parameters; bias (C,) is added to x first.
   m.def("gdn_forward(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> Tensor");
+  // In place (inference): x (NCHW- or channels-last-contiguous) is overwritten with the result.
+  m.def("gdn_forward_(Tensor(a!) x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> Tensor(a!)");
   // Returns (grad_x, grad_beta, grad_gamma); grad_bias is grad_x summed over N, H, W.
   m.def("gdn_backward(Tensor grad_y, Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, "
         "bool simplified) -> (Tensor, Tensor, Tensor)");

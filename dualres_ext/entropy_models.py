@@ -193,17 +193,11 @@ class EntropyModel(nn.Module):
             raise ValueError("`inputs` and `indexes` should have the same size.")
         tables = self._coder_tables()
         symbols = ops.quantize_symbols(inputs, means).cpu()
-        indexes = self._as_indexes(indexes)
-        self._check_index_range(indexes)
+        indexes = self._as_indexes(indexes)  # the coder checks their range
         n = symbols.size(0)
         symbols = symbols.reshape(n, -1)
         indexes = indexes.reshape(n, -1)
         return [self._encode(symbols[i], indexes[i], tables) for i in range(n)]
-
-    def _check_index_range(self, indexes: Tensor):
-        if indexes.numel() and (int(indexes.min()) < 0 or int(indexes.max()) >= self._quantized_cdf.size(0)):
-            raise ValueError(f"indexes must lie in [0, {self._quantized_cdf.size(0)}), got "
-                             f"[{int(indexes.min())}, {int(indexes.max())}]")
 
     def decompress(
         self,
@@ -228,8 +222,7 @@ class EntropyModel(nn.Module):
                     if means.size(i) != 1:
                         raise ValueError("Invalid means parameters")
         device = indexes.device
-        flat = self._as_indexes(indexes).reshape(indexes.size(0), -1)
-        self._check_index_range(flat)
+        flat = self._as_indexes(indexes).reshape(indexes.size(0), -1)  # the coder checks their range
         if len(strings) == 1:
             symbols = self._decode(strings[0], flat[0], tables).reshape(indexes.shape)
         else:

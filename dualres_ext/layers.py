@@ -94,8 +94,9 @@ class GDN(nn.Module):
     instead (IGDN). Parameters ``beta`` (C,) and ``gamma`` (C, C) are stored reparametrised
     exactly as in ``compressai.layers.GDN``.
 
-    ``forward(x, bias=None)``: ``bias`` (C,) is added to ``x`` first, inside the fused kernel
-    (used by :class:`ConvGDN` to fold the convolution's bias).
+    ``forward(x, bias=None, inplace=False)``: ``bias`` (C,) is added to ``x`` first, inside the
+    fused kernel (used by :class:`ConvGDN` to fold the convolution's bias); ``inplace=True`` lets
+    the kernel overwrite ``x`` when no gradient is recorded (see :func:`dualres_ext.ops.gdn`).
     """
 
     _simplified = False
@@ -125,13 +126,13 @@ class GDN(nn.Module):
         """(beta, gamma) after the reparametrisation: what the normalisation actually uses."""
         return self.beta_reparam(self.beta), self.gamma_reparam(self.gamma)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, inplace: bool = False) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         beta, gamma = self.effective_params()
         return ops.gdn(x, beta, gamma, bias, inverse=self.inverse, simplified=self._simplified,
-                       check_finite=self.check_finite)
+                       check_finite=self.check_finite, inplace=inplace)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, inverse={self.inverse}"
@@ -200,8 +201,10 @@ class ConvGDN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fold_bias:
             c = self.conv
-            return self.gdn(F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups), bias=c.bias)
-        return self.gdn(self.conv(x))
+            y = F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+            return self.gdn(y, bias=c.bias, inplace=True)
+        # The convolution's output is our own temporary: GDN may overwrite it (inference only).
+        return self.gdn(self.conv(x), inplace=True)
 
 
 class DeconvIGDN(nn.Module):
@@ -221,5 +224,5 @@ class DeconvIGDN(nn.Module):
         if self.fold_bias:
             d = self.deconv
             y = F.conv_transpose2d(x, d.weight, None, d.stride, d.padding, d.output_padding, d.groups, d.dilation)
-            return self.igdn(y, bias=d.bias)
-        return self.igdn(self.deconv(x))
+            return self.igdn(y, bias=d.bias, inplace=True)
+        return self.igdn(self.deconv(x), inplace=True)

@@ -85,7 +85,8 @@ def rans_encode(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> byt
     """Encode int32 ``symbols`` with tables ``cdfs[indexes]`` into the native multi-lane stream.
 
     ``lanes=None`` lets the encoder choose (about one lane per 16k symbols, at most 64, fewer when
-    the payload is small); the decoder handles any lane count with any number of threads.
+    the payload is small); an explicit count is capped at the symbol count and at 65536. The
+    decoder handles any lane count with any number of threads.
     """
     symbols, indexes = _symbols_indexes(symbols, indexes)
     cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets)
@@ -155,6 +156,12 @@ def _gdn_has_native(device_type: str) -> bool:
     return False
 
 
+def _gdn_inplace_ok(x, *params) -> bool:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return False
+    return hasattr(_ops, "gdn_forward_") and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+
+
 def gdn_reference(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False):
     """The plain PyTorch expression (CompressAI's), differentiable by autograd; any device/dtype."""
     if bias is not None:
@@ -218,7 +225,8 @@ def _gdn_check(x, beta, gamma, bias, check_finite: bool):
             raise ValueError(f"gdn: {name} contains NaN or Inf")
 
 
-def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False, check_finite: bool = True):
+def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False, check_finite: bool = True,
+        inplace: bool = False):
     """GDN / IGDN / simplified GDN of ``x`` (N, C, H, W) with effective ``beta`` (C,) and ``gamma`` (C, C).
 
     Uses the fused native kernel (forward and backward) for float32 on CPU and
@@ -226,6 +234,9 @@ def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = Fal
     :func:`gdn_reference`. NCHW and channels-last inputs are both handled natively and the
     output keeps the input's memory format. ``check_finite`` validates beta/gamma/bias
     (on CUDA this synchronises; turn it off in hot loops once the parameters are trusted).
+    ``inplace=True`` lets the native kernel write the result into ``x`` (saving the output
+    allocation) when no gradient is being recorded and ``x`` is NCHW- or channels-last-contiguous;
+    otherwise it is ignored and a new tensor is returned. Use the return value either way.
     """
     _gdn_check(x, beta, gamma, bias, check_finite)
     dev = x.device.type
@@ -236,7 +247,10 @@ def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = Fal
     # Kernels take float32 parameters (they accumulate in float32 whatever x's dtype is).
     beta32, gamma32 = beta.float(), gamma.float()
     bias32 = None if bias is None else bias.float()
+    if inplace and _gdn_inplace_ok(x, beta32, gamma32, bias32):
+        return _ops.gdn_forward_(x, beta32, gamma32, bias32, bool(inverse), bool(simplified))
     return _GDNFunction.apply(x, beta32, gamma32, bias32, bool(inverse), bool(simplified))
+
 
 
 # --- gaussian ---

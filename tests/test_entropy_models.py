@@ -170,3 +170,105 @@ def test_constructor_validation():
         ours.EntropyBottleneck(4, lanes=0)
     with pytest.raises(ValueError, match="update"):
         ours.GaussianConditional(None).compress(torch.randn(1, 2, 3), torch.zeros(1, 2, 3, dtype=torch.int32))
+
+
+# -- compress / decompress ------------------------------------------------------------------
+
+def _gaussian_pair(**kwargs):
+    ref = theirs.GaussianConditional(None)
+    ref.update_scale_table(get_scale_table())
+    mine = ours.GaussianConditional(None, **kwargs)
+    mine.load_state_dict(ref.state_dict())
+    return ref, mine
+
+
+def _latent(shape, escapes=True):
+    y = torch.randn(shape) * 6
+    means = torch.randn(shape) * 2
+    scales = _log_uniform(shape, 0.05, 30.0)
+    if escapes:  # values far outside the tables take CompressAI's bypass path
+        flat = y.view(-1)
+        pick = torch.randperm(flat.numel())[:40]
+        flat[pick] = torch.randn(40) * 3000
+    return y, means, scales
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 13, 9), (3, 5, 4, 6), (2, 3, 7)])
+def test_gaussian_compress_byte_identical_to_compressai(shape):
+    ref, mine = _gaussian_pair()
+    y, means, scales = _latent(shape)
+    indexes = ref.build_indexes(scales)
+    for m in (means, None):
+        strings = mine.compress(y, indexes, m)
+        assert strings == ref.compress(y, indexes, m)
+        decoded = mine.decompress(strings, indexes, means=m)
+        expected = ref.decompress(strings, indexes, means=m)
+        assert decoded.dtype == expected.dtype and torch.equal(decoded, expected)
+    # CompressAI decodes our strings and we decode its strings (same thing, but say it).
+    assert torch.equal(mine.decompress(ref.compress(y, indexes, means), indexes, means=means),
+                       ref.decompress(mine.compress(y, indexes, means), indexes, means=means))
+    # dtype argument without means, broadcast means with size-1 spatial dims.
+    strings = mine.compress(y, indexes)
+    assert torch.equal(mine.decompress(strings, indexes, dtype=torch.float64),
+                       ref.decompress(strings, indexes, dtype=torch.float64))
+    if len(shape) == 4:
+        m1 = torch.randn(shape[0], shape[1], 1, 1)
+        s1 = mine.compress(y, indexes, m1.expand(shape))
+        assert torch.equal(mine.decompress(s1, indexes, means=m1), ref.decompress(s1, indexes, means=m1))
+
+
+@pytest.mark.parametrize("lanes", ["auto", 1, 7])
+def test_gaussian_native_lanes_round_trip(lanes):
+    ref, mine = _gaussian_pair(lanes=lanes)
+    y, means, scales = _latent((2, 48, 20, 14))
+    indexes = mine.build_indexes(scales)
+    strings = mine.compress(y, indexes, means)
+    assert len(strings) == 2 and all(isinstance(s, bytes) for s in strings)
+    expected = ref.dequantize(ref.quantize(y, "symbols", means), means)
+    assert torch.equal(mine.decompress(strings, indexes, means=means), expected)
+    # Size stays close to CompressAI's single-lane stream (lanes cost a few bytes each).
+    compat = ref.compress(y, indexes, means)
+    assert sum(map(len, strings)) <= 1.01 * sum(map(len, compat)) + 64 * (1 if lanes == "auto" else lanes) * 2
+    # A decoder whose lanes setting differs still reads the stream (the lane count is in it).
+    other = ours.GaussianConditional(None, lanes=3)
+    other.load_state_dict(mine.state_dict())
+    assert torch.equal(other.decompress(strings, indexes, means=means), expected)
+
+
+@pytest.mark.parametrize("lanes", [None, "auto"])
+def test_entropy_bottleneck_compress(lanes):
+    eb = _perturbed_bottleneck(12)
+    mine = ours.EntropyBottleneck(12, lanes=lanes)
+    mine.load_state_dict(eb.state_dict())
+    z = torch.randn(2, 12, 6, 5) * 8
+    z[0, 3, 2, 1] = 4000.0  # escape
+    strings = mine.compress(z)
+    if lanes is None:
+        assert strings == eb.compress(z)
+    decoded = mine.decompress(strings, z.shape[2:])
+    assert torch.equal(decoded, eb.decompress(eb.compress(z), z.shape[2:]))
+
+
+def test_compress_rejects_bad_arguments():
+    _, mine = _gaussian_pair()
+    y, means, scales = _latent((1, 4, 3, 3), escapes=False)
+    indexes = mine.build_indexes(scales)
+    with pytest.raises(ValueError, match="same size"):
+        mine.compress(y, indexes[:, :2])
+    with pytest.raises(ValueError, match="at least 2"):
+        mine.compress(y.view(-1), indexes.view(-1))
+    with pytest.raises(ValueError):
+        mine.compress(y, indexes + 100)  # outside the tables
+    y_bad = y.clone()
+    y_bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        mine.compress(y_bad, indexes)
+    strings = mine.compress(y, indexes)
+    with pytest.raises(ValueError):
+        mine.decompress("not a list", indexes)
+    with pytest.raises(ValueError):
+        mine.decompress(strings * 2, indexes)
+    with pytest.raises(ValueError, match="means"):
+        mine.decompress(strings, indexes, means=torch.zeros(1, 4, 3, 2))
+    with pytest.raises(ValueError):
+        mine.decompress([strings[0][: len(strings[0]) // 2]], indexes)  # truncated

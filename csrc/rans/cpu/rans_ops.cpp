@@ -4,6 +4,8 @@
 // Tensors in, tensors out: no Python lists anywhere. Arguments are validated here with messages
 // naming the argument (TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError); the core
 // validates the bitstream itself and reports failures as Status codes, turned into ValueError.
+#include <Python.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +17,23 @@
 
 namespace dualres::rans {
 namespace {
+
+// Calls through torch.ops keep the GIL (measured: two Python threads did not overlap), so the
+// coding loops release it themselves. They touch no Python object.
+class GilRelease {
+ public:
+  GilRelease() {
+    if (Py_IsInitialized() && PyGILState_Check()) state_ = PyEval_SaveThread();
+  }
+  ~GilRelease() {
+    if (state_) PyEval_RestoreThread(state_);
+  }
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+
+ private:
+  PyThreadState* state_ = nullptr;
+};
 
 void check_int32_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be an int32 tensor, got ", t.scalar_type());
@@ -85,13 +104,16 @@ std::pair<at::Tensor, at::Tensor> symbols_and_indexes(const at::Tensor& symbols,
 at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& indexes, const at::Tensor& cdfs,
                        const at::Tensor& cdf_lengths, const at::Tensor& offsets, int64_t lanes) {
   auto [sym, idx] = symbols_and_indexes(symbols, indexes);
-  TORCH_CHECK_VALUE(lanes <= kMaxLanesHard, "lanes must be <= ", kMaxLanesHard, ", got ", lanes);
   Tables tb(cdfs, cdf_lengths, offsets);
   Prepared pt;
   prepare_or_throw(pt, tb, idx, /*for_encode=*/true, 0);
   std::vector<uint8_t> out;
-  throw_status(encode_stream(sym.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), idx.numel(), lanes, pt, out, AtenFor{}),
-               "rans_encode");
+  Status st;
+  {
+    GilRelease nogil;
+    st = encode_stream(sym.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), idx.numel(), lanes, pt, out, AtenFor{});
+  }
+  throw_status(st, "rans_encode");
   return to_tensor(out);
 }
 
@@ -105,8 +127,12 @@ at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& indexes, const 
   Prepared pt;
   prepare_or_throw(pt, tb, idx, /*for_encode=*/false, 0);
   at::Tensor out = at::empty(indexes.sizes(), at::TensorOptions().dtype(at::kInt));
-  throw_status(decode_stream(bytes, size, idx.data_ptr<int32_t>(), idx.numel(), pt, out.data_ptr<int32_t>(), AtenFor{}),
-               "rans_decode");
+  Status st;
+  {
+    GilRelease nogil;
+    st = decode_stream(bytes, size, idx.data_ptr<int32_t>(), idx.numel(), pt, out.data_ptr<int32_t>(), AtenFor{});
+  }
+  throw_status(st, "rans_decode");
   return out;
 }
 
@@ -117,8 +143,12 @@ at::Tensor rans_encode_compat(const at::Tensor& symbols, const at::Tensor& index
   Prepared pt;
   prepare_or_throw(pt, tb, idx, /*for_encode=*/true, kCompatPrecision);
   std::vector<uint8_t> out;
-  throw_status(compat_encode(sym.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), idx.numel(), pt, out),
-               "rans_encode_compat");
+  Status st;
+  {
+    GilRelease nogil;
+    st = compat_encode(sym.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), idx.numel(), pt, out);
+  }
+  throw_status(st, "rans_encode_compat");
   return to_tensor(out);
 }
 
@@ -147,7 +177,11 @@ at::Tensor decode_compat_impl(const at::Tensor& data, int64_t* state, const at::
     dec.pos = static_cast<size_t>(state[0]);
     dec.x = static_cast<uint64_t>(state[1]);
   }
-  Status st = dec.decode(idx.data_ptr<int32_t>(), idx.numel(), pt, out.data_ptr<int32_t>());
+  Status st;
+  {
+    GilRelease nogil;
+    st = dec.decode(idx.data_ptr<int32_t>(), idx.numel(), pt, out.data_ptr<int32_t>());
+  }
   if (st == Status::kOk && check_end && !dec.finished_cleanly()) st = Status::kCorrupt;
   throw_status(st, "rans_decode_compat");
   state[0] = static_cast<int64_t>(dec.pos);
