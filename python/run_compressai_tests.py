@@ -14,7 +14,8 @@
    accelerated subclasses. ``both`` (the default) runs the two modes one after the other.
 
 Excluded tests are listed in EXCLUDED below with the reason; everything else must pass.
-Exit status: 0 when every selected test passed in every mode.
+Exit status: 0 when every selected test passed in every mode; 3 when the sdist could not be
+fetched (no network and no cached copy).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 VERSION = "1.2.8"
+EXIT_NO_SDIST = 3
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DUALRES_CACHE", Path.home() / ".cache" / "dualres_ext"))
 
@@ -67,11 +69,11 @@ def fetch_sdist() -> Path:
     sdist = CACHE / f"compressai-{VERSION}.tar.gz"
     if not sdist.is_file():
         print(f"downloading compressai=={VERSION} sdist into {CACHE}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        "--disable-pip-version-check", "-d", str(CACHE), f"compressai=={VERSION}"],
-                       check=True)
-    if not sdist.is_file():
-        raise SystemExit(f"pip did not produce {sdist}")
+        rc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                             "--disable-pip-version-check", "-d", str(CACHE), f"compressai=={VERSION}"]).returncode
+        if rc != 0 or not sdist.is_file():
+            print(f"could not download the compressai {VERSION} sdist (pip exit {rc})", file=sys.stderr)
+            sys.exit(EXIT_NO_SDIST)
     return sdist
 
 
