@@ -69,9 +69,13 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def("gdn_forward(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> Tensor");
   // In place (inference): x (NCHW- or channels-last-contiguous) is overwritten with the result.
   m.def("gdn_forward_(Tensor(a!) x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> Tensor(a!)");
-  // Returns (grad_x, grad_beta, grad_gamma); grad_bias is grad_x summed over N, H, W.
-  m.def("gdn_backward(Tensor grad_y, Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, "
-        "bool simplified) -> (Tensor, Tensor, Tensor)");
+  // Training forward (CPU): returns (y, scale) with scale = f(n), float32 in x's layout.
+  m.def("gdn_forward_save(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) "
+        "-> (Tensor, Tensor)");
+  // Returns (grad_x, grad_beta, grad_gamma); grad_bias is grad_x summed over N, H, W. `scale` (optional)
+  // is gdn_forward_save's second output: it saves recomputing the channel mixing.
+  m.def("gdn_backward(Tensor grad_y, Tensor x, Tensor beta, Tensor gamma, Tensor? bias, Tensor? scale, "
+        "bool inverse, bool simplified) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import dualres_ext._C` needs a module init; the module itself is empty because every

@@ -5,10 +5,13 @@ methods, parameters and buffers, so a CompressAI state dict loads unchanged (``s
 in the default single-lane mode, ``compress`` returns byte-identical strings. CompressAI itself is
 never imported.
 
-``lanes`` (constructor keyword or attribute) picks the bitstream:
+``lanes`` (constructor keyword, attribute, or a keyword of compress/decompress for one call)
+picks the bitstream:
   * ``None`` (default): CompressAI's single-lane rANS stream, byte-identical to CompressAI.
   * ``"auto"`` or an int >= 1: dualres_ext's native multi-lane stream (the lane count is written
-    in the stream; ``decompress`` reads it, so the decoder only needs ``lanes`` to be not None).
+    in the stream and read back by the decoder, whatever its own ``lanes`` says).
+In CompressAI mode, decompress also recognises native strings by their header, so strings made
+with ``compress(..., lanes=k)`` decode with a plain ``decompress(...)``.
 """
 from __future__ import annotations
 
@@ -37,6 +40,15 @@ class LowerBound(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.lower_bound(x, self.bound)
+
+    def value(self) -> float:
+        """The bound as a Python float, cached until the buffer changes (no device sync per call)."""
+        key = (self.bound.data_ptr(), self.bound._version)
+        cached = getattr(self, "_value_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, float(self.bound.reshape(-1)[0]))
+            self._value_cache = cached
+        return cached[1]
 
 
 def _check_lanes(lanes):
@@ -162,18 +174,30 @@ class EntropyModel(nn.Module):
             self._coder_cache = cache = (key, tables)
         return cache[1]
 
-    def _encode(self, symbols: Tensor, indexes: Tensor, tables) -> bytes:
+    def _encode(self, symbols: Tensor, indexes: Tensor, tables, lanes) -> bytes:
         cdf, lengths, offsets = tables
-        if self.lanes is None:
+        if lanes is None:
             return ops.rans_encode_compat(symbols, indexes, cdf, lengths, offsets)
-        lanes = None if self.lanes == "auto" else self.lanes
-        return ops.rans_encode(symbols, indexes, cdf, lengths, offsets, lanes=lanes)
+        return ops.rans_encode(symbols, indexes, cdf, lengths, offsets, lanes=None if lanes == "auto" else lanes)
 
-    def _decode(self, string: bytes, indexes: Tensor, tables) -> Tensor:
+    # Native streams open with this header (magic "\xD7R", version 1) and carry a CRC-32C; a
+    # CompressAI stream starts with its final rANS state, so it can only look native by accident
+    # (2^-24), and would then still fail the native CRC check and fall back to the compat decoder.
+    _NATIVE_HEADER = b"\xd7R\x01"
+
+    def _decode(self, string: bytes, indexes: Tensor, tables, lanes) -> Tensor:
         cdf, lengths, offsets = tables
-        if self.lanes is None:
-            return ops.rans_decode_compat(string, indexes, cdf, lengths, offsets)
-        return ops.rans_decode(string, indexes, cdf, lengths, offsets)
+        if lanes is not None:
+            return ops.rans_decode(string, indexes, cdf, lengths, offsets)
+        if bytes(string[:3]) == self._NATIVE_HEADER:
+            try:
+                return ops.rans_decode(string, indexes, cdf, lengths, offsets)
+            except ValueError as native_error:
+                try:
+                    return ops.rans_decode_compat(string, indexes, cdf, lengths, offsets)
+                except ValueError:
+                    raise native_error from None
+        return ops.rans_decode_compat(string, indexes, cdf, lengths, offsets)
 
     @staticmethod
     def _as_indexes(indexes: Tensor) -> Tensor:
@@ -183,8 +207,13 @@ class EntropyModel(nn.Module):
             raise TypeError(f"indexes must be an integer tensor, got {indexes.dtype}")
         return indexes.to("cpu", torch.int32).contiguous()
 
-    def compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor] = None) -> List[bytes]:
-        """Compress `inputs` (N, C, ...) to one string per batch element."""
+    def compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor] = None, *,
+                 lanes: Union[None, str, int, type(Ellipsis)] = ...) -> List[bytes]:
+        """Compress `inputs` (N, C, ...) to one string per batch element.
+
+        `lanes` overrides the module's `lanes` for this call (None: CompressAI stream; "auto"/int:
+        native multi-lane stream)."""
+        lanes = self.lanes if lanes is ... else _check_lanes(lanes)
         if not isinstance(inputs, Tensor):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
         if inputs.dim() < 2:
@@ -197,7 +226,7 @@ class EntropyModel(nn.Module):
         n = symbols.size(0)
         symbols = symbols.reshape(n, -1)
         indexes = indexes.reshape(n, -1)
-        return [self._encode(symbols[i], indexes[i], tables) for i in range(n)]
+        return [self._encode(symbols[i], indexes[i], tables, lanes) for i in range(n)]
 
     def decompress(
         self,
@@ -205,8 +234,15 @@ class EntropyModel(nn.Module):
         indexes: Tensor,
         dtype: torch.dtype = torch.float,
         means: Optional[Tensor] = None,
+        *,
+        lanes: Union[None, str, int, type(Ellipsis)] = ...,
     ) -> Tensor:
-        """Decode the strings of compress() back to the dequantized tensor (N, C, ...)."""
+        """Decode the strings of compress() back to the dequantized tensor (N, C, ...).
+
+        In CompressAI mode (`lanes` None, the module's or this call's), a string that carries the
+        native header is decoded as a native stream, so strings made with compress(..., lanes=k)
+        decode without telling decompress."""
+        lanes = self.lanes if lanes is ... else _check_lanes(lanes)
         if not isinstance(strings, (tuple, list)):
             raise ValueError("Invalid `strings` parameter type.")
         if not len(strings) == indexes.size(0):
@@ -224,9 +260,9 @@ class EntropyModel(nn.Module):
         device = indexes.device
         flat = self._as_indexes(indexes).reshape(indexes.size(0), -1)  # the coder checks their range
         if len(strings) == 1:
-            symbols = self._decode(strings[0], flat[0], tables).reshape(indexes.shape)
+            symbols = self._decode(strings[0], flat[0], tables, lanes).reshape(indexes.shape)
         else:
-            symbols = torch.stack([self._decode(s, flat[i], tables) for i, s in enumerate(strings)])
+            symbols = torch.stack([self._decode(s, flat[i], tables, lanes) for i, s in enumerate(strings)])
             symbols = symbols.reshape(indexes.shape)
         symbols = symbols.to(device)
         return self.dequantize(symbols, means, dtype)
@@ -415,20 +451,20 @@ class EntropyBottleneck(EntropyModel):
         medians = self._extend_ndims(self._get_medians().detach(), spatial_dims)
         return medians.expand(batch, *([-1] * (spatial_dims + 1)))
 
-    def compress(self, x: Tensor) -> List[bytes]:
+    def compress(self, x: Tensor, *, lanes: Union[None, str, int, type(Ellipsis)] = ...) -> List[bytes]:
         if not isinstance(x, Tensor) or x.dim() < 2:
             raise ValueError("x must be a tensor of shape (N, C, ...)")
         if x.size(1) != self.channels:
             raise ValueError(f"x has {x.size(1)} channels, the bottleneck {self.channels}")
         indexes = self._build_indexes(x.size())
         medians = self._medians_like(x.size(0), x.dim() - 2)
-        return super().compress(x, indexes, medians)
+        return super().compress(x, indexes, medians, lanes=lanes)
 
-    def decompress(self, strings: List[bytes], size) -> Tensor:
+    def decompress(self, strings: List[bytes], size, *, lanes: Union[None, str, int, type(Ellipsis)] = ...) -> Tensor:
         output_size = (len(strings), self._quantized_cdf.size(0), *size)
         indexes = self._build_indexes(output_size).to(self._quantized_cdf.device)
         medians = self._medians_like(len(strings), len(size))
-        return super().decompress(strings, indexes, medians.dtype, medians)
+        return super().decompress(strings, indexes, medians.dtype, medians, lanes=lanes)
 
 
 class GaussianConditional(EntropyModel):
@@ -522,7 +558,7 @@ class GaussianConditional(EntropyModel):
 
     def _likelihood(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None) -> Tensor:
         """Likelihood without the likelihood lower bound (CompressAI's _likelihood), fused."""
-        return ops.gaussian_likelihood(inputs, scales, means, scale_bound=self.lower_bound_scale.bound,
+        return ops.gaussian_likelihood(inputs, scales, means, scale_bound=self.lower_bound_scale.value(),
                                        likelihood_bound=None)
 
     def forward(
@@ -535,8 +571,8 @@ class GaussianConditional(EntropyModel):
         if training is None:
             training = self.training
         outputs = self.quantize(inputs, "noise" if training else "dequantize", means)
-        likelihood_bound = self.likelihood_lower_bound.bound if self.use_likelihood_bound else None
-        likelihood = ops.gaussian_likelihood(outputs, scales, means, scale_bound=self.lower_bound_scale.bound,
+        likelihood_bound = self.likelihood_lower_bound.value() if self.use_likelihood_bound else None
+        likelihood = ops.gaussian_likelihood(outputs, scales, means, scale_bound=self.lower_bound_scale.value(),
                                              likelihood_bound=likelihood_bound)
         return outputs, likelihood
 

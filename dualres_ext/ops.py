@@ -143,9 +143,13 @@ def rans_decode_compat_stream(data: torch.Tensor, state: torch.Tensor, indexes, 
 # (CompressAI passes gamma.reshape(C, C, 1, 1) to conv2d). An optional per-channel `bias`
 # is added to x first (the preceding convolution's bias, folded into the same pass).
 
+import functools  # noqa: E402  (kept inside this section so merges stay trivial)
+
 _GDN_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GDN_CUDA_MAX_CHANNELS = 4096
 
 
+@functools.lru_cache(maxsize=None)
 def _gdn_has_native(device_type: str) -> bool:
     if not hasattr(_ops, "gdn_forward"):
         return False
@@ -181,16 +185,21 @@ class _GDNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, beta, gamma, bias, inverse, simplified):
-        y = _ops.gdn_forward(x, beta, gamma, bias, inverse, simplified)
-        ctx.save_for_backward(x, beta, gamma, bias)
+        scale = None
+        if x.device.type == "cpu" and any(ctx.needs_input_grad[:4]):
+            # Keep f(n) for the backward: saves one of its three C x C GEMMs (CPU is GEMM-bound).
+            y, scale = _ops.gdn_forward_save(x, beta, gamma, bias, inverse, simplified)
+        else:
+            y = _ops.gdn_forward(x, beta, gamma, bias, inverse, simplified)
+        ctx.save_for_backward(x, beta, gamma, bias, scale)
         ctx.flags = (inverse, simplified)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, beta, gamma, bias = ctx.saved_tensors
+        x, beta, gamma, bias, scale = ctx.saved_tensors
         inverse, simplified = ctx.flags
-        grad_x, grad_beta, grad_gamma = _ops.gdn_backward(grad_y, x, beta, gamma, bias, inverse, simplified)
+        grad_x, grad_beta, grad_gamma = _ops.gdn_backward(grad_y, x, beta, gamma, bias, scale, inverse, simplified)
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_x.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)
@@ -240,7 +249,10 @@ def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = Fal
     """
     _gdn_check(x, beta, gamma, bias, check_finite)
     dev = x.device.type
-    native = _gdn_has_native(dev) and (x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _GDN_CUDA_DTYPES))
+    native = _gdn_has_native(dev) and (
+        x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _GDN_CUDA_DTYPES))
+    if dev == "cuda" and x.shape[1] > _GDN_CUDA_MAX_CHANNELS:
+        native = False  # the CUDA kernel stages C x pixels tiles in 48 KiB of shared memory
     if not native:
         return gdn_reference(x, beta.to(x.dtype), gamma.to(x.dtype),
                              None if bias is None else bias.to(x.dtype), inverse, simplified)

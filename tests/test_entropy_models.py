@@ -272,3 +272,50 @@ def test_compress_rejects_bad_arguments():
         mine.decompress(strings, indexes, means=torch.zeros(1, 4, 3, 2))
     with pytest.raises(ValueError):
         mine.decompress([strings[0][: len(strings[0]) // 2]], indexes)  # truncated
+
+
+def test_loaded_bounds_are_used():
+    # The bounds come from buffers; a state dict with other bounds must change the results.
+    src = theirs.GaussianConditional(None, scale_bound=0.5, likelihood_bound=1e-3)
+    mine = ours.GaussianConditional(None)
+    y, scales = torch.randn(1, 4, 5, 5) * 20, torch.rand(1, 4, 5, 5)
+    mine(y, scales, training=False)  # caches the default bounds
+    mine.load_state_dict(src.state_dict())
+    _, expected = src(y, scales, training=False)
+    _, got = mine(y, scales, training=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert (got >= 1e-3 * (1 - 1e-6)).all()
+
+
+def test_per_call_lanes_and_native_detection():
+    ref, mine = _gaussian_pair()  # module in CompressAI mode
+    y, means, scales = _latent((1, 32, 16, 12))
+    indexes = mine.build_indexes(scales)
+    expected = ref.dequantize(ref.quantize(y, "symbols", means), means)
+    native = mine.compress(y, indexes, means, lanes=4)
+    assert native != ref.compress(y, indexes, means)
+    assert native[0][:3] == b"\xd7R\x01"
+    # A plain decompress recognises the native header; an explicit lanes works too.
+    assert torch.equal(mine.decompress(native, indexes, means=means), expected)
+    assert torch.equal(mine.decompress(native, indexes, means=means, lanes="auto"), expected)
+    # Compat strings still decode, also with an explicit lanes=None on a native-mode module.
+    native_module = ours.GaussianConditional(None, lanes="auto")
+    native_module.load_state_dict(mine.state_dict())
+    compat = native_module.compress(y, indexes, means, lanes=None)
+    assert compat == ref.compress(y, indexes, means)
+    assert torch.equal(native_module.decompress(compat, indexes, means=means, lanes=None), expected)
+    # A corrupted native string raises instead of decoding to something.
+    bad = bytearray(native[0])
+    bad[len(bad) // 2] ^= 0x55
+    with pytest.raises(ValueError):
+        mine.decompress([bytes(bad)], indexes, means=means)
+    with pytest.raises(ValueError, match="lanes"):
+        mine.compress(y, indexes, means, lanes=0)
+    # EntropyBottleneck passes lanes through.
+    eb = _perturbed_bottleneck(6)
+    ours_eb = ours.EntropyBottleneck(6)
+    ours_eb.load_state_dict(eb.state_dict())
+    z = torch.randn(1, 6, 4, 4) * 5
+    strings = ours_eb.compress(z, lanes=2)
+    assert strings[0][:3] == b"\xd7R\x01"
+    assert torch.equal(ours_eb.decompress(strings, (4, 4)), eb.decompress(eb.compress(z), (4, 4)))

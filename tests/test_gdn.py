@@ -99,6 +99,24 @@ def test_fused_path_is_taken_and_matches_compressai_expression(mode):
     assert rel_err(reference(x.double(), beta.double(), gamma.double(), bias.double(), *mode), expected) < 1e-12
 
 
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_backward_with_and_without_saved_scale_agree(mode, channels_last):
+    """The training forward saves f(n) for the backward; without it the backward recomputes n."""
+    gen = torch.Generator().manual_seed(8)
+    beta, gamma, bias = (t.float() for t in random_params(37, gen))
+    x = random_input((2, 37, 11, 13), gen, bias.double(), mode[1]).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(x.shape, generator=gen)
+    y, scale = torch.ops.dualres_ext.gdn_forward_save(x, beta, gamma, bias, *mode)
+    assert torch.equal(y, torch.ops.dualres_ext.gdn_forward(x, beta, gamma, bias, *mode))
+    with_scale = torch.ops.dualres_ext.gdn_backward(g, x, beta, gamma, bias, scale, *mode)
+    without = torch.ops.dualres_ext.gdn_backward(g, x, beta, gamma, bias, None, *mode)
+    for a, b in zip(with_scale, without):
+        assert rel_err(a, b) < 1e-6
+
+
 def test_non_contiguous_input_and_grad():
     gen = torch.Generator().manual_seed(2)
     beta, gamma, _ = random_params(6, gen)

@@ -23,6 +23,15 @@
 #include <cstring>
 #include <vector>
 
+// Hot-path functions are forced inline: inside a large translation unit (the torch op file)
+// GCC's unit-growth limits otherwise left them as calls, with the coder state passed through
+// memory -- measured 3-4x slower decoding than the same code in a small file.
+#if defined(__GNUC__)
+#define DUALRES_RANS_INLINE inline __attribute__((always_inline))
+#else
+#define DUALRES_RANS_INLINE inline
+#endif
+
 namespace dualres::rans {
 
 enum class Status : int {
@@ -144,7 +153,7 @@ struct Prepared {
   // The symbol s with cdf[s] <= slot < cdf[s + 1]: the bucket narrows it to [lo, hi] (almost
   // always one or two candidates), a binary search handles the rare wider range (tails), and the
   // last step is branch-free -- never a linear scan.
-  inline uint32_t find(int32_t t, uint32_t slot) const {
+  DUALRES_RANS_INLINE uint32_t find(int32_t t, uint32_t slot) const {
     const uint16_t* b = bucket.data() + t * bucket_stride() + (slot >> bucket_shift);
     uint32_t lo = b[0], hi = b[1];
     const int32_t* c = tv.cdfs + int64_t{t} * tv.W;
@@ -159,10 +168,10 @@ struct Prepared {
 
 // CompressAI's mapping of an out-of-table value to the non-negative raw bypass value.
 // v is value - offset as int64 (no overflow); max_value is the escape symbol.
-inline uint64_t raw_from_value(int64_t v, int64_t max_value) {
+DUALRES_RANS_INLINE uint64_t raw_from_value(int64_t v, int64_t max_value) {
   return v < 0 ? static_cast<uint64_t>(-2 * v - 1) : static_cast<uint64_t>(2 * (v - max_value));
 }
-inline int64_t value_from_raw(uint64_t raw, int64_t max_value) {
+DUALRES_RANS_INLINE int64_t value_from_raw(uint64_t raw, int64_t max_value) {
   const int64_t h = static_cast<int64_t>(raw >> 1);
   return (raw & 1) ? -h - 1 : h + max_value;
 }
@@ -194,7 +203,7 @@ struct BackBuffer {
   size_t size() const { return buf.size() - pos; }
 };
 
-inline void enc_put_bits(uint32_t& x, uint8_t*& p, uint32_t val) {
+DUALRES_RANS_INLINE void enc_put_bits(uint32_t& x, uint8_t*& p, uint32_t val) {
   constexpr uint32_t x_max = (kLow >> kBypassBits) << 8;
   while (x >= x_max) { *--p = static_cast<uint8_t>(x); x >>= 8; }
   x = (x << kBypassBits) | val;
@@ -208,7 +217,7 @@ constexpr size_t kMaxBytesPerSymbol = 16;
 // [T, W] reciprocal table rebuilt on every call. Renormalisation is branch-free: precision <= 16
 // needs at most 2 bytes (x < 2^31, x_max >= 2^15); both candidate bytes are stored and the
 // pointer moves by the number actually emitted.
-inline void enc_put_div(uint32_t& x, uint8_t*& p, uint32_t start, uint32_t freq, uint32_t precision) {
+DUALRES_RANS_INLINE void enc_put_div(uint32_t& x, uint8_t*& p, uint32_t start, uint32_t freq, uint32_t precision) {
   const uint32_t x_max = ((kLow >> precision) << 8) * freq;
   const uint32_t nbytes = (x >= x_max) + (uint64_t{x} >= (uint64_t{x_max} << 8));
   p[-1] = static_cast<uint8_t>(x);
@@ -218,7 +227,7 @@ inline void enc_put_div(uint32_t& x, uint8_t*& p, uint32_t start, uint32_t freq,
   x = ((x / freq) << precision) + (x % freq) + start;
 }
 
-inline void native_encode_one(uint32_t& x, uint8_t*& p, const Prepared& pt, int32_t t, int32_t sym) {
+DUALRES_RANS_INLINE void native_encode_one(uint32_t& x, uint8_t*& p, const Prepared& pt, int32_t t, int32_t sym) {
   const int64_t max_value = pt.tv.lengths[t] - 2;
   int64_t v = int64_t{sym} - pt.tv.offsets[t];
   if (v < 0 || v >= max_value) {
@@ -264,7 +273,7 @@ struct ByteReader {
   const uint8_t* p;
   const uint8_t* end;
   bool overrun = false;
-  inline uint32_t next() {
+  DUALRES_RANS_INLINE uint32_t next() {
     if (p < end) return *p++;
     overrun = true;
     return 0;
@@ -278,7 +287,7 @@ inline void dec_renorm_slow(uint32_t& x, ByteReader& r) {
 
 // After a decode step x >= 2^7 * freq >= 2^7, so at most 2 bytes are needed (precision <= 16).
 // With 2 bytes left, read both and select without branches (the byte count is unpredictable).
-inline void dec_renorm(uint32_t& x, ByteReader& r) {
+DUALRES_RANS_INLINE void dec_renorm(uint32_t& x, ByteReader& r) {
   if (r.end - r.p >= 2) {
     // Pure arithmetic (no ?: that the compiler might turn back into a branch).
     const uint32_t n = (x < kLow) + (x < (kLow >> 8));
@@ -290,8 +299,19 @@ inline void dec_renorm(uint32_t& x, ByteReader& r) {
   }
 }
 
-// Escape path (rare): reads the bypass count and chunks after the escape symbol; returns the value.
-[[gnu::noinline]] inline Status native_decode_bypass(uint32_t& x, ByteReader& r, int64_t max_value, int64_t& v) {
+// Escape path (rare): reads the bypass count and chunks after the escape symbol. It takes and
+// returns the coder state by value: passing the hot loop's state or reader by reference would
+// force them into memory, and their stack slots would then alias (modulo 4 KiB) with the output
+// stores on some calls -- measured as a 3x slowdown depending on where the output was allocated.
+struct BypassResult {
+  uint32_t x;
+  const uint8_t* p;
+  bool overrun;
+  Status status;
+  int64_t v;
+};
+
+[[gnu::noinline]] inline BypassResult native_decode_bypass(uint32_t x, ByteReader r, int64_t max_value) {
   auto get = [&]() {
     const uint32_t val = x & kBypassMax;
     x >>= kBypassBits;
@@ -301,15 +321,14 @@ inline void dec_renorm(uint32_t& x, ByteReader& r) {
   uint32_t val = get();
   int nb = static_cast<int>(val);
   while (val == kBypassMax) {
-    if (nb > 9 || r.overrun) return Status::kCorrupt;  // a 34-bit raw value needs <= 9 chunks
+    if (nb > 9 || r.overrun) return {x, r.p, r.overrun, Status::kCorrupt, 0};  // 34-bit raw: <= 9 chunks
     val = get();
     nb += static_cast<int>(val);
   }
-  if (nb > 9) return Status::kCorrupt;
+  if (nb > 9) return {x, r.p, r.overrun, Status::kCorrupt, 0};
   uint64_t raw = 0;
   for (int j = 0; j < nb; ++j) raw |= uint64_t{get()} << (j * kBypassBits);
-  v = value_from_raw(raw, max_value);
-  return Status::kOk;
+  return {x, r.p, r.overrun, Status::kOk, value_from_raw(raw, max_value)};
 }
 
 // Hot-loop copies of the prepared tables (locals, so stores to the output cannot alias them).
@@ -326,7 +345,7 @@ struct DecodeCtx {
         mask((1u << pt.precision) - 1), bshift(static_cast<uint32_t>(pt.bucket_shift)) {}
 };
 
-inline Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t, int32_t* out) {
+DUALRES_RANS_INLINE Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t, int32_t* out) {
   const uint32_t slot = x & d.mask;
   const int32_t* c = d.cdfs + int64_t{t} * d.W;
   // Symbol search (see Prepared::find): bucket, rare binary search, branch-free last step.
@@ -344,8 +363,12 @@ inline Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, 
   const int64_t max_value = d.lengths[t] - 2;
   int64_t v = s;
   if (__builtin_expect(v == max_value, 0)) {
-    const Status st = native_decode_bypass(x, r, max_value, v);
-    if (st != Status::kOk) return st;
+    const BypassResult b = native_decode_bypass(x, r, max_value);
+    x = b.x;
+    r.p = b.p;
+    r.overrun = b.overrun;
+    if (b.status != Status::kOk) return b.status;
+    v = b.v;
   }
   const int64_t o = v + d.offsets[t];
   if (__builtin_expect(o < INT32_MIN || o > INT32_MAX, 0)) return Status::kCorrupt;
@@ -412,7 +435,7 @@ struct WordBackBuffer {
   }
 };
 
-inline void compat_put(uint64_t& x, uint32_t*& p, uint32_t start, uint32_t freq, int bits) {
+DUALRES_RANS_INLINE void compat_put(uint64_t& x, uint32_t*& p, uint32_t start, uint32_t freq, int bits) {
   const uint64_t x_max = ((kLow64 >> bits) << 32) * freq;
   if (x >= x_max) { *--p = static_cast<uint32_t>(x); x >>= 32; }
   x = ((x / freq) << bits) + (x % freq) + start;
@@ -467,7 +490,7 @@ struct CompatDecoder {
   uint64_t x = 0;
   bool overrun = false;
 
-  inline uint32_t word() {
+  DUALRES_RANS_INLINE uint32_t word() {
     if (pos + 4 <= size) {
       const uint8_t* q = data + pos;
       pos += 4;
@@ -486,7 +509,7 @@ struct CompatDecoder {
     return Status::kOk;
   }
   // Branch-free when a whole word is left (whether a word is needed is unpredictable).
-  inline void renorm() {
+  DUALRES_RANS_INLINE void renorm() {
     if (pos + 4 <= size) {
       const uint64_t need = x < kLow64;
       uint32_t w;
@@ -497,7 +520,7 @@ struct CompatDecoder {
       x = (x << 32) | word();
     }
   }
-  inline uint32_t get_bits() {
+  DUALRES_RANS_INLINE uint32_t get_bits() {
     const uint32_t val = static_cast<uint32_t>(x) & kBypassMax;
     x >>= kBypassBits;
     renorm();

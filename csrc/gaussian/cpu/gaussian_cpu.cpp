@@ -32,7 +32,11 @@ namespace dualres {
 namespace gaussian {
 namespace {
 
-constexpr int64_t kGrain = 16384;
+// Grain sizes: the search kernels cost ~1 ns per element, so chunks of 64k elements; the
+// streaming ones (quantise, dequantise) are memory bound and not worth splitting below 1M.
+constexpr int64_t kGrain = 65536;
+constexpr int64_t kStreamGrain = 1 << 20;
+constexpr int64_t kMathGrain = 4096;
 
 std::string describe_status(int status, const char* name) {
   std::string what;
@@ -221,7 +225,7 @@ at::Tensor quantize_cpu(const at::Tensor& y, const std::optional<at::Tensor>& me
     const scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* mp = means ? means->data_ptr<scalar_t>() : nullptr;
     int32_t* op = out.data_ptr<int32_t>();
-    at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, y.numel(), kStreamGrain, [&](int64_t begin, int64_t end) {
       int local = 0;
       int64_t i = begin;
 #if defined(__AVX512F__)
@@ -335,7 +339,7 @@ at::Tensor dequantize_cpu(const at::Tensor& symbols, const std::optional<at::Ten
     const int32_t* sp = symbols.data_ptr<int32_t>();
     const scalar_t* mp = means ? means->data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, symbols.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, symbols.numel(), kStreamGrain, [&](int64_t begin, int64_t end) {
       if (mp) {
         for (int64_t i = begin; i < end; ++i) op[i] = static_cast<scalar_t>(sp[i]) + mp[i];
       } else {
@@ -356,6 +360,48 @@ void check_likelihood_args(const at::Tensor& x, const std::optional<at::Tensor>&
   }
 }
 
+// float runs the vectorisable FastFloatNormal math under `omp simd`; double keeps libm.
+template <typename T>
+void likelihood_loop(const T* xp, const T* mp, const T* sp, T sb, T lb, T* op, int64_t numel) {
+  at::parallel_for(0, numel, kMathGrain, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (mp) {
+#pragma omp simd
+        for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], mp[i], sp[i], sb, lb);
+      } else {
+#pragma omp simd
+        for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], 0.f, sp[i], sb, lb);
+      }
+    } else {
+      for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood(xp[i], mp ? mp[i] : T(0), sp[i], sb, lb);
+    }
+  });
+}
+
+template <typename T>
+void likelihood_backward_loop(const T* gp, const T* xp, const T* mp, const T* sp, T sb, T lb, T* gxp, T* gsp,
+                              int64_t numel) {
+  at::parallel_for(0, numel, kMathGrain, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (mp) {
+#pragma omp simd
+        for (int64_t i = begin; i < end; ++i) {
+          gaussian_likelihood_backward<float, FastFloatNormal>(gp[i], xp[i], mp[i], sp[i], sb, lb, gxp[i], gsp[i]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = begin; i < end; ++i) {
+          gaussian_likelihood_backward<float, FastFloatNormal>(gp[i], xp[i], 0.f, sp[i], sb, lb, gxp[i], gsp[i]);
+        }
+      }
+    } else {
+      for (int64_t i = begin; i < end; ++i) {
+        gaussian_likelihood_backward(gp[i], xp[i], mp ? mp[i] : T(0), sp[i], sb, lb, gxp[i], gsp[i]);
+      }
+    }
+  });
+}
+
 at::Tensor likelihood_cpu(const at::Tensor& x, const std::optional<at::Tensor>& means, const at::Tensor& scales,
                           double scale_bound, double likelihood_bound) {
   check_likelihood_args(x, means, scales);
@@ -366,11 +412,7 @@ at::Tensor likelihood_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
     const scalar_t* sp = scales.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t sb = static_cast<scalar_t>(scale_bound), lb = static_cast<scalar_t>(likelihood_bound);
-    at::parallel_for(0, x.numel(), kGrain / 4, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        op[i] = gaussian_likelihood(xp[i], mp ? mp[i] : scalar_t(0), sp[i], sb, lb);
-      }
-    });
+    likelihood_loop(xp, mp, sp, sb, lb, op, x.numel());
   });
   return out;
 }
@@ -392,11 +434,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_backward_cpu(const at::Tensor& gra
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     scalar_t* gsp = grad_scales.data_ptr<scalar_t>();
     const scalar_t sb = static_cast<scalar_t>(scale_bound), lb = static_cast<scalar_t>(likelihood_bound);
-    at::parallel_for(0, x.numel(), kGrain / 4, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        gaussian_likelihood_backward(gp[i], xp[i], mp ? mp[i] : scalar_t(0), sp[i], sb, lb, gxp[i], gsp[i]);
-      }
-    });
+    likelihood_backward_loop(gp, xp, mp, sp, sb, lb, gxp, gsp, x.numel());
   });
   return {grad_x, grad_scales};
 }

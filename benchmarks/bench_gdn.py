@@ -1,0 +1,126 @@
+"""GDN: dualres_ext's fused kernels against compressai.layers.GDN, side by side in one process.
+
+    PYTHONPATH=. /work/venv/bin/python benchmarks/bench_gdn.py [--repeat 5] [--threads N] [--device cpu|cuda]
+
+For each shape: no_grad forward (compressai / ours / ours in place, i.e. what ConvGDN and
+DeconvIGDN do on their convolution's output) and a training step (forward + backward w.r.t. x and
+the parameters). Times are the best of --repeat runs after one warm-up, in milliseconds. A
+second table times a conv(192->192, 5x5, stride 2) + GDN block with the convolution's bias added
+by the convolution or folded into the GDN kernel.
+"""
+import argparse
+import time
+
+import torch
+from compressai.layers import GDN as CompressAIGDN
+
+import dualres_ext
+from dualres_ext import layers
+
+SHAPES = [(1, 192, 256, 384), (1, 192, 128, 192), (1, 192, 64, 96), (8, 128, 64, 64)]
+
+
+CLOCK = time.perf_counter
+
+
+def best_ms(fn, repeat, device):
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t = CLOCK()
+        fn()
+        sync()
+        best = min(best, CLOCK() - t)
+    return best * 1e3
+
+
+def make_pair(c, device, dtype, inverse=False):
+    theirs = CompressAIGDN(c, inverse=inverse)
+    with torch.no_grad():  # a trained-looking, dense gamma
+        theirs.gamma.uniform_(0.0, 0.1)
+    ours = layers.GDN(c, inverse=inverse)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs.to(device, dtype), ours.to(device, dtype)
+
+
+def train_step(module, x):
+    x = x.detach().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    module(x).sum().backward()
+
+
+def bench_layers(args, device, dtype):
+    clock = "CPU time" if CLOCK is time.process_time else "wall time"
+    print(f"\n### GDN layer, {device} {str(dtype).replace('torch.', '')}, "
+          f"threads={torch.get_num_threads()}, best of {args.repeat}, {clock}, ms\n")
+    print("| shape | layout | CompressAI fwd | ours fwd | ours fwd in place | fwd speed-up (in place) "
+          "| CompressAI train step | ours train step | train speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in SHAPES:
+        theirs, ours = make_pair(shape[1], device, dtype)
+        x = torch.randn(shape, device=device, dtype=dtype)
+        for layout in ("nchw", "nhwc"):
+            if layout == "nhwc":
+                x = x.contiguous(memory_format=torch.channels_last)
+            scratch = x.clone()
+            with torch.no_grad():
+                t_ref = best_ms(lambda: theirs(x), args.repeat, device)
+                t_ours = best_ms(lambda: ours(x), args.repeat, device)
+                # In place on a scratch copy, as the conv blocks do (the values drift between
+                # runs, which does not change the work done).
+                t_inpl = best_ms(lambda: ours(scratch, inplace=True), args.repeat, device)
+            t_ref_tr = best_ms(lambda: train_step(theirs, x), args.repeat, device)
+            t_ours_tr = best_ms(lambda: train_step(ours, x), args.repeat, device)
+            print(f"| {tuple(shape)} | {layout} | {t_ref:.1f} | {t_ours:.1f} | {t_inpl:.1f} "
+                  f"| {t_ref / t_ours:.2f}x ({t_ref / t_inpl:.2f}x) | {t_ref_tr:.1f} | {t_ours_tr:.1f} "
+                  f"| {t_ref_tr / t_ours_tr:.2f}x |")
+
+
+def bench_bias_folding(args, device, dtype):
+    print(f"\n### conv(192->192, k5, s2) + GDN block, no_grad, {device}\n")
+    print("| input | conv+GDN (CompressAI GDN) | ConvGDN | ConvGDN fold_bias | fold_bias gain |")
+    print("|---|---|---|---|---|")
+    for shape in [(1, 192, 256, 384), (1, 192, 128, 192)]:
+        block = layers.ConvGDN(192, 192).to(device, dtype)
+        ref_gdn = CompressAIGDN(192).to(device, dtype)
+        ref_gdn.load_state_dict(block.gdn.state_dict())
+        x = torch.randn(shape, device=device, dtype=dtype)
+        with torch.no_grad():
+            t_ref = best_ms(lambda: ref_gdn(block.conv(x)), args.repeat, device)
+            block.fold_bias = False
+            t_plain = best_ms(lambda: block(x), args.repeat, device)
+            block.fold_bias = True
+            t_fold = best_ms(lambda: block(x), args.repeat, device)
+        print(f"| {tuple(shape)} | {t_ref:.1f} | {t_plain:.1f} | {t_fold:.1f} | {t_plain / t_fold:.2f}x |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-blocks", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="CPU: time with process_time (CPU seconds of this process), for a machine shared "
+                         "with other jobs; meaningful with --threads 1")
+    args = ap.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, dualres_ext {dualres_ext.__version__} {dualres_ext.build_info()}")
+    dtypes = [torch.float32] + ([torch.float16] if args.device == "cuda" else [])
+    for dtype in dtypes:
+        bench_layers(args, args.device, dtype)
+    if not args.skip_blocks:
+        bench_bias_folding(args, args.device, torch.float32)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""dualres_ext.ans against compressai.ans 1.2.8: identical bytes, mutual decoding, robustness."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+compressai_ans = pytest.importorskip("compressai.ans")
+
+from dualres_ext import ans, ops  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rans_testlib import gaussian_workload  # noqa: E402
+from rans_testlib import random_tables as _random_tables  # noqa: E402
+
+
+def random_tables(gen, T, max_len=40):
+    # At least 2 symbols per table: CompressAI stores frequencies as uint16, so a one-symbol
+    # table (frequency 65536) makes it divide by zero. Ours handles that case (tests/test_rans.py).
+    return _random_tables(gen, T, max_len=max_len, min_len=3)
+
+
+@pytest.fixture
+def gen():
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    return g
+
+
+def compat_symbols(gen, cdfs, lengths, offsets, n, escapes=True):
+    """Symbols CompressAI can code: in-table mostly, escapes (negative and large) with |value| < 2^26.
+
+    CompressAI's encoder loops forever from 2^27 on (it shifts an int32 by 32 when counting
+    bypass chunks); ours codes the whole int32 range its decoder can read back.
+    """
+    T = cdfs.shape[0]
+    idx = torch.randint(0, T, (n,), generator=gen, dtype=torch.int32)
+    span = (lengths[idx.long()] - 1).long()
+    sym = (torch.rand(n, generator=gen) * span).long() + offsets[idx.long()].long()
+    if escapes:
+        r = torch.rand(n, generator=gen)
+        sym = torch.where(r < 0.05, sym + torch.randint(-500, 500, (n,), generator=gen), sym)
+        sym = torch.where(r > 0.99, torch.randint(-(2**26), 2**26, (n,), generator=gen), sym)
+    return sym.int(), idx
+
+
+def as_lists(cdfs, lengths, offsets):
+    # CompressAI's callers pass padded rows (quantized_cdf.tolist()); ragged rows must work too.
+    return [row[: int(n)].tolist() for row, n in zip(cdfs, lengths)], lengths.tolist(), offsets.tolist()
+
+
+@pytest.mark.parametrize("n", [2, 3, 100, 20000])
+def test_encode_byte_identical_to_compressai(gen, n):
+    for _ in range(3):
+        cdfs, lengths, offsets = random_tables(gen, int(torch.randint(1, 10, (1,), generator=gen)))
+        sym, idx = compat_symbols(gen, cdfs, lengths, offsets, n)
+        tables = as_lists(cdfs, lengths, offsets)
+        ref = compressai_ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+        assert ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables) == ref
+        # Tensors / numpy give the same bytes.
+        assert ans.RansEncoder().encode_with_indexes(sym, idx.numpy(), cdfs, lengths, offsets) == ref
+        assert ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets) == ref
+        # Both decoders read it.
+        assert compressai_ans.RansDecoder().decode_with_indexes(ref, idx.tolist(), *tables) == sym.tolist()
+        assert ans.RansDecoder().decode_with_indexes(ref, idx.tolist(), *tables) == sym.tolist()
+        out = ans.RansDecoder().decode_with_indexes(ref, idx, cdfs, lengths, offsets)
+        assert isinstance(out, torch.Tensor) and torch.equal(out, sym)
+
+
+def test_gaussian_conditional_streams(gen):
+    # The real thing: CompressAI's GaussianConditional writes, we read, and vice versa.
+    from compressai.entropy_models import GaussianConditional
+    from compressai.models.google import get_scale_table
+
+    gc = GaussianConditional(None)
+    gc.update_scale_table(get_scale_table())
+    scales = torch.exp(torch.rand(1, 24, 16, 12, generator=gen) * 5 - 2)
+    y = torch.randn(1, 24, 16, 12, generator=gen) * scales * 1.5
+    idx = gc.build_indexes(scales)
+    strings = gc.compress(y, idx)
+    sym = gc.quantize(y, "symbols").int()
+    tables = (gc.quantized_cdf.tolist(), gc.cdf_length.reshape(-1).int().tolist(), gc.offset.reshape(-1).int().tolist())
+    mine = ans.RansEncoder().encode_with_indexes(sym.reshape(-1).tolist(), idx.reshape(-1).int().tolist(), *tables)
+    assert mine == strings[0]
+    dec = ans.RansDecoder().decode_with_indexes(strings[0], idx.reshape(-1).int().tolist(), *tables)
+    assert dec == sym.reshape(-1).tolist()
+
+
+def test_buffered_encoder_and_stream_decoder(gen):
+    # Serial-context-model usage: many small encode calls (two different table sets) then flush;
+    # decoding with set_stream + decode_stream in the same pieces.
+    t1 = random_tables(gen, 5)
+    t2 = random_tables(gen, 3, max_len=80)
+    lists = {1: as_lists(*t1), 2: as_lists(*t2)}
+    pieces = []
+    ref_enc, my_enc = compressai_ans.BufferedRansEncoder(), ans.BufferedRansEncoder()
+    for k in range(30):
+        which = 1 if k % 3 else 2
+        sym, idx = compat_symbols(gen, *(t1 if which == 1 else t2), int(torch.randint(1, 50, (1,), generator=gen)))
+        pieces.append((which, sym.tolist(), idx.tolist()))
+        ref_enc.encode_with_indexes(sym.tolist(), idx.tolist(), *lists[which])
+        my_enc.encode_with_indexes(sym.tolist(), idx.tolist(), *lists[which])
+    ref = ref_enc.flush()
+    assert my_enc.flush() == ref
+    for Decoder in (compressai_ans.RansDecoder, ans.RansDecoder):
+        dec = Decoder()
+        dec.set_stream(ref)
+        for which, sym, idx in pieces:
+            assert dec.decode_stream(idx, *lists[which]) == sym
+    # The buffer is empty after flush, as in CompressAI.
+    sym, idx = compat_symbols(gen, *t1, 7)
+    my_enc.encode_with_indexes(sym.tolist(), idx.tolist(), *lists[1])
+    ref_enc.encode_with_indexes(sym.tolist(), idx.tolist(), *lists[1])
+    assert my_enc.flush() == ref_enc.flush()
+
+
+def test_zero_and_one_symbols(gen):
+    # CompressAI aborts the process here; we must not.
+    cdfs, lengths, offsets = random_tables(gen, 4)
+    tables = as_lists(cdfs, lengths, offsets)
+    empty = ans.RansEncoder().encode_with_indexes([], [], *tables)
+    assert ans.RansDecoder().decode_with_indexes(empty, [], *tables) == []
+    assert ans.BufferedRansEncoder().flush() == empty
+    for _ in range(20):
+        sym, idx = compat_symbols(gen, cdfs, lengths, offsets, 1)
+        data = ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+        assert ans.RansDecoder().decode_with_indexes(data, idx.tolist(), *tables) == sym.tolist()
+        dec = ans.RansDecoder()
+        dec.set_stream(data)
+        assert dec.decode_stream(idx.tolist(), *tables) == sym.tolist()
+
+
+def test_hostile_compat_streams_raise(gen):
+    cdfs, lengths, offsets = random_tables(gen, 6)
+    tables = as_lists(cdfs, lengths, offsets)
+    # Escape-free symbols: then every bit of the stream feeds the coder state, so any flip shows
+    # at the end (bypass bits are stored verbatim in CompressAI's format and cannot be checked).
+    sym, idx = compat_symbols(gen, cdfs, lengths, offsets, 5000, escapes=False)
+    esc = (sym.long() - offsets[idx.long()].long()) >= (lengths[idx.long()].long() - 2)
+    sym, idx = sym[~esc], idx[~esc]
+    data = ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+    dec = ans.RansDecoder()
+    for k in range(60):
+        b = bytearray(data)
+        if k % 3 == 0:
+            b = b[: int(torch.randint(0, len(b), (1,), generator=gen))]
+        elif k % 3 == 1:
+            b[int(torch.randint(0, len(b), (1,), generator=gen))] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
+        else:
+            start = int(torch.randint(0, len(b), (1,), generator=gen))
+            b[start:] = os.urandom(len(b) - start)
+        with pytest.raises(ValueError):
+            dec.decode_with_indexes(bytes(b), idx.tolist(), *tables)
+    # Streaming over the end of a truncated stream raises too, and a hostile escape count is bounded.
+    dec.set_stream(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        for i in range(0, len(idx), 100):
+            dec.decode_stream(idx[i : i + 100].tolist(), *tables)
+    with pytest.raises(ValueError):
+        ans.RansDecoder().decode_with_indexes(b"\xff" * 64, [0] * 40, *tables)
+
+
+def test_table_cache_is_by_identity(gen):
+    cdfs, lengths, offsets = random_tables(gen, 3)
+    tables = as_lists(cdfs, lengths, offsets)
+    sym, idx = compat_symbols(gen, cdfs, lengths, offsets, 50)
+    a = ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+    # New lists with other contents must not hit the cache of the old ones.
+    cdfs2, lengths2, offsets2 = random_tables(gen, 3)
+    sym2, idx2 = compat_symbols(gen, cdfs2, lengths2, offsets2, 50)
+    tables2 = as_lists(cdfs2, lengths2, offsets2)
+    b = ans.RansEncoder().encode_with_indexes(sym2.tolist(), idx2.tolist(), *tables2)
+    assert b == compressai_ans.RansEncoder().encode_with_indexes(sym2.tolist(), idx2.tolist(), *tables2)
+    assert a == compressai_ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+
+
+def test_workload_round_trip_compat(gen):
+    sym, idx, cdfs, lengths, offsets = gaussian_workload(gen, n_ch=64)
+    data = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
+    out = ops.rans_decode_compat(data, idx, cdfs, lengths, offsets)
+    assert out.shape == idx.shape and torch.equal(out, sym)
+    assert np.array_equal(ans.RansDecoder().decode_with_indexes(data, idx.numpy(), cdfs, lengths, offsets),
+                          sym.numpy())
