@@ -12,8 +12,8 @@ What :func:`accelerate` changes, in place:
   select modules with ``isinstance`` checks) but its class becomes a subclass whose
   ``compress``/``decompress`` (and ``build_indexes``) run on dualres_ext's kernels: tensors in,
   bytes out, no Python lists. ``lanes=None`` writes CompressAI's exact bytes; ``lanes="auto"`` or an
-  int writes the native multi-lane stream instead (only an accelerated model with ``lanes`` set
-  reads it back);
+  int writes the native multi-lane stream instead (any accelerated model reads both streams;
+  plain CompressAI reads only its own);
 * serial context models (mbt2018, cheng2020-anchor, ``RasterScanLatentCodec``) build their coder
   with ``BufferedRansEncoder()`` / ``RansDecoder()`` names imported from ``compressai.ans``. Those
   names are replaced, in the modules that imported them, by switches that construct
@@ -45,6 +45,7 @@ from compressai.layers import gdn as _cai_gdn
 from . import ans as _ans
 from . import layers as _layers
 from . import ops
+from .entropy_models import EntropyModel as _DualresEntropyModel
 
 __all__ = [
     "CODER_NAME", "accelerate", "register_entropy_coder",
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 CODER_NAME = "dualres"
+# First bytes of dualres_ext's native (multi-lane) stream (magic, version).
+_NATIVE_HEADER = _DualresEntropyModel._NATIVE_HEADER
 
 _CaiEntropyBottleneck = _cai_em.EntropyBottleneck
 _CaiGaussianConditional = _cai_em.GaussianConditional
@@ -185,11 +188,20 @@ class _NativeCoding:
         return ops.rans_encode(symbols, indexes, *tables, lanes=None if self.lanes == "auto" else self.lanes)
 
     def _dualres_decode(self, string, indexes: Tensor, tables) -> Tensor:
+        """Decodes either stream whatever ``lanes`` is: native streams open with a header (and carry
+        a CRC-32C); a CompressAI stream opens with its final rANS state, so it looks native only by
+        accident (2^-24) and then fails the native checks and is decoded as CompressAI's."""
         if isinstance(string, str):  # CompressAI's pybind decoder takes str too (as UTF-8)
             string = string.encode("utf-8")
-        if self.lanes is None:
-            return ops.rans_decode_compat(string, indexes, *tables)
-        return ops.rans_decode(string, indexes, *tables)
+        if bytes(string[:len(_NATIVE_HEADER)]) == _NATIVE_HEADER:
+            try:
+                return ops.rans_decode(string, indexes, *tables)
+            except ValueError as native_error:
+                try:
+                    return ops.rans_decode_compat(string, indexes, *tables)
+                except ValueError:
+                    raise native_error from None
+        return ops.rans_decode_compat(string, indexes, *tables)
 
     def _dualres_compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor]) -> List[bytes]:
         if not isinstance(inputs, Tensor) or inputs.dim() < 2:
@@ -325,7 +337,8 @@ def accelerate(model: nn.Module, lanes: Union[None, str, int] = None, gdn: bool 
         lanes: ``None`` (default) keeps CompressAI's bitstream byte for byte, so existing streams
             decode and new streams decode with plain CompressAI. ``"auto"`` or an int >= 1 writes
             dualres_ext's multi-lane stream for the EntropyBottleneck / GaussianConditional parts
-            (faster, multi-threaded; only an accelerated model with ``lanes`` set reads it).
+            (faster, multi-threaded; accelerated models decode both kinds whatever their ``lanes``,
+            plain CompressAI only its own).
         gdn: swap CompressAI's GDN/GDN1 for the fused layers. Their output equals CompressAI's to
             float rounding (not bit for bit), so the analysis transform can round a latent the other
             way in rare cases; pass ``gdn=False`` where the encoder must reproduce CompressAI's
