@@ -73,7 +73,9 @@ class WeightsNotFoundError(FileNotFoundError):
 def save_weights(model, path, metadata: Optional[dict] = None, half: bool = True) -> None:
     """Write ``model`` as a checkpoint ``encode``/``decode`` can load (``weights=path``).
 
-    Floating point tensors are stored in float16 when ``half`` (half the size). The entropy
+    Parameters are stored in float16 when ``half`` (half the size); buffers stay as they are:
+    they are tiny and some are below float16's range (the 1e-9 likelihood bound, GDN's 1e-12
+    pedestal would become 0). The entropy
     coder tables are rebuilt from the stored (rounded) parameters and saved with them, so every
     decoder uses the very tables of the encoder, whatever its floating point quirks.
     ``metadata`` (training command, data, steps, ...) is stored as it is.
@@ -82,7 +84,8 @@ def save_weights(model, path, metadata: Optional[dict] = None, half: bool = True
 
     params = {k: v.detach().cpu() for k, v in model.state_dict().items() if not _is_table(k)}
     if half:
-        params = {k: v.half() if v.is_floating_point() else v for k, v in params.items()}
+        trained = {name for name, _ in model.named_parameters()}
+        params = {k: v.half() if v.is_floating_point() and k in trained else v for k, v in params.items()}
     # The model as a decoder will see it: stored parameters, tables built from them.
     ref = DualRes(name=model.name, **model.config)
     _load_params(ref, {k: v.float() if v.is_floating_point() else v for k, v in params.items()}, str(path))

@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None,
+                    help="start a new run from a weights file (e.g. the package's dualres_compact.pt, which "
+                         "records its step count) when --out has no last.pt yet")
     args = ap.parse_args(argv)
 
     distributed = "LOCAL_RANK" in os.environ
@@ -226,6 +229,18 @@ def main(argv=None) -> int:
         step, best_val, history = ckpt["step"], ckpt["best_val"], ckpt.get("history", [])
         if rank == 0:
             print(f"resumed {last_path} at step {step} (best val loss {best_val:.4f})", flush=True)
+    elif args.init:
+        from dualres_ext.codec import load_weights
+
+        init = load_weights(args.init)
+        if init.name != args.model:
+            raise SystemExit(f"{args.init} holds a {init.name!r} model, not {args.model!r}")
+        # Exported weights are float16 and leave the Gaussian tables out: load what the model trains.
+        own = model.state_dict()
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in init.state_dict().items() if k in own}, strict=False)
+        step = int(init.metadata.get("steps", 0))
+        if rank == 0:
+            print(f"initialised from {args.init} (step {step}); optimiser state starts fresh", flush=True)
     for g in optimizer.param_groups:
         g["lr"] = args.lr / (10 if args.lr_drop_at is not None and step >= args.lr_drop_at else 1)
     if distributed:

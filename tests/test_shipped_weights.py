@@ -1,5 +1,6 @@
 """The weights the package ships: present, documented, and coding real photos sensibly."""
 import numpy as np
+import torch
 from PIL import Image
 
 from dualres_ext import codec
@@ -30,3 +31,22 @@ def test_default_weights_code_the_bundled_photo_at_every_rate():
     assert sizes[0] < sizes[1] < sizes[2]
     assert quality[0] < quality[2]
     assert quality[0] > 18.0  # trained weights, not noise (random weights give ~6-10 dB)
+
+
+def test_weights_files_keep_buffers_exact(tmp_path):
+    # float16 storage is for parameters only: the 1e-9 likelihood bound and GDN's 1e-12 pedestals
+    # underflow to 0 in float16, and a zero likelihood bound gives log(0) rates in training.
+    from dualres_ext.models import build
+
+    model = build("compact").eval()
+    model.update(force=True)
+    codec.save_weights(model, tmp_path / "w.pt")
+    loaded = codec.load_weights(tmp_path / "w.pt")
+    params = {n for n, _ in model.named_parameters()}
+    theirs = loaded.state_dict()
+    for name, buf in model.state_dict().items():
+        if name not in params and buf.is_floating_point() and name in theirs and "cdf" not in name:
+            assert torch.equal(theirs[name], buf), name
+    shipped = codec.load_weights(codec.DEFAULT_WEIGHTS)
+    bounds = [b for n, b in shipped.named_buffers() if n.endswith("likelihood_lower_bound.bound")]
+    assert bounds and all(float(b) == float(torch.tensor(1e-9)) for b in bounds)
