@@ -20,6 +20,7 @@ fetched (no network and no cached copy).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 VERSION = "1.2.8"
-EXIT_NO_SDIST = 3
+EXIT_NO_SDIST = 75  # EX_TEMPFAIL; not 1-5, which pytest itself returns (3 = internal error)
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DUALRES_CACHE", Path.home() / ".cache" / "dualres_ext"))
 
@@ -118,7 +119,13 @@ def write_assets(tests: Path) -> None:
 def run_mode(mode: str, workdir: Path, extra: list[str]) -> int:
     env = dict(os.environ)
     env["DUALRES_COMPAT_MODE"] = mode
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "python"), env.get("PYTHONPATH", "")])
+    # The dualres_ext this process would import (the installed one in CI; the source tree only when
+    # it has a built _C and is on PYTHONPATH), plus python/ for the pytest plugin.
+    spec = importlib.util.find_spec("dualres_ext")
+    if spec is None or not spec.origin:
+        raise SystemExit("dualres_ext is not importable: install it (pip install .) or build it in place")
+    package_root = str(Path(spec.origin).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, str(REPO / "python"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "pytest", "-p", "compressai_tests_plugin", "-p", "no:cacheprovider",
            "-o", "addopts=", "-m", "not pretrained", "-q", "-rfEs", "--durations=8", "tests"]
     for node in EXCLUDED:

@@ -247,10 +247,11 @@ def test_argument_errors():
             compat.accelerate(torch.nn.Module(), lanes=bad)
 
 
-def test_import_dualres_ext_does_not_import_compressai():
+def test_import_dualres_ext_does_not_import_compressai(package_env, tmp_path):
     code = ("import sys, dualres_ext, dualres_ext.ops, dualres_ext.ans, dualres_ext.layers, "
             "dualres_ext.entropy_models\n"
             "assert 'compressai' not in sys.modules, sorted(m for m in sys.modules if 'compressai' in m)\n"
             "import dualres_ext.compat\n"
             "assert 'compressai' in sys.modules\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd: `python -c` puts the working directory first on sys.path (the source tree, in CI).
+    subprocess.run([sys.executable, "-c", code], check=True, env=package_env, cwd=tmp_path)

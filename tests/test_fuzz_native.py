@@ -58,13 +58,13 @@ def test_fuzz_regressions(fuzzer):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_fuzz_bounded_run(fuzzer):
+def test_fuzz_bounded_run(fuzzer, package_env):
     exe, out = fuzzer
     seeds = out / "seeds"
     corpus = out / "corpus"
     corpus.mkdir()
     env = _env()
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = package_env["PYTHONPATH"]
     subprocess.run([sys.executable, os.path.join(FUZZ, "make_corpus.py"), str(seeds)], check=True, env=env,
                    capture_output=True, timeout=120)
     secs = int(os.environ.get("DUALRES_FUZZ_SECONDS", "20"))
