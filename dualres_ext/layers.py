@@ -34,25 +34,8 @@ __all__ = [
 ]
 
 
-class _LowerBoundFunction(torch.autograd.Function):
-    """max(x, bound), with CompressAI's gradient: pass it through where x >= bound, or where
-    the gradient would push x upwards (towards the bound) - so parameters stuck at the bound
-    can still move away from it."""
-
-    @staticmethod
-    def forward(ctx, x, bound):
-        ctx.save_for_backward(x, bound)
-        return torch.max(x, bound)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, bound = ctx.saved_tensors
-        pass_through = (x >= bound) | (grad_output < 0)
-        return pass_through * grad_output, None
-
-
 class LowerBound(nn.Module):
-    """``torch.max(x, bound)`` with CompressAI's custom gradient (buffer: ``bound``)."""
+    """``torch.max(x, bound)`` with CompressAI's custom gradient (``ops.lower_bound``; buffer: ``bound``)."""
 
     bound: Tensor
 
@@ -61,7 +44,7 @@ class LowerBound(nn.Module):
         self.register_buffer("bound", torch.Tensor([float(bound)]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _LowerBoundFunction.apply(x, self.bound)
+        return ops.lower_bound(x, self.bound)
 
 
 class NonNegativeParametrizer(nn.Module):
