@@ -47,7 +47,7 @@ def _ssim_terms(x, y, window, data_range):
     sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
     cs = (2 * sxy + c2) / (sxx + syy + c2)
     ssim = ((2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1)) * cs
-    return ssim.mean(dim=(1, 2, 3)), cs.mean(dim=(1, 2, 3))
+    return ssim.mean(dim=(2, 3)), cs.mean(dim=(2, 3))  # per image and channel
 
 
 def ms_ssim(a, b, data_range: float = 255.0) -> float:
@@ -71,8 +71,9 @@ def ms_ssim(a, b, data_range: float = 255.0) -> float:
             # Odd sides are padded rather than cropped (as pytorch_msssim and CompressAI's eval do).
             pad = (x.shape[-2] % 2, x.shape[-1] % 2)
             x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)
-    stacked = torch.stack(values, dim=0)  # (levels, N)
-    return torch.prod(stacked ** weights.view(-1, 1), dim=0).mean().item()
+    # Per-channel MS-SSIM averaged over channels, as pytorch_msssim (and so CompressAI's eval) reports it.
+    stacked = torch.stack(values, dim=0)  # (levels, N, C)
+    return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0).mean().item()
 
 
 def bd_rate(rate_anchor: Sequence[float], psnr_anchor: Sequence[float],
