@@ -188,6 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="stop at this total step count")
     ap.add_argument("--minutes", type=float, default=None, help="stop after this many minutes in this run")
     ap.add_argument("--lr-drop-at", type=int, default=None, help="divide the lr by 10 from this step on")
+    ap.add_argument("--lr-drop-minutes", type=float, default=None,
+                    help="divide the lr by 10 for the last this-many minutes of --minutes (a time-boxed run's "
+                         "step count is not known in advance)")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=1000)
     ap.add_argument("--val-size", type=int, default=256, help="validation centre-crop size")
@@ -198,6 +201,8 @@ def main(argv=None) -> int:
                     help="start a new run from a weights file (e.g. the package's dualres_compact.pt, which "
                          "records its step count) when --out has no last.pt yet")
     args = ap.parse_args(argv)
+    if args.lr_drop_minutes is not None and not args.minutes:
+        ap.error("--lr-drop-minutes needs --minutes")
 
     distributed = "LOCAL_RANK" in os.environ
     rank = 0
@@ -251,6 +256,8 @@ def main(argv=None) -> int:
     val_images = load_val(list_images(args.val), args.val_size) if rank == 0 else []
     qrng = random.Random(args.seed * 7919 + step)
     deadline = time.time() + args.minutes * 60 if args.minutes else None
+    drop_time = deadline - args.lr_drop_minutes * 60 if args.lr_drop_minutes is not None else None
+    lr_dropped = False
     progress = Progress(step, args.steps, deadline, sys.stdout.isatty())
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lambdas = unwrap(model).lambdas
@@ -266,14 +273,33 @@ def main(argv=None) -> int:
             "command": command, "args": vars(args), "train_images": len(sampler.images),
         })
 
+    def clock():
+        """(past the deadline, past the lr-drop time), agreed by all processes: under DDP every rank
+        must stop (and drop its lr) at the same step, or the others hang in the next all-reduce."""
+        if deadline is None:
+            return False, False
+        now = time.time()
+        flags = torch.tensor([now >= deadline, drop_time is not None and now >= drop_time],
+                             dtype=torch.int32, device=device)
+        if distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
     model.train()
     running = {"loss": 0.0, "bpp": 0.0, "psnr": 0.0, "aux": 0.0, "n": 0}
     while True:
-        if (args.steps is not None and step >= args.steps) or (deadline is not None and time.time() >= deadline):
+        past_deadline, past_drop = clock()
+        if (args.steps is not None and step >= args.steps) or past_deadline:
             break
         if args.lr_drop_at is not None and step == args.lr_drop_at:
             for g in optimizer.param_groups:
                 g["lr"] = args.lr / 10
+        if past_drop and not lr_dropped:
+            lr_dropped = True
+            for g in optimizer.param_groups:
+                g["lr"] = args.lr / 10
+            if rank == 0:
+                print(f"\nstep {step}: lr divided by 10 for the last {args.lr_drop_minutes:g} minutes", flush=True)
         x = sampler.batch(args.batch).to(device, non_blocking=True)
         q = qrng.randrange(len(lambdas))
         out = model(x, q)
