@@ -7,6 +7,7 @@ well-formed tensors. The C++ side still checks what it cannot trust (bitstream b
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
@@ -384,10 +385,22 @@ def _bound_value(name, bound):
     return float(bound), torch.float32
 
 
-def _index_inputs(scales, scale_table, scale_bound):
-    """Bring scales/table to the dtype CompressAI compares in: torch.max(scales, bound) promotes
-    with the bound (a 1-element float32 buffer), the table entries are then cast to that dtype."""
-    _require_tensor("scales", scales)
+# Prepared (validated, converted) scale tables, keyed by the identity and version counter of the
+# caller's table and bound: a model calls build_indexes with the same buffers over and over (once
+# per position in CompressAI's serial context models), and re-validating them each time cost more
+# than the kernel. Entries hold the original tensors, so a matching identity is never a reused id.
+_PREPARED_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PREPARED_TABLES_SIZE = 8
+
+
+def _prepared_table(scale_table, scale_bound, scales_dtype, device):
+    bound_is_tensor = isinstance(scale_bound, torch.Tensor)
+    key = (id(scale_table), scale_table._version, id(scale_bound) if bound_is_tensor else scale_bound,
+           scale_bound._version if bound_is_tensor else None, scales_dtype, device)
+    hit = _PREPARED_TABLES.get(key)
+    if hit is not None and hit[0] is scale_table and (not bound_is_tensor or hit[1] is scale_bound):
+        _PREPARED_TABLES.move_to_end(key)
+        return hit[2], hit[3]
     _require_tensor("scale_table", scale_table)
     if scale_table.dim() != 1 or scale_table.numel() < 1:
         raise ValueError(f"scale_table must be a non-empty 1-D tensor, got shape {tuple(scale_table.shape)}")
@@ -396,12 +409,22 @@ def _index_inputs(scales, scale_table, scale_bound):
         raise ValueError("scale_bound is NaN")
     if scale_table.device.type == "cpu" and bool(torch.isnan(scale_table).any()):  # (no CUDA sync)
         raise ValueError("scale_table contains NaN")
-    dtype = torch.promote_types(scales.dtype, bound_dtype)
+    dtype = torch.promote_types(scales_dtype, bound_dtype)
     if dtype not in _NATIVE_FLOATS:
         dtype = torch.float32
-    scales = scales.to(dtype).contiguous()
-    table = scale_table.to(device=scales.device, dtype=dtype).contiguous()
-    return scales, table, bound
+    table = scale_table.to(device=device, dtype=dtype).contiguous()
+    _PREPARED_TABLES[key] = (scale_table, scale_bound, table, bound)
+    while len(_PREPARED_TABLES) > _PREPARED_TABLES_SIZE:
+        _PREPARED_TABLES.popitem(last=False)
+    return table, bound
+
+
+def _index_inputs(scales, scale_table, scale_bound):
+    """Bring scales/table to the dtype CompressAI compares in: torch.max(scales, bound) promotes
+    with the bound (a 1-element float32 buffer), the table entries are then cast to that dtype."""
+    _require_tensor("scales", scales)
+    table, bound = _prepared_table(scale_table, scale_bound, scales.dtype, scales.device)
+    return scales.to(table.dtype).contiguous(), table, bound
 
 
 def build_indexes(scales, scale_table, scale_bound=DEFAULT_SCALE_BOUND, strict=True):

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/gil_release.h"
 #include "gaussian/gaussian_math.h"
 
 #if defined(__AVX512F__)
@@ -152,6 +153,10 @@ inline __m512i quantize16(__m512 d, int& status) {
 }
 #endif
 
+// Inputs at least this large release the GIL while the kernel runs (other Python threads go on);
+// below it the release/re-acquire costs more than the kernel (per-position calls of serial models).
+constexpr int64_t kReleaseGilNumel = int64_t{1} << 15;
+
 template <typename T>
 void build_indexes_kernel(const T* scales, int32_t* out, int64_t numel, const PaddedTable<T>& table, T bound,
                           std::atomic<int>& status) {
@@ -203,12 +208,15 @@ at::Tensor build_indexes_cpu(const at::Tensor& scales, const at::Tensor& scale_t
   TORCH_CHECK(scale_table.dim() == 1 && scale_table.numel() >= 1, "build_indexes: scale_table must be 1-D, non-empty");
   auto out = at::empty(scales.sizes(), scales.options().dtype(at::kInt));
   std::atomic<int> status{0};
-  AT_DISPATCH_FLOATING_TYPES(scales.scalar_type(), "build_indexes_cpu", [&] {
-    // The last table entry is never compared against (CompressAI loops over table[:-1]).
-    PaddedTable<scalar_t> table(scale_table.data_ptr<scalar_t>(), static_cast<int32_t>(scale_table.numel() - 1));
-    build_indexes_kernel(scales.data_ptr<scalar_t>(), out.data_ptr<int32_t>(), scales.numel(), table,
-                         static_cast<scalar_t>(scale_bound), status);
-  });
+  {
+    GilRelease nogil(scales.numel() >= kReleaseGilNumel);
+    AT_DISPATCH_FLOATING_TYPES(scales.scalar_type(), "build_indexes_cpu", [&] {
+      // The last table entry is never compared against (CompressAI loops over table[:-1]).
+      PaddedTable<scalar_t> table(scale_table.data_ptr<scalar_t>(), static_cast<int32_t>(scale_table.numel() - 1));
+      build_indexes_kernel(scales.data_ptr<scalar_t>(), out.data_ptr<int32_t>(), scales.numel(), table,
+                           static_cast<scalar_t>(scale_bound), status);
+    });
+  }
   raise_on_scale_status(status.load(), check);
   return out;
 }
@@ -221,26 +229,29 @@ at::Tensor quantize_cpu(const at::Tensor& y, const std::optional<at::Tensor>& me
   }
   auto out = at::empty(y.sizes(), y.options().dtype(at::kInt));
   std::atomic<int> status{0};
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "quantize_cpu", [&] {
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* mp = means ? means->data_ptr<scalar_t>() : nullptr;
-    int32_t* op = out.data_ptr<int32_t>();
-    at::parallel_for(0, y.numel(), kStreamGrain, [&](int64_t begin, int64_t end) {
-      int local = 0;
-      int64_t i = begin;
+  {
+    GilRelease nogil(y.numel() >= kReleaseGilNumel);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "quantize_cpu", [&] {
+      const scalar_t* yp = y.data_ptr<scalar_t>();
+      const scalar_t* mp = means ? means->data_ptr<scalar_t>() : nullptr;
+      int32_t* op = out.data_ptr<int32_t>();
+      at::parallel_for(0, y.numel(), kStreamGrain, [&](int64_t begin, int64_t end) {
+        int local = 0;
+        int64_t i = begin;
 #if defined(__AVX512F__)
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        for (; i + 16 <= end; i += 16) {
-          __m512 d = _mm512_loadu_ps(yp + i);
-          if (mp) d = _mm512_sub_ps(d, _mm512_loadu_ps(mp + i));
-          _mm512_storeu_si512(op + i, quantize16(d, local));
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          for (; i + 16 <= end; i += 16) {
+            __m512 d = _mm512_loadu_ps(yp + i);
+            if (mp) d = _mm512_sub_ps(d, _mm512_loadu_ps(mp + i));
+            _mm512_storeu_si512(op + i, quantize16(d, local));
+          }
         }
-      }
 #endif
-      for (; i < end; ++i) op[i] = quantize_symbol(yp[i], mp ? mp[i] : scalar_t(0), local);
-      if (local) status.fetch_or(local);
+        for (; i < end; ++i) op[i] = quantize_symbol(yp[i], mp ? mp[i] : scalar_t(0), local);
+        if (local) status.fetch_or(local);
+      });
     });
-  });
+  }
   TORCH_CHECK_VALUE(status.load() == 0, describe_status(status.load(), "y - means"));
   return out;
 }
@@ -298,30 +309,33 @@ std::tuple<at::Tensor, at::Tensor> quantize_indexes_cpu(const at::Tensor& y, con
   auto symbols = at::empty(y.sizes(), y.options().dtype(at::kInt));
   auto indexes = at::empty(y.sizes(), y.options().dtype(at::kInt));
   std::atomic<int> sym_status{0}, scale_status{0};
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "quantize_indexes_cpu", [&] {
-    using y_t = scalar_t;
-    const y_t* yp = y.data_ptr<y_t>();
-    const y_t* mp = means ? means->data_ptr<y_t>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES(scales.scalar_type(), "quantize_indexes_cpu_scales", [&] {
-      PaddedTable<scalar_t> table(scale_table.data_ptr<scalar_t>(), static_cast<int32_t>(scale_table.numel() - 1));
-      const scalar_t* sp = scales.data_ptr<scalar_t>();
-      const scalar_t bound = static_cast<scalar_t>(scale_bound);
-      int32_t* symp = symbols.data_ptr<int32_t>();
-      int32_t* idxp = indexes.data_ptr<int32_t>();
-      if (quantize_indexes_avx512(yp, mp, sp, table, bound, symp, idxp, y.numel(), sym_status, scale_status)) return;
-      at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        int sym_local = 0, scale_local = 0;
-        for (int64_t i = begin; i < end; ++i) {
-          symp[i] = quantize_symbol(yp[i], mp ? mp[i] : y_t(0), sym_local);
-          const scalar_t s = sp[i];
-          scale_local |= classify_scale(s);
-          idxp[i] = table.index(max_nan(s, bound));
-        }
-        if (sym_local) sym_status.fetch_or(sym_local);
-        if (scale_local) scale_status.fetch_or(scale_local);
+  {
+    GilRelease nogil(y.numel() >= kReleaseGilNumel);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "quantize_indexes_cpu", [&] {
+      using y_t = scalar_t;
+      const y_t* yp = y.data_ptr<y_t>();
+      const y_t* mp = means ? means->data_ptr<y_t>() : nullptr;
+      AT_DISPATCH_FLOATING_TYPES(scales.scalar_type(), "quantize_indexes_cpu_scales", [&] {
+        PaddedTable<scalar_t> table(scale_table.data_ptr<scalar_t>(), static_cast<int32_t>(scale_table.numel() - 1));
+        const scalar_t* sp = scales.data_ptr<scalar_t>();
+        const scalar_t bound = static_cast<scalar_t>(scale_bound);
+        int32_t* symp = symbols.data_ptr<int32_t>();
+        int32_t* idxp = indexes.data_ptr<int32_t>();
+        if (quantize_indexes_avx512(yp, mp, sp, table, bound, symp, idxp, y.numel(), sym_status, scale_status)) return;
+        at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+          int sym_local = 0, scale_local = 0;
+          for (int64_t i = begin; i < end; ++i) {
+            symp[i] = quantize_symbol(yp[i], mp ? mp[i] : y_t(0), sym_local);
+            const scalar_t s = sp[i];
+            scale_local |= classify_scale(s);
+            idxp[i] = table.index(max_nan(s, bound));
+          }
+          if (sym_local) sym_status.fetch_or(sym_local);
+          if (scale_local) scale_status.fetch_or(scale_local);
+        });
       });
     });
-  });
+  }
   TORCH_CHECK_VALUE(sym_status.load() == 0, describe_status(sym_status.load(), "y - means"));
   raise_on_scale_status(scale_status.load(), check);
   return {symbols, indexes};
@@ -335,6 +349,7 @@ at::Tensor dequantize_cpu(const at::Tensor& symbols, const std::optional<at::Ten
   }
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dequantize: dtype must be float32 or float64");
   auto out = at::empty(symbols.sizes(), symbols.options().dtype(dtype));
+  GilRelease nogil(symbols.numel() >= kReleaseGilNumel);
   AT_DISPATCH_FLOATING_TYPES(dtype, "dequantize_cpu", [&] {
     const int32_t* sp = symbols.data_ptr<int32_t>();
     const scalar_t* mp = means ? means->data_ptr<scalar_t>() : nullptr;

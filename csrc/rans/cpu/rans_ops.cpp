@@ -4,7 +4,6 @@
 // Tensors in, tensors out: no Python lists anywhere. Arguments are validated here with messages
 // naming the argument (TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError); the core
 // validates the bitstream itself and reports failures as Status codes, turned into ValueError.
-#include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,27 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "common/gil_release.h"
 #include "rans/rans_stream.h"
 
 namespace dualres::rans {
 namespace {
-
-// Calls through torch.ops keep the GIL (measured: two Python threads did not overlap), so the
-// coding loops release it themselves. They touch no Python object.
-class GilRelease {
- public:
-  GilRelease() {
-    if (Py_IsInitialized() && PyGILState_Check()) state_ = PyEval_SaveThread();
-  }
-  ~GilRelease() {
-    if (state_) PyEval_RestoreThread(state_);
-  }
-  GilRelease(const GilRelease&) = delete;
-  GilRelease& operator=(const GilRelease&) = delete;
-
- private:
-  PyThreadState* state_ = nullptr;
-};
 
 void check_int32_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be an int32 tensor, got ", t.scalar_type());

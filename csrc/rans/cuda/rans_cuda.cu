@@ -16,7 +16,6 @@
 //          in one host->device copy -> one thread per lane, every read bounds-checked against the
 //          lane's byte range -> per-lane status to the host -> ValueError on any failure.
 // Batched entry points code several slices/images (sharing one set of tables) per launch.
-#include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -28,6 +27,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/gil_release.h"
 #include "rans/rans_lanes.h"
 
 namespace dualres::rans {
@@ -35,22 +35,6 @@ namespace {
 
 constexpr int kStates = kDefaultStates;  // what the CPU encoder writes
 static_assert(4 * kStates + 2 <= kLaneSlack, "scratch slack too small for the final states");
-
-// Same GIL policy as the CPU ops: the host work here (syncs, copies, CRC) touches no Python object.
-class GilRelease {
- public:
-  GilRelease() {
-    if (Py_IsInitialized() && PyGILState_Check()) state_ = PyEval_SaveThread();
-  }
-  ~GilRelease() {
-    if (state_) PyEval_RestoreThread(state_);
-  }
-  GilRelease(const GilRelease&) = delete;
-  GilRelease& operator=(const GilRelease&) = delete;
-
- private:
-  PyThreadState* state_ = nullptr;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Kernels
