@@ -10,7 +10,8 @@ by wrapping the same call sites on both sides:
 
 * EntropyBottleneck / GaussianConditional ``compress``, ``decompress``, ``build_indexes``;
 * the rANS coder objects that serial context models create (``encode_with_indexes``, ``flush``,
-  ``set_stream``, ``decode_stream``), CompressAI's or dualres_ext's.
+  ``set_stream``, ``decode_stream``), CompressAI's or dualres_ext's (whose tensor versions of the
+  serial loops call ``build_indexes`` and the coder directly: the same call sites).
 
 Nested wrapped calls count once. Also checks that both sides produce the same bytes and decode the
 same latent.
@@ -89,6 +90,13 @@ def install_timers():
                 setattr(cls, name, TIMER.wrap(vars(cls)[name]))
     for cls in (compat._NativeEntropyBottleneck, compat._NativeGaussianConditional):
         for name in ("compress", "decompress", "build_indexes"):
+            if name in vars(cls):
+                setattr(cls, name, TIMER.wrap(vars(cls)[name]))
+    # dualres_ext's coder objects (the accelerated serial loops create them directly).
+    from dualres_ext import ans
+
+    for cls in (ans.RansEncoder, ans.RansDecoder, ans.BufferedRansEncoder):
+        for name in ("encode_with_indexes", "flush", "set_stream", "decode_stream", "decode_with_indexes"):
             if name in vars(cls):
                 setattr(cls, name, TIMER.wrap(vars(cls)[name]))
     # Serial context models build their coders through the switches compat installed in place of

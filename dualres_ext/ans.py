@@ -9,9 +9,10 @@ decoders read CompressAI's streams. Differences, all on the side of doing more:
 * 0 and 1 symbols work (CompressAI aborts the process there).
 * Malformed or corrupt streams raise ``ValueError`` instead of crashing or returning garbage
   (a whole-stream decode checks that the coder ends in its initial state).
-* Converted CDF tables are cached by the identity of the list objects passed, so a serial context
-  model calling ``decode_stream`` per position with the same lists converts them once. Do not
-  mutate a table list in place between calls (pass a new list instead).
+* Converted CDF tables are cached by the identity of the list (or tensor) objects passed, so a
+  serial context model calling ``decode_stream`` per position with the same lists converts them
+  once. Do not mutate a table list in place between calls (pass a new list instead); tensors
+  written in place are noticed (version counter).
 """
 from __future__ import annotations
 
@@ -72,19 +73,28 @@ def _convert_tables(cdfs, cdf_sizes, offsets):
     return table.contiguous(), sizes, offs
 
 
+def _fingerprint(obj):
+    """What must not change for a cached conversion of obj to stay valid: a tensor's version
+    counter (in-place writes), a list's length (the documented-as-unsupported in-place growth)."""
+    if isinstance(obj, torch.Tensor):
+        return obj._version
+    return len(obj) if isinstance(obj, (list, tuple)) else None
+
+
 def _tables(cdfs, cdf_sizes, offsets):
-    """Converted (cdfs, cdf_lengths, offsets) tensors, cached by identity of the list objects."""
-    if not isinstance(cdfs, (list, tuple)):
+    """Converted (cdfs, cdf_lengths, offsets) tensors, cached by identity of the objects passed
+    (lists or tensors; numpy arrays are converted every time: they have no version counter)."""
+    if not all(isinstance(t, (list, tuple, torch.Tensor)) for t in (cdfs, cdf_sizes, offsets)):
         return _convert_tables(cdfs, cdf_sizes, offsets)
     key = (id(cdfs), id(cdf_sizes), id(offsets))
+    prints = tuple(_fingerprint(t) for t in (cdfs, cdf_sizes, offsets))
     hit = _table_cache.get(key)
-    # The cache keeps the objects alive, so equal ids mean the same objects; lengths guard
-    # against the (documented as unsupported) in-place growth of a list.
-    if hit is not None and hit[0] is cdfs and len(cdfs) == hit[3] and len(cdf_sizes) == hit[4]:
+    # The cache keeps the objects alive, so equal ids mean the same objects.
+    if hit is not None and hit[0] is cdfs and hit[1] is cdf_sizes and hit[2] is offsets and hit[3] == prints:
         _table_cache.move_to_end(key)
-        return hit[5]
+        return hit[4]
     converted = _convert_tables(cdfs, cdf_sizes, offsets)
-    _table_cache[key] = (cdfs, cdf_sizes, offsets, len(cdfs), len(cdf_sizes), converted)
+    _table_cache[key] = (cdfs, cdf_sizes, offsets, prints, converted)
     while len(_table_cache) > _TABLE_CACHE_SIZE:
         _table_cache.popitem(last=False)
     return converted

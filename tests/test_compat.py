@@ -225,6 +225,43 @@ def test_entropy_model_subclass_with_own_coding_is_left_alone():
     assert type(holder.gc) is compat.DualresGaussianConditional
 
 
+@pytest.mark.parametrize("name", SERIAL)
+def test_serial_compress_indexes_and_codes_once(name, monkeypatch):
+    """The accelerated serial encoder still quantises position by position, but computes the
+    indexes and runs the coder once per image, with CompressAI's bytes; it survives pickling."""
+    torch.manual_seed(11)
+    model = MODELS[name]().eval()
+    model.update()
+    x = _image(13)
+    with torch.no_grad():
+        out = model.compress(x)
+    fast = compat.accelerate(copy.deepcopy(model), gdn=False)
+    cls = type(fast.gaussian_conditional)
+    calls = {"build_indexes": 0, "encode": 0}
+    build_indexes, encode = cls.build_indexes, dans.BufferedRansEncoder.encode_with_indexes
+
+    def counted_build_indexes(self, scales):
+        calls["build_indexes"] += 1
+        return build_indexes(self, scales)
+
+    def counted_encode(self, *args):
+        calls["encode"] += 1
+        return encode(self, *args)
+
+    monkeypatch.setattr(cls, "build_indexes", counted_build_indexes)
+    monkeypatch.setattr(dans.BufferedRansEncoder, "encode_with_indexes", counted_encode)
+    with torch.no_grad():
+        fast_out = fast.compress(x)
+    assert fast_out["strings"] == out["strings"]
+    assert calls == {"build_indexes": 1, "encode": 1}  # z goes through the EntropyBottleneck
+    clone = pickle.loads(pickle.dumps(fast))
+    assert clone._compress_ar.owner is clone and clone._decompress_ar.owner is clone
+    with torch.no_grad():
+        assert clone.compress(x)["strings"] == out["strings"]
+        assert torch.equal(clone.decompress(out["strings"], out["shape"])["x_hat"],
+                           fast.decompress(out["strings"], out["shape"])["x_hat"])
+
+
 def test_accelerated_model_pickles():
     torch.manual_seed(5)
     model = MODELS["mbt2018-mean"]().eval()

@@ -105,12 +105,11 @@ inline const char* check_table(const TableView& tv, int64_t t, int* precision_ou
 constexpr uint32_t kLow = 1u << 23;   // native state lives in [kLow, kLow << 8)
 
 // Tables validated and converted once per call. Only the rows named by the indexes are
-// prepared (prepare_rows), so a per-position decode_stream call with a few symbols stays cheap.
+// prepared (prepare_row), so a per-position decode_stream call with a few symbols stays cheap.
 struct Prepared {
   TableView tv;
   int precision = -1;               // common precision of all prepared rows
   int bucket_bits = 0, bucket_shift = 0;
-  std::vector<uint8_t> ready;       // [T]
   std::vector<uint16_t> bucket;     // [T, 2^bucket_bits + 1]: symbol holding slot (b << shift)
   // [T, 2^bucket_bits], CPU compat decoder only: when bucket k of a row lies inside one symbol s,
   // s | start << 16 | freq << 32 (freq > 0), else 0. Saves the decoder two dependent loads per
@@ -119,13 +118,12 @@ struct Prepared {
 
   int64_t bucket_stride() const { return (int64_t{1} << bucket_bits) + 1; }
 
-  // Marks and prepares the rows used by idx[0..n). Returns nullptr or an error message.
-  // required_precision > 0 demands that precision (compat: 16).
+  // Validates the rows used by idx[0..n) and builds their decoding search structures.
+  // Returns nullptr or an error message. required_precision > 0 demands that precision (compat: 16).
   const char* prepare(const TableView& v, const int32_t* idx, int64_t n, bool for_encode,
                       int required_precision) {
     tv = v;
-    (void)for_encode;  // encoder and decoder share the prepared rows
-    ready.assign(static_cast<size_t>(tv.T), 0);
+    (void)for_encode;  // one Prepared serves both directions (a round trip may share it)
     std::vector<uint8_t> used(static_cast<size_t>(tv.T), 0);
     for (int64_t i = 0; i < n; ++i) {
       const int32_t t = idx[i];
@@ -167,22 +165,6 @@ struct Prepared {
       d[k] = single ? (uint64_t(s) | uint64_t(c[s]) << 16 | uint64_t(c[s + 1] - c[s]) << 32) : 0;
     }
     b[nb] = static_cast<uint16_t>(len - 2);
-    ready[t] = 1;
-  }
-
-  // The symbol s with cdf[s] <= slot < cdf[s + 1]: the bucket narrows it to [lo, hi] (almost
-  // always one or two candidates), a binary search handles the rare wider range (tails), and the
-  // last step is branch-free -- never a linear scan.
-  DUALRES_RANS_INLINE uint32_t find(int32_t t, uint32_t slot) const {
-    const uint16_t* b = bucket.data() + t * bucket_stride() + (slot >> bucket_shift);
-    uint32_t lo = b[0], hi = b[1];
-    const int32_t* c = tv.cdfs + int64_t{t} * tv.W;
-    while (hi > lo + 1) {
-      const uint32_t mid = (lo + hi) >> 1;
-      if (static_cast<uint32_t>(c[mid]) <= slot) lo = mid; else hi = mid - 1;
-    }
-    // lo <= len - 2, so c[lo + 1] exists; when lo == hi it is > slot.
-    return lo + (static_cast<uint32_t>(c[lo + 1]) <= slot);
   }
 };
 
@@ -406,7 +388,9 @@ struct DecodeCtx {
 DUALRES_HD DUALRES_RANS_INLINE Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t, int32_t* out) {
   const uint32_t slot = x & d.mask;
   const int32_t* c = d.cdfs + int64_t{t} * d.W;
-  // Symbol search (see Prepared::find): bucket, rare binary search, branch-free last step.
+  // The symbol s with cdf[s] <= slot < cdf[s + 1]: the bucket narrows it to [lo, hi] (almost
+  // always one or two candidates), a binary search handles the rare wider range (tails), and the
+  // last step is branch-free -- never a linear scan.
   const uint16_t* b = d.bucket + t * d.bstride + (slot >> d.bshift);
   uint32_t lo = b[0], hi = b[1];
   while (hi > lo + 1) {
