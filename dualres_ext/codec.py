@@ -62,7 +62,8 @@ class BitstreamError(ValueError):
 
 
 class ImageTooLargeError(BitstreamError):
-    """The bitstream's header declares more pixels than the decoder's limit (``max_pixels``)."""
+    """More pixels than the limit (``max_pixels``): declared by a bitstream's header (decode), or
+    in the image given to encode (whose stream the default decoder would refuse)."""
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -372,19 +373,27 @@ def _check_quality(model, quality) -> float:
     return q
 
 
-def encode(image, quality: Union[int, float] = 3, device=None, weights=None) -> bytes:
+def encode(image, quality: Union[int, float] = 3, device=None, weights=None,
+           max_pixels: Optional[int] = None) -> bytes:
     """Compress one image into a DualRes bitstream.
 
     ``image``: a PIL image, an HxWx3 (or HxW grey, HxWx4 RGBA) uint8 numpy array, or a float
-    tensor (3, H, W) / (1, 3, H, W) / (1, H, W) in [0, 1]. Any size. Grey images are coded as
+    tensor (3, H, W) / (1, 3, H, W) / (1, H, W) in [0, 1]. Any size up to ``max_pixels``
+    (default as in :func:`decode`: larger images raise :class:`ImageTooLargeError` before any model
+    work, since the default decoder would refuse their stream). Grey images are coded as
     three equal channels and flagged (``decode`` returns grey); an alpha channel is dropped with
     a warning. ``quality``: 0 (smallest) .. ``num_qualities - 1`` (best), floats interpolate.
     ``device``: where the model runs (default CPU); decode on the same kind of device.
     """
+    limit = _pixel_limit(max_pixels)
     model, wid = _resolve_model(weights, device)
     q = _check_quality(model, quality)
     x, grey = _to_tensor(image)
     height, width = x.shape[-2:]
+    if int(height) * int(width) > limit:
+        raise ImageTooLargeError(
+            f"the image is {width}x{height} ({int(width) * int(height)} pixels), more than the limit of {limit} "
+            f"(raise it with encode(..., max_pixels=N) or ${MAX_PIXELS_ENV}; decoding needs the same)")
     dev = next(model.parameters()).device
     x = _pad(x, model.stride).to(dev)
     out = model.compress(x, q)

@@ -25,30 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .layers import LowerBound  # the one LowerBound module (same buffer and gradient as CompressAI's)
 
 __all__ = ["LowerBound", "EntropyModel", "EntropyBottleneck", "GaussianConditional"]
-
-
-class LowerBound(nn.Module):
-    """CompressAI's LowerBound (same ``bound`` buffer, same gradient rule)."""
-
-    bound: Tensor
-
-    def __init__(self, bound: float):
-        super().__init__()
-        self.register_buffer("bound", torch.Tensor([float(bound)]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.lower_bound(x, self.bound)
-
-    def value(self) -> float:
-        """The bound as a Python float, cached until the buffer changes (no device sync per call)."""
-        key = (self.bound.data_ptr(), self.bound._version)
-        cached = getattr(self, "_value_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, float(self.bound.reshape(-1)[0]))
-            self._value_cache = cached
-        return cached[1]
 
 
 def _check_lanes(lanes):

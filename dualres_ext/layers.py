@@ -46,6 +46,15 @@ class LowerBound(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.lower_bound(x, self.bound)
 
+    def value(self) -> float:
+        """The bound as a Python float, cached until the buffer changes (no device sync per call)."""
+        key = (self.bound.data_ptr(), self.bound._version)
+        cached = getattr(self, "_value_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, float(self.bound.reshape(-1)[0]))
+            self._value_cache = cached
+        return cached[1]
+
 
 class NonNegativeParametrizer(nn.Module):
     """CompressAI's non-negative reparametrisation: value = max(p, sqrt(minimum + pedestal))**2 - pedestal.

@@ -55,6 +55,21 @@ def test_bomb_header_refused_before_model_work(model, stream, monkeypatch):
         codec.decode(_forge_size(stream, w, h), weights=model)
 
 
+def test_encode_applies_the_same_pixel_limit(model, monkeypatch):
+    img = np.random.default_rng().integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    calls = []
+    monkeypatch.setattr(model, "compress", lambda *a, **k: calls.append(1))
+    with pytest.raises(codec.ImageTooLargeError, match="30x40"):
+        codec.encode(img, weights=model, max_pixels=40 * 30 - 1)
+    monkeypatch.setenv("DUALRES_MAX_PIXELS", "1000")
+    with pytest.raises(codec.ImageTooLargeError, match="limit of 1000"):
+        codec.encode(img, weights=model)
+    assert not calls  # refused before any model work
+    monkeypatch.undo()
+    data = codec.encode(img, weights=model, max_pixels=40 * 30)
+    assert codec.decode(data, weights=model, output="numpy", max_pixels=40 * 30).shape == img.shape
+
+
 def test_pixel_limit_configuration(model, stream, monkeypatch):
     img = codec.decode(stream, weights=model, output="numpy")
     assert img.shape == (64, 48, 3)
