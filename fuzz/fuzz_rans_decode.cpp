@@ -116,8 +116,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (m == 0) return 0;  // (empty vectors have null data(); memcmp must not see them)
     std::vector<int32_t> sym(static_cast<size_t>(m));
     for (int64_t i = 0; i < m; ++i) sym[i] = static_cast<int32_t>(rd32(stream + 4 * i));
-    Prepared pt;
-    if (pt.prepare(tv, idx.data(), m, true, 0)) return 0;
+    Prepared pt;  // prepared for decoding: the round trip uses it both ways
+    if (pt.prepare(tv, idx.data(), m, false, 0)) return 0;
     std::vector<uint8_t> enc;
     const int64_t lanes = flags & 0x7F;  // 0: encoder's choice
     const int states = (flags & 0x80) ? 1 << (flags & 1 ? 1 : 0) : kDefaultStates;

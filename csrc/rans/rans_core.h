@@ -118,12 +118,13 @@ struct Prepared {
 
   int64_t bucket_stride() const { return (int64_t{1} << bucket_bits) + 1; }
 
-  // Validates the rows used by idx[0..n) and builds their decoding search structures.
-  // Returns nullptr or an error message. required_precision > 0 demands that precision (compat: 16).
+  // Validates the rows used by idx[0..n) and, unless for_encode, builds their decoding search
+  // structures (an encoder needs none: building them cost a small stream's encode as much again).
+  // A Prepared made for decoding also serves encoding. Returns nullptr or an error message.
+  // required_precision > 0 demands that precision (compat: 16).
   const char* prepare(const TableView& v, const int32_t* idx, int64_t n, bool for_encode,
                       int required_precision) {
     tv = v;
-    (void)for_encode;  // one Prepared serves both directions (a round trip may share it)
     std::vector<uint8_t> used(static_cast<size_t>(tv.T), 0);
     for (int64_t i = 0; i < n; ++i) {
       const int32_t t = idx[i];
@@ -143,6 +144,7 @@ struct Prepared {
       return "cdfs: CompressAI's format needs 16-bit tables (rows ending at 65536)";
     bucket_bits = precision < 8 ? precision : 8;
     bucket_shift = precision - bucket_bits;
+    if (for_encode) return nullptr;
     bucket.assign(static_cast<size_t>(tv.T * bucket_stride()), 0);
     direct.reset(new uint64_t[static_cast<size_t>(tv.T) << bucket_bits]);
     for (int64_t t = 0; t < tv.T; ++t)
