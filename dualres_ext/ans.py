@@ -16,6 +16,7 @@ decoders read CompressAI's streams. Differences, all on the side of doing more:
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = ["RansEncoder", "RansDecoder", "BufferedRansEncoder"]
 
 _TABLE_CACHE_SIZE = 8
 _table_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+_table_cache_lock = threading.Lock()  # coders may be used from several threads
 
 
 def _int32_1d(x, name: str) -> torch.Tensor:
@@ -88,15 +90,17 @@ def _tables(cdfs, cdf_sizes, offsets):
         return _convert_tables(cdfs, cdf_sizes, offsets)
     key = (id(cdfs), id(cdf_sizes), id(offsets))
     prints = tuple(_fingerprint(t) for t in (cdfs, cdf_sizes, offsets))
-    hit = _table_cache.get(key)
-    # The cache keeps the objects alive, so equal ids mean the same objects.
-    if hit is not None and hit[0] is cdfs and hit[1] is cdf_sizes and hit[2] is offsets and hit[3] == prints:
-        _table_cache.move_to_end(key)
-        return hit[4]
+    with _table_cache_lock:
+        hit = _table_cache.get(key)
+        # The cache keeps the objects alive, so equal ids mean the same objects.
+        if hit is not None and hit[0] is cdfs and hit[1] is cdf_sizes and hit[2] is offsets and hit[3] == prints:
+            _table_cache.move_to_end(key)
+            return hit[4]
     converted = _convert_tables(cdfs, cdf_sizes, offsets)
-    _table_cache[key] = (cdfs, cdf_sizes, offsets, prints, converted)
-    while len(_table_cache) > _TABLE_CACHE_SIZE:
-        _table_cache.popitem(last=False)
+    with _table_cache_lock:
+        _table_cache[key] = (cdfs, cdf_sizes, offsets, prints, converted)
+        while len(_table_cache) > _TABLE_CACHE_SIZE:
+            _table_cache.popitem(last=False)
     return converted
 
 

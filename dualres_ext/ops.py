@@ -7,6 +7,7 @@ well-formed tensors. The C++ side still checks what it cannot trust (bitstream b
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 
 import torch
@@ -391,17 +392,19 @@ def _bound_value(name, bound):
 # than the kernel. Entries hold the original tensors, so a matching identity is never a reused id.
 _PREPARED_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _PREPARED_TABLES_SIZE = 8
+_PREPARED_TABLES_LOCK = threading.Lock()  # encode/decode may run in several threads
 
 
 def _prepared_table(scale_table, scale_bound, scales_dtype, device):
+    _require_tensor("scale_table", scale_table)
     bound_is_tensor = isinstance(scale_bound, torch.Tensor)
     key = (id(scale_table), scale_table._version, id(scale_bound) if bound_is_tensor else scale_bound,
            scale_bound._version if bound_is_tensor else None, scales_dtype, device)
-    hit = _PREPARED_TABLES.get(key)
-    if hit is not None and hit[0] is scale_table and (not bound_is_tensor or hit[1] is scale_bound):
-        _PREPARED_TABLES.move_to_end(key)
-        return hit[2], hit[3]
-    _require_tensor("scale_table", scale_table)
+    with _PREPARED_TABLES_LOCK:
+        hit = _PREPARED_TABLES.get(key)
+        if hit is not None and hit[0] is scale_table and (not bound_is_tensor or hit[1] is scale_bound):
+            _PREPARED_TABLES.move_to_end(key)
+            return hit[2], hit[3]
     if scale_table.dim() != 1 or scale_table.numel() < 1:
         raise ValueError(f"scale_table must be a non-empty 1-D tensor, got shape {tuple(scale_table.shape)}")
     bound, bound_dtype = _bound_value("scale_bound", scale_bound)
@@ -413,9 +416,10 @@ def _prepared_table(scale_table, scale_bound, scales_dtype, device):
     if dtype not in _NATIVE_FLOATS:
         dtype = torch.float32
     table = scale_table.to(device=device, dtype=dtype).contiguous()
-    _PREPARED_TABLES[key] = (scale_table, scale_bound, table, bound)
-    while len(_PREPARED_TABLES) > _PREPARED_TABLES_SIZE:
-        _PREPARED_TABLES.popitem(last=False)
+    with _PREPARED_TABLES_LOCK:
+        _PREPARED_TABLES[key] = (scale_table, scale_bound, table, bound)
+        while len(_PREPARED_TABLES) > _PREPARED_TABLES_SIZE:
+            _PREPARED_TABLES.popitem(last=False)
     return table, bound
 
 
