@@ -89,7 +89,8 @@ def _cmd_demo(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluation import evaluate
 
-    evaluate(args.folder, args.out, weights=args.weights, codecs=args.codecs, device=args.device)
+    evaluate(args.folder, args.out, weights=args.weights, codecs=args.codecs, device=args.device,
+             anchors=args.anchors)
     return 0
 
 
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
     p.add_argument("--codecs", nargs="*", help="classical codecs (default: every one installed)")
     p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--anchors",
+                   help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows")
     p.set_defaults(func=lambda a: _run_codec(_cmd_eval, a))
     p = sub.add_parser("bench-rans", help="the rANS coder on the DESIGN.md latent workload (Msym/s, bits/symbol)")
     p.add_argument("--repeat", type=int, default=5, help="timing repetitions (best is shown)")

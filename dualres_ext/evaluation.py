@@ -52,9 +52,31 @@ def _average(rows: List[dict], key_fields: Sequence[str]) -> List[dict]:
     return sorted(out, key=lambda r: (r["codec"], r["bpp"]))
 
 
+_CSV_TYPES = {"quality": float, "bytes": int, "bpp": float, "psnr": float, "ms_ssim": float,
+              "enc_ms": float, "dec_ms": float}
+
+
+def _load_anchor_rows(path: str) -> Dict[tuple, dict]:
+    """Classical-codec rows of an earlier run's per_image.csv, keyed by (image, codec, quality)."""
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["codec"] == "dualres":
+                continue
+            row = {k: (_CSV_TYPES[k](v) if k in _CSV_TYPES else v) for k, v in row.items()}
+            q = row["quality"]
+            row["quality"] = int(q) if float(q).is_integer() else q
+            out[(row["image"], row["codec"], row["quality"])] = row
+    return out
+
+
 def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequence[float]] = None,
-             codecs: Optional[Sequence[str]] = None, device=None, log=print) -> dict:
-    """Run the evaluation; write ``out_dir``/{per_image.csv, summary.json, rd.png}; return the summary."""
+             codecs: Optional[Sequence[str]] = None, device=None, log=print, anchors: Optional[str] = None) -> dict:
+    """Run the evaluation; write ``out_dir``/{per_image.csv, summary.json, rd.png}; return the summary.
+
+    ``anchors``: a per_image.csv from an earlier run over the same folder; its classical-codec
+    rows are reused (the anchors do not change when the weights do), anything missing is run.
+    """
     from .codec import decode, encode, _resolve_model  # the codec loads torch models: import lazily
 
     os.makedirs(out_dir, exist_ok=True)
@@ -68,6 +90,8 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     if unknown:
         raise ValueError(f"codecs not available here: {unknown} (available: {sorted(all_codecs)})")
 
+    reuse = _load_anchor_rows(anchors) if anchors else {}
+    reused = 0
     rows = []
     for i, path in enumerate(files):
         rgb = np.asarray(Image.open(path).convert("RGB"))
@@ -85,6 +109,10 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         for key in chosen:
             codec = all_codecs[key]
             for q in codec.qualities:
+                if (name, key, q) in reuse:
+                    rows.append(reuse[(name, key, q)])
+                    reused += 1
+                    continue
                 t0 = time.perf_counter()
                 data = codec.encode(rgb, q)
                 t1 = time.perf_counter()
@@ -97,6 +125,8 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         ours = [r for r in rows if r["image"] == name and r["codec"] == "dualres"]
         log(f"[{i + 1}/{len(files)}] {name}: " + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours))
 
+    if anchors:
+        log(f"reused {reused} classical-codec measurements from {anchors}")
     with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -109,7 +139,10 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     for key in chosen:
         # Fit the anchor only where it is comparable with ours (a cubic over JPEG's whole 5-95 sweep
         # would be dominated by rates far outside ours).
-        anchor = [c for c in curves if c["codec"] == key and lo - 1.5 <= c["psnr"] <= hi + 1.5]
+        # One more point on each side keeps at least four for the cubic where the sweep is coarse.
+        points = sorted((c for c in curves if c["codec"] == key), key=lambda c: c["psnr"])
+        inside = [i for i, c in enumerate(points) if lo - 1.5 <= c["psnr"] <= hi + 1.5]
+        anchor = points[max(inside[0] - 1, 0):inside[-1] + 2] if inside else []
         try:
             bd[key] = bd_rate([c["bpp"] for c in anchor], [c["psnr"] for c in anchor],
                               [c["bpp"] for c in ours], [c["psnr"] for c in ours])

@@ -21,9 +21,12 @@ def main(argv=None) -> int:
     ap.add_argument("--qualities", type=float, nargs="*", default=None)
     ap.add_argument("--codecs", nargs="*", default=None, help="classical codecs (default: all installed)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--anchors", default=None,
+                    help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows")
     args = ap.parse_args(argv)
     qualities = None if args.qualities is None else [int(q) if float(q).is_integer() else q for q in args.qualities]
-    evaluate(args.folder, args.out, weights=args.weights, qualities=qualities, codecs=args.codecs, device=args.device)
+    evaluate(args.folder, args.out, weights=args.weights, qualities=qualities, codecs=args.codecs, device=args.device,
+             anchors=args.anchors)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The demo, the R-D evaluation and the metrics behind them."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -114,3 +115,31 @@ def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
     assert os.path.getsize(tmp_path / "out" / "rd.png") > 1000
     with pytest.raises(ValueError, match="not available"):
         evaluate(str(folder), str(tmp_path / "out2"), weights=random_model, codecs=["nope"])
+
+
+def test_evaluation_reuses_anchor_rows(tmp_path, random_model, monkeypatch):
+    """--anchors: the classical codecs' rows of an earlier run come back unchanged, without coding."""
+    from dualres_ext import evaluation
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _photo((192, 192)).save(folder / "a.png")
+    first = evaluation.evaluate(str(folder), str(tmp_path / "first"), weights=random_model, qualities=[0, 5],
+                                codecs=["jpeg420"], log=lambda *_: None)
+    real = evaluation.available_codecs
+
+    def no_coding():
+        codecs = real()
+
+        def refuse(*_):
+            raise AssertionError("an anchor was coded again")
+
+        codecs["jpeg420"] = dataclasses.replace(codecs["jpeg420"], encode=refuse)
+        return codecs
+
+    monkeypatch.setattr(evaluation, "available_codecs", no_coding)
+    second = evaluation.evaluate(str(folder), str(tmp_path / "second"), weights=random_model, qualities=[0, 5],
+                                 codecs=["jpeg420"], log=lambda *_: None, anchors=str(tmp_path / "first" / "per_image.csv"))
+    jpeg = [[c for c in r["curves"] if c["codec"] == "jpeg420"] for r in (first, second)]
+    assert jpeg[0] == jpeg[1] and len(jpeg[0]) == len(real()["jpeg420"].qualities)
+    assert second["bd_rate_psnr_percent"].keys() == {"jpeg420"}
