@@ -52,6 +52,7 @@ def _average(rows: List[dict], key_fields: Sequence[str]) -> List[dict]:
     return sorted(out, key=lambda r: (r["codec"], r["bpp"]))
 
 
+_CSV_FIELDS = ["image", "codec", "quality", "bytes", "bpp", "psnr", "ms_ssim", "enc_ms", "dec_ms"]
 _CSV_TYPES = {"quality": float, "bytes": int, "bpp": float, "psnr": float, "ms_ssim": float,
               "enc_ms": float, "dec_ms": float}
 
@@ -93,6 +94,11 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     reuse = _load_anchor_rows(anchors) if anchors else {}
     reused = 0
     rows = []
+    # Rows go to per_image.csv as each image finishes: an interrupted run keeps what it measured
+    # (and can serve as --anchors for the next one).
+    csv_path = os.path.join(out_dir, "per_image.csv")
+    with open(csv_path, "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=_CSV_FIELDS).writeheader()
     for i, path in enumerate(files):
         rgb = np.asarray(Image.open(path).convert("RGB"))
         pixels = rgb.shape[0] * rgb.shape[1]
@@ -122,15 +128,13 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
                              "bpp": 8 * len(data) / pixels, "psnr": psnr(rgb, rec),
                              "ms_ssim": _ms_ssim_or_nan(rgb, rec),
                              "enc_ms": 1e3 * (t1 - t0), "dec_ms": 1e3 * (t2 - t1)})
+        with open(csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=_CSV_FIELDS).writerows(r for r in rows if r["image"] == name)
         ours = [r for r in rows if r["image"] == name and r["codec"] == "dualres"]
         log(f"[{i + 1}/{len(files)}] {name}: " + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours))
 
     if anchors:
         log(f"reused {reused} classical-codec measurements from {anchors}")
-    with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
     curves = _average(rows, ("codec", "quality"))
     ours = [c for c in curves if c["codec"] == "dualres"]
