@@ -69,6 +69,43 @@ def test_low_entropy_data_gets_fewer_lanes(gen):
     assert torch.equal(ops.rans_decode(data, idx, cdfs, lengths, offsets), sym)
 
 
+def _header_lanes(data: bytes) -> int:
+    """The lane count of a native stream (csrc/rans/FORMAT.md: varints N, lanes from offset 9)."""
+    pos, values = 9, []
+    for _ in range(2):
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        values.append(value)
+    return values[1]
+
+
+def test_lane_count_reduced_twice_in_a_row(gen):
+    """Regression (found by the Kodak evaluation, kodim07): a stream whose re-encode with the
+    affordable lane count shrank the payload below the next budget boundary got its header sized
+    for fewer lanes than were copied into it -- a heap overflow and an undecodable stream.
+
+    The payload is swept across the two-lane budget (2 x 19 bytes per lane x 400 = 15,200 bytes)
+    with the 8 default lanes of 196,608 symbols, in ~5-byte steps."""
+    n = 196608
+    cdfs = torch.tensor([[0, 65000, 65535, 65536]], dtype=torch.int32)  # 0: ~0.012 bits, 1: ~6.9 bits
+    lengths, offsets = torch.tensor([4], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    idx = torch.zeros(n, dtype=torch.int32)
+    lane_counts = set()
+    for ones in range(16700, 17400, 6):
+        sym = torch.zeros(n, dtype=torch.int32)
+        sym[torch.randperm(n, generator=gen)[:ones]] = 1
+        data = ops.rans_encode(sym, idx, cdfs, lengths, offsets)
+        assert torch.equal(ops.rans_decode(data, idx, cdfs, lengths, offsets), sym), (ones, len(data))
+        lane_counts.add(_header_lanes(data))
+    assert {1, 2} <= lane_counts  # the sweep crossed the two-lane budget
+
+
 def test_decode_identical_for_1_and_2_threads(gen):
     sym, idx, cdfs, lengths, offsets = gaussian_workload(gen, n_ch=96)
     old = torch.get_num_threads()

@@ -181,7 +181,7 @@ Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t 
   const bool auto_lanes = lanes <= 0;
   lanes = initial_lanes(n, lanes);
   std::vector<BackBuffer> bufs;
-  for (int attempt = 0; attempt < 2; ++attempt) {
+  for (int attempt = 0;; ++attempt) {
     bufs.clear();
     bufs.reserve(static_cast<size_t>(lanes));
     for (int64_t i = 0; i < lanes; ++i)
@@ -191,7 +191,10 @@ Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t 
       else if (states == 4) encode_lanes<4>(sym, idx, n, lanes, pt, bufs, lo, hi);
       else encode_lanes<2>(sym, idx, n, lanes, pt, bufs, lo, hi);
     });
-    if (!auto_lanes || lanes <= 1) break;
+    // Re-encode at most once (as the CUDA encoder does, so both write the same stream). The
+    // count must not change after the last encode: `lanes` describes the buffers written below
+    // (a second reduction here once sized the stream for fewer lanes than were copied into it).
+    if (!auto_lanes || lanes <= 1 || attempt == 1) break;
     size_t payload = 0;
     for (auto& b : bufs) payload += b.size();
     const int64_t affordable = affordable_lanes(payload, states);
