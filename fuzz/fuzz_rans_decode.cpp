@@ -11,12 +11,16 @@
 //   cdfs int32[T*W] | cdf_lengths int32[T] | offsets int32[T] | stream bytes (the rest)
 //
 // indexes[i] = (LCG(seed) >> 16) % T, so valid seeds stay small; fuzz/make_corpus.py writes them
-// with the same rule. mode % 4: 0 native decode, 1 compat whole-stream decode, 2 compat chunked
+// with the same rule. mode % 5: 0 native decode, 1 compat whole-stream decode, 2 compat chunked
 // decode (chunk sizes from flags; flags & 0x80 forges the start state from the first 8 stream
 // bytes), 3 round trip: the stream bytes are read as int32 symbols, encoded natively (lanes from
-// flags) and with the compat coder, decoded, and must come back unchanged.
+// flags) and with the compat coder, decoded, and must come back unchanged; 4 large round trip:
+// 8*N (at most 2^17) symbols drawn from the stream bytes, mostly the table's first value, coded
+// natively with the encoder's lane choice -- long, low-entropy streams whose lane count gets
+// reduced, which inputs of a few KB cannot otherwise reach (a heap overflow hid there).
 //
 // Only the sanitizers or a failed round trip end a run: a decoder rejecting input is expected.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -49,7 +53,7 @@ void must(bool cond) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < kHead) return 0;
-  const int mode = data[0] % 4;
+  const int mode = data[0] % 5;
   const int64_t T = data[1] % 16 + 1;
   const int64_t W = data[2] % 64 + 1;
   const uint8_t flags = data[3];
@@ -110,6 +114,26 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       const int64_t len = std::min(chunk, n - b);
       if (dec.decode(idx.data() + b, len, pt, out.data() + b) != Status::kOk) break;
     }
+  } else if (mode == 4) {
+    // Large low-entropy round trip: symbol i is offsets[t] (table entry 0) unless a stream byte
+    // picked by the LCG says otherwise, so the payload is small next to the symbol count.
+    const int64_t m = std::min<int64_t>(8 * n, int64_t{1} << 17);  // up to 5 default lanes, ~ms per run
+    if (m == 0 || stream_size == 0) return 0;
+    std::vector<int32_t> big_idx(static_cast<size_t>(m)), sym(static_cast<size_t>(m)), back(static_cast<size_t>(m));
+    for (int64_t i = 0; i < m; ++i) {
+      seed = seed * 1664525u + 1013904223u;
+      const int32_t t = static_cast<int32_t>((seed >> 16) % static_cast<uint32_t>(T));
+      const uint8_t b = stream[(seed >> 8) % stream_size];
+      big_idx[i] = t;
+      const int64_t v = int64_t{offsets[t]} + ((b & 0x0F) < (flags & 0x0F) ? (b >> 4) : 0);
+      sym[i] = v > INT32_MAX ? offsets[t] : static_cast<int32_t>(v);
+    }
+    Prepared pt;
+    if (pt.prepare(tv, big_idx.data(), m, false, 0)) return 0;
+    std::vector<uint8_t> enc;
+    if (encode_stream(sym.data(), big_idx.data(), m, 0, pt, enc, SerialFor{}) != Status::kOk) return 0;
+    must(decode_stream(enc.data(), enc.size(), big_idx.data(), m, pt, back.data(), ReverseFor{}) == Status::kOk);
+    must(back == sym);
   } else {
     // Round trip: symbols from the stream bytes (full int32 range, so escapes of every length).
     const int64_t m = std::min<int64_t>(n, static_cast<int64_t>(stream_size / 4));

@@ -15,7 +15,7 @@ import torch
 
 from dualres_ext import ops
 
-MODES = {"native": 0, "compat": 1, "compat_chunked": 2, "roundtrip": 3}
+MODES = {"native": 0, "compat": 1, "compat_chunked": 2, "roundtrip": 3, "large": 4}
 
 
 def harness_indexes(seed: int, n: int, tables: int) -> torch.Tensor:
@@ -80,6 +80,14 @@ def main(out_dir):
                 blob = pack("roundtrip", 0, seed, cdfs, lengths, offsets, sym.numpy().tobytes(), n)
                 open(os.path.join(out_dir, f"roundtrip_{name}_n{n}_e{escape_rate}"), "wb").write(blob)
                 count += 1
+        # Large low-entropy round trips (8 * n symbols; the low nibble of flags sets how often a
+        # stream byte replaces table entry 0): around the lane-reduction thresholds.
+        for n, flags in ((3000, 1), (24576, 1), (24576, 3), (65535, 2)):
+            noise = torch.randint(0, 256, (64,), generator=gen, dtype=torch.uint8).numpy().tobytes()
+            seed = int(torch.randint(0, 2**32 - 1, (1,), generator=gen))
+            blob = pack("large", flags, seed, cdfs, lengths, offsets, noise, n)
+            open(os.path.join(out_dir, f"large_{name}_n{n}_f{flags}"), "wb").write(blob)
+            count += 1
     print(f"wrote {count} seed inputs to {out_dir}")
 
 
