@@ -50,3 +50,20 @@ def test_weights_files_keep_buffers_exact(tmp_path):
     shipped = codec.load_weights(codec.DEFAULT_WEIGHTS)
     bounds = [b for n, b in shipped.named_buffers() if n.endswith("likelihood_lower_bound.bound")]
     assert bounds and all(float(b) == float(torch.tensor(1e-9)) for b in bounds)
+
+
+def test_default_weights_beat_jpeg_at_the_same_size_at_low_rates():
+    """Where the shipped weights stand on the bundled photo (512x384): better than JPEG 4:2:0 at the
+    same byte budget at qualities 0 and 2 (measured at 30,884 steps: +1.3 / +0.7 dB). A regression
+    guard for future exports; the Kodak figures are in results/kodak/."""
+    from dualres_ext.classic import available_codecs, match_size
+
+    rgb = np.asarray(Image.open(BUNDLED_PHOTO).convert("RGB"))
+    jpeg = available_codecs()["jpeg420"]
+    for q in (0, 2):
+        data = codec.encode(rgb, quality=q)
+        ours = psnr(rgb, codec.decode(data, output="numpy"))
+        matched = match_size(jpeg, rgb, len(data))
+        assert matched is not None
+        theirs = psnr(rgb, jpeg.decode(matched[1]))
+        assert ours > theirs, (q, ours, theirs)
