@@ -69,3 +69,19 @@ def ideal_bits(sym, idx, cdfs, lengths, offsets):
         nb = torch.where(raw > 0, torch.floor(torch.log2(raw.double().clamp(min=1)) / 4) + 1, torch.zeros_like(raw.double()))
         bits += (4 * (nb + 1 + nb // 15)).sum().item()
     return bits
+
+
+def header_lanes(stream: bytes) -> int:
+    """The lane count written in a native stream (FORMAT.md: 9 fixed bytes, varint n, varint lanes)."""
+    pos, values = 9, []
+    for _ in range(2):
+        v = shift = 0
+        while True:
+            b = stream[pos]
+            pos += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        values.append(v)
+    return values[1]

@@ -17,7 +17,7 @@ import torch
 from dualres_ext import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rans_testlib import gaussian_workload, ideal_bits, random_symbols, random_tables  # noqa: E402
+from rans_testlib import gaussian_workload, header_lanes, ideal_bits, random_symbols, random_tables  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,22 +69,6 @@ def test_low_entropy_data_gets_fewer_lanes(gen):
     assert torch.equal(ops.rans_decode(data, idx, cdfs, lengths, offsets), sym)
 
 
-def _header_lanes(data: bytes) -> int:
-    """The lane count of a native stream (csrc/rans/FORMAT.md: varints N, lanes from offset 9)."""
-    pos, values = 9, []
-    for _ in range(2):
-        value = shift = 0
-        while True:
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        values.append(value)
-    return values[1]
-
-
 def test_lane_count_reduced_twice_in_a_row(gen):
     """Regression (found by the Kodak evaluation, kodim07): a stream whose re-encode with the
     affordable lane count shrank the payload below the next budget boundary got its header sized
@@ -102,7 +86,7 @@ def test_lane_count_reduced_twice_in_a_row(gen):
         sym[torch.randperm(n, generator=gen)[:ones]] = 1
         data = ops.rans_encode(sym, idx, cdfs, lengths, offsets)
         assert torch.equal(ops.rans_decode(data, idx, cdfs, lengths, offsets), sym), (ones, len(data))
-        lane_counts.add(_header_lanes(data))
+        lane_counts.add(header_lanes(data))
     assert {1, 2} <= lane_counts  # the sweep crossed the two-lane budget
 
 

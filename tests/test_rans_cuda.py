@@ -17,7 +17,7 @@ import dualres_ext
 from dualres_ext import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rans_testlib import gaussian_workload, random_symbols, random_tables  # noqa: E402
+from rans_testlib import gaussian_workload, header_lanes, random_symbols, random_tables  # noqa: E402
 
 CUDA_OPS = ("rans_encode", "rans_decode", "rans_encode_batch", "rans_decode_batch")
 
@@ -52,22 +52,6 @@ def hostile_variants(data, gen):
         yield f"garbage from {start}", b[:start] + os.urandom(n - start)
     yield "trailing byte", b + b"\x00"
     yield "pure garbage", os.urandom(n)
-
-
-def header_lanes(stream: bytes) -> int:
-    """The lane count written in a native stream (FORMAT.md: 9 fixed bytes, varint n, varint lanes)."""
-    pos, values = 9, []
-    for _ in range(2):
-        v = shift = 0
-        while True:
-            b = stream[pos]
-            pos += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                break
-        values.append(v)
-    return values[1]
 
 
 def _crc32c_table():
