@@ -133,13 +133,17 @@ def test_zero_and_one_symbols(gen):
 def test_hostile_compat_streams_raise(gen):
     cdfs, lengths, offsets = random_tables(gen, 6)
     tables = as_lists(cdfs, lengths, offsets)
-    # Escape-free symbols: then every bit of the stream feeds the coder state, so any flip shows
-    # at the end (bypass bits are stored verbatim in CompressAI's format and cannot be checked).
+    # Escape-free symbols: then every bit of the stream feeds the coder state, so almost every
+    # flip shows at the end (bypass bits are stored verbatim in CompressAI's format and cannot be
+    # checked). "Almost": CompressAI's format has no checksum, and tables with neighbouring
+    # frequency-1 symbols make some one-bit edits another symbol sequence's exact encoding. The
+    # decoder may accept such a stream only if it is exactly that: the encoding of what it returns.
     sym, idx = compat_symbols(gen, cdfs, lengths, offsets, 5000, escapes=False)
     esc = (sym.long() - offsets[idx.long()].long()) >= (lengths[idx.long()].long() - 2)
     sym, idx = sym[~esc], idx[~esc]
     data = ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
     dec = ans.RansDecoder()
+    refused = 0
     for k in range(60):
         b = bytearray(data)
         if k % 3 == 0:
@@ -149,8 +153,15 @@ def test_hostile_compat_streams_raise(gen):
         else:
             start = int(torch.randint(0, len(b), (1,), generator=gen))
             b[start:] = os.urandom(len(b) - start)
-        with pytest.raises(ValueError):
-            dec.decode_with_indexes(bytes(b), idx.tolist(), *tables)
+        try:
+            out = dec.decode_with_indexes(bytes(b), idx.tolist(), *tables)
+        except ValueError:
+            refused += 1
+            continue
+        assert k % 3 != 0, "a truncated stream was accepted"
+        assert ans.RansEncoder().encode_with_indexes(out, idx.tolist(), *tables) == bytes(b)
+    # Measured: 0.14% of one-bit flips are another valid stream with these tables (11 of 8000).
+    assert refused >= 55
     # Streaming over the end of a truncated stream raises too, and a hostile escape count is bounded.
     dec.set_stream(data[: len(data) // 2])
     with pytest.raises(ValueError):
