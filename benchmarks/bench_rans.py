@@ -84,7 +84,7 @@ def main(argv=None):
     te, data = best_time(lambda: ops.rans_encode(symbols, idx32, cdfs, lengths, offsets), args.repeat)
     td, out = best_time(lambda: ops.rans_decode(data, idx32, cdfs, lengths, offsets), args.repeat)
     assert torch.equal(out, symbols)
-    header_lanes = _lanes_of(data)
+    header_lanes = ops.rans_stream_info(data)["lanes"]
     rows.append(("ours native (ops.rans_encode/decode)", te, td, len(data), f"{header_lanes} lanes"))
     te1, data1 = best_time(lambda: ops.rans_encode(symbols, idx32, cdfs, lengths, offsets, lanes=1), args.repeat)
     td1, out = best_time(lambda: ops.rans_decode(data1, idx32, cdfs, lengths, offsets), args.repeat)
@@ -148,22 +148,6 @@ def main(argv=None):
     print(f"| vs CompressAI bare C++ coder | {tbe / te:.1f}x | {tbd / td:.1f}x |")
     print(f"| vs CompressAI GaussianConditional (Python level) | {tpe / te:.1f}x | {tpd / td:.1f}x |")
     print(f"| ours compat vs CompressAI bare | {tbe / tce:.1f}x | {tbd / tcd:.1f}x |")
-
-
-def _lanes_of(data: bytes) -> int:
-    """Lane count from a native stream header (FORMAT.md): two varints after the 9 fixed bytes."""
-    pos, vals = 9, []
-    for _ in range(2):
-        v, shift = 0, 0
-        while True:
-            b = data[pos]
-            pos += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-        vals.append(v)
-    return vals[1]
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ TORCH_LIBRARY(dualres_ext, m) {
   // Native multi-lane stream (csrc/rans/FORMAT.md); lanes <= 0 lets the encoder choose.
   m.def("rans_encode(Tensor symbols, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets, int lanes) -> Tensor");
   m.def("rans_decode(Tensor data, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
+  // A native stream's validated header: [precision, states per lane, symbols, lanes, lane lengths...].
+  m.def("rans_stream_info(Tensor data) -> int[]");
   // CompressAI 1.2.8's byte format (compressai.ans); the stream variant continues from state = (byte pos, rANS state).
   m.def("rans_encode_compat(Tensor symbols, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
   m.def("rans_decode_compat(Tensor data, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");

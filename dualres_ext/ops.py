@@ -145,6 +145,19 @@ def rans_decode(data, indexes, cdfs, cdf_lengths, offsets) -> torch.Tensor:
     return _ops.rans_decode(data, indexes, cdfs, cdf_lengths, offsets)
 
 
+def rans_stream_info(data) -> dict:
+    """The header of a native stream (csrc/rans/FORMAT.md), validated like the decoder does it
+    (magic, version, field ranges, lane lengths against the size, CRC-32C); ValueError otherwise.
+
+    Returns ``{"precision", "states_per_lane", "symbols", "lanes", "lane_bytes"}`` (``lane_bytes``:
+    each lane's payload size). Useful to check what an encoder chose without decoding.
+    """
+    data = _stream_tensor(data)
+    info = _ops.rans_stream_info(data)
+    return {"precision": info[0], "states_per_lane": info[1], "symbols": info[2], "lanes": info[3],
+            "lane_bytes": list(info[4:])}
+
+
 def rans_encode_batch(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> list:
     """:func:`rans_encode` of several tensors sharing one set of tables: ``symbols[k]`` with
     ``indexes[k]`` gives stream k (bytes). On CUDA all streams are coded in the same kernel

@@ -51,7 +51,7 @@ def run(repeat: int = 5, seed: int = 0) -> int:
         td, out = best(lambda: ops.rans_decode(data, indexes, cdfs, lengths, offsets))
         assert torch.equal(out, symbols), "round trip failed"
         bits = len(data) * 8 / n
-        n_lanes = _native_lanes(data)
+        n_lanes = ops.rans_stream_info(data)["lanes"]
         print(f"{name:<28}{n / te / 1e6:>15.1f}{n / td / 1e6:>15.1f}{bits:>10.4f}{100 * (bits / ideal - 1):>+9.2f}%  {n_lanes}")
     te, data = best(lambda: ops.rans_encode_compat(symbols, indexes, cdfs, lengths, offsets))
     td, out = best(lambda: ops.rans_decode_compat(data, indexes, cdfs, lengths, offsets))
@@ -61,19 +61,3 @@ def run(repeat: int = 5, seed: int = 0) -> int:
           f"{100 * (bits / ideal - 1):>+9.2f}%  -")
     print(f"ideal (-sum log2 p under the tables): {ideal:.4f} bits/symbol; all round trips exact")
     return 0
-
-
-def _native_lanes(data: bytes) -> int:
-    """Lane count from a native stream header (csrc/rans/FORMAT.md)."""
-    pos, values = 9, []
-    for _ in range(2):
-        value = shift = 0
-        while True:
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        values.append(value)
-    return values[1]

@@ -7,8 +7,10 @@ entropy decoder. Whatever the input, only the documented exceptions may come out
 (ValueError -- BitstreamError is one -- and TypeError); never a crash, a hang or another type.
 A crash would kill the pytest process; a hang is caught by a per-call time bound.
 """
+import os
 import random
 import struct
+import sys
 import time
 import warnings
 import zlib
@@ -21,35 +23,11 @@ import dualres_ext
 from dualres_ext import ans, codec, ops
 from dualres_ext.models import build
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rans_testlib import reseal_native  # noqa: E402
+
 ALLOWED = (ValueError, TypeError)
 SLOW_CALL_S = 5.0   # a single decode of these small inputs takes milliseconds
-
-
-def _crc32c_table():
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
-        table.append(c)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = (crc >> 8) ^ _CRC32C[(crc ^ b) & 0xFF]
-    return crc ^ 0xFFFFFFFF
-
-
-def reseal_native(stream: bytes) -> bytes:
-    """Recompute a native rANS stream's CRC-32C (bytes 5..8 cover bytes 9..end)."""
-    if len(stream) < 9:
-        return stream
-    return stream[:5] + struct.pack("<I", crc32c(stream[9:])) + stream[9:]
 
 
 def reseal_container(data: bytes) -> bytes:

@@ -17,7 +17,7 @@ import torch
 from dualres_ext import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rans_testlib import gaussian_workload, header_lanes, ideal_bits, random_symbols, random_tables  # noqa: E402
+from rans_testlib import gaussian_workload, ideal_bits, random_symbols, random_tables  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ def test_lane_count_reduced_twice_in_a_row(gen):
         sym[torch.randperm(n, generator=gen)[:ones]] = 1
         data = ops.rans_encode(sym, idx, cdfs, lengths, offsets)
         assert torch.equal(ops.rans_decode(data, idx, cdfs, lengths, offsets), sym), (ones, len(data))
-        lane_counts.add(header_lanes(data))
+        lane_counts.add(ops.rans_stream_info(data)["lanes"])
     assert {1, 2} <= lane_counts  # the sweep crossed the two-lane budget
 
 
@@ -140,6 +140,30 @@ def test_hostile_streams_raise_value_error(gen):
     # A valid stream for other indexes (different count) is refused, not misread.
     with pytest.raises(ValueError, match="symbol count"):
         ops.rans_decode(data, idx[:-1], cdfs, lengths, offsets)
+
+
+def test_stream_info_reads_the_header(gen):
+    cdfs, lengths, offsets = random_tables(gen, 5, precision=14)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (3001,))
+    for lanes in (1, 7):
+        data = ops.rans_encode(sym, idx, cdfs, lengths, offsets, lanes=lanes)
+        info = ops.rans_stream_info(data)
+        assert (info["precision"], info["states_per_lane"], info["symbols"], info["lanes"]) == (14, 4, 3001, lanes)
+        assert len(info["lane_bytes"]) == lanes and all(b >= 16 for b in info["lane_bytes"])
+        # The lane payloads are the whole rest of the stream, after a header of a few bytes.
+        assert 9 + 2 < len(data) - sum(info["lane_bytes"]) <= 9 + 2 * 3 + 3 * lanes
+    empty = ops.rans_encode(sym[:0], idx[:0], cdfs, lengths, offsets)
+    info = ops.rans_stream_info(empty)  # no table used: the precision byte is the default, 16
+    assert (info["symbols"], info["lanes"], info["lane_bytes"]) == (0, 0, [])
+    # It validates as the decoder does: checksum, truncation, magic, type. (Not the precision byte:
+    # the CRC does not cover it, a decoder checks it against its tables.)
+    for what, bad in hostile_variants(data, gen):
+        if what != "bit flip at 3" and not what.startswith("garbage"):
+            with pytest.raises(ValueError):
+                ops.rans_stream_info(bad)
+                pytest.fail(f"{what}: accepted")
+    with pytest.raises(TypeError, match="data"):
+        ops.rans_stream_info([1, 2, 3])
 
 
 def test_argument_validation(gen):

@@ -108,7 +108,8 @@ struct StreamHeader {
 };
 
 // Validates the whole header against the stream size and the caller's symbol count before
-// anything is allocated from stream-provided numbers.
+// anything is allocated from stream-provided numbers. expected_symbols < 0 accepts any count
+// (stream inspection, ops.rans_stream_info); decoders always pass their own count.
 inline Status parse_header(const uint8_t* data, size_t size, int64_t expected_symbols, StreamHeader& h) {
   if (size < kFixedHeader) return size == 0 ? Status::kTruncated : Status::kBadHeader;
   if (data[0] != kMagic0 || data[1] != kMagic1 || data[2] != kVersion) return Status::kBadHeader;
@@ -120,7 +121,7 @@ inline Status parse_header(const uint8_t* data, size_t size, int64_t expected_sy
   size_t pos = kFixedHeader;
   uint64_t n = 0, lanes = 0;
   if (!get_varint(data, size, pos, n) || !get_varint(data, size, pos, lanes)) return Status::kBadHeader;
-  if (n != static_cast<uint64_t>(expected_symbols)) return Status::kMismatch;
+  if (expected_symbols >= 0 && n != static_cast<uint64_t>(expected_symbols)) return Status::kMismatch;
   if ((n == 0) != (lanes == 0) || lanes > n || lanes > static_cast<uint64_t>(kMaxLanesHard)) return Status::kBadHeader;
   // Every lane needs at least 4 * states bytes plus a length byte: bound lanes by the size first.
   if (lanes > (size - pos) / (4 * static_cast<uint64_t>(h.states) + 1)) return Status::kBadHeader;

@@ -199,10 +199,24 @@ at::Tensor rans_decode_compat_stream(const at::Tensor& data, const at::Tensor& s
   return decode_compat_impl(data, state.data_ptr<int64_t>(), indexes, cdfs, cdf_lengths, offsets, /*check_end=*/false);
 }
 
+// The validated header of a native stream (CRC included): [precision, states per lane, symbols,
+// lanes, lane byte length...]. Lets tools and tests inspect a stream without a second parser.
+std::vector<int64_t> rans_stream_info(const at::Tensor& data) {
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  StreamHeader h;
+  throw_status(parse_header(bytes, size, /*expected_symbols=*/-1, h), "rans_stream_info");
+  std::vector<int64_t> info{h.precision, h.states, h.symbols, h.lanes};
+  for (int64_t i = 0; i < h.lanes; ++i)
+    info.push_back(static_cast<int64_t>(h.lane_offset[i + 1] - h.lane_offset[i]));
+  return info;
+}
+
 }  // namespace
 }  // namespace dualres::rans
 
 TORCH_LIBRARY_IMPL(dualres_ext, CPU, m) {
+  m.impl("rans_stream_info", &dualres::rans::rans_stream_info);
   m.impl("rans_encode", &dualres::rans::rans_encode);
   m.impl("rans_decode", &dualres::rans::rans_decode);
   m.impl("rans_encode_compat", &dualres::rans::rans_encode_compat);
