@@ -48,6 +48,7 @@ from . import ans as _ans
 from . import layers as _layers
 from . import ops
 from .entropy_models import EntropyModel as _DualresEntropyModel
+from .entropy_models import check_compress_args, check_decompress_args
 
 __all__ = [
     "CODER_NAME", "accelerate", "register_entropy_coder",
@@ -289,10 +290,7 @@ class _NativeCoding:
         return ops.rans_decode_compat(string, indexes, *tables)
 
     def _dualres_compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor]) -> List[bytes]:
-        if not isinstance(inputs, Tensor) or inputs.dim() < 2:
-            raise ValueError("Invalid `inputs` size. Expected a tensor with at least 2 dimensions.")
-        if inputs.size() != indexes.size():
-            raise ValueError("`inputs` and `indexes` should have the same size.")
+        check_compress_args(inputs, indexes)
         self._check_cdf_size()
         self._check_cdf_length()
         self._check_offsets_size()
@@ -303,22 +301,10 @@ class _NativeCoding:
         return [self._dualres_encode(symbols[i], flat[i], tables) for i in range(n)]
 
     def _dualres_decompress(self, strings, indexes: Tensor, dtype: torch.dtype, means: Optional[Tensor]) -> Tensor:
-        if not isinstance(strings, (tuple, list)):
-            raise ValueError("Invalid `strings` parameter type.")
-        if not len(strings) == indexes.size(0):
-            raise ValueError("Invalid strings or indexes parameters")
-        if indexes.dim() < 2:
-            raise ValueError("Invalid `indexes` size. Expected a tensor with at least 2 dimensions.")
+        check_decompress_args(strings, indexes, means)
         self._check_cdf_size()
         self._check_cdf_length()
         self._check_offsets_size()
-        if means is not None:
-            if means.size()[:2] != indexes.size()[:2]:
-                raise ValueError("Invalid means or indexes parameters")
-            if means.size() != indexes.size():
-                for i in range(2, indexes.dim()):
-                    if means.size(i) != 1:
-                        raise ValueError("Invalid means parameters")
         tables = self._dualres_tables()
         flat = indexes.detach().to("cpu", torch.int32).reshape(len(strings), -1)
         if len(strings) == 1:

@@ -30,6 +30,36 @@ from .layers import LowerBound  # the one LowerBound module (same buffer and gra
 __all__ = ["LowerBound", "EntropyModel", "EntropyBottleneck", "GaussianConditional"]
 
 
+def check_compress_args(inputs: Tensor, indexes: Tensor) -> None:
+    """CompressAI's argument checks of ``compress(inputs, indexes)`` (same messages), shared by the
+    modules here and by the CompressAI models that :mod:`dualres_ext.compat` accelerates."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.dim() < 2:
+        raise ValueError("Invalid `inputs` size. Expected a tensor with at least 2 dimensions.")
+    if inputs.size() != indexes.size():
+        raise ValueError("`inputs` and `indexes` should have the same size.")
+
+
+def check_decompress_args(strings, indexes: Tensor, means: Optional[Tensor]) -> None:
+    """CompressAI's argument checks of ``decompress(strings, indexes, dtype, means)``: one string
+    per batch element, indexes (N, C, ...), means of the indexes' shape or broadcastable over the
+    spatial dimensions."""
+    if not isinstance(strings, (tuple, list)):
+        raise ValueError("Invalid `strings` parameter type.")
+    if not len(strings) == indexes.size(0):
+        raise ValueError("Invalid strings or indexes parameters")
+    if indexes.dim() < 2:
+        raise ValueError("Invalid `indexes` size. Expected a tensor with at least 2 dimensions.")
+    if means is not None:
+        if means.size()[:2] != indexes.size()[:2]:
+            raise ValueError("Invalid means or indexes parameters")
+        if means.size() != indexes.size():
+            for i in range(2, indexes.dim()):
+                if means.size(i) != 1:
+                    raise ValueError("Invalid means parameters")
+
+
 def _check_lanes(lanes):
     if lanes is None or lanes == "auto":
         return lanes
@@ -193,12 +223,7 @@ class EntropyModel(nn.Module):
         `lanes` overrides the module's `lanes` for this call (None: CompressAI stream; "auto"/int:
         native multi-lane stream)."""
         lanes = self.lanes if lanes is ... else _check_lanes(lanes)
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-        if inputs.dim() < 2:
-            raise ValueError("Invalid `inputs` size. Expected a tensor with at least 2 dimensions.")
-        if inputs.size() != indexes.size():
-            raise ValueError("`inputs` and `indexes` should have the same size.")
+        check_compress_args(inputs, indexes)
         tables = self._coder_tables()
         symbols = ops.quantize_symbols(inputs, means).cpu()
         indexes = self._as_indexes(indexes)  # the coder checks their range
@@ -222,20 +247,8 @@ class EntropyModel(nn.Module):
         native header is decoded as a native stream, so strings made with compress(..., lanes=k)
         decode without telling decompress."""
         lanes = self.lanes if lanes is ... else _check_lanes(lanes)
-        if not isinstance(strings, (tuple, list)):
-            raise ValueError("Invalid `strings` parameter type.")
-        if not len(strings) == indexes.size(0):
-            raise ValueError("Invalid strings or indexes parameters")
-        if indexes.dim() < 2:
-            raise ValueError("Invalid `indexes` size. Expected a tensor with at least 2 dimensions.")
+        check_decompress_args(strings, indexes, means)
         tables = self._coder_tables()
-        if means is not None:
-            if means.size()[:2] != indexes.size()[:2]:
-                raise ValueError("Invalid means or indexes parameters")
-            if means.size() != indexes.size():
-                for i in range(2, indexes.dim()):
-                    if means.size(i) != 1:
-                        raise ValueError("Invalid means parameters")
         device = indexes.device
         flat = self._as_indexes(indexes).reshape(indexes.size(0), -1)  # the coder checks their range
         if len(strings) == 1:
