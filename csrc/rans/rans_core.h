@@ -387,12 +387,13 @@ struct DecodeCtx {
         mask((1u << pt.precision) - 1), bshift(static_cast<uint32_t>(pt.bucket_shift)) {}
 };
 
-DUALRES_HD DUALRES_RANS_INLINE Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t, int32_t* out) {
-  const uint32_t slot = x & d.mask;
+// The symbol s of table t with cdf[s] <= slot < cdf[s + 1], and its start and frequency. The
+// bucket narrows s to [lo, hi] (almost always one or two candidates), a binary search handles the
+// rare wider range (tails), and the last step is branch-free -- never a linear scan. Shared by
+// the native and compat decoders; forced inline, because both hot loops are sensitive to it.
+DUALRES_HD DUALRES_RANS_INLINE uint32_t bucket_search(const DecodeCtx& d, int32_t t, uint32_t slot, uint32_t& start,
+                                                     uint32_t& freq) {
   const int32_t* c = d.cdfs + int64_t{t} * d.W;
-  // The symbol s with cdf[s] <= slot < cdf[s + 1]: the bucket narrows it to [lo, hi] (almost
-  // always one or two candidates), a binary search handles the rare wider range (tails), and the
-  // last step is branch-free -- never a linear scan.
   const uint16_t* b = d.bucket + t * d.bstride + (slot >> d.bshift);
   uint32_t lo = b[0], hi = b[1];
   while (hi > lo + 1) {
@@ -400,8 +401,15 @@ DUALRES_HD DUALRES_RANS_INLINE Status native_decode_one(uint32_t& x, ByteReader&
     if (static_cast<uint32_t>(c[mid]) <= slot) lo = mid; else hi = mid - 1;
   }
   const uint32_t s = lo + (static_cast<uint32_t>(c[lo + 1]) <= slot);
-  const uint32_t start = static_cast<uint32_t>(c[s]);
-  const uint32_t freq = static_cast<uint32_t>(c[s + 1]) - start;
+  start = static_cast<uint32_t>(c[s]);
+  freq = static_cast<uint32_t>(c[s + 1]) - start;
+  return s;
+}
+
+DUALRES_HD DUALRES_RANS_INLINE Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t, int32_t* out) {
+  const uint32_t slot = x & d.mask;
+  uint32_t start, freq;
+  const uint32_t s = bucket_search(d, t, slot, start, freq);
   x = freq * (x >> d.precision) + slot - start;
   dec_renorm(x, r);
   const int64_t max_value = d.lengths[t] - 2;
@@ -601,17 +609,8 @@ struct CompatDecoder {
         s = static_cast<uint32_t>(e & 0xffff);
         start = static_cast<uint32_t>((e >> 16) & 0xffff);
         freq = static_cast<uint32_t>(e >> 32);
-      } else {
-        const int32_t* c = dc.cdfs + int64_t{t} * dc.W;
-        const uint16_t* b = dc.bucket + t * dc.bstride + (slot >> dc.bshift);
-        uint32_t lo = b[0], hi = b[1];
-        while (hi > lo + 1) {
-          const uint32_t mid = (lo + hi) >> 1;
-          if (static_cast<uint32_t>(c[mid]) <= slot) lo = mid; else hi = mid - 1;
-        }
-        s = lo + (static_cast<uint32_t>(c[lo + 1]) <= slot);
-        start = static_cast<uint32_t>(c[s]);
-        freq = static_cast<uint32_t>(c[s + 1]) - start;
+      } else {  // a bucket holding more than one symbol
+        s = bucket_search(dc, t, slot, start, freq);
       }
       x = freq * (x >> kCompatPrecision) + slot - start;
       renorm();
