@@ -190,7 +190,9 @@ DUALRES_HD inline int n_chunks(uint64_t raw) {
 // ---------------------------------------------------------------------------------------------
 
 // Output written from the end towards the front (rANS encodes in reverse).
-struct BackBuffer {
+// One cache line each: lanes are encoded by different threads from one std::vector<BackBuffer>,
+// and two buffers sharing a line made the 2-thread encoder no faster than one thread.
+struct alignas(64) BackBuffer {
   std::vector<uint8_t> buf;
   size_t pos = 0;  // first written byte
   explicit BackBuffer(size_t cap) : buf(cap < 64 ? 64 : cap), pos(buf.size()) {}
@@ -297,14 +299,20 @@ void native_encode_lane(const int32_t* sym, const int32_t* idx, int64_t n, const
   for (int k = 0; k < K; ++k) x[k] = kLow;
   const int64_t last_block = n > 0 ? ((n - 1) / K) * K : -K;
   const uint32_t precision = static_cast<uint32_t>(pt.precision);
-  for (int64_t jb = last_block; jb >= 0; jb -= K) {
-    out.reserve_front(K * kMaxBytesPerSymbol);
-    uint8_t* p = out.buf.data() + out.pos;
-    native_encode_block<K>(x, p, pt.tv, precision, sym, idx, jb, n);
-    out.pos = static_cast<size_t>(p - out.buf.data());
-  }
-  out.reserve_front(4 * K);
+  // The write pointer lives in a register: the byte stores through it may alias any memory, so
+  // keeping it in `out` made the compiler store and reload it around every block.
   uint8_t* p = out.buf.data() + out.pos;
+  for (int64_t jb = last_block; jb >= 0; jb -= K) {
+    if (static_cast<size_t>(p - out.buf.data()) < K * kMaxBytesPerSymbol) {
+      out.pos = static_cast<size_t>(p - out.buf.data());
+      out.reserve_front(K * kMaxBytesPerSymbol);
+      p = out.buf.data() + out.pos;
+    }
+    native_encode_block<K>(x, p, pt.tv, precision, sym, idx, jb, n);
+  }
+  out.pos = static_cast<size_t>(p - out.buf.data());
+  out.reserve_front(4 * K);
+  p = out.buf.data() + out.pos;
   native_flush_states<K>(x, p);
   out.pos = static_cast<size_t>(p - out.buf.data());
 }
