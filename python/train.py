@@ -23,7 +23,9 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -273,14 +275,30 @@ def main(argv=None) -> int:
             "command": command, "args": vars(args), "train_images": len(sampler.images),
         })
 
+    # SIGTERM / Ctrl-C (a cluster's preemption, a time-boxed job, torchrun passing on a signal):
+    # finish the step, validate and save last.pt as at the deadline. A second signal aborts.
+    stop_requested = []
+    previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request_stop(signum, frame):
+        stop_requested.append(signum)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if rank == 0:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving {last_path} "
+                  "(send it again to abort without saving)", flush=True)
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+        for sig in previous_handlers:
+            signal.signal(sig, request_stop)
+
     def clock():
-        """(past the deadline, past the lr-drop time), agreed by all processes: under DDP every rank
-        must stop (and drop its lr) at the same step, or the others hang in the next all-reduce."""
-        if deadline is None:
-            return False, False
+        """(stop now, past the lr-drop time), agreed by all processes: under DDP every rank must
+        stop (and drop its lr) at the same step, or the others hang in the next all-reduce. Stop
+        at the deadline or on a signal."""
         now = time.time()
-        flags = torch.tensor([now >= deadline, drop_time is not None and now >= drop_time],
-                             dtype=torch.int32, device=device)
+        flags = torch.tensor([bool(stop_requested) or (deadline is not None and now >= deadline),
+                              drop_time is not None and now >= drop_time], dtype=torch.int32, device=device)
         if distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
@@ -288,8 +306,8 @@ def main(argv=None) -> int:
     model.train()
     running = {"loss": 0.0, "bpp": 0.0, "psnr": 0.0, "aux": 0.0, "n": 0}
     while True:
-        past_deadline, past_drop = clock()
-        if (args.steps is not None and step >= args.steps) or past_deadline:
+        stop_now, past_drop = clock()
+        if (args.steps is not None and step >= args.steps) or stop_now:
             break
         if args.lr_drop_at is not None and step == args.lr_drop_at:
             for g in optimizer.param_groups:
@@ -348,6 +366,9 @@ def main(argv=None) -> int:
                 checkpoint(best_path)
         checkpoint(last_path)
         print(f"saved {last_path} at step {step}", flush=True)
+    if not stop_requested and threading.current_thread() is threading.main_thread():
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     if distributed:
         dist.destroy_process_group()
     return 0

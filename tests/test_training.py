@@ -2,6 +2,7 @@
 resume, the lr drop), python/export_weights.py, and the exported file through encode/decode."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,3 +88,29 @@ def test_lr_drop_minutes(folders, package_env):
 
     r = _run(_train_args(folders, out, "--lr-drop-minutes", "1"), package_env)
     assert r.returncode == 2 and "--lr-drop-minutes needs --minutes" in r.stderr
+
+
+def test_sigterm_stops_cleanly_and_saves(folders, package_env):
+    """A signal (preemption, torchrun passing one on) ends the run like the deadline does: the step
+    finishes, the model is validated and last.pt saved, exit code 0; resuming continues from there."""
+    out = folders[2] / "sigterm"
+    proc = subprocess.Popen([sys.executable, *_train_args(folders, out, "--minutes", "10")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=package_env, cwd=ROOT)
+    try:
+        seen = []
+        for line in proc.stdout:           # wait until it is training (a validation has run)
+            seen.append(line)
+            if "val loss" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(seen) + rest
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: stopping after this step" in text and "saved" in text
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] >= 2
+    r = _run(_train_args(folders, out, "--steps", str(ckpt["step"] + 1)), package_env)
+    assert r.returncode == 0 and f"at step {ckpt['step']}" in r.stdout, r.stderr[-3000:]
