@@ -281,12 +281,10 @@ def main(argv=None) -> int:
     previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def request_stop(signum, frame):
+        # Only record it (printing here could re-enter a print the main loop is in).
         stop_requested.append(signum)
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        if rank == 0:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving {last_path} "
-                  "(send it again to abort without saving)", flush=True)
 
     if threading.current_thread() is threading.main_thread():  # signal handlers live there only
         for sig in previous_handlers:
@@ -308,6 +306,9 @@ def main(argv=None) -> int:
     while True:
         stop_now, past_drop = clock()
         if (args.steps is not None and step >= args.steps) or stop_now:
+            if stop_requested and rank == 0:
+                print(f"\n{signal.Signals(stop_requested[0]).name}: stopping at step {step}, saving {last_path}",
+                      flush=True)
             break
         if args.lr_drop_at is not None and step == args.lr_drop_at:
             for g in optimizer.param_groups:

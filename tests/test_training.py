@@ -109,7 +109,7 @@ def test_sigterm_stops_cleanly_and_saves(folders, package_env):
             proc.kill()
     text = "".join(seen) + rest
     assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM: stopping after this step" in text and "saved" in text
+    assert "SIGTERM: stopping at step" in text and "saved" in text
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] >= 2
     r = _run(_train_args(folders, out, "--steps", str(ckpt["step"] + 1)), package_env)
