@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/gil_release.h"
+#include "gaussian/gaussian_checks.h"
 #include "gaussian/gaussian_math.h"
 
 #if defined(__AVX512F__)
@@ -39,20 +40,7 @@ constexpr int64_t kGrain = 65536;
 constexpr int64_t kStreamGrain = 1 << 20;
 constexpr int64_t kMathGrain = 4096;
 
-std::string describe_status(int status, const char* name) {
-  std::string what;
-  if (status & kSawNaN) what += " NaN";
-  if (status & kSawInf) what += " Inf";
-  if (status & kSawNegative) what += " negative values";
-  if (status & kSawOverflow) what += " values whose rounding does not fit in int32";
-  return std::string(name) + " contains" + what;
-}
-
-void check_same(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
-  TORCH_CHECK(a.sizes() == b.sizes(), an, " and ", bn, " must have the same shape, got ", a.sizes(), " and ",
-              b.sizes());
-  TORCH_CHECK(b.is_contiguous(), bn, " must be contiguous");
-}
+constexpr auto kCPU = at::DeviceType::CPU;
 
 // A sorted copy of table[0..n) padded with +inf up to a power of two, so that the search below
 // runs a fixed number of branch-free steps (which the compiler can vectorise with gathers).
@@ -203,9 +191,8 @@ void raise_on_scale_status(int status, int64_t check) {
 
 at::Tensor build_indexes_cpu(const at::Tensor& scales, const at::Tensor& scale_table, double scale_bound,
                              int64_t check) {
-  TORCH_CHECK(scales.is_contiguous() && scale_table.is_contiguous(), "build_indexes: inputs must be contiguous");
-  TORCH_CHECK(scales.scalar_type() == scale_table.scalar_type(), "build_indexes: scales and scale_table dtypes differ");
-  TORCH_CHECK(scale_table.dim() == 1 && scale_table.numel() >= 1, "build_indexes: scale_table must be 1-D, non-empty");
+  check_input(scales, "build_indexes", "scales", kCPU);
+  check_scale_table(scales, scale_table, "build_indexes");
   auto out = at::empty(scales.sizes(), scales.options().dtype(at::kInt));
   std::atomic<int> status{0};
   {
@@ -222,11 +209,8 @@ at::Tensor build_indexes_cpu(const at::Tensor& scales, const at::Tensor& scale_t
 }
 
 at::Tensor quantize_cpu(const at::Tensor& y, const std::optional<at::Tensor>& means) {
-  TORCH_CHECK(y.is_contiguous(), "quantize: y must be contiguous");
-  if (means) {
-    check_same(y, *means, "y", "means");
-    TORCH_CHECK(means->scalar_type() == y.scalar_type(), "quantize: y and means dtypes differ");
-  }
+  check_input(y, "quantize", "y", kCPU);
+  if (means) check_same_dtype(y, *means, "quantize", "y", "means");
   auto out = at::empty(y.sizes(), y.options().dtype(at::kInt));
   std::atomic<int> status{0};
   {
@@ -297,15 +281,10 @@ bool quantize_indexes_avx512(const float* yp, const float* mp, const float* sp, 
 std::tuple<at::Tensor, at::Tensor> quantize_indexes_cpu(const at::Tensor& y, const std::optional<at::Tensor>& means,
                                                         const at::Tensor& scales, const at::Tensor& scale_table,
                                                         double scale_bound, int64_t check) {
-  TORCH_CHECK(y.is_contiguous(), "quantize_indexes: y must be contiguous");
-  check_same(y, scales, "y", "scales");
-  if (means) {
-    check_same(y, *means, "y", "means");
-    TORCH_CHECK(means->scalar_type() == y.scalar_type(), "quantize_indexes: y and means dtypes differ");
-  }
-  TORCH_CHECK(scales.scalar_type() == scale_table.scalar_type() && scale_table.is_contiguous() &&
-                  scale_table.dim() == 1 && scale_table.numel() >= 1,
-              "quantize_indexes: scale_table must be a contiguous non-empty 1-D tensor of the scales' dtype");
+  check_input(y, "quantize_indexes", "y", kCPU);
+  check_same(y, scales, "quantize_indexes", "y", "scales");  // scales may have another float dtype
+  if (means) check_same_dtype(y, *means, "quantize_indexes", "y", "means");
+  check_scale_table(scales, scale_table, "quantize_indexes");
   auto symbols = at::empty(y.sizes(), y.options().dtype(at::kInt));
   auto indexes = at::empty(y.sizes(), y.options().dtype(at::kInt));
   std::atomic<int> sym_status{0}, scale_status{0};
@@ -342,9 +321,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_indexes_cpu(const at::Tensor& y, con
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& symbols, const std::optional<at::Tensor>& means, at::ScalarType dtype) {
-  TORCH_CHECK(symbols.scalar_type() == at::kInt && symbols.is_contiguous(), "dequantize: symbols must be contiguous int32");
+  check_input(symbols, "dequantize", "symbols", kCPU);
+  TORCH_CHECK(symbols.scalar_type() == at::kInt, "dequantize: symbols must be int32");
   if (means) {
-    check_same(symbols, *means, "symbols", "means");
+    check_same(symbols, *means, "dequantize", "symbols", "means");
     dtype = means->scalar_type();
   }
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dequantize: dtype must be float32 or float64");
@@ -366,13 +346,9 @@ at::Tensor dequantize_cpu(const at::Tensor& symbols, const std::optional<at::Ten
 }
 
 void check_likelihood_args(const at::Tensor& x, const std::optional<at::Tensor>& means, const at::Tensor& scales) {
-  TORCH_CHECK(x.is_contiguous(), "gaussian_likelihood: inputs must be contiguous");
-  check_same(x, scales, "inputs", "scales");
-  TORCH_CHECK(scales.scalar_type() == x.scalar_type(), "gaussian_likelihood: inputs and scales dtypes differ");
-  if (means) {
-    check_same(x, *means, "inputs", "means");
-    TORCH_CHECK(means->scalar_type() == x.scalar_type(), "gaussian_likelihood: inputs and means dtypes differ");
-  }
+  check_input(x, "gaussian_likelihood", "inputs", kCPU);
+  check_same_dtype(x, scales, "gaussian_likelihood", "inputs", "scales");
+  if (means) check_same_dtype(x, *means, "gaussian_likelihood", "inputs", "means");
 }
 
 // float runs the vectorisable FastFloatNormal math under `omp simd`; double keeps libm.
@@ -437,8 +413,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& scales, double scale_bound,
                                                            double likelihood_bound) {
   check_likelihood_args(x, means, scales);
-  check_same(x, grad, "inputs", "grad");
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "gaussian_likelihood_backward: grad dtype differs");
+  check_same_dtype(x, grad, "gaussian_likelihood_backward", "inputs", "grad");
   auto grad_x = at::empty_like(x);
   auto grad_scales = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_likelihood_backward_cpu", [&] {

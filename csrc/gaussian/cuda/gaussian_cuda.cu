@@ -12,6 +12,7 @@
 #include <string>
 #include <tuple>
 
+#include "gaussian/gaussian_checks.h"
 #include "gaussian/gaussian_math.h"
 
 namespace dualres {
@@ -25,26 +26,7 @@ int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535 * 8));
 }
 
-std::string describe_status(int status, const char* name) {
-  std::string what;
-  if (status & kSawNaN) what += " NaN";
-  if (status & kSawInf) what += " Inf";
-  if (status & kSawNegative) what += " negative values";
-  if (status & kSawOverflow) what += " values whose rounding does not fit in int32";
-  return std::string(name) + " contains" + what;
-}
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-void check_same(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
-  TORCH_CHECK(a.sizes() == b.sizes(), an, " and ", bn, " must have the same shape, got ", a.sizes(), " and ",
-              b.sizes());
-  check_cuda(b, bn);
-  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " are on different devices");
-}
+constexpr auto kCUDA = at::DeviceType::CUDA;
 
 // Index of a lower-bounded scale; `sorted` was established once per block.
 template <typename T>
@@ -132,17 +114,10 @@ __global__ void likelihood_backward_kernel(const T* __restrict__ grad, const T* 
   }
 }
 
-void check_table(const at::Tensor& scales, const at::Tensor& table) {
-  check_cuda(table, "scale_table");
-  TORCH_CHECK(table.device() == scales.device(), "scale_table and scales are on different devices");
-  TORCH_CHECK(table.scalar_type() == scales.scalar_type(), "scale_table and scales dtypes differ");
-  TORCH_CHECK(table.dim() == 1 && table.numel() >= 1, "scale_table must be 1-D, non-empty");
-}
-
 at::Tensor build_indexes_cuda(const at::Tensor& scales, const at::Tensor& scale_table, double scale_bound,
                               int64_t check) {
-  check_cuda(scales, "scales");
-  check_table(scales, scale_table);
+  check_input(scales, "build_indexes", "scales", kCUDA);
+  check_scale_table(scales, scale_table, "build_indexes");
   const c10::cuda::CUDAGuard guard(scales.device());
   auto out = at::empty(scales.sizes(), scales.options().dtype(at::kInt));
   auto status = at::zeros({1}, scales.options().dtype(at::kInt));
@@ -164,11 +139,8 @@ at::Tensor build_indexes_cuda(const at::Tensor& scales, const at::Tensor& scale_
 }
 
 at::Tensor quantize_cuda(const at::Tensor& y, const std::optional<at::Tensor>& means) {
-  check_cuda(y, "y");
-  if (means) {
-    check_same(y, *means, "y", "means");
-    TORCH_CHECK(means->scalar_type() == y.scalar_type(), "quantize: y and means dtypes differ");
-  }
+  check_input(y, "quantize", "y", kCUDA);
+  if (means) check_same_dtype(y, *means, "quantize", "y", "means");
   const c10::cuda::CUDAGuard guard(y.device());
   auto out = at::empty(y.sizes(), y.options().dtype(at::kInt));
   auto status = at::zeros({1}, y.options().dtype(at::kInt));
@@ -190,13 +162,10 @@ at::Tensor quantize_cuda(const at::Tensor& y, const std::optional<at::Tensor>& m
 std::tuple<at::Tensor, at::Tensor> quantize_indexes_cuda(const at::Tensor& y, const std::optional<at::Tensor>& means,
                                                          const at::Tensor& scales, const at::Tensor& scale_table,
                                                          double scale_bound, int64_t check) {
-  check_cuda(y, "y");
-  check_same(y, scales, "y", "scales");
-  if (means) {
-    check_same(y, *means, "y", "means");
-    TORCH_CHECK(means->scalar_type() == y.scalar_type(), "quantize_indexes: y and means dtypes differ");
-  }
-  check_table(scales, scale_table);
+  check_input(y, "quantize_indexes", "y", kCUDA);
+  check_same(y, scales, "quantize_indexes", "y", "scales");  // scales may have another float dtype
+  if (means) check_same_dtype(y, *means, "quantize_indexes", "y", "means");
+  check_scale_table(scales, scale_table, "quantize_indexes");
   const c10::cuda::CUDAGuard guard(y.device());
   auto symbols = at::empty(y.sizes(), y.options().dtype(at::kInt));
   auto indexes = at::empty(y.sizes(), y.options().dtype(at::kInt));
@@ -224,10 +193,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_indexes_cuda(const at::Tensor& y, co
 }
 
 at::Tensor dequantize_cuda(const at::Tensor& symbols, const std::optional<at::Tensor>& means, at::ScalarType dtype) {
-  check_cuda(symbols, "symbols");
+  check_input(symbols, "dequantize", "symbols", kCUDA);
   TORCH_CHECK(symbols.scalar_type() == at::kInt, "dequantize: symbols must be int32");
   if (means) {
-    check_same(symbols, *means, "symbols", "means");
+    check_same(symbols, *means, "dequantize", "symbols", "means");
     dtype = means->scalar_type();
   }
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dequantize: dtype must be float32 or float64");
@@ -246,13 +215,9 @@ at::Tensor dequantize_cuda(const at::Tensor& symbols, const std::optional<at::Te
 }
 
 void check_likelihood_args(const at::Tensor& x, const std::optional<at::Tensor>& means, const at::Tensor& scales) {
-  check_cuda(x, "inputs");
-  check_same(x, scales, "inputs", "scales");
-  TORCH_CHECK(scales.scalar_type() == x.scalar_type(), "gaussian_likelihood: inputs and scales dtypes differ");
-  if (means) {
-    check_same(x, *means, "inputs", "means");
-    TORCH_CHECK(means->scalar_type() == x.scalar_type(), "gaussian_likelihood: inputs and means dtypes differ");
-  }
+  check_input(x, "gaussian_likelihood", "inputs", kCUDA);
+  check_same_dtype(x, scales, "gaussian_likelihood", "inputs", "scales");
+  if (means) check_same_dtype(x, *means, "gaussian_likelihood", "inputs", "means");
 }
 
 at::Tensor likelihood_cuda(const at::Tensor& x, const std::optional<at::Tensor>& means, const at::Tensor& scales,
@@ -278,8 +243,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& scales, double scale_bound,
                                                             double likelihood_bound) {
   check_likelihood_args(x, means, scales);
-  check_same(x, grad, "inputs", "grad");
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "gaussian_likelihood_backward: grad dtype differs");
+  check_same_dtype(x, grad, "gaussian_likelihood_backward", "inputs", "grad");
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x);
   auto grad_scales = at::empty_like(x);
