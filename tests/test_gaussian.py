@@ -304,3 +304,27 @@ def test_cuda_kernels_match_cpu(reference_gc):
         for a, b in zip(torch.autograd.grad(got, (xc, sc, mc), g.to(dev, dtype)),
                         torch.autograd.grad(ref, (x64, s64, m64), g)):
             torch.testing.assert_close(a.cpu().double(), b, rtol=tol * 100, atol=tol * 10)
+
+
+def test_raw_ops_check_their_own_arguments():
+    """torch.ops.dualres_ext.* can be called without the Python wrappers: the kernels still refuse
+    shapes, dtypes and layouts they would otherwise read out of bounds (gaussian_checks.h)."""
+    o = torch.ops.dualres_ext
+    y = torch.randn(6, 5)
+    table = torch.tensor([0.11, 0.5, 2.0])
+    bad_calls = {
+        "means dtypes": lambda: o.gaussian_quantize(y, y.double()),
+        "y must be contiguous": lambda: o.gaussian_quantize(y.t(), None),
+        "same shape": lambda: o.gaussian_quantize_indexes(y, None, torch.rand(6, 4), table, 0.11, 7),
+        "scale_table must be 1-D": lambda: o.gaussian_build_indexes(y.abs(), table[None], 0.11, 7),
+        "scale_table dtypes": lambda: o.gaussian_build_indexes(y.abs(), table.double(), 0.11, 7),
+        "symbols must be int32": lambda: o.gaussian_dequantize(y, None, torch.float32),
+        "scales dtypes": lambda: o.gaussian_likelihood(y, None, y.abs().double(), 0.11, 1e-9),
+        "grad dtypes": lambda: o.gaussian_likelihood_backward(y.double(), y, None, y.abs(), 0.11, 1e-9),
+    }
+    for words, call in bad_calls.items():
+        with pytest.raises(RuntimeError, match=words):
+            call()
+    # The same ops accept the well-formed versions of those calls.
+    assert o.gaussian_quantize(y, y + 0.3).dtype == torch.int32
+    assert o.gaussian_build_indexes(y.abs(), table, 0.11, 7).shape == y.shape
