@@ -195,7 +195,8 @@ def main(argv=None) -> int:
                          "step count is not known in advance)")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=1000)
-    ap.add_argument("--val-size", type=int, default=256, help="validation centre-crop size")
+    ap.add_argument("--val-size", type=int, default=512,
+                    help="validation centre-crop size (large: small crops misjudge full-size images)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -236,6 +237,13 @@ def main(argv=None) -> int:
         step, best_val, history = ckpt["step"], ckpt["best_val"], ckpt.get("history", [])
         if rank == 0:
             print(f"resumed {last_path} at step {step} (best val loss {best_val:.4f})", flush=True)
+        # Losses on other validation crops are not comparable: best.pt restarts with this run's.
+        old_val_size = ckpt.get("args", {}).get("val_size", 256)
+        if old_val_size != args.val_size:
+            best_val = float("inf")
+            if rank == 0:
+                print(f"validation crops changed ({old_val_size} -> {args.val_size} px): the next validation "
+                      "starts a new best.pt", flush=True)
     elif args.init:
         from dualres_ext.codec import load_weights
 

@@ -64,12 +64,17 @@ def test_train_resume_export_and_code(folders, package_env):
     assert resumed["step"] == 5
     assert any(not torch.equal(resumed["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
 
+    # Other validation crops: their losses are not comparable, so best.pt restarts.
+    r = _run(_train_args(folders, out, "--steps", "6") + ["--val-size", "64"], package_env)
+    assert r.returncode == 0 and "validation crops changed (128 -> 64 px)" in r.stdout, r.stderr[-3000:]
+    assert torch.load(out / "best.pt", map_location="cpu", weights_only=False)["step"] == 6
+
     # Export, then the codec loads the file and round-trips an image with it.
     weights = folders[2] / "exported.pt"
     r = _run(["python/export_weights.py", str(out / "best.pt"), str(weights)], package_env)
     assert r.returncode == 0, r.stderr[-3000:]
     model = codec.load_weights(weights)
-    assert model.metadata["steps"] in (2, 4, 5) and "python/train.py" in model.metadata["training_command"]
+    assert model.metadata["steps"] in (2, 4, 5, 6) and "python/train.py" in model.metadata["training_command"]
     img = np.asarray(Image.open(ASTRONAUT).convert("RGB"))[:70, :90]
     data = codec.encode(img, quality=2, weights=str(weights))
     back = codec.decode(data, weights=str(weights), output="numpy")
