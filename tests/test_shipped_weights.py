@@ -52,18 +52,19 @@ def test_weights_files_keep_buffers_exact(tmp_path):
     assert bounds and all(float(b) == float(torch.tensor(1e-9)) for b in bounds)
 
 
-def test_default_weights_beat_jpeg_at_the_same_size_at_low_rates():
+def test_default_weights_beat_jpeg_at_the_same_size():
     """Where the shipped weights stand on the bundled photo (512x384): better than JPEG 4:2:0 at the
-    same byte budget at qualities 0 and 2 (measured at 30,884 steps: +1.3 / +0.7 dB). A regression
-    guard for future exports; the Kodak figures are in results/kodak/."""
+    same byte budget at every quality (measured at 61,214 steps: +3.0 dB at q0 down to +0.9 dB at q5;
+    at 30,884 steps only q0-q2 were ahead). A regression guard for future exports; the Kodak figures
+    are in results/kodak/."""
     from dualres_ext.classic import available_codecs, match_size
 
     rgb = np.asarray(Image.open(BUNDLED_PHOTO).convert("RGB"))
     jpeg = available_codecs()["jpeg420"]
-    for q in (0, 2):
+    for q in range(6):
         data = codec.encode(rgb, quality=q)
         ours = psnr(rgb, codec.decode(data, output="numpy"))
         matched = match_size(jpeg, rgb, len(data))
         assert matched is not None
         theirs = psnr(rgb, jpeg.decode(matched[1]))
-        assert ours > theirs, (q, ours, theirs)
+        assert ours > theirs + 0.3, (q, ours, theirs)
