@@ -3,6 +3,7 @@
 Imported by path because pytest runs with --import-mode=importlib (tests are not a package).
 """
 import math
+import os
 import struct
 
 import torch
@@ -99,3 +100,26 @@ def reseal_native(stream: bytes) -> bytes:
     if len(stream) < 9:
         return stream
     return stream[:5] + struct.pack("<I", crc32c(stream[9:])) + stream[9:]
+
+
+def hostile_variants(data, gen):
+    """Damaged copies of a valid stream: header, truncation, bit flips, garbage, extra bytes."""
+    b = bytes(data)
+    n = len(b)
+    yield "empty", b""
+    yield "wrong magic", bytes([b[0] ^ 0xFF]) + b[1:]
+    yield "wrong version", b[:2] + bytes([b[2] + 1]) + b[3:]
+    yield "wrong precision", b[:3] + bytes([(b[3] % 16) + 1]) + b[4:]
+    for _ in range(20):
+        cut = int(torch.randint(0, n, (1,), generator=gen))
+        yield f"truncated at {cut}", b[:cut]
+    for _ in range(40):
+        pos = int(torch.randint(0, n, (1,), generator=gen))
+        c = bytearray(b)
+        c[pos] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
+        yield f"bit flip at {pos}", bytes(c)
+    for _ in range(10):
+        start = int(torch.randint(0, n, (1,), generator=gen))
+        yield f"garbage from {start}", b[:start] + os.urandom(n - start)
+    yield "trailing byte", b + b"\x00"
+    yield "pure garbage", os.urandom(n)

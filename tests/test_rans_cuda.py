@@ -17,7 +17,7 @@ import dualres_ext
 from dualres_ext import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rans_testlib import gaussian_workload, random_symbols, random_tables, reseal_native  # noqa: E402
+from rans_testlib import gaussian_workload, hostile_variants, random_symbols, random_tables, reseal_native  # noqa: E402
 
 CUDA_OPS = ("rans_encode", "rans_decode", "rans_encode_batch", "rans_decode_batch")
 
@@ -29,29 +29,6 @@ def test_cuda_build_registers_cuda_kernels():
         assert all(has.values()), has
     else:
         assert not any(has.values()), has
-
-
-def hostile_variants(data, gen):
-    """Damaged copies of a valid stream: header, truncation, bit flips, garbage, extra bytes."""
-    b = bytes(data)
-    n = len(b)
-    yield "empty", b""
-    yield "wrong magic", bytes([b[0] ^ 0xFF]) + b[1:]
-    yield "wrong version", b[:2] + bytes([b[2] + 1]) + b[3:]
-    yield "wrong precision", b[:3] + bytes([(b[3] % 16) + 1]) + b[4:]
-    for _ in range(20):
-        cut = int(torch.randint(0, n, (1,), generator=gen))
-        yield f"truncated at {cut}", b[:cut]
-    for _ in range(40):
-        pos = int(torch.randint(0, n, (1,), generator=gen))
-        c = bytearray(b)
-        c[pos] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
-        yield f"bit flip at {pos}", bytes(c)
-    for _ in range(10):
-        start = int(torch.randint(0, n, (1,), generator=gen))
-        yield f"garbage from {start}", b[:start] + os.urandom(n - start)
-    yield "trailing byte", b + b"\x00"
-    yield "pure garbage", os.urandom(n)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
