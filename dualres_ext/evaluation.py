@@ -2,7 +2,7 @@
 
 For every image and every quality: the real bitstream size (bpp), RGB PSNR, MS-SSIM and encode/
 decode milliseconds; the same for each classical codec over its quality sweep; dataset-average
-curves, Bjøntegaard delta-rates of ours against each codec, an R-D plot and CSV/JSON files.
+curves, Bjøntegaard delta-rates of ours against each codec (on PSNR and on MS-SSIM in dB), an R-D plot and CSV/JSON files.
 Used by ``python -m dualres_ext eval DIR`` and ``python/eval_rd.py``.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -137,32 +138,56 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         log(f"reused {reused} classical-codec measurements from {anchors}")
 
     curves = _average(rows, ("codec", "quality"))
-    ours = [c for c in curves if c["codec"] == "dualres"]
-    lo, hi = min(c["psnr"] for c in ours), max(c["psnr"] for c in ours)
-    bd = {}
-    for key in chosen:
-        # Fit the anchor only where it is comparable with ours (a cubic over JPEG's whole 5-95 sweep
-        # would be dominated by rates far outside ours).
-        # One more point on each side keeps at least four for the cubic where the sweep is coarse.
-        points = sorted((c for c in curves if c["codec"] == key), key=lambda c: c["psnr"])
-        inside = [i for i, c in enumerate(points) if lo - 1.5 <= c["psnr"] <= hi + 1.5]
-        anchor = points[max(inside[0] - 1, 0):inside[-1] + 2] if inside else []
-        try:
-            bd[key] = bd_rate([c["bpp"] for c in anchor], [c["psnr"] for c in anchor],
-                              [c["bpp"] for c in ours], [c["psnr"] for c in ours])
-        except ValueError as exc:
-            bd[key] = None
-            log(f"BD-rate vs {key}: not computable ({exc})")
+    bd = _bd_rates(curves, chosen, "psnr", log)
+    bd_ms_ssim = _bd_rates(curves, chosen, "ms_ssim_db", log)
     summary = {"folder": os.path.abspath(folder), "images": len(files), "qualities": list(qualities),
-               "curves": curves, "bd_rate_psnr_percent": bd,
+               "curves": curves, "bd_rate_psnr_percent": bd, "bd_rate_ms_ssim_percent": bd_ms_ssim,
                "codec_names": {k: all_codecs[k].name for k in chosen}}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     _plot(curves, summary["codec_names"], os.path.join(out_dir, "rd.png"), title=os.path.basename(os.path.abspath(folder)))
-    for key, value in bd.items():
-        log(f"BD-rate (PSNR) of DualRes vs {all_codecs[key].name}: "
-            + ("n/a" if value is None else f"{value:+.1f}%"))
+    for key in chosen:
+        log(f"BD-rate of DualRes vs {all_codecs[key].name}: PSNR {_percent(bd[key])}, "
+            f"MS-SSIM {_percent(bd_ms_ssim[key])}")
     return summary
+
+
+def _percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:+.1f}%"
+
+
+def ms_ssim_db(value: float) -> float:
+    """MS-SSIM on a decibel scale, -10 log10(1 - MS-SSIM), as R-D plots and BD-rates use it."""
+    return -10 * math.log10(max(1 - value, 1e-10))
+
+
+def _bd_rates(curves: List[dict], codecs: Sequence[str], metric: str, log) -> Dict[str, Optional[float]]:
+    """BD-rate (percent) of DualRes against each codec, on ``metric``: "psnr" or "ms_ssim_db"."""
+    def quality(c):
+        return c["psnr"] if metric == "psnr" else ms_ssim_db(c["ms_ssim"])
+
+    ours = sorted((c for c in curves if c["codec"] == "dualres"), key=quality)
+    margin = 1.5  # dB on either scale
+    out = {}
+    for key in codecs:
+        # Fit the anchor only where it is comparable with ours (a cubic over JPEG's whole 5-95 sweep
+        # would be dominated by rates far outside ours).
+        # One more point on each side keeps at least four for the cubic where the sweep is coarse.
+        points = sorted((c for c in curves if c["codec"] == key), key=quality)
+        if not ours or any(math.isnan(quality(c)) for c in ours + points):  # MS-SSIM of tiny images
+            out[key] = None
+            log(f"BD-rate ({metric}) vs {key}: not computable (no finite values)")
+            continue
+        lo, hi = quality(ours[0]), quality(ours[-1])
+        inside = [i for i, c in enumerate(points) if lo - margin <= quality(c) <= hi + margin]
+        anchor = points[max(inside[0] - 1, 0):inside[-1] + 2] if inside else []
+        try:
+            out[key] = bd_rate([c["bpp"] for c in anchor], [quality(c) for c in anchor],
+                               [c["bpp"] for c in ours], [quality(c) for c in ours])
+        except ValueError as exc:
+            out[key] = None
+            log(f"BD-rate ({metric}) vs {key}: not computable ({exc})")
+    return out
 
 
 def _plot(curves: List[dict], names: Dict[str, str], path: str, title: str) -> None:
@@ -179,7 +204,7 @@ def _plot(curves: List[dict], names: Dict[str, str], path: str, title: str) -> N
         label = "DualRes (ours)" if key == "dualres" else names[key]
         style = dict(marker="o", linewidth=2.2, color="black") if key == "dualres" else dict(marker=".", linewidth=1)
         axes[0].plot([c["bpp"] for c in cs], [c["psnr"] for c in cs], label=label, **style)
-        axes[1].plot([c["bpp"] for c in cs], [-10 * np.log10(max(1 - c["ms_ssim"], 1e-10)) for c in cs], label=label, **style)
+        axes[1].plot([c["bpp"] for c in cs], [ms_ssim_db(c["ms_ssim"]) for c in cs], label=label, **style)
     ours = [c["bpp"] for c in curves if c["codec"] == "dualres"]
     for ax, ylabel in zip(axes, ["RGB PSNR (dB)", "MS-SSIM (dB)"]):
         ax.set_xlim(0, max(ours) * 1.3)

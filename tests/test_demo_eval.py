@@ -69,6 +69,32 @@ def test_bd_rate_recovers_a_known_rate_change():
         bd_rate(rates, quality, rates, quality + 100)
 
 
+def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
+    """Both BD-rates of the summary: ours is the anchor curve at a known fraction of its rate."""
+    from dualres_ext.evaluation import _bd_rates, ms_ssim_db
+
+    rng = np.random.default_rng()
+    rates = np.sort(rng.uniform(0.1, 2.0, 8))
+    factor = rng.uniform(0.5, 1.5)
+    psnrs = 30 + 6 * np.log2(rates)
+    ms_db = 12 + 5 * np.log2(rates)  # MS-SSIM in dB, converted back to MS-SSIM in the curves
+    curves = []
+    for codec, scale in (("jpeg420", 1.0), ("dualres", factor)):
+        for r, p, m in zip(rates, psnrs, ms_db):
+            curves.append({"codec": codec, "bpp": r * scale, "psnr": p, "ms_ssim": 1 - 10 ** (-m / 10)})
+    assert ms_ssim_db(curves[0]["ms_ssim"]) == pytest.approx(ms_db[0])
+    for metric in ("psnr", "ms_ssim_db"):
+        bd = _bd_rates(curves, ["jpeg420"], metric, log=lambda *_: None)
+        assert bd["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
+    # MS-SSIM is NaN for images too small for its five scales: no BD-rate rather than a wrong one.
+    for c in curves[:2]:
+        c["ms_ssim"] = float("nan")
+    messages = []
+    assert _bd_rates(curves, ["jpeg420"], "ms_ssim_db", log=messages.append) == {"jpeg420": None}
+    assert messages and "not computable" in messages[0]
+    assert _bd_rates(curves, ["jpeg420"], "psnr", log=lambda *_: None)["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
+
+
 def test_match_size_never_exceeds_the_target():
     rgb = np.asarray(_photo())
     codec = available_codecs()["jpeg420"]
@@ -110,6 +136,7 @@ def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
     assert len(ours) == 2 * 4
     assert {r["codec"] for r in rows} == {"dualres", "jpeg420", "webp"}
     assert set(summary["bd_rate_psnr_percent"]) == {"jpeg420", "webp"}
+    assert set(summary["bd_rate_ms_ssim_percent"]) == {"jpeg420", "webp"}
     with open(tmp_path / "out" / "summary.json") as f:
         assert json.load(f)["qualities"] == [0, 2, 4, 5]
     assert os.path.getsize(tmp_path / "out" / "rd.png") > 1000
