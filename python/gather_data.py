@@ -9,8 +9,8 @@ Sources (all offline-reachable: ../shared/data plus PyPI and Debian packages; se
   * sample photos inside the scikit-image, scikit-learn and matplotlib wheels (listed below)
 Kodak is never touched here: it is for evaluation only.
 
-Every picture appears once (the largest available size), and near-duplicates across sources are
-detected with a 16x16 average hash, so no picture is in both splits at any size. The output folder
+Every picture appears once, at the largest size available in any source: near-duplicates (within and
+across sources) are grouped with a 16x16 average hash, so no picture is in both splits at any size. The output folder
 gets train/*.png, val/*.png and manifest.csv (source, picture id, split, size, licence, origin path).
 
 Usage:
@@ -96,6 +96,9 @@ def collect(shared: str, cache: str):
     plasma = fetch_debian(cache, "plasma-workspace-wallpapers")
     for name in PLASMA_PHOTOS:
         files = glob.glob(os.path.join(plasma, "usr/share/wallpapers", name, "contents/images/*"))
+        if not files:
+            log(f"skip plasma-wallpapers:{name}: not in this package version")
+            continue
         best = max(files, key=lambda f: np.prod(Image.open(f).size))  # one picture, many sizes: keep the largest
         yield "plasma-wallpapers", name, best, "LGPL-3 (Debian plasma-workspace-wallpapers)", best, None
     mate = fetch_debian(cache, "mate-backgrounds")
@@ -128,6 +131,64 @@ def assign_split(source: str, pid: str) -> str:
     return "val" if h / 0xFFFFFFFF < VAL_FRACTION else "train"
 
 
+def gather(sources, out: str, max_side: int = 2048) -> list[dict]:
+    """Write each distinct picture of ``sources`` (``collect``'s tuples) once into out/{train,val}/.
+
+    Near-duplicates (the same picture at another size, or in another source) form one group. The group
+    keeps its largest copy. Its split is "val" if any copy is in FORCED_VAL (the demo photo); otherwise
+    it is the split of the first copy seen (forced by its folder, or hashed from its identity), so the
+    choice of the kept copy never moves a picture across splits: a picture in both of CID22's folders
+    stays where the first one puts it. Returns the manifest rows.
+    """
+    groups: list[dict] = []
+    for source, pid, path, licence, origin, forced in sources:
+        with Image.open(path) as img:
+            if img.mode not in ("RGB", "L"):
+                img = img.convert("RGB")
+            if img.mode == "L":
+                log(f"skip {source}:{pid}: greyscale")
+                continue
+            ah, pixels = average_hash(img), img.size[0] * img.size[1]
+        copy = {"source": source, "picture": pid, "path": path, "licence": licence, "origin": origin,
+                "pixels": pixels, "forced": forced}
+        group = next((g for g in groups if np.count_nonzero(g["hash"] != ah) <= 6), None)
+        if group is None:
+            groups.append({"hash": ah, "copies": [copy]})
+        else:
+            group["copies"].append(copy)
+
+    for split in ("train", "val"):
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+    rows = []
+    for group in groups:
+        first, copies = group["copies"][0], group["copies"]
+        if any(f"{c['source']}:{c['picture']}" in FORCED_VAL for c in copies):
+            split = "val"  # the demo photo, under any name and at any size
+        else:
+            split = first["forced"] or assign_split(first["source"], first["picture"])
+        keep = max(copies, key=lambda c: c["pixels"])  # max() keeps the first of equal sizes
+        for c in copies:
+            if c is not keep:
+                log(f"skip {c['source']}:{c['picture']}: same picture as {keep['source']}:{keep['picture']}"
+                    + (" (kept the larger copy)" if c["pixels"] < keep["pixels"] else ""))
+        img = Image.open(keep["path"]).convert("RGB")
+        w, h = img.size
+        scale = max_side / max(w, h)
+        if scale < 1:
+            img = img.resize((round(w * scale), round(h * scale)), Image.LANCZOS)
+        name = f"{keep['source']}__{keep['picture']}.png"
+        img.save(os.path.join(out, split, name), optimize=False, compress_level=1)
+        rows.append({"file": f"{split}/{name}", "source": keep["source"], "picture": keep["picture"], "split": split,
+                     "width": img.size[0], "height": img.size[1], "licence": keep["licence"], "origin": keep["origin"]})
+    if not rows:
+        raise SystemExit("gather_data: no pictures found (check --shared)")
+    with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default="../shared/data", help="the shared data folder (holds train/)")
@@ -137,38 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-side", type=int, default=2048,
                     help="downscale larger pictures (Lanczos) so the longest side is at most this")
     args = ap.parse_args(argv)
-
-    for split in ("train", "val"):
-        os.makedirs(os.path.join(args.out, split), exist_ok=True)
-    seen_hashes: list[tuple[np.ndarray, str]] = []
-    rows = []
-    for source, pid, path, licence, origin, forced in collect(args.shared, args.cache):
-        img = Image.open(path)
-        img.load()
-        if img.mode not in ("RGB", "L"):
-            img = img.convert("RGB")
-        if img.mode == "L":
-            log(f"skip {source}:{pid}: greyscale")
-            continue
-        ah = average_hash(img)
-        dup = next((name for h, name in seen_hashes if np.count_nonzero(h != ah) <= 6), None)
-        if dup:
-            log(f"skip {source}:{pid}: same picture as {dup}")
-            continue
-        seen_hashes.append((ah, f"{source}:{pid}"))
-        split = forced or assign_split(source, pid)
-        w, h = img.size
-        scale = args.max_side / max(w, h)
-        if scale < 1:
-            img = img.resize((round(w * scale), round(h * scale)), Image.LANCZOS)
-        name = f"{source}__{pid}.png"
-        img.save(os.path.join(args.out, split, name), optimize=False, compress_level=1)
-        rows.append({"file": f"{split}/{name}", "source": source, "picture": pid, "split": split,
-                     "width": img.size[0], "height": img.size[1], "licence": licence, "origin": origin})
-    with open(os.path.join(args.out, "manifest.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = gather(collect(args.shared, args.cache), args.out, args.max_side)
     n_val = sum(r["split"] == "val" for r in rows)
     log(f"{len(rows)} pictures: {len(rows) - n_val} train, {n_val} val -> {args.out}")
     return 0
