@@ -153,6 +153,47 @@ def parameter_groups(model):
     return main, aux
 
 
+# ----------------------------------------------------------------------------------------------
+# several processes (torchrun)
+def wrap_ddp(model, device):
+    """DistributedDataParallel over the main parameters only.
+
+    The quantiles get no gradient from the main loss (only from the auxiliary loss, after the
+    forward). Left to DDP, such a parameter keeps its gradient bucket from ever being ready, and
+    DDP then all-reduces nothing at all: every rank silently trains its own model. They are
+    synchronised by hand instead (``average_gradients``).
+    """
+    _, aux = parameter_groups(model)
+    aux_ids = {id(p) for p in aux}
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [n for n, p in model.named_parameters() if id(p) in aux_ids])
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def average_gradients(params) -> None:
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def check_ranks_agree(model) -> None:
+    """Raise if any parameter differs between processes (all-reduced gradients and identical
+    optimisers keep them bit-identical; anything else is a bug that would only show as a worse model).
+    A collective: every rank must call it at the same step."""
+    named = list(unwrap(model).named_parameters())
+    sums = torch.stack([p.detach().double().sum() for _, p in named])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    differ = [n for (n, _), a, b in zip(named, lo.tolist(), hi.tolist()) if a != b]
+    if differ:
+        raise RuntimeError(f"DDP processes hold different parameters ({len(differ)} of {len(named)}: "
+                           f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''})")
+
+
 class Progress:
     """A one-line progress display (tqdm-like) that also works when the output is a log file."""
 
@@ -259,8 +300,7 @@ def main(argv=None) -> int:
     for g in optimizer.param_groups:
         g["lr"] = args.lr / (10 if args.lr_drop_at is not None and step >= args.lr_drop_at else 1)
     if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(model, device)
 
     sampler = CropSampler(list_images(args.train), args.crop, seed=args.seed * 1000 + rank + step)
     val_images = load_val(list_images(args.val), args.val_size) if rank == 0 else []
@@ -339,6 +379,8 @@ def main(argv=None) -> int:
         aux_loss = unwrap(model).aux_loss()
         aux_optimizer.zero_grad(set_to_none=True)
         aux_loss.backward()
+        if distributed:
+            average_gradients(aux_params)
         aux_optimizer.step()
         step += 1
 
@@ -361,11 +403,18 @@ def main(argv=None) -> int:
             if val["loss"] < best_val:
                 best_val = val["loss"]
                 checkpoint(best_path)
-        if rank == 0 and step % args.save_every == 0:
-            checkpoint(last_path)
+        if step % args.save_every == 0:
+            if distributed:
+                check_ranks_agree(model)
+            if rank == 0:
+                checkpoint(last_path)
 
+    if distributed:
+        check_ranks_agree(model)
     if rank == 0:
         print(flush=True)
+        if distributed:
+            print(f"{dist.get_world_size()} processes: parameters identical on every rank", flush=True)
         if val_images:
             val = validate(unwrap(model), val_images, device)
             history.append({"step": step, "val": val})
