@@ -180,9 +180,9 @@ def average_gradients(params) -> None:
 
 
 def check_ranks_agree(model) -> None:
-    """Raise if any parameter differs between processes (all-reduced gradients and identical
-    optimisers keep them bit-identical; anything else is a bug that would only show as a worse model).
-    A collective: every rank must call it at the same step."""
+    """Raise if any parameter differs between processes, compared by its sum in float64 (all-reduced
+    gradients and identical optimisers keep them bit-identical; anything else is a bug that would only
+    show as a worse model). A collective: every rank must call it at the same step."""
     named = list(unwrap(model).named_parameters())
     sums = torch.stack([p.detach().double().sum() for _, p in named])
     lo, hi = sums.clone(), sums.clone()
