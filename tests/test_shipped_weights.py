@@ -54,9 +54,9 @@ def test_weights_files_keep_buffers_exact(tmp_path):
 
 def test_default_weights_beat_jpeg_at_the_same_size():
     """Where the shipped weights stand on the bundled photo (512x384): better than JPEG 4:2:0 at the
-    same byte budget at every quality (measured at 61,214 steps: +3.0 dB at q0 down to +0.9 dB at q5;
-    at 30,884 steps only q0-q2 were ahead). A regression guard for future exports; the Kodak figures
-    are in results/kodak/."""
+    same byte budget at every quality by > 0.8 dB (measured at 78,988 steps: +3.2 dB at q0 down to
+    +1.4 dB at q5; at 61,214 steps +3.0 down to +0.9; at 30,884 steps only q0-q2 were ahead). A
+    regression guard for future exports; the Kodak figures are in results/kodak/."""
     from dualres_ext.classic import available_codecs, match_size
 
     rgb = np.asarray(Image.open(BUNDLED_PHOTO).convert("RGB"))
@@ -67,4 +67,4 @@ def test_default_weights_beat_jpeg_at_the_same_size():
         matched = match_size(jpeg, rgb, len(data))
         assert matched is not None
         theirs = psnr(rgb, jpeg.decode(matched[1]))
-        assert ours > theirs + 0.3, (q, ours, theirs)
+        assert ours > theirs + 0.8, (q, ours, theirs)
