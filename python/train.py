@@ -17,6 +17,7 @@ loss averaged over qualities). python/export_weights.py turns one into the packa
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import math
@@ -428,6 +429,11 @@ def main(argv=None) -> int:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     if distributed:
+        # Tear down together, the DDP wrapper first: with gloo, a DDP object still alive when its
+        # process group goes (or a peer leaving mid-teardown) sometimes aborted the process at exit.
+        model = unwrap(model)
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -144,7 +144,8 @@ import importlib.util, sys, torch, torch.distributed as dist
 spec = importlib.util.spec_from_file_location("train", "python/train.py")
 train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)
 dist.init_process_group("gloo")
-model = train.wrap_ddp(train.build("compact"), torch.device("cpu"))  # DDP broadcasts rank 0's weights
+torch.manual_seed(0)
+model = train.build("compact")  # the same weights on both ranks
 train.check_ranks_agree(model)
 if dist.get_rank() == 1:
     with torch.no_grad():
@@ -153,6 +154,7 @@ try:
     train.check_ranks_agree(model)
 except RuntimeError as exc:
     print(f"rank {dist.get_rank()}: {exc}", flush=True)
+dist.barrier()  # tear down together: a gloo peer closing while the other still talks aborts it
 dist.destroy_process_group()
 """
 
