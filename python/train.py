@@ -148,9 +148,14 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def is_auxiliary(name: str) -> bool:
+    """The factorized prior's quantiles: trained by the auxiliary loss only."""
+    return name.endswith(".quantiles")
+
+
 def parameter_groups(model):
-    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles") and p.requires_grad]
-    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles") and p.requires_grad]
+    main = [p for n, p in model.named_parameters() if not is_auxiliary(n) and p.requires_grad]
+    aux = [p for n, p in model.named_parameters() if is_auxiliary(n) and p.requires_grad]
     return main, aux
 
 
@@ -164,10 +169,8 @@ def wrap_ddp(model, device):
     DDP then all-reduces nothing at all: every rank silently trains its own model. They are
     synchronised by hand instead (``average_gradients``).
     """
-    _, aux = parameter_groups(model)
-    aux_ids = {id(p) for p in aux}
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, [n for n, p in model.named_parameters() if id(p) in aux_ids])
+        model, [n for n, _ in model.named_parameters() if is_auxiliary(n)])
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
