@@ -238,6 +238,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lr-drop-minutes", type=float, default=None,
                     help="divide the lr by 10 for the last this-many minutes of --minutes (a time-boxed run's "
                          "step count is not known in advance)")
+    ap.add_argument("--warmup-steps", type=int, default=0,
+                    help="ramp the lr up linearly over the first this-many steps when the optimiser starts fresh "
+                         "(a new run or --init; about 500 for --init: Adam's first steps move every parameter by "
+                         "about the lr and jolt a trained model); a resumed run keeps its moments and does not warm up")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=1000)
     ap.add_argument("--val-size", type=int, default=512,
@@ -251,6 +255,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.lr_drop_minutes is not None and not args.minutes:
         ap.error("--lr-drop-minutes needs --minutes")
+    if args.warmup_steps < 0:
+        ap.error("--warmup-steps must be >= 0")
 
     distributed = "LOCAL_RANK" in os.environ
     rank = 0
@@ -272,6 +278,7 @@ def main(argv=None) -> int:
     optimizer = torch.optim.Adam(main_params, lr=args.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
     step, best_val, history = 0, float("inf"), []
+    fresh_optimizer = not os.path.exists(last_path)
     if os.path.exists(last_path):
         ckpt = torch.load(last_path, map_location=device, weights_only=False)
         if ckpt["model_name"] != args.model:
@@ -301,8 +308,6 @@ def main(argv=None) -> int:
         step = int(init.metadata.get("steps", 0))
         if rank == 0:
             print(f"initialised from {args.init} (step {step}); optimiser state starts fresh", flush=True)
-    for g in optimizer.param_groups:
-        g["lr"] = args.lr / (10 if args.lr_drop_at is not None and step >= args.lr_drop_at else 1)
     if distributed:
         model = wrap_ddp(model, device)
 
@@ -312,6 +317,15 @@ def main(argv=None) -> int:
     deadline = time.time() + args.minutes * 60 if args.minutes else None
     drop_time = deadline - args.lr_drop_minutes * 60 if args.lr_drop_minutes is not None else None
     lr_dropped = False
+    run_start = step
+
+    def set_lr() -> None:
+        """The lr for this step: /10 after the drop (by step or by time), times the warm-up ramp."""
+        lr = args.lr / 10 if lr_dropped or (args.lr_drop_at is not None and step >= args.lr_drop_at) else args.lr
+        if fresh_optimizer and step - run_start < args.warmup_steps:
+            lr *= (step - run_start + 1) / args.warmup_steps
+        for g in optimizer.param_groups:
+            g["lr"] = lr
     progress = Progress(step, args.steps, deadline, sys.stdout.isatty())
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lambdas = unwrap(model).lambdas
@@ -362,15 +376,11 @@ def main(argv=None) -> int:
                 print(f"\n{signal.Signals(stop_requested[0]).name}: stopping at step {step}, saving {last_path}",
                       flush=True)
             break
-        if args.lr_drop_at is not None and step == args.lr_drop_at:
-            for g in optimizer.param_groups:
-                g["lr"] = args.lr / 10
         if past_drop and not lr_dropped:
             lr_dropped = True
-            for g in optimizer.param_groups:
-                g["lr"] = args.lr / 10
             if rank == 0:
                 print(f"\nstep {step}: lr divided by 10 for the last {args.lr_drop_minutes:g} minutes", flush=True)
+        set_lr()
         x = sampler.batch(args.batch).to(device, non_blocking=True)
         q = qrng.randrange(len(lambdas))
         out = model(x, q)

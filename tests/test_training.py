@@ -95,6 +95,23 @@ def test_lr_drop_minutes(folders, package_env):
     assert r.returncode == 2 and "--lr-drop-minutes needs --minutes" in r.stderr
 
 
+def test_warmup_steps_ramp_a_fresh_optimiser_only(folders, package_env):
+    out = folders[2] / "warmup"
+    # Step k of a fresh run trains at lr * (k + 1) / N: the second of two steps at half the lr.
+    r = _run(_train_args(folders, out, "--steps", "2", "--lr", "4e-4", "--warmup-steps", "4"), package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
+    # A resumed run keeps its Adam moments: no second warm-up, the full lr at once.
+    r = _run(_train_args(folders, out, "--steps", "3", "--lr", "4e-4", "--warmup-steps", "4"), package_env)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(4e-4)
+
+    r = _run(_train_args(folders, out, "--warmup-steps", "-1"), package_env)
+    assert r.returncode == 2 and "--warmup-steps must be >= 0" in r.stderr
+
+
 def test_sigterm_stops_cleanly_and_saves(folders, package_env):
     """A signal (preemption, torchrun passing one on) ends the run like the deadline does: the step
     finishes, the model is validated and last.pt saved, exit code 0; resuming continues from there."""
