@@ -206,8 +206,16 @@ def _plot(curves: List[dict], names: Dict[str, str], path: str, title: str) -> N
         axes[0].plot([c["bpp"] for c in cs], [c["psnr"] for c in cs], label=label, **style)
         axes[1].plot([c["bpp"] for c in cs], [ms_ssim_db(c["ms_ssim"]) for c in cs], label=label, **style)
     ours = [c["bpp"] for c in curves if c["codec"] == "dualres"]
-    for ax, ylabel in zip(axes, ["RGB PSNR (dB)", "MS-SSIM (dB)"]):
-        ax.set_xlim(0, max(ours) * 1.3)
+    xmax = max(ours) * 1.3
+    shown = [c for c in curves if c["bpp"] <= xmax]
+    for ax, ylabel, y in zip(axes, ["RGB PSNR (dB)", "MS-SSIM (dB)"],
+                             [lambda c: c["psnr"], lambda c: ms_ssim_db(c["ms_ssim"])]):
+        ax.set_xlim(0, xmax)
+        # Fit the y axis to the points inside the x range: the classical codecs' high-rate points
+        # (up to 50 dB) would otherwise squeeze every curve into the bottom of the plot.
+        ys = [v for v in map(y, shown) if math.isfinite(v)]
+        if ys:
+            ax.set_ylim(min(ys) - 0.5, max(ys) + 0.5)
         ax.set_xlabel("bits per pixel")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
