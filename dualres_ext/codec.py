@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 MAGIC = b"\x89DRX"
-VERSION = 1
+# 2: the entropy parameters are computed in float64 (docs/BITSTREAM.md, "Determinism"). Version 1
+# streams used float32 there; a float64 decoder would desynchronise on some of them, so they are refused.
+VERSION = 2
 # Configuration ids written in the header (0: any other configuration, identified by weights id).
 CONFIG_IDS = {"custom": 0, "compact": 1, "paper": 2}
 _CONFIG_NAMES = {v: k for k, v in CONFIG_IDS.items()}
@@ -331,6 +333,9 @@ def parse_header(data) -> dict:
     if len(data) < _HEAD.size + _CRC.size:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
     magic, version, config_id, flags, reserved, quality, wid, width, height, n = _HEAD.unpack_from(data)
+    if version == 1:
+        raise BitstreamError("DualRes bitstream version 1 (float32 entropy parameters, not portable "
+                             "across machines) is no longer read: re-encode the image")
     if version != VERSION:
         raise BitstreamError(f"unsupported DualRes bitstream version {version} (this library reads {VERSION})")
     table_end = _HEAD.size + 4 * n

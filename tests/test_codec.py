@@ -157,6 +157,10 @@ def test_bad_magic_and_version(model, stream):
     bad[4] = 99
     with pytest.raises(codec.BitstreamError, match="version 99"):
         codec.decode(bytes(bad), weights=model)
+    assert codec.VERSION == 2 and stream[4] == 2
+    bad[4] = 1  # the float32-parameter streams: refused by name, not decoded into garbage
+    with pytest.raises(codec.BitstreamError, match="version 1 .*re-encode"):
+        codec.decode(bytes(bad), weights=model)
     assert issubclass(codec.BitstreamError, ValueError)
     with pytest.raises(TypeError, match="bytes"):
         codec.decode("not bytes", weights=model)

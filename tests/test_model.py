@@ -121,6 +121,42 @@ def test_compress_decompress_equals_forward(quality):
     assert len(torch.unique(torch.round(y_h))) >= 5
 
 
+def test_coding_runs_float64_copies_that_follow_the_weights():
+    """compress/decompress (and forward under no_grad) use float64 copies of the entropy-parameter
+    networks; the copies must follow every change of the weights and stay out of the model's state."""
+    import copy
+
+    model = tiny_model().eval()
+    model.update(force=True)
+    keys = set(model.state_dict())
+    nets = model._coding_nets()
+    assert model._coding_nets() is nets  # cached while the weights stay put
+    for name, p in nets.named_parameters():
+        assert p.dtype == torch.float64 and not p.requires_grad
+    w = model.coder_h.context_nets[0][0].weight
+    assert torch.equal(nets.coder_h.context_nets[0][0].weight, w.double())
+
+    x = torch.rand(1, 3, 128, 128)
+    before = model.compress(x, 2)
+    with torch.no_grad():                      # an in-place change (an optimiser step does the same)
+        w.mul_(1.5)
+    nets = model._coding_nets()
+    assert torch.equal(nets.coder_h.context_nets[0][0].weight, w.double())
+    after = model.compress(x, 2)
+    assert after["strings"] != before["strings"]
+    with torch.no_grad():
+        assert torch.equal(model.decompress(after["strings"], after["shape"], 2)["x_hat"], model(x, 2)["x_hat"])
+
+    other = tiny_model().eval()
+    other.update(force=True)
+    assert other.compress(x, 2)["strings"] != after["strings"]  # builds other's copies
+    other.load_state_dict(model.state_dict())  # load_state_dict copies in place: the cache follows
+    other.update(force=True)
+    assert other.compress(x, 2)["strings"] == after["strings"]
+    assert set(model.state_dict()) == keys     # nothing of the cache in the state
+    assert copy.deepcopy(model).compress(x, 2)["strings"] == after["strings"]
+
+
 def test_update_idempotent():
     model = tiny_model()
     assert model.update() is True

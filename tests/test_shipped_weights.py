@@ -33,6 +33,34 @@ def test_default_weights_code_the_bundled_photo_at_every_rate():
     assert quality[0] > 18.0  # trained weights, not noise (random weights give ~6-10 dB)
 
 
+def test_streams_decode_under_other_threads_and_convolution_backends():
+    """A stream must decode wherever the same package runs, not only with the encoder's thread
+    count and CPU. float32 convolutions round differently across thread counts and kernels (here
+    oneDNN's against ATen's own, standing in for another CPU), and before the entropy-parameter
+    networks ran in float64 most real photos' streams failed on the other side (9 of 12 Kodak
+    streams encoded on 2 threads, decoded on 1; this test failed there)."""
+    rgb = np.asarray(Image.open(BUNDLED_PHOTO).convert("RGB"))
+    threads = torch.get_num_threads()
+    try:
+        for q in (0, 3, 5):
+            torch.set_num_threads(2)
+            data = codec.encode(rgb, quality=q)
+            reference = codec.decode(data, output="numpy").astype(int)
+            torch.set_num_threads(1)
+            one_thread = codec.decode(data, output="numpy").astype(int)
+            torch.backends.mkldnn.enabled = False
+            try:
+                other_kernels = codec.decode(data, output="numpy").astype(int)
+            finally:
+                torch.backends.mkldnn.enabled = True
+            # Same symbols decoded; only the float32 synthesis may round a pixel to a neighbouring level.
+            assert np.abs(one_thread - reference).max() <= 1, q
+            assert np.abs(other_kernels - reference).max() <= 1, q
+            assert psnr(rgb, one_thread.astype(np.uint8)) > 25, q
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_weights_files_keep_buffers_exact(tmp_path):
     # float16 storage is for parameters only: the 1e-9 likelihood bound and GDN's 1e-12 pedestals
     # underflow to 0 in float16, and a zero likelihood bound gives log(0) rates in training.

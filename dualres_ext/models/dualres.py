@@ -30,10 +30,24 @@ uniform noise (``GaussianConditional``/``EntropyBottleneck`` in training mode), 
 synthesis and the conditioning networks see ``round(y - μ) + μ`` with a straight-through
 gradient, i.e. exactly the values the decoder will have. In eval mode ``forward`` uses plain
 ``torch.round`` so that its ``x_hat`` is bit-identical to ``decompress(compress(x))``.
+
+Portable streams: the decoder must derive every slice's scale table index from the values it
+decoded exactly as the encoder did, or the rANS lanes desynchronise. float32 convolutions are not
+reproducible across thread counts, CPU instruction sets or devices (oneDNN, cuDNN and BLAS split
+their sums differently), and with ~0.5 M coded symbols per photo a scale lands within float32
+noise of a table boundary in most streams: encoded on 2 threads, 9 of 12 Kodak streams failed to
+decode on 1. So coding runs the networks between the decoded symbols and (μ, σ) -- the hyper
+synthesis, the slice coders and ``down(ŷ_H)`` -- on float64 copies of their weights (``ŷ`` itself
+is kept in float64 on that path). Their rounding differences are then ~1e-16 relative, about 1e9
+times less likely to cross a boundary. The analysis and the synthesis stay float32: the encoder's
+``y`` is only ever rounded on the encoder, and the synthesis only makes the picture.
 """
 from __future__ import annotations
 
+import copy
 import math
+import threading
+import weakref
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -72,6 +86,15 @@ def get_scale_table(min_=SCALES_MIN, max_=SCALES_MAX, levels=SCALES_LEVELS) -> t
 def ste_round(x: torch.Tensor) -> torch.Tensor:
     """Round with a straight-through (identity) gradient."""
     return (torch.round(x) - x).detach() + x
+
+
+# The networks on the entropy-parameter path (see "Portable streams" above); coding runs float64
+# copies of them, made by DualRes._coding_nets.
+_CODING_NETS = ("h_s", "h_s_up_h", "cond_down_h", "coder_h", "coder_l")
+# model -> (weights key, float64 copies). Kept outside the model so that state_dict, deepcopy and
+# pickling never see it; the lock makes concurrent encoders build a copy once.
+_coding_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_coding_lock = threading.Lock()
 
 
 def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool, entropy_model) -> torch.Tensor:
@@ -249,9 +272,25 @@ class DualRes(nn.Module):
     def _hyper_analysis(self, y_h, y_l):
         return self.h_a(torch.cat([self.h_a_down_h(y_h), y_l], 1))
 
-    def _hyper_synthesis(self, z_hat):
-        f_l = self.h_s(z_hat)
-        return self.h_s_up_h(f_l), f_l
+    def _hyper_synthesis(self, z_hat, nets=None):
+        nets = self if nets is None else nets
+        f_l = nets.h_s(z_hat)
+        return nets.h_s_up_h(f_l), f_l
+
+    def _coding_nets(self) -> nn.ModuleDict:
+        """float64 copies of the entropy-parameter networks (``_CODING_NETS``), rebuilt whenever
+        one of their weights changed (an optimiser step or ``load_state_dict`` bumps a tensor's
+        version) or moved."""
+        sources = [getattr(self, name) for name in _CODING_NETS]
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for m in sources for p in m.parameters())
+        with _coding_lock:
+            cached = _coding_cache.get(self)
+            if cached is None or cached[0] != key:
+                with torch.no_grad():
+                    nets = nn.ModuleDict({name: copy.deepcopy(m) for name, m in zip(_CODING_NETS, sources)})
+                    nets = nets.to(torch.float64).requires_grad_(False).eval()
+                cached = _coding_cache[self] = (key, nets)
+            return cached[1]
 
     def _synthesis(self, y_h_hat, y_l_hat, quality):
         y_h_hat = y_h_hat * self._gain(self.inv_gain_h, quality)
@@ -283,11 +322,20 @@ class DualRes(nn.Module):
         z = self._hyper_analysis(y_h, y_l)
         _, z_likelihoods = self.entropy_bottleneck(z)
         z_hat = _quant(z, self._z_offset(), self.training, self.entropy_bottleneck)
-        f_h, f_l = self._hyper_synthesis(z_hat)
-        y_h_hat, y_h_likelihoods = self._code_latent(self.coder_h, y_h, f_h)
-        cond = self.cond_down_h(y_h_hat)
-        y_l_hat, y_l_likelihoods = self._code_latent(self.coder_l, y_l, f_l, cond)
-        x_hat = self._synthesis(y_h_hat, y_l_hat, quality)
+        dtype = y_h.dtype
+        if self.training or torch.is_grad_enabled():
+            nets = self
+        else:
+            # Inference: the very float64 path compress/decompress take, so that x_hat (and the
+            # likelihoods) are what the decoder gets. Training and gradients stay in float32.
+            nets = self._coding_nets()
+            y_h, y_l, z_hat = y_h.double(), y_l.double(), z_hat.double()
+        f_h, f_l = self._hyper_synthesis(z_hat, nets)
+        y_h_hat, y_h_likelihoods = self._code_latent(nets.coder_h, y_h, f_h)
+        cond = nets.cond_down_h(y_h_hat)
+        y_l_hat, y_l_likelihoods = self._code_latent(nets.coder_l, y_l, f_l, cond)
+        y_h_likelihoods, y_l_likelihoods = y_h_likelihoods.to(dtype), y_l_likelihoods.to(dtype)
+        x_hat = self._synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)
         return {"x_hat": x_hat,
                 "likelihoods": {"y_h": y_h_likelihoods, "y_l": y_l_likelihoods,
                                 "z": z_likelihoods}}
@@ -320,10 +368,11 @@ class DualRes(nn.Module):
         z = self._hyper_analysis(y_h, y_l)
         strings = [self.entropy_bottleneck.compress(z)]
         z_hat = _quant(z, self._z_offset(), False, self.entropy_bottleneck)
-        f_h, f_l = self._hyper_synthesis(z_hat)
-        y_h_hat = self._compress_latent(self.coder_h, y_h, f_h, None, strings)
-        cond = self.cond_down_h(y_h_hat)
-        self._compress_latent(self.coder_l, y_l, f_l, cond, strings)
+        nets = self._coding_nets()  # float64: see "Portable streams" in the module docstring
+        f_h, f_l = self._hyper_synthesis(z_hat.double(), nets)
+        y_h_hat = self._compress_latent(nets.coder_h, y_h.double(), f_h, None, strings)
+        cond = nets.cond_down_h(y_h_hat)
+        self._compress_latent(nets.coder_l, y_l.double(), f_l, cond, strings)
         return {"strings": strings, "shape": tuple(z.shape[-2:])}
 
     def _compress_latent(self, coder, y, features, extra, strings):
@@ -348,14 +397,16 @@ class DualRes(nn.Module):
             raise ValueError(f"strings: expected {n_expected} entries (z + slices), got {len(strings)}")
         shape = tuple(int(s) for s in shape)
         z_hat = self.entropy_bottleneck.decompress(strings[0], shape)
-        f_h, f_l = self._hyper_synthesis(z_hat)
+        dtype = z_hat.dtype
+        nets = self._coding_nets()  # float64, as in compress
+        f_h, f_l = self._hyper_synthesis(z_hat.double(), nets)
         pos = 1
-        y_h_hat = self._decompress_latent(self.coder_h, strings[pos:pos + len(self.coder_h.slices)],
+        y_h_hat = self._decompress_latent(nets.coder_h, strings[pos:pos + len(self.coder_h.slices)],
                                           f_h, None)
         pos += len(self.coder_h.slices)
-        cond = self.cond_down_h(y_h_hat)
-        y_l_hat = self._decompress_latent(self.coder_l, strings[pos:], f_l, cond)
-        return {"x_hat": self._synthesis(y_h_hat, y_l_hat, quality)}
+        cond = nets.cond_down_h(y_h_hat)
+        y_l_hat = self._decompress_latent(nets.coder_l, strings[pos:], f_l, cond)
+        return {"x_hat": self._synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)}
 
     def _decompress_latent(self, coder, strings, features, extra):
         gc = self.gaussian_conditional
