@@ -38,8 +38,8 @@ their sums differently), and with ~0.5 M coded symbols per photo a scale lands w
 noise of a table boundary in most streams: encoded on 2 threads, 9 of 12 Kodak streams failed to
 decode on 1. So coding runs the networks between the decoded symbols and (μ, σ) -- the hyper
 synthesis, the slice coders and ``down(ŷ_H)`` -- on float64 copies of their weights (``ŷ`` itself
-is kept in float64 on that path). Their rounding differences are then ~1e-16 relative, about 1e9
-times less likely to cross a boundary. The analysis and the synthesis stay float32: the encoder's
+is kept in float64 on that path). Their rounding differences are then ~1e-16 relative instead of
+~1e-7: a boundary crossing becomes some 10^8 times less likely. The analysis and the synthesis stay float32: the encoder's
 ``y`` is only ever rounded on the encoder, and the synthesis only makes the picture.
 """
 from __future__ import annotations
