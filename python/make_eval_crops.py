@@ -20,7 +20,7 @@ import sys
 
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+from dualres_ext.evaluation import IMAGE_EXTENSIONS  # what `eval` reads, so every crop made is evaluated
 
 
 def pick_evenly(names: list[str], count: int) -> list[str]:

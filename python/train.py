@@ -278,8 +278,8 @@ def main(argv=None) -> int:
     optimizer = torch.optim.Adam(main_params, lr=args.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
     step, best_val, history = 0, float("inf"), []
-    fresh_optimizer = not os.path.exists(last_path)
-    if os.path.exists(last_path):
+    fresh_optimizer = not os.path.exists(last_path)  # no checkpoint to resume: Adam starts from zero moments
+    if not fresh_optimizer:
         ckpt = torch.load(last_path, map_location=device, weights_only=False)
         if ckpt["model_name"] != args.model:
             raise SystemExit(f"{last_path} holds a {ckpt['model_name']!r} model, not {args.model!r}")

@@ -50,17 +50,18 @@ def test_eval_crop_sizes_and_centre(crops):
     assert crops.eval_crop(grey, 512, 768).mode == "RGB"
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, package_env):
     src, out = tmp_path / "val", tmp_path / "out"
     src.mkdir()
     rng = np.random.default_rng(6)
     for i in range(5):
         Image.fromarray(rng.integers(0, 256, (600, 900, 3), dtype=np.uint8)).save(src / f"v{i}.jpg")
     (src / "notes.txt").write_text("not a picture")
-    r = subprocess.run([sys.executable, SCRIPT, str(src), str(out), "--count", "3"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, SCRIPT, str(src), str(out), "--count", "3"], capture_output=True, text=True,
+                       env=package_env)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["v0.png", "v2.png", "v4.png"]
     assert all(Image.open(out / n).size == (768, 512) for n in os.listdir(out))
     r = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "empty_or_missing"), str(out)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=package_env)
     assert r.returncode != 0
