@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    model = build(ckpt["model_name"])
+    model = build(ckpt["model_name"], **ckpt.get("config", {}))
     model.load_state_dict(ckpt["state_dict"])
     history = ckpt.get("history", [])
     vals = [h["val"] for h in history if "val" in h]

@@ -272,17 +272,30 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
 
-    torch.manual_seed(args.seed + rank)
-    model = build(args.model).to(device)
-    main_params, aux_params = parameter_groups(model)
-    optimizer = torch.optim.Adam(main_params, lr=args.lr)
-    aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
-    step, best_val, history = 0, float("inf"), []
+    # The configuration comes with the weights: a checkpoint or an --init file records its own
+    # (e.g. a model widened by python/widen_synthesis.py), a new run takes --model's.
     fresh_optimizer = not os.path.exists(last_path)  # no checkpoint to resume: Adam starts from zero moments
+    ckpt = init = None
+    config = {}
     if not fresh_optimizer:
         ckpt = torch.load(last_path, map_location=device, weights_only=False)
         if ckpt["model_name"] != args.model:
             raise SystemExit(f"{last_path} holds a {ckpt['model_name']!r} model, not {args.model!r}")
+        config = ckpt.get("config", {})
+    elif args.init:
+        from dualres_ext.codec import load_weights
+
+        init = load_weights(args.init)
+        if init.name != args.model:
+            raise SystemExit(f"{args.init} holds a {init.name!r} model, not {args.model!r}")
+        config = dict(init.config)
+    torch.manual_seed(args.seed + rank)
+    model = build(args.model, **config).to(device)
+    main_params, aux_params = parameter_groups(model)
+    optimizer = torch.optim.Adam(main_params, lr=args.lr)
+    aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
+    step, best_val, history = 0, float("inf"), []
+    if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
@@ -296,18 +309,15 @@ def main(argv=None) -> int:
             if rank == 0:
                 print(f"validation crops changed ({old_val_size} -> {args.val_size} px): the next validation "
                       "starts a new best.pt", flush=True)
-    elif args.init:
-        from dualres_ext.codec import load_weights
-
-        init = load_weights(args.init)
-        if init.name != args.model:
-            raise SystemExit(f"{args.init} holds a {init.name!r} model, not {args.model!r}")
+        del ckpt
+    elif init is not None:
         # Exported weights are float16 and leave the Gaussian tables out: load what the model trains.
         own = model.state_dict()
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in init.state_dict().items() if k in own}, strict=False)
         step = int(init.metadata.get("steps", 0))
         if rank == 0:
             print(f"initialised from {args.init} (step {step}); optimiser state starts fresh", flush=True)
+        del init
     if distributed:
         model = wrap_ddp(model, device)
 
@@ -336,7 +346,8 @@ def main(argv=None) -> int:
 
     def checkpoint(path):
         save_checkpoint(path, {
-            "model_name": args.model, "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "model_name": args.model, "config": dict(unwrap(model).config),
+            "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "aux_optimizer": aux_optimizer.state_dict(), "step": step, "best_val": best_val, "history": history,
             "command": command, "args": vars(args), "train_images": len(sampler.images),
         })

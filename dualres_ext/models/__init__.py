@@ -7,8 +7,9 @@ from .dualres import CONFIGS, DEFAULT_LAMBDAS, DualRes, get_scale_table
 def build(name: str = "compact", **overrides) -> DualRes:
     """A DualRes model from a named configuration (``"compact"``, ``"paper"``).
 
-    ``overrides`` replace configuration entries (``N``, ``N1``, ``M_H``, ``M_L``, ``N_hyper``, ``Z``,
-    ``slices_H``, ``slices_L``, ``hidden``, ``lambdas``) or set ``lanes``: ``"auto"`` (default) or
+    ``overrides`` replace configuration entries (``N``, ``N1``, ``k1``, ``M_H``, ``M_L``, ``N_hyper``, ``Z``,
+    ``slices_H``, ``slices_L``, ``hidden``, ``lambdas``; the synthesis widths ``N_s``, ``N1_s``, ``k1_s``,
+    which default to the analysis' ``N``, ``N1``, ``k1``) or set ``lanes``: ``"auto"`` (default) or
     an int = the multi-lane rANS stream with that many lanes per slice (chosen by the encoder,
     read from the stream by the decoder); ``None`` = CompressAI's single-lane stream.
     Weights are randomly initialised; trained weights come through ``dualres_ext.codec``.
@@ -16,7 +17,7 @@ def build(name: str = "compact", **overrides) -> DualRes:
     if name not in CONFIGS:
         raise ValueError(f"unknown model configuration {name!r}; known: {sorted(CONFIGS)}")
     config = dict(CONFIGS[name])
-    unknown = set(overrides) - set(config) - {"lanes"}
+    unknown = set(overrides) - set(config) - {"lanes", "N_s", "N1_s", "k1_s"}
     if unknown:
         raise TypeError(f"unknown configuration entries for {name!r}: {sorted(unknown)}")
     config.update(overrides)

@@ -160,8 +160,9 @@ class DualRes(nn.Module):
     def __init__(self, N: int = 64, N1: Optional[int] = None, k1: int = 5, M_H: int = 48, M_L: int = 96, N_hyper: int = 64,
                  Z: int = 48, slices_H: Sequence[int] = (16, 32),
                  slices_L: Sequence[int] = (16, 32, 48), hidden: int = 64,
-                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, lanes: Union[None, str, int] = "auto",
-                 name: str = "custom"):
+                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, N_s: Optional[int] = None,
+                 N1_s: Optional[int] = None, k1_s: Optional[int] = None,
+                 lanes: Union[None, str, int] = "auto", name: str = "custom"):
         super().__init__()
         if sum(slices_H) != M_H or sum(slices_L) != M_L:
             raise ValueError(f"slices_H {tuple(slices_H)} must sum to M_H={M_H} and "
@@ -171,12 +172,16 @@ class DualRes(nn.Module):
         self.name = name
         N1 = N if N1 is None else int(N1)
         k1 = int(k1)
-        if k1 not in (3, 5):
-            raise ValueError(f"k1 must be 3 or 5, got {k1}")
+        # The synthesis widths default to the analysis' (N_s = N, N1_s = N1, k1_s = k1).
+        N_s = N if N_s is None else int(N_s)
+        N1_s = N1 if N1_s is None else int(N1_s)
+        k1_s = k1 if k1_s is None else int(k1_s)
+        if k1 not in (3, 5) or k1_s not in (3, 5):
+            raise ValueError(f"k1 and k1_s must be 3 or 5, got {k1} and {k1_s}")
         self.config = dict(N=N, N1=N1, k1=k1, M_H=M_H, M_L=M_L, N_hyper=N_hyper, Z=Z,
                            slices_H=tuple(int(s) for s in slices_H),
                            slices_L=tuple(int(s) for s in slices_L), hidden=hidden,
-                           lambdas=tuple(float(v) for v in lambdas))
+                           lambdas=tuple(float(v) for v in lambdas), N_s=N_s, N1_s=N1_s, k1_s=k1_s)
         self.lambdas: List[float] = [float(v) for v in lambdas]
         self.num_qualities = len(self.lambdas)
 
@@ -188,14 +193,14 @@ class DualRes(nn.Module):
         self.g_a_l = nn.Sequential(conv(N, N, 5, 2), GDN(N), conv(N, M_L, 5, 2))
 
         # Synthesis: ŷ_L up to stride 8, joined with ŷ_H, then three x2 deconvolutions + IGDN.
-        self.g_s_up_l = nn.Sequential(deconv(M_L, N, 5, 2), GDN(N, inverse=True))
+        self.g_s_up_l = nn.Sequential(deconv(M_L, N_s, 5, 2), GDN(N_s, inverse=True))
         # The join is a 1x1 fusion to N channels: a 5x5 deconvolution on all N + M_H channels
         # at stride 8 cost as much as the rest of the stride-8 synthesis.
         self.g_s = nn.Sequential(
-            nn.Conv2d(N + M_H, N, 1),
-            deconv(N, N, 5, 2), GDN(N, inverse=True),
-            deconv(N, N1, k1, 2), GDN(N1, inverse=True),
-            deconv(N1, 3, 5, 2),
+            nn.Conv2d(N_s + M_H, N_s, 1),
+            deconv(N_s, N_s, 5, 2), GDN(N_s, inverse=True),
+            deconv(N_s, N1_s, k1_s, 2), GDN(N1_s, inverse=True),
+            deconv(N1_s, 3, 5, 2),
         )
 
         # Hyperprior: z from down(y_H) ⊕ y_L; h_s gives features at strides 16 and 8.

@@ -1,0 +1,154 @@
+"""Widen a trained DualRes synthesis without changing what it computes (Net2Net-style growth).
+
+A compact model trained for many steps can be given a wider synthesis (``N_s``, ``N1_s``) or a
+larger kernel between strides 4 and 2 (``k1_s``) and go on training from where it was, instead
+of starting the wider model from scratch. The widened model decodes to the same picture:
+
+* every trained weight keeps its place (channel ``c`` stays channel ``c``; the ``ŷ_H`` input of
+  the 1x1 fusion moves behind the new ``ŷ_L`` channels; a 3x3 kernel sits in the centre of the
+  5x5 one, which gives a transposed convolution with padding ``k // 2`` the same output);
+* a new channel starts with the layer's fresh initialisation on its inputs, but every weight
+  *from* a new channel (or a new kernel tap) *to* an old channel is zero, and (I)GDN's ``gamma``
+  does not couple old channels to new ones. The old channels therefore compute exactly what
+  they did, and the new ones reach the picture only through zero weights of the last layer,
+  which the first gradient steps make non-zero (their gradient is the new activations times
+  the picture's error, so the growth starts at once).
+
+The entropy model and the analysis are untouched: the widened model writes the same symbols.
+:func:`widen_tensor` does the same embedding for any tensor shaped like a synthesis parameter,
+which is how a training checkpoint's Adam moments follow their parameters.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .dualres import DualRes
+
+# A dimension is a list of channel segments (each old segment starts where the new layout puts
+# it) or ("k", size) for a kernel dimension (the old kernel centred in the new one).
+_Dim = Union[List[int], Tuple[str, int]]
+SYNTHESIS_KEYS = ("N_s", "N1_s", "k1_s")
+
+
+def _layout(cfg: dict) -> Dict[str, Tuple[List[_Dim], Optional[int], Optional[int]]]:
+    """name -> (dimensions, output dimension, input dimension) of every synthesis parameter."""
+    ns, n1s, k1s, mh, ml = cfg["N_s"], cfg["N1_s"], cfg["k1_s"], cfg["M_H"], cfg["M_L"]
+
+    def gdn(prefix: str, c: int):
+        # gamma[i, j]: how much input channel j normalises output channel i.
+        return {f"{prefix}.beta": ([[c]], 0, None), f"{prefix}.gamma": ([[c], [c]], 0, 1)}
+
+    return {
+        # ConvTranspose2d weights are (in, out, kh, kw); Conv2d weights (out, in, kh, kw).
+        "g_s_up_l.0.weight": ([[ml], [ns], [5], [5]], 1, 0), "g_s_up_l.0.bias": ([[ns]], 0, None),
+        **gdn("g_s_up_l.1", ns),
+        "g_s.0.weight": ([[ns], [ns, mh], [1], [1]], 0, 1), "g_s.0.bias": ([[ns]], 0, None),
+        "g_s.1.weight": ([[ns], [ns], [5], [5]], 1, 0), "g_s.1.bias": ([[ns]], 0, None),
+        **gdn("g_s.2", ns),
+        "g_s.3.weight": ([[ns], [n1s], ("k", k1s), ("k", k1s)], 1, 0), "g_s.3.bias": ([[n1s]], 0, None),
+        **gdn("g_s.4", n1s),
+        "g_s.5.weight": ([[n1s], [3], [5], [5]], None, 0), "g_s.5.bias": ([[3]], None, None),
+    }
+
+
+def _positions(old: _Dim, new: _Dim) -> torch.Tensor:
+    """Where the old dimension's entries go in the new one."""
+    if isinstance(old, tuple):
+        k_old, k_new = old[1], new[1]
+        if k_new < k_old or (k_new - k_old) % 2:
+            raise ValueError(f"kernel {k_old} cannot be centred in kernel {k_new}")
+        return torch.arange(k_old) + (k_new - k_old) // 2
+    parts, start = [], 0
+    for o, n in zip(old, new):
+        if n < o:
+            raise ValueError(f"a synthesis width can only grow ({o} -> {n})")
+        parts.append(torch.arange(o) + start)
+        start += n
+    return torch.cat(parts)
+
+
+def widen_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_cfg: dict, new_cfg: dict,
+                 cut: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+    """``new`` (shaped for ``new_cfg``) with ``old`` (shaped for ``old_cfg``) embedded in it.
+
+    ``cut``, if given, is written where a new input (a new channel or kernel tap) meets an old
+    output: 0 for a weight, ``gamma``'s stored zero, nothing (None) for a moment estimate.
+    Tensors that are not synthesis parameters come back as ``old``.
+    """
+    layout_old, layout_new = _layout(old_cfg), _layout(new_cfg)
+    if name not in layout_old:
+        return old
+    dims_old, out_dim, in_dim = layout_old[name]
+    dims_new = layout_new[name][0]
+    where = [_positions(o, n) for o, n in zip(dims_old, dims_new)]
+    if tuple(len(w) for w in where) != tuple(old.shape):
+        raise ValueError(f"{name}: shape {tuple(old.shape)} does not match the old configuration")
+    result = new.detach().clone()
+    if cut is not None:
+        # Every entry feeding an old output from outside the old block: the old outputs must
+        # not see anything new. (Along the output dimension only old positions; along the
+        # others, anything not in the old block.)
+        old_block = torch.zeros(result.shape, dtype=torch.bool)
+        old_block[torch.meshgrid(*where, indexing="ij")] = True
+        feeds_old = torch.ones(result.shape, dtype=torch.bool)
+        if out_dim is not None:
+            out_old = torch.zeros(result.shape[out_dim], dtype=torch.bool)
+            out_old[where[out_dim]] = True
+            shape = [1] * result.dim()
+            shape[out_dim] = -1
+            feeds_old = out_old.view(shape).expand(result.shape)
+        result[feeds_old & ~old_block] = cut
+    result[torch.meshgrid(*where, indexing="ij")] = old.detach().to(result.dtype)
+    return result
+
+
+def synthesis_config(config: dict, N_s=None, N1_s=None, k1_s=None) -> dict:
+    """``config`` with the given synthesis widths (None: keep)."""
+    new = dict(config)
+    for key, value in zip(SYNTHESIS_KEYS, (N_s, N1_s, k1_s)):
+        if value is not None:
+            new[key] = int(value)
+    return new
+
+
+def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[int] = None,
+                    k1_s: Optional[int] = None, generator: Optional[torch.Generator] = None) -> DualRes:
+    """A new DualRes with the wider synthesis that computes what ``model`` computes.
+
+    New channels take a freshly built model's initialisation (``generator`` makes it
+    reproducible); every other tensor, buffers and coder tables included, is ``model``'s.
+    The result is on the CPU, in float32, in ``model``'s training/eval mode.
+    """
+    old_cfg = dict(model.config)
+    new_cfg = synthesis_config(old_cfg, N_s, N1_s, k1_s)
+    if generator is not None:
+        state = torch.random.get_rng_state()
+        torch.random.set_rng_state(generator.get_state())
+    try:
+        fresh = DualRes(name=model.name, **new_cfg)
+    finally:
+        if generator is not None:
+            torch.random.set_rng_state(state)
+    fresh_state = fresh.state_dict()
+    old_state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                 for k, v in model.state_dict().items()}
+    widened = {}
+    for name, old in old_state.items():
+        if name not in fresh_state:
+            raise ValueError(f"{name}: not in the widened model")
+        if name.endswith(".gamma"):
+            gdn = fresh.get_submodule(name.rsplit(".", 1)[0])
+            cut = gdn.gamma_reparam.init(torch.zeros(())).item()  # the stored value of gamma = 0
+        else:
+            cut = 0.0
+        widened[name] = widen_tensor(name, old, fresh_state[name], old_cfg, new_cfg, cut=cut)
+    missing, unexpected = fresh.load_state_dict(widened, strict=False)
+    if unexpected or any(not k.endswith(("_quantized_cdf", "_offset", "_cdf_length", "scale_table")) for k in missing):
+        raise ValueError(f"widening lost tensors: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    fresh.train(model.training)
+    return fresh
+
+
+__all__ = ["widen_synthesis", "widen_tensor", "synthesis_config", "SYNTHESIS_KEYS"]

@@ -1,0 +1,112 @@
+"""Give a trained DualRes a wider synthesis and keep training it (dualres_ext.models.widen).
+
+  python python/widen_synthesis.py runs/compact/last.pt runs/wide/last.pt --N_s 96 --N1_s 48
+  python python/train.py ... --out runs/wide          # resumes the widened checkpoint
+
+IN is a training checkpoint (python/train.py's last.pt / best.pt) or a weights file
+(codec.save_weights). A checkpoint comes out as a checkpoint that train.py resumes: its step
+count, history and Adam moments are kept, the moments widened with their parameters (new
+entries: first moment 0, second moment the mean of the old tensor's, so that Adam's first steps
+on a new weight are about the lr, not the bias-corrected jolt of an empty estimate). A weights
+file comes out as a weights file (for train.py --init or for decoding). The widened model
+decodes to the same pictures; the script checks that before writing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from dualres_ext.codec import WEIGHTS_FORMAT, load_weights, save_weights
+from dualres_ext.models import build
+from dualres_ext.models.widen import widen_synthesis, widen_tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train import parameter_groups, save_checkpoint  # noqa: E402  (the checkpoint's own conventions)
+
+
+def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
+    """The main optimiser's state_dict with each moment widened like its parameter."""
+    old_names = [n for n, p in old_model.named_parameters() if any(p is q for q in parameter_groups(old_model)[0])]
+    state = {}
+    for idx, entry in opt_state["state"].items():
+        name = old_names[int(idx)]
+        new_shape = new_model.get_parameter(name).shape
+        entry = dict(entry)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in entry and tuple(entry[key].shape) != tuple(new_shape):
+                old = entry[key]
+                template = (torch.zeros(new_shape, dtype=old.dtype) if key == "exp_avg"
+                            else torch.full(new_shape, float(old.mean()), dtype=old.dtype))
+                entry[key] = widen_tensor(name, old, template, old_model.config, new_model.config)
+        state[idx] = entry
+    return {"state": state, "param_groups": opt_state["param_groups"]}
+
+
+def check_same_pictures(old_model, new_model) -> float:
+    """Largest |x_hat difference| of the two models on a random picture at three qualities."""
+    old_model, new_model = old_model.eval(), new_model.eval()
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    worst = 0.0
+    with torch.no_grad():
+        for q in (0, (old_model.num_qualities - 1) / 2, old_model.num_qualities - 1):
+            worst = max(worst, float((old_model(x, q)["x_hat"] - new_model(x, q)["x_hat"]).abs().max()))
+    if worst > 1e-4:
+        raise SystemExit(f"the widened model's pictures differ by {worst:.3g}: not writing it")
+    return worst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", help="a train.py checkpoint or a weights file")
+    ap.add_argument("output")
+    ap.add_argument("--N_s", type=int, default=None, help="synthesis width at strides 16 to 4")
+    ap.add_argument("--N1_s", type=int, default=None, help="synthesis width at stride 2")
+    ap.add_argument("--k1_s", type=int, default=None, help="kernel of the stride-4 to stride-2 layer (3 or 5)")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation of the new channels")
+    args = ap.parse_args(argv)
+    if os.path.exists(args.output):
+        raise SystemExit(f"{args.output} exists (not overwriting)")
+
+    raw = torch.load(args.input, map_location="cpu", weights_only=False)
+    generator = torch.Generator().manual_seed(args.seed)
+    if isinstance(raw, dict) and raw.get("format") == WEIGHTS_FORMAT:
+        old = load_weights(args.input)
+        new = widen_synthesis(old, args.N_s, args.N1_s, args.k1_s, generator=generator)
+        new.update(force=True)
+        worst = check_same_pictures(old, new)
+        metadata = dict(old.metadata)
+        metadata["widened"] = metadata.get("widened", []) + [
+            {"from": {k: old.config[k] for k in ("N_s", "N1_s", "k1_s")},
+             "to": {k: new.config[k] for k in ("N_s", "N1_s", "k1_s")}, "at_step": metadata.get("steps")}]
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
+        save_weights(new, args.output, metadata=metadata, half=True)
+    elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:
+        old = build(raw["model_name"], **raw.get("config", {}))
+        old.load_state_dict(raw["state_dict"])
+        new = widen_synthesis(old, args.N_s, args.N1_s, args.k1_s, generator=generator)
+        old.update(force=True)
+        new.update(force=True)
+        worst = check_same_pictures(old, new)
+        out = dict(raw)
+        out["config"] = dict(new.config)
+        out["state_dict"] = new.train().state_dict()
+        out["optimizer"] = widen_adam_state(raw["optimizer"], old, new)
+        out["history"] = list(raw.get("history", [])) + [
+            {"step": raw["step"], "widened": {k: new.config[k] for k in ("N_s", "N1_s", "k1_s")},
+             "command": "python " + " ".join(sys.argv)}]
+        # The validation loss of the old model is the widened one's too (same pictures).
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
+        save_checkpoint(args.output, out)
+    else:
+        raise SystemExit(f"{args.input}: neither a train.py checkpoint nor a DualRes weights file")
+    print(f"wrote {args.output}: synthesis N_s={new.config['N_s']} N1_s={new.config['N1_s']} "
+          f"k1_s={new.config['k1_s']} (was {old.config['N_s']}/{old.config['N1_s']}/{old.config['k1_s']}), "
+          f"{sum(p.numel() for p in new.parameters()) / 1e6:.2f} M parameters; pictures equal to {worst:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Widening a trained synthesis (dualres_ext.models.widen): same pictures, same symbols, and the new
+channels start learning."""
+import pytest
+import torch
+
+from dualres_ext.models import build
+from dualres_ext.models.widen import widen_synthesis, widen_tensor
+
+TINY = dict(N=32, N1=16, M_H=24, M_L=40, N_hyper=24, Z=16, slices_H=(8, 16),
+            slices_L=(8, 16, 16), hidden=24, N_s=32, N1_s=16, k1_s=3)
+
+
+def trained_like(seed=0, **kw):
+    """A tiny model whose weights are not at their initialisation: GDN's gamma full (not a
+    diagonal), biases non-zero, so that a wrongly placed or leaking entry shows in the output."""
+    torch.manual_seed(seed)
+    m = build("compact", **{**TINY, **kw})
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(0.05 + 0.3 * torch.rand_like(p))
+            elif name.endswith("beta"):
+                p.copy_(0.5 + torch.rand_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif "gain" not in name and not name.endswith("quantiles"):
+                p.mul_(1.5).add_(0.02 * torch.randn_like(p))
+    m.update(force=True)
+    return m.eval()
+
+
+@pytest.mark.parametrize("widths", [dict(N_s=48, N1_s=24), dict(N1_s=32, k1_s=5), dict(N_s=40)])
+def test_widened_model_decodes_the_same_pictures_from_the_same_symbols(widths):
+    old = trained_like()
+    new = widen_synthesis(old, **widths, generator=torch.Generator().manual_seed(1)).eval()
+    new.update(force=True)
+    for key, value in widths.items():
+        assert new.config[key] == value
+    assert new.g_s[-1].weight.shape[0] == new.config["N1_s"]
+    x = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for q in (0, 2.5, old.num_qualities - 1):
+            a, b = old(x, q), new(x, q)
+            assert a["x_hat"].abs().max() > 0.1  # a real picture, not a degenerate one
+            torch.testing.assert_close(b["x_hat"], a["x_hat"], rtol=0, atol=2e-5)
+            for k in a["likelihoods"]:
+                assert torch.equal(a["likelihoods"][k], b["likelihoods"][k])
+        coded = old.compress(x[:1], 3)
+        assert new.compress(x[:1], 3)["strings"] == coded["strings"]
+        torch.testing.assert_close(new.decompress(coded["strings"], coded["shape"], 3)["x_hat"],
+                                   old.decompress(coded["strings"], coded["shape"], 3)["x_hat"],
+                                   rtol=0, atol=2e-5)
+
+
+def test_new_entries_are_cut_from_old_channels_and_old_weights_keep_their_place():
+    old = trained_like()
+    new = widen_synthesis(old, N_s=48, N1_s=24, k1_s=5)
+    n, n1, mh = 32, 16, 24
+    # Fusion 1x1 (out, in): the ŷ_H inputs move behind the 48 (was 32) ŷ_L channels.
+    fuse_old, fuse_new = old.g_s[0].weight, new.g_s[0].weight
+    assert torch.equal(fuse_new[:n, :n], fuse_old[:, :n])
+    assert torch.equal(fuse_new[:n, 48:48 + mh], fuse_old[:, n:])
+    assert torch.all(fuse_new[:n, n:48] == 0)          # new ŷ_L channels -> old outputs
+    assert fuse_new[n:].abs().sum() > 0                # new outputs start initialised, not dead
+    # The 3x3 kernel in the middle of the 5x5 one, the border cut for old outputs.
+    k_old, k_new = old.g_s[3].weight, new.g_s[3].weight  # (in, out, k, k)
+    assert torch.equal(k_new[:n, :n1, 1:4, 1:4], k_old)
+    border = torch.ones(5, 5, dtype=torch.bool)
+    border[1:4, 1:4] = False
+    assert torch.all(k_new[:, :n1][..., border] == 0)
+    assert torch.all(k_new[n:, :n1] == 0)
+    # IGDN: old channels are not normalised by new ones; new channels get GDN's initialisation.
+    gdn = new.g_s[4]
+    gamma = gdn.gamma_reparam(gdn.gamma)
+    assert torch.all(gamma[:n1, n1:] == 0)
+    torch.testing.assert_close(gamma[:n1, :n1], old.g_s[4].gamma_reparam(old.g_s[4].gamma))
+    torch.testing.assert_close(gdn.beta_reparam(gdn.beta)[n1:], torch.ones(24 - n1))
+    # The last layer reads nothing from the new channels yet.
+    assert torch.all(new.g_s[5].weight[n1:] == 0)
+    # Analysis and entropy model untouched.
+    for name, t in old.state_dict().items():
+        if not name.startswith(("g_s.", "g_s_up_l.")):
+            assert torch.equal(new.state_dict()[name], t), name
+
+
+def test_new_channels_start_learning():
+    new = widen_synthesis(trained_like(), N_s=48, N1_s=24).train()
+    opt = torch.optim.Adam(new.parameters(), lr=1e-3)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for _ in range(2):  # the first step opens the last layer, the second the layers before it
+        out = new(x, 3)
+        opt.zero_grad()
+        ((out["x_hat"] - x) ** 2).mean().backward()
+        opt.step()
+    assert new.g_s[5].weight[16:].abs().max() > 0
+    assert new.g_s[3].weight.grad[:, 16:].abs().max() > 0
+
+
+def test_widening_refuses_to_shrink_and_leaves_other_tensors_alone():
+    old = trained_like()
+    with pytest.raises(ValueError, match="can only grow"):
+        widen_synthesis(old, N1_s=8)
+    with pytest.raises(ValueError, match="cannot be centred"):
+        widen_synthesis(trained_like(k1=5, k1_s=5), k1_s=3)
+    t = torch.randn(3, 4)
+    assert widen_tensor("g_a_h.weight", t, torch.zeros(5), old.config, old.config) is t
+    with pytest.raises(ValueError, match="does not match"):
+        widen_tensor("g_s.1.bias", torch.zeros(7), torch.zeros(48), old.config, dict(old.config, N_s=48))
