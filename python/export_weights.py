@@ -16,6 +16,9 @@ import torch
 from dualres_ext.codec import save_weights
 from dualres_ext.models import build
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train import checkpoint_config  # noqa: E402
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +29,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    model = build(ckpt["model_name"], **ckpt.get("config", {}))
+    model = build(ckpt["model_name"], **checkpoint_config(ckpt))
     model.load_state_dict(ckpt["state_dict"])
     history = ckpt.get("history", [])
     vals = [h["val"] for h in history if "val" in h]

@@ -153,6 +153,14 @@ def is_auxiliary(name: str) -> bool:
     return name.endswith(".quantiles")
 
 
+def checkpoint_config(ckpt: dict) -> dict:
+    """The configuration a checkpoint was trained with (older ones record only their synthesis
+    widths, in their shapes: see dualres_ext.models.widen.synthesis_widths)."""
+    from dualres_ext.models.widen import synthesis_widths
+
+    return dict(ckpt["config"]) if "config" in ckpt else synthesis_widths(ckpt["state_dict"])
+
+
 def parameter_groups(model):
     main = [p for n, p in model.named_parameters() if not is_auxiliary(n) and p.requires_grad]
     aux = [p for n, p in model.named_parameters() if is_auxiliary(n) and p.requires_grad]
@@ -281,7 +289,7 @@ def main(argv=None) -> int:
         ckpt = torch.load(last_path, map_location=device, weights_only=False)
         if ckpt["model_name"] != args.model:
             raise SystemExit(f"{last_path} holds a {ckpt['model_name']!r} model, not {args.model!r}")
-        config = ckpt.get("config", {})
+        config = checkpoint_config(ckpt)
     elif args.init:
         from dualres_ext.codec import load_weights
 

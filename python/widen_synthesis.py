@@ -24,12 +24,14 @@ from dualres_ext.models import build
 from dualres_ext.models.widen import widen_synthesis, widen_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import parameter_groups, save_checkpoint  # noqa: E402  (the checkpoint's own conventions)
+from train import checkpoint_config, parameter_groups, save_checkpoint  # noqa: E402  (the checkpoint's own conventions)
 
 
 def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
     """The main optimiser's state_dict with each moment widened like its parameter."""
-    old_names = [n for n, p in old_model.named_parameters() if any(p is q for q in parameter_groups(old_model)[0])]
+    # The optimiser's indices follow train.py's parameter list (named_parameters, auxiliary left out).
+    main = {id(p) for p in parameter_groups(old_model)[0]}
+    old_names = [n for n, p in old_model.named_parameters() if id(p) in main]
     state = {}
     for idx, entry in opt_state["state"].items():
         name = old_names[int(idx)]
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
         save_weights(new, args.output, metadata=metadata, half=True)
     elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:
-        old = build(raw["model_name"], **raw.get("config", {}))
+        old = build(raw["model_name"], **checkpoint_config(raw))
         old.load_state_dict(raw["state_dict"])
         new = widen_synthesis(old, args.N_s, args.N1_s, args.k1_s, generator=generator)
         old.update(force=True)

@@ -8,7 +8,7 @@ from dualres_ext.models import CONFIGS, build
 
 # A small configuration keeps the tests fast; the named ones are checked for construction only.
 TINY = dict(N=32, N1=16, M_H=24, M_L=40, N_hyper=24, Z=16, slices_H=(8, 16),
-            slices_L=(8, 16, 16), hidden=24)
+            slices_L=(8, 16, 16), hidden=24, N_s=32, N1_s=16, k1_s=3)
 
 
 def spread(model, factor=24.0):

@@ -118,12 +118,12 @@ def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_en
     out, wide = folders[2] / "narrow", folders[2] / "wide"
     r = _run(_train_args(folders, out, "--steps", "2"), package_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(["python/widen_synthesis.py", str(out / "last.pt"), str(wide / "last.pt"), "--N_s", "80",
-              "--N1_s", "40"], package_env)
-    assert r.returncode == 0 and "N_s=80 N1_s=40" in r.stdout, r.stderr[-3000:]
+    r = _run(["python/widen_synthesis.py", str(out / "last.pt"), str(wide / "last.pt"), "--N_s", "112",
+              "--N1_s", "56"], package_env)
+    assert r.returncode == 0 and "N_s=112 N1_s=56" in r.stdout, r.stderr[-3000:]
     narrow = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     widened = torch.load(wide / "last.pt", map_location="cpu", weights_only=False)
-    assert widened["config"]["N_s"] == 80 and widened["config"]["N1_s"] == 40 and widened["step"] == 2
+    assert widened["config"]["N_s"] == 112 and widened["config"]["N1_s"] == 56 and widened["step"] == 2
     moments = widened["optimizer"]["state"]
     shapes = {tuple(v.shape) for v in widened["state_dict"].values()}
     assert all(tuple(e["exp_avg"].shape) in shapes for e in moments.values())
@@ -135,17 +135,17 @@ def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_en
     r = _run(_train_args(folders, wide, "--steps", "3"), package_env)
     assert r.returncode == 0 and "resumed" in r.stdout and "at step 2" in r.stdout, r.stderr[-3000:]
     resumed = torch.load(wide / "last.pt", map_location="cpu", weights_only=False)
-    assert resumed["step"] == 3 and resumed["config"]["N_s"] == 80
-    assert resumed["state_dict"]["g_s.5.weight"][32:].abs().max() > 0  # the new channels train
+    assert resumed["step"] == 3 and resumed["config"]["N_s"] == 112
+    assert resumed["state_dict"]["g_s.5.weight"][48:].abs().max() > 0  # the new channels train
 
     # A weights file widens to a weights file; both decode a stream to the same picture.
     narrow_w, wide_w = folders[2] / "narrow-w.pt", folders[2] / "wide-w.pt"
     r = _run(["python/export_weights.py", str(out / "last.pt"), str(narrow_w)], package_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(["python/widen_synthesis.py", str(narrow_w), str(wide_w), "--N1_s", "48"], package_env)
+    r = _run(["python/widen_synthesis.py", str(narrow_w), str(wide_w), "--N1_s", "64"], package_env)
     assert r.returncode == 0, r.stderr[-3000:]
     model = codec.load_weights(wide_w)
-    assert model.config["N1_s"] == 48 and model.metadata["widened"][0]["to"]["N1_s"] == 48
+    assert model.config["N1_s"] == 64 and model.metadata["widened"][0]["to"]["N1_s"] == 64
     img = np.asarray(Image.open(ASTRONAUT).convert("RGB"))[:70, :90]
     a = codec.decode(codec.encode(img, quality=3, weights=str(narrow_w)), weights=str(narrow_w), output="numpy")
     b = codec.decode(codec.encode(img, quality=3, weights=str(wide_w)), weights=str(wide_w), output="numpy")

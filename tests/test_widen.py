@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dualres_ext.models import build
-from dualres_ext.models.widen import widen_synthesis, widen_tensor
+from dualres_ext.models.widen import synthesis_widths, widen_synthesis, widen_tensor
 
 TINY = dict(N=32, N1=16, M_H=24, M_L=40, N_hyper=24, Z=16, slices_H=(8, 16),
             slices_L=(8, 16, 16), hidden=24, N_s=32, N1_s=16, k1_s=3)
@@ -106,3 +106,9 @@ def test_widening_refuses_to_shrink_and_leaves_other_tensors_alone():
     assert widen_tensor("g_a_h.weight", t, torch.zeros(5), old.config, old.config) is t
     with pytest.raises(ValueError, match="does not match"):
         widen_tensor("g_s.1.bias", torch.zeros(7), torch.zeros(48), old.config, dict(old.config, N_s=48))
+
+
+@pytest.mark.parametrize("widths", [dict(N_s=32, N1_s=16, k1_s=3), dict(N_s=40, N1_s=24, k1_s=5)])
+def test_synthesis_widths_are_read_from_the_shapes(widths):
+    # Checkpoints from before the configuration was recorded in them say it through their shapes.
+    assert synthesis_widths(build("compact", **{**TINY, **widths}).state_dict()) == widths

@@ -17,7 +17,7 @@ def build(name: str = "compact", **overrides) -> DualRes:
     if name not in CONFIGS:
         raise ValueError(f"unknown model configuration {name!r}; known: {sorted(CONFIGS)}")
     config = dict(CONFIGS[name])
-    unknown = set(overrides) - set(config) - {"lanes", "N_s", "N1_s", "k1_s"}
+    unknown = set(overrides) - set(config) - {"lanes", "N_s", "N1_s", "k1_s"}  # any configuration may set them
     if unknown:
         raise TypeError(f"unknown configuration entries for {name!r}: {sorted(unknown)}")
     config.update(overrides)

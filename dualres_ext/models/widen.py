@@ -104,6 +104,17 @@ def widen_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_cfg: dict,
     return result
 
 
+def synthesis_widths(state_dict: dict) -> dict:
+    """``N_s``, ``N1_s``, ``k1_s`` as a DualRes state dict's shapes have them.
+
+    Checkpoints written before the configuration was stored in them (python/train.py before
+    session 6) were trained with the synthesis as wide as the analysis, which the "compact"
+    configuration no longer is: their shapes say what they are.
+    """
+    return {"N_s": int(state_dict["g_s.0.bias"].numel()), "N1_s": int(state_dict["g_s.4.beta"].numel()),
+            "k1_s": int(state_dict["g_s.3.weight"].shape[-1])}
+
+
 def synthesis_config(config: dict, N_s=None, N1_s=None, k1_s=None) -> dict:
     """``config`` with the given synthesis widths (None: keep)."""
     new = dict(config)
@@ -151,4 +162,4 @@ def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[in
     return fresh
 
 
-__all__ = ["widen_synthesis", "widen_tensor", "synthesis_config", "SYNTHESIS_KEYS"]
+__all__ = ["widen_synthesis", "widen_tensor", "synthesis_config", "synthesis_widths", "SYNTHESIS_KEYS"]
