@@ -20,7 +20,7 @@ which is how a training checkpoint's Adam moments follow their parameters.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -32,24 +32,25 @@ _Dim = Union[List[int], Tuple[str, int]]
 SYNTHESIS_KEYS = ("N_s", "N1_s", "k1_s")
 
 
-def _layout(cfg: dict) -> Dict[str, Tuple[List[_Dim], Optional[int], Optional[int]]]:
-    """name -> (dimensions, output dimension, input dimension) of every synthesis parameter."""
+def _layout(cfg: dict) -> Dict[str, Tuple[List[_Dim], Optional[int]]]:
+    """name -> (dimensions, output dimension or None) of every synthesis parameter."""
     ns, n1s, k1s, mh, ml = cfg["N_s"], cfg["N1_s"], cfg["k1_s"], cfg["M_H"], cfg["M_L"]
 
     def gdn(prefix: str, c: int):
         # gamma[i, j]: how much input channel j normalises output channel i.
-        return {f"{prefix}.beta": ([[c]], 0, None), f"{prefix}.gamma": ([[c], [c]], 0, 1)}
+        return {f"{prefix}.beta": ([[c]], 0), f"{prefix}.gamma": ([[c], [c]], 0)}
 
     return {
         # ConvTranspose2d weights are (in, out, kh, kw); Conv2d weights (out, in, kh, kw).
-        "g_s_up_l.0.weight": ([[ml], [ns], [5], [5]], 1, 0), "g_s_up_l.0.bias": ([[ns]], 0, None),
+        "g_s_up_l.0.weight": ([[ml], [ns], [5], [5]], 1), "g_s_up_l.0.bias": ([[ns]], 0),
         **gdn("g_s_up_l.1", ns),
-        "g_s.0.weight": ([[ns], [ns, mh], [1], [1]], 0, 1), "g_s.0.bias": ([[ns]], 0, None),
-        "g_s.1.weight": ([[ns], [ns], [5], [5]], 1, 0), "g_s.1.bias": ([[ns]], 0, None),
+        "g_s.0.weight": ([[ns], [ns, mh], [1], [1]], 0), "g_s.0.bias": ([[ns]], 0),
+        "g_s.1.weight": ([[ns], [ns], [5], [5]], 1), "g_s.1.bias": ([[ns]], 0),
         **gdn("g_s.2", ns),
-        "g_s.3.weight": ([[ns], [n1s], ("k", k1s), ("k", k1s)], 1, 0), "g_s.3.bias": ([[n1s]], 0, None),
+        "g_s.3.weight": ([[ns], [n1s], ("k", k1s), ("k", k1s)], 1), "g_s.3.bias": ([[n1s]], 0),
         **gdn("g_s.4", n1s),
-        "g_s.5.weight": ([[n1s], [3], [5], [5]], None, 0), "g_s.5.bias": ([[3]], None, None),
+        # The picture's 3 channels are all "old": nothing new may reach them yet.
+        "g_s.5.weight": ([[n1s], [3], [5], [5]], None), "g_s.5.bias": ([[3]], None),
     }
 
 
@@ -80,7 +81,7 @@ def widen_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_cfg: dict,
     layout_old, layout_new = _layout(old_cfg), _layout(new_cfg)
     if name not in layout_old:
         return old
-    dims_old, out_dim, in_dim = layout_old[name]
+    dims_old, out_dim = layout_old[name]
     dims_new = layout_new[name][0]
     where = [_positions(o, n) for o, n in zip(dims_old, dims_new)]
     if tuple(len(w) for w in where) != tuple(old.shape):
