@@ -21,7 +21,7 @@ import torch
 
 from dualres_ext.codec import WEIGHTS_FORMAT, load_weights, save_weights
 from dualres_ext.models import build
-from dualres_ext.models.widen import widen_synthesis, widen_tensor
+from dualres_ext.models.widen import SYNTHESIS_KEYS, widen_synthesis, widen_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import checkpoint_config, parameter_groups, save_checkpoint  # noqa: E402  (the checkpoint's own conventions)
@@ -45,6 +45,10 @@ def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
                 entry[key] = widen_tensor(name, old, template, old_model.config, new_model.config)
         state[idx] = entry
     return {"state": state, "param_groups": opt_state["param_groups"]}
+
+
+def widths(model) -> dict:
+    return {k: model.config[k] for k in SYNTHESIS_KEYS}
 
 
 def check_same_pictures(old_model, new_model) -> float:
@@ -81,9 +85,8 @@ def main(argv=None) -> int:
         worst = check_same_pictures(old, new)
         metadata = dict(old.metadata)
         metadata["widened"] = metadata.get("widened", []) + [
-            {"from": {k: old.config[k] for k in ("N_s", "N1_s", "k1_s")},
-             "to": {k: new.config[k] for k in ("N_s", "N1_s", "k1_s")}, "at_step": metadata.get("steps")}]
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
+            {"from": widths(old), "to": widths(new), "at_step": metadata.get("steps")}]
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_weights(new, args.output, metadata=metadata, half=True)
     elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:
         old = build(raw["model_name"], **checkpoint_config(raw))
@@ -97,15 +100,15 @@ def main(argv=None) -> int:
         out["state_dict"] = new.train().state_dict()
         out["optimizer"] = widen_adam_state(raw["optimizer"], old, new)
         out["history"] = list(raw.get("history", [])) + [
-            {"step": raw["step"], "widened": {k: new.config[k] for k in ("N_s", "N1_s", "k1_s")},
+            {"step": raw["step"], "widened": widths(new),
              "command": "python " + " ".join(sys.argv)}]
         # The validation loss of the old model is the widened one's too (same pictures).
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_checkpoint(args.output, out)
     else:
         raise SystemExit(f"{args.input}: neither a train.py checkpoint nor a DualRes weights file")
-    print(f"wrote {args.output}: synthesis N_s={new.config['N_s']} N1_s={new.config['N1_s']} "
-          f"k1_s={new.config['k1_s']} (was {old.config['N_s']}/{old.config['N1_s']}/{old.config['k1_s']}), "
+    print(f"wrote {args.output}: synthesis " + " ".join(f"{k}={v}" for k, v in widths(new).items())
+          + f" (was {'/'.join(str(v) for v in widths(old).values())}), "
           f"{sum(p.numel() for p in new.parameters()) / 1e6:.2f} M parameters; pictures equal to {worst:.1e}")
     return 0
 

@@ -1,7 +1,13 @@
 """Learned image compression models. ``build(name, **overrides)`` makes a configured model."""
 from __future__ import annotations
 
+import inspect
+
 from .dualres import CONFIGS, DEFAULT_LAMBDAS, DualRes, get_scale_table
+
+# What an override may set: any DualRes argument but the name (a named configuration need not
+# list the optional ones, e.g. the synthesis widths or ``lanes``).
+_SETTABLE = frozenset(inspect.signature(DualRes.__init__).parameters) - {"self", "name"}
 
 
 def build(name: str = "compact", **overrides) -> DualRes:
@@ -17,7 +23,7 @@ def build(name: str = "compact", **overrides) -> DualRes:
     if name not in CONFIGS:
         raise ValueError(f"unknown model configuration {name!r}; known: {sorted(CONFIGS)}")
     config = dict(CONFIGS[name])
-    unknown = set(overrides) - set(config) - {"lanes", "N_s", "N1_s", "k1_s"}  # any configuration may set them
+    unknown = set(overrides) - _SETTABLE
     if unknown:
         raise TypeError(f"unknown configuration entries for {name!r}: {sorted(unknown)}")
     config.update(overrides)

@@ -87,12 +87,13 @@ def widen_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_cfg: dict,
     if tuple(len(w) for w in where) != tuple(old.shape):
         raise ValueError(f"{name}: shape {tuple(old.shape)} does not match the old configuration")
     result = new.detach().clone()
+    block = torch.meshgrid(*where, indexing="ij")  # the old tensor's entries in the new one
     if cut is not None:
         # Every entry feeding an old output from outside the old block: the old outputs must
         # not see anything new. (Along the output dimension only old positions; along the
         # others, anything not in the old block.)
         old_block = torch.zeros(result.shape, dtype=torch.bool)
-        old_block[torch.meshgrid(*where, indexing="ij")] = True
+        old_block[block] = True
         feeds_old = torch.ones(result.shape, dtype=torch.bool)
         if out_dim is not None:
             out_old = torch.zeros(result.shape[out_dim], dtype=torch.bool)
@@ -101,7 +102,7 @@ def widen_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_cfg: dict,
             shape[out_dim] = -1
             feeds_old = out_old.view(shape).expand(result.shape)
         result[feeds_old & ~old_block] = cut
-    result[torch.meshgrid(*where, indexing="ij")] = old.detach().to(result.dtype)
+    result[block] = old.detach().to(result.dtype)
     return result
 
 
@@ -156,9 +157,7 @@ def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[in
         else:
             cut = 0.0
         widened[name] = widen_tensor(name, old, fresh_state[name], old_cfg, new_cfg, cut=cut)
-    missing, unexpected = fresh.load_state_dict(widened, strict=False)
-    if unexpected or any(not k.endswith(("_quantized_cdf", "_offset", "_cdf_length", "scale_table")) for k in missing):
-        raise ValueError(f"widening lost tensors: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    fresh.load_state_dict(widened)  # strict: every tensor of the model, coder tables included
     fresh.train(model.training)
     return fresh
 
