@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
 
     # The configuration comes with the weights: a checkpoint or an --init file records its own
-    # (e.g. a model widened by python/widen_synthesis.py), a new run takes --model's.
+    # (e.g. a model widened by python/widen_model.py), a new run takes --model's.
     fresh_optimizer = not os.path.exists(last_path)  # no checkpoint to resume: Adam starts from zero moments
     ckpt = init = None
     config = {}

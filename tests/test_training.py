@@ -113,46 +113,54 @@ def test_warmup_steps_ramp_a_fresh_optimiser_only(folders, package_env):
 
 
 def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_env):
-    """python/widen_synthesis.py: a checkpoint comes out as one train.py resumes (step, history and
+    """python/widen_model.py: a checkpoint comes out as one train.py resumes (step, history and
     Adam moments kept, the moments widened); a weights file as one that decodes to the same picture."""
     out, wide = folders[2] / "narrow", folders[2] / "wide"
     r = _run(_train_args(folders, out, "--steps", "2"), package_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(["python/widen_synthesis.py", str(out / "last.pt"), str(wide / "last.pt"), "--N_s", "112",
-              "--N1_s", "56"], package_env)
-    assert r.returncode == 0 and "N_s=112 N1_s=56" in r.stdout, r.stderr[-3000:]
     narrow = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    cfg = narrow["config"]
+    n_s, n1_s = cfg["N_s"] + 16, cfg["N1_s"] + 8
+    r = _run(["python/widen_model.py", str(out / "last.pt"), str(wide / "last.pt"), "--N_s", str(n_s),
+              "--N1_s", str(n1_s)], package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"N_s {cfg['N_s']} -> {n_s}, N1_s {cfg['N1_s']} -> {n1_s}" in r.stdout, r.stdout
     widened = torch.load(wide / "last.pt", map_location="cpu", weights_only=False)
-    assert widened["config"]["N_s"] == 112 and widened["config"]["N1_s"] == 56 and widened["step"] == 2
+    assert widened["config"]["N_s"] == n_s and widened["config"]["N1_s"] == n1_s and widened["step"] == 2
     moments = widened["optimizer"]["state"]
     shapes = {tuple(v.shape) for v in widened["state_dict"].values()}
     assert all(tuple(e["exp_avg"].shape) in shapes for e in moments.values())
     assert len(moments) == len(narrow["optimizer"]["state"])
-    r = _run(["python/widen_synthesis.py", str(out / "last.pt"), str(wide / "last.pt")], package_env)
+    r = _run(["python/widen_model.py", str(out / "last.pt"), str(wide / "last.pt"), "--N", "512"], package_env)
     assert r.returncode != 0 and "exists" in r.stderr
 
     # train.py resumes the widened run with its own configuration (not --model's).
     r = _run(_train_args(folders, wide, "--steps", "3"), package_env)
     assert r.returncode == 0 and "resumed" in r.stdout and "at step 2" in r.stdout, r.stderr[-3000:]
     resumed = torch.load(wide / "last.pt", map_location="cpu", weights_only=False)
-    assert resumed["step"] == 3 and resumed["config"]["N_s"] == 112
-    assert resumed["state_dict"]["g_s.5.weight"][48:].abs().max() > 0  # the new channels train
+    assert resumed["step"] == 3 and resumed["config"]["N_s"] == n_s
+    assert resumed["state_dict"]["g_s.5.weight"][cfg["N1_s"]:].abs().max() > 0  # the new channels train
 
-    # A weights file widens to a weights file; both decode a stream to the same picture.
+    # A weights file widens to a weights file (here analysis and synthesis); both decode a
+    # stream to the same picture.
     narrow_w, wide_w = folders[2] / "narrow-w.pt", folders[2] / "wide-w.pt"
     r = _run(["python/export_weights.py", str(out / "last.pt"), str(narrow_w)], package_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(["python/widen_synthesis.py", str(narrow_w), str(wide_w), "--N1_s", "64"], package_env)
+    r = _run(["python/widen_model.py", str(narrow_w), str(wide_w), "--N1_s", str(n1_s), "--N", str(cfg["N"] + 16)],
+             package_env)
     assert r.returncode == 0, r.stderr[-3000:]
     model = codec.load_weights(wide_w)
-    assert model.config["N1_s"] == 64 and model.metadata["widened"][0]["to"]["N1_s"] == 64
+    assert model.config["N1_s"] == n1_s and model.metadata["widened"][0]["to"]["N1_s"] == n1_s
+    assert model.config["N"] == cfg["N"] + 16 and model.config["N_s"] == cfg["N_s"]
     img = np.asarray(Image.open(ASTRONAUT).convert("RGB"))[:70, :90]
     a = codec.decode(codec.encode(img, quality=3, weights=str(narrow_w)), weights=str(narrow_w), output="numpy")
     b = codec.decode(codec.encode(img, quality=3, weights=str(wide_w)), weights=str(wide_w), output="numpy")
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float16 storage of the new layout
 
-    r = _run(["python/widen_synthesis.py", str(ASTRONAUT), str(folders[2] / "x.pt")], package_env)
-    assert r.returncode != 0
+    r = _run(["python/widen_model.py", str(ASTRONAUT), str(folders[2] / "x.pt"), "--N", "512"], package_env)
+    assert r.returncode != 0 and "neither" in r.stderr
+    r = _run(["python/widen_model.py", str(narrow_w), str(folders[2] / "x.pt")], package_env)
+    assert r.returncode != 0 and "nothing to widen" in r.stderr
 
 
 def test_sigterm_stops_cleanly_and_saves(folders, package_env):

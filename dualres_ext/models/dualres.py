@@ -67,7 +67,7 @@ SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 CONFIGS: Dict[str, dict] = {
     # Sized to train on a couple of CPU cores and to be fast on CPU at inference. The synthesis is
     # wider than the analysis (N_s, N1_s): the shipped weights were trained at 64 / 32 up to step
-    # 91,134, then widened (python/widen_synthesis.py) and trained on, which gained ~0.1 dB at every
+    # 91,134, then widened (python/widen_model.py) and trained on, which gained ~0.1 dB at every
     # rate for +27% decoding time (docs/TRAINING.md).
     "compact": dict(N=64, N1=32, k1=3, M_H=48, M_L=96, N_hyper=64, Z=48,
                     slices_H=(16, 32), slices_L=(16, 32, 48), hidden=64,

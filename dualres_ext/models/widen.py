@@ -1,22 +1,25 @@
-"""Widen a trained DualRes synthesis without changing what it computes (Net2Net-style growth).
+"""Widen a trained DualRes without changing what it computes (Net2Net-style growth).
 
-A compact model trained for many steps can be given a wider synthesis (``N_s``, ``N1_s``) or a
-larger kernel between strides 4 and 2 (``k1_s``) and go on training from where it was, instead
-of starting the wider model from scratch. The widened model decodes to the same picture:
+A compact model trained for many steps can be given a wider analysis (``N``, ``N1``), a wider
+synthesis (``N_s``, ``N1_s``) or larger kernels between strides 4 and 2 (``k1``, ``k1_s``) and go
+on training from where it was, instead of starting the wider model from scratch. The widened
+model computes the same latents and decodes to the same picture:
 
 * every trained weight keeps its place (channel ``c`` stays channel ``c``; the ``ŷ_H`` input of
-  the 1x1 fusion moves behind the new ``ŷ_L`` channels; a 3x3 kernel sits in the centre of the
-  5x5 one, which gives a transposed convolution with padding ``k // 2`` the same output);
+  the synthesis' 1x1 fusion moves behind the new ``ŷ_L`` channels; a 3x3 kernel sits in the
+  centre of the 5x5 one, which gives a (transposed) convolution with padding ``k // 2`` the same
+  output);
 * a new channel starts with the layer's fresh initialisation on its inputs, but every weight
   *from* a new channel (or a new kernel tap) *to* an old channel is zero, and (I)GDN's ``gamma``
   does not couple old channels to new ones. The old channels therefore compute exactly what
-  they did, and the new ones reach the picture only through zero weights of the last layer,
-  which the first gradient steps make non-zero (their gradient is the new activations times
-  the picture's error, so the growth starts at once).
+  they did. The new ones reach the latents (analysis) or the picture (synthesis) only through
+  zero weights of the branch's last layer, which the first gradient steps make non-zero (their
+  gradient is the new activations times the output's gradient, so the growth starts at once).
 
-The entropy model and the analysis are untouched: the widened model writes the same symbols.
-:func:`widen_tensor` does the same embedding for any tensor shaped like a synthesis parameter,
-which is how a training checkpoint's Adam moments follow their parameters.
+The entropy model is untouched, and the latents are the same, so the widened model writes the
+same symbols (up to float32 summation order, which may move a value lying on a rounding
+boundary). :func:`widen_tensor` does the same embedding for any tensor shaped like a widened
+parameter, which is how a training checkpoint's Adam moments follow their parameters.
 """
 from __future__ import annotations
 
@@ -29,11 +32,14 @@ from .dualres import DualRes
 # A dimension is a list of channel segments (each old segment starts where the new layout puts
 # it) or ("k", size) for a kernel dimension (the old kernel centred in the new one).
 _Dim = Union[List[int], Tuple[str, int]]
+ANALYSIS_KEYS = ("N", "N1", "k1")
 SYNTHESIS_KEYS = ("N_s", "N1_s", "k1_s")
+WIDTH_KEYS = ANALYSIS_KEYS + SYNTHESIS_KEYS
 
 
 def _layout(cfg: dict) -> Dict[str, Tuple[List[_Dim], Optional[int]]]:
-    """name -> (dimensions, output dimension or None) of every synthesis parameter."""
+    """name -> (dimensions, output dimension or None) of every parameter a width shapes."""
+    n, n1, k1 = cfg["N"], cfg["N1"], cfg["k1"]
     ns, n1s, k1s, mh, ml = cfg["N_s"], cfg["N1_s"], cfg["k1_s"], cfg["M_H"], cfg["M_L"]
 
     def gdn(prefix: str, c: int):
@@ -41,7 +47,18 @@ def _layout(cfg: dict) -> Dict[str, Tuple[List[_Dim], Optional[int]]]:
         return {f"{prefix}.beta": ([[c]], 0), f"{prefix}.gamma": ([[c], [c]], 0)}
 
     return {
-        # ConvTranspose2d weights are (in, out, kh, kw); Conv2d weights (out, in, kh, kw).
+        # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights (in, out, kh, kw).
+        # Analysis. The image's 3 channels and the latents' are all "old": nothing new may
+        # reach the latents yet.
+        "g_a_stem.0.weight": ([[n1], [3], [5], [5]], 0), "g_a_stem.0.bias": ([[n1]], 0),
+        **gdn("g_a_stem.1", n1),
+        "g_a_stem.2.weight": ([[n], [n1], ("k", k1), ("k", k1)], 0), "g_a_stem.2.bias": ([[n]], 0),
+        **gdn("g_a_stem.3", n),
+        "g_a_h.weight": ([[mh], [n], [5], [5]], None), "g_a_h.bias": ([[mh]], None),
+        "g_a_l.0.weight": ([[n], [n], [5], [5]], 0), "g_a_l.0.bias": ([[n]], 0),
+        **gdn("g_a_l.1", n),
+        "g_a_l.2.weight": ([[ml], [n], [5], [5]], None), "g_a_l.2.bias": ([[ml]], None),
+        # Synthesis.
         "g_s_up_l.0.weight": ([[ml], [ns], [5], [5]], 1), "g_s_up_l.0.bias": ([[ns]], 0),
         **gdn("g_s_up_l.1", ns),
         "g_s.0.weight": ([[ns], [ns, mh], [1], [1]], 0), "g_s.0.bias": ([[ns]], 0),
@@ -64,7 +81,7 @@ def _positions(old: _Dim, new: _Dim) -> torch.Tensor:
     parts, start = [], 0
     for o, n in zip(old, new):
         if n < o:
-            raise ValueError(f"a synthesis width can only grow ({o} -> {n})")
+            raise ValueError(f"a width can only grow ({o} -> {n})")
         parts.append(torch.arange(o) + start)
         start += n
     return torch.cat(parts)
@@ -76,7 +93,7 @@ def widen_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_cfg: dict,
 
     ``cut``, if given, is written where a new input (a new channel or kernel tap) meets an old
     output: 0 for a weight, ``gamma``'s stored zero, nothing (None) for a moment estimate.
-    Tensors that are not synthesis parameters come back as ``old``.
+    Tensors that no width shapes come back as ``old``.
     """
     layout_old, layout_new = _layout(old_cfg), _layout(new_cfg)
     if name not in layout_old:
@@ -117,25 +134,39 @@ def synthesis_widths(state_dict: dict) -> dict:
             "k1_s": int(state_dict["g_s.3.weight"].shape[-1])}
 
 
-def synthesis_config(config: dict, N_s=None, N1_s=None, k1_s=None) -> dict:
-    """``config`` with the given synthesis widths (None: keep)."""
+def widened_config(config: dict, **widths) -> dict:
+    """``config`` (a ``DualRes.config``, which names every width) with the given widths.
+
+    ``widths``: keys of :data:`WIDTH_KEYS`; None keeps a width. The synthesis widths stay what
+    ``config`` names even where they once defaulted to the analysis' (widening ``N`` leaves
+    ``N_s`` alone).
+    """
+    unknown = set(widths) - set(WIDTH_KEYS)
+    if unknown:
+        raise TypeError(f"not a width: {sorted(unknown)} (widths: {', '.join(WIDTH_KEYS)})")
     new = dict(config)
-    for key, value in zip(SYNTHESIS_KEYS, (N_s, N1_s, k1_s)):
+    for key, value in widths.items():
         if value is not None:
             new[key] = int(value)
     return new
 
 
-def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[int] = None,
-                    k1_s: Optional[int] = None, generator: Optional[torch.Generator] = None) -> DualRes:
-    """A new DualRes with the wider synthesis that computes what ``model`` computes.
+def synthesis_config(config: dict, N_s=None, N1_s=None, k1_s=None) -> dict:
+    """``config`` with the given synthesis widths (None: keep)."""
+    return widened_config(config, N_s=N_s, N1_s=N1_s, k1_s=k1_s)
 
-    New channels take a freshly built model's initialisation (``generator`` makes it
-    reproducible); every other tensor, buffers and coder tables included, is ``model``'s.
-    The result is on the CPU, in float32, in ``model``'s training/eval mode.
+
+def widen(model: DualRes, generator: Optional[torch.Generator] = None, **widths) -> DualRes:
+    """A new DualRes with the given larger widths that computes what ``model`` computes.
+
+    ``widths``: any of ``N``, ``N1``, ``k1`` (analysis) and ``N_s``, ``N1_s``, ``k1_s``
+    (synthesis); the others keep ``model``'s. New channels take a freshly built model's
+    initialisation (``generator`` makes it reproducible); every other tensor, buffers and coder
+    tables included, is ``model``'s. The result is on the CPU, in float32, in ``model``'s
+    training/eval mode.
     """
     old_cfg = dict(model.config)
-    new_cfg = synthesis_config(old_cfg, N_s, N1_s, k1_s)
+    new_cfg = widened_config(old_cfg, **widths)
     if generator is not None:
         state = torch.random.get_rng_state()
         torch.random.set_rng_state(generator.get_state())
@@ -162,4 +193,11 @@ def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[in
     return fresh
 
 
-__all__ = ["widen_synthesis", "widen_tensor", "synthesis_config", "synthesis_widths", "SYNTHESIS_KEYS"]
+def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[int] = None,
+                    k1_s: Optional[int] = None, generator: Optional[torch.Generator] = None) -> DualRes:
+    """:func:`widen` restricted to the synthesis widths."""
+    return widen(model, generator=generator, N_s=N_s, N1_s=N1_s, k1_s=k1_s)
+
+
+__all__ = ["widen", "widen_synthesis", "widen_tensor", "widened_config", "synthesis_config",
+           "synthesis_widths", "ANALYSIS_KEYS", "SYNTHESIS_KEYS", "WIDTH_KEYS"]

@@ -1,7 +1,8 @@
-"""Give a trained DualRes a wider synthesis and keep training it (dualres_ext.models.widen).
+"""Give a trained DualRes a wider analysis or synthesis and keep training it (dualres_ext.models.widen).
 
-  python python/widen_synthesis.py runs/compact/last.pt runs/wide/last.pt --N_s 96 --N1_s 48
-  python python/train.py ... --out runs/wide          # resumes the widened checkpoint
+  python python/widen_model.py runs/compact/last.pt runs/wide/last.pt --N_s 96 --N1_s 48
+  python python/widen_model.py runs/wide/last.pt runs/wide2/last.pt --N 128 --N1 48
+  python python/train.py ... --out runs/wide2          # resumes the widened checkpoint
 
 IN is a training checkpoint (python/train.py's last.pt / best.pt) or a weights file
 (codec.save_weights). A checkpoint comes out as a checkpoint that train.py resumes: its step
@@ -21,7 +22,7 @@ import torch
 
 from dualres_ext.codec import WEIGHTS_FORMAT, load_weights, save_weights
 from dualres_ext.models import build
-from dualres_ext.models.widen import SYNTHESIS_KEYS, widen_synthesis, widen_tensor
+from dualres_ext.models.widen import WIDTH_KEYS, widen, widen_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import checkpoint_config, parameter_groups, save_checkpoint  # noqa: E402  (the checkpoint's own conventions)
@@ -48,7 +49,7 @@ def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
 
 
 def widths(model) -> dict:
-    return {k: model.config[k] for k in SYNTHESIS_KEYS}
+    return {k: model.config[k] for k in WIDTH_KEYS}
 
 
 def check_same_pictures(old_model, new_model) -> float:
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="a train.py checkpoint or a weights file")
     ap.add_argument("output")
+    ap.add_argument("--N", type=int, default=None, help="analysis width at strides 4 to 16")
+    ap.add_argument("--N1", type=int, default=None, help="analysis width at stride 2")
+    ap.add_argument("--k1", type=int, default=None, help="kernel of the analysis' stride-2 to stride-4 layer (3 or 5)")
     ap.add_argument("--N_s", type=int, default=None, help="synthesis width at strides 16 to 4")
     ap.add_argument("--N1_s", type=int, default=None, help="synthesis width at stride 2")
     ap.add_argument("--k1_s", type=int, default=None, help="kernel of the stride-4 to stride-2 layer (3 or 5)")
@@ -76,11 +80,18 @@ def main(argv=None) -> int:
     if os.path.exists(args.output):
         raise SystemExit(f"{args.output} exists (not overwriting)")
 
-    raw = torch.load(args.input, map_location="cpu", weights_only=False)
+    requested = {k: getattr(args, k) for k in WIDTH_KEYS}
+    if all(v is None for v in requested.values()):
+        raise SystemExit("nothing to widen: give at least one of " + ", ".join("--" + k for k in WIDTH_KEYS))
+    try:
+        raw = torch.load(args.input, map_location="cpu", weights_only=False)
+    except Exception as e:  # not a torch file at all (an image, a truncated download, ...)
+        raise SystemExit(f"{args.input}: neither a train.py checkpoint nor a DualRes weights file "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     generator = torch.Generator().manual_seed(args.seed)
     if isinstance(raw, dict) and raw.get("format") == WEIGHTS_FORMAT:
         old = load_weights(args.input)
-        new = widen_synthesis(old, args.N_s, args.N1_s, args.k1_s, generator=generator)
+        new = widen(old, generator=generator, **requested)
         new.update(force=True)
         worst = check_same_pictures(old, new)
         metadata = dict(old.metadata)
@@ -91,7 +102,7 @@ def main(argv=None) -> int:
     elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:
         old = build(raw["model_name"], **checkpoint_config(raw))
         old.load_state_dict(raw["state_dict"])
-        new = widen_synthesis(old, args.N_s, args.N1_s, args.k1_s, generator=generator)
+        new = widen(old, generator=generator, **requested)
         old.update(force=True)
         new.update(force=True)
         worst = check_same_pictures(old, new)
@@ -107,9 +118,9 @@ def main(argv=None) -> int:
         save_checkpoint(args.output, out)
     else:
         raise SystemExit(f"{args.input}: neither a train.py checkpoint nor a DualRes weights file")
-    print(f"wrote {args.output}: synthesis " + " ".join(f"{k}={v}" for k, v in widths(new).items())
-          + f" (was {'/'.join(str(v) for v in widths(old).values())}), "
-          f"{sum(p.numel() for p in new.parameters()) / 1e6:.2f} M parameters; pictures equal to {worst:.1e}")
+    changed = [k for k in WIDTH_KEYS if widths(new)[k] != widths(old)[k]]
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {widths(old)[k]} -> {widths(new)[k]}" for k in changed)
+          + f", {sum(p.numel() for p in new.parameters()) / 1e6:.2f} M parameters; pictures equal to {worst:.1e}")
     return 0
 
 
