@@ -94,6 +94,45 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_weights(args) -> int:
+    """What a weights file is: configuration, size, how it was trained (metadata and lineage)."""
+    import json
+    import os
+
+    from .codec import DEFAULT_WEIGHTS, WeightsNotFoundError, load_weights, weights_id
+
+    path = args.weights or str(DEFAULT_WEIGHTS)
+    if args.weights is None and not DEFAULT_WEIGHTS.is_file():
+        raise WeightsNotFoundError(f"no trained DualRes weights in this installation ({DEFAULT_WEIGHTS} is missing)")
+    model = load_weights(path)
+    meta = dict(getattr(model, "metadata", {}) or {})
+    info = {"file": os.path.abspath(path), "bytes": os.path.getsize(path), "model": model.name,
+            "parameters": sum(p.numel() for p in model.parameters()), "weights_id": weights_id(model),
+            "qualities": model.num_qualities, "config": model.config, "metadata": meta}
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"{info['file']}: {model.name!r}, {info['parameters'] / 1e6:.2f} M parameters, "
+          f"{info['bytes'] / 1e6:.1f} MB, {model.num_qualities} qualities, weights id {info['weights_id']:#010x}")
+    print("configuration: " + ", ".join(f"{k}={v}" for k, v in model.config.items() if k != "lambdas"))
+    print("lambdas: " + ", ".join(f"{v:g}" for v in model.config["lambdas"]))
+    if "steps" in meta:
+        print(f"trained: {meta['steps']:,} steps on {meta.get('training_images')} images "
+              f"({meta.get('data')}), crop {meta.get('crop')}, batch {meta.get('batch')}")
+    val = meta.get("validation")
+    if val:
+        print(f"validation loss {val['loss']:.4f}: " + "  ".join(
+            f"q{i} {q['bpp']:.3f} bpp / {q['psnr']:.2f} dB" for i, q in enumerate(val.get("per_quality", []))))
+    lineage = meta.get("lineage") or []
+    if lineage:
+        print("lineage (from step: command):")
+        for entry in lineage:
+            print(f"  {entry.get('step')}: {entry.get('command')}")
+    elif meta.get("training_command"):
+        print(f"last training command: {meta['training_command']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualres", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchors",
                    help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows")
     p.set_defaults(func=lambda a: _run_codec(_cmd_eval, a))
+    p = sub.add_parser("weights", help="describe a weights file: configuration, size, training record")
+    p.add_argument("--weights", help="weights file (default: the package's trained weights)")
+    p.add_argument("--json", action="store_true", help="everything as JSON (configuration, metadata)")
+    p.set_defaults(func=lambda a: _run_codec(_cmd_weights, a))
     p = sub.add_parser("bench-rans", help="the rANS coder on the DESIGN.md latent workload (Msym/s, bits/symbol)")
     p.add_argument("--repeat", type=int, default=5, help="timing repetitions (best is shown)")
     p.add_argument("--seed", type=int, default=0)

@@ -130,7 +130,9 @@ def load_weights(path, device=None):
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise ValueError(f"{path}: not a readable DualRes weights file ({exc})") from exc
+        # torch's own message is a page about weights_only; the chained exception keeps it.
+        raise ValueError(f"{path}: not a readable DualRes weights file ({type(exc).__name__} "
+                         "while unpickling: not a torch file, truncated, or not written by save_weights)") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path}: not a DualRes weights file (write one with codec.save_weights)")
     model = DualRes(name=ckpt.get("name", "custom"), **ckpt["config"])

@@ -3,7 +3,8 @@
   python python/export_weights.py runs/compact/best.pt dualres_ext/weights/dualres_compact.pt
 
 The weights file (float16, CDF tables left out: they are rebuilt at load time) records the
-training command, steps, data and validation figures, so the shipped weights say how they were made.
+training command, steps, data and validation figures, and the lineage (every run's command and
+every widening the checkpoint's history holds), so the shipped weights say how they were made.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
         "data": args.data,
         "validation": vals[-1] if vals else None,
         "source_checkpoint": os.path.basename(args.checkpoint),
+        # Every run and widening that led here, in order (the runs' commands, from the step each
+        # started at): a model trained over several sessions is more than its last command.
+        "lineage": [{k: h[k] for k in ("step", "command", "widened") if k in h}
+                    for h in history if "command" in h],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_weights(model, args.output, metadata=metadata, half=True)

@@ -35,9 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from dualres_ext.evaluation import IMAGE_EXTENSIONS  # train on whatever `eval` reads (.tif included)
 from dualres_ext.models import build
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +322,7 @@ def main(argv=None) -> int:
         own = model.state_dict()
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in init.state_dict().items() if k in own}, strict=False)
         step = int(init.metadata.get("steps", 0))
+        history = list(init.metadata.get("lineage") or [])  # the runs that made the weights, carried on
         if rank == 0:
             print(f"initialised from {args.init} (step {step}); optimiser state starts fresh", flush=True)
         del init
@@ -346,6 +346,9 @@ def main(argv=None) -> int:
             g["lr"] = lr
     progress = Progress(step, args.steps, deadline, sys.stdout.isatty())
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    # Each run's command goes into the history where it starts: export_weights.py keeps these
+    # entries (and the widenings) as the weights' lineage.
+    history.append({"step": step, "command": command})
     lambdas = unwrap(model).lambdas
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())

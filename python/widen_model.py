@@ -97,6 +97,8 @@ def main(argv=None) -> int:
         metadata = dict(old.metadata)
         metadata["widened"] = metadata.get("widened", []) + [
             {"from": widths(old), "to": widths(new), "at_step": metadata.get("steps")}]
+        metadata["lineage"] = list(metadata.get("lineage") or []) + [
+            {"step": metadata.get("steps"), "widened": widths(new), "command": "python " + " ".join(sys.argv)}]
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_weights(new, args.output, metadata=metadata, half=True)
     elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:

@@ -16,8 +16,8 @@ from PIL import Image
 from dualres_ext import codec
 from dualres_ext.models import build
 
-TINY = dict(N=32, N1=16, M_H=24, M_L=40, N_hyper=24, Z=16, slices_H=(8, 16),
-            slices_L=(8, 16, 16), hidden=24, N_s=32, N1_s=16, k1_s=3)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_testlib import TINY  # noqa: E402  (a small configuration keeps the tests fast)
 
 
 def make_model(seed=None):
@@ -283,6 +283,37 @@ def test_cli_errors(tmp_path, model, capsys, monkeypatch):
         assert message in err and err.startswith("dualres: error:"), (argv, err)
     monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
     assert main(["compress", "in.png", "x.drx"]) == 4
+    assert "no trained DualRes weights" in capsys.readouterr().err
+
+
+def test_cli_weights_describes_a_file(tmp_path, model, capsys, monkeypatch):
+    import json
+
+    from dualres_ext.__main__ import main
+
+    weights = tmp_path / "w.pt"
+    val = {"loss": 1.25, "per_quality": [{"bpp": 0.2 + 0.1 * q, "psnr": 28.0 + q, "loss": 0.5} for q in range(6)]}
+    lineage = [{"step": 0, "command": "python python/train.py --first"},
+               {"step": 40, "widened": {"N": 48}, "command": "python python/widen_model.py a b --N 48"}]
+    codec.save_weights(model, weights, metadata={"steps": 77, "training_command": "python python/train.py --last",
+                                                 "training_images": 3, "validation": val, "lineage": lineage})
+    assert main(["weights", "--weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert f"N={model.config['N']}, N1={model.config['N1']}" in out and "77 steps on 3 images" in out
+    assert "validation loss 1.2500" in out and "q5 0.700 bpp / 33.00 dB" in out
+    assert "  0: python python/train.py --first" in out and "  40: python python/widen_model.py a b --N 48" in out
+    assert main(["weights", "--weights", str(weights), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"]["lineage"] == lineage and info["config"]["M_L"] == model.config["M_L"]
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["weights_id"] == codec.weights_id(codec.load_weights(weights))
+
+    Image.fromarray(photo_like(8, 8)).save(tmp_path / "in.png")
+    assert main(["weights", "--weights", str(tmp_path / "in.png")]) == 1
+    assert "not a readable DualRes weights file" in capsys.readouterr().err
+    assert main(["weights", "--weights", str(tmp_path / "none.pt")]) == 4
+    monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
+    assert main(["weights"]) == 4
     assert "no trained DualRes weights" in capsys.readouterr().err
 
 

@@ -1,14 +1,15 @@
 """DualRes model: shapes, likelihoods, gains, training step, exact compress/decompress round trips."""
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 from dualres_ext.models import CONFIGS, build
 
-# A small configuration keeps the tests fast; the named ones are checked for construction only.
-TINY = dict(N=32, N1=16, M_H=24, M_L=40, N_hyper=24, Z=16, slices_H=(8, 16),
-            slices_L=(8, 16, 16), hidden=24, N_s=32, N1_s=16, k1_s=3)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_testlib import TINY  # noqa: E402  (a small configuration keeps the tests fast)
 
 
 def spread(model, factor=24.0):

@@ -26,14 +26,14 @@ def _run(args, env, **kw):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Three training photos and one validation photo cut from the bundled demo photo."""
+    """Three training photos (one a TIFF) and one validation photo cut from the bundled demo photo."""
     base = tmp_path_factory.mktemp("pool")
     photo = Image.open(ASTRONAUT).convert("RGB")
     train, val = base / "train", base / "val"
     train.mkdir()
     val.mkdir()
     for i, box in enumerate(((0, 0, 160, 160), (200, 40, 392, 232), (100, 250, 260, 410))):
-        photo.crop(box).save(train / f"t{i}.png")
+        photo.crop(box).save(train / f"t{i}.{'tif' if i == 2 else 'png'}")
     photo.crop((300, 300, 428, 428)).save(val / "v0.png")
     return train, val, base
 
@@ -50,6 +50,7 @@ def test_train_resume_export_and_code(folders, package_env):
     r = _run(_train_args(folders, out, "--steps", "3"), package_env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "val loss" in r.stdout and os.path.isfile(out / "best.pt")
+    assert ", 3 training photos," in r.stdout  # the TIFF too
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert last["step"] == 3 and last["model_name"] == "compact"
     final = json.loads(r.stdout[r.stdout.index('{"step"'):].splitlines()[0])
@@ -75,10 +76,25 @@ def test_train_resume_export_and_code(folders, package_env):
     assert r.returncode == 0, r.stderr[-3000:]
     model = codec.load_weights(weights)
     assert model.metadata["steps"] in (2, 4, 5, 6) and "python/train.py" in model.metadata["training_command"]
+    # The lineage: the three runs' commands, from the steps they started at.
+    lineage = model.metadata["lineage"]
+    assert [e["step"] for e in lineage] == [0, 3, 5]
+    assert "--steps 6" in lineage[-1]["command"] and "--val-size 64" in lineage[-1]["command"]
     img = np.asarray(Image.open(ASTRONAUT).convert("RGB"))[:70, :90]
     data = codec.encode(img, quality=2, weights=str(weights))
     back = codec.decode(data, weights=str(weights), output="numpy")
     assert back.shape == img.shape
+
+    # --init: a new run from the exported weights (the optimiser starts fresh); the step count and
+    # the lineage carry on.
+    steps = model.metadata["steps"]
+    r = _run(_train_args(folders, folders[2] / "from-init", "--init", str(weights), "--steps", str(steps + 1)),
+             package_env)
+    assert r.returncode == 0 and f"initialised from {weights} (step {steps})" in r.stdout, r.stderr[-3000:]
+    ckpt = torch.load(folders[2] / "from-init" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == steps + 1
+    assert [h["step"] for h in ckpt["history"] if "command" in h] == [0, 3, 5, steps]
+    assert "--init" in [h for h in ckpt["history"] if "command" in h][-1]["command"]
 
 
 def test_lr_drop_minutes(folders, package_env):
@@ -152,6 +168,8 @@ def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_en
     model = codec.load_weights(wide_w)
     assert model.config["N1_s"] == n1_s and model.metadata["widened"][0]["to"]["N1_s"] == n1_s
     assert model.config["N"] == cfg["N"] + 16 and model.config["N_s"] == cfg["N_s"]
+    assert model.metadata["lineage"][-1]["widened"]["N"] == cfg["N"] + 16
+    assert "python/train.py" in model.metadata["lineage"][0]["command"]
     img = np.asarray(Image.open(ASTRONAUT).convert("RGB"))[:70, :90]
     a = codec.decode(codec.encode(img, quality=3, weights=str(narrow_w)), weights=str(narrow_w), output="numpy")
     b = codec.decode(codec.encode(img, quality=3, weights=str(wide_w)), weights=str(wide_w), output="numpy")

@@ -1,13 +1,16 @@
 """Widening a trained model's analysis or synthesis (dualres_ext.models.widen): same pictures, same
 symbols, and the new channels start learning."""
+import os
+import sys
+
 import pytest
 import torch
 
 from dualres_ext.models import build
 from dualres_ext.models.widen import synthesis_widths, widen, widen_synthesis, widen_tensor
 
-TINY = dict(N=32, N1=16, M_H=24, M_L=40, N_hyper=24, Z=16, slices_H=(8, 16),
-            slices_L=(8, 16, 16), hidden=24, N_s=32, N1_s=16, k1_s=3)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_testlib import TINY  # noqa: E402  (a small configuration keeps the tests fast)
 
 
 def trained_like(seed=0, **kw):
