@@ -151,11 +151,6 @@ def widened_config(config: dict, **widths) -> dict:
     return new
 
 
-def synthesis_config(config: dict, N_s=None, N1_s=None, k1_s=None) -> dict:
-    """``config`` with the given synthesis widths (None: keep)."""
-    return widened_config(config, N_s=N_s, N1_s=N1_s, k1_s=k1_s)
-
-
 def widen(model: DualRes, generator: Optional[torch.Generator] = None, **widths) -> DualRes:
     """A new DualRes with the given larger widths that computes what ``model`` computes.
 
@@ -199,5 +194,5 @@ def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[in
     return widen(model, generator=generator, N_s=N_s, N1_s=N1_s, k1_s=k1_s)
 
 
-__all__ = ["widen", "widen_synthesis", "widen_tensor", "widened_config", "synthesis_config",
-           "synthesis_widths", "ANALYSIS_KEYS", "SYNTHESIS_KEYS", "WIDTH_KEYS"]
+__all__ = ["widen", "widen_synthesis", "widen_tensor", "widened_config", "synthesis_widths",
+           "ANALYSIS_KEYS", "SYNTHESIS_KEYS", "WIDTH_KEYS"]
