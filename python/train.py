@@ -1,7 +1,7 @@
 """Train a DualRes model (CompressAI-style), on CPU or GPU, resumable across sessions.
 
 Loss per batch: bpp + lambda_q * 255^2 * MSE, with one random quality q per batch so that one
-set of weights learns every rate (gain units). The factorized prior's quantiles are trained by
+set of weights learns every rate (gain units; --quality-weights draws some rates more often). The factorized prior's quantiles are trained by
 their own optimizer on the auxiliary loss, as in CompressAI.
 
   # CPU, this machine (2 cores): stops by itself after --minutes and leaves a resumable checkpoint
@@ -249,6 +249,9 @@ def main(argv=None) -> int:
                     help="ramp the lr up linearly over the first this-many steps when the optimiser starts fresh "
                          "(a new run or --init; about 500 for --init: Adam's first steps move every parameter by "
                          "about the lr and jolt a trained model); a resumed run keeps its moments and does not warm up")
+    ap.add_argument("--quality-weights", type=float, nargs="+", default=None, metavar="W",
+                    help="how often each quality is drawn, one weight per quality (default: all equally; 0 leaves "
+                         "a quality out, e.g. '0 0 0 0 1 1' fine-tunes the top two rates); validation covers all")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=1000)
     ap.add_argument("--val-size", type=int, default=512,
@@ -264,6 +267,9 @@ def main(argv=None) -> int:
         ap.error("--lr-drop-minutes needs --minutes")
     if args.warmup_steps < 0:
         ap.error("--warmup-steps must be >= 0")
+    if args.quality_weights is not None and (min(args.quality_weights) < 0 or sum(args.quality_weights) <= 0
+                                             or not all(math.isfinite(w) for w in args.quality_weights)):
+        ap.error("--quality-weights must be finite, >= 0 and not all 0")
 
     distributed = "LOCAL_RANK" in os.environ
     rank = 0
@@ -350,6 +356,9 @@ def main(argv=None) -> int:
     # entries (and the widenings) as the weights' lineage.
     history.append({"step": step, "command": command})
     lambdas = unwrap(model).lambdas
+    if args.quality_weights is not None and len(args.quality_weights) != len(lambdas):
+        raise SystemExit(f"--quality-weights: {len(args.quality_weights)} weights for a model with "
+                         f"{len(lambdas)} qualities")
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(sampler.images)} training photos, "
@@ -404,7 +413,10 @@ def main(argv=None) -> int:
                 print(f"\nstep {step}: lr divided by 10 for the last {args.lr_drop_minutes:g} minutes", flush=True)
         set_lr()
         x = sampler.batch(args.batch).to(device, non_blocking=True)
-        q = qrng.randrange(len(lambdas))
+        if args.quality_weights is None:
+            q = qrng.randrange(len(lambdas))
+        else:
+            q = qrng.choices(range(len(lambdas)), weights=args.quality_weights)[0]
         out = model(x, q)
         rd = rate_distortion(out, x, lambdas[q])
         optimizer.zero_grad(set_to_none=True)

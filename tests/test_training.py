@@ -111,6 +111,28 @@ def test_lr_drop_minutes(folders, package_env):
     assert r.returncode == 2 and "--lr-drop-minutes needs --minutes" in r.stderr
 
 
+def test_quality_weights_choose_the_trained_rates(folders, package_env):
+    out = folders[2] / "top"
+    r = _run(_train_args(folders, out, "--steps", "2", "--quality-weights", "0", "0", "0", "0", "0", "1"),
+             package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    lambdas = ckpt["config"]["lambdas"]
+    gains = ckpt["state_dict"]["gain_l"]
+    # Only the top quality was drawn: the other rows keep their initialisation (0.5 log(l_q / l_mid)).
+    start = torch.tensor([0.5 * np.log(v / lambdas[len(lambdas) // 2]) for v in lambdas], dtype=torch.float32)
+    torch.testing.assert_close(gains[:-1], start[:-1, None].expand_as(gains[:-1]), rtol=0, atol=1e-6)
+    assert (gains[-1] - start[-1]).abs().max() > 1e-6
+    # The validation still covers every quality.
+    assert len(ckpt["history"][-1]["val"]["per_quality"]) == len(lambdas)
+
+    r = _run(_train_args(folders, folders[2] / "bad", "--steps", "1", "--quality-weights", "1", "1"), package_env)
+    assert r.returncode == 1 and "2 weights for a model with 6 qualities" in r.stderr
+    r = _run(_train_args(folders, folders[2] / "bad", "--quality-weights", "-1", "1", "1", "1", "1", "1"),
+             package_env)
+    assert r.returncode == 2 and "--quality-weights must be" in r.stderr
+
+
 def test_warmup_steps_ramp_a_fresh_optimiser_only(folders, package_env):
     out = folders[2] / "warmup"
     # Step k of a fresh run trains at lr * (k + 1) / N: the second of two steps at half the lr.
