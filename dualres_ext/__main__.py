@@ -128,7 +128,7 @@ def _cmd_weights(args) -> int:
         print("lineage (from step: command):")
         for entry in lineage:
             print(f"  {entry.get('step')}: {entry.get('command')}")
-    elif meta.get("training_command"):
+    if meta.get("training_command"):
         print(f"last training command: {meta['training_command']}")
     return 0
 

@@ -16,6 +16,10 @@ def test_shipped_weights_load_with_their_provenance():
     meta = model.metadata
     assert meta["steps"] > 0 and "python/train.py" in meta["training_command"]
     assert meta["validation"]["per_quality"], "validation figures of the exported checkpoint"
+    # How it grew: each widening's command and the widths it gave, in the lineage.
+    widened = [e for e in meta["lineage"] if "widened" in e]
+    assert widened and all("python/widen" in e["command"] for e in widened)
+    assert {k: model.config[k] for k in widened[-1]["widened"]} == widened[-1]["widened"]
 
 
 def test_default_weights_code_the_bundled_photo_at_every_rate():
