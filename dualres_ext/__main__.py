@@ -99,15 +99,14 @@ def _cmd_weights(args) -> int:
     import json
     import os
 
-    from .codec import DEFAULT_WEIGHTS, WeightsNotFoundError, load_weights, weights_id
+    from .codec import DEFAULT_WEIGHTS, _resolve_model
 
+    # The codec's own resolution: the default file, or a clear error where it is missing.
+    model, wid = _resolve_model(args.weights, None)
     path = args.weights or str(DEFAULT_WEIGHTS)
-    if args.weights is None and not DEFAULT_WEIGHTS.is_file():
-        raise WeightsNotFoundError(f"no trained DualRes weights in this installation ({DEFAULT_WEIGHTS} is missing)")
-    model = load_weights(path)
-    meta = dict(getattr(model, "metadata", {}) or {})
+    meta = dict(model.metadata)
     info = {"file": os.path.abspath(path), "bytes": os.path.getsize(path), "model": model.name,
-            "parameters": sum(p.numel() for p in model.parameters()), "weights_id": weights_id(model),
+            "parameters": sum(p.numel() for p in model.parameters()), "weights_id": wid,
             "qualities": model.num_qualities, "config": model.config, "metadata": meta}
     if args.json:
         print(json.dumps(info, indent=1, default=str))

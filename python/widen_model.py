@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 import torch
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.output):
         raise SystemExit(f"{args.output} exists (not overwriting)")
 
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)  # as train.py records its runs
     requested = {k: getattr(args, k) for k in WIDTH_KEYS}
     if all(v is None for v in requested.values()):
         raise SystemExit("nothing to widen: give at least one of " + ", ".join("--" + k for k in WIDTH_KEYS))
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         metadata["widened"] = metadata.get("widened", []) + [
             {"from": widths(old), "to": widths(new), "at_step": metadata.get("steps")}]
         metadata["lineage"] = list(metadata.get("lineage") or []) + [
-            {"step": metadata.get("steps"), "widened": widths(new), "command": "python " + " ".join(sys.argv)}]
+            {"step": metadata.get("steps"), "widened": widths(new), "command": command}]
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_weights(new, args.output, metadata=metadata, half=True)
     elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:
@@ -113,15 +115,15 @@ def main(argv=None) -> int:
         out["state_dict"] = new.train().state_dict()
         out["optimizer"] = widen_adam_state(raw["optimizer"], old, new)
         out["history"] = list(raw.get("history", [])) + [
-            {"step": raw["step"], "widened": widths(new),
-             "command": "python " + " ".join(sys.argv)}]
+            {"step": raw["step"], "widened": widths(new), "command": command}]
         # The validation loss of the old model is the widened one's too (same pictures).
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_checkpoint(args.output, out)
     else:
         raise SystemExit(f"{args.input}: neither a train.py checkpoint nor a DualRes weights file")
-    changed = [k for k in WIDTH_KEYS if widths(new)[k] != widths(old)[k]]
-    print(f"wrote {args.output}: " + ", ".join(f"{k} {widths(old)[k]} -> {widths(new)[k]}" for k in changed)
+    before, after = widths(old), widths(new)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in WIDTH_KEYS
+                                                if after[k] != before[k])
           + f", {sum(p.numel() for p in new.parameters()) / 1e6:.2f} M parameters; pictures equal to {worst:.1e}")
     return 0
 
