@@ -157,13 +157,28 @@ def checkpoint_config(ckpt: dict) -> dict:
     widths, in their shapes: see dualres_ext.models.widen.synthesis_widths)."""
     from dualres_ext.models.widen import synthesis_widths
 
-    return dict(ckpt["config"]) if "config" in ckpt else synthesis_widths(ckpt["state_dict"])
+    config = dict(ckpt["config"]) if "config" in ckpt else synthesis_widths(ckpt["state_dict"])
+    config.setdefault("modulation", False)  # recorded since session 8; none had it before
+    return config
 
 
 def parameter_groups(model):
     main = [p for n, p in model.named_parameters() if not is_auxiliary(n) and p.requires_grad]
     aux = [p for n, p in model.named_parameters() if is_auxiliary(n) and p.requires_grad]
     return main, aux
+
+
+def optimizer_groups(model) -> list:
+    """The main optimiser's parameter groups: everything, and (if the model has it) the quality
+    modulation apart, which ``--modulation-lr-scale`` speeds up. The modulation's parameters are
+    the model's last, so the global order -- which the saved optimiser state is indexed by -- is
+    ``parameter_groups``' either way."""
+    named = [(n, p) for n, p in model.named_parameters() if not is_auxiliary(n) and p.requires_grad]
+    groups = [{"params": [p for n, p in named if not n.startswith("modulation.")], "name": "main"}]
+    modulation = [p for n, p in named if n.startswith("modulation.")]
+    if modulation:
+        groups.append({"params": modulation, "name": "modulation"})
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-weights", type=float, nargs="+", default=None, metavar="W",
                     help="how often each quality is drawn, one weight per quality (default: all equally; 0 leaves "
                          "a quality out, e.g. '0 0 0 0 1 1' fine-tunes the top two rates); validation covers all")
+    ap.add_argument("--modulation-lr-scale", type=float, default=10.0,
+                    help="lr multiplier of the quality modulation (models that have it): small tables that "
+                         "start at the identity, added to trained models")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=1000)
     ap.add_argument("--val-size", type=int, default=512,
@@ -305,7 +323,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed + rank)
     model = build(args.model, **config).to(device)
     main_params, aux_params = parameter_groups(model)
-    optimizer = torch.optim.Adam(main_params, lr=args.lr)
+    optimizer = torch.optim.Adam(optimizer_groups(model), lr=args.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
     step, best_val, history = 0, float("inf"), []
     if ckpt is not None:
@@ -349,7 +367,7 @@ def main(argv=None) -> int:
         if fresh_optimizer and step - run_start < args.warmup_steps:
             lr *= (step - run_start + 1) / args.warmup_steps
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * (args.modulation_lr_scale if g.get("name") == "modulation" else 1.0)
     progress = Progress(step, args.steps, deadline, sys.stdout.isatty())
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     # Each run's command goes into the history where it starts: export_weights.py keeps these

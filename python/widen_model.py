@@ -1,14 +1,17 @@
-"""Give a trained DualRes a wider analysis or synthesis and keep training it (dualres_ext.models.widen).
+"""Give a trained DualRes a wider analysis or synthesis, or the per-quality channel modulation,
+and keep training it (dualres_ext.models.widen).
 
   python python/widen_model.py runs/compact/last.pt runs/wide/last.pt --N_s 96 --N1_s 48
   python python/widen_model.py runs/wide/last.pt runs/wide2/last.pt --N 128 --N1 48
+  python python/widen_model.py runs/wide2/last.pt runs/mod/last.pt --modulation
   python python/train.py ... --out runs/wide2          # resumes the widened checkpoint
 
 IN is a training checkpoint (python/train.py's last.pt / best.pt) or a weights file
 (codec.save_weights). A checkpoint comes out as a checkpoint that train.py resumes: its step
 count, history and Adam moments are kept, the moments widened with their parameters (new
 entries: first moment 0, second moment the mean of the old tensor's, so that Adam's first steps
-on a new weight are about the lr, not the bias-corrected jolt of an empty estimate). A weights
+on a new weight are about the lr, not the bias-corrected jolt of an empty estimate; the
+modulation's tables get their own parameter group, with no moments yet). A weights
 file comes out as a weights file (for train.py --init or for decoding). The widened model
 decodes to the same pictures; the script checks that before writing.
 """
@@ -23,7 +26,7 @@ import torch
 
 from dualres_ext.codec import WEIGHTS_FORMAT, load_weights, save_weights
 from dualres_ext.models import build
-from dualres_ext.models.widen import WIDTH_KEYS, widen, widen_tensor
+from dualres_ext.models.widen import WIDTH_KEYS, add_modulation, widen, widen_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import checkpoint_config, parameter_groups, save_checkpoint  # noqa: E402  (the checkpoint's own conventions)
@@ -46,11 +49,26 @@ def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
                             else torch.full(new_shape, float(old.mean()), dtype=old.dtype))
                 entry[key] = widen_tensor(name, old, template, old_model.config, new_model.config)
         state[idx] = entry
-    return {"state": state, "param_groups": opt_state["param_groups"]}
+    groups = [dict(g) for g in opt_state["param_groups"]]
+    if new_model.modulation is not None and old_model.modulation is None:
+        # train.optimizer_groups' layout: the modulation's parameters, the model's last, apart.
+        n_old = len(old_names)
+        n_new = sum(1 for _ in parameter_groups(new_model)[0])
+        assert len(groups) == 1 and groups[0]["params"] == list(range(n_old)), "unexpected optimiser layout"
+        groups = [dict(groups[0], name="main"),
+                  dict(groups[0], name="modulation", params=list(range(n_old, n_new)))]
+    return {"state": state, "param_groups": groups}
 
 
 def widths(model) -> dict:
-    return {k: model.config[k] for k in WIDTH_KEYS}
+    """The widths and whether the model has the quality modulation (what this script can change)."""
+    return {**{k: model.config[k] for k in WIDTH_KEYS}, "modulation": bool(model.config.get("modulation"))}
+
+
+def grow(model, requested: dict, modulation: bool, generator):
+    if any(v is not None for v in requested.values()):
+        model = widen(model, generator=generator, **requested)
+    return add_modulation(model) if modulation else model
 
 
 def check_same_pictures(old_model, new_model) -> float:
@@ -76,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--N_s", type=int, default=None, help="synthesis width at strides 16 to 4")
     ap.add_argument("--N1_s", type=int, default=None, help="synthesis width at stride 2")
     ap.add_argument("--k1_s", type=int, default=None, help="kernel of the stride-4 to stride-2 layer (3 or 5)")
+    ap.add_argument("--modulation", action="store_true",
+                    help="add the per-quality channel modulation (at the identity)")
     ap.add_argument("--seed", type=int, default=0, help="initialisation of the new channels")
     args = ap.parse_args(argv)
     if os.path.exists(args.output):
@@ -83,8 +103,9 @@ def main(argv=None) -> int:
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)  # as train.py records its runs
     requested = {k: getattr(args, k) for k in WIDTH_KEYS}
-    if all(v is None for v in requested.values()):
-        raise SystemExit("nothing to widen: give at least one of " + ", ".join("--" + k for k in WIDTH_KEYS))
+    if all(v is None for v in requested.values()) and not args.modulation:
+        raise SystemExit("nothing to do: give at least one of "
+                         + ", ".join("--" + k for k in WIDTH_KEYS) + " or --modulation")
     try:
         raw = torch.load(args.input, map_location="cpu", weights_only=False)
     except Exception as e:  # not a torch file at all (an image, a truncated download, ...)
@@ -93,7 +114,9 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     if isinstance(raw, dict) and raw.get("format") == WEIGHTS_FORMAT:
         old = load_weights(args.input)
-        new = widen(old, generator=generator, **requested)
+        if args.modulation and old.modulation is not None:
+            raise SystemExit(f"{args.input} already has the quality modulation")
+        new = grow(old, requested, args.modulation, generator)
         new.update(force=True)
         worst = check_same_pictures(old, new)
         metadata = dict(old.metadata)
@@ -106,7 +129,9 @@ def main(argv=None) -> int:
     elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:
         old = build(raw["model_name"], **checkpoint_config(raw))
         old.load_state_dict(raw["state_dict"])
-        new = widen(old, generator=generator, **requested)
+        if args.modulation and old.modulation is not None:
+            raise SystemExit(f"{args.input} already has the quality modulation")
+        new = grow(old, requested, args.modulation, generator)
         old.update(force=True)
         new.update(force=True)
         worst = check_same_pictures(old, new)
@@ -122,7 +147,7 @@ def main(argv=None) -> int:
     else:
         raise SystemExit(f"{args.input}: neither a train.py checkpoint nor a DualRes weights file")
     before, after = widths(old), widths(new)
-    print(f"wrote {args.output}: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in WIDTH_KEYS
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in after
                                                 if after[k] != before[k])
           + f", {sum(p.numel() for p in new.parameters()) / 1e6:.2f} M parameters; pictures equal to {worst:.1e}")
     return 0

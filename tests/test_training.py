@@ -200,7 +200,47 @@ def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_en
     r = _run(["python/widen_model.py", str(ASTRONAUT), str(folders[2] / "x.pt"), "--N", "512"], package_env)
     assert r.returncode != 0 and "neither" in r.stderr
     r = _run(["python/widen_model.py", str(narrow_w), str(folders[2] / "x.pt")], package_env)
-    assert r.returncode != 0 and "nothing to widen" in r.stderr
+    assert r.returncode != 0 and "nothing to do" in r.stderr
+
+
+def test_modulated_checkpoint_resumes_with_its_own_lr_and_exports(folders, package_env):
+    """widen_model.py --modulation: the checkpoint resumes with the modulation in a parameter group
+    of its own (lr times --modulation-lr-scale), the old moments kept; the tables train; the
+    exported weights code with it."""
+    out, mod = folders[2] / "plain", folders[2] / "mod"
+    r = _run(_train_args(folders, out, "--steps", "2"), package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    r = _run(["python/widen_model.py", str(out / "last.pt"), str(mod / "last.pt"), "--modulation"], package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "modulation False -> True" in r.stdout and "pictures equal to 0.0e+00" in r.stdout, r.stdout
+    grown = torch.load(mod / "last.pt", map_location="cpu", weights_only=False)
+    groups = grown["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["main", "modulation"]
+    n_old = len(plain["optimizer"]["param_groups"][0]["params"])
+    assert groups[0]["params"] == list(range(n_old)) and groups[1]["params"][0] == n_old
+    assert grown["optimizer"]["state"].keys() == plain["optimizer"]["state"].keys()
+
+    r = _run(_train_args(folders, mod, "--steps", "4", "--lr", "2e-4", "--modulation-lr-scale", "5"), package_env)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
+    resumed = torch.load(mod / "last.pt", map_location="cpu", weights_only=False)
+    lrs = {g["name"]: g["lr"] for g in resumed["optimizer"]["param_groups"]}
+    assert lrs == {"main": pytest.approx(2e-4), "modulation": pytest.approx(1e-3)}
+    tables = {k: v for k, v in resumed["state_dict"].items() if k.startswith("modulation.")}
+    assert len(tables) == 12 and max(float(v.abs().max()) for v in tables.values()) > 1e-4  # they train
+    r = _run(["python/widen_model.py", str(mod / "last.pt"), str(folders[2] / "mod2.pt"), "--modulation"],
+             package_env)
+    assert r.returncode != 0 and "already has the quality modulation" in r.stderr
+
+    weights = folders[2] / "mod-w.pt"
+    r = _run(["python/export_weights.py", str(mod / "last.pt"), str(weights)], package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = codec.load_weights(weights)
+    assert model.config["modulation"] is True
+    assert model.metadata["lineage"][-2]["widened"]["modulation"] is True  # then the resumed run
+    img = np.asarray(Image.open(ASTRONAUT).convert("RGB"))[:70, :90]
+    data = codec.encode(img, quality=4.5, weights=str(weights))
+    assert codec.decode(data, weights=str(weights), output="numpy").shape == img.shape
 
 
 def test_sigterm_stops_cleanly_and_saves(folders, package_env):

@@ -15,7 +15,8 @@ def build(name: str = "compact", **overrides) -> DualRes:
 
     ``overrides`` replace configuration entries (``N``, ``N1``, ``k1``, ``M_H``, ``M_L``, ``N_hyper``, ``Z``,
     ``slices_H``, ``slices_L``, ``hidden``, ``lambdas``; the synthesis widths ``N_s``, ``N1_s``, ``k1_s``,
-    which default to the analysis' ``N``, ``N1``, ``k1``) or set ``lanes``: ``"auto"`` (default) or
+    which default to the analysis' ``N``, ``N1``, ``k1``; ``modulation``, the per-quality channel
+    modulation of both transforms) or set ``lanes``: ``"auto"`` (default) or
     an int = the multi-lane rANS stream with that many lanes per slice (chosen by the encoder,
     read from the stream by the decoder); ``None`` = CompressAI's single-lane stream.
     Weights are randomly initialised; trained weights come through ``dualres_ext.codec``.

@@ -1,5 +1,8 @@
 """Widen a trained DualRes without changing what it computes (Net2Net-style growth).
 
+(:func:`add_modulation` grows a model the same way: it gains the per-quality channel
+modulation at the identity.)
+
 A compact model trained for many steps can be given a wider analysis (``N``, ``N1``), a wider
 synthesis (``N_s``, ``N1_s``) or larger kernels between strides 4 and 2 (``k1``, ``k1_s``) and go
 on training from where it was, instead of starting the wider model from scratch. The widened
@@ -46,7 +49,16 @@ def _layout(cfg: dict) -> Dict[str, Tuple[List[_Dim], Optional[int]]]:
         # gamma[i, j]: how much input channel j normalises output channel i.
         return {f"{prefix}.beta": ([[c]], 0), f"{prefix}.gamma": ([[c], [c]], 0)}
 
+    def modulation(key: str, c: int):
+        # (quality, channel) tables; a new channel's entries start as the identity (zeros).
+        if not cfg.get("modulation"):
+            return {}
+        q = len(cfg["lambdas"])
+        return {f"modulation.{key}.{t}": ([[q], [c]], 1) for t in ("log_scale", "shift")}
+
     return {
+        **modulation("g_a_stem_1", n1), **modulation("g_a_stem_3", n), **modulation("g_a_l_1", n),
+        **modulation("g_s_up_l_1", ns), **modulation("g_s_2", ns), **modulation("g_s_4", n1s),
         # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights (in, out, kh, kw).
         # Analysis. The image's 3 channels and the latents' are all "old": nothing new may
         # reach the latents yet.
@@ -188,11 +200,31 @@ def widen(model: DualRes, generator: Optional[torch.Generator] = None, **widths)
     return fresh
 
 
+def add_modulation(model: DualRes) -> DualRes:
+    """A copy of ``model`` with the per-quality channel modulation (``DualRes(modulation=True)``),
+    at the identity: it computes what ``model`` computes, and training makes it depart.
+
+    The modulation's parameters come after all of ``model``'s, which keep their order (a
+    training checkpoint's optimiser state stays valid for them). On the CPU, in float32, in
+    ``model``'s training/eval mode.
+    """
+    if model.modulation is not None:
+        raise ValueError("the model already has the quality modulation")
+    config = dict(model.config, modulation=True)
+    grown = DualRes(name=model.name, **config)
+    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("modulation.") for k in missing), (missing, unexpected)
+    grown.train(model.training)
+    return grown
+
+
 def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[int] = None,
                     k1_s: Optional[int] = None, generator: Optional[torch.Generator] = None) -> DualRes:
     """:func:`widen` restricted to the synthesis widths."""
     return widen(model, generator=generator, N_s=N_s, N1_s=N1_s, k1_s=k1_s)
 
 
-__all__ = ["widen", "widen_synthesis", "widen_tensor", "widened_config", "synthesis_widths",
+__all__ = ["widen", "add_modulation", "widen_synthesis", "widen_tensor", "widened_config", "synthesis_widths",
            "ANALYSIS_KEYS", "SYNTHESIS_KEYS", "WIDTH_KEYS"]
