@@ -140,15 +140,18 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     curves = _average(rows, ("codec", "quality"))
     bd = _bd_rates(curves, chosen, "psnr", log)
     bd_ms_ssim = _bd_rates(curves, chosen, "ms_ssim_db", log)
+    differences = psnr_differences(curves, chosen)
     summary = {"folder": os.path.abspath(folder), "images": len(files), "qualities": list(qualities),
                "curves": curves, "bd_rate_psnr_percent": bd, "bd_rate_ms_ssim_percent": bd_ms_ssim,
+               "psnr_difference_db_at_our_rates": differences,
                "codec_names": {k: all_codecs[k].name for k in chosen}}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     _plot(curves, summary["codec_names"], os.path.join(out_dir, "rd.png"), title=os.path.basename(os.path.abspath(folder)))
     for key in chosen:
         log(f"BD-rate of DualRes vs {all_codecs[key].name}: PSNR {_percent(bd[key])}, "
-            f"MS-SSIM {_percent(bd_ms_ssim[key])}")
+            f"MS-SSIM {_percent(bd_ms_ssim[key])}; PSNR difference at our rates (dB): "
+            + " ".join("n/a" if d is None else f"{d:+.2f}" for d in differences[key]))
     return summary
 
 
@@ -187,6 +190,29 @@ def _bd_rates(curves: List[dict], codecs: Sequence[str], metric: str, log) -> Di
         except ValueError as exc:
             out[key] = None
             log(f"BD-rate ({metric}) vs {key}: not computable ({exc})")
+    return out
+
+
+def psnr_differences(curves: List[dict], codecs: Sequence[str]) -> Dict[str, List[Optional[float]]]:
+    """Per DualRes quality (in order of rate), its average PSNR minus each codec's at the same rate.
+
+    The codec's average curve is interpolated linearly in log-rate; None where our rate lies
+    outside it. A BD-rate is one number for a whole curve: this says where along the curve it
+    is won or lost.
+    """
+    ours = sorted((c for c in curves if c["codec"] == "dualres"), key=lambda c: c["bpp"])
+    out = {}
+    for key in codecs:
+        points = sorted((c for c in curves if c["codec"] == key), key=lambda c: c["bpp"])
+        log_rate = np.log([c["bpp"] for c in points]) if points else np.array([])
+        diffs = []
+        for c in ours:
+            lr = math.log(c["bpp"])
+            if len(points) < 2 or not log_rate[0] <= lr <= log_rate[-1]:
+                diffs.append(None)
+                continue
+            diffs.append(float(c["psnr"] - np.interp(lr, log_rate, [p["psnr"] for p in points])))
+        out[key] = diffs
     return out
 
 

@@ -95,6 +95,24 @@ def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
     assert _bd_rates(curves, ["jpeg420"], "psnr", log=lambda *_: None)["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
 
 
+def test_psnr_differences_at_our_rates():
+    """Ours is the anchor curve raised by a known amount per point: the differences recover it,
+    and rates outside the anchor's range get None."""
+    from dualres_ext.evaluation import psnr_differences
+
+    rng = np.random.default_rng()
+    rates = np.sort(rng.uniform(0.1, 2.0, 7))
+    anchor = [{"codec": "webp", "bpp": r, "psnr": 30 + 6 * np.log2(r)} for r in rates]
+    # Our rates lie between the anchor's points, where its curve is linear in log-rate.
+    ours_rates = np.sqrt(rates[:-1] * rates[1:])
+    offsets = rng.uniform(-1, 1, len(ours_rates))
+    ours = [{"codec": "dualres", "bpp": r, "psnr": 30 + 6 * np.log2(r) + o} for r, o in zip(ours_rates, offsets)]
+    outside = [{"codec": "dualres", "bpp": rates[0] / 2, "psnr": 20.0}, {"codec": "dualres", "bpp": rates[-1] * 2, "psnr": 40.0}]
+    diffs = psnr_differences(anchor + ours[::-1] + outside, ["webp"])["webp"]
+    assert diffs[0] is None and diffs[-1] is None  # sorted by rate: the two outside points at the ends
+    np.testing.assert_allclose(diffs[1:-1], offsets, atol=1e-9)
+
+
 def test_match_size_never_exceeds_the_target():
     rgb = np.asarray(_photo())
     codec = available_codecs()["jpeg420"]
@@ -137,6 +155,7 @@ def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
     assert {r["codec"] for r in rows} == {"dualres", "jpeg420", "webp"}
     assert set(summary["bd_rate_psnr_percent"]) == {"jpeg420", "webp"}
     assert set(summary["bd_rate_ms_ssim_percent"]) == {"jpeg420", "webp"}
+    assert {k: len(v) for k, v in summary["psnr_difference_db_at_our_rates"].items()} == {"jpeg420": 4, "webp": 4}
     with open(tmp_path / "out" / "summary.json") as f:
         assert json.load(f)["qualities"] == [0, 2, 4, 5]
     assert os.path.getsize(tmp_path / "out" / "rd.png") > 1000
