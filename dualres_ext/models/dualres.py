@@ -32,7 +32,8 @@ transforms, a per-quality, per-channel affine map ``x * exp(s_q) + b_q`` (the co
 convolution of Choi et al. 2019, without its extra layers), interpolated like the gains. It
 starts as the identity, so a trained model gains it without changing what it computes
 (:func:`dualres_ext.models.widen.add_modulation`), and costs 6.5 k parameters (compact) and one
-multiply-add per activation.
+multiply-add per activation. Added to the trained compact model it did not help within 1,500 CPU
+steps (docs/TRAINING.md); the shipped weights do not use it.
 
 Quantisation in training (as CompressAI's recent models do): the likelihoods see additive
 uniform noise (``GaussianConditional``/``EntropyBottleneck`` in training mode), while the
