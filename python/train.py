@@ -267,6 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-weights", type=float, nargs="+", default=None, metavar="W",
                     help="how often each quality is drawn, one weight per quality (default: all equally; 0 leaves "
                          "a quality out, e.g. '0 0 0 0 1 1' fine-tunes the top two rates); validation covers all")
+    ap.add_argument("--modulation", action="store_true",
+                    help="a new model with the per-quality channel modulation (a checkpoint or --init file "
+                         "brings its own configuration; python/widen_model.py adds it to a trained one)")
     ap.add_argument("--modulation-lr-scale", type=float, default=10.0,
                     help="lr multiplier of the quality modulation (models that have it): small tables that "
                          "start at the identity, added to trained models")
@@ -320,6 +323,11 @@ def main(argv=None) -> int:
         if init.name != args.model:
             raise SystemExit(f"{args.init} holds a {init.name!r} model, not {args.model!r}")
         config = dict(init.config)
+    if args.modulation:
+        if config and not config.get("modulation"):
+            raise SystemExit(f"--modulation: {last_path if ckpt is not None else args.init} has no quality "
+                             "modulation; add it with python/widen_model.py IN OUT --modulation")
+        config["modulation"] = True
     torch.manual_seed(args.seed + rank)
     model = build(args.model, **config).to(device)
     main_params, aux_params = parameter_groups(model)

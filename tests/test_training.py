@@ -232,6 +232,14 @@ def test_modulated_checkpoint_resumes_with_its_own_lr_and_exports(folders, packa
              package_env)
     assert r.returncode != 0 and "already has the quality modulation" in r.stderr
 
+    # A new run can have it from the start; a checkpoint without it is not silently rebuilt.
+    r = _run(_train_args(folders, folders[2] / "mod-new", "--steps", "1", "--modulation"), package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fresh = torch.load(folders[2] / "mod-new" / "last.pt", map_location="cpu", weights_only=False)
+    assert fresh["config"]["modulation"] is True and len(fresh["optimizer"]["param_groups"]) == 2
+    r = _run(_train_args(folders, out, "--steps", "3", "--modulation"), package_env)
+    assert r.returncode != 0 and "has no quality modulation" in r.stderr
+
     weights = folders[2] / "mod-w.pt"
     r = _run(["python/export_weights.py", str(mod / "last.pt"), str(weights)], package_env)
     assert r.returncode == 0, r.stderr[-3000:]
