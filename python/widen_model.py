@@ -53,7 +53,7 @@ def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
     if new_model.modulation is not None and old_model.modulation is None:
         # train.optimizer_groups' layout: the modulation's parameters, the model's last, apart.
         n_old = len(old_names)
-        n_new = sum(1 for _ in parameter_groups(new_model)[0])
+        n_new = len(parameter_groups(new_model)[0])
         assert len(groups) == 1 and groups[0]["params"] == list(range(n_old)), "unexpected optimiser layout"
         groups = [dict(groups[0], name="main"),
                   dict(groups[0], name="modulation", params=list(range(n_old, n_new)))]
@@ -65,7 +65,9 @@ def widths(model) -> dict:
     return {**{k: model.config[k] for k in WIDTH_KEYS}, "modulation": bool(model.config.get("modulation"))}
 
 
-def grow(model, requested: dict, modulation: bool, generator):
+def grow(model, requested: dict, modulation: bool, generator, source: str):
+    if modulation and model.modulation is not None:
+        raise SystemExit(f"{source} already has the quality modulation")
     if any(v is not None for v in requested.values()):
         model = widen(model, generator=generator, **requested)
     return add_modulation(model) if modulation else model
@@ -114,9 +116,7 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     if isinstance(raw, dict) and raw.get("format") == WEIGHTS_FORMAT:
         old = load_weights(args.input)
-        if args.modulation and old.modulation is not None:
-            raise SystemExit(f"{args.input} already has the quality modulation")
-        new = grow(old, requested, args.modulation, generator)
+        new = grow(old, requested, args.modulation, generator, args.input)
         new.update(force=True)
         worst = check_same_pictures(old, new)
         metadata = dict(old.metadata)
@@ -129,9 +129,7 @@ def main(argv=None) -> int:
     elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:
         old = build(raw["model_name"], **checkpoint_config(raw))
         old.load_state_dict(raw["state_dict"])
-        if args.modulation and old.modulation is not None:
-            raise SystemExit(f"{args.input} already has the quality modulation")
-        new = grow(old, requested, args.modulation, generator)
+        new = grow(old, requested, args.modulation, generator, args.input)
         old.update(force=True)
         new.update(force=True)
         worst = check_same_pictures(old, new)

@@ -27,9 +27,10 @@ log domain, so ``quality`` is continuous in ``[0, num_qualities - 1]``.
 
 Gain units alone make all six rates share one analysis and one synthesis, and the rates compete
 for them: fine-tuned at the top two rates only (lr 1e-5), session 7's weights gained 0.08 and 0.11
-dB there within 450 steps, and lost 0.05 dB at the lowest rate (validation crops, same rates). ``modulation=True`` adds, after every (I)GDN of both
-transforms, a per-quality, per-channel affine map ``x * exp(s_q) + b_q`` (the conditional
-convolution of Choi et al. 2019, without its extra layers), interpolated like the gains. It
+dB there within 450 steps, and lost 0.05 dB at the lowest rate (validation crops, same rates).
+``modulation=True`` adds, after every (I)GDN of both transforms, a per-quality, per-channel
+affine map ``x * exp(s_q) + b_q`` (the conditional convolution of Choi et al. 2019, without its
+extra layers), interpolated like the gains. It
 starts as the identity, so a trained model gains it without changing what it computes
 (:func:`dualres_ext.models.widen.add_modulation`), and costs 6.5 k parameters (compact) and one
 multiply-add per activation. Added to the trained compact model it did not help within 1,500 CPU
