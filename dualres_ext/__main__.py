@@ -41,7 +41,7 @@ def _cmd_compress(args) -> int:
 
     from PIL import Image, UnidentifiedImageError
 
-    from .codec import encode
+    from .codec import encode, parse_header
 
     try:
         image = Image.open(args.input)
@@ -50,14 +50,22 @@ def _cmd_compress(args) -> int:
         return _fail(f"{args.input}: no such file", EXIT_ERROR)
     except (UnidentifiedImageError, OSError) as exc:
         return _fail(f"{args.input}: not a readable image ({exc})", EXIT_ERROR)
+    if args.max_bytes is not None and args.max_bpp is not None:
+        return _fail("give --max-bytes or --max-bpp, not both", EXIT_ERROR)
+    max_bytes = args.max_bytes
+    if args.max_bpp is not None:
+        if not (0 < args.max_bpp < float("inf")):
+            return _fail(f"--max-bpp must be a positive number, got {args.max_bpp}", EXIT_ERROR)
+        max_bytes = max(1, int(args.max_bpp * image.width * image.height / 8))
     start = time.perf_counter()
-    data = encode(image, quality=args.quality, device=args.device, weights=args.weights)
+    data = encode(image, quality=args.quality, device=args.device, weights=args.weights, max_bytes=max_bytes)
     seconds = time.perf_counter() - start
     with open(args.output, "wb") as f:
         f.write(data)
     bpp = 8.0 * len(data) / (image.width * image.height)
+    quality = parse_header(data)["quality"]
     print(f"{args.output}: {len(data)} bytes, {bpp:.4f} bpp, {image.width}x{image.height}, "
-          f"quality {args.quality}, {seconds:.2f} s")
+          f"quality {quality:g}, {seconds:.2f} s")
     return 0
 
 
@@ -140,8 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress an image file into a .drx bitstream")
     p.add_argument("input", help="image file (PNG, JPEG, ...; grey and RGBA are handled)")
     p.add_argument("output", help="bitstream file to write (.drx)")
-    p.add_argument("--quality", "-q", type=float, default=3,
-                   help="0 (smallest) .. 5 (best), fractions interpolate (default 3)")
+    p.add_argument("--quality", "-q", type=float, default=None,
+                   help="0 (smallest) .. 5 (best), fractions interpolate (default 3; with --max-bytes or "
+                        "--max-bpp the highest quality tried, default 5)")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="rate control: the best quality whose file is at most this many bytes")
+    p.add_argument("--max-bpp", type=float, default=None,
+                   help="rate control in bits per pixel (the file at most bpp * width * height / 8 bytes)")
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
     p.add_argument("--device", help="torch device (default cpu)")
     p.set_defaults(func=lambda a: _run_codec(_cmd_compress, a))

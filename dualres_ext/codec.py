@@ -380,8 +380,8 @@ def _check_quality(model, quality) -> float:
     return q
 
 
-def encode(image, quality: Union[int, float] = 3, device=None, weights=None,
-           max_pixels: Optional[int] = None) -> bytes:
+def encode(image, quality: Optional[Union[int, float]] = None, device=None, weights=None,
+           max_pixels: Optional[int] = None, max_bytes: Optional[int] = None) -> bytes:
     """Compress one image into a DualRes bitstream.
 
     ``image``: a PIL image, an HxWx3 (or HxW grey, HxWx4 RGBA) uint8 numpy array, or a float
@@ -389,11 +389,24 @@ def encode(image, quality: Union[int, float] = 3, device=None, weights=None,
     (default as in :func:`decode`: larger images raise :class:`ImageTooLargeError` before any model
     work, since the default decoder would refuse their stream). Grey images are coded as
     three equal channels and flagged (``decode`` returns grey); an alpha channel is dropped with
-    a warning. ``quality``: 0 (smallest) .. ``num_qualities - 1`` (best), floats interpolate.
+    a warning. ``quality``: 0 (smallest) .. ``num_qualities - 1`` (best), floats interpolate;
+    default 3.
+    ``max_bytes``: rate control. The stream of the highest quality (at most ``quality``, default
+    the top one) whose size, container included, is at most ``max_bytes``; the quality is a
+    fraction found by a bracketing search (:data:`SIZE_SEARCH_ENCODES` encodes at most), and the
+    header records it, so ``decode`` needs nothing more. Raises ``ValueError`` if even quality 0
+    does not fit, naming the size it needs.
     ``device``: where the model runs (default CPU); decode on the same kind of device.
     """
     limit = _pixel_limit(max_pixels)
+    if max_bytes is not None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)):
+            raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes}")
     model, wid = _resolve_model(weights, device)
+    if quality is None:
+        quality = model.num_qualities - 1 if max_bytes is not None else 3
     q = _check_quality(model, quality)
     x, grey = _to_tensor(image)
     height, width = x.shape[-2:]
@@ -403,11 +416,55 @@ def encode(image, quality: Union[int, float] = 3, device=None, weights=None,
             f"(raise it with encode(..., max_pixels=N) or ${MAX_PIXELS_ENV}; decoding needs the same)")
     dev = next(model.parameters()).device
     x = _pad(x, model.stride).to(dev)
-    out = model.compress(x, q)
-    sections = [s[0] for s in out["strings"]]
     flags = (FLAG_GREY if grey else 0) | (FLAG_CUDA if dev.type == "cuda" else 0)
     config_id = CONFIG_IDS.get(getattr(model, "name", "custom"), 0)
-    return _pack(config_id, flags, q, wid, int(width), int(height), sections)
+
+    def encode_at(quality: float) -> bytes:
+        sections = [s[0] for s in model.compress(x, quality)["strings"]]
+        return _pack(config_id, flags, quality, wid, int(width), int(height), sections)
+
+    if max_bytes is None:
+        return encode_at(q)
+    return _fit_size(encode_at, q, int(max_bytes))
+
+
+SIZE_SEARCH_ENCODES = 10
+"""At most this many encodes for ``encode(..., max_bytes=N)`` (about 0.2 s each for a 768x512
+image on 2 CPU cores); the search stops earlier once a stream is within
+:data:`SIZE_SEARCH_TOLERANCE` of the limit."""
+SIZE_SEARCH_TOLERANCE = 0.01
+
+
+def _fit_size(encode_at, q_top: float, max_bytes: int) -> bytes:
+    """The largest-quality stream in [0, q_top] of at most ``max_bytes`` bytes.
+
+    The size grows with the quality, roughly exponentially, so the search interpolates the
+    quality linearly in log-size between a quality that fits and one that does not (regula
+    falsi), kept at least a tenth of the bracket from either end so that the bracket shrinks
+    every step even where the size curve bends. Nothing assumes the size is monotonic: the
+    bracket's lower end always fits, and it is what comes back.
+    """
+    top = encode_at(q_top)
+    if len(top) <= max_bytes:
+        return top
+    lo, fits = 0.0, (encode_at(0.0) if q_top > 0 else top)
+    if len(fits) > max_bytes:
+        raise ValueError(f"max_bytes={max_bytes}: even the lowest quality needs {len(fits)} bytes "
+                         "for this image")
+    hi, hi_size = q_top, len(top)
+    for _ in range(SIZE_SEARCH_ENCODES - 2):
+        if len(fits) >= (1 - SIZE_SEARCH_TOLERANCE) * max_bytes:
+            break
+        t = (math.log(max_bytes) - math.log(len(fits))) / (math.log(hi_size) - math.log(len(fits)))
+        q = float(np.float32(lo + min(max(t, 0.1), 0.9) * (hi - lo)))  # what the header stores
+        if not lo < q < hi:  # the bracket is down to float32 resolution
+            break
+        data = encode_at(q)
+        if len(data) <= max_bytes:
+            lo, fits = q, data
+        else:
+            hi, hi_size = q, len(data)
+    return fits
 
 
 def _pixel_limit(max_pixels) -> int:
