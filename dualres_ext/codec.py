@@ -391,11 +391,11 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     three equal channels and flagged (``decode`` returns grey); an alpha channel is dropped with
     a warning. ``quality``: 0 (smallest) .. ``num_qualities - 1`` (best), floats interpolate;
     default 3.
-    ``max_bytes``: rate control. The stream of the highest quality (at most ``quality``, default
-    the top one) whose size, container included, is at most ``max_bytes``; the quality is a
-    fraction found by a bracketing search (:data:`SIZE_SEARCH_ENCODES` encodes at most), and the
-    header records it, so ``decode`` needs nothing more. Raises ``ValueError`` if even quality 0
-    does not fit, naming the size it needs.
+    ``max_bytes``: rate control. A stream of at most ``max_bytes`` bytes, container included,
+    at the highest quality (at most ``quality``, default the top one) that a bracketing search
+    finds: a fraction, within :data:`SIZE_SEARCH_TOLERANCE` of the limit in size or after
+    :data:`SIZE_SEARCH_ENCODES` encodes. The header records the quality, so ``decode`` needs
+    nothing more. Raises ``ValueError`` if even quality 0 does not fit, naming the size it needs.
     ``device``: where the model runs (default CPU); decode on the same kind of device.
     """
     limit = _pixel_limit(max_pixels)
