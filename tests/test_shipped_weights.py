@@ -100,3 +100,33 @@ def test_default_weights_beat_jpeg_at_the_same_size():
         assert matched is not None
         theirs = psnr(rgb, jpeg.decode(matched[1]))
         assert ours > theirs + 0.8, (q, ours, theirs)
+
+
+def test_build_pretrained_is_the_codecs_default_model():
+    """models.build("compact", pretrained=True), CompressAI's zoo convention: the shipped
+    weights, ready to code, the very networks encode/decode use by default; a fresh copy."""
+    from dualres_ext.models import build
+
+    rgb = np.asarray(Image.open(BUNDLED_PHOTO).convert("RGB"))[:64, :128]
+    model = build("compact", pretrained=True)
+    assert not model.training and model.name == "compact"
+    data = codec.encode(rgb, quality=1.5, weights=model)
+    assert data == codec.encode(rgb, quality=1.5)  # header (weights id) and all
+    assert np.array_equal(codec.decode(data, output="numpy"), codec.decode(data, weights=model, output="numpy"))
+    other = build("compact", pretrained=True)
+    with torch.no_grad():
+        other.g_s[0].bias.add_(1.0)  # a copy of its own: the first one and the default are unchanged
+    assert codec.encode(rgb, quality=1.5, weights=model) == data
+
+
+def test_build_pretrained_errors():
+    import pytest
+
+    from dualres_ext.models import build
+
+    with pytest.raises(ValueError, match="no trained weights ship for 'paper'"):
+        build("paper", pretrained=True)
+    with pytest.raises(TypeError, match="no overrides \\(N\\)"):
+        build("compact", pretrained=True, N=64)
+    with pytest.raises(TypeError, match="pretrained must be True or False"):
+        build("compact", pretrained="yes")
