@@ -47,6 +47,10 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def("rans_decode(Tensor data, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
   // A native stream's validated header: [precision, states per lane, symbols, lanes, lane lengths...].
   m.def("rans_stream_info(Tensor data) -> int[]");
+  // A native stream without the bytes a container already knows (magic, version, precision,
+  // CRC-32C, symbol count) and back; CPU bytes only.
+  m.def("rans_embed(Tensor data, int symbols, int precision) -> Tensor");
+  m.def("rans_restore(Tensor data, int symbols, int precision) -> Tensor");
   // CompressAI 1.2.8's byte format (compressai.ans); the stream variant continues from state = (byte pos, rANS state).
   m.def("rans_encode_compat(Tensor symbols, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
   m.def("rans_decode_compat(Tensor data, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");

@@ -15,7 +15,6 @@ Random weights are never used silently.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import struct
@@ -30,20 +29,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 MAGIC = b"\x89DRX"
-# 2: the entropy parameters are computed in float64 (docs/BITSTREAM.md, "Determinism"). Version 1
-# streams used float32 there; a float64 decoder would desynchronise on some of them, so they are refused.
-VERSION = 2
+# 3: compact header and embedded rANS sections (docs/BITSTREAM.md): ~80 bytes less per photo.
+# 2: the entropy parameters are computed in float64 (docs/BITSTREAM.md, "Determinism"); still read.
+# Version 1 streams used float32 there; a float64 decoder would desynchronise on some of them, so
+# they are refused.
+VERSION = 3
+_READ_VERSIONS = (2, 3)
 # Configuration ids written in the header (0: any other configuration, identified by weights id).
 CONFIG_IDS = {"custom": 0, "compact": 1, "paper": 2}
 _CONFIG_NAMES = {v: k for k, v in CONFIG_IDS.items()}
 
-FLAG_GREY = 0x01   # the input was greyscale: decode returns one channel
-FLAG_CUDA = 0x02   # encoded on a CUDA device (decode on the same kind of device)
-_KNOWN_FLAGS = FLAG_GREY | FLAG_CUDA
+FLAG_GREY = 0x01     # the input was greyscale: decode returns one channel
+FLAG_CUDA = 0x02     # encoded on a CUDA device (decode on the same kind of device)
+FLAG_COMPAT = 0x04   # (version 3) sections are CompressAI single-lane strings (a lanes=None model)
+_KNOWN_FLAGS = {2: FLAG_GREY | FLAG_CUDA, 3: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT}
 
-_HEAD = struct.Struct("<4sBBBBfIIIH")   # magic .. section count
+_HEAD_V2 = struct.Struct("<4sBBBBfIIIH")   # magic version config flags reserved quality wid width height n
+_HEAD = struct.Struct("<4sBBBfIHHB")       # magic version config flags quality wid width-1 height-1 n
 _CRC = struct.Struct("<I")
+_PRECISION = 16                            # of every coder table the model builds (CompressAI's)
 MAX_SIDE = 1 << 16                     # largest width/height the container accepts
 # Decompression-bomb guard: decode refuses a header whose width x height exceeds this many pixels
 # before any model work or allocation (a forged 65536 x 65536 header would otherwise ask for
@@ -308,23 +315,81 @@ def _from_tensor(x: torch.Tensor, grey: bool, output: str):
 
 
 # ---------------------------------------------------------------------------- container
+def _put_varint(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _get_varint(data: bytes, pos: int, end: int):
+    """(value, next position) of the LEB128 varint at ``pos``: at most 5 bytes (a u32)."""
+    value = 0
+    for shift in range(0, 35, 7):
+        if pos >= end:
+            raise BitstreamError("truncated bitstream: section table incomplete")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if value >= 1 << 32:
+                break
+            return value, pos
+    raise BitstreamError("malformed section table: a length wider than 32 bits")
+
+
 def _pack(config_id: int, flags: int, quality: float, wid: int, width: int, height: int,
           sections) -> bytes:
-    out = io.BytesIO()
-    out.write(_HEAD.pack(MAGIC, VERSION, config_id, flags, 0, quality, wid, width, height,
-                         len(sections)))
-    out.write(struct.pack(f"<{len(sections)}I", *[len(s) for s in sections]))
-    for s in sections:
-        out.write(s)
-    body = out.getvalue()
-    return body + _CRC.pack(zlib.crc32(body) & 0xFFFFFFFF)
+    """A version-3 stream of already embedded sections (or CompressAI strings, FLAG_COMPAT)."""
+    out = bytearray(_HEAD.pack(MAGIC, VERSION, config_id, flags, quality, wid, width - 1, height - 1,
+                               len(sections)))
+    for section in sections:
+        _put_varint(out, len(section))
+    for section in sections:
+        out += section
+    return bytes(out) + _CRC.pack(zlib.crc32(out) & 0xFFFFFFFF)
+
+
+def _embed_sections(model, strings, shape) -> Tuple[int, list]:
+    """(flags, sections): the model's strings as the container stores them, native rANS streams
+    in their embedded form (the container's checksum and the model's symbol counts replace their
+    own header fields), CompressAI strings as they are."""
+    lanes = {model.gaussian_conditional.lanes is None, model.entropy_bottleneck.lanes is None}
+    if lanes == {True}:
+        return FLAG_COMPAT, list(strings)
+    if len(lanes) > 1:
+        raise ValueError("the model's entropy models disagree on lanes (one writes CompressAI strings, "
+                         "the other native streams): give both the same setting")
+    counts = model.symbol_counts(shape)
+    return 0, [ops.rans_embed(s, n, _PRECISION) for s, n in zip(strings, counts)]
+
+
+def _restore_sections(model, head, shape) -> list:
+    """The strings ``model.decompress`` takes, from a parsed header's sections."""
+    if head["version"] == 2:
+        return list(head["sections"])  # full rANS streams or CompressAI strings, as written
+    native = model.gaussian_conditional.lanes is not None
+    if head["flags"] & FLAG_COMPAT:
+        if native:
+            raise BitstreamError("the bitstream holds CompressAI single-lane sections, and the decoding "
+                                 "model codes native streams: decode with a model built with lanes=None")
+        return list(head["sections"])
+    counts = model.symbol_counts(shape)
+    if len(counts) != len(head["sections"]):
+        raise BitstreamError(f"the bitstream has {len(head['sections'])} sections, the model codes "
+                             f"{len(counts)}")
+    try:
+        return [ops.rans_restore(s, n, _PRECISION) for s, n in zip(head["sections"], counts)]
+    except ValueError as exc:
+        raise BitstreamError(f"corrupted bitstream: {exc}") from exc
 
 
 def parse_header(data) -> dict:
     """Header fields of a DualRes bitstream (checks magic, version, lengths and checksum).
 
     Returns ``{"version", "config", "config_id", "flags", "grey", "cuda", "quality",
-    "weights_id", "width", "height", "sections": [bytes, ...]}``.
+    "weights_id", "width", "height", "sections": [bytes, ...]}`` (version 3: the sections as
+    stored, i.e. embedded rANS streams unless ``flags & FLAG_COMPAT``).
     """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
@@ -332,18 +397,32 @@ def parse_header(data) -> dict:
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     if len(data) < 4 or data[:4] != MAGIC:
         raise BitstreamError("not a DualRes bitstream (wrong magic bytes)")
-    if len(data) < _HEAD.size + _CRC.size:
+    if len(data) < 5:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
-    magic, version, config_id, flags, reserved, quality, wid, width, height, n = _HEAD.unpack_from(data)
+    version = data[4]
     if version == 1:
         raise BitstreamError("DualRes bitstream version 1 (float32 entropy parameters, not portable "
                              "across machines) is no longer read: re-encode the image")
-    if version != VERSION:
-        raise BitstreamError(f"unsupported DualRes bitstream version {version} (this library reads {VERSION})")
-    table_end = _HEAD.size + 4 * n
-    if len(data) < table_end + _CRC.size:
-        raise BitstreamError("truncated bitstream: section table incomplete")
-    lengths = struct.unpack_from(f"<{n}I", data, _HEAD.size)
+    if version not in _READ_VERSIONS:
+        raise BitstreamError(f"unsupported DualRes bitstream version {version} (this library reads "
+                             f"{', '.join(map(str, _READ_VERSIONS))})")
+    head_struct = _HEAD_V2 if version == 2 else _HEAD
+    if len(data) < head_struct.size + _CRC.size:
+        raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
+    crc_at = len(data) - _CRC.size
+    if version == 2:
+        magic, version, config_id, flags, reserved, quality, wid, width, height, n = head_struct.unpack_from(data)
+        table_end = head_struct.size + 4 * n
+        if len(data) < table_end + _CRC.size:
+            raise BitstreamError("truncated bitstream: section table incomplete")
+        lengths = struct.unpack_from(f"<{n}I", data, head_struct.size)
+    else:
+        magic, version, config_id, flags, quality, wid, width, height, n = head_struct.unpack_from(data)
+        width, height, reserved = width + 1, height + 1, 0
+        lengths, table_end = [], head_struct.size
+        for _ in range(n):
+            length, table_end = _get_varint(data, table_end, crc_at)
+            lengths.append(length)
     end = table_end + sum(lengths)
     if len(data) < end + _CRC.size:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes, expected {end + _CRC.size}")
@@ -352,7 +431,7 @@ def parse_header(data) -> dict:
     (crc,) = _CRC.unpack_from(data, end)
     if zlib.crc32(data[:end]) & 0xFFFFFFFF != crc:
         raise BitstreamError("corrupted bitstream: checksum mismatch")
-    if reserved != 0 or flags & ~_KNOWN_FLAGS:
+    if reserved != 0 or flags & ~_KNOWN_FLAGS[version]:
         raise BitstreamError(f"unknown header flags 0x{flags:02x}/{reserved:02x} (newer writer?)")
     if config_id not in _CONFIG_NAMES:
         raise BitstreamError(f"unknown model configuration id {config_id}")
@@ -420,8 +499,9 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     config_id = CONFIG_IDS.get(getattr(model, "name", "custom"), 0)
 
     def encode_at(quality: float) -> bytes:
-        sections = [s[0] for s in model.compress(x, quality)["strings"]]
-        return _pack(config_id, flags, quality, wid, int(width), int(height), sections)
+        out = model.compress(x, quality)
+        coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"])
+        return _pack(config_id, flags | coding, quality, wid, int(width), int(height), sections)
 
     if max_bytes is None:
         return encode_at(q)
@@ -519,7 +599,7 @@ def decode(data, device=None, output: str = "pil", weights=None, max_pixels: Opt
                       stacklevel=2)
     stride = model.stride
     shape = (-(-head["height"] // stride), -(-head["width"] // stride))
-    strings = [[s] for s in head["sections"]]
+    strings = [[s] for s in _restore_sections(model, head, shape)]
     try:
         x_hat = model.decompress(strings, shape, head["quality"])["x_hat"]
     except (RuntimeError, ValueError) as exc:

@@ -72,6 +72,40 @@ def _tables(cdfs, cdf_lengths, offsets, allow_cuda: bool = False):
     return cdfs, cdf_lengths, offsets
 
 
+def _count_arg(value, name: str, low: int, high=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def rans_embed(data, symbols: int, precision: int = 16) -> bytes:
+    """The embedded form of a native stream (csrc/rans/FORMAT.md, "Embedded streams"): without
+    the bytes a container that checksums its contents and knows the stream's symbol count and
+    precision can supply itself (magic, version, precision, CRC-32C, symbol count; 8 to 17 bytes).
+
+    The stream is validated as a decoder would (ValueError), and must hold ``symbols`` symbols
+    coded at ``precision``: :func:`rans_restore` rebuilds it, byte for byte, from those two.
+    """
+    data = _stream_tensor(data)
+    symbols = _count_arg(symbols, "symbols", 0)
+    precision = _count_arg(precision, "precision", 1, 16)
+    return _ops.rans_embed(data, symbols, precision).numpy().tobytes()
+
+
+def rans_restore(data, symbols: int, precision: int = 16) -> bytes:
+    """The native stream an embedded one (:func:`rans_embed`) came from, ready for
+    :func:`rans_decode`. Untrusted input is fine: a malformed embedded stream raises ValueError
+    (as the decoder would), and a corrupt payload is left for the decoder to find; the CRC-32C
+    written here protects nothing, the container's checksum has to."""
+    data = _stream_tensor(data)
+    symbols = _count_arg(symbols, "symbols", 0)
+    precision = _count_arg(precision, "precision", 1, 16)
+    return _ops.rans_restore(data, symbols, precision).numpy().tobytes()
+
+
 def _stream_tensor(data, allow_cuda: bool = False) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.uint8:

@@ -19,6 +19,10 @@
 // natively with the encoder's lane choice -- long, low-entropy streams whose lane count gets
 // reduced, which inputs of a few KB cannot otherwise reach (a heap overflow hid there).
 //
+// Mode 0 also restores the bytes as an embedded stream (rans_stream.h restore_stream, what the
+// codec does with a .drx section) and decodes the result; mode 3 checks embed + restore give the
+// encoded stream back.
+//
 // Only the sanitizers or a failed round trip end a run: a decoder rejecting input is expected.
 #include <algorithm>
 #include <cstddef>
@@ -87,6 +91,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<uint8_t> s(stream, stream + stream_size);
     decode_stream(s.data(), s.size(), idx.data(), n, pt, out.data(), SerialFor{});
     decode_stream(s.data(), s.size(), idx.data(), n, pt, out.data(), ReverseFor{});
+    // The same bytes as an embedded stream (the .drx container's sections): restored, then decoded.
+    std::vector<uint8_t> restored;
+    if (restore_stream(s.data(), s.size(), n, pt.precision, restored) == Status::kOk)
+      decode_stream(restored.data(), restored.size(), idx.data(), n, pt, out.data(), SerialFor{});
   } else if (mode == 1 || mode == 2) {
     Prepared pt;
     if (pt.prepare(tv, idx.data(), n, false, kCompatPrecision)) return 0;
@@ -148,6 +156,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     must(encode_stream(sym.data(), idx.data(), m, lanes, pt, enc, SerialFor{}, states) == Status::kOk);
     must(decode_stream(enc.data(), enc.size(), idx.data(), m, pt, out.data(), ReverseFor{}) == Status::kOk);
     must(std::memcmp(out.data(), sym.data(), 4 * static_cast<size_t>(m)) == 0);
+    std::vector<uint8_t> embedded, restored;
+    must(embed_stream(enc.data(), enc.size(), m, pt.precision, embedded) == Status::kOk);
+    must(restore_stream(embedded.data(), embedded.size(), m, pt.precision, restored) == Status::kOk);
+    must(restored == enc);
     if (pt.precision == kCompatPrecision) {
       std::vector<uint8_t> cenc;
       if (compat_encode(sym.data(), idx.data(), m, pt, cenc) != Status::kOk) return 0;  // |v| >= 2^30

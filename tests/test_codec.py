@@ -157,7 +157,7 @@ def test_bad_magic_and_version(model, stream):
     bad[4] = 99
     with pytest.raises(codec.BitstreamError, match="version 99"):
         codec.decode(bytes(bad), weights=model)
-    assert codec.VERSION == 2 and stream[4] == 2
+    assert codec.VERSION == 3 and stream[4] == 3
     bad[4] = 1  # the float32-parameter streams: refused by name, not decoded into garbage
     with pytest.raises(codec.BitstreamError, match="version 1 .*re-encode"):
         codec.decode(bytes(bad), weights=model)
@@ -194,6 +194,81 @@ def test_header_fields_and_checks(model, stream):
     body[6] = 0x80  # unknown flag
     with pytest.raises(codec.BitstreamError, match="flags"):
         codec.parse_header(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+
+
+def pack_version_2(head, sections) -> bytes:
+    """A version-2 stream (docs/BITSTREAM.md, "Version 2"): 26-byte header, u32 section lengths,
+    sections as the entropy models write them."""
+    flags = head["flags"] & (codec.FLAG_GREY | codec.FLAG_CUDA)
+    body = struct.pack("<4sBBBBfIIIH", codec.MAGIC, 2, head["config_id"], flags, 0, head["quality"],
+                       head["weights_id"], head["width"], head["height"], len(sections))
+    body += struct.pack(f"<{len(sections)}I", *[len(s) for s in sections]) + b"".join(sections)
+    return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+def test_sections_are_embedded_rans_streams(model):
+    """Version 3 stores each native rANS stream without the fields the container implies; the
+    model's symbol counts and precision 16 restore them exactly."""
+    from dualres_ext import ops
+
+    img = photo_like(64, 96)
+    stream = codec.encode(img, quality=2, weights=model)
+    head = codec.parse_header(stream)
+    assert not head["flags"] & codec.FLAG_COMPAT
+    counts = model.symbol_counts((1, 2))  # 64 x 96 pixels: z is 1 x 2
+    assert counts == [model.config["Z"] * 2] + [c * 128 for c in model.coder_h.slices] + \
+        [c * 32 for c in model.coder_l.slices]
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        written = [s[0] for s in model.compress(codec._pad(x, 64), 2.0)["strings"]]
+    restored = [ops.rans_restore(s, n, 16) for s, n in zip(head["sections"], counts)]
+    assert restored == written
+    assert [ops.rans_stream_info(s)["symbols"] for s in written] == counts
+    # 8 to 17 bytes saved per section, besides the smaller header (20 bytes, was 26) and the
+    # varint section lengths (were u32).
+    saved = sum(len(w) - len(e) for w, e in zip(written, head["sections"]))
+    assert 8 * len(written) <= saved <= 17 * len(written)
+    assert len(pack_version_2(head, written)) - len(stream) >= saved + 6 + 2 * len(written)
+
+
+def test_version_2_streams_still_decode(model, stream):
+    head = codec.parse_header(stream)
+    counts = model.symbol_counts((1, 2))
+    from dualres_ext import ops
+
+    v2 = pack_version_2(head, [ops.rans_restore(s, n, 16) for s, n in zip(head["sections"], counts)])
+    assert codec.parse_header(v2)["version"] == 2
+    assert np.array_equal(codec.decode(v2, weights=model, output="numpy"),
+                          codec.decode(stream, weights=model, output="numpy"))
+    bad = bytearray(v2)
+    bad[7] = 1  # version 2's reserved byte
+    with pytest.raises(codec.BitstreamError, match="flags"):
+        codec.decode(bytes(bad[:-4]) + struct.pack("<I", zlib.crc32(bytes(bad[:-4]))), weights=model)
+
+
+def test_compressai_string_models_flag_their_sections(model):
+    """A model built with lanes=None writes CompressAI's single-lane strings; version 3 says so in
+    its flags, and a decoder coding native streams refuses them by name instead of failing in the
+    entropy decoder."""
+    import copy
+
+    compat = copy.deepcopy(model)
+    compat.gaussian_conditional.lanes = compat.entropy_bottleneck.lanes = None
+    img = photo_like(64, 64)
+    data = codec.encode(img, quality=1, weights=compat)
+    head = codec.parse_header(data)
+    assert head["flags"] & codec.FLAG_COMPAT
+    assert np.array_equal(codec.decode(data, weights=compat, output="numpy"),
+                          codec.decode(codec.encode(img, quality=1, weights=model), weights=model, output="numpy"))
+    with pytest.raises(codec.BitstreamError, match="CompressAI single-lane sections.*lanes=None"):
+        codec.decode(data, weights=model)
+    # And a native-lanes stream decodes with a lanes=None model (native headers are recognised).
+    native = codec.encode(img, quality=1, weights=model)
+    assert np.array_equal(codec.decode(native, weights=compat, output="numpy"),
+                          codec.decode(native, weights=model, output="numpy"))
+    compat.entropy_bottleneck.lanes = "auto"
+    with pytest.raises(ValueError, match="disagree on lanes"):
+        codec.encode(img, quality=1, weights=compat)
 
 
 def test_weights_mismatch_is_detected(model, stream):

@@ -142,6 +142,66 @@ def test_stream_info_reads_the_header(gen):
         ops.rans_stream_info([1, 2, 3])
 
 
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (70001,)])
+@pytest.mark.parametrize("lanes", [None, 1, 7])
+def test_embedded_form_round_trips_byte_for_byte(gen, shape, lanes):
+    precision = 16 if lanes != 7 else 12
+    cdfs, lengths, offsets = random_tables(gen, 4, precision)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, shape)
+    data = ops.rans_encode(sym, idx, cdfs, lengths, offsets, lanes=lanes)
+    n = sym.numel()
+    embedded = ops.rans_embed(data, n, precision)
+    # What is left out: magic, version, precision, CRC-32C (9 bytes) and the symbol count's varint,
+    # less the states-per-lane byte kept at the front.
+    varint_bytes = max(1, (n.bit_length() + 6) // 7)
+    assert len(data) - len(embedded) == 9 + varint_bytes - 1
+    assert embedded[0] == ops.rans_stream_info(data)["states_per_lane"]
+    assert ops.rans_restore(embedded, n, precision) == data
+    assert torch.equal(ops.rans_decode(ops.rans_restore(embedded, n, precision), idx, cdfs, lengths, offsets), sym)
+
+
+def test_embedded_form_refuses_what_it_cannot_restore(gen):
+    cdfs, lengths, offsets = random_tables(gen, 4, 16)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (5000,))
+    data = ops.rans_encode(sym, idx, cdfs, lengths, offsets, lanes=3)
+    # embed validates like a decoder: its symbol count and precision must be the ones given.
+    with pytest.raises(ValueError, match="symbol count or precision"):
+        ops.rans_embed(data, 4999, 16)
+    with pytest.raises(ValueError, match="symbol count or precision"):
+        ops.rans_embed(data, 5000, 15)
+    for what, bad in hostile_variants(data, gen):
+        if what in ("bit flip at 3", "wrong precision") or what.startswith("garbage"):
+            continue  # a stream the CRC does not cover there, or a valid-looking one
+        with pytest.raises(ValueError):
+            ops.rans_embed(bad, 5000, 16)
+            pytest.fail(f"{what}: embedded")
+    # restore takes untrusted bytes: a damaged lane table is refused there, a damaged payload
+    # restores (the CRC it writes protects nothing) and is refused by the decoder.
+    embedded = ops.rans_embed(data, 5000, 16)
+    refused_early = 0
+    for what, bad in hostile_variants(embedded, gen):
+        if bad == embedded:
+            continue
+        try:
+            restored = ops.rans_restore(bad, 5000, 16)
+        except ValueError:
+            refused_early += 1
+            continue
+        try:
+            out = ops.rans_decode(restored, idx, cdfs, lengths, offsets)
+        except ValueError:
+            continue
+        assert not torch.equal(out, sym) or what.startswith("bit flip"), what  # an undetected flip
+    assert refused_early > 10
+    for bad_args, error in [((embedded, -1, 16), ValueError), ((embedded, 5000, 0), ValueError),
+                            ((embedded, 5000, 17), ValueError), ((embedded, 5000.0, 16), TypeError),
+                            ((embedded, True, 16), TypeError), (([1, 2], 5000, 16), TypeError)]:
+        with pytest.raises(error):
+            ops.rans_restore(*bad_args)
+        with pytest.raises(error):
+            ops.rans_embed(*bad_args)
+
+
 def test_argument_validation(gen):
     cdfs, lengths, offsets = random_tables(gen, 3)
     sym, idx = random_symbols(gen, cdfs, lengths, offsets, (10,), escapes=False)

@@ -30,7 +30,7 @@ def _image(h, w, seed):
 def _forge_size(data: bytes, width: int, height: int) -> bytes:
     """The same stream with another declared size and a valid CRC: only the limit can stop it."""
     b = bytearray(data[:-4])
-    struct.pack_into("<II", b, 16, width, height)
+    struct.pack_into("<HH", b, 15, width - 1, height - 1)  # version 3: u16 width-1, height-1 at 15
     return bytes(b) + struct.pack("<I", zlib.crc32(b) & 0xFFFFFFFF)
 
 

@@ -488,6 +488,14 @@ class DualRes(nn.Module):
         y_l_hat = self._decompress_latent(nets.coder_l, strings[pos:], f_l, cond)
         return {"x_hat": self._synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)}
 
+    def symbol_counts(self, shape) -> List[int]:
+        """Symbols in each string :meth:`compress` writes per image, for ``z`` of size ``shape``
+        (h, w): ``z``, then the slices of ``y_H`` (stride 8: 8h x 8w), then those of ``y_L``
+        (stride 16: 4h x 4w). The codec's container leaves them out of the rANS streams."""
+        h, w = (int(v) for v in shape)
+        return ([self.config["Z"] * h * w] + [c * 64 * h * w for c in self.coder_h.slices]
+                + [c * 16 * h * w for c in self.coder_l.slices])
+
     def _decompress_latent(self, coder, strings, features, extra):
         gc = self.gaussian_conditional
         decoded = []

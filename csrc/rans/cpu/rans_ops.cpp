@@ -212,11 +212,34 @@ std::vector<int64_t> rans_stream_info(const at::Tensor& data) {
   return info;
 }
 
+// The embedded form of a native stream and back (rans_stream.h, FORMAT.md "Embedded streams").
+at::Tensor rans_embed(const at::Tensor& data, int64_t symbols, int64_t precision) {
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  TORCH_CHECK_VALUE(symbols >= 0, "symbols must be >= 0, got ", symbols);
+  TORCH_CHECK_VALUE(precision >= 1 && precision <= 16, "precision must be in [1, 16], got ", precision);
+  std::vector<uint8_t> out;
+  throw_status(embed_stream(bytes, size, symbols, static_cast<int>(precision), out), "rans_embed");
+  return to_tensor(out);
+}
+
+at::Tensor rans_restore(const at::Tensor& data, int64_t symbols, int64_t precision) {
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  TORCH_CHECK_VALUE(symbols >= 0, "symbols must be >= 0, got ", symbols);
+  TORCH_CHECK_VALUE(precision >= 1 && precision <= 16, "precision must be in [1, 16], got ", precision);
+  std::vector<uint8_t> out;
+  throw_status(restore_stream(bytes, size, symbols, static_cast<int>(precision), out), "rans_restore");
+  return to_tensor(out);
+}
+
 }  // namespace
 }  // namespace dualres::rans
 
 TORCH_LIBRARY_IMPL(dualres_ext, CPU, m) {
   m.impl("rans_stream_info", &dualres::rans::rans_stream_info);
+  m.impl("rans_embed", &dualres::rans::rans_embed);
+  m.impl("rans_restore", &dualres::rans::rans_restore);
   m.impl("rans_encode", &dualres::rans::rans_encode);
   m.impl("rans_decode", &dualres::rans::rans_decode);
   m.impl("rans_encode_compat", &dualres::rans::rans_encode_compat);

@@ -101,6 +101,13 @@ static void test_native_round_trips() {
                 (long long)lanes, status_message(st));
           CHECK(out == sym, "round trip n=%lld prec=%d states=%d lanes=%lld", (long long)n, prec, states,
                 (long long)lanes);
+          // The embedded form (what the .drx container stores) gives back the very same stream.
+          std::vector<uint8_t> embedded, restored;
+          CHECK(embed_stream(stream.data(), stream.size(), n, prec, embedded) == Status::kOk, "embed");
+          CHECK(embedded.size() < stream.size() - 8 && embedded[0] == states, "embedded size / K byte");
+          CHECK(restore_stream(embedded.data(), embedded.size(), n, prec, restored) == Status::kOk, "restore");
+          CHECK(restored == stream, "restored stream differs n=%lld prec=%d states=%d lanes=%lld", (long long)n,
+                prec, states, (long long)lanes);
         }
       }
     }
@@ -134,6 +141,19 @@ static void test_native_corruption() {
     if (st == Status::kOk) ++undetected;
   }
   CHECK(undetected == 0, "%d corruptions decoded without error", undetected);
+  // Damaged embedded streams: restore_stream reads only what it is given (ASan) and either refuses
+  // them or hands on a stream the decoder then checks.
+  std::vector<uint8_t> embedded, restored;
+  CHECK(embed_stream(stream.data(), stream.size(), n, 16, embedded) == Status::kOk, "embed");
+  for (int it = 0; it < 300; ++it) {
+    std::vector<uint8_t> bad = embedded;
+    if (it % 2 == 0) bad.resize(rng() % bad.size());
+    else bad[rng() % bad.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));
+    std::vector<uint8_t> exact(bad.begin(), bad.end());
+    if (restore_stream(exact.data(), exact.size(), n, 16, restored) == Status::kOk)
+      (void)decode_stream(restored.data(), restored.size(), idx.data(), n, pd, out.data(), SerialFor{});
+  }
+  CHECK(restore_stream(embedded.data(), 0, n, 16, restored) == Status::kTruncated, "empty embedded");
   // Wrong magic, and a stream for a different symbol count.
   std::vector<uint8_t> bad = stream;
   bad[0] ^= 0xFF;
