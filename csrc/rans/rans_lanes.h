@@ -36,17 +36,18 @@ struct LaneJob {
 struct LaneSlice {
   int64_t sym_offset = 0, n = 0;
   int64_t lanes = 0;
+  int states = kDefaultStates;
 };
 
 // Jobs for every lane of every slice, scratch regions back to back; returns the scratch size.
-inline int64_t plan_encode(const std::vector<LaneSlice>& slices, int states, std::vector<LaneJob>& jobs) {
+inline int64_t plan_encode(const std::vector<LaneSlice>& slices, std::vector<LaneJob>& jobs) {
   jobs.clear();
   int64_t scratch = 0;
   for (const LaneSlice& s : slices)
     for (int64_t i = 0; i < s.lanes; ++i) {
       const int64_t b = s.sym_offset + lane_begin(s.n, s.lanes, i), e = s.sym_offset + lane_begin(s.n, s.lanes, i + 1);
       const int64_t cap = (e - b) * static_cast<int64_t>(kMaxBytesPerSymbol) + kLaneSlack;
-      jobs.push_back(LaneJob{b, e, scratch, scratch + cap, states, 0});
+      jobs.push_back(LaneJob{b, e, scratch, scratch + cap, s.states, 0});
       scratch += cap;
     }
   return scratch;
@@ -60,6 +61,14 @@ DUALRES_HD inline int64_t encode_lane_job(const LaneJob& j, const int32_t* sym, 
   const uint8_t* begin =
       native_encode_lane_raw<K>(sym + j.sym_begin, idx + j.sym_begin, j.sym_end - j.sym_begin, tv, precision, end);
   return end - begin;
+}
+
+// encode_lane_job with the job's own number of states (1, 2 or 4).
+DUALRES_HD inline int64_t encode_lane_job_any(const LaneJob& j, const int32_t* sym, const int32_t* idx,
+                                              const TableView& tv, uint32_t precision, uint8_t* scratch) {
+  if (j.states == 1) return encode_lane_job<1>(j, sym, idx, tv, precision, scratch);
+  if (j.states == 2) return encode_lane_job<2>(j, sym, idx, tv, precision, scratch);
+  return encode_lane_job<4>(j, sym, idx, tv, precision, scratch);
 }
 
 // Moves bytes first, first + step, ... of a lane (at the end of its scratch region) to their place

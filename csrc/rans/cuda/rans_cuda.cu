@@ -33,8 +33,6 @@
 namespace dualres::rans {
 namespace {
 
-constexpr int kStates = kDefaultStates;  // what the CPU encoder writes
-static_assert(4 * kStates + 2 <= kLaneSlack, "scratch slack too small for the final states");
 
 // ---------------------------------------------------------------------------------------------
 // Kernels
@@ -58,7 +56,7 @@ __global__ void encode_lanes_kernel(const int32_t* sym, const int32_t* idx, cons
     lane_size[g] = 0;
     return;
   }
-  lane_size[g] = encode_lane_job<kStates>(jobs[g], sym, idx, tv, precision, scratch);
+  lane_size[g] = encode_lane_job_any(jobs[g], sym, idx, tv, precision, scratch);
 }
 
 // One block per lane: moves the lane's bytes (at the end of its scratch region) to their place
@@ -177,7 +175,7 @@ std::pair<std::vector<int64_t>, at::Tensor> encode_round(const at::Tensor& sym, 
                                                          const std::vector<Slice>& slices, const GpuTables& tb,
                                                          uint32_t precision, const at::Tensor& bad) {
   std::vector<LaneJob> jobs;
-  const int64_t scratch_bytes = plan_encode(slices, kStates, jobs);
+  const int64_t scratch_bytes = plan_encode(slices, jobs);
   const int64_t L = static_cast<int64_t>(jobs.size());
   if (L == 0) return {{}, at::Tensor()};
   const at::Device dev = sym.device();
@@ -208,22 +206,27 @@ void encode_group(const at::Tensor& sym, const at::Tensor& idx, std::vector<Slic
                   bool check_indexes, std::vector<at::Tensor>& out) {
   const at::Tensor bad = index_check_flag(idx, tb.host.T, check_indexes);
   const bool auto_lanes = lanes <= 0;
-  for (Slice& s : slices) s.lanes = initial_lanes(s.n, lanes);
+  for (Slice& s : slices) {
+    s.lanes = initial_lanes(s.n, lanes);
+    s.states = kDefaultStates;
+  }
   const uint32_t precision = static_cast<uint32_t>(pt.precision);
   auto [sizes, payload] = encode_round(sym, idx, slices, tb, precision, bad);
   TORCH_CHECK_VALUE(bad.item<int32_t>() == 0, kBadIndexMessage);
-  // The CPU encoder's rule for chosen lane counts (rans_stream.h encode_stream): when the lanes
-  // would cost more than 0.25% of the payload, re-encode once with the affordable count.
+  // The CPU encoder's rule for a chosen layout (rans_stream.h encode_stream): when the lanes or
+  // their states would cost more than 0.25% of the payload, re-encode once with the affordable
+  // layout (affordable_layout).
   bool again = false;
   int64_t lane0 = 0;
   for (Slice& s : slices) {
     int64_t payload_bytes = 0;
     for (int64_t i = 0; i < s.lanes; ++i) payload_bytes += sizes[lane0 + i];
     lane0 += s.lanes;
-    if (!auto_lanes || s.lanes <= 1) continue;
-    const int64_t affordable = affordable_lanes(static_cast<uint64_t>(payload_bytes), kStates);
-    if (s.lanes > affordable) {
-      s.lanes = affordable;
+    if (!auto_lanes || s.n == 0) continue;
+    const Layout next = affordable_layout(static_cast<uint64_t>(payload_bytes), s.lanes);
+    if (next.lanes != s.lanes || next.states != s.states) {
+      s.lanes = next.lanes;
+      s.states = next.states;
       again = true;
     }
   }
@@ -237,7 +240,7 @@ void encode_group(const at::Tensor& sym, const at::Tensor& idx, std::vector<Slic
   for (size_t k = 0; k < slices.size(); ++k) {
     const Slice& s = slices[k];
     // No symbols: no row is used and the CPU encoder writes its default precision, 16.
-    assemble_stream(bytes, s.n == 0 ? 16 : pt.precision, kStates, s.n, s.lanes, sizes.data() + lane0, src);
+    assemble_stream(bytes, s.n == 0 ? 16 : pt.precision, s.states, s.n, s.lanes, sizes.data() + lane0, src);
     for (int64_t i = 0; i < s.lanes; ++i) src += sizes[lane0 + i];
     lane0 += s.lanes;
     at::Tensor stream = at::empty({static_cast<int64_t>(bytes.size())}, at::TensorOptions().dtype(at::kByte));
@@ -298,7 +301,7 @@ std::vector<at::Tensor> rans_encode_batch_cuda(at::TensorList symbols, at::Tenso
       const at::Tensor i = idx.narrow(0, slices[k].sym_offset, slices[k].n);
       Prepared pk;
       prepare_used_rows(pk, tb.host, i);
-      encode_group(s, i, {Slice{0, slices[k].n, 0}}, {k}, pk, tb, lanes, /*check_indexes=*/false, out);
+      encode_group(s, i, {Slice{0, slices[k].n, 0, kDefaultStates}}, {k}, pk, tb, lanes, /*check_indexes=*/false, out);
     }
   }
   return out;
@@ -377,7 +380,7 @@ std::vector<at::Tensor> rans_decode_batch_cuda(at::TensorList data, at::TensorLi
       at::Tensor o = out_flat.narrow(0, slices[k].sym_offset, slices[k].n);
       Prepared pk;
       prepare_used_rows(pk, tb.host, i);
-      decode_group({data_h[k]}, i, {Slice{0, slices[k].n, 0}}, pk, tb, /*check_indexes=*/false, o);
+      decode_group({data_h[k]}, i, {Slice{0, slices[k].n, 0, kDefaultStates}}, pk, tb, /*check_indexes=*/false, o);
     }
   }
   std::vector<at::Tensor> out;

@@ -104,7 +104,9 @@ static void test_native_round_trips() {
           // The embedded form (what the .drx container stores) gives back the very same stream.
           std::vector<uint8_t> embedded, restored;
           CHECK(embed_stream(stream.data(), stream.size(), n, prec, embedded) == Status::kOk, "embed");
-          CHECK(embedded.size() < stream.size() - 8 && embedded[0] == states, "embedded size / K byte");
+          CHECK(embedded.size() < stream.size() - 8 && embedded[0] == stream[4], "embedded size / K byte");
+          // Explicit lane counts keep the states asked for (a chosen layout picks its own).
+          CHECK(lanes == 0 || stream[4] == states, "states %d for lanes %lld", stream[4], (long long)lanes);
           CHECK(restore_stream(embedded.data(), embedded.size(), n, prec, restored) == Status::kOk, "restore");
           CHECK(restored == stream, "restored stream differs n=%lld prec=%d states=%d lanes=%lld", (long long)n,
                 prec, states, (long long)lanes);
@@ -116,6 +118,31 @@ static void test_native_round_trips() {
 
 // Every corruption must give a non-ok status or (rarely, for a bit flip) a different-but-valid
 // decode; never a crash, hang or out-of-bounds read (the sanitizers watch the latter).
+// The encoder's layout rule (affordable_layout): 4 states per lane while their bytes stay under
+// 0.25% of the payload, fewer for small streams; lanes likewise.
+static void test_chosen_layout() {
+  std::mt19937_64 rng(std::random_device{}());
+  Tables tb = random_tables(rng, 4, 16);
+  int small_states = 0, large_states = 0;
+  for (int64_t n : {int64_t{300}, int64_t{400000}}) {
+    std::vector<int32_t> sym, idx;
+    random_symbols(rng, tb, n, sym, idx);
+    Prepared pe;
+    pe.prepare(tb.view(), idx.data(), n, true, 0);
+    std::vector<uint8_t> stream;
+    CHECK(encode_stream(sym.data(), idx.data(), n, 0, pe, stream, SerialFor{}) == Status::kOk, "encode");
+    StreamHeader h;
+    CHECK(parse_header(stream.data(), stream.size(), n, h) == Status::kOk, "header");
+    const uint64_t payload = stream.size() - h.payload_pos;
+    CHECK(uint64_t(4 * h.states) * h.lanes * 400 <= payload || h.states == 1, "states over budget");
+    (n == 300 ? small_states : large_states) = h.states;
+  }
+  CHECK(small_states == 1 && large_states == 4, "states: small stream %d, large %d", small_states, large_states);
+  CHECK(affordable_layout(3000, 1).states == 1 && affordable_layout(6400, 1).states == 4 &&
+        affordable_layout(3200, 1).states == 2 && affordable_layout(6399, 1).states == 2, "thresholds");
+  CHECK(affordable_layout(1000000, 64).lanes == 64 && affordable_layout(10000, 64).lanes == 1, "lanes");
+}
+
 static void test_native_corruption() {
   std::mt19937_64 rng(std::random_device{}());
   Tables tb = random_tables(rng, 5, 16);
@@ -214,6 +241,7 @@ static void test_compat() {
 
 int main() {
   test_native_round_trips();
+  test_chosen_layout();
   test_native_corruption();
   test_compat();
   if (failures) {

@@ -87,7 +87,7 @@ static std::vector<std::vector<uint8_t>> emulate_encode(const std::vector<Stream
   std::vector<LaneSlice> slices;
   for (const Stream& s : streams) {
     slices.push_back(LaneSlice{static_cast<int64_t>(sym.size()), static_cast<int64_t>(s.sym.size()),
-                               initial_lanes(static_cast<int64_t>(s.sym.size()), lanes)});
+                               initial_lanes(static_cast<int64_t>(s.sym.size()), lanes), kDefaultStates});
     sym.insert(sym.end(), s.sym.begin(), s.sym.end());
     idx.insert(idx.end(), s.idx.begin(), s.idx.end());
   }
@@ -95,13 +95,13 @@ static std::vector<std::vector<uint8_t>> emulate_encode(const std::vector<Stream
   std::vector<uint8_t> payload;
   auto round = [&]() {
     std::vector<LaneJob> jobs;
-    const int64_t scratch_bytes = plan_encode(slices, kDefaultStates, jobs);
+    const int64_t scratch_bytes = plan_encode(slices, jobs);
     constexpr int64_t guard = 64;
     std::vector<uint8_t> scratch(static_cast<size_t>(scratch_bytes + 2 * guard), 0xA5);
     sizes.assign(jobs.size(), 0);
     for (size_t g = 0; g < jobs.size(); ++g)  // encode kernel
-      sizes[g] = encode_lane_job<kDefaultStates>(jobs[g], sym.data(), idx.data(), tv,
-                                                 static_cast<uint32_t>(pt.precision), scratch.data() + guard);
+      sizes[g] = encode_lane_job_any(jobs[g], sym.data(), idx.data(), tv, static_cast<uint32_t>(pt.precision),
+                                     scratch.data() + guard);
     for (int64_t i = 0; i < guard; ++i) {
       CHECK(scratch[i] == 0xA5, "encoder wrote before the scratch buffer");
       CHECK(scratch[scratch.size() - 1 - i] == 0xA5, "encoder wrote past the scratch buffer");
@@ -123,10 +123,11 @@ static std::vector<std::vector<uint8_t>> emulate_encode(const std::vector<Stream
     uint64_t bytes = 0;
     for (int64_t i = 0; i < s.lanes; ++i) bytes += static_cast<uint64_t>(sizes[lane0 + i]);
     lane0 += s.lanes;
-    if (lanes > 0 || s.lanes <= 1) continue;
-    const int64_t affordable = affordable_lanes(bytes, kDefaultStates);
-    if (s.lanes > affordable) {
-      s.lanes = affordable;
+    if (lanes > 0 || s.n == 0) continue;
+    const Layout next = affordable_layout(bytes, s.lanes);
+    if (next.lanes != s.lanes || next.states != s.states) {
+      s.lanes = next.lanes;
+      s.states = next.states;
       again = true;
     }
   }
@@ -136,7 +137,7 @@ static std::vector<std::vector<uint8_t>> emulate_encode(const std::vector<Stream
   lane0 = 0;
   for (size_t k = 0; k < slices.size(); ++k) {
     const LaneSlice& s = slices[k];
-    assemble_stream(out[k], s.n == 0 ? 16 : pt.precision, kDefaultStates, s.n, s.lanes, sizes.data() + lane0, src);
+    assemble_stream(out[k], s.n == 0 ? 16 : pt.precision, s.states, s.n, s.lanes, sizes.data() + lane0, src);
     for (int64_t i = 0; i < s.lanes; ++i) src += sizes[lane0 + i];
     lane0 += s.lanes;
   }
