@@ -341,6 +341,8 @@ def _get_varint(data: bytes, pos: int, end: int):
 def _pack(config_id: int, flags: int, quality: float, wid: int, width: int, height: int,
           sections) -> bytes:
     """A version-3 stream of already embedded sections (or CompressAI strings, FLAG_COMPAT)."""
+    if len(sections) > 255:  # the header's count is a byte (the models have 6 or 8)
+        raise ValueError(f"a DualRes bitstream holds at most 255 sections, got {len(sections)}")
     out = bytearray(_HEAD.pack(MAGIC, VERSION, config_id, flags, quality, wid, width - 1, height - 1,
                                len(sections)))
     for section in sections:
