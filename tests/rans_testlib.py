@@ -108,7 +108,7 @@ def hostile_variants(data, gen):
     n = len(b)
     yield "empty", b""
     yield "wrong magic", bytes([b[0] ^ 0xFF]) + b[1:]
-    yield "wrong version", b[:2] + bytes([b[2] + 1]) + b[3:]
+    yield "wrong version", b[:2] + bytes([(b[2] + 1) & 0xFF]) + b[3:]
     yield "wrong precision", b[:3] + bytes([(b[3] % 16) + 1]) + b[4:]
     for _ in range(20):
         cut = int(torch.randint(0, n, (1,), generator=gen))
