@@ -212,25 +212,27 @@ std::vector<int64_t> rans_stream_info(const at::Tensor& data) {
   return info;
 }
 
-// The embedded form of a native stream and back (rans_stream.h, FORMAT.md "Embedded streams").
-at::Tensor rans_embed(const at::Tensor& data, int64_t symbols, int64_t precision) {
+// The embedded form of a native stream and back (rans_stream.h, FORMAT.md "Embedded streams"):
+// the same arguments, checks and output for both directions.
+using EmbeddingFn = Status (*)(const uint8_t*, size_t, int64_t, int, std::vector<uint8_t>&);
+
+at::Tensor convert_embedding(const at::Tensor& data, int64_t symbols, int64_t precision, EmbeddingFn fn,
+                             const char* what) {
   size_t size = 0;
   const uint8_t* bytes = stream_bytes(data, size);
   TORCH_CHECK_VALUE(symbols >= 0, "symbols must be >= 0, got ", symbols);
   TORCH_CHECK_VALUE(precision >= 1 && precision <= 16, "precision must be in [1, 16], got ", precision);
   std::vector<uint8_t> out;
-  throw_status(embed_stream(bytes, size, symbols, static_cast<int>(precision), out), "rans_embed");
+  throw_status(fn(bytes, size, symbols, static_cast<int>(precision), out), what);
   return to_tensor(out);
 }
 
+at::Tensor rans_embed(const at::Tensor& data, int64_t symbols, int64_t precision) {
+  return convert_embedding(data, symbols, precision, &embed_stream, "rans_embed");
+}
+
 at::Tensor rans_restore(const at::Tensor& data, int64_t symbols, int64_t precision) {
-  size_t size = 0;
-  const uint8_t* bytes = stream_bytes(data, size);
-  TORCH_CHECK_VALUE(symbols >= 0, "symbols must be >= 0, got ", symbols);
-  TORCH_CHECK_VALUE(precision >= 1 && precision <= 16, "precision must be in [1, 16], got ", precision);
-  std::vector<uint8_t> out;
-  throw_status(restore_stream(bytes, size, symbols, static_cast<int>(precision), out), "rans_restore");
-  return to_tensor(out);
+  return convert_embedding(data, symbols, precision, &restore_stream, "rans_restore");
 }
 
 }  // namespace
