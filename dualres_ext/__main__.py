@@ -58,7 +58,8 @@ def _cmd_compress(args) -> int:
             return _fail(f"--max-bpp must be a positive number, got {args.max_bpp}", EXIT_ERROR)
         max_bytes = max(1, int(args.max_bpp * image.width * image.height / 8))
     start = time.perf_counter()
-    data = encode(image, quality=args.quality, device=args.device, weights=args.weights, max_bytes=max_bytes)
+    data = encode(image, quality=args.quality, device=args.device, weights=args.weights, max_bytes=max_bytes,
+                  refine_steps=args.refine_steps)
     seconds = time.perf_counter() - start
     with open(args.output, "wb") as f:
         f.write(data)
@@ -98,7 +99,7 @@ def _cmd_eval(args) -> int:
     from .evaluation import evaluate
 
     evaluate(args.folder, args.out, weights=args.weights, codecs=args.codecs, device=args.device,
-             anchors=args.anchors)
+             anchors=args.anchors, refine_steps=args.refine_steps)
     return 0
 
 
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rate control in bits per pixel (the file at most bpp * width * height / 8 bytes)")
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
     p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="optimise the latents for this image with N gradient steps (smaller files, "
+                        "a slower encoder, the same decoder; 0 = off)")
     p.set_defaults(func=lambda a: _run_codec(_cmd_compress, a))
     p = sub.add_parser("decompress", help="decompress a .drx bitstream into an image file")
     p.add_argument("input", help="bitstream file (.drx)")
@@ -178,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--anchors",
                    help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="encode DualRes with latent refinement (N gradient steps per image and quality)")
     p.set_defaults(func=lambda a: _run_codec(_cmd_eval, a))
     p = sub.add_parser("weights", help="describe a weights file: configuration, size, training record")
     p.add_argument("--weights", help="weights file (default: the package's trained weights)")

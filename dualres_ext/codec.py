@@ -462,7 +462,7 @@ def _check_quality(model, quality) -> float:
 
 
 def encode(image, quality: Optional[Union[int, float]] = None, device=None, weights=None,
-           max_pixels: Optional[int] = None, max_bytes: Optional[int] = None) -> bytes:
+           max_pixels: Optional[int] = None, max_bytes: Optional[int] = None, refine_steps: int = 0) -> bytes:
     """Compress one image into a DualRes bitstream.
 
     ``image``: a PIL image, an HxWx3 (or HxW grey, HxWx4 RGBA) uint8 numpy array, or a float
@@ -478,7 +478,15 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     :data:`SIZE_SEARCH_ENCODES` encodes. The header records the quality, so ``decode`` needs
     nothing more. Raises ``ValueError`` if even quality 0 does not fit, naming the size it needs.
     ``device``: where the model runs (default CPU); decode on the same kind of device.
+    ``refine_steps``: optimise the latents for this image with that many gradient steps before
+    coding them (:mod:`dualres_ext.models.refine`): smaller files at the same quality for a
+    slower encoder (each step costs about an encode), the same decoder. 0 (default) = off, and
+    the stream is bit-identical on every machine; a refined stream may differ between machines.
+    With ``max_bytes`` every encode of the search is refined.
     """
+    from .models.refine import _check_steps
+
+    refine_steps = _check_steps(refine_steps)
     limit = _pixel_limit(max_pixels)
     if max_bytes is not None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)):
@@ -501,7 +509,7 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     config_id = CONFIG_IDS.get(getattr(model, "name", "custom"), 0)
 
     def encode_at(quality: float) -> bytes:
-        out = model.compress(x, quality)
+        out = model.compress(x, quality, refine_steps=refine_steps, size=(int(height), int(width)))
         coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"])
         return _pack(config_id, flags | coding, quality, wid, int(width), int(height), sections)
 

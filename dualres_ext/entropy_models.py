@@ -390,13 +390,25 @@ class EntropyBottleneck(EntropyModel):
         values = x.reshape(x.size(0), 1, -1)
 
         outputs = self.quantize(values, "noise" if training else "dequantize", self._get_medians())
-        likelihood, _, _ = self._likelihood(outputs)
-        if self.use_likelihood_bound:
-            likelihood = self.likelihood_lower_bound(likelihood)
+        likelihood = self._bounded_likelihood(outputs)
 
         outputs = outputs.reshape(shape).permute(*perm).contiguous()
         likelihood = likelihood.reshape(shape).permute(*perm).contiguous()
         return outputs, likelihood
+
+    def _bounded_likelihood(self, values: Tensor) -> Tensor:
+        likelihood, _, _ = self._likelihood(values)
+        if self.use_likelihood_bound:
+            likelihood = self.likelihood_lower_bound(likelihood)
+        return likelihood
+
+    def likelihood(self, values: Tensor) -> Tensor:
+        """Likelihood (with the lower bound, as ``forward`` gives it) of ``values`` (B, C, ...)
+        that are already quantised or noised: ``forward`` without its quantisation step."""
+        perm = [1, 0] + list(range(2, values.dim()))
+        v = values.permute(*perm).contiguous()
+        lik = self._bounded_likelihood(v.reshape(v.size(0), 1, -1))
+        return lik.reshape(v.shape).permute(*perm).contiguous()
 
     @staticmethod
     def _build_indexes(size) -> Tensor:
@@ -563,10 +575,14 @@ class GaussianConditional(EntropyModel):
         if training is None:
             training = self.training
         outputs = self.quantize(inputs, "noise" if training else "dequantize", means)
+        return outputs, self.likelihood(outputs, scales, means)
+
+    def likelihood(self, values: Tensor, scales: Tensor, means: Optional[Tensor] = None) -> Tensor:
+        """Likelihood (with the lower bound, as ``forward`` gives it) of ``values`` that are
+        already quantised or noised: ``forward`` without its quantisation step."""
         likelihood_bound = self.likelihood_lower_bound.value() if self.use_likelihood_bound else None
-        likelihood = ops.gaussian_likelihood(outputs, scales, means, scale_bound=self.lower_bound_scale.value(),
-                                             likelihood_bound=likelihood_bound)
-        return outputs, likelihood
+        return ops.gaussian_likelihood(values, scales, means, scale_bound=self.lower_bound_scale.value(),
+                                       likelihood_bound=likelihood_bound)
 
     def build_indexes(self, scales: Tensor) -> Tensor:
         """CompressAI's build_indexes in one pass. NaN scales raise; negative/inf are clamped."""

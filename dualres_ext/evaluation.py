@@ -73,11 +73,13 @@ def _load_anchor_rows(path: str) -> Dict[tuple, dict]:
 
 
 def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequence[float]] = None,
-             codecs: Optional[Sequence[str]] = None, device=None, log=print, anchors: Optional[str] = None) -> dict:
+             codecs: Optional[Sequence[str]] = None, device=None, log=print, anchors: Optional[str] = None,
+             refine_steps: int = 0) -> dict:
     """Run the evaluation; write ``out_dir``/{per_image.csv, summary.json, rd.png}; return the summary.
 
     ``anchors``: a per_image.csv from an earlier run over the same folder; its classical-codec
     rows are reused (the anchors do not change when the weights do), anything missing is run.
+    ``refine_steps``: DualRes encodes with latent refinement (``encode(..., refine_steps=N)``).
     """
     from .codec import decode, encode, _resolve_model  # the codec loads torch models: import lazily
 
@@ -106,7 +108,7 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         name = os.path.basename(path)
         for q in qualities:
             t0 = time.perf_counter()
-            data = encode(rgb, quality=q, device=device, weights=weights)
+            data = encode(rgb, quality=q, device=device, weights=weights, refine_steps=refine_steps)
             t1 = time.perf_counter()
             rec = decode(data, device=device, output="numpy", weights=weights)
             t2 = time.perf_counter()
@@ -142,6 +144,7 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     bd_ms_ssim = _bd_rates(curves, chosen, "ms_ssim_db", log)
     differences = psnr_differences(curves, chosen)
     summary = {"folder": os.path.abspath(folder), "images": len(files), "qualities": list(qualities),
+               "refine_steps": refine_steps,
                "curves": curves, "bd_rate_psnr_percent": bd, "bd_rate_ms_ssim_percent": bd_ms_ssim,
                "psnr_difference_db_at_our_rates": differences,
                "codec_names": {k: all_codecs[k].name for k in chosen}}

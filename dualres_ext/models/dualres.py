@@ -433,12 +433,24 @@ class DualRes(nn.Module):
         updated |= self.entropy_bottleneck.update(force=force)
         return bool(updated)
 
+    def lmbda(self, quality) -> float:
+        """The rate-distortion trade-off ``quality`` was trained for (loss = bpp + lmbda * 255^2 *
+        MSE): ``lambdas[quality]``, log-linearly interpolated for a fractional quality, like the gains."""
+        lo, hi, t = self._quality_point(quality, torch.device("cpu"), torch.float64)
+        lo, hi, t = int(lo[0]), int(hi[0]), float(t[0, 0])
+        return math.exp((1 - t) * math.log(self.lambdas[lo]) + t * math.log(self.lambdas[hi]))
+
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality=None):
+    def compress(self, x: torch.Tensor, quality=None, *, refine_steps: int = 0, size=None):
         """Encode ``x`` (B, 3, H, W), H and W multiples of 64, into byte strings.
 
         Returns ``{"strings": [z, y_H slice 0, ..., y_L slice 0, ...], "shape": z's (h, w)}``,
         each entry a list with one ``bytes`` per batch element (CompressAI's convention).
+
+        ``refine_steps > 0``: optimise the latents for this image before coding them
+        (:func:`dualres_ext.models.refine.refine_latents`; slower encoding, same decoder).
+        ``size`` (h, w): the part of ``x`` that is the picture (the rest is padding, which the
+        refinement does not try to reproduce); default all of it.
         """
         if quality is None:
             quality = self.num_qualities - 1
@@ -446,6 +458,18 @@ class DualRes(nn.Module):
             raise ValueError("compress: quality must be a single int or float")
         y_h, y_l = self._analysis(x, quality)
         z = self._hyper_analysis(y_h, y_l)
+        if refine_steps:
+            from .refine import refine_latents
+
+            with torch.enable_grad():
+                y_h, y_l, z = refine_latents(self, x, quality, (y_h, y_l, z), refine_steps, size=size)
+        return self.compress_latents(y_h, y_l, z)
+
+    @torch.no_grad()
+    def compress_latents(self, y_h: torch.Tensor, y_l: torch.Tensor, z: torch.Tensor):
+        """The coding half of :meth:`compress`: latents (already scaled by the quality's gains,
+        as :meth:`compress` computes them) to byte strings. The quality only enters the decoder
+        through the synthesis."""
         strings = [self.entropy_bottleneck.compress(z)]
         z_hat = _quant(z, self._z_offset(), False, self.entropy_bottleneck)
         nets = self._coding_nets()  # float64: see "Portable streams" in the module docstring

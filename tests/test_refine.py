@@ -1,0 +1,140 @@
+"""Encoder-side latent refinement (dualres_ext.models.refine, ``encode(..., refine_steps=N)``).
+
+With the shipped weights on a crop of the bundled photo: refinement only pays where the
+analysis is a trained one, and the claims checked here (lower loss, smaller or better streams)
+are about real pictures."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualres_ext import codec
+from dualres_ext.demo import BUNDLED_PHOTO
+from dualres_ext.metrics import psnr
+from dualres_ext.models import build
+from dualres_ext.models.refine import refine_latents, rd_losses
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return np.asarray(Image.open(BUNDLED_PHOTO).convert("RGB"))[64:192, 32:224]  # 128 x 192
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build("compact", pretrained=True)
+
+
+def _tensor(image):
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+
+
+def _latents(model, x, quality):
+    with torch.no_grad():
+        y_h, y_l = model._analysis(x, quality)
+        return y_h, y_l, model._hyper_analysis(y_h, y_l)
+
+
+def _real_loss(model, image, data, quality):
+    """What refinement minimises, measured on the stream: bits per pixel + lmbda * 255^2 * MSE
+    of the decoded 8-bit picture."""
+    rec = codec.decode(data, output="numpy").astype(np.float64)
+    mse = np.mean((rec - image.astype(np.float64)) ** 2) / 255 ** 2
+    return 8 * len(data) / (image.shape[0] * image.shape[1]) + model.lmbda(quality) * 255 ** 2 * mse
+
+
+def test_lmbda_is_the_trained_lambda_and_interpolates_log_linearly(model):
+    for q, lam in enumerate(model.lambdas):
+        assert model.lmbda(q) == pytest.approx(lam, rel=1e-12)
+    mid = model.lmbda(2.5)
+    assert mid == pytest.approx(math.sqrt(model.lambdas[2] * model.lambdas[3]), rel=1e-9)
+    with pytest.raises(ValueError, match="quality must lie in"):
+        model.lmbda(model.num_qualities - 0.5)
+
+
+@pytest.mark.parametrize("quality", [0, 2.5, 5])
+def test_exact_loss_is_what_forward_measures(model, photo, quality):
+    """rd_losses' exact loss of the unrefined latents equals the eval-mode forward's (the float64
+    coding path): same rate from the likelihoods, same distortion."""
+    x = _tensor(photo)
+    with torch.no_grad():
+        out = model(x, quality)
+        bits = sum(-torch.log2(lik.double()).sum() for lik in out["likelihoods"].values())
+        mse = (out["x_hat"].clamp(0, 1) - x).pow(2).mean()
+        expected = float(bits / (x.size(2) * x.size(3)) + model.lmbda(quality) * 255 ** 2 * mse)
+        descent, exact = rd_losses(model, x, quality, *_latents(model, x, quality))
+    assert exact.shape == (1,)
+    assert float(exact[0]) == pytest.approx(expected, rel=2e-4)
+    assert float(descent[0]) == pytest.approx(float(exact[0]), rel=1e-6)  # no noise: the same loss
+
+
+def test_refinement_lowers_each_images_loss_and_leaves_the_model_alone(model, photo):
+    x = torch.cat([_tensor(photo), _tensor(photo[:, ::-1])])  # two different pictures, one batch
+    start = _latents(model, x, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refined = refine_latents(model, x, 3, start, steps=6)
+    with torch.no_grad():
+        loss0 = rd_losses(model, x, 3, *start)[1]
+        loss1 = rd_losses(model, x, 3, *refined)[1]
+    assert torch.all(loss1 < loss0), (loss0, loss1)  # per image, not only on average
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(a.shape == b.shape and not a.requires_grad for a, b in zip(refined, start))
+
+
+def test_refined_streams_are_ordinary_streams_with_a_lower_loss(model, photo):
+    for quality in (0, 4):
+        plain = codec.encode(photo, quality=quality)
+        refined = codec.encode(photo, quality=quality, refine_steps=8)
+        assert refined != plain
+        assert codec.parse_header(refined)["quality"] == quality
+        rec = codec.decode(refined, output="numpy")  # the plain decoder reads it
+        assert rec.shape == photo.shape and psnr(photo, rec) > 25
+        assert _real_loss(model, photo, refined, quality) < _real_loss(model, photo, plain, quality)
+
+
+def test_refinement_is_reproducible_and_zero_steps_is_off(photo):
+    a = codec.encode(photo, quality=1, refine_steps=3)
+    assert codec.encode(photo, quality=1, refine_steps=3) == a
+    assert codec.encode(photo, quality=1, refine_steps=0) == codec.encode(photo, quality=1)
+
+
+def test_refinement_ignores_the_padding(model, photo):
+    """A picture that is not a multiple of 64 is padded; refinement scores only the picture, so
+    the pixels of a padded encode are scored as the picture's (the stream still decodes to it)."""
+    crop = photo[:100, :150]
+    data = codec.encode(crop, quality=2, refine_steps=4)
+    rec = codec.decode(data, output="numpy")
+    assert rec.shape == crop.shape
+    assert _real_loss(model, crop, data, 2) < _real_loss(model, crop, codec.encode(crop, quality=2), 2)
+
+
+def test_rate_control_with_refinement_fits(photo):
+    limit = len(codec.encode(photo, quality=2))
+    data = codec.encode(photo, max_bytes=limit, refine_steps=2)
+    assert len(data) <= limit and codec.parse_header(data)["quality"] >= 1.5
+
+
+@pytest.mark.parametrize("steps, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("3", TypeError)])
+def test_bad_refine_steps_are_refused_by_name(photo, steps, error):
+    with pytest.raises(error, match="refine_steps"):
+        codec.encode(photo, quality=1, refine_steps=steps)
+
+
+def test_bad_learning_rate_is_refused(model, photo):
+    x = _tensor(photo)
+    for lr in (0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="lr must be a positive number"):
+            refine_latents(model, x, 1, _latents(model, x, 1), steps=1, lr=lr)
+
+
+def test_cli_compress_refines(tmp_path, photo):
+    from dualres_ext.__main__ import main
+
+    src = tmp_path / "crop.png"
+    Image.fromarray(photo).save(src)
+    out = tmp_path / "crop.drx"
+    assert main(["compress", str(src), str(out), "-q", "1", "--refine-steps", "2"]) == 0
+    assert out.read_bytes() == codec.encode(photo, quality=1, refine_steps=2)
