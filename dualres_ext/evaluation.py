@@ -150,7 +150,8 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
                "codec_names": {k: all_codecs[k].name for k in chosen}}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    _plot(curves, summary["codec_names"], os.path.join(out_dir, "rd.png"), title=os.path.basename(os.path.abspath(folder)))
+    title = os.path.basename(os.path.abspath(folder)) + (f", DualRes refine_steps={refine_steps}" if refine_steps else "")
+    _plot(curves, summary["codec_names"], os.path.join(out_dir, "rd.png"), title=title)
     for key in chosen:
         log(f"BD-rate of DualRes vs {all_codecs[key].name}: PSNR {_percent(bd[key])}, "
             f"MS-SSIM {_percent(bd_ms_ssim[key])}; PSNR difference at our rates (dB): "
