@@ -436,9 +436,9 @@ class DualRes(nn.Module):
     def lmbda(self, quality) -> float:
         """The rate-distortion trade-off ``quality`` was trained for (loss = bpp + lmbda * 255^2 *
         MSE): ``lambdas[quality]``, log-linearly interpolated for a fractional quality, like the gains."""
-        lo, hi, t = self._quality_point(quality, torch.device("cpu"), torch.float64)
-        lo, hi, t = int(lo[0]), int(hi[0]), float(t[0, 0])
-        return math.exp((1 - t) * math.log(self.lambdas[lo]) + t * math.log(self.lambdas[hi]))
+        log_lambdas = torch.tensor(self.lambdas, dtype=torch.float64).log()[:, None]
+        point = self._quality_point(quality, log_lambdas.device, log_lambdas.dtype)
+        return math.exp(float(_interpolate(log_lambdas, point)))
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, quality=None, *, refine_steps: int = 0, size=None):

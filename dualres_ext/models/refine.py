@@ -106,20 +106,24 @@ def refine_latents(model, x: torch.Tensor, quality, latents, steps: int, lr: flo
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator(device=x.device).manual_seed(REFINE_SEED)
     best_loss = None
-    for step in range(steps + 1):
-        noise = [torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) - 0.5 for p in params]
-        descent, exact = rd_losses(model, x, quality, *params, noise=noise, size=size)
+
+    def keep_the_better(exact):
+        nonlocal best_loss
         better = torch.ones_like(exact, dtype=torch.bool) if best_loss is None else exact < best_loss
         best_loss = exact if best_loss is None else torch.where(better, exact, best_loss)
         for b, p in zip(best, params):
-            keep = better.view(-1, *([1] * (p.dim() - 1)))
-            b.copy_(torch.where(keep, p.detach(), b))
-        if step == steps:
-            break
+            b.copy_(torch.where(better.view(-1, *([1] * (p.dim() - 1))), p.detach(), b))
+
+    for step in range(steps):
+        noise = [torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) - 0.5 for p in params]
+        descent, exact = rd_losses(model, x, quality, *params, noise=noise, size=size)
+        keep_the_better(exact)
         grads = torch.autograd.grad(descent.sum(), params)
         for p, g in zip(params, grads):
             p.grad = g
         for group in opt.param_groups:
             group["lr"] = lr * (1 - step / steps)
         opt.step()
+    with torch.no_grad():  # the last step's latents: only their exact loss is needed
+        keep_the_better(rd_losses(model, x, quality, *params, size=size)[1])
     return tuple(best)
