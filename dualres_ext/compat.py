@@ -48,7 +48,7 @@ from . import ans as _ans
 from . import layers as _layers
 from . import ops
 from .entropy_models import EntropyModel as _DualresEntropyModel
-from .entropy_models import check_compress_args, check_decompress_args
+from .entropy_models import check_compress_args, check_decompress_args, check_lanes
 
 __all__ = [
     "CODER_NAME", "accelerate", "register_entropy_coder",
@@ -239,14 +239,6 @@ def _install_serial_loops(module: nn.Module) -> None:
 
 # --- entropy models -----------------------------------------------------------------------------
 
-def _check_lanes(lanes):
-    if lanes is None or lanes == "auto":
-        return lanes
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
-        raise ValueError(f'lanes must be None (CompressAI stream), "auto" or an int >= 1, got {lanes!r}')
-    return lanes
-
-
 class _NativeCoding:
     """Shared coding path of the accelerated entropy models (mixed in before CompressAI's class)."""
 
@@ -419,7 +411,7 @@ def accelerate(model: nn.Module, lanes: Union[None, str, int] = None, gdn: bool 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    lanes = _check_lanes(lanes)
+    lanes = check_lanes(lanes)
     register_entropy_coder()
 
     for module in list(model.modules()):

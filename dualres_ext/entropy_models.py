@@ -60,11 +60,19 @@ def check_decompress_args(strings, indexes: Tensor, means: Optional[Tensor]) -> 
                     raise ValueError("Invalid means parameters")
 
 
-def _check_lanes(lanes):
+def check_lanes(lanes):
+    """The ``lanes`` argument of the entropy models (and of compat's): None (CompressAI's
+    single-stream format), "auto" (the coder chooses) or an explicit count >= 1. Another string
+    or a count below 1 is a ValueError, another type a TypeError (as in :mod:`dualres_ext.ops`)."""
     if lanes is None or lanes == "auto":
         return lanes
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
-        raise ValueError(f'lanes must be None (CompressAI stream), "auto" or an int >= 1, got {lanes!r}')
+    what = 'lanes must be None (CompressAI stream), "auto" or an int >= 1'
+    if isinstance(lanes, str):
+        raise ValueError(f"{what}, got {lanes!r}")
+    if isinstance(lanes, bool) or not isinstance(lanes, int):
+        raise TypeError(f"{what}, got a {type(lanes).__name__}")
+    if lanes < 1:
+        raise ValueError(f"{what}, got {lanes!r}")
     return lanes
 
 
@@ -96,7 +104,7 @@ class EntropyModel(nn.Module):
         self.entropy_coder_precision = int(entropy_coder_precision)
         if not 1 <= self.entropy_coder_precision <= 16:
             raise ValueError(f"entropy_coder_precision must be in [1, 16], got {entropy_coder_precision}")
-        self.lanes = _check_lanes(lanes)
+        self.lanes = check_lanes(lanes)
 
         self.use_likelihood_bound = likelihood_bound > 0
         if self.use_likelihood_bound:
@@ -222,7 +230,7 @@ class EntropyModel(nn.Module):
 
         `lanes` overrides the module's `lanes` for this call (None: CompressAI stream; "auto"/int:
         native multi-lane stream)."""
-        lanes = self.lanes if lanes is ... else _check_lanes(lanes)
+        lanes = self.lanes if lanes is ... else check_lanes(lanes)
         check_compress_args(inputs, indexes)
         tables = self._coder_tables()
         symbols = ops.quantize_symbols(inputs, means).cpu()
@@ -246,7 +254,7 @@ class EntropyModel(nn.Module):
         In CompressAI mode (`lanes` None, the module's or this call's), a string that carries the
         native header is decoded as a native stream, so strings made with compress(..., lanes=k)
         decode without telling decompress."""
-        lanes = self.lanes if lanes is ... else _check_lanes(lanes)
+        lanes = self.lanes if lanes is ... else check_lanes(lanes)
         check_decompress_args(strings, indexes, means)
         tables = self._coder_tables()
         device = indexes.device

@@ -156,11 +156,11 @@ def rans_encode(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> byt
 
 
 def _lanes_arg(lanes) -> int:
+    """None (the coder chooses: 0 for the kernels) or an explicit count >= 1; a non-int is a
+    TypeError and a count below 1 a ValueError, as for every other count argument."""
     if lanes is None:
         return 0
-    if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
-        raise ValueError(f"lanes must be None or a positive int, got {lanes!r}")
-    return lanes
+    return _count_arg(lanes, "lanes", 1)
 
 
 def rans_decode(data, indexes, cdfs, cdf_lengths, offsets) -> torch.Tensor:

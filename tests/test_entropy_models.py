@@ -169,6 +169,10 @@ def test_constructor_validation():
         ours.EntropyBottleneck(4, entropy_coder="rangecoder")
     with pytest.raises(ValueError, match="lanes"):
         ours.EntropyBottleneck(4, lanes=0)
+    with pytest.raises(ValueError, match="lanes"):
+        ours.EntropyBottleneck(4, lanes="fast")
+    with pytest.raises(TypeError, match="lanes"):
+        ours.EntropyBottleneck(4, lanes=2.0)
     with pytest.raises(ValueError, match="update"):
         ours.GaussianConditional(None).compress(torch.randn(1, 2, 3), torch.zeros(1, 2, 3, dtype=torch.int32))
 

@@ -77,6 +77,8 @@ ALREADY = [
     ("rans_encode symbols beyond int32", lambda t: ops.rans_encode(t["sym"].long() * 2**40, t["idx"], *_tab(t)),
      ValueError, "symbols"),
     ("rans_encode lanes 0", lambda t: ops.rans_encode(t["sym"], t["idx"], *_tab(t), lanes=0), ValueError, "lanes"),
+    ("rans_encode lanes float", lambda t: ops.rans_encode(t["sym"], t["idx"], *_tab(t), lanes=2.0), TypeError, "lanes"),
+    ("rans_encode lanes bool", lambda t: ops.rans_encode(t["sym"], t["idx"], *_tab(t), lanes=True), TypeError, "lanes"),
     ("rans_encode shapes", lambda t: ops.rans_encode(t["sym"][:5], t["idx"], *_tab(t)), ValueError, "shape"),
     ("rans_encode_compat 12-bit tables", lambda t: ops.rans_encode_compat(
         t["sym"], t["idx"] * 0, *ops.gaussian_cdf_tables(torch.tensor([1.0]), precision=12)), ValueError, "16-bit"),
