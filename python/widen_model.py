@@ -120,8 +120,8 @@ def main(argv=None) -> int:
         new.update(force=True)
         worst = check_same_pictures(old, new)
         metadata = dict(old.metadata)
-        metadata["widened"] = metadata.get("widened", []) + [
-            {"from": widths(old), "to": widths(new), "at_step": metadata.get("steps")}]
+        # One record of the widening, the same entry a checkpoint's history gets (below), which
+        # export_weights turns into the weights' lineage: `python -m dualres_ext info` prints it.
         metadata["lineage"] = list(metadata.get("lineage") or []) + [
             {"step": metadata.get("steps"), "widened": widths(new), "command": command}]
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -188,7 +188,8 @@ def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_en
              package_env)
     assert r.returncode == 0, r.stderr[-3000:]
     model = codec.load_weights(wide_w)
-    assert model.config["N1_s"] == n1_s and model.metadata["widened"][0]["to"]["N1_s"] == n1_s
+    assert model.config["N1_s"] == n1_s and model.metadata["lineage"][-1]["widened"]["N1_s"] == n1_s
+    assert "widened" not in model.metadata  # recorded once, in the lineage
     assert model.config["N"] == cfg["N"] + 16 and model.config["N_s"] == cfg["N_s"]
     assert model.metadata["lineage"][-1]["widened"]["N"] == cfg["N"] + 16
     assert "python/train.py" in model.metadata["lineage"][0]["command"]
