@@ -91,7 +91,7 @@ def _cmd_decompress(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.image, args.out, args.qualities, weights=args.weights)
+    run_demo(args.image, args.out, args.qualities, weights=args.weights, refine_steps=args.refine_steps)
     return 0
 
 
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dualres_demo", help="folder for reconstructions and side_by_side.png")
     p.add_argument("--qualities", type=int, nargs="+", default=[0, 2, 5])
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="encode with latent refinement (N gradient steps per quality: smaller files, slower)")
     p.set_defaults(func=lambda a: _run_codec(_cmd_demo, a))
     p = sub.add_parser("eval", help="R-D evaluation over a folder against classical codecs (BD-rate, plot)")
     p.add_argument("folder", help="folder of images (e.g. ../shared/data/kodak)")

@@ -24,8 +24,14 @@ def _label(img: Image.Image, text: str) -> Image.Image:
 
 
 def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qualities: Sequence[int] = (0, 2, 5),
-             weights=None, device=None, log=print) -> list:
-    """Run the demo; returns one dict per quality with sizes, PSNRs and timings."""
+             weights=None, device=None, log=print, refine_steps: int = 0) -> list:
+    """Run the demo; returns one dict per quality with sizes, PSNRs and timings.
+
+    ``refine_steps``: encode with latent refinement (``encode(..., refine_steps=N)``): smaller
+    files at the same quality, for an encoding time that grows with N."""
+    from .models.refine import _check_steps
+
+    refine_steps = _check_steps(refine_steps)
     from .codec import _resolve_model, decode, encode
 
     path = Path(image_path) if image_path else BUNDLED_PHOTO
@@ -35,7 +41,8 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     model, _ = _resolve_model(weights, device)
     meta = getattr(model, "metadata", {}) or {}
     log(f"DualRes demo: {path.name} ({w}x{h}), weights: {model.name}"
-        + (f", trained {meta['steps']} steps" if meta.get("steps") is not None else ""))
+        + (f", trained {meta['steps']} steps" if meta.get("steps") is not None else "")
+        + (f", latent refinement {refine_steps} steps" if refine_steps else ""))
     encode(rgb, quality=qualities[0], device=device, weights=weights)  # warm-up (tables, thread pool)
 
     codecs = available_codecs()
@@ -47,7 +54,7 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     rows, panels = [], [_label(Image.fromarray(rgb), "original")]
     for q in qualities:
         t0 = time.perf_counter()
-        data = encode(rgb, quality=q, device=device, weights=weights)
+        data = encode(rgb, quality=q, device=device, weights=weights, refine_steps=refine_steps)
         t1 = time.perf_counter()
         rec = decode(data, device=device, output="numpy", weights=weights)
         t2 = time.perf_counter()

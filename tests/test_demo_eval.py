@@ -138,6 +138,25 @@ def test_demo_writes_reconstructions_and_comparison(tmp_path, random_model):
     assert any("JPEG" in line for line in lines)
 
 
+def test_demo_with_refinement_shows_refined_streams(tmp_path):
+    """With the shipped weights (a random model's refinement may keep its start)."""
+    from dualres_ext import codec
+    from dualres_ext.demo import run_demo
+
+    image = tmp_path / "photo.png"
+    _photo((128, 128)).save(image)
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    lines = []
+    rows = run_demo(str(image), str(tmp_path / "out"), qualities=(1,), log=lines.append, refine_steps=2)
+    refined, plain = codec.encode(rgb, quality=1, refine_steps=2), codec.encode(rgb, quality=1)
+    assert refined != plain  # so the checks below can tell the two apart
+    assert rows[0]["bytes"] == len(refined)
+    assert rows[0]["psnr"] == pytest.approx(psnr(rgb, codec.decode(refined, output="numpy")))
+    assert "latent refinement 2 steps" in lines[0]
+    with pytest.raises(ValueError, match="refine_steps"):
+        run_demo(str(image), str(tmp_path / "out"), qualities=(1,), log=lines.append, refine_steps=-1)
+
+
 def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
     from dualres_ext.evaluation import evaluate
 
