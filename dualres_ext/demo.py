@@ -29,10 +29,10 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
 
     ``refine_steps``: encode with latent refinement (``encode(..., refine_steps=N)``): smaller
     files at the same quality, for an encoding time that grows with N."""
+    from .codec import _resolve_model, decode, encode
     from .models.refine import _check_steps
 
     refine_steps = _check_steps(refine_steps)
-    from .codec import _resolve_model, decode, encode
 
     path = Path(image_path) if image_path else BUNDLED_PHOTO
     rgb = np.asarray(Image.open(path).convert("RGB"))

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         worst = check_same_pictures(old, new)
         metadata = dict(old.metadata)
         # One record of the widening, the same entry a checkpoint's history gets (below), which
-        # export_weights turns into the weights' lineage: `python -m dualres_ext info` prints it.
+        # export_weights turns into the weights' lineage: `python -m dualres_ext weights` prints it.
         metadata["lineage"] = list(metadata.get("lineage") or []) + [
             {"step": metadata.get("steps"), "widened": widths(new), "command": command}]
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

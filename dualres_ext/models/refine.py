@@ -35,8 +35,8 @@ scaled so that one bin is 1 at every quality); it decays linearly to 0 over the 
 REFINE_Z_LR_SCALE = 5.0
 """The hyper-latent ``z`` steps this many times further than ``y``. Measured (docs/TRAINING.md,
 session 11): ``y`` gets worse beyond about 0.01 -- its roundings flip and the exact loss rises --
-while ``z``, which only moves the scales and means, gains most at about 0.05; both at 0.01 leave a
-third of the gain behind, and 0.2 for ``z`` loses most of it."""
+while ``z``, which only moves the scales and means, gains most at about 0.05; both at 0.01 leave
+15-35% of the gain behind, and 0.2 for ``z`` loses most of it."""
 
 REFINE_SEED = 0
 
