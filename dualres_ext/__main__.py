@@ -141,6 +141,12 @@ def _cmd_weights(args) -> int:
     return 0
 
 
+def _add_refine_steps(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                   help=f"optimise the latents {where} with N gradient steps and then a few discrete "
+                        "rounds (smaller files, a slower encoder, the same decoder; 0 = off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualres", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rate control in bits per pixel (the file at most bpp * width * height / 8 bytes)")
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--refine-steps", type=int, default=0,
-                   help="optimise the latents for this image with N gradient steps (smaller files, "
-                        "a slower encoder, the same decoder; 0 = off)")
+    _add_refine_steps(p, "for this image")
     p.set_defaults(func=lambda a: _run_codec(_cmd_compress, a))
     p = sub.add_parser("decompress", help="decompress a .drx bitstream into an image file")
     p.add_argument("input", help="bitstream file (.drx)")
@@ -173,8 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dualres_demo", help="folder for reconstructions and side_by_side.png")
     p.add_argument("--qualities", type=int, nargs="+", default=[0, 2, 5])
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
-    p.add_argument("--refine-steps", type=int, default=0,
-                   help="encode with latent refinement (N gradient steps per quality: smaller files, slower)")
+    _add_refine_steps(p, "at each quality")
     p.set_defaults(func=lambda a: _run_codec(_cmd_demo, a))
     p = sub.add_parser("eval", help="R-D evaluation over a folder against classical codecs (BD-rate, plot)")
     p.add_argument("folder", help="folder of images (e.g. ../shared/data/kodak)")
@@ -184,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--anchors",
                    help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows")
-    p.add_argument("--refine-steps", type=int, default=0,
-                   help="encode DualRes with latent refinement (N gradient steps per image and quality)")
+    _add_refine_steps(p, "per image and quality")
     p.set_defaults(func=lambda a: _run_codec(_cmd_eval, a))
     p = sub.add_parser("weights", help="describe a weights file: configuration, size, training record")
     p.add_argument("--weights", help="weights file (default: the package's trained weights)")

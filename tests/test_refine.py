@@ -14,7 +14,7 @@ from dualres_ext import codec
 from dualres_ext.demo import BUNDLED_PHOTO
 from dualres_ext.metrics import psnr
 from dualres_ext.models import build
-from dualres_ext.models.refine import refine_latents, rd_losses
+from dualres_ext.models.refine import _synthesis_curvature, refine_latents, rd_losses
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,85 @@ def test_refinement_lowers_each_images_loss_and_leaves_the_model_alone(model, ph
     assert all(a.shape == b.shape and not a.requires_grad for a, b in zip(refined, start))
 
 
+@pytest.mark.parametrize("quality", [0, 4])
+def test_discrete_rounds_lower_the_loss_below_the_gradient_steps(model, photo, quality):
+    """The rounds after the gradient steps only keep moves that lower the exact loss, and on a
+    real picture they find some."""
+    x = _tensor(photo)
+    start = _latents(model, x, quality)
+    steps_only = refine_latents(model, x, quality, start, steps=4, flip_rounds=0)
+    with_rounds = refine_latents(model, x, quality, start, steps=4, flip_rounds=2)
+    with torch.no_grad():
+        loss_steps = float(rd_losses(model, x, quality, *steps_only)[1])
+        loss_rounds = float(rd_losses(model, x, quality, *with_rounds)[1])
+    assert loss_rounds < loss_steps
+    # The rounds move y_H / y_L by whole bins (one per round at most), never z.
+    assert torch.equal(with_rounds[2], steps_only[2])
+    moved = [(a - b) for a, b in zip(with_rounds[:2], steps_only[:2])]
+    assert any(bool(torch.any(d != 0)) for d in moved)
+    for d in moved:
+        assert torch.all((d - d.round()).abs() < 1e-4) and float(d.abs().max()) <= 2
+
+
+def test_delta_bits_are_the_change_of_each_elements_own_bits(model, photo):
+    """rd_losses' per-element bit changes: moving one element of the last slice of y_L (no later
+    slice sees it) by one bin changes the total exact rate by exactly the collected amount."""
+    x = _tensor(photo)
+    y_h, y_l, z = _latents(model, x, 2)
+    collect = {}
+    with torch.no_grad():
+        rd_losses(model, x, 2, y_h, y_l, z, collect=collect)
+    up, down = collect["delta_bits"][1]
+    assert up.shape == y_l.shape and down.shape == y_l.shape
+    assert torch.all(torch.isfinite(up)) and bool(torch.any(up != 0))
+    pixels = x.size(2) * x.size(3)
+
+    class NoSynthesis:  # the same model with a constant picture: the loss is then the rate only
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def _synthesis(self, a, b, quality):
+            return torch.zeros(a.size(0), 3, 16 * b.size(2), 16 * b.size(3))
+
+    rate_only = NoSynthesis()
+    with torch.no_grad():
+        base = float(rd_losses(rate_only, x, 2, y_h, y_l, z)[1])
+        for c, i, j in [(y_l.size(1) - 1, 2, 3), (y_l.size(1) - 5, 4, 7)]:
+            for delta, table in ((1, up), (-1, down)):
+                moved = y_l.clone()
+                moved[0, c, i, j] += delta
+                change = float(rd_losses(rate_only, x, 2, y_h, moved, z)[1]) - base
+                # float32 sums of ~10^4 bits: about 0.1 bit of rounding in the difference
+                assert change == pytest.approx(float(table[0, c, i, j]), abs=0.25 / pixels)
+
+
+def test_synthesis_curvature_matches_a_linear_synthesis():
+    """The Hutchinson estimate of half the Gauss-Newton diagonal, on a synthesis whose Jacobian is
+    known: a 3x3 convolution, whose diagonal of J^T J is, away from the borders, the sum of the
+    squared weights leaving each input channel."""
+    torch.manual_seed(0)
+    conv_h = torch.nn.Conv2d(4, 3, 3, padding=1, bias=False)
+    conv_l = torch.nn.Conv2d(2, 3, 3, padding=1, bias=False)
+
+    class Linear:
+        def _synthesis(self, a, b, quality):
+            return conv_h(a) + torch.nn.functional.interpolate(conv_l(b), scale_factor=2)
+
+    y_h, y_l = torch.randn(1, 4, 96, 96), torch.randn(1, 2, 48, 48)
+    weight = 7.0
+    gen = torch.Generator().manual_seed(1)
+    est_h, est_l = _synthesis_curvature(Linear(), (y_h, y_l), 0, (96, 96), weight, gen)
+    n = 3 * 96 * 96  # the MSE's denominator
+    # Interior elements of y_H: sum over output channels and taps of W^2 (borders lose taps).
+    exact_h = conv_h.weight.detach().pow(2).sum((0, 2, 3)) * weight / n
+    # y_L's output is upsampled 2x: each conv output reaches 4 pixels.
+    exact_l = 4 * conv_l.weight.detach().pow(2).sum((0, 2, 3)) * weight / n
+    assert est_h.shape == (1, 4, 1, 1) and est_l.shape == (1, 2, 1, 1)
+    # 1 probe, ~9k (y_H) and ~2k (y_L) positions per channel, plus the border's missing taps.
+    assert torch.allclose(est_h.flatten(), exact_h, rtol=0.1)
+    assert torch.allclose(est_l.flatten(), exact_l, rtol=0.15)
+
+
 def test_refined_streams_are_ordinary_streams_with_a_lower_loss(model, photo):
     for quality in (0, 4):
         plain = codec.encode(photo, quality=quality)
@@ -121,6 +200,13 @@ def test_rate_control_with_refinement_fits(photo):
 def test_bad_refine_steps_are_refused_by_name(photo, steps, error):
     with pytest.raises(error, match="refine_steps"):
         codec.encode(photo, quality=1, refine_steps=steps)
+
+
+@pytest.mark.parametrize("rounds, error", [(-1, ValueError), (2.0, TypeError), (None, TypeError)])
+def test_bad_flip_rounds_are_refused_by_name(model, photo, rounds, error):
+    x = _tensor(photo)
+    with pytest.raises(error, match="flip_rounds"):
+        refine_latents(model, x, 1, _latents(model, x, 1), steps=1, flip_rounds=rounds)
 
 
 def test_bad_learning_rate_is_refused(model, photo):
