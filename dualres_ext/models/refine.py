@@ -150,12 +150,11 @@ def _synthesis_curvature(model, y_hats, quality, size, weight: float, gen: torch
     probes = [torch.randint(0, 2, y.shape, generator=gen, device=y.device).to(y.dtype) * 2 - 1
               for y in y_hats]
     eps = 1e-2
-    with torch.no_grad():
-        base = model._synthesis(*y_hats, quality)[..., :h, :w]
-        moved = model._synthesis(*(y + eps * v for y, v in zip(y_hats, probes)), quality)[..., :h, :w]
-        jv = (moved - base) / eps
     inputs = [y.clone().requires_grad_(True) for y in y_hats]
-    out = model._synthesis(*inputs, quality)[..., :h, :w]
+    out = model._synthesis(*inputs, quality)[..., :h, :w]  # also the finite difference's base
+    with torch.no_grad():
+        moved = model._synthesis(*(y + eps * v for y, v in zip(y_hats, probes)), quality)[..., :h, :w]
+        jv = (moved - out.detach()) / eps
     jtjv = torch.autograd.grad(out, inputs, grad_outputs=jv)
     per_element = weight / out[0].numel()
     return [(v * g).mean((2, 3), keepdim=True) * per_element for v, g in zip(probes, jtjv)]
