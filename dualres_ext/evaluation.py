@@ -72,17 +72,98 @@ def _load_anchor_rows(path: str) -> Dict[tuple, dict]:
     return out
 
 
+def _measure(rgb: np.ndarray, name: str, codec: str, quality, encode, decode) -> dict:
+    """One row of per_image.csv: ``encode(rgb) -> bytes``, ``decode(bytes) -> rgb``, timed."""
+    t0 = time.perf_counter()
+    data = encode(rgb)
+    t1 = time.perf_counter()
+    rec = decode(data)
+    t2 = time.perf_counter()
+    return {"image": name, "codec": codec, "quality": quality, "bytes": len(data),
+            "bpp": 8 * len(data) / (rgb.shape[0] * rgb.shape[1]), "psnr": psnr(rgb, rec),
+            "ms_ssim": _ms_ssim_or_nan(rgb, rec), "enc_ms": 1e3 * (t1 - t0), "dec_ms": 1e3 * (t2 - t1)}
+
+
+def _evaluate_image(path: str, qualities, chosen, codecs, weights, device, refine_steps: int,
+                    reuse: Dict[tuple, dict]):
+    """(rows, how many were reused) of one image: DualRes at each quality, then each chosen
+    classical codec over its sweep (rows found in ``reuse`` are taken instead of coded)."""
+    from .codec import decode, encode
+
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    name = os.path.basename(path)
+    rows = [_measure(rgb, name, "dualres", q,
+                     lambda a, q=q: encode(a, quality=q, device=device, weights=weights, refine_steps=refine_steps),
+                     lambda d: decode(d, device=device, output="numpy", weights=weights))
+            for q in qualities]
+    reused = 0
+    for key in chosen:
+        codec = codecs[key]
+        for q in codec.qualities:
+            if (name, key, q) in reuse:
+                rows.append(reuse[(name, key, q)])
+                reused += 1
+            else:
+                rows.append(_measure(rgb, name, key, q, lambda a, q=q: codec.encode(a, q), codec.decode))
+    return rows, reused
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _evaluate_image_in_worker(path, qualities, chosen, weights, device, refine_steps, reuse):
+    return _evaluate_image(path, qualities, chosen, available_codecs(), weights, device, refine_steps, reuse)
+
+
+def _evaluate_in_processes(files, workers: int, qualities, chosen, weights, device, refine_steps,
+                           reuse_for, finished) -> None:
+    """:func:`_evaluate_image` for every file in ``workers`` processes; ``finished(name, rows,
+    reused)`` as each image completes (in the order they complete)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)
+    # "spawn": a forked child would inherit torch's thread pools and the parent's locks.
+    with ProcessPoolExecutor(max_workers=min(workers, len(files)) or 1,
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(threads,)) as pool:
+        jobs = {pool.submit(_evaluate_image_in_worker, path, qualities, chosen, weights, device, refine_steps,
+                            reuse_for(path)): path for path in files}
+        try:
+            for job in as_completed(jobs):
+                finished(os.path.basename(jobs[job]), *job.result())
+        except BaseException:  # a failed image (or Ctrl-C) ends the run now, not after the queue
+            for job in jobs:
+                job.cancel()
+            raise
+
+
 def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequence[float]] = None,
              codecs: Optional[Sequence[str]] = None, device=None, log=print, anchors: Optional[str] = None,
-             refine_steps: int = 0) -> dict:
+             refine_steps: int = 0, workers: int = 1) -> dict:
     """Run the evaluation; write ``out_dir``/{per_image.csv, summary.json, rd.png}; return the summary.
 
     ``anchors``: a per_image.csv from an earlier run over the same folder; its classical-codec
     rows are reused (the anchors do not change when the weights do), anything missing is run.
     ``refine_steps``: DualRes encodes with latent refinement (``encode(..., refine_steps=N)``).
+    ``workers``: images are measured in this many processes at once, each with an equal share of
+    torch's threads (one image's convolutions use many cores poorly; separate images use them
+    fully). The bytes and qualities are the same as with one process (refined streams: up to
+    float32 rounding, see :mod:`dualres_ext.models.refine`); the timings are of a shared machine.
+    ``weights`` must then be None or a path: each process loads its own model.
     """
-    from .codec import decode, encode, _resolve_model  # the codec loads torch models: import lazily
+    from .codec import _resolve_model  # the codec loads torch models: import lazily
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if workers > 1 and weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise ValueError("workers > 1: weights must be None or a path (each worker process loads its own model), "
+                         f"got {type(weights).__name__}")
     os.makedirs(out_dir, exist_ok=True)
     files = _images(folder)
     model, _ = _resolve_model(weights, device)
@@ -95,46 +176,35 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         raise ValueError(f"codecs not available here: {unknown} (available: {sorted(all_codecs)})")
 
     reuse = _load_anchor_rows(anchors) if anchors else {}
-    reused = 0
-    rows = []
     # Rows go to per_image.csv as each image finishes: an interrupted run keeps what it measured
     # (and can serve as --anchors for the next one).
     csv_path = os.path.join(out_dir, "per_image.csv")
     with open(csv_path, "w", newline="") as f:
         csv.DictWriter(f, fieldnames=_CSV_FIELDS).writeheader()
-    for i, path in enumerate(files):
-        rgb = np.asarray(Image.open(path).convert("RGB"))
-        pixels = rgb.shape[0] * rgb.shape[1]
-        name = os.path.basename(path)
-        for q in qualities:
-            t0 = time.perf_counter()
-            data = encode(rgb, quality=q, device=device, weights=weights, refine_steps=refine_steps)
-            t1 = time.perf_counter()
-            rec = decode(data, device=device, output="numpy", weights=weights)
-            t2 = time.perf_counter()
-            rows.append({"image": name, "codec": "dualres", "quality": q, "bytes": len(data),
-                         "bpp": 8 * len(data) / pixels, "psnr": psnr(rgb, rec), "ms_ssim": _ms_ssim_or_nan(rgb, rec),
-                         "enc_ms": 1e3 * (t1 - t0), "dec_ms": 1e3 * (t2 - t1)})
-        for key in chosen:
-            codec = all_codecs[key]
-            for q in codec.qualities:
-                if (name, key, q) in reuse:
-                    rows.append(reuse[(name, key, q)])
-                    reused += 1
-                    continue
-                t0 = time.perf_counter()
-                data = codec.encode(rgb, q)
-                t1 = time.perf_counter()
-                rec = codec.decode(data)
-                t2 = time.perf_counter()
-                rows.append({"image": name, "codec": key, "quality": q, "bytes": len(data),
-                             "bpp": 8 * len(data) / pixels, "psnr": psnr(rgb, rec),
-                             "ms_ssim": _ms_ssim_or_nan(rgb, rec),
-                             "enc_ms": 1e3 * (t1 - t0), "dec_ms": 1e3 * (t2 - t1)})
+    per_image: Dict[str, List[dict]] = {}
+    reused = 0
+
+    def finished(name: str, image_rows: List[dict], image_reused: int) -> None:
+        nonlocal reused
+        per_image[name] = image_rows
+        reused += image_reused
         with open(csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=_CSV_FIELDS).writerows(r for r in rows if r["image"] == name)
-        ours = [r for r in rows if r["image"] == name and r["codec"] == "dualres"]
-        log(f"[{i + 1}/{len(files)}] {name}: " + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours))
+            csv.DictWriter(f, fieldnames=_CSV_FIELDS).writerows(image_rows)
+        ours = [r for r in image_rows if r["codec"] == "dualres"]
+        log(f"[{len(per_image)}/{len(files)}] {name}: "
+            + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours))
+
+    def reuse_for(path: str) -> Dict[tuple, dict]:
+        name = os.path.basename(path)
+        return {k: v for k, v in reuse.items() if k[0] == name}
+
+    if workers == 1:
+        for path in files:
+            finished(os.path.basename(path),
+                     *_evaluate_image(path, qualities, chosen, all_codecs, weights, device, refine_steps, reuse_for(path)))
+    else:
+        _evaluate_in_processes(files, workers, qualities, chosen, weights, device, refine_steps, reuse_for, finished)
+    rows = [r for path in files for r in per_image[os.path.basename(path)]]
 
     if anchors:
         log(f"reused {reused} classical-codec measurements from {anchors}")

@@ -210,6 +210,44 @@ def test_evaluation_reuses_anchor_rows(tmp_path, random_model, monkeypatch):
     assert second["bd_rate_psnr_percent"].keys() == {"jpeg420"}
 
 
+def test_evaluation_in_worker_processes_measures_the_same_streams(tmp_path, random_model):
+    """workers=2: the same rows (bytes, quality; file order in the summary) as one process."""
+    from dualres_ext import codec
+    from dualres_ext.evaluation import evaluate
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, size in (("a.png", (192, 128)), ("b.png", (128, 160)), ("c.png", (144, 144))):
+        _photo(size).save(folder / name)
+    weights = str(tmp_path / "w.pt")
+    codec.save_weights(random_model, weights)
+    runs = {}
+    for workers in (1, 2):
+        runs[workers] = evaluate(str(folder), str(tmp_path / f"out{workers}"), weights=weights, qualities=[0, 3],
+                                 codecs=["jpeg420"], log=lambda *_: None, workers=workers)
+        with open(tmp_path / f"out{workers}" / "per_image.csv") as f:
+            rows = sorted((r["image"], r["codec"], r["quality"], r["bytes"], r["psnr"]) for r in csv.DictReader(f))
+        curves = [{k: v for k, v in c.items() if not k.endswith("_ms")} for c in runs[workers]["curves"]]
+        runs[workers] = (rows, json.dumps(curves, sort_keys=True))  # as text: MS-SSIM is NaN on small pictures
+    assert len(runs[1][0]) == 3 * (2 + len(available_codecs()["jpeg420"].qualities))
+    assert runs[2] == runs[1]
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_evaluation_refuses_bad_workers(tmp_path, random_model, workers):
+    from dualres_ext.evaluation import evaluate
+
+    with pytest.raises(ValueError, match="workers"):
+        evaluate(str(tmp_path), str(tmp_path / "out"), weights=random_model, workers=workers)
+
+
+def test_evaluation_in_workers_needs_weights_by_path(tmp_path, random_model):
+    from dualres_ext.evaluation import evaluate
+
+    with pytest.raises(ValueError, match="weights must be None or a path"):
+        evaluate(str(tmp_path), str(tmp_path / "out"), weights=random_model, workers=2)
+
+
 def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     """With the shipped weights: a random model's refinement may keep its start (no change to see)."""
     from dualres_ext import codec
