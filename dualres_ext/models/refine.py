@@ -50,12 +50,14 @@ session 11): ``y`` gets worse beyond about 0.01 -- its roundings flip and the ex
 while ``z``, which only moves the scales and means, gains most at about 0.05; both at 0.01 leave
 15-35% of the gain behind, and 0.2 for ``z`` loses most of it."""
 
-REFINE_FLIP_ROUNDS = 3
-"""Discrete rounds after the gradient steps (each costs about four gradient steps: one gradient,
-one curvature probe, six trial losses). Measured on validation crops (docs/TRAINING.md, session
-12): after 10 gradient steps, three rounds lowered the exact loss by a further 0.25-1.1% (0.7% on
-average, on top of the steps' 0.2-3.4%); without the gradient steps, rounds alone gave 30-100% of
-what the 10 steps give."""
+REFINE_FLIP_ROUNDS = 8
+"""At most this many discrete rounds after the gradient steps (each costs about four gradient
+steps: one gradient, one curvature probe, six trial losses; they stop at a round that improves no
+image). Measured on validation crops (docs/TRAINING.md, session 12): after 10 gradient steps,
+three rounds lowered the exact loss by a further 0.25-1.1% (0.7% on average, on top of the steps'
+0.2-3.4%); without the gradient steps, rounds alone gave 30-100% of what the 10 steps give.
+Session 15 (3 crops x 6 qualities, exact-loss change vs unrefined): 10 steps + 3 rounds -2.79%,
++ 8 rounds -3.07%; 20 steps + 3 / 8 / 16 rounds -3.24 / -3.50 / -3.54%; 30 + 12 -3.69%."""
 
 FLIP_WINDOW = 3
 """At most one move per this-many x this-many neighbourhood of a latent (all its channels)."""
