@@ -479,7 +479,7 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     nothing more. Raises ``ValueError`` if even quality 0 does not fit, naming the size it needs.
     ``device``: where the model runs (default CPU); decode on the same kind of device.
     ``refine_steps``: optimise the latents for this image with that many gradient steps, then
-    up to eight discrete rounds that move single latents by one bin, before coding them
+    up to three discrete rounds that move single latents by one bin, before coding them
     (:mod:`dualres_ext.models.refine`): smaller files at the same quality for a slower encoder
     (each step costs about an encode, each round about four), the same decoder. 0 (default) = off, and
     the stream is bit-identical on every machine; a refined stream may differ between machines.

@@ -50,14 +50,16 @@ session 11): ``y`` gets worse beyond about 0.01 -- its roundings flip and the ex
 while ``z``, which only moves the scales and means, gains most at about 0.05; both at 0.01 leave
 15-35% of the gain behind, and 0.2 for ``z`` loses most of it."""
 
-REFINE_FLIP_ROUNDS = 8
+REFINE_FLIP_ROUNDS = 3
 """At most this many discrete rounds after the gradient steps (each costs about four gradient
 steps: one gradient, one curvature probe, six trial losses; they stop at a round that improves no
 image). Measured on validation crops (docs/TRAINING.md, session 12): after 10 gradient steps,
 three rounds lowered the exact loss by a further 0.25-1.1% (0.7% on average, on top of the steps'
 0.2-3.4%); without the gradient steps, rounds alone gave 30-100% of what the 10 steps give.
 Session 15 (3 crops x 6 qualities, exact-loss change vs unrefined): 10 steps + 3 rounds -2.79%,
-+ 8 rounds -3.07%; 20 steps + 3 / 8 / 16 rounds -3.24 / -3.50 / -3.54%; 30 + 12 -3.69%."""
++ 8 rounds -3.07% (75% more time); 20 steps + 3 / 8 / 16 rounds -3.24 / -3.50 / -3.54%; 30 + 12
+-3.69%. On Kodak, 30 steps + 8 rounds moved the BD-rate against WebP by 0.1 point over 10 + 3
+(8 images, paired): three rounds stay the default, and ``refine_steps`` buys the rest."""
 
 FLIP_WINDOW = 3
 """At most one move per this-many x this-many neighbourhood of a latent (all its channels)."""
