@@ -266,3 +266,23 @@ def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     assert refined != codec.encode(rgb, quality=1)  # so the check below can tell
     assert int(ours[0]["bytes"]) == len(refined)
     assert float(ours[0]["psnr"]) == pytest.approx(psnr(rgb, codec.decode(refined, output="numpy")))
+
+
+def test_eval_command_lines_pass_workers_and_refine_steps(tmp_path, monkeypatch):
+    """`python -m dualres_ext eval` and python/eval_rd.py hand --workers and --refine-steps on."""
+    import importlib.util
+
+    from dualres_ext import evaluation
+    from dualres_ext.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: seen.append(kwargs) or {})
+    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "2", "--refine-steps", "3"]) == 0
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "python", "eval_rd.py")
+    spec = importlib.util.spec_from_file_location("eval_rd", script)
+    eval_rd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_rd)  # binds the patched evaluate
+    assert eval_rd.main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "3", "--refine-steps", "4"]) == 0
+    assert [(k["workers"], k["refine_steps"]) for k in seen] == [(2, 3), (3, 4)]
+    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert (seen[-1]["workers"], seen[-1]["refine_steps"]) == (1, 0)
