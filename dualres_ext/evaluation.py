@@ -115,6 +115,7 @@ def _start_worker(threads: int) -> None:
 
 
 def _evaluate_image_in_worker(path, qualities, chosen, weights, device, refine_steps, reuse):
+    # The codec table holds closures, which do not pickle: each process builds its own.
     return _evaluate_image(path, qualities, chosen, available_codecs(), weights, device, refine_steps, reuse)
 
 
@@ -152,8 +153,7 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     rows are reused (the anchors do not change when the weights do), anything missing is run.
     ``refine_steps``: DualRes encodes with latent refinement (``encode(..., refine_steps=N)``).
     ``workers``: images are measured in this many processes at once, each with an equal share of
-    torch's threads (one image's convolutions use many cores poorly; separate images use them
-    fully). The bytes and qualities are the same as with one process (refined streams: up to
+    torch's threads (for the slow refined runs on a machine with cores to spare). The bytes and qualities are the same as with one process (refined streams: up to
     float32 rounding, see :mod:`dualres_ext.models.refine`); the timings are of a shared machine.
     ``weights`` must then be None or a path: each process loads its own model.
     """
@@ -194,9 +194,12 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         log(f"[{len(per_image)}/{len(files)}] {name}: "
             + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours))
 
+    reuse_by_image: Dict[str, Dict[tuple, dict]] = {}
+    for key, row in reuse.items():
+        reuse_by_image.setdefault(key[0], {})[key] = row
+
     def reuse_for(path: str) -> Dict[tuple, dict]:
-        name = os.path.basename(path)
-        return {k: v for k, v in reuse.items() if k[0] == name}
+        return reuse_by_image.get(os.path.basename(path), {})
 
     if workers == 1:
         for path in files:
