@@ -126,7 +126,8 @@ def _cmd_weights(args) -> int:
     print("lambdas: " + ", ".join(f"{v:g}" for v in model.config["lambdas"]))
     if "steps" in meta:
         print(f"trained: {meta['steps']:,} steps on {meta.get('training_images')} images "
-              f"({meta.get('data')}), crop {meta.get('crop')}, batch {meta.get('batch')}")
+              f"({meta.get('data')}), crop {meta.get('crop')}, batch {meta.get('batch')}"
+              + (f"; weights: {meta['weights']}" if meta.get("weights", "trained") != "trained" else ""))
     val = meta.get("validation")
     if val:
         print(f"validation loss {val['loss']:.4f}: " + "  ".join(

@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     model = build(ckpt["model_name"], **checkpoint_config(ckpt))
     model.load_state_dict(ckpt["state_dict"])
     history = ckpt.get("history", [])
-    vals = [h["val"] for h in history if "val" in h]
+    # Weights that are train.py's weight average (--ema) carry the average's validation figures.
+    averaged = ckpt.get("weights") == "average"
+    vals = [h["val_ema" if averaged else "val"] for h in history if ("val_ema" if averaged else "val") in h]
     metadata = {
         "training_command": ckpt.get("command"),
         "steps": ckpt["step"],
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
         "training_images": ckpt.get("train_images"),
         "data": args.data,
         "validation": vals[-1] if vals else None,
+        "weights": f"average of the trained weights (decay {ckpt.get('ema_decay')})" if averaged else "trained",
         "source_checkpoint": os.path.basename(args.checkpoint),
         # Every run and widening that led here, in order (the runs' commands, from the step each
         # started at): a model trained over several sessions is more than its last command.

@@ -13,10 +13,14 @@ their own optimizer on the auxiliary loss, as in CompressAI.
 
 Checkpoints: OUT/last.pt (every --save-every steps and at exit) and OUT/best.pt (lowest validation
 loss averaged over qualities). python/export_weights.py turns one into the package's weights file.
+With --ema DECAY an exponential moving average of the weights is kept beside them (Polyak
+averaging: it smooths the noise of small-batch steps, much as a lower lr does); each validation
+scores both, and best.pt takes whichever is lower.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import glob
 import json
@@ -133,6 +137,33 @@ def validate(model, val_images, device) -> dict:
         per_q.append({k: v / len(val_images) for k, v in tot.items()})
     model.train()
     return {"loss": sum(p["loss"] for p in per_q) / len(per_q), "per_quality": per_q}
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters: after each optimiser step
+    avg <- decay * avg + (1 - decay) * weights, so it spans about 1 / (1 - decay) steps. It is a
+    copy of the model (buffers included, taken from the trained model before each use), so it is
+    validated and saved like one."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict | None = None):
+        self.decay = decay
+        self.source = model
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+        if state is not None:
+            self.model.load_state_dict(state)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for avg, w in zip(self.model.parameters(), self.source.parameters()):
+            avg.lerp_(w.detach().to(avg.dtype), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def averaged(self) -> torch.nn.Module:
+        """The averaged model, its buffers (nothing that training changes today) the source's."""
+        for avg, b in zip(self.model.buffers(), self.source.buffers()):
+            avg.copy_(b)
+        return self.model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +311,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                    help="keep an exponential moving average of the weights (e.g. 0.998: about 500 steps); "
+                         "validation scores it too and best.pt takes the lower loss")
     ap.add_argument("--init", default=None,
                     help="start a new run from a weights file (e.g. the package's dualres_compact.pt, which "
                          "records its step count) when --out has no last.pt yet")
@@ -288,6 +322,8 @@ def main(argv=None) -> int:
         ap.error("--lr-drop-minutes needs --minutes")
     if args.warmup_steps < 0:
         ap.error("--warmup-steps must be >= 0")
+    if args.ema is not None and not 0.0 < args.ema < 1.0:
+        ap.error("--ema must lie strictly between 0 and 1")
     if args.quality_weights is not None and (min(args.quality_weights) < 0 or sum(args.quality_weights) <= 0
                                              or not all(math.isfinite(w) for w in args.quality_weights)):
         ap.error("--quality-weights must be finite, >= 0 and not all 0")
@@ -334,11 +370,13 @@ def main(argv=None) -> int:
     optimizer = torch.optim.Adam(optimizer_groups(model), lr=args.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
     step, best_val, history = 0, float("inf"), []
+    ema_state = None
     if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
         step, best_val, history = ckpt["step"], ckpt["best_val"], ckpt.get("history", [])
+        ema_state = ckpt.get("ema_state_dict")
         if rank == 0:
             print(f"resumed {last_path} at step {step} (best val loss {best_val:.4f})", flush=True)
         # Losses on other validation crops are not comparable: best.pt restarts with this run's.
@@ -358,6 +396,13 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"initialised from {args.init} (step {step}); optimiser state starts fresh", flush=True)
         del init
+    # The average lives on the process that validates and saves (the weights are the same on all).
+    ema = None
+    if args.ema is not None and rank == 0:
+        ema = WeightAverage(unwrap(model), args.ema, ema_state)
+        print(f"weight average (decay {args.ema:g}) " + ("resumed" if ema_state is not None else
+              "starts from the current weights"), flush=True)
+    del ema_state
     if distributed:
         model = wrap_ddp(model, device)
 
@@ -390,13 +435,36 @@ def main(argv=None) -> int:
         print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(sampler.images)} training photos, "
               f"{len(val_images)} validation crops, qualities {len(lambdas)}, device {device}", flush=True)
 
-    def checkpoint(path):
+    def checkpoint(path, averaged=False):
+        """Save a resumable checkpoint; averaged=True stores the weight average as its weights
+        (best.pt when the average validated lower), the optimiser state being the trained weights'."""
+        weights = ema.averaged() if averaged else unwrap(model)
         save_checkpoint(path, {
             "model_name": args.model, "config": dict(unwrap(model).config),
-            "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "state_dict": weights.state_dict(), "weights": "average" if averaged else "trained",
+            "ema_state_dict": ema.model.state_dict() if ema is not None else None, "ema_decay": args.ema,
+            "optimizer": optimizer.state_dict(),
             "aux_optimizer": aux_optimizer.state_dict(), "step": step, "best_val": best_val, "history": history,
             "command": command, "args": vars(args), "train_images": len(sampler.images),
         })
+
+    def validate_and_keep_best(final: bool) -> None:
+        """Validate the trained weights (and the average), log them, and save best.pt on a new low."""
+        nonlocal best_val
+        candidates = [("val", False)] + ([("val_ema", True)] if ema is not None else [])
+        for key, averaged in candidates:
+            val = validate(ema.averaged() if averaged else unwrap(model), val_images, device)
+            history.append({"step": step, key: val})
+            if final:
+                print(json.dumps({"step": step, "weights": "average" if averaged else "trained",
+                                  "val_loss": val["loss"], "per_quality": val["per_quality"]}), flush=True)
+            else:
+                summary = " ".join(f"q{i}:{p['bpp']:.3f}bpp/{p['psnr']:.2f}dB" for i, p in enumerate(val["per_quality"]))
+                label = "ema val loss" if averaged else "val loss"
+                progress.show(step, f"{label} {val['loss']:.4f} | {summary}", force_newline=True)
+            if val["loss"] < best_val:
+                best_val = val["loss"]
+                checkpoint(best_path, averaged=averaged)
 
     # SIGTERM / Ctrl-C (a cluster's preemption, a time-boxed job, torchrun passing on a signal):
     # finish the step, validate and save last.pt as at the deadline. A second signal aborts.
@@ -456,6 +524,8 @@ def main(argv=None) -> int:
         if distributed:
             average_gradients(aux_params)
         aux_optimizer.step()
+        if ema is not None:
+            ema.update()
         step += 1
 
         running["loss"] += rd["loss"].item()
@@ -470,13 +540,7 @@ def main(argv=None) -> int:
             history.append({"step": step, "time": time.time(), **{k: running[k] / n for k in ("loss", "bpp", "psnr", "aux")}})
             running = {k: 0.0 for k in running} | {"n": 0}
         if rank == 0 and step % args.val_every == 0 and val_images:
-            val = validate(unwrap(model), val_images, device)
-            history.append({"step": step, "val": val})
-            summary = " ".join(f"q{i}:{p['bpp']:.3f}bpp/{p['psnr']:.2f}dB" for i, p in enumerate(val["per_quality"]))
-            progress.show(step, f"val loss {val['loss']:.4f} | {summary}", force_newline=True)
-            if val["loss"] < best_val:
-                best_val = val["loss"]
-                checkpoint(best_path)
+            validate_and_keep_best(final=False)
         if step % args.save_every == 0:
             if distributed:
                 check_ranks_agree(model)
@@ -490,12 +554,7 @@ def main(argv=None) -> int:
         if distributed:
             print(f"{dist.get_world_size()} processes: parameters identical on every rank", flush=True)
         if val_images:
-            val = validate(unwrap(model), val_images, device)
-            history.append({"step": step, "val": val})
-            print(json.dumps({"step": step, "val_loss": val["loss"], "per_quality": val["per_quality"]}), flush=True)
-            if val["loss"] < best_val:
-                best_val = val["loss"]
-                checkpoint(best_path)
+            validate_and_keep_best(final=True)
         checkpoint(last_path)
         print(f"saved {last_path} at step {step}", flush=True)
     if not stop_requested and threading.current_thread() is threading.main_thread():

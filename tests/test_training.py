@@ -150,6 +150,73 @@ def test_warmup_steps_ramp_a_fresh_optimiser_only(folders, package_env):
     assert r.returncode == 2 and "--warmup-steps must be >= 0" in r.stderr
 
 
+def test_weight_average_is_the_exponential_moving_average():
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    try:
+        from train import WeightAverage
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 2))
+    snapshots = [[p.detach().double().clone() for p in model.parameters()]]
+    avg = WeightAverage(model, decay=0.75)
+    for _ in range(3):  # three "optimiser steps" to fresh random weights, each followed by update()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p))
+        avg.update()
+        snapshots.append([p.detach().double().clone() for p in model.parameters()])
+    # avg_3 = 0.75^3 w_0 + 0.25 (0.75^2 w_1 + 0.75 w_2 + w_3), in float64
+    coef = [0.75 ** 3, 0.25 * 0.75 ** 2, 0.25 * 0.75, 0.25]
+    for i, got in enumerate(avg.averaged().parameters()):
+        want = sum(c * snap[i] for c, snap in zip(coef, snapshots))
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+        assert not got.requires_grad
+    # The source model is not touched by the average, and the average by later source changes only via update().
+    torch.testing.assert_close(next(model.parameters()).double(), snapshots[-1][0])
+
+
+def test_ema_validates_the_average_and_keeps_the_better(folders, package_env):
+    out = folders[2] / "ema"
+    r = _run(_train_args(folders, out, "--steps", "3", "--ema", "0.5", "--lr", "3e-4"), package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "weight average (decay 0.5) starts from the current weights" in r.stdout
+    assert "ema val loss" in r.stdout
+    finals = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"step"')]
+    assert [f["weights"] for f in finals] == ["trained", "average"]
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert last["ema_decay"] == 0.5 and last["weights"] == "trained"
+    ema, trained = last["ema_state_dict"], last["state_dict"]
+    assert set(ema) == set(trained)
+    assert any(not torch.equal(ema[k], trained[k]) for k in trained if trained[k].is_floating_point())
+
+    # best.pt holds whichever of the two validated lowest, with that loss.
+    losses = [(h.get("val") or h.get("val_ema"))["loss"] for h in last["history"] if "val" in h or "val_ema" in h]
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert best["best_val"] == pytest.approx(min(losses))
+    kind = best["weights"]
+    best_entry = [h for h in best["history"] if h.get("step") == best["step"] and ("val" in h or "val_ema" in h)][-1]
+    assert ("val_ema" in best_entry) == (kind == "average")
+    if kind == "average":
+        for k, v in best["state_dict"].items():
+            torch.testing.assert_close(v, best["ema_state_dict"][k])
+
+    # Resuming carries the average on; the exported file says which weights it holds.
+    r = _run(_train_args(folders, out, "--steps", "4", "--ema", "0.5"), package_env)
+    assert r.returncode == 0 and "weight average (decay 0.5) resumed" in r.stdout, r.stderr[-3000:]
+    weights = folders[2] / "ema-exported.pt"
+    r = _run(["python/export_weights.py", str(out / "best.pt"), str(weights)], package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = codec.load_weights(weights).metadata
+    assert meta["weights"].startswith("average") == (torch.load(out / "best.pt", map_location="cpu",
+                                                                  weights_only=False)["weights"] == "average")
+    assert meta["validation"]["loss"] == pytest.approx(torch.load(out / "best.pt", map_location="cpu",
+                                                                   weights_only=False)["best_val"])
+
+    r = _run(_train_args(folders, out, "--ema", "1"), package_env)
+    assert r.returncode == 2 and "--ema must lie strictly between 0 and 1" in r.stderr
+
+
 def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_env):
     """python/widen_model.py: a checkpoint comes out as one train.py resumes (step, history and
     Adam moments kept, the moments widened); a weights file as one that decodes to the same picture."""
