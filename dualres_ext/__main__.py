@@ -59,7 +59,7 @@ def _cmd_compress(args) -> int:
         max_bytes = max(1, int(args.max_bpp * image.width * image.height / 8))
     start = time.perf_counter()
     data = encode(image, quality=args.quality, device=args.device, weights=args.weights, max_bytes=max_bytes,
-                  refine_steps=args.refine_steps)
+                  refine_steps=args.refine_steps, refine_rounds=args.refine_rounds)
     seconds = time.perf_counter() - start
     with open(args.output, "wb") as f:
         f.write(data)
@@ -91,7 +91,8 @@ def _cmd_decompress(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.image, args.out, args.qualities, weights=args.weights, refine_steps=args.refine_steps)
+    run_demo(args.image, args.out, args.qualities, weights=args.weights, refine_steps=args.refine_steps,
+             refine_rounds=args.refine_rounds)
     return 0
 
 
@@ -99,7 +100,8 @@ def _cmd_eval(args) -> int:
     from .evaluation import evaluate
 
     evaluate(args.folder, args.out, weights=args.weights, codecs=args.codecs, device=args.device,
-             anchors=args.anchors, refine_steps=args.refine_steps, workers=args.workers)
+             anchors=args.anchors, refine_steps=args.refine_steps, refine_rounds=args.refine_rounds,
+             workers=args.workers)
     return 0
 
 
@@ -146,6 +148,9 @@ def _add_refine_steps(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--refine-steps", type=int, default=0, metavar="N",
                    help=f"optimise the latents {where} with N gradient steps and then a few discrete "
                         "rounds (smaller files, a slower encoder, the same decoder; 0 = off)")
+    p.add_argument("--refine-rounds", type=int, default=None, metavar="R",
+                   help="at most R discrete rounds after the gradient steps (default 3 with --refine-steps; "
+                        "without it, the rounds run alone)")
 
 
 def _add_workers(p: argparse.ArgumentParser) -> None:

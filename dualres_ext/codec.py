@@ -462,7 +462,8 @@ def _check_quality(model, quality) -> float:
 
 
 def encode(image, quality: Optional[Union[int, float]] = None, device=None, weights=None,
-           max_pixels: Optional[int] = None, max_bytes: Optional[int] = None, refine_steps: int = 0) -> bytes:
+           max_pixels: Optional[int] = None, max_bytes: Optional[int] = None, refine_steps: int = 0,
+           refine_rounds: Optional[int] = None) -> bytes:
     """Compress one image into a DualRes bitstream.
 
     ``image``: a PIL image, an HxWx3 (or HxW grey, HxWx4 RGBA) uint8 numpy array, or a float
@@ -479,15 +480,17 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     nothing more. Raises ``ValueError`` if even quality 0 does not fit, naming the size it needs.
     ``device``: where the model runs (default CPU); decode on the same kind of device.
     ``refine_steps``: optimise the latents for this image with that many gradient steps, then
-    up to three discrete rounds that move single latents by one bin, before coding them
-    (:mod:`dualres_ext.models.refine`): smaller files at the same quality for a slower encoder
-    (each step costs about an encode, each round about four), the same decoder. 0 (default) = off, and
-    the stream is bit-identical on every machine; a refined stream may differ between machines.
-    With ``max_bytes`` every encode of the search is refined.
+    up to ``refine_rounds`` (default three) discrete rounds that move single latents by one bin,
+    before coding them (:mod:`dualres_ext.models.refine`): smaller files at the same quality for a
+    slower encoder (each step costs about an encode, each round about four), the same decoder.
+    ``refine_rounds`` alone (``refine_steps=0``) runs the rounds without the gradient steps. Both 0
+    (the default) = off, and the stream is bit-identical on every machine; a refined stream may
+    differ between machines. With ``max_bytes`` every encode of the search is refined.
     """
-    from .models.refine import _check_steps
+    from .models.refine import _check_steps, resolve_rounds
 
     refine_steps = _check_steps(refine_steps)
+    refine_rounds = resolve_rounds(refine_steps, refine_rounds)
     limit = _pixel_limit(max_pixels)
     if max_bytes is not None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)):
@@ -510,7 +513,8 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     config_id = CONFIG_IDS.get(getattr(model, "name", "custom"), 0)
 
     def encode_at(quality: float) -> bytes:
-        out = model.compress(x, quality, refine_steps=refine_steps, size=(int(height), int(width)))
+        out = model.compress(x, quality, refine_steps=refine_steps, refine_rounds=refine_rounds,
+                             size=(int(height), int(width)))
         coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"])
         return _pack(config_id, flags | coding, quality, wid, int(width), int(height), sections)
 

@@ -24,15 +24,18 @@ def _label(img: Image.Image, text: str) -> Image.Image:
 
 
 def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qualities: Sequence[int] = (0, 2, 5),
-             weights=None, device=None, log=print, refine_steps: int = 0) -> list:
+             weights=None, device=None, log=print, refine_steps: int = 0,
+             refine_rounds: Optional[int] = None) -> list:
     """Run the demo; returns one dict per quality with sizes, PSNRs and timings.
 
-    ``refine_steps``: encode with latent refinement (``encode(..., refine_steps=N)``): smaller
-    files at the same quality, for an encoding time that grows with N."""
+    ``refine_steps``, ``refine_rounds``: encode with latent refinement (``encode(...,
+    refine_steps=N, refine_rounds=R)``): smaller files at the same quality, for an encoding time
+    that grows with N and R."""
     from .codec import _resolve_model, decode, encode
-    from .models.refine import _check_steps
+    from .models.refine import _check_steps, resolve_rounds
 
     refine_steps = _check_steps(refine_steps)
+    refine_rounds = resolve_rounds(refine_steps, refine_rounds)
 
     path = Path(image_path) if image_path else BUNDLED_PHOTO
     rgb = np.asarray(Image.open(path).convert("RGB"))
@@ -42,7 +45,8 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     meta = getattr(model, "metadata", {}) or {}
     log(f"DualRes demo: {path.name} ({w}x{h}), weights: {model.name}"
         + (f", trained {meta['steps']} steps" if meta.get("steps") is not None else "")
-        + (f", latent refinement {refine_steps} steps" if refine_steps else ""))
+        + (f", latent refinement {refine_steps} steps + up to {refine_rounds} rounds"
+           if refine_steps or refine_rounds else ""))
     encode(rgb, quality=qualities[0], device=device, weights=weights)  # warm-up (tables, thread pool)
 
     codecs = available_codecs()
@@ -54,7 +58,8 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     rows, panels = [], [_label(Image.fromarray(rgb), "original")]
     for q in qualities:
         t0 = time.perf_counter()
-        data = encode(rgb, quality=q, device=device, weights=weights, refine_steps=refine_steps)
+        data = encode(rgb, quality=q, device=device, weights=weights, refine_steps=refine_steps,
+                      refine_rounds=refine_rounds)
         t1 = time.perf_counter()
         rec = decode(data, device=device, output="numpy", weights=weights)
         t2 = time.perf_counter()

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -84,16 +84,18 @@ def _measure(rgb: np.ndarray, name: str, codec: str, quality, encode, decode) ->
             "ms_ssim": _ms_ssim_or_nan(rgb, rec), "enc_ms": 1e3 * (t1 - t0), "dec_ms": 1e3 * (t2 - t1)}
 
 
-def _evaluate_image(path: str, qualities, chosen, codecs, weights, device, refine_steps: int,
+def _evaluate_image(path: str, qualities, chosen, codecs, weights, device, refine: Tuple[int, int],
                     reuse: Dict[tuple, dict]):
-    """(rows, how many were reused) of one image: DualRes at each quality, then each chosen
-    classical codec over its sweep (rows found in ``reuse`` are taken instead of coded)."""
+    """(rows, how many were reused) of one image: DualRes at each quality (``refine``: its
+    ``refine_steps`` and ``refine_rounds``), then each chosen classical codec over its sweep (rows
+    found in ``reuse`` are taken instead of coded)."""
     from .codec import decode, encode
 
     rgb = np.asarray(Image.open(path).convert("RGB"))
     name = os.path.basename(path)
     rows = [_measure(rgb, name, "dualres", q,
-                     lambda a, q=q: encode(a, quality=q, device=device, weights=weights, refine_steps=refine_steps),
+                     lambda a, q=q: encode(a, quality=q, device=device, weights=weights, refine_steps=refine[0],
+                                           refine_rounds=refine[1]),
                      lambda d: decode(d, device=device, output="numpy", weights=weights))
             for q in qualities]
     reused = 0
@@ -114,12 +116,12 @@ def _start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _evaluate_image_in_worker(path, qualities, chosen, weights, device, refine_steps, reuse):
+def _evaluate_image_in_worker(path, qualities, chosen, weights, device, refine, reuse):
     # The codec table holds closures, which do not pickle: each process builds its own.
-    return _evaluate_image(path, qualities, chosen, available_codecs(), weights, device, refine_steps, reuse)
+    return _evaluate_image(path, qualities, chosen, available_codecs(), weights, device, refine, reuse)
 
 
-def _evaluate_in_processes(files, workers: int, qualities, chosen, weights, device, refine_steps,
+def _evaluate_in_processes(files, workers: int, qualities, chosen, weights, device, refine,
                            reuse_for, finished) -> None:
     """:func:`_evaluate_image` for every file in ``workers`` processes; ``finished(name, rows,
     reused)`` as each image completes (in the order they complete)."""
@@ -133,7 +135,7 @@ def _evaluate_in_processes(files, workers: int, qualities, chosen, weights, devi
     with ProcessPoolExecutor(max_workers=min(workers, len(files)) or 1,
                              mp_context=multiprocessing.get_context("spawn"),
                              initializer=_start_worker, initargs=(threads,)) as pool:
-        jobs = {pool.submit(_evaluate_image_in_worker, path, qualities, chosen, weights, device, refine_steps,
+        jobs = {pool.submit(_evaluate_image_in_worker, path, qualities, chosen, weights, device, refine,
                             reuse_for(path)): path for path in files}
         try:
             for job in as_completed(jobs):
@@ -146,18 +148,23 @@ def _evaluate_in_processes(files, workers: int, qualities, chosen, weights, devi
 
 def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequence[float]] = None,
              codecs: Optional[Sequence[str]] = None, device=None, log=print, anchors: Optional[str] = None,
-             refine_steps: int = 0, workers: int = 1) -> dict:
+             refine_steps: int = 0, workers: int = 1, refine_rounds: Optional[int] = None) -> dict:
     """Run the evaluation; write ``out_dir``/{per_image.csv, summary.json, rd.png}; return the summary.
 
     ``anchors``: a per_image.csv from an earlier run over the same folder; its classical-codec
     rows are reused (the anchors do not change when the weights do), anything missing is run.
-    ``refine_steps``: DualRes encodes with latent refinement (``encode(..., refine_steps=N)``).
+    ``refine_steps``, ``refine_rounds``: DualRes encodes with latent refinement (``encode(...,
+    refine_steps=N, refine_rounds=R)``).
     ``workers``: images are measured in this many processes at once, each with an equal share of
     torch's threads (for the slow refined runs on a machine with cores to spare). The bytes and qualities are the same as with one process (refined streams: up to
     float32 rounding, see :mod:`dualres_ext.models.refine`); the timings are of a shared machine.
     ``weights`` must then be None or a path: each process loads its own model.
     """
     from .codec import _resolve_model  # the codec loads torch models: import lazily
+    from .models.refine import _check_steps, resolve_rounds
+
+    refine_steps = _check_steps(refine_steps)
+    refine = (refine_steps, resolve_rounds(refine_steps, refine_rounds))
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
@@ -204,9 +211,9 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     if workers == 1:
         for path in files:
             finished(os.path.basename(path),
-                     *_evaluate_image(path, qualities, chosen, all_codecs, weights, device, refine_steps, reuse_for(path)))
+                     *_evaluate_image(path, qualities, chosen, all_codecs, weights, device, refine, reuse_for(path)))
     else:
-        _evaluate_in_processes(files, workers, qualities, chosen, weights, device, refine_steps, reuse_for, finished)
+        _evaluate_in_processes(files, workers, qualities, chosen, weights, device, refine, reuse_for, finished)
     rows = [r for path in files for r in per_image[os.path.basename(path)]]
 
     if anchors:
@@ -217,13 +224,14 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     bd_ms_ssim = _bd_rates(curves, chosen, "ms_ssim_db", log)
     differences = psnr_differences(curves, chosen)
     summary = {"folder": os.path.abspath(folder), "images": len(files), "qualities": list(qualities),
-               "refine_steps": refine_steps,
+               "refine_steps": refine[0], "refine_rounds": refine[1],
                "curves": curves, "bd_rate_psnr_percent": bd, "bd_rate_ms_ssim_percent": bd_ms_ssim,
                "psnr_difference_db_at_our_rates": differences,
                "codec_names": {k: all_codecs[k].name for k in chosen}}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    title = os.path.basename(os.path.abspath(folder)) + (f", DualRes refine_steps={refine_steps}" if refine_steps else "")
+    title = os.path.basename(os.path.abspath(folder)) + (
+        f", DualRes refine_steps={refine[0]}, refine_rounds={refine[1]}" if any(refine) else "")
     _plot(curves, summary["codec_names"], os.path.join(out_dir, "rd.png"), title=title)
     for key in chosen:
         log(f"BD-rate of DualRes vs {all_codecs[key].name}: PSNR {_percent(bd[key])}, "

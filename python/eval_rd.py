@@ -24,11 +24,14 @@ def main(argv=None) -> int:
     ap.add_argument("--anchors", default=None,
                     help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows")
     ap.add_argument("--refine-steps", type=int, default=0, help="DualRes encodes with latent refinement (0: off)")
+    ap.add_argument("--refine-rounds", type=int, default=None,
+                    help="discrete rounds after the steps (default 3 with --refine-steps; alone without)")
     ap.add_argument("--workers", type=int, default=1, help="images measured at once, in separate processes")
     args = ap.parse_args(argv)
     qualities = None if args.qualities is None else [int(q) if float(q).is_integer() else q for q in args.qualities]
     evaluate(args.folder, args.out, weights=args.weights, qualities=qualities, codecs=args.codecs, device=args.device,
-             anchors=args.anchors, refine_steps=args.refine_steps, workers=args.workers)
+             anchors=args.anchors, refine_steps=args.refine_steps, refine_rounds=args.refine_rounds,
+             workers=args.workers)
     return 0
 
 

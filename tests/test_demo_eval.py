@@ -152,7 +152,7 @@ def test_demo_with_refinement_shows_refined_streams(tmp_path):
     assert refined != plain  # so the checks below can tell the two apart
     assert rows[0]["bytes"] == len(refined)
     assert rows[0]["psnr"] == pytest.approx(psnr(rgb, codec.decode(refined, output="numpy")))
-    assert "latent refinement 2 steps" in lines[0]
+    assert "latent refinement 2 steps + up to 3 rounds" in lines[0]
     with pytest.raises(ValueError, match="refine_steps"):
         run_demo(str(image), str(tmp_path / "out"), qualities=(1,), log=lines.append, refine_steps=-1)
 
@@ -258,7 +258,7 @@ def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     _photo((128, 128)).save(folder / "a.png")
     summary = evaluate(str(folder), str(tmp_path / "out"), qualities=[1],
                        codecs=["jpeg420"], log=lambda *_: None, refine_steps=2)
-    assert summary["refine_steps"] == 2
+    assert summary["refine_steps"] == 2 and summary["refine_rounds"] == 3
     with open(tmp_path / "out" / "per_image.csv") as f:
         ours = [r for r in csv.DictReader(f) if r["codec"] == "dualres"]
     rgb = np.asarray(Image.open(folder / "a.png").convert("RGB"))
@@ -268,8 +268,9 @@ def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     assert float(ours[0]["psnr"]) == pytest.approx(psnr(rgb, codec.decode(refined, output="numpy")))
 
 
-def test_eval_command_lines_pass_workers_and_refine_steps(tmp_path, monkeypatch):
-    """`python -m dualres_ext eval` and python/eval_rd.py hand --workers and --refine-steps on."""
+def test_eval_command_lines_pass_workers_and_refinement(tmp_path, monkeypatch):
+    """`python -m dualres_ext eval` and python/eval_rd.py hand --workers, --refine-steps and
+    --refine-rounds on."""
     import importlib.util
 
     from dualres_ext import evaluation
@@ -277,12 +278,13 @@ def test_eval_command_lines_pass_workers_and_refine_steps(tmp_path, monkeypatch)
 
     seen = []
     monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: seen.append(kwargs) or {})
-    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "2", "--refine-steps", "3"]) == 0
+    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "2", "--refine-steps", "3",
+                 "--refine-rounds", "5"]) == 0
     script = os.path.join(os.path.dirname(__file__), os.pardir, "python", "eval_rd.py")
     spec = importlib.util.spec_from_file_location("eval_rd", script)
     eval_rd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_rd)  # binds the patched evaluate
     assert eval_rd.main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "3", "--refine-steps", "4"]) == 0
-    assert [(k["workers"], k["refine_steps"]) for k in seen] == [(2, 3), (3, 4)]
+    assert [(k["workers"], k["refine_steps"], k["refine_rounds"]) for k in seen] == [(2, 3, 5), (3, 4, None)]
     assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
-    assert (seen[-1]["workers"], seen[-1]["refine_steps"]) == (1, 0)
+    assert (seen[-1]["workers"], seen[-1]["refine_steps"], seen[-1]["refine_rounds"]) == (1, 0, None)

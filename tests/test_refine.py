@@ -163,6 +163,43 @@ def test_synthesis_curvature_matches_a_linear_synthesis():
     assert torch.allclose(est_l.flatten(), exact_l, rtol=0.15)
 
 
+def test_rounds_alone_lower_the_loss_from_the_analysis_latents(model, photo):
+    """steps=0 with rounds: the discrete rounds start from the analysis' latents (no gradient
+    step runs, so z is untouched) and lower the exact loss; no steps and no rounds is no change."""
+    x = _tensor(photo)
+    start = _latents(model, x, 2)
+    untouched = refine_latents(model, x, 2, start, steps=0, flip_rounds=0)
+    assert all(torch.equal(a, b) for a, b in zip(untouched, start))
+    rounds_only = refine_latents(model, x, 2, start, steps=0, flip_rounds=2)
+    with torch.no_grad():
+        loss0 = float(rd_losses(model, x, 2, *start)[1])
+        loss1 = float(rd_losses(model, x, 2, *rounds_only)[1])
+    assert loss1 < loss0
+    assert torch.equal(rounds_only[2], start[2])
+    for a, b in zip(rounds_only[:2], start[:2]):
+        d = a - b
+        assert torch.all((d - d.round()).abs() < 1e-4)
+
+
+def test_refine_rounds_reach_the_stream(model, photo):
+    """encode's refine_rounds: the default is three rounds after gradient steps and none without;
+    0 turns them off, a number alone runs them without gradient steps."""
+    from dualres_ext.models.refine import REFINE_FLIP_ROUNDS, resolve_rounds
+
+    assert REFINE_FLIP_ROUNDS == 3
+    assert resolve_rounds(2, None) == 3 and resolve_rounds(0, None) == 0 and resolve_rounds(0, 4) == 4
+    steps_default = codec.encode(photo, quality=1, refine_steps=2)
+    assert codec.encode(photo, quality=1, refine_steps=2, refine_rounds=3) == steps_default
+    steps_no_rounds = codec.encode(photo, quality=1, refine_steps=2, refine_rounds=0)
+    assert steps_no_rounds != steps_default
+    plain = codec.encode(photo, quality=1)
+    assert codec.encode(photo, quality=1, refine_rounds=0) == plain
+    rounds_only = codec.encode(photo, quality=1, refine_rounds=2)
+    assert rounds_only != plain
+    assert _real_loss(model, photo, rounds_only, 1) < _real_loss(model, photo, plain, 1)
+    assert _real_loss(model, photo, steps_default, 1) < _real_loss(model, photo, steps_no_rounds, 1)
+
+
 def test_refined_streams_are_ordinary_streams_with_a_lower_loss(model, photo):
     for quality in (0, 4):
         plain = codec.encode(photo, quality=quality)
@@ -209,6 +246,12 @@ def test_bad_flip_rounds_are_refused_by_name(model, photo, rounds, error):
         refine_latents(model, x, 1, _latents(model, x, 1), steps=1, flip_rounds=rounds)
 
 
+@pytest.mark.parametrize("rounds, error", [(-1, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_bad_refine_rounds_are_refused_by_name(photo, rounds, error):
+    with pytest.raises(error, match="refine_rounds"):
+        codec.encode(photo, quality=1, refine_steps=1, refine_rounds=rounds)
+
+
 def test_bad_learning_rate_is_refused(model, photo):
     x = _tensor(photo)
     for lr in (0, -0.1, float("nan")):
@@ -224,3 +267,5 @@ def test_cli_compress_refines(tmp_path, photo):
     out = tmp_path / "crop.drx"
     assert main(["compress", str(src), str(out), "-q", "1", "--refine-steps", "2"]) == 0
     assert out.read_bytes() == codec.encode(photo, quality=1, refine_steps=2)
+    assert main(["compress", str(src), str(out), "-q", "1", "--refine-steps", "2", "--refine-rounds", "0"]) == 0
+    assert out.read_bytes() == codec.encode(photo, quality=1, refine_steps=2, refine_rounds=0)

@@ -441,14 +441,16 @@ class DualRes(nn.Module):
         return math.exp(float(_interpolate(log_lambdas, point)))
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality=None, *, refine_steps: int = 0, size=None):
+    def compress(self, x: torch.Tensor, quality=None, *, refine_steps: int = 0, refine_rounds=None, size=None):
         """Encode ``x`` (B, 3, H, W), H and W multiples of 64, into byte strings.
 
         Returns ``{"strings": [z, y_H slice 0, ..., y_L slice 0, ...], "shape": z's (h, w)}``,
         each entry a list with one ``bytes`` per batch element (CompressAI's convention).
 
         ``refine_steps > 0``: optimise the latents for this image before coding them
-        (:func:`dualres_ext.models.refine.refine_latents`; slower encoding, same decoder).
+        (:func:`dualres_ext.models.refine.refine_latents`; slower encoding, same decoder), with
+        ``refine_rounds`` discrete rounds after the gradient steps (default
+        :data:`~dualres_ext.models.refine.REFINE_FLIP_ROUNDS`; with ``refine_steps=0`` they run alone).
         ``size`` (h, w): the part of ``x`` that is the picture (the rest is padding, which the
         refinement does not try to reproduce); default all of it.
         """
@@ -458,11 +460,14 @@ class DualRes(nn.Module):
             raise ValueError("compress: quality must be a single int or float")
         y_h, y_l = self._analysis(x, quality)
         z = self._hyper_analysis(y_h, y_l)
-        if refine_steps:
-            from .refine import refine_latents
+        from .refine import _check_steps, refine_latents, resolve_rounds
 
+        refine_steps = _check_steps(refine_steps)
+        rounds = resolve_rounds(refine_steps, refine_rounds)
+        if refine_steps or rounds:
             with torch.enable_grad():
-                y_h, y_l, z = refine_latents(self, x, quality, (y_h, y_l, z), refine_steps, size=size)
+                y_h, y_l, z = refine_latents(self, x, quality, (y_h, y_l, z), refine_steps, size=size,
+                                             flip_rounds=rounds)
         return self.compress_latents(y_h, y_l, z)
 
     @torch.no_grad()

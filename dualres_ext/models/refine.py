@@ -78,6 +78,20 @@ def _check_steps(steps, name: str = "refine_steps") -> int:
     return steps
 
 
+def resolve_rounds(refine_steps: int, refine_rounds: Optional[int]) -> int:
+    """The discrete rounds an encode runs: ``refine_rounds`` if given (checked), else
+    :data:`REFINE_FLIP_ROUNDS` after gradient steps and none without them (``refine_steps=0`` and
+    no ``refine_rounds`` is the plain, bit-reproducible encoder)."""
+    if refine_rounds is None:
+        return REFINE_FLIP_ROUNDS if _check_steps(refine_steps) else 0
+    return _check_steps(refine_rounds, "refine_rounds")
+
+
+def _distortion_weight(model, quality) -> float:
+    """The weight of the MSE (pixels in [0, 1]) in the loss: the trained lambda times 255^2."""
+    return model.lmbda(quality) * 255 ** 2
+
+
 def rd_losses(model, x: torch.Tensor, quality, y_h, y_l, z, noise: Optional[Sequence[torch.Tensor]] = None,
               size: Optional[Tuple[int, int]] = None, collect: Optional[dict] = None):
     """Per-image rate-distortion losses of the latents ``(y_h, y_l, z)`` for picture ``x``.
@@ -140,7 +154,7 @@ def rd_losses(model, x: torch.Tensor, quality, y_h, y_l, z, noise: Optional[Sequ
         collect["y_hat"] = (y_h_hat.detach(), y_l_hat.detach())
     x_hat = model._synthesis(y_h_hat, y_l_hat, quality).clamp(0, 1)[..., :h, :w]
     mse = (x_hat - x[..., :h, :w]).pow(2).flatten(1).mean(1)
-    weight = model.lmbda(quality) * 255 ** 2
+    weight = _distortion_weight(model, quality)
     return descent_bits / pixels + weight * mse, (exact_bits / pixels + weight * mse).detach()
 
 
@@ -172,7 +186,7 @@ def _flip_round(model, x, quality, latents, size, gen, best_loss):
     collect: dict = {}
     descent, _ = rd_losses(model, x, quality, ys[0], ys[1], z, size=size, collect=collect)
     grads = torch.autograd.grad(descent.sum(), ys)
-    weight = model.lmbda(quality) * 255 ** 2
+    weight = _distortion_weight(model, quality)
     curvature = _synthesis_curvature(model, collect["y_hat"], quality, size, weight, gen)
     predicted, moves, chosen = [], [], []
     for g, (up, down), c in zip(grads, collect["delta_bits"], curvature):
@@ -209,7 +223,8 @@ def refine_latents(model, x: torch.Tensor, quality, latents, steps: int, lr: flo
     """``steps`` Adam steps on the latents ``(y_h, y_l, z)`` (as the model's analysis gives them
     for ``x`` at ``quality``), then ``flip_rounds`` discrete rounds (module docstring); returns
     the latents with the lowest exact loss seen, per image. ``lr`` is the step size of ``y_h``
-    and ``y_l``; ``z``'s is ``lr * REFINE_Z_LR_SCALE``. ``steps=0`` is no refinement at all.
+    and ``y_l``; ``z``'s is ``lr * REFINE_Z_LR_SCALE``. ``steps=0`` runs the rounds alone (from
+    the analysis' latents); no steps and no rounds is no refinement at all.
 
     The model's weights are not changed (nor given gradients).
     """
@@ -219,7 +234,7 @@ def refine_latents(model, x: torch.Tensor, quality, latents, steps: int, lr: flo
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     params = [t.detach().clone().requires_grad_(True) for t in latents]
     best = [t.detach().clone() for t in latents]
-    if steps == 0:
+    if steps == 0 and flip_rounds == 0:
         return tuple(best)
     scales = (1.0, 1.0, REFINE_Z_LR_SCALE)
     opt = torch.optim.Adam([{"params": [p], "lr_scale": k} for p, k in zip(params, scales)], lr=lr)
@@ -243,7 +258,7 @@ def refine_latents(model, x: torch.Tensor, quality, latents, steps: int, lr: flo
         for group in opt.param_groups:
             group["lr"] = group["lr_scale"] * lr * (1 - step / steps)
         opt.step()
-    with torch.no_grad():  # the last step's latents: only their exact loss is needed
+    with torch.no_grad():  # the last step's latents (without steps, the start): only their exact loss
         keep_the_better(rd_losses(model, x, quality, *params, size=size)[1])
     if size is None:
         size = tuple(x.shape[-2:])
