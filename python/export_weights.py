@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     history = ckpt.get("history", [])
     # Weights that are train.py's weight average (--ema) carry the average's validation figures.
     averaged = ckpt.get("weights") == "average"
-    vals = [h["val_ema" if averaged else "val"] for h in history if ("val_ema" if averaged else "val") in h]
+    val_key = "val_ema" if averaged else "val"
+    vals = [h[val_key] for h in history if val_key in h]
     metadata = {
         "training_command": ckpt.get("command"),
         "steps": ckpt["step"],
