@@ -144,7 +144,7 @@ def _cmd_weights(args) -> int:
     return 0
 
 
-def _add_refine_steps(p: argparse.ArgumentParser, where: str) -> None:
+def _add_refinement(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--refine-steps", type=int, default=0, metavar="N",
                    help=f"optimise the latents {where} with N gradient steps and then a few discrete "
                         "rounds (smaller files, a slower encoder, the same decoder; 0 = off)")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rate control in bits per pixel (the file at most bpp * width * height / 8 bytes)")
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
     p.add_argument("--device", help="torch device (default cpu)")
-    _add_refine_steps(p, "for this image")
+    _add_refinement(p, "for this image")
     p.set_defaults(func=lambda a: _run_codec(_cmd_compress, a))
     p = sub.add_parser("decompress", help="decompress a .drx bitstream into an image file")
     p.add_argument("input", help="bitstream file (.drx)")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dualres_demo", help="folder for reconstructions and side_by_side.png")
     p.add_argument("--qualities", type=int, nargs="+", default=[0, 2, 5])
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
-    _add_refine_steps(p, "at each quality")
+    _add_refinement(p, "at each quality")
     p.set_defaults(func=lambda a: _run_codec(_cmd_demo, a))
     p = sub.add_parser("eval", help="R-D evaluation over a folder against classical codecs (BD-rate, plot)")
     p.add_argument("folder", help="folder of images (e.g. ../shared/data/kodak)")
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--anchors",
                    help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows")
-    _add_refine_steps(p, "per image and quality")
+    _add_refinement(p, "per image and quality")
     _add_workers(p)
     p.set_defaults(func=lambda a: _run_codec(_cmd_eval, a))
     p = sub.add_parser("weights", help="describe a weights file: configuration, size, training record")

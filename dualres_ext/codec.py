@@ -487,10 +487,9 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     (the default) = off, and the stream is bit-identical on every machine; a refined stream may
     differ between machines. With ``max_bytes`` every encode of the search is refined.
     """
-    from .models.refine import _check_steps, resolve_rounds
+    from .models.refine import check_refinement
 
-    refine_steps = _check_steps(refine_steps)
-    refine_rounds = resolve_rounds(refine_steps, refine_rounds)
+    refine_steps, refine_rounds = check_refinement(refine_steps, refine_rounds)
     limit = _pixel_limit(max_pixels)
     if max_bytes is not None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)):

@@ -32,10 +32,9 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     refine_steps=N, refine_rounds=R)``): smaller files at the same quality, for an encoding time
     that grows with N and R."""
     from .codec import _resolve_model, decode, encode
-    from .models.refine import _check_steps, resolve_rounds
+    from .models.refine import check_refinement
 
-    refine_steps = _check_steps(refine_steps)
-    refine_rounds = resolve_rounds(refine_steps, refine_rounds)
+    refine_steps, refine_rounds = check_refinement(refine_steps, refine_rounds)
 
     path = Path(image_path) if image_path else BUNDLED_PHOTO
     rgb = np.asarray(Image.open(path).convert("RGB"))

@@ -161,10 +161,9 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     ``weights`` must then be None or a path: each process loads its own model.
     """
     from .codec import _resolve_model  # the codec loads torch models: import lazily
-    from .models.refine import _check_steps, resolve_rounds
+    from .models.refine import check_refinement
 
-    refine_steps = _check_steps(refine_steps)
-    refine = (refine_steps, resolve_rounds(refine_steps, refine_rounds))
+    refine = check_refinement(refine_steps, refine_rounds)
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")

@@ -156,7 +156,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         for avg, w in zip(self.model.parameters(), self.source.parameters()):
-            avg.lerp_(w.detach().to(avg.dtype), 1.0 - self.decay)
+            avg.lerp_(w, 1.0 - self.decay)
 
     @torch.no_grad()
     def averaged(self) -> torch.nn.Module:

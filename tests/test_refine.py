@@ -184,10 +184,11 @@ def test_rounds_alone_lower_the_loss_from_the_analysis_latents(model, photo):
 def test_refine_rounds_reach_the_stream(model, photo):
     """encode's refine_rounds: the default is three rounds after gradient steps and none without;
     0 turns them off, a number alone runs them without gradient steps."""
-    from dualres_ext.models.refine import REFINE_FLIP_ROUNDS, resolve_rounds
+    from dualres_ext.models.refine import REFINE_FLIP_ROUNDS, check_refinement
 
     assert REFINE_FLIP_ROUNDS == 3
-    assert resolve_rounds(2, None) == 3 and resolve_rounds(0, None) == 0 and resolve_rounds(0, 4) == 4
+    assert check_refinement(2, None) == (2, 3) and check_refinement(0, None) == (0, 0)
+    assert check_refinement(0, 4) == (0, 4)
     steps_default = codec.encode(photo, quality=1, refine_steps=2)
     assert codec.encode(photo, quality=1, refine_steps=2, refine_rounds=3) == steps_default
     steps_no_rounds = codec.encode(photo, quality=1, refine_steps=2, refine_rounds=0)

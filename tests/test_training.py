@@ -208,10 +208,9 @@ def test_ema_validates_the_average_and_keeps_the_better(folders, package_env):
     r = _run(["python/export_weights.py", str(out / "best.pt"), str(weights)], package_env)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = codec.load_weights(weights).metadata
-    assert meta["weights"].startswith("average") == (torch.load(out / "best.pt", map_location="cpu",
-                                                                  weights_only=False)["weights"] == "average")
-    assert meta["validation"]["loss"] == pytest.approx(torch.load(out / "best.pt", map_location="cpu",
-                                                                   weights_only=False)["best_val"])
+    exported = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert meta["weights"].startswith("average") == (exported["weights"] == "average")
+    assert meta["validation"]["loss"] == pytest.approx(exported["best_val"])
 
     r = _run(_train_args(folders, out, "--ema", "1"), package_env)
     assert r.returncode == 2 and "--ema must lie strictly between 0 and 1" in r.stderr

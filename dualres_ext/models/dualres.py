@@ -460,10 +460,9 @@ class DualRes(nn.Module):
             raise ValueError("compress: quality must be a single int or float")
         y_h, y_l = self._analysis(x, quality)
         z = self._hyper_analysis(y_h, y_l)
-        from .refine import _check_steps, refine_latents, resolve_rounds
+        from .refine import check_refinement, refine_latents
 
-        refine_steps = _check_steps(refine_steps)
-        rounds = resolve_rounds(refine_steps, refine_rounds)
+        refine_steps, rounds = check_refinement(refine_steps, refine_rounds)
         if refine_steps or rounds:
             with torch.enable_grad():
                 y_h, y_l, z = refine_latents(self, x, quality, (y_h, y_l, z), refine_steps, size=size,

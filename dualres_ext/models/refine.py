@@ -78,13 +78,14 @@ def _check_steps(steps, name: str = "refine_steps") -> int:
     return steps
 
 
-def resolve_rounds(refine_steps: int, refine_rounds: Optional[int]) -> int:
-    """The discrete rounds an encode runs: ``refine_rounds`` if given (checked), else
+def check_refinement(refine_steps, refine_rounds: Optional[int]) -> Tuple[int, int]:
+    """``(steps, rounds)`` an encode runs, both checked: ``refine_rounds`` if given, else
     :data:`REFINE_FLIP_ROUNDS` after gradient steps and none without them (``refine_steps=0`` and
     no ``refine_rounds`` is the plain, bit-reproducible encoder)."""
+    steps = _check_steps(refine_steps)
     if refine_rounds is None:
-        return REFINE_FLIP_ROUNDS if _check_steps(refine_steps) else 0
-    return _check_steps(refine_rounds, "refine_rounds")
+        return steps, REFINE_FLIP_ROUNDS if steps else 0
+    return steps, _check_steps(refine_rounds, "refine_rounds")
 
 
 def _distortion_weight(model, quality) -> float:
