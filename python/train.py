@@ -435,13 +435,16 @@ def main(argv=None) -> int:
         print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(sampler.images)} training photos, "
               f"{len(val_images)} validation crops, qualities {len(lambdas)}, device {device}", flush=True)
 
-    def checkpoint(path, averaged=False):
-        """Save a resumable checkpoint; averaged=True stores the weight average as its weights
+    def weights_of(kind):
+        """The model a checkpoint's "weights" label names: "trained" or "average" (the EMA)."""
+        return ema.averaged() if kind == "average" else unwrap(model)
+
+    def checkpoint(path, kind="trained"):
+        """Save a resumable checkpoint; kind="average" stores the weight average as its weights
         (best.pt when the average validated lower), the optimiser state being the trained weights'."""
-        weights = ema.averaged() if averaged else unwrap(model)
         save_checkpoint(path, {
             "model_name": args.model, "config": dict(unwrap(model).config),
-            "state_dict": weights.state_dict(), "weights": "average" if averaged else "trained",
+            "state_dict": weights_of(kind).state_dict(), "weights": kind,
             "ema_state_dict": ema.model.state_dict() if ema is not None else None, "ema_decay": args.ema,
             "optimizer": optimizer.state_dict(),
             "aux_optimizer": aux_optimizer.state_dict(), "step": step, "best_val": best_val, "history": history,
@@ -451,20 +454,20 @@ def main(argv=None) -> int:
     def validate_and_keep_best(final: bool) -> None:
         """Validate the trained weights (and the average), log them, and save best.pt on a new low."""
         nonlocal best_val
-        candidates = [("val", False)] + ([("val_ema", True)] if ema is not None else [])
-        for key, averaged in candidates:
-            val = validate(ema.averaged() if averaged else unwrap(model), val_images, device)
+        candidates = [("val", "trained")] + ([("val_ema", "average")] if ema is not None else [])
+        for key, kind in candidates:
+            val = validate(weights_of(kind), val_images, device)
             history.append({"step": step, key: val})
             if final:
-                print(json.dumps({"step": step, "weights": "average" if averaged else "trained",
+                print(json.dumps({"step": step, "weights": kind,
                                   "val_loss": val["loss"], "per_quality": val["per_quality"]}), flush=True)
             else:
                 summary = " ".join(f"q{i}:{p['bpp']:.3f}bpp/{p['psnr']:.2f}dB" for i, p in enumerate(val["per_quality"]))
-                label = "ema val loss" if averaged else "val loss"
+                label = "ema val loss" if kind == "average" else "val loss"
                 progress.show(step, f"{label} {val['loss']:.4f} | {summary}", force_newline=True)
             if val["loss"] < best_val:
                 best_val = val["loss"]
-                checkpoint(best_path, averaged=averaged)
+                checkpoint(best_path, kind)
 
     # SIGTERM / Ctrl-C (a cluster's preemption, a time-boxed job, torchrun passing on a signal):
     # finish the step, validate and save last.pt as at the deadline. A second signal aborts.
