@@ -1,6 +1,6 @@
 """End-to-end codec speed: DualRes (compact, paper-size) against CompressAI's models.
 
-    PYTHONPATH=. python benchmarks/bench_codec.py [--image kodim01.png] [--repeat 3] [--device cpu]
+    PYTHONPATH=src python benchmarks/bench_codec.py [--image kodim01.png] [--repeat 3] [--device cpu]
 
 All models have random weights (``update()`` first), which is fine for timing: every model runs
 its full analysis/synthesis and codes every latent symbol. One process, models timed one after

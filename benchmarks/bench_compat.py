@@ -1,6 +1,6 @@
 """CompressAI models before/after dualres_ext.compat.accelerate(): seconds and entropy-coding share.
 
-    PYTHONPATH=. python benchmarks/bench_compat.py [--repeat 3] [--models mbt2018-mean,...] [--image PATH]
+    PYTHONPATH=src python benchmarks/bench_compat.py [--repeat 3] [--models mbt2018-mean,...] [--image PATH]
 
 CPU, random weights (seeded), one 768x512 image (Kodak kodim01 from ../shared/data when present,
 else a synthetic one). For each model: compress and decompress seconds of the original CompressAI

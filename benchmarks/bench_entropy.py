@@ -4,7 +4,7 @@ Workload (DESIGN.md): y of shape (1, 320, 48, 32) = 491,520 symbols, Gaussian ar
 with scales log-uniform in [0.11, 20]; hyperprior z of shape (1, 192, 12, 8) through an
 EntropyBottleneck with trained-looking (perturbed) parameters.
 
-    PYTHONPATH=. python benchmarks/bench_entropy.py [--repeat 15] [--threads N]
+    PYTHONPATH=src python benchmarks/bench_entropy.py [--repeat 15] [--threads N]
 
 Prints a markdown table: best-of-`repeat` wall time per call (the machine is shared and noisy, so
 the minimum is the honest estimate of each implementation's own cost), throughput and speed-up.

@@ -1,6 +1,6 @@
 """GDN: dualres_ext's fused kernels against compressai.layers.GDN, side by side in one process.
 
-    PYTHONPATH=. /work/venv/bin/python benchmarks/bench_gdn.py [--repeat 5] [--threads N] [--device cpu|cuda]
+    PYTHONPATH=src python benchmarks/bench_gdn.py [--repeat 5] [--threads N] [--device cpu|cuda]
 
 For each shape: no_grad forward (compressai / ours / ours in place, i.e. what ConvGDN and
 DeconvIGDN do on their convolution's output) and a training step (forward + backward w.r.t. x and

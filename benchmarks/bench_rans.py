@@ -3,7 +3,7 @@
 Workload: y of shape (1, 320, 48, 32) = 491,520 Gaussian symbols, scales log-uniform in [0.11, 20],
 indexes and CDF tables from CompressAI's GaussianConditional with its default 64-entry scale table.
 
-    PYTHONPATH=. python benchmarks/bench_rans.py [--repeat 7] [--threads N]
+    PYTHONPATH=src python benchmarks/bench_rans.py [--repeat 7] [--threads N]
 
 Prints a markdown table (best of --repeat runs): milliseconds, Msym/s, bits/symbol, and speed-ups of
 ours over CompressAI's bare C++ coder and over its Python-level GaussianConditional calls.

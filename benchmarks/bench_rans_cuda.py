@@ -1,6 +1,6 @@
 """GPU native rANS vs our CPU coder vs CompressAI's coder (DESIGN.md workload and a batch of 16).
 
-    PYTHONPATH=. python benchmarks/bench_rans_cuda.py [--device cuda] [--reps 20] [--lanes 0 256 1024]
+    PYTHONPATH=src python benchmarks/bench_rans_cuda.py [--device cuda] [--reps 20] [--lanes 0 256 1024]
 
 Workload: y of shape (1, 320, 48, 32) = 491,520 Gaussian symbols, scales log-uniform in
 [0.11, 20], CompressAI's Gaussian tables (64 scales, 16-bit); "batch" = 16 such latents.

@@ -1,9 +1,9 @@
 """Soak and peak-memory checks for the codec (not a test: run by hand, prints a report).
 
-  PYTHONPATH=. python benchmarks/soak.py soak [--rounds 1000] [--size 64]
+  PYTHONPATH=src python benchmarks/soak.py soak [--rounds 1000] [--size 64]
       many small encode/decode round trips with one random-init compact model: prints RSS
       every 10% of the run; memory must plateau (no growth after warm-up).
-  PYTHONPATH=. python benchmarks/soak.py big [--width 4000 --height 3000]
+  PYTHONPATH=src python benchmarks/soak.py big [--width 4000 --height 3000]
       one encode + decode of a large image; prints the process's peak RSS after each step.
       Run under /usr/bin/time -v for an independent peak figure.
 """

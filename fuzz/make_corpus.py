@@ -1,6 +1,6 @@
 """Seed corpus for fuzz/fuzz_rans_decode.cpp: valid streams made by the library's own encoders.
 
-Usage: PYTHONPATH=. python fuzz/make_corpus.py OUT_DIR
+Usage: PYTHONPATH=src python fuzz/make_corpus.py OUT_DIR
 
 Each file is an input in the harness layout (see the comment at the top of fuzz_rans_decode.cpp):
 a 10-byte head, the tables, then a stream the ops encoded for exactly the indexes the harness

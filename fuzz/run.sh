@@ -3,7 +3,7 @@
 #   fuzz/run.sh [SECONDS] [extra libFuzzer flags...]
 # Needs clang with compiler-rt (Debian: apt-get install clang-14 libclang-rt-14-dev).
 # CLANG may name the compiler (default: the first of clang++, clang++-19..14 found).
-# The seed corpus is generated with the built package (PYTHONPATH=. after an in-place build);
+# The seed corpus is generated with the built package (PYTHONPATH=src after an in-place build);
 # the working corpus and any crash-* files go to fuzz/build/ (ignored by git).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -26,7 +26,7 @@ if [[ ! -x "$exe" || "$here/fuzz_rans_decode.cpp" -nt "$exe" || -n "$(find "$roo
 fi
 PYTHON="${PYTHON:-python3}"
 if [[ -z "$(ls -A "$build/seeds")" ]]; then
-  PYTHONPATH="${PYTHONPATH:-$root}" "$PYTHON" "$here/make_corpus.py" "$build/seeds" \
+  PYTHONPATH="${PYTHONPATH:-$root/src}" "$PYTHON" "$here/make_corpus.py" "$build/seeds" \
     || echo "run.sh: could not generate seeds (is dualres_ext built?); fuzzing from scratch" >&2
 fi
 # -rss_limit_mb / -malloc_limit_mb: a decoder allocating from a forged length is a finding too.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run CompressAI 1.2.8's own test suite with dualres_ext's coder and layers swapped in.
 
-    PYTHONPATH=. python python/run_compressai_tests.py [--mode registry|classes|both] [-- PYTEST ARGS]
+    PYTHONPATH=src python python/run_compressai_tests.py [--mode registry|classes|both] [-- PYTEST ARGS]
 
 1. Fetches the CompressAI 1.2.8 sdist with ``pip download --no-binary :all: --no-deps`` into
    ``~/.cache/dualres_ext/`` (once; later runs reuse it, no network needed).

@@ -5,7 +5,16 @@ Native operators live in ``torch.ops.dualres_ext`` (loaded by importing ``dualre
 """
 import torch  # noqa: F401  (must come first: _C links against libc10/libtorch)
 
-from . import _C  # noqa: F401  (loads the library and registers torch.ops.dualres_ext.*)
+try:
+    from . import _C  # noqa: F401  (loads the library and registers torch.ops.dualres_ext.*)
+except ImportError as exc:
+    if "_C" not in str(exc):
+        raise
+    raise ImportError(
+        f"dualres_ext's native extension (_C) is not built next to {__file__}. Install the package "
+        "(pip install .) and run Python from any folder, or build it in place for development: "
+        "python setup.py build_ext --inplace, then PYTHONPATH=src"
+    ) from exc
 from . import ops
 
 __version__ = "0.1.0"
