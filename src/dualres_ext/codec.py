@@ -187,6 +187,9 @@ def _resolve_model(weights, device):
         return _cache[key]
 
 
+resolve_model = _resolve_model  # public name for the tools (demo, eval)
+
+
 def _has_tables(model) -> bool:
     gc = model.gaussian_conditional
     return gc._offset.numel() > 0 and model.entropy_bottleneck._offset.numel() > 0

@@ -1,0 +1,47 @@
+"""The one cache of derived state: values computed from tensors, rebuilt when those change.
+
+Derived state is built where it changes (``update()``, ``load_state_dict``) wherever that is
+enough. Some values depend on tensors that an optimiser or the user may replace or write in place
+at any time (a model's weights between two encodes); :class:`TensorCache` keeps one such value per
+owner object and rebuilds it when any source tensor was replaced, moved, resized or written
+(PyTorch counts in-place writes in ``Tensor._version``).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Callable, Generic, Iterable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def tensor_key(tensors: Iterable[torch.Tensor]) -> tuple:
+    """What identifies the contents of ``tensors`` without reading them: storage, version, layout."""
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors)
+
+
+class TensorCache(Generic[T]):
+    """One derived value per owner (held weakly: the cache never keeps an owner alive), valid
+    while ``tensor_key`` of its sources is unchanged. Thread-safe; a value may be built twice by
+    racing threads, and either result is kept (both are equal)."""
+
+    def __init__(self) -> None:
+        self._entries: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, owner: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T:
+        key = tensor_key(sources)
+        with self._lock:
+            entry = self._entries.get(owner)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        value = build()
+        with self._lock:
+            self._entries[owner] = (key, value)
+        return value
+
+    def clear(self, owner: object) -> None:
+        with self._lock:
+            self._entries.pop(owner, None)
