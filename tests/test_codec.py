@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dualres_ext import codec
-from dualres_ext.models import build
+from dualres_ext import codec, imageio
+from dualres_ext.models import build, zoo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_testlib import TINY  # noqa: E402  (a small configuration keeps the tests fast)
@@ -55,7 +55,7 @@ def test_round_trip_matches_forward(model):
     # What forward predicts for the padded image, cropped back.
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        expected = model(codec._pad(x, 64), quality)["x_hat"][0, :, :70, :100].clamp(0, 1)
+        expected = model(imageio.pad(x, 64), quality)["x_hat"][0, :, :70, :100].clamp(0, 1)
     assert out.shape == (3, 70, 100)
     assert torch.equal(out, expected)
     arr = codec.decode(data, weights=model, output="numpy")
@@ -85,7 +85,7 @@ def test_any_size(model, size):
 
 def test_pad_replicates_border():
     x = torch.rand(1, 3, 5, 3)
-    p = codec._pad(x, 64)
+    p = imageio.pad(x, 64)
     assert p.shape == (1, 3, 64, 64)
     assert torch.equal(p[..., :5, :3], x)
     assert torch.equal(p[..., 10, 2], x[..., 4, 2]) and torch.equal(p[..., 0, 40], x[..., 0, 2])
@@ -220,7 +220,7 @@ def test_sections_are_embedded_rans_streams(model):
         [c * 32 for c in model.coder_l.slices]
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        written = [s[0] for s in model.compress(codec._pad(x, 64), 2.0)["strings"]]
+        written = [s[0] for s in model.compress(imageio.pad(x, 64), 2.0)["strings"]]
     restored = [ops.rans_restore(s, n, 16) for s, n in zip(head["sections"], counts)]
     assert restored == written
     assert [ops.rans_stream_info(s)["symbols"] for s in written] == counts
@@ -278,7 +278,7 @@ def test_weights_mismatch_is_detected(model, stream):
 
 
 def test_default_weights_missing(monkeypatch, tmp_path, stream):
-    monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
+    monkeypatch.setattr(zoo, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
     with pytest.raises(codec.WeightsNotFoundError, match="weights=PATH"):
         codec.encode(photo_like(8, 8))
     with pytest.raises(codec.WeightsNotFoundError):
@@ -356,7 +356,7 @@ def test_cli_errors(tmp_path, model, capsys, monkeypatch):
         assert main(argv) == code, argv
         err = capsys.readouterr().err
         assert message in err and err.startswith("dualres: error:"), (argv, err)
-    monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
+    monkeypatch.setattr(zoo, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
     assert main(["compress", "in.png", "x.drx"]) == 4
     assert "no trained DualRes weights" in capsys.readouterr().err
 
@@ -387,7 +387,7 @@ def test_cli_weights_describes_a_file(tmp_path, model, capsys, monkeypatch):
     assert main(["weights", "--weights", str(tmp_path / "in.png")]) == 1
     assert "not a readable DualRes weights file" in capsys.readouterr().err
     assert main(["weights", "--weights", str(tmp_path / "none.pt")]) == 4
-    monkeypatch.setattr(codec, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
+    monkeypatch.setattr(zoo, "DEFAULT_WEIGHTS", tmp_path / "none.pt")
     assert main(["weights"]) == 4
     assert "no trained DualRes weights" in capsys.readouterr().err
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import dualres_ext
-from dualres_ext import ans, codec, ops
+from dualres_ext import ans, codec, container, ops
 from dualres_ext.models import build
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +205,7 @@ def test_fuzz_codec_sections_resealed(codec_setup):
         k = rng.randrange(len(secs))
         secs[k] = mutate(rng, secs[k], secs[(k + 1) % len(secs)])
         flags = (codec.FLAG_GREY if head["grey"] else 0)
-        forged = codec._pack(head["config_id"], flags, head["quality"], head["weights_id"],
+        forged = container.pack(head["config_id"], flags, head["quality"], head["weights_id"],
                              head["width"], head["height"], secs)
         r = _call(codec.decode, forged, weights=model, output="numpy")
         outcomes[r] = outcomes.get(r, 0) + 1

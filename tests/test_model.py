@@ -118,7 +118,7 @@ def test_compress_decompress_equals_forward(quality):
     assert len(enc["strings"]) == 1 + 2 + 3 and all(len(s) == 2 for s in enc["strings"])
     assert torch.equal(x_hat, expected)
     # The test is not trivial: many different symbols were coded.
-    y_h, _ = model._analysis(x, quality)
+    y_h, _ = model.analysis(x, quality)
     assert len(torch.unique(torch.round(y_h))) >= 5
 
 
@@ -130,8 +130,8 @@ def test_coding_runs_float64_copies_that_follow_the_weights():
     model = tiny_model().eval()
     model.update(force=True)
     keys = set(model.state_dict())
-    nets = model._coding_nets()
-    assert model._coding_nets() is nets  # cached while the weights stay put
+    nets = model.coding_nets()
+    assert model.coding_nets() is nets  # cached while the weights stay put
     for name, p in nets.named_parameters():
         assert p.dtype == torch.float64 and not p.requires_grad
     # The last layer of slice 0's parameter net: its bias shifts the means (and scales) of every
@@ -144,7 +144,7 @@ def test_coding_runs_float64_copies_that_follow_the_weights():
     before = model.compress(x, 2)
     with torch.no_grad():                      # an in-place change (an optimiser step does the same)
         w.add_(0.7)
-    nets = model._coding_nets()
+    nets = model.coding_nets()
     assert torch.equal(nets.coder_h.param_nets[0][-1].bias, w.double())
     after = model.compress(x, 2)
     assert after["strings"] != before["strings"]

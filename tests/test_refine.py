@@ -33,8 +33,8 @@ def _tensor(image):
 
 def _latents(model, x, quality):
     with torch.no_grad():
-        y_h, y_l = model._analysis(x, quality)
-        return y_h, y_l, model._hyper_analysis(y_h, y_l)
+        y_h, y_l = model.analysis(x, quality)
+        return y_h, y_l, model.hyper_analysis(y_h, y_l)
 
 
 def _real_loss(model, image, data, quality):
@@ -121,7 +121,7 @@ def test_delta_bits_are_the_change_of_each_elements_own_bits(model, photo):
         def __getattr__(self, name):
             return getattr(model, name)
 
-        def _synthesis(self, a, b, quality):
+        def synthesis(self, a, b, quality):
             return torch.zeros(a.size(0), 3, 16 * b.size(2), 16 * b.size(3))
 
     rate_only = NoSynthesis()
@@ -145,7 +145,7 @@ def test_synthesis_curvature_matches_a_linear_synthesis():
     conv_l = torch.nn.Conv2d(2, 3, 3, padding=1, bias=False)
 
     class Linear:
-        def _synthesis(self, a, b, quality):
+        def synthesis(self, a, b, quality):
             return conv_h(a) + torch.nn.functional.interpolate(conv_l(b), scale_factor=2)
 
     y_h, y_l = torch.randn(1, 4, 96, 96), torch.randn(1, 2, 48, 48)

@@ -4,14 +4,15 @@ import torch
 from PIL import Image
 
 from dualres_ext import codec
+from dualres_ext.models import zoo
 from dualres_ext.demo import BUNDLED_PHOTO
 from dualres_ext.metrics import psnr
 
 
 def test_shipped_weights_load_with_their_provenance():
-    assert codec.DEFAULT_WEIGHTS.is_file(), "the package must ship its trained weights"
-    assert codec.DEFAULT_WEIGHTS.stat().st_size < 30e6
-    model = codec.load_weights(codec.DEFAULT_WEIGHTS)
+    assert zoo.DEFAULT_WEIGHTS.is_file(), "the package must ship its trained weights"
+    assert zoo.DEFAULT_WEIGHTS.stat().st_size < 30e6
+    model = codec.load_weights(zoo.DEFAULT_WEIGHTS)
     assert model.name == "compact"
     meta = model.metadata
     assert meta["steps"] > 0 and "python/train.py" in meta["training_command"]
@@ -79,7 +80,7 @@ def test_weights_files_keep_buffers_exact(tmp_path):
     for name, buf in model.state_dict().items():
         if name not in params and buf.is_floating_point() and name in theirs and "cdf" not in name:
             assert torch.equal(theirs[name], buf), name
-    shipped = codec.load_weights(codec.DEFAULT_WEIGHTS)
+    shipped = codec.load_weights(zoo.DEFAULT_WEIGHTS)
     bounds = [b for n, b in shipped.named_buffers() if n.endswith("likelihood_lower_bound.bound")]
     assert bounds and all(float(b) == float(torch.tensor(1e-9)) for b in bounds)
 

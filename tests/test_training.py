@@ -14,7 +14,7 @@ from PIL import Image
 from dualres_ext import codec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASTRONAUT = os.path.join(ROOT, "dualres_ext", "assets", "astronaut.png")
+ASTRONAUT = os.path.join(ROOT, "src", "dualres_ext", "assets", "astronaut.png")
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     ``refine_steps``, ``refine_rounds``: encode with latent refinement (``encode(...,
     refine_steps=N, refine_rounds=R)``): smaller files at the same quality, for an encoding time
     that grows with N and R."""
-    from .codec import _resolve_model, decode, encode
+    from .codec import resolve_model as _resolve_model, decode, encode
     from .models.refine import check_refinement
 
     refine_steps, refine_rounds = check_refinement(refine_steps, refine_rounds)

@@ -160,7 +160,7 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     float32 rounding, see :mod:`dualres_ext.models.refine`); the timings are of a shared machine.
     ``weights`` must then be None or a path: each process loads its own model.
     """
-    from .codec import _resolve_model  # the codec loads torch models: import lazily
+    from .codec import resolve_model as _resolve_model  # the codec loads torch models: import lazily
     from .models.refine import check_refinement
 
     refine = check_refinement(refine_steps, refine_rounds)

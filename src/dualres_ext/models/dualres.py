@@ -1,7 +1,7 @@
 """DualRes: a two-branch learned image codec with conditional (channel-wise) entropy coding.
 
 After "Learned Image Compression with Dual-Branch Encoder and Conditional Information Coding"
-(Fu, Liang, Liang, Fang, Zhang, Han). The shape (see shared/DESIGN.md, "The model"):
+(Fu, Liang, Liang, Fang, Zhang, Han). The shape:
 
     x ──stem (stride 4)──┬── g_a^H (stride 8)  ─► y_H   (fewer channels: local detail)
                          └── g_a^L (stride 16) ─► y_L   (more channels: global content)
@@ -26,15 +26,12 @@ the synthesis. A float quality interpolates between the two neighbouring gain ve
 log domain, so ``quality`` is continuous in ``[0, num_qualities - 1]``.
 
 Gain units alone make all six rates share one analysis and one synthesis, and the rates compete
-for them: fine-tuned at the top two rates only (lr 1e-5), session 7's weights gained 0.08 and 0.11
-dB there within 450 steps, and lost 0.05 dB at the lowest rate (validation crops, same rates).
-``modulation=True`` adds, after every (I)GDN of both transforms, a per-quality, per-channel
+for them. ``modulation=True`` adds, after every (I)GDN of both transforms, a per-quality, per-channel
 affine map ``x * exp(s_q) + b_q`` (the conditional convolution of Choi et al. 2019, without its
 extra layers), interpolated like the gains. It
 starts as the identity, so a trained model gains it without changing what it computes
 (:func:`dualres_ext.models.widen.add_modulation`), and costs 6.5 k parameters (compact) and one
-multiply-add per activation. Added to the trained compact model it did not help within 1,500 CPU
-steps (docs/TRAINING.md); the shipped weights do not use it.
+multiply-add per activation. The shipped weights do not use it.
 
 Quantisation in training (as CompressAI's recent models do): the likelihoods see additive
 uniform noise (``GaussianConditional``/``EntropyBottleneck`` in training mode), while the
@@ -46,8 +43,7 @@ Portable streams: the decoder must derive every slice's scale table index from t
 decoded exactly as the encoder did, or the rANS lanes desynchronise. float32 convolutions are not
 reproducible across thread counts, CPU instruction sets or devices (oneDNN, cuDNN and BLAS split
 their sums differently), and with ~0.5 M coded symbols per photo a scale lands within float32
-noise of a table boundary in most streams: encoded on 2 threads, 9 of 12 Kodak streams failed to
-decode on 1. So coding runs the networks between the decoded symbols and (μ, σ) -- the hyper
+noise of a table boundary in most streams. So coding runs the networks between the decoded symbols and (μ, σ) -- the hyper
 synthesis, the slice coders and ``down(ŷ_H)`` -- on float64 copies of their weights (``ŷ`` itself
 is kept in float64 on that path). Their rounding differences are then ~1e-16 relative instead of
 ~1e-7: a boundary crossing becomes some 10^8 times less likely. The analysis and the synthesis stay float32: the encoder's
@@ -57,16 +53,15 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
-import weakref
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..cache import TensorCache
 from ..entropy_models import EntropyBottleneck, GaussianConditional
 from ..layers import GDN, conv, deconv
+from .quantize import quantize_latent
 
 # CompressAI's MSE lambdas for its qualities 1..6 (rate + lambda * 255^2 * MSE), the trained
 # operating points of the default quality ladder; quality index 0 is the lowest rate.
@@ -76,18 +71,14 @@ DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 
 CONFIGS: Dict[str, dict] = {
-    # Sized to train on a couple of CPU cores and to be fast on CPU at inference. The shipped
-    # weights grew while training (python/widen_model.py, same pictures at each widening): up to
-    # step 91,134 analysis and synthesis were 64 / 32 channels wide; then the synthesis became
-    # 96 / 48 (~0.1 dB at every rate, +27% decoding time) and at step 100,966 the analysis
-    # 128 / 48 (with 7,000 more steps: +0.02-0.05 dB at every rate on Kodak, for +49% encoding
-    # time, the encoder being mostly the analysis). docs/TRAINING.md has the figures.
+    # Sized to train on a couple of CPU cores and to be fast on CPU at inference. The synthesis
+    # widths (N_s, N1_s) may differ from the analysis': python/widen_model.py grows a trained
+    # model's widths, and docs/TRAINING.md gives the shipped weights' lineage.
     "compact": dict(N=128, N1=48, k1=3, M_H=48, M_L=96, N_hyper=64, Z=48,
                     slices_H=(16, 32), slices_L=(16, 32, 48), hidden=64,
                     lambdas=DEFAULT_LAMBDAS, N_s=96, N1_s=48, k1_s=3),
     # The paper's size: N=192 and 320 latent channels in total (y_H + y_L); 128 channels at
-    # stride 2, where a layer costs 4x more per channel (it still beats the checkerboard model's
-    # 2x speed target; see benchmarks/RESULTS.md).
+    # stride 2, where a layer costs 4x more per channel (benchmarks/RESULTS.md has its speed).
     "paper": dict(N=192, N1=128, k1=5, M_H=128, M_L=192, N_hyper=192, Z=128,
                   slices_H=(32, 32, 64), slices_L=(32, 32, 64, 64), hidden=128,
                   lambdas=DEFAULT_LAMBDAS),
@@ -99,30 +90,16 @@ def get_scale_table(min_=SCALES_MIN, max_=SCALES_MAX, levels=SCALES_LEVELS) -> t
     return torch.exp(torch.linspace(math.log(min_), math.log(max_), levels))
 
 
-def ste_round(x: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through (identity) gradient."""
-    return (torch.round(x) - x).detach() + x
-
-
 # The networks on the entropy-parameter path (see "Portable streams" above); coding runs float64
-# copies of them, made by DualRes._coding_nets.
-_CODING_NETS = ("h_s", "h_s_up_h", "cond_down_h", "coder_h", "coder_l")
-# model -> (weights key, float64 copies). Kept outside the model so that state_dict, deepcopy and
-# pickling never see it; the lock makes concurrent encoders build a copy once.
-_coding_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_coding_lock = threading.Lock()
+# copies of them, made by DualRes.coding_nets.
+CODING_NETS = ("h_s", "h_s_up_h", "cond_down_h", "coder_h", "coder_l")
+# The float64 copies follow the model's weights (an optimiser step or load_state_dict changes
+# them). Kept outside the model so that state_dict, deepcopy and pickling never see them.
+_coding_nets_cache: TensorCache[nn.ModuleDict] = TensorCache()
 
-
-def _quant(x: torch.Tensor, offset: torch.Tensor, training: bool, entropy_model) -> torch.Tensor:
-    """``round(x - offset) + offset``: straight-through in training, exact in eval.
-
-    Eval goes through the entropy model's own ``quantize(.., "symbols")``/``dequantize`` -- the
-    very functions ``compress``/``decompress`` use -- so ``forward``, the encoder and the decoder
-    get bit-identical values (ties, rounding mode and all).
-    """
-    if training:
-        return ste_round(x - offset) + offset
-    return entropy_model.dequantize(entropy_model.quantize(x, "symbols", offset), offset, x.dtype)
+# What a slice loop does with one slice: ``step(i, scales, means)`` returns slice i's quantised
+# values (before the latent residual prediction), coding or measuring it on the way.
+SliceStep = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # Where the quality modulation sits: after these layers (the (I)GDNs) of these Sequentials.
@@ -188,6 +165,23 @@ class _SliceCoder(nn.Module):
     def lrp(self, i: int, h: torch.Tensor, y_hat_slice: torch.Tensor) -> torch.Tensor:
         # A bounded correction of the quantisation error, from what the decoder knows (no bits).
         return y_hat_slice + 0.5 * torch.tanh(self.lrp_nets[i](torch.cat([h, y_hat_slice], 1)))
+
+    def split(self, y: torch.Tensor):
+        """``y`` cut into its slices along the channels."""
+        return y.split(self.slices, 1)
+
+    def run(self, features: torch.Tensor, extra: Optional[torch.Tensor], step: SliceStep) -> torch.Tensor:
+        """The slice loop, the only serial part of coding: for each slice in turn, its context
+        (``features``, ``extra`` and the slices decoded so far) gives (scales, means); ``step``
+        quantises (and codes, decodes or measures) the slice; the LRP corrects it. Returns ŷ.
+        Training, ``forward``, the encoder, the decoder and the refining encoder all run this
+        loop, so they see the same values in the same order."""
+        decoded: List[torch.Tensor] = []
+        base = [features] if extra is None else [features, extra]
+        for i in range(len(self.slices)):
+            scales, means, h = self.params(i, torch.cat(base + decoded, 1))
+            decoded.append(self.lrp(i, h, step(i, scales, means)))
+        return torch.cat(decoded, 1)
 
 
 class DualRes(nn.Module):
@@ -336,7 +330,8 @@ class DualRes(nn.Module):
         return x
 
     # ------------------------------------------------------------------ pieces
-    def _analysis(self, x: torch.Tensor, quality):
+    def analysis(self, x: torch.Tensor, quality):
+        """The latents ``(y_h, y_l)`` of ``x`` at ``quality``, already scaled by its gains."""
         if x.dim() != 4 or x.size(1) != 3:
             raise ValueError(f"x must be (B, 3, H, W), got {tuple(x.shape)}")
         if x.size(2) % self.stride or x.size(3) % self.stride:
@@ -348,76 +343,87 @@ class DualRes(nn.Module):
         y_l = self._run("g_a_l", f, point) * self._gain(self.gain_l, point)
         return y_h, y_l
 
-    def _hyper_analysis(self, y_h, y_l):
+    def hyper_analysis(self, y_h: torch.Tensor, y_l: torch.Tensor) -> torch.Tensor:
+        """The hyper-latent ``z`` of both latents."""
         return self.h_a(torch.cat([self.h_a_down_h(y_h), y_l], 1))
 
-    def _hyper_synthesis(self, z_hat, nets=None):
+    def hyper_synthesis(self, z_hat: torch.Tensor, nets: Optional[nn.Module] = None):
+        """Hyper features ``(f_h, f_l)`` (strides 8 and 16) of the decoded ``ẑ``, computed by
+        ``nets`` (:meth:`coding_nets` when coding; default the model's own float32 networks)."""
         nets = self if nets is None else nets
         f_l = nets.h_s(z_hat)
         return nets.h_s_up_h(f_l), f_l
 
-    def _coding_nets(self) -> nn.ModuleDict:
-        """float64 copies of the entropy-parameter networks (``_CODING_NETS``), rebuilt whenever
-        one of their weights changed (an optimiser step or ``load_state_dict`` bumps a tensor's
-        version) or moved."""
-        sources = [getattr(self, name) for name in _CODING_NETS]
-        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for m in sources for p in m.parameters())
-        with _coding_lock:
-            cached = _coding_cache.get(self)
-            if cached is None or cached[0] != key:
-                with torch.no_grad():
-                    nets = nn.ModuleDict({name: copy.deepcopy(m) for name, m in zip(_CODING_NETS, sources)})
-                    nets = nets.to(torch.float64).requires_grad_(False).eval()
-                cached = _coding_cache[self] = (key, nets)
-            return cached[1]
+    def coding_nets(self) -> nn.ModuleDict:
+        """float64 copies of the entropy-parameter networks (:data:`CODING_NETS`), rebuilt
+        whenever one of their weights changed or moved."""
+        sources = [getattr(self, name) for name in CODING_NETS]
 
-    def _synthesis(self, y_h_hat, y_l_hat, quality):
+        def build() -> nn.ModuleDict:
+            with torch.no_grad():
+                nets = nn.ModuleDict({name: copy.deepcopy(m) for name, m in zip(CODING_NETS, sources)})
+                return nets.to(torch.float64).requires_grad_(False).eval()
+
+        return _coding_nets_cache.get(self, [p for m in sources for p in m.parameters()], build)
+
+    def synthesis(self, y_h_hat: torch.Tensor, y_l_hat: torch.Tensor, quality) -> torch.Tensor:
+        """The picture (not clamped) from the decoded latents at ``quality``."""
         point = self._quality_point(quality, y_h_hat.device, y_h_hat.dtype)
         y_h_hat = y_h_hat * self._gain(self.inv_gain_h, point)
         y_l_hat = y_l_hat * self._gain(self.inv_gain_l, point)
         return self._run("g_s", torch.cat([self._run("g_s_up_l", y_l_hat, point), y_h_hat], 1), point)
 
-    def _z_offset(self) -> torch.Tensor:
-        eb = self.entropy_bottleneck
-        return eb._get_medians().detach()
+    def z_offset(self) -> torch.Tensor:
+        """The factorized prior's medians, around which ``z`` is quantised (C, 1, 1)."""
+        return self.entropy_bottleneck._get_medians().detach()
+
+    def decode_latents(self, z_hat: torch.Tensor, step_h: SliceStep, step_l: SliceStep,
+                       nets: Optional[nn.Module] = None):
+        """``(ŷ_H, ŷ_L)`` from ``ẑ``: the hyper synthesis, then the slice loop of ``y_H``, then that
+        of ``y_L`` conditioned on ``down(ŷ_H)``, with ``step_h`` / ``step_l`` quantising (and
+        coding, decoding or measuring) each slice (:meth:`_SliceCoder.run`). ``nets``: which
+        networks compute it (:meth:`coding_nets` for coding; default the model's own)."""
+        nets = self if nets is None else nets
+        f_h, f_l = self.hyper_synthesis(z_hat, nets)
+        y_h_hat = nets.coder_h.run(f_h, None, step_h)
+        y_l_hat = nets.coder_l.run(f_l, nets.cond_down_h(y_h_hat), step_l)
+        return y_h_hat, y_l_hat
 
     # ------------------------------------------------------------------ training
-    def _code_latent(self, coder: _SliceCoder, y, features, extra=None):
-        """Training/eval pass over the slices of one latent: ŷ and likelihoods."""
-        y_slices = y.split(coder.slices, 1)
-        decoded, likelihoods = [], []
-        base = [features] if extra is None else [features, extra]
-        for i, y_s in enumerate(y_slices):
-            ctx = torch.cat(base + decoded, 1)
-            scales, means, h = coder.params(i, ctx)
-            _, lik = self.gaussian_conditional(y_s, scales, means=means)
-            likelihoods.append(lik)
-            decoded.append(coder.lrp(i, h, _quant(y_s, means, self.training, self.gaussian_conditional)))
-        return torch.cat(decoded, 1), torch.cat(likelihoods, 1)
+    def _likelihood_step(self, y: torch.Tensor, coder: _SliceCoder, likelihoods: list) -> SliceStep:
+        """The training / evaluation step: likelihoods of the slices (noisy in training), then
+        their quantised values."""
+        pieces = coder.split(y)
+        gc = self.gaussian_conditional
+
+        def step(i, scales, means):
+            likelihoods.append(gc(pieces[i], scales, means=means)[1])
+            return quantize_latent(pieces[i], means, self.training, gc)
+
+        return step
 
     def forward(self, x: torch.Tensor, quality=None):
         if quality is None:
             quality = self.num_qualities - 1
-        y_h, y_l = self._analysis(x, quality)
-        z = self._hyper_analysis(y_h, y_l)
+        y_h, y_l = self.analysis(x, quality)
+        z = self.hyper_analysis(y_h, y_l)
         _, z_likelihoods = self.entropy_bottleneck(z)
-        z_hat = _quant(z, self._z_offset(), self.training, self.entropy_bottleneck)
+        z_hat = quantize_latent(z, self.z_offset(), self.training, self.entropy_bottleneck)
         dtype = y_h.dtype
         if self.training or torch.is_grad_enabled():
             nets = self
         else:
             # Inference: the very float64 path compress/decompress take, so that x_hat (and the
             # likelihoods) are what the decoder gets. Training and gradients stay in float32.
-            nets = self._coding_nets()
+            nets = self.coding_nets()
             y_h, y_l, z_hat = y_h.double(), y_l.double(), z_hat.double()
-        f_h, f_l = self._hyper_synthesis(z_hat, nets)
-        y_h_hat, y_h_likelihoods = self._code_latent(nets.coder_h, y_h, f_h)
-        cond = nets.cond_down_h(y_h_hat)
-        y_l_hat, y_l_likelihoods = self._code_latent(nets.coder_l, y_l, f_l, cond)
-        y_h_likelihoods, y_l_likelihoods = y_h_likelihoods.to(dtype), y_l_likelihoods.to(dtype)
-        x_hat = self._synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)
+        lik_h: List[torch.Tensor] = []
+        lik_l: List[torch.Tensor] = []
+        y_h_hat, y_l_hat = self.decode_latents(z_hat, self._likelihood_step(y_h, nets.coder_h, lik_h),
+                                               self._likelihood_step(y_l, nets.coder_l, lik_l), nets)
+        x_hat = self.synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)
         return {"x_hat": x_hat,
-                "likelihoods": {"y_h": y_h_likelihoods, "y_l": y_l_likelihoods,
+                "likelihoods": {"y_h": torch.cat(lik_h, 1).to(dtype), "y_l": torch.cat(lik_l, 1).to(dtype),
                                 "z": z_likelihoods}}
 
     def aux_loss(self) -> torch.Tensor:
@@ -441,80 +447,66 @@ class DualRes(nn.Module):
         return math.exp(float(_interpolate(log_lambdas, point)))
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality=None, *, refine_steps: int = 0, refine_rounds=None, size=None):
+    def compress(self, x: torch.Tensor, quality=None):
         """Encode ``x`` (B, 3, H, W), H and W multiples of 64, into byte strings.
 
         Returns ``{"strings": [z, y_H slice 0, ..., y_L slice 0, ...], "shape": z's (h, w)}``,
         each entry a list with one ``bytes`` per batch element (CompressAI's convention).
-
-        ``refine_steps > 0``: optimise the latents for this image before coding them
-        (:func:`dualres_ext.models.refine.refine_latents`; slower encoding, same decoder), with
-        ``refine_rounds`` discrete rounds after the gradient steps (default
-        :data:`~dualres_ext.models.refine.REFINE_FLIP_ROUNDS`; with ``refine_steps=0`` they run alone).
-        ``size`` (h, w): the part of ``x`` that is the picture (the rest is padding, which the
-        refinement does not try to reproduce); default all of it.
+        :meth:`analysis`, :meth:`hyper_analysis` and :meth:`compress_latents` are its two halves;
+        an encoder may change the latents in between (:mod:`dualres_ext.models.refine`).
         """
         if quality is None:
             quality = self.num_qualities - 1
         if isinstance(quality, torch.Tensor) and quality.dim() > 0:
             raise ValueError("compress: quality must be a single int or float")
-        y_h, y_l = self._analysis(x, quality)
-        z = self._hyper_analysis(y_h, y_l)
-        from .refine import check_refinement, refine_latents
+        y_h, y_l = self.analysis(x, quality)
+        return self.compress_latents(y_h, y_l, self.hyper_analysis(y_h, y_l))
 
-        refine_steps, rounds = check_refinement(refine_steps, refine_rounds)
-        if refine_steps or rounds:
-            with torch.enable_grad():
-                y_h, y_l, z = refine_latents(self, x, quality, (y_h, y_l, z), refine_steps, size=size,
-                                             flip_rounds=rounds)
-        return self.compress_latents(y_h, y_l, z)
+    def _encode_step(self, y: torch.Tensor, coder: _SliceCoder, strings: list) -> SliceStep:
+        pieces = coder.split(y)
+        gc = self.gaussian_conditional
+
+        def step(i, scales, means):
+            strings.append(gc.compress(pieces[i], gc.build_indexes(scales), means=means))
+            return quantize_latent(pieces[i], means, False, gc)
+
+        return step
+
+    def _decode_step(self, strings: Sequence) -> SliceStep:
+        gc = self.gaussian_conditional
+
+        def step(i, scales, means):
+            return gc.decompress(strings[i], gc.build_indexes(scales), means=means).to(means.dtype)
+
+        return step
 
     @torch.no_grad()
     def compress_latents(self, y_h: torch.Tensor, y_l: torch.Tensor, z: torch.Tensor):
         """The coding half of :meth:`compress`: latents (already scaled by the quality's gains,
-        as :meth:`compress` computes them) to byte strings. The quality only enters the decoder
+        as :meth:`analysis` gives them) to byte strings. The quality only enters the decoder
         through the synthesis."""
         strings = [self.entropy_bottleneck.compress(z)]
-        z_hat = _quant(z, self._z_offset(), False, self.entropy_bottleneck)
-        nets = self._coding_nets()  # float64: see "Portable streams" in the module docstring
-        f_h, f_l = self._hyper_synthesis(z_hat.double(), nets)
-        y_h_hat = self._compress_latent(nets.coder_h, y_h.double(), f_h, None, strings)
-        cond = nets.cond_down_h(y_h_hat)
-        self._compress_latent(nets.coder_l, y_l.double(), f_l, cond, strings)
+        z_hat = quantize_latent(z, self.z_offset(), False, self.entropy_bottleneck)
+        nets = self.coding_nets()  # float64: see "Portable streams" in the module docstring
+        self.decode_latents(z_hat.double(), self._encode_step(y_h.double(), nets.coder_h, strings),
+                            self._encode_step(y_l.double(), nets.coder_l, strings), nets)
         return {"strings": strings, "shape": tuple(z.shape[-2:])}
-
-    def _compress_latent(self, coder, y, features, extra, strings):
-        gc = self.gaussian_conditional
-        decoded = []
-        base = [features] if extra is None else [features, extra]
-        for i, y_s in enumerate(y.split(coder.slices, 1)):
-            ctx = torch.cat(base + decoded, 1)
-            scales, means, h = coder.params(i, ctx)
-            indexes = gc.build_indexes(scales)
-            strings.append(gc.compress(y_s, indexes, means=means))
-            decoded.append(coder.lrp(i, h, _quant(y_s, means, False, self.gaussian_conditional)))
-        return torch.cat(decoded, 1)
 
     @torch.no_grad()
     def decompress(self, strings, shape, quality=None):
         """Inverse of :meth:`compress`: ``{"x_hat": (B, 3, 64*h, 64*w)}`` (not clamped)."""
         if quality is None:
             quality = self.num_qualities - 1
-        n_expected = 1 + len(self.coder_h.slices) + len(self.coder_l.slices)
+        n_h = len(self.coder_h.slices)
+        n_expected = 1 + n_h + len(self.coder_l.slices)
         if len(strings) != n_expected:
             raise ValueError(f"strings: expected {n_expected} entries (z + slices), got {len(strings)}")
         shape = tuple(int(s) for s in shape)
         z_hat = self.entropy_bottleneck.decompress(strings[0], shape)
         dtype = z_hat.dtype
-        nets = self._coding_nets()  # float64, as in compress
-        f_h, f_l = self._hyper_synthesis(z_hat.double(), nets)
-        pos = 1
-        y_h_hat = self._decompress_latent(nets.coder_h, strings[pos:pos + len(self.coder_h.slices)],
-                                          f_h, None)
-        pos += len(self.coder_h.slices)
-        cond = nets.cond_down_h(y_h_hat)
-        y_l_hat = self._decompress_latent(nets.coder_l, strings[pos:], f_l, cond)
-        return {"x_hat": self._synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)}
+        y_h_hat, y_l_hat = self.decode_latents(z_hat.double(), self._decode_step(strings[1:1 + n_h]),
+                                               self._decode_step(strings[1 + n_h:]), self.coding_nets())
+        return {"x_hat": self.synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)}
 
     def symbol_counts(self, shape) -> List[int]:
         """Symbols in each string :meth:`compress` writes per image, for ``z`` of size ``shape``
@@ -523,15 +515,3 @@ class DualRes(nn.Module):
         h, w = (int(v) for v in shape)
         return ([self.config["Z"] * h * w] + [c * 64 * h * w for c in self.coder_h.slices]
                 + [c * 16 * h * w for c in self.coder_l.slices])
-
-    def _decompress_latent(self, coder, strings, features, extra):
-        gc = self.gaussian_conditional
-        decoded = []
-        base = [features] if extra is None else [features, extra]
-        for i in range(len(coder.slices)):
-            ctx = torch.cat(base + decoded, 1)
-            scales, means, h = coder.params(i, ctx)
-            indexes = gc.build_indexes(scales)
-            y_s = gc.decompress(strings[i], indexes, means=means)
-            decoded.append(coder.lrp(i, h, y_s.to(means.dtype)))
-        return torch.cat(decoded, 1)

@@ -38,28 +38,23 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dualres import ste_round
+from .loss import DISTORTION_SCALE, bits, rd_loss
+from .quantize import ste_round
 
 REFINE_LR = 0.01
 """Adam's step size for the latents ``y_H`` and ``y_L``, in quantisation bins (the latents are
 scaled so that one bin is 1 at every quality); it decays linearly to 0 over the steps."""
 
 REFINE_Z_LR_SCALE = 5.0
-"""The hyper-latent ``z`` steps this many times further than ``y``. Measured (docs/TRAINING.md,
-session 11): ``y`` gets worse beyond about 0.01 -- its roundings flip and the exact loss rises --
-while ``z``, which only moves the scales and means, gains most at about 0.05; both at 0.01 leave
-15-35% of the gain behind, and 0.2 for ``z`` loses most of it."""
+"""The hyper-latent ``z`` steps this many times further than ``y``: ``y`` gets worse beyond about
+0.01 (its roundings flip and the exact loss rises), while ``z``, which only moves the scales and
+means, gains most at about 0.05 (docs/TRAINING.md, "Refinement")."""
 
 REFINE_FLIP_ROUNDS = 3
 """At most this many discrete rounds after the gradient steps (each costs about four gradient
 steps: one gradient, one curvature probe, six trial losses; they stop at a round that improves no
-image). Measured on validation crops (docs/TRAINING.md, session 12): after 10 gradient steps,
-three rounds lowered the exact loss by a further 0.25-1.1% (0.7% on average, on top of the steps'
-0.2-3.4%); without the gradient steps, rounds alone gave 30-100% of what the 10 steps give.
-Session 15 (3 crops x 6 qualities, exact-loss change vs unrefined): 10 steps + 3 rounds -2.79%,
-+ 8 rounds -3.07% (75% more time); 20 steps + 3 / 8 / 16 rounds -3.24 / -3.50 / -3.54%; 30 + 12
--3.69%. On Kodak, 30 steps + 8 rounds moved the BD-rate against WebP by 0.1 point over 10 + 3
-(-9.1% against -9.0%): three rounds stay the default, and ``refine_steps`` buys the rest."""
+image). More rounds buy little compared with more gradient steps (docs/TRAINING.md,
+"Refinement"), so ``refine_steps`` is the knob and three rounds the default."""
 
 FLIP_WINDOW = 3
 """At most one move per this-many x this-many neighbourhood of a latent (all its channels)."""
@@ -90,7 +85,7 @@ def check_refinement(refine_steps, refine_rounds: Optional[int]) -> Tuple[int, i
 
 def _distortion_weight(model, quality) -> float:
     """The weight of the MSE (pixels in [0, 1]) in the loss: the trained lambda times 255^2."""
-    return model.lmbda(quality) * 255 ** 2
+    return model.lmbda(quality) * DISTORTION_SCALE
 
 
 def rd_losses(model, x: torch.Tensor, quality, y_h, y_l, z, noise: Optional[Sequence[torch.Tensor]] = None,
@@ -113,26 +108,23 @@ def rd_losses(model, x: torch.Tensor, quality, y_h, y_l, z, noise: Optional[Sequ
     gc, eb = model.gaussian_conditional, model.entropy_bottleneck
     h, w = size if size is not None else x.shape[-2:]
     pixels = float(h * w)
-
-    def bits(likelihood):
-        return -torch.log2(likelihood).flatten(1).sum(1)
-
-    off = model._z_offset().view(1, -1, 1, 1)
+    off = model.z_offset().view(1, -1, 1, 1)
     z_hat = ste_round(z - off) + off
     exact_bits = bits(eb.likelihood(z_hat)).detach()
     descent_bits = exact_bits if noise is None else bits(eb.likelihood(z + noise[2]))
-    f_h, f_l = model._hyper_synthesis(z_hat)
+    delta_bits = []
 
-    def latent(coder, y, features, extra, y_noise):
-        nonlocal exact_bits, descent_bits
-        decoded = []
-        base = [features] if extra is None else [features, extra]
-        pieces = y.split(coder.slices, 1)
-        noises = y_noise.split(coder.slices, 1) if y_noise is not None else [None] * len(pieces)
+    def measuring_step(y, coder, y_noise):
+        """Quantises like the coder (with a straight-through gradient) and adds up the bits."""
+        pieces = coder.split(y)
+        noises = coder.split(y_noise) if y_noise is not None else [None] * len(pieces)
         ups, downs = [], []
-        for i, (y_s, n_s) in enumerate(zip(pieces, noises)):
-            scales, means, feat = coder.params(i, torch.cat(base + decoded, 1))
-            y_hat = ste_round(y_s - means) + means
+        if collect is not None:
+            delta_bits.append((ups, downs))
+
+        def step(i, scales, means):
+            nonlocal exact_bits, descent_bits
+            y_s, n_s = pieces[i], noises[i]
             symbols = torch.round(y_s - means).detach()
             # The symbol is fixed; the scales and means still depend on earlier slices' ŷ.
             element_bits = -torch.log2(gc.likelihood(means + symbols, scales, means))
@@ -144,19 +136,20 @@ def rd_losses(model, x: torch.Tensor, quality, y_h, y_l, z, noise: Optional[Sequ
                     m, s, b = means.detach(), scales.detach(), element_bits.detach()
                     ups.append((-torch.log2(gc.likelihood(m + symbols + 1, s, m)) - b) / pixels)
                     downs.append((-torch.log2(gc.likelihood(m + symbols - 1, s, m)) - b) / pixels)
-            decoded.append(coder.lrp(i, feat, y_hat))
-        if collect is not None:
-            collect.setdefault("delta_bits", []).append((torch.cat(ups, 1), torch.cat(downs, 1)))
-        return torch.cat(decoded, 1)
+            return ste_round(y_s - means) + means
 
-    y_h_hat = latent(model.coder_h, y_h, f_h, None, None if noise is None else noise[0])
-    y_l_hat = latent(model.coder_l, y_l, f_l, model.cond_down_h(y_h_hat), None if noise is None else noise[1])
+        return step
+
+    y_h_hat, y_l_hat = model.decode_latents(
+        z_hat, measuring_step(y_h, model.coder_h, None if noise is None else noise[0]),
+        measuring_step(y_l, model.coder_l, None if noise is None else noise[1]))
     if collect is not None:
+        collect["delta_bits"] = [(torch.cat(ups, 1), torch.cat(downs, 1)) for ups, downs in delta_bits]
         collect["y_hat"] = (y_h_hat.detach(), y_l_hat.detach())
-    x_hat = model._synthesis(y_h_hat, y_l_hat, quality).clamp(0, 1)[..., :h, :w]
+    x_hat = model.synthesis(y_h_hat, y_l_hat, quality).clamp(0, 1)[..., :h, :w]
     mse = (x_hat - x[..., :h, :w]).pow(2).flatten(1).mean(1)
-    weight = _distortion_weight(model, quality)
-    return descent_bits / pixels + weight * mse, (exact_bits / pixels + weight * mse).detach()
+    lmbda = model.lmbda(quality)
+    return rd_loss(descent_bits / pixels, mse, lmbda), rd_loss(exact_bits / pixels, mse, lmbda).detach()
 
 
 def _synthesis_curvature(model, y_hats, quality, size, weight: float, gen: torch.Generator):
@@ -170,9 +163,9 @@ def _synthesis_curvature(model, y_hats, quality, size, weight: float, gen: torch
               for y in y_hats]
     eps = 1e-2
     inputs = [y.clone().requires_grad_(True) for y in y_hats]
-    out = model._synthesis(*inputs, quality)[..., :h, :w]  # also the finite difference's base
+    out = model.synthesis(*inputs, quality)[..., :h, :w]  # also the finite difference's base
     with torch.no_grad():
-        moved = model._synthesis(*(y + eps * v for y, v in zip(y_hats, probes)), quality)[..., :h, :w]
+        moved = model.synthesis(*(y + eps * v for y, v in zip(y_hats, probes)), quality)[..., :h, :w]
         jv = (moved - out.detach()) / eps
     jtjv = torch.autograd.grad(out, inputs, grad_outputs=jv)
     per_element = weight / out[0].numel()
