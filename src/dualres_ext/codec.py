@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from .container import (CONFIG_IDS, FLAG_COMPAT, FLAG_CUDA, FLAG_GREY, MAGIC, MAX_SIDE, VERSION, BitstreamError,
-                        ImageTooLargeError, pack, parse_header)
+                        ImageTooLargeError, pack, pack_metadata, parse_header)
 from .imageio import from_tensor, pad, to_tensor
 from .models.refine import check_refinement, refine_latents
 from .models.zoo import WeightsNotFoundError, load_weights, resolve_model, save_weights, weights_id
@@ -84,11 +84,15 @@ def _check_quality(model, quality) -> float:
 
 def encode(image, quality: Optional[Union[int, float]] = None, device=None, weights=None,
            max_pixels: Optional[int] = None, max_bytes: Optional[int] = None, refine_steps: int = 0,
-           refine_rounds: Optional[int] = None) -> bytes:
-    """Compress one image into a DualRes bitstream.
+           refine_rounds: Optional[int] = None, metadata: Optional[dict] = None):
+    """Compress an image into a DualRes bitstream (``bytes``), or a list of images into a list
+    of bitstreams.
 
     ``image``: a PIL image, an HxWx3 (or HxW grey, HxWx4 RGBA) uint8 numpy array, or a float
-    tensor (3, H, W) / (1, 3, H, W) / (1, H, W) in [0, 1]. Any size up to ``max_pixels``
+    tensor (3, H, W) / (1, 3, H, W) / (1, H, W) in [0, 1]; or a list (tuple) of them, whose
+    images of equal size go through the analysis as one batch (each image is still coded on its
+    own, so every stream is the one a single ``encode`` writes, up to the float32 analysis'
+    rounding). Any size up to ``max_pixels``
     (default as in :func:`decode`: larger images raise :class:`ImageTooLargeError` before any model
     work, since the default decoder would refuse their stream). Grey images are coded as
     three equal channels and flagged (``decode`` returns grey); an alpha channel is dropped with
@@ -99,7 +103,7 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     finds: a fraction, within :data:`SIZE_SEARCH_TOLERANCE` of the limit in size or after
     :data:`SIZE_SEARCH_ENCODES` encodes. The header records the quality, so ``decode`` needs
     nothing more. Raises ``ValueError`` if even quality 0 does not fit, naming the size it needs.
-    ``device``: where the model runs (default CPU); decode on the same kind of device.
+    ``device``: where the model runs (default CPU).
     ``refine_steps``: optimise the latents for this image with that many gradient steps, then
     up to ``refine_rounds`` (default three) discrete rounds that move single latents by one bin,
     before coding them (:mod:`dualres_ext.models.refine`): smaller files at the same quality for a
@@ -107,6 +111,9 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     ``refine_rounds`` alone (``refine_steps=0``) runs the rounds without the gradient steps. Both 0
     (the default) = off, and the stream is bit-identical on every machine; a refined stream may
     differ between machines. With ``max_bytes`` every encode of the search is refined.
+    ``metadata``: ``{"exif": bytes, "icc_profile": bytes, "xmp": bytes}`` (any subset) stored in
+    the stream and given back by :func:`decode` (a PIL image's ``info``) and :func:`read_metadata`;
+    for a list of images, one dict for all or a list with one per image.
     """
     refine_steps, refine_rounds = check_refinement(refine_steps, refine_rounds)
     limit = _pixel_limit(max_pixels)
@@ -119,32 +126,71 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     if quality is None:
         quality = model.num_qualities - 1 if max_bytes is not None else 3
     q = _check_quality(model, quality)
-    x, grey = to_tensor(image)
-    height, width = x.shape[-2:]
-    if int(height) * int(width) > limit:
-        raise ImageTooLargeError(
-            f"the image is {width}x{height} ({int(width) * int(height)} pixels), more than the limit of {limit} "
-            f"(raise it with encode(..., max_pixels=N) or ${MAX_PIXELS_ENV}; decoding needs the same)")
+    many = isinstance(image, (list, tuple))
+    images = list(image) if many else [image]
+    if many and (metadata is None or isinstance(metadata, dict)):
+        metadatas = [metadata] * len(images)
+    elif many:
+        metadatas = list(metadata)
+        if len(metadatas) != len(images):
+            raise ValueError(f"metadata: {len(metadatas)} entries for {len(images)} images")
+    else:
+        metadatas = [metadata]
+    for entry in metadatas:
+        pack_metadata(entry or {})  # checked before any model work
+    pictures = [_picture(img, model, limit) for img in images]
     dev = next(model.parameters()).device
-    x = pad(x, model.stride).to(dev)
-    flags = (FLAG_GREY if grey else 0) | (FLAG_CUDA if dev.type == "cuda" else 0)
     config_id = CONFIG_IDS.get(getattr(model, "name", "custom"), 0)
+    batchable = max_bytes is None and not (refine_steps or refine_rounds)
+    latents = _batched_analysis(model, pictures, q) if batchable else [None] * len(pictures)
+    streams = []
+    for picture, start, meta in zip(pictures, latents, metadatas):
+        x, grey, height, width = picture
+        flags = (FLAG_GREY if grey else 0) | (FLAG_CUDA if dev.type == "cuda" else 0)
 
-    def encode_at(quality: float) -> bytes:
-        with torch.no_grad():
-            y_h, y_l = model.analysis(x, quality)
-            latents = (y_h, y_l, model.hyper_analysis(y_h, y_l))
-        if refine_steps or refine_rounds:  # the refining encoder's stage between analysis and coding
-            with torch.enable_grad():
-                latents = refine_latents(model, x, quality, latents, refine_steps, size=(int(height), int(width)),
-                                         flip_rounds=refine_rounds)
-        out = model.compress_latents(*latents)
-        coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"])
-        return pack(config_id, flags | coding, quality, wid, int(width), int(height), sections)
+        def encode_at(quality: float, x=x, start=start, height=height, width=width, flags=flags, meta=meta) -> bytes:
+            if start is None or quality != q:
+                with torch.no_grad():
+                    y_h, y_l = model.analysis(x, quality)
+                    start = (y_h, y_l, model.hyper_analysis(y_h, y_l))
+            coded = start
+            if refine_steps or refine_rounds:  # the refining encoder's stage between analysis and coding
+                with torch.enable_grad():
+                    coded = refine_latents(model, x, quality, start, refine_steps, size=(height, width),
+                                           flip_rounds=refine_rounds)
+            out = model.compress_latents(*coded)
+            coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"])
+            return pack(config_id, flags | coding, quality, wid, width, height, sections, meta)
 
-    if max_bytes is None:
-        return encode_at(q)
-    return _fit_size(encode_at, q, int(max_bytes))
+        streams.append(encode_at(q) if max_bytes is None else _fit_size(encode_at, q, int(max_bytes)))
+    return streams if many else streams[0]
+
+
+def _picture(image, model, limit: int):
+    """``(x, grey, height, width)``: the image as the model's padded input on its device."""
+    x, grey = to_tensor(image)
+    height, width = (int(v) for v in x.shape[-2:])
+    if height * width > limit:
+        raise ImageTooLargeError(
+            f"the image is {width}x{height} ({width * height} pixels), more than the limit of {limit} "
+            f"(raise it with encode(..., max_pixels=N) or ${MAX_PIXELS_ENV}; decoding needs the same)")
+    return pad(x, model.stride).to(next(model.parameters()).device), grey, height, width
+
+
+@torch.no_grad()
+def _batched_analysis(model, pictures, quality: float) -> list:
+    """Each picture's latents ``(y_h, y_l, z)``, pictures of equal padded size in one batch."""
+    groups: dict = {}
+    for i, (x, *_) in enumerate(pictures):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    latents = [None] * len(pictures)
+    for members in groups.values():
+        x = torch.cat([pictures[i][0] for i in members])
+        y_h, y_l = model.analysis(x, quality)
+        z = model.hyper_analysis(y_h, y_l)
+        for b, i in enumerate(members):
+            latents[i] = (y_h[b:b + 1], y_l[b:b + 1], z[b:b + 1])
+    return latents
 
 
 SIZE_SEARCH_ENCODES = 10
@@ -206,24 +252,57 @@ def _pixel_limit(max_pixels) -> int:
 
 
 def decode(data, device=None, output: str = "pil", weights=None, max_pixels: Optional[int] = None):
-    """Decompress a DualRes bitstream. ``output``: ``"pil"`` (default), ``"numpy"`` (HxWx3 or
-    HxW uint8) or ``"tensor"`` ((3 or 1, H, W) float in [0, 1], not rounded to 8 bits).
+    """Decompress a DualRes bitstream, or a list of them (a list of pictures; streams of the same
+    size go through the synthesis as one batch). ``output``: ``"pil"`` (default; the stream's
+    metadata, if any, in the image's ``info``: ``"exif"``, ``"icc_profile"``, ``"xmp"``),
+    ``"numpy"`` (HxWx3 or HxW uint8) or ``"tensor"`` ((3 or 1, H, W) float in [0, 1], not
+    rounded to 8 bits).
 
     ``max_pixels``: refuse (:class:`ImageTooLargeError`, a ``BitstreamError``) a stream whose
     header declares more than this many pixels, before any model work; default
     ``$DUALRES_MAX_PIXELS`` or :data:`MAX_PIXELS` (2^26 = 67 Mpx: ~10 GiB peak with the
     compact model on CPU).
+
+    The decoded latents are exact; the pictures come from a float32 synthesis, whose last bit
+    may differ between thread counts, machines and batch compositions (about one pixel value in
+    10^5 by 1).
     """
     if output not in ("pil", "numpy", "tensor"):
         raise ValueError(f"output must be 'pil', 'numpy' or 'tensor', got {output!r}")
     limit = _pixel_limit(max_pixels)
+    many = isinstance(data, (list, tuple))
+    heads = [_checked_header(d, limit) for d in (data if many else [data])]
+    model, wid = resolve_model(weights, device)
+    latents = [_decode_latents(model, wid, head) for head in heads]
+    groups: dict = {}
+    for i, (y_h_hat, _) in enumerate(latents):
+        groups.setdefault(tuple(y_h_hat.shape), []).append(i)
+    pictures = [None] * len(heads)
+    for members in groups.values():
+        y_h_hat = torch.cat([latents[i][0] for i in members])
+        y_l_hat = torch.cat([latents[i][1] for i in members])
+        qualities = torch.tensor([heads[i]["quality"] for i in members], dtype=torch.float64)
+        with torch.no_grad():
+            x_hat = model.synthesis(y_h_hat, y_l_hat, qualities if len(members) > 1 else heads[members[0]]["quality"])
+        for b, i in enumerate(members):
+            head = heads[i]
+            pictures[i] = from_tensor(x_hat[b, :, :head["height"], :head["width"]], head["grey"], output,
+                                      head["metadata"])
+    return pictures if many else pictures[0]
+
+
+def _checked_header(data, limit: int) -> dict:
     head = parse_header(data)
     if head["width"] * head["height"] > limit:
         raise ImageTooLargeError(
             f"the bitstream declares a {head['width']}x{head['height']} image "
             f"({head['width'] * head['height']} pixels), more than the limit of {limit} "
             f"(raise it with decode(..., max_pixels=N) or ${MAX_PIXELS_ENV} if the source is trusted)")
-    model, wid = resolve_model(weights, device)
+    return head
+
+
+def _decode_latents(model, wid: int, head: dict):
+    """The decoded latents ``(ŷ_H, ŷ_L)`` of one parsed stream, checked against the model."""
     if head["weights_id"] != wid:
         raise BitstreamError(
             f"the bitstream was written with other weights (id {head['weights_id']:08x}, "
@@ -235,20 +314,22 @@ def decode(data, device=None, output: str = "pil", weights=None, max_pixels: Opt
     if head["cuda"] != (dev.type == "cuda"):
         warnings.warn("the bitstream was encoded on a different kind of device "
                       f"({'CUDA' if head['cuda'] else 'CPU'}); decoding may not reproduce it",
-                      stacklevel=2)
+                      stacklevel=3)
     stride = model.stride
     shape = (-(-head["height"] // stride), -(-head["width"] // stride))
     strings = [[s] for s in _restore_sections(model, head, shape)]
     try:
-        x_hat = model.decompress(strings, shape, head["quality"])["x_hat"]
+        return model.decompress_latents(strings, shape)
     except (RuntimeError, ValueError) as exc:
         raise BitstreamError(f"corrupted bitstream: {exc}") from exc
-    x_hat = x_hat[0, :, :head["height"], :head["width"]]
-    return from_tensor(x_hat, head["grey"], output)
 
 
+def read_metadata(data) -> dict:
+    """The metadata a stream carries (``{"exif": bytes, "icc_profile": bytes, "xmp": bytes}``, any
+    subset, empty without), read from its container alone: no model work."""
+    return dict(parse_header(data)["metadata"])
 
 
-__all__ = ["encode", "decode", "BitstreamError", "ImageTooLargeError", "WeightsNotFoundError", "save_weights",
-           "load_weights", "parse_header", "weights_id", "resolve_model", "MAGIC", "VERSION", "MAX_PIXELS",
-           "MAX_SIDE"]
+__all__ = ["encode", "decode", "read_metadata", "BitstreamError", "ImageTooLargeError", "WeightsNotFoundError",
+           "save_weights", "load_weights", "parse_header", "weights_id", "resolve_model", "MAGIC", "VERSION",
+           "MAX_PIXELS", "MAX_SIDE"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from typing import Optional
 
 MAGIC = b"\x89DRX"
 # 3: compact header and embedded rANS sections (docs/BITSTREAM.md): ~80 bytes less per photo.
@@ -30,7 +31,13 @@ _CONFIG_NAMES = {v: k for k, v in CONFIG_IDS.items()}
 FLAG_GREY = 0x01     # the input was greyscale: decode returns one channel
 FLAG_CUDA = 0x02     # encoded on a CUDA device (decode on the same kind of device)
 FLAG_COMPAT = 0x04   # (version 3) sections are CompressAI single-lane strings (a lanes=None model)
-_KNOWN_FLAGS = {2: FLAG_GREY | FLAG_CUDA, 3: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT}
+FLAG_METADATA = 0x08  # (version 3) the last section holds the picture's metadata (EXIF, ICC profile, XMP)
+_KNOWN_FLAGS = {2: FLAG_GREY | FLAG_CUDA, 3: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA}
+
+# Entries of the metadata section: tag byte, LEB128 length, bytes; each tag at most once.
+# Readers skip tags they do not know, so new kinds of metadata need no new version.
+METADATA_TAGS = {"exif": 1, "icc_profile": 2, "xmp": 3}
+_METADATA_NAMES = {v: k for k, v in METADATA_TAGS.items()}
 
 _HEAD_V2 = struct.Struct("<4sBBBBfIIIH")   # magic version config flags reserved quality wid width height n
 _HEAD = struct.Struct("<4sBBBfIHHB")       # magic version config flags quality wid width-1 height-1 n
@@ -71,9 +78,49 @@ def _get_varint(data: bytes, pos: int, end: int):
     raise BitstreamError("malformed section table: a length wider than 32 bits")
 
 
+def pack_metadata(metadata: dict) -> bytes:
+    """The metadata section of ``{"exif": bytes, "icc_profile": bytes, "xmp": bytes}`` (any
+    subset; empty values are left out)."""
+    unknown = set(metadata) - set(METADATA_TAGS)
+    if unknown:
+        raise ValueError(f"metadata: unknown entries {sorted(unknown)} (known: {sorted(METADATA_TAGS)})")
+    out = bytearray()
+    for name, tag in METADATA_TAGS.items():
+        value = metadata.get(name)
+        if value is None or len(value) == 0:
+            continue
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"metadata[{name!r}] must be bytes, got {type(value).__name__}")
+        out.append(tag)
+        _put_varint(out, len(value))
+        out += bytes(value)
+    return bytes(out)
+
+
+def parse_metadata(section: bytes) -> dict:
+    """The entries of a metadata section (:func:`pack_metadata`); unknown tags are skipped."""
+    entries, pos = {}, 0
+    while pos < len(section):
+        tag = section[pos]
+        length, pos = _get_varint(section, pos + 1, len(section))
+        if pos + length > len(section):
+            raise BitstreamError("truncated metadata section")
+        name = _METADATA_NAMES.get(tag)
+        if name is not None:
+            if name in entries:
+                raise BitstreamError(f"malformed metadata section: {name} twice")
+            entries[name] = section[pos:pos + length]
+        pos += length
+    return entries
+
+
 def pack(config_id: int, flags: int, quality: float, wid: int, width: int, height: int,
-          sections) -> bytes:
-    """A version-3 stream of already embedded sections (or CompressAI strings, FLAG_COMPAT)."""
+         sections, metadata: Optional[dict] = None) -> bytes:
+    """A version-3 stream of already embedded sections (or CompressAI strings, FLAG_COMPAT),
+    with a metadata section after them when ``metadata`` holds anything."""
+    extra = pack_metadata(metadata or {})
+    if extra:
+        sections, flags = list(sections) + [extra], flags | FLAG_METADATA
     if len(sections) > 255:  # the header's count is a byte (the models have 6 or 8)
         raise ValueError(f"a DualRes bitstream holds at most 255 sections, got {len(sections)}")
     out = bytearray(_HEAD.pack(MAGIC, VERSION, config_id, flags, quality, wid, width - 1, height - 1,
@@ -90,8 +137,9 @@ def parse_header(data) -> dict:
     """Header fields of a DualRes bitstream (checks magic, version, lengths and checksum).
 
     Returns ``{"version", "config", "config_id", "flags", "grey", "cuda", "quality",
-    "weights_id", "width", "height", "sections": [bytes, ...]}`` (version 3: the sections as
-    stored, i.e. embedded rANS streams unless ``flags & FLAG_COMPAT``).
+    "weights_id", "width", "height", "sections": [bytes, ...], "metadata": {...}}`` (version 3:
+    the coded sections as stored, i.e. embedded rANS streams unless ``flags & FLAG_COMPAT``;
+    ``metadata`` the picture's EXIF / ICC profile / XMP bytes when the stream carries them).
     """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
@@ -145,12 +193,18 @@ def parse_header(data) -> dict:
     for length in lengths:
         sections.append(data[pos:pos + length])
         pos += length
+    metadata = {}
+    if flags & FLAG_METADATA:
+        if not sections:
+            raise BitstreamError("the metadata flag is set but the bitstream has no sections")
+        metadata = parse_metadata(sections.pop())
     return {"version": version, "config": _CONFIG_NAMES[config_id], "config_id": config_id,
             "flags": flags, "grey": bool(flags & FLAG_GREY), "cuda": bool(flags & FLAG_CUDA),
             "quality": quality, "weights_id": wid, "width": width, "height": height,
-            "sections": sections}
+            "sections": sections, "metadata": metadata}
 
 
 
 __all__ = ["MAGIC", "VERSION", "CONFIG_IDS", "FLAG_GREY", "FLAG_CUDA", "FLAG_COMPAT", "MAX_SIDE",
-           "BitstreamError", "ImageTooLargeError", "pack", "parse_header"]
+           "FLAG_METADATA", "METADATA_TAGS",
+           "BitstreamError", "ImageTooLargeError", "pack", "pack_metadata", "parse_header", "parse_metadata"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -88,7 +88,9 @@ def pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
-def from_tensor(x: torch.Tensor, grey: bool, output: str):
+def from_tensor(x: torch.Tensor, grey: bool, output: str, metadata: Optional[dict] = None):
+    """The decoded picture ``x`` (3, H, W) as ``output`` asks: ``"tensor"`` (clamped to [0, 1]),
+    ``"numpy"`` (uint8) or ``"pil"`` (with ``metadata``'s entries in the image's ``info``)."""
     x = x.clamp(0.0, 1.0)
     if grey:
         x = x.mean(dim=0, keepdim=True)
@@ -99,5 +101,7 @@ def from_tensor(x: torch.Tensor, grey: bool, output: str):
         arr = arr[:, :, 0]
     if output == "numpy":
         return arr
-    return Image.fromarray(arr, mode="L" if grey else "RGB")
+    image = Image.fromarray(arr, mode="L" if grey else "RGB")
+    image.info.update(metadata or {})
+    return image
 

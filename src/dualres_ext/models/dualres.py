@@ -497,6 +497,13 @@ class DualRes(nn.Module):
         """Inverse of :meth:`compress`: ``{"x_hat": (B, 3, 64*h, 64*w)}`` (not clamped)."""
         if quality is None:
             quality = self.num_qualities - 1
+        y_h_hat, y_l_hat = self.decompress_latents(strings, shape)
+        return {"x_hat": self.synthesis(y_h_hat, y_l_hat, quality)}
+
+    @torch.no_grad()
+    def decompress_latents(self, strings, shape):
+        """The decoding half of :meth:`decompress`: the decoded latents ``(ŷ_H, ŷ_L)`` (in the
+        synthesis' dtype), which :meth:`synthesis` turns into the picture at any quality."""
         n_h = len(self.coder_h.slices)
         n_expected = 1 + n_h + len(self.coder_l.slices)
         if len(strings) != n_expected:
@@ -506,7 +513,7 @@ class DualRes(nn.Module):
         dtype = z_hat.dtype
         y_h_hat, y_l_hat = self.decode_latents(z_hat.double(), self._decode_step(strings[1:1 + n_h]),
                                                self._decode_step(strings[1 + n_h:]), self.coding_nets())
-        return {"x_hat": self.synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)}
+        return y_h_hat.to(dtype), y_l_hat.to(dtype)
 
     def symbol_counts(self, shape) -> List[int]:
         """Symbols in each string :meth:`compress` writes per image, for ``z`` of size ``shape``
