@@ -33,8 +33,8 @@ def _is_toolkit(prefix):
 def _find_cuda_home():
     """CUDA_HOME as torch would find it, plus the usual install prefixes torch does not look at.
 
-    An ``nvcc`` on PATH may be a wrapper script (this machine's /usr/local/bin/nvcc is), so a
-    candidate prefix only counts when it holds both bin/nvcc and include/cuda_runtime.h.
+    An ``nvcc`` on PATH may be a wrapper script outside any toolkit, so a candidate prefix only
+    counts when it holds both bin/nvcc and include/cuda_runtime.h.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -50,8 +50,8 @@ def _find_cuda_home():
 def _pip_cuda_include_dirs():
     """Headers shipped in the nvidia-* wheels that torch's CUDA headers include (cusparse.h, ...).
 
-    A system toolkit can lack some of them (this machine's /usr/local/cuda has no cusparse.h),
-    while torch's own wheel always brings them under site-packages/nvidia/<pkg>/include.
+    A system toolkit can lack some of them (e.g. cusparse.h), while torch's own wheel always
+    brings them under site-packages/nvidia/<pkg>/include.
     """
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
@@ -77,8 +77,8 @@ if _flag("FORCE_CUDA") and not with_cuda:
         f"CUDA toolkit={cuda_home!r}, torch.version.cuda={torch.version.cuda!r}"
     )
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    # Without a GPU torch would compile for every architecture it knows (slow); Hopper + PTX
-    # runs on the lent H100/H200 and, through the PTX, on newer GPUs.
+    # Without a GPU torch would compile for every architecture it knows (slow): build for Hopper
+    # (H100/H200) plus PTX, which newer GPUs compile at load time.
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
 
 

@@ -24,7 +24,7 @@ namespace dualres::rans {
 constexpr uint8_t kMagic0 = 0xD7, kMagic1 = 0x52;  // "\xD7R"
 constexpr uint8_t kVersion = 1;
 constexpr int kDefaultStates = 4;          // interleaved states per lane (measured: FORMAT.md)
-constexpr int64_t kMinLaneSymbols = 24576; // default lane size floor (~20 lanes for the DESIGN workload)
+constexpr int64_t kMinLaneSymbols = 24576; // default lane size floor (~20 lanes for a 491,520-symbol latent)
 constexpr int64_t kMaxLanes = 64;          // default lane count cap
 constexpr int64_t kMaxLanesHard = 1 << 16; // what an encoder may be asked for / a decoder accepts
 
