@@ -15,7 +15,8 @@ except ImportError as exc:
         "(pip install .) and run Python from any folder, or build it in place for development: "
         "python setup.py build_ext --inplace, then PYTHONPATH=src"
     ) from exc
-from . import ops
+from . import ops, pillow  # noqa: F401  (pillow: registers the .drx format with Pillow)
+from .codec import decode, encode
 
 __version__ = "0.1.0"
 
@@ -30,14 +31,5 @@ def build_info() -> dict:
     return info
 
 
-def __getattr__(name):
-    # The codec pulls in the model, numpy and PIL: load it on first use only, so that
-    # ``import dualres_ext`` (ops, layers) stays light.
-    if name in ("encode", "decode"):
-        from . import codec
-
-        return getattr(codec, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["ops", "build_info", "encode", "decode", "__version__"]
+

@@ -87,10 +87,12 @@ def pack_metadata(metadata: dict) -> bytes:
     out = bytearray()
     for name, tag in METADATA_TAGS.items():
         value = metadata.get(name)
-        if value is None or len(value) == 0:
+        if value is None:
             continue
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError(f"metadata[{name!r}] must be bytes, got {type(value).__name__}")
+        if len(value) == 0:
+            continue
         out.append(tag)
         _put_varint(out, len(value))
         out += bytes(value)

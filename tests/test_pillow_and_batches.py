@@ -1,0 +1,142 @@
+"""The format in Pillow (open, lazy load, save, metadata), lists of images through encode/decode,
+and the dataset of .drx files."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+
+import dualres_ext
+from dualres_ext import codec, container
+from dualres_ext.data import DrxDataset
+
+
+def picture(seed: int, h: int = 48, w: int = 80) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 3, yy * 4, (xx + yy) * 2], -1) % 256
+    return np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+
+
+def srgb_profile() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def test_open_reads_the_header_and_decodes_on_load(tmp_path):
+    data = codec.encode(picture(0), quality=2)
+    path = tmp_path / "a.drx"
+    path.write_bytes(data)
+    with Image.open(path) as img:
+        assert (img.format, img.size, img.mode) == ("DRX", (80, 48), "RGB")
+        assert img.tile, "pixels must not be decoded before load()"
+        assert img.info["quality"] == 2
+        np.testing.assert_array_equal(np.asarray(img), codec.decode(data, output="numpy"))
+    grey = codec.encode(picture(1)[..., 0], quality=1)
+    assert Image.open(io.BytesIO(grey)).mode == "L"
+    assert Image.MIME["DRX"] == "image/x-dualres" and Image.EXTENSION[".drx"] == "DRX"
+
+
+def test_save_writes_what_encode_writes(tmp_path):
+    img = Image.fromarray(picture(2))
+    img.save(tmp_path / "b.drx", quality=3)
+    assert (tmp_path / "b.drx").read_bytes() == codec.encode(img, quality=3)
+    buf = io.BytesIO()
+    img.save(buf, format="DRX", max_bytes=700)
+    assert len(buf.getvalue()) <= 700 and Image.open(buf).size == img.size
+
+
+def test_exif_and_icc_profile_survive_the_round_trip(tmp_path):
+    exif = Image.Exif()
+    exif[0x010F] = "a camera maker"  # Make
+    exif[0x0131] = "dualres_ext test"  # Software
+    icc = srgb_profile()
+    src = tmp_path / "src.png"
+    Image.fromarray(picture(3)).save(src, icc_profile=icc, exif=exif)
+    with Image.open(src) as img:
+        img.save(tmp_path / "c.drx", quality=1)  # metadata comes from the image's info
+    with Image.open(tmp_path / "c.drx") as img:
+        assert img.info["icc_profile"] == icc
+        assert img.getexif()[0x010F] == "a camera maker"
+        img.load()
+        img.save(tmp_path / "back.png")
+    with Image.open(tmp_path / "back.png") as img:
+        assert img.info["icc_profile"] == icc
+    # explicit values win, and an empty one drops the entry
+    Image.open(src).save(tmp_path / "d.drx", quality=1, exif=b"", icc_profile=b"not an ICC profile")
+    assert codec.read_metadata((tmp_path / "d.drx").read_bytes()) == {"icc_profile": b"not an ICC profile"}
+
+
+def test_metadata_section_rules():
+    plain = codec.encode(picture(4), quality=1)
+    tagged = codec.encode(picture(4), quality=1, metadata={"xmp": b"<x/>", "exif": b"Exif\0\0MM"})
+    head = container.parse_header(tagged)
+    assert head["flags"] & container.FLAG_METADATA and not container.parse_header(plain)["flags"] & container.FLAG_METADATA
+    assert head["metadata"] == {"exif": b"Exif\0\0MM", "xmp": b"<x/>"}
+    assert len(head["sections"]) == len(container.parse_header(plain)["sections"])
+    np.testing.assert_array_equal(codec.decode(tagged, output="numpy"), codec.decode(plain, output="numpy"))
+    # a reader skips the tags it does not know; a repeated or truncated entry is refused
+    assert container.parse_metadata(b"\x09\x02ab\x03\x01z") == {"xmp": b"z"}
+    with pytest.raises(container.BitstreamError, match="twice"):
+        container.parse_metadata(b"\x03\x01z\x03\x01z")
+    with pytest.raises(container.BitstreamError, match="truncated"):
+        container.parse_metadata(b"\x03\x05z")
+    with pytest.raises(ValueError, match="unknown entries"):
+        codec.encode(picture(4), metadata={"gps": b"1"})
+    with pytest.raises(TypeError, match="must be bytes"):
+        codec.encode(picture(4), metadata={"exif": 5})
+
+
+def test_foreign_and_damaged_files(tmp_path):
+    png = io.BytesIO()
+    Image.fromarray(picture(5)).save(png, format="PNG")
+    assert Image.open(png).format == "PNG"
+    data = bytearray(codec.encode(picture(5), quality=0))
+    data[-1] ^= 0xFF
+    with pytest.raises(Exception, match="cannot identify|DualRes"):
+        Image.open(io.BytesIO(bytes(data)))
+
+
+def test_lists_encode_and_decode_like_single_images():
+    images = [picture(6), picture(7), picture(8, 40, 70), picture(9)[..., 0]]
+    streams = codec.encode(images, quality=2.5)
+    assert isinstance(streams, list) and len(streams) == 4
+    singles = [codec.encode(img, quality=2.5) for img in images]
+    for got, single in zip(streams, singles):
+        # the batched analysis may round its last float32 bit differently: sizes agree closely
+        assert abs(len(got) - len(single)) <= max(8, len(single) // 50)
+    pictures = codec.decode(streams + singles[:1], output="numpy")
+    assert [p.shape for p in pictures] == [(48, 80, 3), (48, 80, 3), (40, 70, 3), (48, 80), (48, 80, 3)]
+    for stream, got in zip(streams, pictures):
+        alone = codec.decode(stream, output="numpy").astype(int)
+        assert np.abs(alone - got.astype(int)).max() <= 1
+    per_image = codec.encode(images[:2], quality=1, metadata=[{"xmp": b"a"}, None])
+    assert [codec.read_metadata(s) for s in per_image] == [{"xmp": b"a"}, {}]
+    with pytest.raises(ValueError, match="2 entries for 3 images"):
+        codec.encode(images[:3], metadata=[{}, {}])
+
+
+def test_dataset_decodes_in_loader_workers(tmp_path):
+    for i in range(4):
+        (tmp_path / "sub" if i % 2 else tmp_path).mkdir(exist_ok=True)
+        ((tmp_path / "sub" if i % 2 else tmp_path) / f"{i}.drx").write_bytes(codec.encode(picture(10 + i), quality=1))
+    (tmp_path / "notes.txt").write_text("not a picture")
+    dataset = DrxDataset(tmp_path)
+    assert len(dataset) == 4
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 48, 80)] * 2
+    first = codec.decode(dataset.files[0].read_bytes(), output="tensor")
+    # workers run one thread each: the float32 synthesis may round its last bits differently
+    torch.testing.assert_close(batches[0][0], first, atol=1e-4, rtol=0)
+    flipped = DrxDataset([dataset.files[0]], transform=lambda t: t.flip(-1))
+    assert torch.equal(flipped[0], first.flip(-1))
+    with pytest.raises(NotADirectoryError):
+        DrxDataset(tmp_path / "missing")
+
+
+def test_import_registers_the_format():
+    assert "DRX" in Image.OPEN and "DRX" in Image.SAVE
+    assert dualres_ext.encode is codec.encode
