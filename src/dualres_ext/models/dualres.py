@@ -85,8 +85,36 @@ CONFIGS: Dict[str, dict] = {
 }
 
 
+# The default scale table, fixed bit for bit: the 64 float32 values of
+# exp(linspace(log 0.11, log 256, 64)) as CompressAI computes it. A decoder compares scales
+# against these values (and the weights id hashes them), so they must not be recomputed with a
+# platform's exp, whose last bit differs between ATen's scalar and vector kernels.
+_SCALE_TABLE_BITS = (
+    "0x1.c28f5c0000000p-4", "0x1.fd8f260000000p-4", "0x1.2024600000000p-3", "0x1.45df8e0000000p-3",
+    "0x1.708b900000000p-3", "0x1.a0ce080000000p-3", "0x1.d762480000000p-3", "0x1.0a8e140000000p-2",
+    "0x1.2d759a0000000p-2", "0x1.54ef340000000p-2", "0x1.81941c0000000p-2", "0x1.b411940000000p-2",
+    "0x1.ed2b980000000p-2", "0x1.16dfe40000000p-1", "0x1.3b64680000000p-1", "0x1.64b1120000000p-1",
+    "0x1.9366300000000p-1", "0x1.c8390c0000000p-1", "0x1.01fb560000000p+0", "0x1.23c37a0000000p+0",
+    "0x1.49f80e0000000p+0", "0x1.752d5e0000000p+0", "0x1.a60b1e0000000p+0", "0x1.dd4ef80000000p+0",
+    "0x1.0de7b80000000p+1", "0x1.313f8e0000000p+1", "0x1.59382c0000000p+1", "0x1.866cb80000000p+1",
+    "0x1.b98ca20000000p+1", "0x1.f35e5e0000000p+1", "0x1.1a612e0000000p+2", "0x1.3f5b300000000p+2",
+    "0x1.692cb60000000p+2", "0x1.98781c0000000p+2", "0x1.cdf4f00000000p+2", "0x1.0539620000000p+3",
+    "0x1.276e360000000p+3", "0x1.4e1dba0000000p+3", "0x1.79de0e0000000p+3", "0x1.ab59060000000p+3",
+    "0x1.e34eb00000000p+3", "0x1.114c200000000p+4", "0x1.3515b00000000p+4", "0x1.5d8ee80000000p+4",
+    "0x1.8b54e20000000p+4", "0x1.bf19520000000p+4", "0x1.f9a5160000000p+4", "0x1.1dedba0000000p+5",
+    "0x1.435eb20000000p+5", "0x1.6db6ca0000000p+5", "0x1.9d9a600000000p+5", "0x1.d3c3400000000p+5",
+    "0x1.0881e00000000p+6", "0x1.2b24c60000000p+6", "0x1.5250ba0000000p+6", "0x1.7e9dd80000000p+6",
+    "0x1.b0b80c0000000p+6", "0x1.e961bc0000000p+6", "0x1.14bb7a0000000p+7", "0x1.38f8300000000p+7",
+    "0x1.61f39c0000000p+7", "0x1.904ce40000000p+7", "0x1.c4b7d60000000p+7", "0x1.0000000000000p+8",
+)
+
+
 def get_scale_table(min_=SCALES_MIN, max_=SCALES_MAX, levels=SCALES_LEVELS) -> torch.Tensor:
-    """CompressAI's default scale table (log-spaced), as a float tensor."""
+    """CompressAI's default scale table (log-spaced), as a float32 tensor: exactly
+    :data:`_SCALE_TABLE_BITS` for the default arguments (what every DualRes model codes with),
+    otherwise computed (and then only as reproducible as the platform's ``exp``)."""
+    if (min_, max_, levels) == (SCALES_MIN, SCALES_MAX, SCALES_LEVELS):
+        return torch.tensor([float.fromhex(v) for v in _SCALE_TABLE_BITS], dtype=torch.float32)
     return torch.exp(torch.linspace(math.log(min_), math.log(max_), levels))
 
 
