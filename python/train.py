@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from dualres_ext.evaluation import IMAGE_EXTENSIONS  # train on whatever `eval` reads (.tif included)
+from dualres_ext.tools.evaluation import IMAGE_EXTENSIONS  # train on whatever `eval` reads (.tif included)
 from dualres_ext.models import build
 
 

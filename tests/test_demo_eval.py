@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dualres_ext.classic import available_codecs, match_size
-from dualres_ext.metrics import bd_rate, ms_ssim, psnr
+from dualres_ext.tools.classic import available_codecs, match_size
+from dualres_ext.tools.metrics import bd_rate, ms_ssim, psnr
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def random_model():
 
 
 def _photo(size=(192, 128)):
-    from dualres_ext.demo import BUNDLED_PHOTO
+    from dualres_ext.tools.demo import BUNDLED_PHOTO
 
     return Image.open(BUNDLED_PHOTO).convert("RGB").resize(size, Image.LANCZOS)
 
@@ -71,7 +71,7 @@ def test_bd_rate_recovers_a_known_rate_change():
 
 def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
     """Both BD-rates of the summary: ours is the anchor curve at a known fraction of its rate."""
-    from dualres_ext.evaluation import _bd_rates, ms_ssim_db
+    from dualres_ext.tools.evaluation import _bd_rates, ms_ssim_db
 
     rng = np.random.default_rng()
     rates = np.sort(rng.uniform(0.1, 2.0, 8))
@@ -98,7 +98,7 @@ def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
 def test_psnr_differences_at_our_rates():
     """Ours is the anchor curve raised by a known amount per point: the differences recover it,
     and rates outside the anchor's range get None."""
-    from dualres_ext.evaluation import psnr_differences
+    from dualres_ext.tools.evaluation import psnr_differences
 
     rng = np.random.default_rng()
     rates = np.sort(rng.uniform(0.1, 2.0, 7))
@@ -123,7 +123,7 @@ def test_match_size_never_exceeds_the_target():
 
 
 def test_demo_writes_reconstructions_and_comparison(tmp_path, random_model):
-    from dualres_ext.demo import run_demo
+    from dualres_ext.tools.demo import run_demo
 
     image = tmp_path / "photo.png"
     _photo().save(image)
@@ -141,7 +141,7 @@ def test_demo_writes_reconstructions_and_comparison(tmp_path, random_model):
 def test_demo_with_refinement_shows_refined_streams(tmp_path):
     """With the shipped weights (a random model's refinement may keep its start)."""
     from dualres_ext import codec
-    from dualres_ext.demo import run_demo
+    from dualres_ext.tools.demo import run_demo
 
     image = tmp_path / "photo.png"
     _photo((128, 128)).save(image)
@@ -158,7 +158,7 @@ def test_demo_with_refinement_shows_refined_streams(tmp_path):
 
 
 def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -184,7 +184,7 @@ def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
 
 def test_evaluation_reuses_anchor_rows(tmp_path, random_model, monkeypatch):
     """--anchors: the classical codecs' rows of an earlier run come back unchanged, without coding."""
-    from dualres_ext import evaluation
+    from dualres_ext.tools import evaluation
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -213,7 +213,7 @@ def test_evaluation_reuses_anchor_rows(tmp_path, random_model, monkeypatch):
 def test_evaluation_in_worker_processes_measures_the_same_streams(tmp_path, random_model):
     """workers=2: the same rows (bytes, quality; file order in the summary) as one process."""
     from dualres_ext import codec
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -235,14 +235,14 @@ def test_evaluation_in_worker_processes_measures_the_same_streams(tmp_path, rand
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
 def test_evaluation_refuses_bad_workers(tmp_path, random_model, workers):
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     with pytest.raises(ValueError, match="workers"):
         evaluate(str(tmp_path), str(tmp_path / "out"), weights=random_model, workers=workers)
 
 
 def test_evaluation_in_workers_needs_weights_by_path(tmp_path, random_model):
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     with pytest.raises(ValueError, match="weights must be None or a path"):
         evaluate(str(tmp_path), str(tmp_path / "out"), weights=random_model, workers=2)
@@ -251,7 +251,7 @@ def test_evaluation_in_workers_needs_weights_by_path(tmp_path, random_model):
 def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     """With the shipped weights: a random model's refinement may keep its start (no change to see)."""
     from dualres_ext import codec
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -268,13 +268,13 @@ def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     assert float(ours[0]["psnr"]) == pytest.approx(psnr(rgb, codec.decode(refined, output="numpy")))
 
 
-def test_eval_command_lines_pass_workers_and_refinement(tmp_path, monkeypatch):
-    """`python -m dualres_ext eval` and python/eval_rd.py hand --workers, --refine-steps and
-    --refine-rounds on."""
+def test_eval_command_lines_pass_workers_refinement_and_qualities(tmp_path, monkeypatch):
+    """`python -m dualres_ext eval` and python/eval_rd.py (the same command) hand --workers,
+    --refine-steps, --refine-rounds and --qualities on."""
     import importlib.util
 
-    from dualres_ext import evaluation
-    from dualres_ext.__main__ import main
+    from dualres_ext.tools import evaluation
+    from dualres_ext.tools.cli import main
 
     seen = []
     monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: seen.append(kwargs) or {})
@@ -283,8 +283,26 @@ def test_eval_command_lines_pass_workers_and_refinement(tmp_path, monkeypatch):
     script = os.path.join(os.path.dirname(__file__), os.pardir, "python", "eval_rd.py")
     spec = importlib.util.spec_from_file_location("eval_rd", script)
     eval_rd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_rd)  # binds the patched evaluate
-    assert eval_rd.main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "3", "--refine-steps", "4"]) == 0
+    spec.loader.exec_module(eval_rd)
+    assert eval_rd.main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "3", "--refine-steps", "4",
+                         "--qualities", "0", "2.5", "5"]) == 0
     assert [(k["workers"], k["refine_steps"], k["refine_rounds"]) for k in seen] == [(2, 3, 5), (3, 4, None)]
-    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert seen[0]["qualities"] is None
+    assert seen[1]["qualities"] == [0, 2.5, 5] and isinstance(seen[1]["qualities"][0], int)
+    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--qualities", "1"]) == 0
+    assert seen[-1]["qualities"] == [1]
     assert (seen[-1]["workers"], seen[-1]["refine_steps"], seen[-1]["refine_rounds"]) == (1, 0, None)
+
+
+def test_installed_script_is_the_command_line():
+    """pyproject's ``dualres`` entry point names the function ``python -m dualres_ext`` runs."""
+    import importlib
+
+    import dualres_ext.__main__
+    from dualres_ext.tools import cli
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "pyproject.toml"), "rb") as f:
+        target = tomllib.load(f)["project"]["scripts"]["dualres"]
+    module, _, name = target.partition(":")
+    assert getattr(importlib.import_module(module), name) is cli.main is dualres_ext.__main__.main

@@ -10,10 +10,12 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..codec import decode, encode, resolve_model
+from ..models.refine import check_refinement
 from .classic import available_codecs, match_size
 from .metrics import psnr
 
-BUNDLED_PHOTO = Path(__file__).resolve().parent / "assets" / "astronaut.png"
+BUNDLED_PHOTO = Path(__file__).resolve().parent.parent / "assets" / "astronaut.png"
 
 
 def _label(img: Image.Image, text: str) -> Image.Image:
@@ -31,16 +33,13 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     ``refine_steps``, ``refine_rounds``: encode with latent refinement (``encode(...,
     refine_steps=N, refine_rounds=R)``): smaller files at the same quality, for an encoding time
     that grows with N and R."""
-    from .codec import _resolve_model, decode, encode
-    from .models.refine import check_refinement
-
     refine_steps, refine_rounds = check_refinement(refine_steps, refine_rounds)
 
     path = Path(image_path) if image_path else BUNDLED_PHOTO
     rgb = np.asarray(Image.open(path).convert("RGB"))
     h, w = rgb.shape[:2]
     os.makedirs(out_dir, exist_ok=True)
-    model, _ = _resolve_model(weights, device)
+    model, _ = resolve_model(weights, device)
     meta = getattr(model, "metadata", {}) or {}
     log(f"DualRes demo: {path.name} ({w}x{h}), weights: {model.name}"
         + (f", trained {meta['steps']} steps" if meta.get("steps") is not None else "")
