@@ -138,6 +138,56 @@ def test_demo_writes_reconstructions_and_comparison(tmp_path, random_model):
     assert any("JPEG" in line for line in lines)
 
 
+def test_demo_picture_shows_full_views_and_enlarged_details(tmp_path, random_model):
+    """side_by_side.png: the original, DualRes, JPEG and WebP at full size, and under them the same
+    detail region of each enlarged with nearest-neighbour sampling."""
+    from dualres_ext.tools.demo import MARGIN, side_by_side
+
+    image = tmp_path / "photo.png"
+    _photo().save(image)  # 192 x 128
+    rows = run_demo_quietly(image, tmp_path / "out", random_model)
+    sheet = np.asarray(Image.open(tmp_path / "out" / "side_by_side.png").convert("RGB"))
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    peers = [k for k in ("jpeg420", "webp") if rows[0].get(k)]
+    views = [("DualRes q0", "", np.asarray(Image.open(tmp_path / "out" / "dualres_q0.png").convert("RGB")))] + [
+        (k, "", np.asarray(Image.open(tmp_path / "out" / f"{k}_same_size_as_q0.png").convert("RGB"))) for k in peers]
+    again, layout = side_by_side(rgb, views)
+    assert sheet.shape == np.asarray(again).shape
+    # Two rows (full views, then details), one column per picture.
+    full_row = MARGIN + layout["label_height"] + 128
+    assert sheet.shape[0] > full_row + layout["label_height"] + 64 and sheet.shape[1] == MARGIN + (1 + len(views)) * (192 + MARGIN)
+    assert len(layout["full"]) == len(layout["crops"]) == 1 + len(views)
+    x0, y0, cw, ch = layout["box"]
+    zoom = layout["zoom"]
+    assert zoom == 2 and (cw, ch) == (96, 64)
+    for picture, (fx, fy), (cx, cy) in zip([rgb] + [v[2] for v in views], layout["full"], layout["crops"]):
+        if picture is not rgb:  # the original carries the frame around the detail region
+            np.testing.assert_array_equal(sheet[fy:fy + 128, fx:fx + 192], picture)
+        detail = picture[y0:y0 + ch, x0:x0 + cw].repeat(zoom, axis=0).repeat(zoom, axis=1)
+        np.testing.assert_array_equal(sheet[cy:cy + ch * zoom, cx:cx + cw * zoom], detail)
+    # The labels are drawn: dark text pixels above each full view and each detail.
+    for x, y in layout["full"] + layout["crops"]:
+        assert (sheet[y - layout["label_height"]:y, x:x + 192] < 100).any()
+
+
+def test_detail_window_finds_the_largest_error():
+    from dualres_ext.tools.demo import detail_window
+
+    rgb = np.zeros((64, 96, 3), np.uint8)
+    a, b = rgb.copy(), rgb.copy()
+    a[40:50, 60:70] = 200  # one codec's error ...
+    b[44:52, 62:72] = 100  # ... and another's, nearby
+    x, y = detail_window(rgb, [a, b], 16, 16, step=1)
+    assert 56 <= x <= 60 and 36 <= y <= 40  # a 16x16 window covering both error patches
+    assert detail_window(rgb, [rgb], 200, 200) == (0, 0)  # window larger than the picture: clipped
+
+
+def run_demo_quietly(image, out, weights):
+    from dualres_ext.tools.demo import run_demo
+
+    return run_demo(str(image), str(out), qualities=(0,), weights=weights, log=lambda *_: None)
+
+
 def test_demo_with_refinement_shows_refined_streams(tmp_path):
     """With the shipped weights (a random model's refinement may keep its start)."""
     from dualres_ext import codec
