@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         "weights": f"average of the trained weights (decay {ckpt.get('ema_decay')})" if averaged else "trained",
         "source_checkpoint": os.path.basename(args.checkpoint),
         # Every run and widening that led here, in order (the runs' commands, from the step each
-        # started at): a model trained over several sessions is more than its last command.
+        # started at): a model trained over several runs is more than its last command.
         "lineage": [{k: h[k] for k in ("step", "command", "widened") if k in h}
                     for h in history if "command" in h],
     }

@@ -152,8 +152,9 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     ``refine_steps``, ``refine_rounds``: DualRes encodes with latent refinement (``encode(...,
     refine_steps=N, refine_rounds=R)``).
     ``workers``: images are measured in this many processes at once, each with an equal share of
-    torch's threads (for the slow refined runs on a machine with cores to spare). The bytes and qualities are the same as with one process (refined streams: up to
-    float32 rounding, see :mod:`dualres_ext.models.refine`); the timings are of a shared machine.
+    torch's threads (for the slow refined runs on a machine with cores to spare). The bytes and
+    qualities are the same as with one process (refined streams: up to float32 rounding, see
+    :mod:`dualres_ext.models.refine`); the timings are of a shared machine.
     ``weights`` must then be None or a path: each process loads its own model.
     """
     refine = check_refinement(refine_steps, refine_rounds)
