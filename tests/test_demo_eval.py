@@ -71,7 +71,7 @@ def test_bd_rate_recovers_a_known_rate_change():
 
 def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
     """Both BD-rates of the summary: ours is the anchor curve at a known fraction of its rate."""
-    from dualres_ext.tools.evaluation import _bd_rates, ms_ssim_db
+    from dualres_ext.tools.evaluation import bd_rates, ms_ssim_db
 
     rng = np.random.default_rng()
     rates = np.sort(rng.uniform(0.1, 2.0, 8))
@@ -84,15 +84,15 @@ def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
             curves.append({"codec": codec, "bpp": r * scale, "psnr": p, "ms_ssim": 1 - 10 ** (-m / 10)})
     assert ms_ssim_db(curves[0]["ms_ssim"]) == pytest.approx(ms_db[0])
     for metric in ("psnr", "ms_ssim_db"):
-        bd = _bd_rates(curves, ["jpeg420"], metric, log=lambda *_: None)
+        bd = bd_rates(curves, ["jpeg420"], metric, log=lambda *_: None)
         assert bd["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
     # MS-SSIM is NaN for images too small for its five scales: no BD-rate rather than a wrong one.
     for c in curves[:2]:
         c["ms_ssim"] = float("nan")
     messages = []
-    assert _bd_rates(curves, ["jpeg420"], "ms_ssim_db", log=messages.append) == {"jpeg420": None}
+    assert bd_rates(curves, ["jpeg420"], "ms_ssim_db", log=messages.append) == {"jpeg420": None}
     assert messages and "not computable" in messages[0]
-    assert _bd_rates(curves, ["jpeg420"], "psnr", log=lambda *_: None)["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
+    assert bd_rates(curves, ["jpeg420"], "psnr", log=lambda *_: None)["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
 
 
 def test_psnr_differences_at_our_rates():

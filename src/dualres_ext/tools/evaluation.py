@@ -213,8 +213,8 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         log(f"reused {reused} classical-codec measurements from {anchors}")
 
     curves = _average(rows, ("codec", "quality"))
-    bd = _bd_rates(curves, chosen, "psnr", log)
-    bd_ms_ssim = _bd_rates(curves, chosen, "ms_ssim_db", log)
+    bd = bd_rates(curves, chosen, "psnr", log)
+    bd_ms_ssim = bd_rates(curves, chosen, "ms_ssim_db", log)
     differences = psnr_differences(curves, chosen)
     summary = {"folder": os.path.abspath(folder), "images": len(files), "qualities": list(qualities),
                "refine_steps": refine[0], "refine_rounds": refine[1],
@@ -242,7 +242,7 @@ def ms_ssim_db(value: float) -> float:
     return -10 * math.log10(max(1 - value, 1e-10))
 
 
-def _bd_rates(curves: List[dict], codecs: Sequence[str], metric: str, log) -> Dict[str, Optional[float]]:
+def bd_rates(curves: List[dict], codecs: Sequence[str], metric: str, log) -> Dict[str, Optional[float]]:
     """BD-rate (percent) of DualRes against each codec, on ``metric``: "psnr" or "ms_ssim_db"."""
     def quality(c):
         return c["psnr"] if metric == "psnr" else ms_ssim_db(c["ms_ssim"])
