@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from dualres_ext.tools.timing import sync_device
 
 
 def load_image(path, device):
@@ -37,26 +36,21 @@ def load_image(path, device):
     return x[..., : h - h % 64, : w - w % 64].to(device)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def time_model(name, model, x, repeat, compress, decompress, device):
     out = compress(model, x)  # warm-up (allocations, caches)
     decompress(model, out)
     enc, dec, enc_cpu, dec_cpu = [], [], [], []
     for _ in range(repeat):
-        sync(device)
+        sync_device(device)
         t, c = time.perf_counter(), time.process_time()
         out = compress(model, x)
-        sync(device)
+        sync_device(device)
         enc.append(time.perf_counter() - t)
         enc_cpu.append(time.process_time() - c)
         t, c = time.perf_counter(), time.process_time()
         x_hat = decompress(model, out)
-        sync(device)
+        sync_device(device)
         dec.append(time.perf_counter() - t)
         dec_cpu.append(time.process_time() - c)
     n_bytes = sum(len(s[0]) for s in out["strings"])

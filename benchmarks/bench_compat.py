@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python benchmarks/bench_compat.py [--repeat 3] [--models mbt2018-mean,...] [--image PATH]
 
-CPU, random weights (seeded), one 768x512 image (Kodak kodim01 from ../shared/data when present,
-else a synthetic one). For each model: compress and decompress seconds of the original CompressAI
+CPU, random weights (seeded), one 768x512 image (--image, e.g. Kodak's kodim01, cropped to
+768x512; without it a synthetic one). For each model: compress and decompress seconds of the original CompressAI
 model and of an accelerated deep copy (default settings: CompressAI-identical bytes, fused GDN),
 best of --repeat runs each (the machine is shared), and the time spent in entropy coding, measured
 by wrapping the same call sites on both sides:
@@ -23,7 +23,6 @@ import copy
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -110,15 +109,14 @@ def install_timers():
 def load_image(path: str | None) -> torch.Tensor:
     from PIL import Image
 
-    candidates = [path] if path else [str(Path(__file__).resolve().parents[2] / "shared/data/kodak/kodim01.png"),
-                                      "/work/shared/data/kodak/kodim01.png"]
-    for p in candidates:
-        if p and os.path.isfile(p):
-            img = np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0
-            x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
-            if x.shape[2] > x.shape[3]:
-                x = x.transpose(2, 3).contiguous()
-            return x[:, :, :512, :768], p
+    if path:
+        if not os.path.isfile(path):
+            raise SystemExit(f"bench_compat: no such image: {path}")
+        img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+        if x.shape[2] > x.shape[3]:
+            x = x.transpose(2, 3).contiguous()
+        return x[:, :, :512, :768], path
     g = torch.Generator().manual_seed(0)
     coarse = torch.rand(1, 3, 32, 48, generator=g)
     x = torch.nn.functional.interpolate(coarse, size=(512, 768), mode="bilinear", align_corners=False)
@@ -156,7 +154,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
-    parser.add_argument("--image", default=None)
+    parser.add_argument("--image", default=None, help="a photo (e.g. Kodak kodim01.png); default: a synthetic 768x512 image")
     args = parser.parse_args(argv)
 
     install_timers()

@@ -1,6 +1,6 @@
 """Entropy models: dualres_ext vs CompressAI 1.2.8, side by side in one process.
 
-Workload (DESIGN.md): y of shape (1, 320, 48, 32) = 491,520 symbols, Gaussian around random means
+Workload (the latent y of a 768x512 image in a 320-channel model): y of shape (1, 320, 48, 32) = 491,520 symbols, Gaussian around random means
 with scales log-uniform in [0.11, 20]; hyperprior z of shape (1, 192, 12, 8) through an
 EntropyBottleneck with trained-looking (perturbed) parameters.
 
@@ -12,24 +12,14 @@ the minimum is the honest estimate of each implementation's own cost), throughpu
 import argparse
 import math
 import platform
-import time
 
 import torch
 
 from dualres_ext import entropy_models as ours
+from dualres_ext.tools.timing import best_ms
 
 import compressai.entropy_models as theirs
 from compressai.models.google import get_scale_table
-
-
-def best_ms(fn, repeat):
-    fn()  # warm-up (caches, first-touch allocations)
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def ideal_bits(symbols, indexes, cdf, lengths, offsets, precision=16):

@@ -16,27 +16,17 @@ from compressai.layers import GDN as CompressAIGDN
 
 import dualres_ext
 from dualres_ext import layers
+from dualres_ext.tools.timing import best_ms, sync_device
 
 SHAPES = [(1, 192, 256, 384), (1, 192, 128, 192), (1, 192, 64, 96), (8, 128, 64, 64)]
 
 
-CLOCK = time.perf_counter
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
 
 
-def best_ms(fn, repeat, device):
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeat):
-        t = CLOCK()
-        fn()
-        sync()
-        best = min(best, CLOCK() - t)
-    return best * 1e3
+def timed_ms(fn, repeat, device):
+    """Best of ``repeat`` runs after a warm-up, in ms, the device synchronised, on CLOCK."""
+    return best_ms(fn, repeat, sync=lambda: sync_device(device), clock=CLOCK)
 
 
 def make_pair(c, device, dtype, inverse=False):
@@ -69,13 +59,13 @@ def bench_layers(args, device, dtype):
                 x = x.contiguous(memory_format=torch.channels_last)
             scratch = x.clone()
             with torch.no_grad():
-                t_ref = best_ms(lambda: theirs(x), args.repeat, device)
-                t_ours = best_ms(lambda: ours(x), args.repeat, device)
+                t_ref = timed_ms(lambda: theirs(x), args.repeat, device)
+                t_ours = timed_ms(lambda: ours(x), args.repeat, device)
                 # In place on a scratch copy, as the conv blocks do (the values drift between
                 # runs, which does not change the work done).
-                t_inpl = best_ms(lambda: ours(scratch, inplace=True), args.repeat, device)
-            t_ref_tr = best_ms(lambda: train_step(theirs, x), args.repeat, device)
-            t_ours_tr = best_ms(lambda: train_step(ours, x), args.repeat, device)
+                t_inpl = timed_ms(lambda: ours(scratch, inplace=True), args.repeat, device)
+            t_ref_tr = timed_ms(lambda: train_step(theirs, x), args.repeat, device)
+            t_ours_tr = timed_ms(lambda: train_step(ours, x), args.repeat, device)
             print(f"| {tuple(shape)} | {layout} | {t_ref:.1f} | {t_ours:.1f} | {t_inpl:.1f} "
                   f"| {t_ref / t_ours:.2f}x ({t_ref / t_inpl:.2f}x) | {t_ref_tr:.1f} | {t_ours_tr:.1f} "
                   f"| {t_ref_tr / t_ours_tr:.2f}x |")
@@ -91,11 +81,11 @@ def bench_bias_folding(args, device, dtype):
         ref_gdn.load_state_dict(block.gdn.state_dict())
         x = torch.randn(shape, device=device, dtype=dtype)
         with torch.no_grad():
-            t_ref = best_ms(lambda: ref_gdn(block.conv(x)), args.repeat, device)
+            t_ref = timed_ms(lambda: ref_gdn(block.conv(x)), args.repeat, device)
             block.fold_bias = False
-            t_plain = best_ms(lambda: block(x), args.repeat, device)
+            t_plain = timed_ms(lambda: block(x), args.repeat, device)
             block.fold_bias = True
-            t_fold = best_ms(lambda: block(x), args.repeat, device)
+            t_fold = timed_ms(lambda: block(x), args.repeat, device)
         print(f"| {tuple(shape)} | {t_ref:.1f} | {t_plain:.1f} | {t_fold:.1f} | {t_plain / t_fold:.2f}x |")
 
 

@@ -1,4 +1,4 @@
-"""GPU native rANS vs our CPU coder vs CompressAI's coder (DESIGN.md workload and a batch of 16).
+"""GPU native rANS vs our CPU coder vs CompressAI's coder (one 320x48x32 latent and a batch of 16).
 
     PYTHONPATH=src python benchmarks/bench_rans_cuda.py [--device cuda] [--reps 20] [--lanes 0 256 1024]
 
@@ -14,12 +14,12 @@ as the CPU, byte-identical streams); larger counts give the GPU more threads at 
 import argparse
 import math
 import sys
-import time
 
 import torch
 
 import dualres_ext
 from dualres_ext import ops
+from dualres_ext.tools.timing import best_time
 
 N_CH, H, W = 320, 48, 32
 
@@ -50,17 +50,8 @@ def workload(gen):
 
 
 def best_of(fn, reps, sync=None):
-    fn()  # warm-up (allocator, tables, lazy init)
-    if sync:
-        sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Best seconds of ``reps`` runs after a warm-up (allocator, tables, lazy initialisation)."""
+    return best_time(fn, reps, sync=sync)[0]
 
 
 def main():

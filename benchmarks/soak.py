@@ -11,7 +11,6 @@ import argparse
 import resource
 import time
 
-import numpy as np
 import torch
 
 from dualres_ext import codec

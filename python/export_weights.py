@@ -1,6 +1,6 @@
 """Turn a training checkpoint (python/train.py's last.pt / best.pt) into the package's weights file.
 
-  python python/export_weights.py runs/compact/best.pt dualres_ext/weights/dualres_compact.pt
+  python python/export_weights.py runs/compact/best.pt src/dualres_ext/weights/dualres_compact.pt
 
 The weights file (float16, CDF tables left out: they are rebuilt at load time) records the
 training command, steps, data and validation figures, and the lineage (every run's command and
@@ -12,13 +12,9 @@ import argparse
 import os
 import sys
 
-import torch
-
-from dualres_ext.codec import save_weights
+from dualres_ext.models.zoo import save_weights
 from dualres_ext.models import build
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import checkpoint_config  # noqa: E402
+from dualres_ext.training import checkpoint_config, load_checkpoint
 
 
 def main(argv=None) -> int:
@@ -29,7 +25,7 @@ def main(argv=None) -> int:
                     help="a description of the training data, stored in the metadata")
     args = ap.parse_args(argv)
 
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(args.checkpoint)
     model = build(ckpt["model_name"], **checkpoint_config(ckpt))
     model.load_state_dict(ckpt["state_dict"])
     history = ckpt.get("history", [])
@@ -47,7 +43,7 @@ def main(argv=None) -> int:
         "weights": f"average of the trained weights (decay {ckpt.get('ema_decay')})" if averaged else "trained",
         "source_checkpoint": os.path.basename(args.checkpoint),
         # Every run and widening that led here, in order (the runs' commands, from the step each
-        # started at): a model trained over several sessions is more than its last command.
+        # started at): a model trained over several runs is more than its last command.
         "lineage": [{k: h[k] for k in ("step", "command", "widened") if k in h}
                     for h in history if "command" in h],
     }

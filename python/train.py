@@ -1,10 +1,12 @@
-"""Train a DualRes model (CompressAI-style), on CPU or GPU, resumable across sessions.
+"""Train a DualRes model (CompressAI-style), on CPU or GPU; a stopped run resumes from its checkpoint.
 
-Loss per batch: bpp + lambda_q * 255^2 * MSE, with one random quality q per batch so that one
-set of weights learns every rate (gain units; --quality-weights draws some rates more often). The factorized prior's quantiles are trained by
-their own optimizer on the auxiliary loss, as in CompressAI.
+Loss per batch (dualres_ext.models.loss.rate_distortion): bpp + lambda_q * 255^2 * MSE, with one
+random quality q per batch so that one set of weights learns every rate (gain units;
+--quality-weights draws some rates more often). The factorized prior's quantiles are trained by
+their own optimizer on the auxiliary loss, as in CompressAI. The checkpoint format, parameter
+groups, weight average and validation are dualres_ext.training's.
 
-  # CPU, this machine (2 cores): stops by itself after --minutes and leaves a resumable checkpoint
+  # a small CPU (2 cores): stops by itself after --minutes and leaves a resumable checkpoint
   python python/train.py --train data/pool/train --val data/pool/val --out runs/compact --minutes 60
   # resume (same command; --out holds last.pt)
   python python/train.py --train data/pool/train --val data/pool/val --out runs/compact --minutes 60
@@ -20,7 +22,6 @@ scores both, and best.pt takes whichever is lower.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import glob
 import json
@@ -39,8 +40,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from dualres_ext.evaluation import IMAGE_EXTENSIONS  # train on whatever `eval` reads (.tif included)
 from dualres_ext.models import build
+from dualres_ext.models.loss import rate_distortion
+from dualres_ext.tools.evaluation import IMAGE_EXTENSIONS  # train on whatever `eval` reads (.tif included)
+from dualres_ext.training import (WeightAverage, checkpoint_config, is_auxiliary, load_checkpoint, optimizer_groups,
+                                  parameter_groups, psnr_of_mse, save_checkpoint, validate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,107 +117,12 @@ def load_val(files: list[str], size: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# loss
-def rate_distortion(out: dict, x: torch.Tensor, lmbda: float) -> dict:
-    num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = sum(torch.log(l).sum() for l in out["likelihoods"].values()) / (-math.log(2) * num_pixels)
-    mse = F.mse_loss(out["x_hat"], x)
-    return {"loss": bpp + lmbda * 255 ** 2 * mse, "bpp": bpp, "mse": mse}
-
-
-@torch.no_grad()
-def validate(model, val_images, device) -> dict:
-    model.eval()
-    per_q = []
-    for q, lmbda in enumerate(model.lambdas):
-        tot = {"loss": 0.0, "bpp": 0.0, "psnr": 0.0}
-        for img in val_images:
-            x = img[None].float().div(255).to(device)
-            out = model(x, q)
-            rd = rate_distortion(out, x, lmbda)
-            tot["loss"] += rd["loss"].item()
-            tot["bpp"] += rd["bpp"].item()
-            tot["psnr"] += 10 * math.log10(1 / max(rd["mse"].item(), 1e-10))
-        per_q.append({k: v / len(val_images) for k, v in tot.items()})
-    model.train()
-    return {"loss": sum(p["loss"] for p in per_q) / len(per_q), "per_quality": per_q}
-
-
-class WeightAverage:
-    """An exponential moving average of a model's parameters: after each optimiser step
-    avg <- decay * avg + (1 - decay) * weights, so it spans about 1 / (1 - decay) steps. It is a
-    copy of the model (buffers included, taken from the trained model before each use), so it is
-    validated and saved like one."""
-
-    def __init__(self, model: torch.nn.Module, decay: float, state: dict | None = None):
-        self.decay = decay
-        self.source = model
-        self.model = copy.deepcopy(model)
-        self.model.requires_grad_(False)
-        if state is not None:
-            self.model.load_state_dict(state)
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for avg, w in zip(self.model.parameters(), self.source.parameters()):
-            avg.lerp_(w, 1.0 - self.decay)
-
-    @torch.no_grad()
-    def averaged(self) -> torch.nn.Module:
-        """The averaged model, its buffers (nothing that training changes today) the source's."""
-        for avg, b in zip(self.model.buffers(), self.source.buffers()):
-            avg.copy_(b)
-        return self.model
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints
-def save_checkpoint(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind if the session is cut off
-
-
+# several processes (torchrun)
 def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
 
 
-def is_auxiliary(name: str) -> bool:
-    """The factorized prior's quantiles: trained by the auxiliary loss only."""
-    return name.endswith(".quantiles")
-
-
-def checkpoint_config(ckpt: dict) -> dict:
-    """The configuration a checkpoint was trained with (older ones record only their synthesis
-    widths, in their shapes: see dualres_ext.models.widen.synthesis_widths)."""
-    from dualres_ext.models.widen import synthesis_widths
-
-    config = dict(ckpt["config"]) if "config" in ckpt else synthesis_widths(ckpt["state_dict"])
-    config.setdefault("modulation", False)  # recorded since session 8; none had it before
-    return config
-
-
-def parameter_groups(model):
-    main = [p for n, p in model.named_parameters() if not is_auxiliary(n) and p.requires_grad]
-    aux = [p for n, p in model.named_parameters() if is_auxiliary(n) and p.requires_grad]
-    return main, aux
-
-
-def optimizer_groups(model) -> list:
-    """The main optimiser's parameter groups: everything, and (if the model has it) the quality
-    modulation apart, which ``--modulation-lr-scale`` speeds up. The modulation's parameters are
-    the model's last, so the global order -- which the saved optimiser state is indexed by -- is
-    ``parameter_groups``' either way."""
-    named = [(n, p) for n, p in model.named_parameters() if not is_auxiliary(n) and p.requires_grad]
-    groups = [{"params": [p for n, p in named if not n.startswith("modulation.")], "name": "main"}]
-    modulation = [p for n, p in named if n.startswith("modulation.")]
-    if modulation:
-        groups.append({"params": modulation, "name": "modulation"})
-    return groups
-
-
-# ----------------------------------------------------------------------------------------------
-# several processes (torchrun)
 def wrap_ddp(model, device):
     """DistributedDataParallel over the main parameters only.
 
@@ -348,12 +257,12 @@ def main(argv=None) -> int:
     ckpt = init = None
     config = {}
     if not fresh_optimizer:
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(last_path, map_location=device)
         if ckpt["model_name"] != args.model:
             raise SystemExit(f"{last_path} holds a {ckpt['model_name']!r} model, not {args.model!r}")
         config = checkpoint_config(ckpt)
     elif args.init:
-        from dualres_ext.codec import load_weights
+        from dualres_ext.models.zoo import load_weights
 
         init = load_weights(args.init)
         if init.name != args.model:
@@ -533,7 +442,7 @@ def main(argv=None) -> int:
 
         running["loss"] += rd["loss"].item()
         running["bpp"] += rd["bpp"].item()
-        running["psnr"] += 10 * math.log10(1 / max(rd["mse"].item(), 1e-10))
+        running["psnr"] += psnr_of_mse(rd["mse"].item())
         running["aux"] += aux_loss.item()
         running["n"] += 1
         if rank == 0 and (step % 10 == 0):

@@ -24,17 +24,15 @@ import sys
 
 import torch
 
-from dualres_ext.codec import WEIGHTS_FORMAT, load_weights, save_weights
+from dualres_ext.models.zoo import WEIGHTS_FORMAT, load_weights, save_weights
 from dualres_ext.models import build
 from dualres_ext.models.widen import WIDTH_KEYS, add_modulation, widen, widen_tensor
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import checkpoint_config, parameter_groups, save_checkpoint  # noqa: E402  (the checkpoint's own conventions)
+from dualres_ext.training import checkpoint_config, is_checkpoint, parameter_groups, save_checkpoint
 
 
 def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
     """The main optimiser's state_dict with each moment widened like its parameter."""
-    # The optimiser's indices follow train.py's parameter list (named_parameters, auxiliary left out).
+    # The optimiser's indices follow training.parameter_groups' main list.
     main = {id(p) for p in parameter_groups(old_model)[0]}
     old_names = [n for n, p in old_model.named_parameters() if id(p) in main]
     state = {}
@@ -51,7 +49,7 @@ def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
         state[idx] = entry
     groups = [dict(g) for g in opt_state["param_groups"]]
     if new_model.modulation is not None and old_model.modulation is None:
-        # train.optimizer_groups' layout: the modulation's parameters, the model's last, apart.
+        # training.optimizer_groups' layout: the modulation's parameters, the model's last, apart.
         n_old = len(old_names)
         n_new = len(parameter_groups(new_model)[0])
         assert len(groups) == 1 and groups[0]["params"] == list(range(n_old)), "unexpected optimiser layout"
@@ -126,7 +124,7 @@ def main(argv=None) -> int:
             {"step": metadata.get("steps"), "widened": widths(new), "command": command}]
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_weights(new, args.output, metadata=metadata, half=True)
-    elif isinstance(raw, dict) and "optimizer" in raw and "model_name" in raw:
+    elif is_checkpoint(raw):
         old = build(raw["model_name"], **checkpoint_config(raw))
         old.load_state_dict(raw["state_dict"])
         new = grow(old, requested, args.modulation, generator, args.input)

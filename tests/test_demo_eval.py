@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dualres_ext.classic import available_codecs, match_size
-from dualres_ext.metrics import bd_rate, ms_ssim, psnr
+from dualres_ext.tools.classic import available_codecs, match_size
+from dualres_ext.tools.metrics import bd_rate, ms_ssim, psnr
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def random_model():
 
 
 def _photo(size=(192, 128)):
-    from dualres_ext.demo import BUNDLED_PHOTO
+    from dualres_ext.tools.demo import BUNDLED_PHOTO
 
     return Image.open(BUNDLED_PHOTO).convert("RGB").resize(size, Image.LANCZOS)
 
@@ -71,7 +71,7 @@ def test_bd_rate_recovers_a_known_rate_change():
 
 def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
     """Both BD-rates of the summary: ours is the anchor curve at a known fraction of its rate."""
-    from dualres_ext.evaluation import _bd_rates, ms_ssim_db
+    from dualres_ext.tools.evaluation import bd_rates, ms_ssim_db
 
     rng = np.random.default_rng()
     rates = np.sort(rng.uniform(0.1, 2.0, 8))
@@ -84,21 +84,21 @@ def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
             curves.append({"codec": codec, "bpp": r * scale, "psnr": p, "ms_ssim": 1 - 10 ** (-m / 10)})
     assert ms_ssim_db(curves[0]["ms_ssim"]) == pytest.approx(ms_db[0])
     for metric in ("psnr", "ms_ssim_db"):
-        bd = _bd_rates(curves, ["jpeg420"], metric, log=lambda *_: None)
+        bd = bd_rates(curves, ["jpeg420"], metric, log=lambda *_: None)
         assert bd["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
     # MS-SSIM is NaN for images too small for its five scales: no BD-rate rather than a wrong one.
     for c in curves[:2]:
         c["ms_ssim"] = float("nan")
     messages = []
-    assert _bd_rates(curves, ["jpeg420"], "ms_ssim_db", log=messages.append) == {"jpeg420": None}
+    assert bd_rates(curves, ["jpeg420"], "ms_ssim_db", log=messages.append) == {"jpeg420": None}
     assert messages and "not computable" in messages[0]
-    assert _bd_rates(curves, ["jpeg420"], "psnr", log=lambda *_: None)["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
+    assert bd_rates(curves, ["jpeg420"], "psnr", log=lambda *_: None)["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
 
 
 def test_psnr_differences_at_our_rates():
     """Ours is the anchor curve raised by a known amount per point: the differences recover it,
     and rates outside the anchor's range get None."""
-    from dualres_ext.evaluation import psnr_differences
+    from dualres_ext.tools.evaluation import psnr_differences
 
     rng = np.random.default_rng()
     rates = np.sort(rng.uniform(0.1, 2.0, 7))
@@ -123,7 +123,7 @@ def test_match_size_never_exceeds_the_target():
 
 
 def test_demo_writes_reconstructions_and_comparison(tmp_path, random_model):
-    from dualres_ext.demo import run_demo
+    from dualres_ext.tools.demo import run_demo
 
     image = tmp_path / "photo.png"
     _photo().save(image)
@@ -138,10 +138,60 @@ def test_demo_writes_reconstructions_and_comparison(tmp_path, random_model):
     assert any("JPEG" in line for line in lines)
 
 
+def test_demo_picture_shows_full_views_and_enlarged_details(tmp_path, random_model):
+    """side_by_side.png: the original, DualRes, JPEG and WebP at full size, and under them the same
+    detail region of each enlarged with nearest-neighbour sampling."""
+    from dualres_ext.tools.demo import MARGIN, side_by_side
+
+    image = tmp_path / "photo.png"
+    _photo().save(image)  # 192 x 128
+    rows = run_demo_quietly(image, tmp_path / "out", random_model)
+    sheet = np.asarray(Image.open(tmp_path / "out" / "side_by_side.png").convert("RGB"))
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    peers = [k for k in ("jpeg420", "webp") if rows[0].get(k)]
+    views = [("DualRes q0", "", np.asarray(Image.open(tmp_path / "out" / "dualres_q0.png").convert("RGB")))] + [
+        (k, "", np.asarray(Image.open(tmp_path / "out" / f"{k}_same_size_as_q0.png").convert("RGB"))) for k in peers]
+    again, layout = side_by_side(rgb, views)
+    assert sheet.shape == np.asarray(again).shape
+    # Two rows (full views, then details), one column per picture.
+    full_row = MARGIN + layout["label_height"] + 128
+    assert sheet.shape[0] > full_row + layout["label_height"] + 64 and sheet.shape[1] == MARGIN + (1 + len(views)) * (192 + MARGIN)
+    assert len(layout["full"]) == len(layout["crops"]) == 1 + len(views)
+    x0, y0, cw, ch = layout["box"]
+    zoom = layout["zoom"]
+    assert zoom == 2 and (cw, ch) == (96, 64)
+    for picture, (fx, fy), (cx, cy) in zip([rgb] + [v[2] for v in views], layout["full"], layout["crops"]):
+        if picture is not rgb:  # the original carries the frame around the detail region
+            np.testing.assert_array_equal(sheet[fy:fy + 128, fx:fx + 192], picture)
+        detail = picture[y0:y0 + ch, x0:x0 + cw].repeat(zoom, axis=0).repeat(zoom, axis=1)
+        np.testing.assert_array_equal(sheet[cy:cy + ch * zoom, cx:cx + cw * zoom], detail)
+    # The labels are drawn: dark text pixels above each full view and each detail.
+    for x, y in layout["full"] + layout["crops"]:
+        assert (sheet[y - layout["label_height"]:y, x:x + 192] < 100).any()
+
+
+def test_detail_window_finds_the_largest_error():
+    from dualres_ext.tools.demo import detail_window
+
+    rgb = np.zeros((64, 96, 3), np.uint8)
+    a, b = rgb.copy(), rgb.copy()
+    a[40:50, 60:70] = 200  # one codec's error ...
+    b[44:52, 62:72] = 100  # ... and another's, nearby
+    x, y = detail_window(rgb, [a, b], 16, 16, step=1)
+    assert 56 <= x <= 60 and 36 <= y <= 40  # a 16x16 window covering both error patches
+    assert detail_window(rgb, [rgb], 200, 200) == (0, 0)  # window larger than the picture: clipped
+
+
+def run_demo_quietly(image, out, weights):
+    from dualres_ext.tools.demo import run_demo
+
+    return run_demo(str(image), str(out), qualities=(0,), weights=weights, log=lambda *_: None)
+
+
 def test_demo_with_refinement_shows_refined_streams(tmp_path):
     """With the shipped weights (a random model's refinement may keep its start)."""
     from dualres_ext import codec
-    from dualres_ext.demo import run_demo
+    from dualres_ext.tools.demo import run_demo
 
     image = tmp_path / "photo.png"
     _photo((128, 128)).save(image)
@@ -158,7 +208,7 @@ def test_demo_with_refinement_shows_refined_streams(tmp_path):
 
 
 def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -184,7 +234,7 @@ def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
 
 def test_evaluation_reuses_anchor_rows(tmp_path, random_model, monkeypatch):
     """--anchors: the classical codecs' rows of an earlier run come back unchanged, without coding."""
-    from dualres_ext import evaluation
+    from dualres_ext.tools import evaluation
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -213,7 +263,7 @@ def test_evaluation_reuses_anchor_rows(tmp_path, random_model, monkeypatch):
 def test_evaluation_in_worker_processes_measures_the_same_streams(tmp_path, random_model):
     """workers=2: the same rows (bytes, quality; file order in the summary) as one process."""
     from dualres_ext import codec
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -235,14 +285,14 @@ def test_evaluation_in_worker_processes_measures_the_same_streams(tmp_path, rand
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
 def test_evaluation_refuses_bad_workers(tmp_path, random_model, workers):
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     with pytest.raises(ValueError, match="workers"):
         evaluate(str(tmp_path), str(tmp_path / "out"), weights=random_model, workers=workers)
 
 
 def test_evaluation_in_workers_needs_weights_by_path(tmp_path, random_model):
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     with pytest.raises(ValueError, match="weights must be None or a path"):
         evaluate(str(tmp_path), str(tmp_path / "out"), weights=random_model, workers=2)
@@ -251,7 +301,7 @@ def test_evaluation_in_workers_needs_weights_by_path(tmp_path, random_model):
 def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     """With the shipped weights: a random model's refinement may keep its start (no change to see)."""
     from dualres_ext import codec
-    from dualres_ext.evaluation import evaluate
+    from dualres_ext.tools.evaluation import evaluate
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -268,13 +318,13 @@ def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     assert float(ours[0]["psnr"]) == pytest.approx(psnr(rgb, codec.decode(refined, output="numpy")))
 
 
-def test_eval_command_lines_pass_workers_and_refinement(tmp_path, monkeypatch):
-    """`python -m dualres_ext eval` and python/eval_rd.py hand --workers, --refine-steps and
-    --refine-rounds on."""
+def test_eval_command_lines_pass_workers_refinement_and_qualities(tmp_path, monkeypatch):
+    """`python -m dualres_ext eval` and python/eval_rd.py (the same command) hand --workers,
+    --refine-steps, --refine-rounds and --qualities on."""
     import importlib.util
 
-    from dualres_ext import evaluation
-    from dualres_ext.__main__ import main
+    from dualres_ext.tools import evaluation
+    from dualres_ext.tools.cli import main
 
     seen = []
     monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: seen.append(kwargs) or {})
@@ -283,8 +333,26 @@ def test_eval_command_lines_pass_workers_and_refinement(tmp_path, monkeypatch):
     script = os.path.join(os.path.dirname(__file__), os.pardir, "python", "eval_rd.py")
     spec = importlib.util.spec_from_file_location("eval_rd", script)
     eval_rd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_rd)  # binds the patched evaluate
-    assert eval_rd.main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "3", "--refine-steps", "4"]) == 0
+    spec.loader.exec_module(eval_rd)
+    assert eval_rd.main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "3", "--refine-steps", "4",
+                         "--qualities", "0", "2.5", "5"]) == 0
     assert [(k["workers"], k["refine_steps"], k["refine_rounds"]) for k in seen] == [(2, 3, 5), (3, 4, None)]
-    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert seen[0]["qualities"] is None
+    assert seen[1]["qualities"] == [0, 2.5, 5] and isinstance(seen[1]["qualities"][0], int)
+    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--qualities", "1"]) == 0
+    assert seen[-1]["qualities"] == [1]
     assert (seen[-1]["workers"], seen[-1]["refine_steps"], seen[-1]["refine_rounds"]) == (1, 0, None)
+
+
+def test_installed_script_is_the_command_line():
+    """pyproject's ``dualres`` entry point names the function ``python -m dualres_ext`` runs."""
+    import importlib
+
+    import dualres_ext.__main__
+    from dualres_ext.tools import cli
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "pyproject.toml"), "rb") as f:
+        target = tomllib.load(f)["project"]["scripts"]["dualres"]
+    module, _, name = target.partition(":")
+    assert getattr(importlib.import_module(module), name) is cli.main is dualres_ext.__main__.main

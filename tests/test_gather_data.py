@@ -119,3 +119,10 @@ def test_one_copy_per_picture_never_in_both_splits(tree, tmp_path, gather_data):
 def test_empty_sources_are_refused(tmp_path, gather_data):
     with pytest.raises(SystemExit, match="no pictures"):
         gather_data.gather([], str(tmp_path / "pool"))
+
+
+def test_the_data_folder_is_explicit(gather_data, tmp_path, capsys):
+    """--shared names the data folder: no default location is assumed."""
+    with pytest.raises(SystemExit) as exc:
+        gather_data.main(["--out", str(tmp_path / "pool")])
+    assert exc.value.code == 2 and "--shared" in capsys.readouterr().err

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from dualres_ext import codec
-from dualres_ext.demo import BUNDLED_PHOTO
-from dualres_ext.metrics import psnr
+from dualres_ext.tools.demo import BUNDLED_PHOTO
+from dualres_ext.tools.metrics import psnr
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from dualres_ext import codec
-from dualres_ext.demo import BUNDLED_PHOTO
-from dualres_ext.metrics import psnr
+from dualres_ext.tools.demo import BUNDLED_PHOTO
+from dualres_ext.tools.metrics import psnr
 from dualres_ext.models import build
 from dualres_ext.models.refine import _synthesis_curvature, refine_latents, rd_losses
 

@@ -5,8 +5,8 @@ from PIL import Image
 
 from dualres_ext import codec
 from dualres_ext.models import zoo
-from dualres_ext.demo import BUNDLED_PHOTO
-from dualres_ext.metrics import psnr
+from dualres_ext.tools.demo import BUNDLED_PHOTO
+from dualres_ext.tools.metrics import psnr
 
 
 def test_shipped_weights_load_with_their_provenance():
@@ -90,7 +90,7 @@ def test_default_weights_beat_jpeg_at_the_same_size():
     same byte budget at every quality by > 0.8 dB (measured at 78,988 steps: +3.2 dB at q0 down to
     +1.4 dB at q5; at 61,214 steps +3.0 down to +0.9; at 30,884 steps only q0-q2 were ahead). A
     regression guard for future exports; the Kodak figures are in results/kodak/."""
-    from dualres_ext.classic import available_codecs, match_size
+    from dualres_ext.tools.classic import available_codecs, match_size
 
     rgb = np.asarray(Image.open(BUNDLED_PHOTO).convert("RGB"))
     jpeg = available_codecs()["jpeg420"]

@@ -1,5 +1,6 @@
-"""The training pipeline end to end on a toy folder: python/train.py (train, validate, checkpoint,
-resume, the lr drop), python/export_weights.py, and the exported file through encode/decode."""
+"""The training scripts end to end on a toy folder: python/train.py (train, validate, checkpoint,
+resume, the lr drop), python/widen_model.py, python/export_weights.py, and the exported file
+through encode/decode. What they share (dualres_ext.training) is tested in test_training_lib.py."""
 import json
 import os
 import signal
@@ -12,9 +13,10 @@ import torch
 from PIL import Image
 
 from dualres_ext import codec
+from dualres_ext.tools.demo import BUNDLED_PHOTO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASTRONAUT = os.path.join(ROOT, "src", "dualres_ext", "assets", "astronaut.png")
+ASTRONAUT = str(BUNDLED_PHOTO)
 
 pytestmark = pytest.mark.slow
 
@@ -148,32 +150,6 @@ def test_warmup_steps_ramp_a_fresh_optimiser_only(folders, package_env):
 
     r = _run(_train_args(folders, out, "--warmup-steps", "-1"), package_env)
     assert r.returncode == 2 and "--warmup-steps must be >= 0" in r.stderr
-
-
-def test_weight_average_is_the_exponential_moving_average():
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    try:
-        from train import WeightAverage
-    finally:
-        sys.path.pop(0)
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 2))
-    snapshots = [[p.detach().double().clone() for p in model.parameters()]]
-    avg = WeightAverage(model, decay=0.75)
-    for _ in range(3):  # three "optimiser steps" to fresh random weights, each followed by update()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn_like(p))
-        avg.update()
-        snapshots.append([p.detach().double().clone() for p in model.parameters()])
-    # avg_3 = 0.75^3 w_0 + 0.25 (0.75^2 w_1 + 0.75 w_2 + w_3), in float64
-    coef = [0.75 ** 3, 0.25 * 0.75 ** 2, 0.25 * 0.75, 0.25]
-    for i, got in enumerate(avg.averaged().parameters()):
-        want = sum(c * snap[i] for c, snap in zip(coef, snapshots))
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
-        assert not got.requires_grad
-    # The source model is not touched by the average, and the average by later source changes only via update().
-    torch.testing.assert_close(next(model.parameters()).double(), snapshots[-1][0])
 
 
 def test_ema_validates_the_average_and_keeps_the_better(folders, package_env):

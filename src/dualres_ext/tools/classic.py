@@ -1,7 +1,8 @@
 """Classical image codecs behind one interface, for R-D comparisons and the demo.
 
 Each codec maps (RGB uint8 array, quality) -> bytes and back. Pillow brings JPEG, WebP, AVIF
-and JPEG 2000; JPEG XL needs ``imagecodecs`` (the ``eval`` extra) and is skipped without it.
+and JPEG 2000 (each where its Pillow build has the format); JPEG XL needs ``imagecodecs``
+(``pip install dualres_ext[eval]``) and is skipped without it.
 """
 from __future__ import annotations
 
@@ -52,13 +53,13 @@ def available_codecs() -> Dict[str, Codec]:
         codecs["webp"] = Codec("WebP", list(range(0, 101, 5)), _pil_encode("WEBP", method=6), _pil_decode)
     if features.check("avif"):
         # speed 6 and a step of 10: at speed 4 with a step of 5, AVIF took 40 of the 60 coding
-        # seconds per Kodak image of an evaluation (all codecs, this 2-core machine).
+        # seconds per Kodak image of an evaluation (all codecs, on a 2-core CPU).
         codecs["avif"] = Codec("AVIF", list(range(0, 101, 10)), _pil_encode("AVIF", speed=6, subsampling="4:4:4"),
                                _pil_decode)
     if features.check("jpg_2000"):
         codecs["jpeg2000"] = Codec("JPEG 2000", [5, 8, 12, 16, 20, 25, 30, 40, 50, 65, 80, 100, 130, 170, 220],
                                    _j2k_encode, _pil_decode)
-    try:
+    try:  # optional dependency (the ``eval`` extra), imported only where the codec table is built
         import imagecodecs
 
         if imagecodecs.JPEGXL.available:

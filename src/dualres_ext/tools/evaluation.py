@@ -3,7 +3,7 @@
 For every image and every quality: the real bitstream size (bpp), RGB PSNR, MS-SSIM and encode/
 decode milliseconds; the same for each classical codec over its quality sweep; dataset-average
 curves, Bjøntegaard delta-rates of ours against each codec (on PSNR and on MS-SSIM in dB), an R-D plot and CSV/JSON files.
-Used by ``python -m dualres_ext eval DIR`` and ``python/eval_rd.py``.
+Used by ``python -m dualres_ext eval DIR`` (and ``python/eval_rd.py``, the same command).
 """
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ import csv
 import glob
 import json
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ..codec import decode, encode, resolve_model
+from ..models.refine import check_refinement
 from .classic import available_codecs
 from .metrics import bd_rate, ms_ssim, psnr
 
@@ -89,8 +94,6 @@ def _evaluate_image(path: str, qualities, chosen, codecs, weights, device, refin
     """(rows, how many were reused) of one image: DualRes at each quality (``refine``: its
     ``refine_steps`` and ``refine_rounds``), then each chosen classical codec over its sweep (rows
     found in ``reuse`` are taken instead of coded)."""
-    from .codec import decode, encode
-
     rgb = np.asarray(Image.open(path).convert("RGB"))
     name = os.path.basename(path)
     rows = [_measure(rgb, name, "dualres", q,
@@ -111,8 +114,6 @@ def _evaluate_image(path: str, qualities, chosen, codecs, weights, device, refin
 
 
 def _start_worker(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -125,11 +126,6 @@ def _evaluate_in_processes(files, workers: int, qualities, chosen, weights, devi
                            reuse_for, finished) -> None:
     """:func:`_evaluate_image` for every file in ``workers`` processes; ``finished(name, rows,
     reused)`` as each image completes (in the order they complete)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    import torch
-
     threads = max(1, torch.get_num_threads() // workers)
     # "spawn": a forked child would inherit torch's thread pools and the parent's locks.
     with ProcessPoolExecutor(max_workers=min(workers, len(files)) or 1,
@@ -156,13 +152,11 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     ``refine_steps``, ``refine_rounds``: DualRes encodes with latent refinement (``encode(...,
     refine_steps=N, refine_rounds=R)``).
     ``workers``: images are measured in this many processes at once, each with an equal share of
-    torch's threads (for the slow refined runs on a machine with cores to spare). The bytes and qualities are the same as with one process (refined streams: up to
-    float32 rounding, see :mod:`dualres_ext.models.refine`); the timings are of a shared machine.
+    torch's threads (for the slow refined runs on a machine with cores to spare). The bytes and
+    qualities are the same as with one process (refined streams: up to float32 rounding, see
+    :mod:`dualres_ext.models.refine`); the timings are of a shared machine.
     ``weights`` must then be None or a path: each process loads its own model.
     """
-    from .codec import resolve_model as _resolve_model  # the codec loads torch models: import lazily
-    from .models.refine import check_refinement
-
     refine = check_refinement(refine_steps, refine_rounds)
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -172,7 +166,7 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
                          f"got {type(weights).__name__}")
     os.makedirs(out_dir, exist_ok=True)
     files = _images(folder)
-    model, _ = _resolve_model(weights, device)
+    model, _ = resolve_model(weights, device)
     if qualities is None:
         qualities = list(range(model.num_qualities))
     all_codecs = available_codecs()
@@ -219,8 +213,8 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         log(f"reused {reused} classical-codec measurements from {anchors}")
 
     curves = _average(rows, ("codec", "quality"))
-    bd = _bd_rates(curves, chosen, "psnr", log)
-    bd_ms_ssim = _bd_rates(curves, chosen, "ms_ssim_db", log)
+    bd = bd_rates(curves, chosen, "psnr", log)
+    bd_ms_ssim = bd_rates(curves, chosen, "ms_ssim_db", log)
     differences = psnr_differences(curves, chosen)
     summary = {"folder": os.path.abspath(folder), "images": len(files), "qualities": list(qualities),
                "refine_steps": refine[0], "refine_rounds": refine[1],
@@ -248,7 +242,7 @@ def ms_ssim_db(value: float) -> float:
     return -10 * math.log10(max(1 - value, 1e-10))
 
 
-def _bd_rates(curves: List[dict], codecs: Sequence[str], metric: str, log) -> Dict[str, Optional[float]]:
+def bd_rates(curves: List[dict], codecs: Sequence[str], metric: str, log) -> Dict[str, Optional[float]]:
     """BD-rate (percent) of DualRes against each codec, on ``metric``: "psnr" or "ms_ssim_db"."""
     def quality(c):
         return c["psnr"] if metric == "psnr" else ms_ssim_db(c["ms_ssim"])
@@ -301,7 +295,7 @@ def psnr_differences(curves: List[dict], codecs: Sequence[str]) -> Dict[str, Lis
 
 
 def _plot(curves: List[dict], names: Dict[str, str], path: str, title: str) -> None:
-    try:
+    try:  # matplotlib is optional (the ``eval`` extra): without it, no plot; imported only here
         import matplotlib
 
         matplotlib.use("Agg")
