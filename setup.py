@@ -4,10 +4,17 @@ One extension module. C++ sources follow one layout: ``csrc/*.cpp`` (the op
 schemas and module init), ``csrc/<family>/cpu/*.cpp`` (CPU kernels) and
 ``csrc/<family>/cuda/*.cu`` (CUDA kernels, only when CUDA is built).
 
+The build is portable by default: the compiler targets its baseline (x86-64: SSE2 only), and the
+CPU kernels pick AVX2 or AVX-512 code at run time by CPU detection (csrc/common/cpu_kernels.h;
+DUALRES_CPU_KERNELS=scalar|avx2|avx512 at run time forces a set). A wheel built anywhere runs on
+any x86-64 CPU, and the results do not depend on the set used.
+
 Environment switches:
   FORCE_CUDA=1        build the CUDA kernels; fail if no toolkit is found
   DUALRES_NO_CUDA=1   never build the CUDA kernels
-  DUALRES_PORTABLE=1  do not tune for this CPU (no -march=native)
+  DUALRES_NATIVE=1    also tune everything else for this CPU (-march=native, host code of .cu files
+                      included); the binary may then fail with an illegal instruction elsewhere
+  DUALRES_PORTABLE=1  accepted for compatibility and ignored: portable is the default
   TORCH_CUDA_ARCH_LIST  as usual; defaults to the local GPU, or "9.0+PTX" without one
 """
 import glob
@@ -90,16 +97,20 @@ sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.pat
 cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*", "cuda", "*.cu")))
 
 # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch 2.14).
-cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
-if not _flag("DUALRES_PORTABLE"):
-    cxx_flags.append("-march=native")
+# -ffp-contract=off: GCC would otherwise fuse a * b + c into an FMA wherever the target has one,
+# so the AVX2/AVX-512 versions of a kernel would round differently from the baseline one.
+native = _flag("DUALRES_NATIVE")
+cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
 define_macros = []
+if native:
+    cxx_flags.append("-march=native")
+    define_macros.append(("DUALRES_NATIVE", "1"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 
-nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-if not _flag("DUALRES_PORTABLE"):
-    # Host code in .cu files shares inline helpers with the C++ files (e.g. rans_stream.h's
-    # CRC-32C, SSE4.2 when available): the same -march gives both the same (fast) definition.
+nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-ffp-contract=off"]
+if native:
+    # Host code in .cu files shares inline helpers with the C++ files: the same -march gives both
+    # the same definitions.
     nvcc_flags += ["-Xcompiler", "-march=native"]
 
 if with_cuda:

@@ -7,10 +7,15 @@
 
 #include <string>
 
+#include "common/cpu_kernels.h"
+
 namespace dualres {
 
 // What this binary was built with, for bug reports and for tests that must know whether the
-// CUDA kernels exist (a build without them must not pretend otherwise).
+// CUDA kernels exist (a build without them must not pretend otherwise). `simd` and `native` are
+// compile-time facts (the instruction set every function may assume; whether the build used
+// -march=native), `cpu_kernels` the set the vector kernels use at run time and `cpu_supported`
+// the sets this CPU could run (common/cpu_kernels.h). `compiler` comes last: its value has spaces.
 std::string build_info() {
   std::string info;
 #ifdef DUALRES_WITH_CUDA
@@ -32,14 +37,26 @@ std::string build_info() {
 #else
   info += " simd=baseline";
 #endif
+#ifdef DUALRES_NATIVE
+  info += " native=1";
+#else
+  info += " native=0";
+#endif
+  info += std::string(" cpu_kernels=") + cpu::isa_name(cpu::kernels());
+  info += " cpu_supported=" + cpu::supported_kernels();
   info += " compiler=" __VERSION__;
   return info;
 }
+
+std::string set_cpu_kernels(std::string kernels) { return cpu::set_kernels(kernels); }
 
 }  // namespace dualres
 
 TORCH_LIBRARY(dualres_ext, m) {
   m.def("build_info() -> str", &dualres::build_info);
+  // Makes the CPU ops use the kernels for `kernels` (scalar, avx2, avx512, auto) from now on, in
+  // every thread; returns the set used before. Results do not depend on it (common/cpu_kernels.h).
+  m.def("set_cpu_kernels(str kernels) -> str", &dualres::set_cpu_kernels);
 
   // --- rans (csrc/rans) ---
   // Native multi-lane stream (csrc/rans/FORMAT.md); lanes <= 0 lets the encoder choose.

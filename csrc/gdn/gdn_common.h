@@ -15,7 +15,9 @@
 #if defined(__CUDACC__)
 #define GDN_HD __host__ __device__ __forceinline__
 #else
-#define GDN_HD inline
+// Forced inline: the CPU loops calling these are compiled per instruction set (cpu::run), and
+// only inlined code is compiled for the caller's set.
+#define GDN_HD inline __attribute__((always_inline))
 #endif
 
 namespace dualres::gdn {

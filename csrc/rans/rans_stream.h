@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__SSE4_2__)
+#if defined(__x86_64__)
 #include <nmmintrin.h>
 #endif
 
@@ -75,18 +75,8 @@ inline Layout affordable_layout(uint64_t payload, int64_t lanes) {
 
 // CRC-32C (Castagnoli) of the stream body. rANS alone cannot notice every corruption: bypass
 // chunks are stored verbatim in the state, so a flipped bit there decodes to another valid value.
-inline uint32_t crc32c(const uint8_t* p, size_t n) {
-  uint32_t crc = ~0u;
-#if defined(__SSE4_2__)
-  uint64_t c64 = crc;
-  for (; n >= 8; n -= 8, p += 8) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    c64 = _mm_crc32_u64(c64, v);
-  }
-  crc = static_cast<uint32_t>(c64);
-  for (; n > 0; --n, ++p) crc = _mm_crc32_u8(crc, *p);
-#else
+// crc32c_update(~0u, ...) then ~ gives the CRC; both versions below compute the same function.
+inline uint32_t crc32c_update_table(uint32_t crc, const uint8_t* p, size_t n) {
   static const auto table = [] {
     std::array<uint32_t, 256> t{};
     for (uint32_t i = 0; i < 256; ++i) {
@@ -97,8 +87,31 @@ inline uint32_t crc32c(const uint8_t* p, size_t n) {
     return t;
   }();
   for (; n > 0; --n, ++p) crc = (crc >> 8) ^ table[(crc ^ *p) & 0xFF];
+  return crc;
+}
+
+#if defined(__x86_64__)
+// SSE4.2's crc32 instruction computes CRC-32C; compiled for it whatever the build's baseline, and
+// only called where the CPU has it (crc32c below checks at run time).
+__attribute__((target("sse4.2"))) inline uint32_t crc32c_update_sse42(uint32_t crc, const uint8_t* p, size_t n) {
+  uint64_t c64 = crc;
+  for (; n >= 8; n -= 8, p += 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    c64 = _mm_crc32_u64(c64, v);
+  }
+  crc = static_cast<uint32_t>(c64);
+  for (; n > 0; --n, ++p) crc = _mm_crc32_u8(crc, *p);
+  return crc;
+}
 #endif
-  return ~crc;
+
+inline uint32_t crc32c(const uint8_t* p, size_t n) {
+#if defined(__x86_64__)
+  static const bool sse42 = __builtin_cpu_supports("sse4.2");
+  if (sse42) return ~crc32c_update_sse42(~0u, p, n);
+#endif
+  return ~crc32c_update_table(~0u, p, n);
 }
 
 constexpr size_t kFixedHeader = 9;  // magic(2) version precision states crc32c(4)

@@ -22,12 +22,23 @@ __version__ = "0.1.0"
 
 
 def build_info() -> dict:
-    """How the native extension was built: ``{"cuda": bool, "openmp": ..., "simd": ..., "compiler": ...}``."""
+    """How the native extension was built, and which CPU kernels it runs.
+
+    ``{"cuda": bool, "openmp": ..., "simd": ..., "native": bool, "cpu_kernels": ...,
+    "cpu_supported": ..., "compiler": ...}``: ``simd`` is the instruction set the whole build may
+    assume ("baseline" for a portable build), ``native`` whether it was built with -march=native
+    (DUALRES_NATIVE=1), ``cpu_kernels`` the set the CPU kernels use now (scalar, avx2 or avx512:
+    detected at run time, or forced with DUALRES_CPU_KERNELS) and ``cpu_supported`` the sets this
+    CPU can run, comma-separated.
+    """
+    head, _, compiler = ops.build_info().partition(" compiler=")
     info = {}
-    for item in ops.build_info().split(" ", 3):
+    for item in head.split():
         key, _, value = item.partition("=")
         info[key] = value
+    info["compiler"] = compiler
     info["cuda"] = info.get("cuda") == "1"
+    info["native"] = info.get("native") == "1"
     return info
 
 

@@ -19,12 +19,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_kernels.h"
 #include "common/gil_release.h"
 #include "gaussian/gaussian_checks.h"
 #include "gaussian/gaussian_math.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if DUALRES_CPU_X86
 // GCC 12's AVX-512 headers start masked intrinsics from _mm512_undefined_*(), which trips
 // -Wmaybe-uninitialized in every caller; the values are fully overwritten.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -43,7 +43,8 @@ constexpr int64_t kMathGrain = 4096;
 constexpr auto kCPU = at::DeviceType::CPU;
 
 // A sorted copy of table[0..n) padded with +inf up to a power of two, so that the search below
-// runs a fixed number of branch-free steps (which the compiler can vectorise with gathers).
+// runs a fixed number of branch-free steps (which the compiler can vectorise with gathers: the
+// loops calling it run through cpu::run, and index() is forced inline into them).
 template <typename T>
 struct PaddedTable {
   std::vector<T> values;
@@ -66,7 +67,7 @@ struct PaddedTable {
   // Number of entries t with !(x <= t): CompressAI's index for a lower-bounded scale x.
   // The +inf padding never counts for a non-NaN x; a NaN x counts every entry (the padding
   // too, hence the min), which is what CompressAI's `scales <= s` loop gives.
-  inline int32_t index(T x) const {
+  inline DUALRES_CPU_INLINE int32_t index(T x) const {
     if (!sorted) return count_not_above_linear(raw, n, x);
     const T* v = values.data();
     int32_t pos = 0;
@@ -77,7 +78,7 @@ struct PaddedTable {
   }
 };
 
-#if defined(__AVX512F__)
+#if DUALRES_CPU_X86
 // The same search, 16 float scales at a time, for tables of at most 63 entries (CompressAI's
 // default has 64 entries, the last never compared). The padded 64-entry table lives in four
 // registers and each step fetches its pivots with two two-register permutes: no gathers.
@@ -87,7 +88,7 @@ struct Avx512FloatTable {
 
   static bool usable(const PaddedTable<float>& table) { return table.sorted && table.values.size() <= 64; }
 
-  explicit Avx512FloatTable(const PaddedTable<float>& table) {
+  DUALRES_TARGET_AVX512 explicit Avx512FloatTable(const PaddedTable<float>& table) {
     float padded[64];
     std::fill(padded, padded + 64, std::numeric_limits<float>::infinity());
     std::copy(table.values.begin(), table.values.end(), padded);
@@ -98,13 +99,13 @@ struct Avx512FloatTable {
     n = _mm512_set1_epi32(table.n);
   }
 
-  inline __m512 pivot(__m512i idx) const {
+  DUALRES_TARGET_AVX512 inline __m512 pivot(__m512i idx) const {
     const __m512 lo = _mm512_permutex2var_ps(t0, idx, t1);
     const __m512 hi = _mm512_permutex2var_ps(t2, idx, t3);
     return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);
   }
 
-  inline __m512i index(__m512 x) const {
+  DUALRES_TARGET_AVX512 inline __m512i index(__m512 x) const {
     __m512i pos = _mm512_setzero_si512();
     for (int step = 32; step > 0; step >>= 1) {
       const __m512 p = pivot(_mm512_add_epi32(pos, _mm512_set1_epi32(step - 1)));
@@ -116,7 +117,7 @@ struct Avx512FloatTable {
 };
 
 // Bits of classify_scale for 16 lanes at once.
-inline int classify_scales16(__m512 s) {
+DUALRES_TARGET_AVX512 inline int classify_scales16(__m512 s) {
   int status = 0;
   if (_mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q)) status |= kSawNaN;
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
@@ -126,7 +127,7 @@ inline int classify_scales16(__m512 s) {
 }
 
 // round(y - mean) -> int32 for 16 lanes; lanes outside int32 (or NaN) set status bits.
-inline __m512i quantize16(__m512 d, int& status) {
+DUALRES_TARGET_AVX512 inline __m512i quantize16(__m512 d, int& status) {
   const __m512 r = _mm512_roundscale_ps(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __mmask16 ok = _mm512_cmp_ps_mask(r, _mm512_set1_ps(-2147483648.0f), _CMP_GE_OQ) &
                        _mm512_cmp_ps_mask(r, _mm512_set1_ps(2147483648.0f), _CMP_LT_OQ);
@@ -145,42 +146,57 @@ inline __m512i quantize16(__m512 d, int& status) {
 // below it the release/re-acquire costs more than the kernel (per-position calls of serial models).
 constexpr int64_t kReleaseGilNumel = int64_t{1} << 15;
 
+#if DUALRES_CPU_X86
+// The AVX-512 loops below take the kernel-set tag first so that calls to them from generic code
+// stay dependent (and are only compiled where the tag is cpu::Avx512).
+
+// build_indexes over [begin, end) of float scales with a table Avx512FloatTable can hold;
+// returns the status bits seen.
+DUALRES_TARGET_AVX512 int build_indexes_avx512(cpu::Avx512, const float* scales, int32_t* out, int64_t begin, int64_t end,
+                                               const PaddedTable<float>& table, float bound) {
+  const Avx512FloatTable vtable(table);
+  int local = 0;
+  const __m512 vbound = _mm512_set1_ps(bound);
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const __m512 s = _mm512_loadu_ps(scales + i);
+    local |= classify_scales16(s);
+    // max_nan: keep NaN lanes NaN (torch.max propagates them).
+    const __m512 b = _mm512_mask_max_ps(s, _mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), s, vbound);
+    _mm512_storeu_si512(out + i, vtable.index(b));
+  }
+  for (; i < end; ++i) {
+    local |= classify_scale(scales[i]);
+    out[i] = table.index(max_nan(scales[i], bound));
+  }
+  return local;
+}
+#endif
+
 template <typename T>
 void build_indexes_kernel(const T* scales, int32_t* out, int64_t numel, const PaddedTable<T>& table, T bound,
                           std::atomic<int>& status) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (Avx512FloatTable::usable(table)) {
-      const Avx512FloatTable vtable(table);
-      at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-        int local = 0;
-        const __m512 vbound = _mm512_set1_ps(bound);
-        int64_t i = begin;
-        for (; i + 16 <= end; i += 16) {
-          const __m512 s = _mm512_loadu_ps(scales + i);
-          local |= classify_scales16(s);
-          // max_nan: keep NaN lanes NaN (torch.max propagates them).
-          const __m512 b = _mm512_mask_max_ps(s, _mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), s, vbound);
-          _mm512_storeu_si512(out + i, vtable.index(b));
+  cpu::dispatch([&](auto isa) {
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      int local = 0;
+#if DUALRES_CPU_X86
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<decltype(isa), cpu::Avx512>) {
+        if (Avx512FloatTable::usable(table)) {
+          local = build_indexes_avx512(isa, scales, out, begin, end, table, bound);
+          if (local) status.fetch_or(local);
+          return;
         }
-        for (; i < end; ++i) {
-          local |= classify_scale(scales[i]);
-          out[i] = table.index(max_nan(scales[i], bound));
-        }
-        if (local) status.fetch_or(local);
-      });
-      return;
-    }
-  }
+      }
 #endif
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    int local = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const T s = scales[i];
-      local |= classify_scale(s);
-      out[i] = table.index(max_nan(s, bound));
-    }
-    if (local) status.fetch_or(local);
+      cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+        for (int64_t i = begin; i < end; ++i) {
+          const T s = scales[i];
+          local |= classify_scale(s);
+          out[i] = table.index(max_nan(s, bound));
+        }
+      });
+      if (local) status.fetch_or(local);
+    });
   });
 }
 
@@ -208,6 +224,21 @@ at::Tensor build_indexes_cpu(const at::Tensor& scales, const at::Tensor& scale_t
   return out;
 }
 
+#if DUALRES_CPU_X86
+// quantize over [begin, end) of float inputs; returns the status bits seen.
+DUALRES_TARGET_AVX512 int quantize_avx512(cpu::Avx512, const float* yp, const float* mp, int32_t* op, int64_t begin, int64_t end) {
+  int local = 0;
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    __m512 d = _mm512_loadu_ps(yp + i);
+    if (mp) d = _mm512_sub_ps(d, _mm512_loadu_ps(mp + i));
+    _mm512_storeu_si512(op + i, quantize16(d, local));
+  }
+  for (; i < end; ++i) op[i] = quantize_symbol(yp[i], mp ? mp[i] : 0.f, local);
+  return local;
+}
+#endif
+
 at::Tensor quantize_cpu(const at::Tensor& y, const std::optional<at::Tensor>& means) {
   check_input(y, "quantize", "y", kCPU);
   if (means) check_same_dtype(y, *means, "quantize", "y", "means");
@@ -219,20 +250,21 @@ at::Tensor quantize_cpu(const at::Tensor& y, const std::optional<at::Tensor>& me
       const scalar_t* yp = y.data_ptr<scalar_t>();
       const scalar_t* mp = means ? means->data_ptr<scalar_t>() : nullptr;
       int32_t* op = out.data_ptr<int32_t>();
-      at::parallel_for(0, y.numel(), kStreamGrain, [&](int64_t begin, int64_t end) {
-        int local = 0;
-        int64_t i = begin;
-#if defined(__AVX512F__)
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          for (; i + 16 <= end; i += 16) {
-            __m512 d = _mm512_loadu_ps(yp + i);
-            if (mp) d = _mm512_sub_ps(d, _mm512_loadu_ps(mp + i));
-            _mm512_storeu_si512(op + i, quantize16(d, local));
+      cpu::dispatch([&](auto isa) {
+        at::parallel_for(0, y.numel(), kStreamGrain, [&](int64_t begin, int64_t end) {
+          int local = 0;
+#if DUALRES_CPU_X86
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<decltype(isa), cpu::Avx512>) {
+            local = quantize_avx512(isa, yp, mp, op, begin, end);
+            if (local) status.fetch_or(local);
+            return;
           }
-        }
 #endif
-        for (; i < end; ++i) op[i] = quantize_symbol(yp[i], mp ? mp[i] : scalar_t(0), local);
-        if (local) status.fetch_or(local);
+          cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+            for (int64_t i = begin; i < end; ++i) op[i] = quantize_symbol(yp[i], mp ? mp[i] : scalar_t(0), local);
+          });
+          if (local) status.fetch_or(local);
+        });
       });
     });
   }
@@ -240,40 +272,31 @@ at::Tensor quantize_cpu(const at::Tensor& y, const std::optional<at::Tensor>& me
   return out;
 }
 
-// Vectorised fused quantise + index for float inputs; other dtypes take the scalar loop.
-template <typename Y, typename S>
-bool quantize_indexes_avx512(const Y*, const Y*, const S*, const PaddedTable<S>&, S, int32_t*, int32_t*, int64_t,
-                             std::atomic<int>&, std::atomic<int>&) {
-  return false;
-}
-
-#if defined(__AVX512F__)
-bool quantize_indexes_avx512(const float* yp, const float* mp, const float* sp, const PaddedTable<float>& table,
-                             float bound, int32_t* symp, int32_t* idxp, int64_t numel, std::atomic<int>& sym_status,
-                             std::atomic<int>& scale_status) {
+#if DUALRES_CPU_X86
+// Fused quantise + index over [begin, end) of float inputs, the status bits seen going to
+// sym_local and scale_local; false (and nothing done) for a table Avx512FloatTable cannot hold.
+DUALRES_TARGET_AVX512 bool quantize_indexes_avx512(cpu::Avx512, const float* yp, const float* mp, const float* sp,
+                                                   const PaddedTable<float>& table, float bound, int32_t* symp,
+                                                   int32_t* idxp, int64_t begin, int64_t end, int& sym_local,
+                                                   int& scale_local) {
   if (!Avx512FloatTable::usable(table)) return false;
   const Avx512FloatTable vtable(table);
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    int sym_local = 0, scale_local = 0;
-    const __m512 vbound = _mm512_set1_ps(bound);
-    int64_t i = begin;
-    for (; i + 16 <= end; i += 16) {
-      __m512 d = _mm512_loadu_ps(yp + i);
-      if (mp) d = _mm512_sub_ps(d, _mm512_loadu_ps(mp + i));
-      _mm512_storeu_si512(symp + i, quantize16(d, sym_local));
-      const __m512 s = _mm512_loadu_ps(sp + i);
-      scale_local |= classify_scales16(s);
-      const __m512 b = _mm512_mask_max_ps(s, _mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), s, vbound);
-      _mm512_storeu_si512(idxp + i, vtable.index(b));
-    }
-    for (; i < end; ++i) {
-      symp[i] = quantize_symbol(yp[i], mp ? mp[i] : 0.f, sym_local);
-      scale_local |= classify_scale(sp[i]);
-      idxp[i] = table.index(max_nan(sp[i], bound));
-    }
-    if (sym_local) sym_status.fetch_or(sym_local);
-    if (scale_local) scale_status.fetch_or(scale_local);
-  });
+  const __m512 vbound = _mm512_set1_ps(bound);
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    __m512 d = _mm512_loadu_ps(yp + i);
+    if (mp) d = _mm512_sub_ps(d, _mm512_loadu_ps(mp + i));
+    _mm512_storeu_si512(symp + i, quantize16(d, sym_local));
+    const __m512 s = _mm512_loadu_ps(sp + i);
+    scale_local |= classify_scales16(s);
+    const __m512 b = _mm512_mask_max_ps(s, _mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), s, vbound);
+    _mm512_storeu_si512(idxp + i, vtable.index(b));
+  }
+  for (; i < end; ++i) {
+    symp[i] = quantize_symbol(yp[i], mp ? mp[i] : 0.f, sym_local);
+    scale_local |= classify_scale(sp[i]);
+    idxp[i] = table.index(max_nan(sp[i], bound));
+  }
   return true;
 }
 #endif
@@ -300,17 +323,31 @@ std::tuple<at::Tensor, at::Tensor> quantize_indexes_cpu(const at::Tensor& y, con
         const scalar_t bound = static_cast<scalar_t>(scale_bound);
         int32_t* symp = symbols.data_ptr<int32_t>();
         int32_t* idxp = indexes.data_ptr<int32_t>();
-        if (quantize_indexes_avx512(yp, mp, sp, table, bound, symp, idxp, y.numel(), sym_status, scale_status)) return;
-        at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
-          int sym_local = 0, scale_local = 0;
-          for (int64_t i = begin; i < end; ++i) {
-            symp[i] = quantize_symbol(yp[i], mp ? mp[i] : y_t(0), sym_local);
-            const scalar_t s = sp[i];
-            scale_local |= classify_scale(s);
-            idxp[i] = table.index(max_nan(s, bound));
-          }
-          if (sym_local) sym_status.fetch_or(sym_local);
-          if (scale_local) scale_status.fetch_or(scale_local);
+        cpu::dispatch([&](auto isa) {
+          at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+            int sym_local = 0, scale_local = 0;
+            bool done = false;
+#if DUALRES_CPU_X86
+            // Vectorised for float inputs and scales; other dtypes take the loop below.
+            if constexpr (std::is_same_v<y_t, float> && std::is_same_v<scalar_t, float> &&
+                          std::is_same_v<decltype(isa), cpu::Avx512>) {
+              done = quantize_indexes_avx512(isa, yp, mp, sp, table, bound, symp, idxp, begin, end, sym_local,
+                                             scale_local);
+            }
+#endif
+            if (!done) {
+              cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+                for (int64_t i = begin; i < end; ++i) {
+                  symp[i] = quantize_symbol(yp[i], mp ? mp[i] : y_t(0), sym_local);
+                  const scalar_t s = sp[i];
+                  scale_local |= classify_scale(s);
+                  idxp[i] = table.index(max_nan(s, bound));
+                }
+              });
+            }
+            if (sym_local) sym_status.fetch_or(sym_local);
+            if (scale_local) scale_status.fetch_or(scale_local);
+          });
         });
       });
     });
@@ -334,12 +371,16 @@ at::Tensor dequantize_cpu(const at::Tensor& symbols, const std::optional<at::Ten
     const int32_t* sp = symbols.data_ptr<int32_t>();
     const scalar_t* mp = means ? means->data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, symbols.numel(), kStreamGrain, [&](int64_t begin, int64_t end) {
-      if (mp) {
-        for (int64_t i = begin; i < end; ++i) op[i] = static_cast<scalar_t>(sp[i]) + mp[i];
-      } else {
-        for (int64_t i = begin; i < end; ++i) op[i] = static_cast<scalar_t>(sp[i]);
-      }
+    cpu::dispatch([&](auto isa) {
+      at::parallel_for(0, symbols.numel(), kStreamGrain, [&](int64_t begin, int64_t end) {
+        cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+          if (mp) {
+            for (int64_t i = begin; i < end; ++i) op[i] = static_cast<scalar_t>(sp[i]) + mp[i];
+          } else {
+            for (int64_t i = begin; i < end; ++i) op[i] = static_cast<scalar_t>(sp[i]);
+          }
+        });
+      });
     });
   });
   return out;
@@ -354,42 +395,50 @@ void check_likelihood_args(const at::Tensor& x, const std::optional<at::Tensor>&
 // float runs the vectorisable FastFloatNormal math under `omp simd`; double keeps libm.
 template <typename T>
 void likelihood_loop(const T* xp, const T* mp, const T* sp, T sb, T lb, T* op, int64_t numel) {
-  at::parallel_for(0, numel, kMathGrain, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (mp) {
+  cpu::dispatch([&](auto isa) {
+    at::parallel_for(0, numel, kMathGrain, [&](int64_t begin, int64_t end) {
+      cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+        if constexpr (std::is_same_v<T, float>) {
+          if (mp) {
 #pragma omp simd
-        for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], mp[i], sp[i], sb, lb);
-      } else {
+            for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], mp[i], sp[i], sb, lb);
+          } else {
 #pragma omp simd
-        for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], 0.f, sp[i], sb, lb);
-      }
-    } else {
-      for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood(xp[i], mp ? mp[i] : T(0), sp[i], sb, lb);
-    }
+            for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], 0.f, sp[i], sb, lb);
+          }
+        } else {
+          for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood(xp[i], mp ? mp[i] : T(0), sp[i], sb, lb);
+        }
+      });
+    });
   });
 }
 
 template <typename T>
 void likelihood_backward_loop(const T* gp, const T* xp, const T* mp, const T* sp, T sb, T lb, T* gxp, T* gsp,
                               int64_t numel) {
-  at::parallel_for(0, numel, kMathGrain, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (mp) {
+  cpu::dispatch([&](auto isa) {
+    at::parallel_for(0, numel, kMathGrain, [&](int64_t begin, int64_t end) {
+      cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+        if constexpr (std::is_same_v<T, float>) {
+          if (mp) {
 #pragma omp simd
-        for (int64_t i = begin; i < end; ++i) {
-          gaussian_likelihood_backward<float, FastFloatNormal>(gp[i], xp[i], mp[i], sp[i], sb, lb, gxp[i], gsp[i]);
-        }
-      } else {
+            for (int64_t i = begin; i < end; ++i) {
+              gaussian_likelihood_backward<float, FastFloatNormal>(gp[i], xp[i], mp[i], sp[i], sb, lb, gxp[i], gsp[i]);
+            }
+          } else {
 #pragma omp simd
-        for (int64_t i = begin; i < end; ++i) {
-          gaussian_likelihood_backward<float, FastFloatNormal>(gp[i], xp[i], 0.f, sp[i], sb, lb, gxp[i], gsp[i]);
+            for (int64_t i = begin; i < end; ++i) {
+              gaussian_likelihood_backward<float, FastFloatNormal>(gp[i], xp[i], 0.f, sp[i], sb, lb, gxp[i], gsp[i]);
+            }
+          }
+        } else {
+          for (int64_t i = begin; i < end; ++i) {
+            gaussian_likelihood_backward(gp[i], xp[i], mp ? mp[i] : T(0), sp[i], sb, lb, gxp[i], gsp[i]);
+          }
         }
-      }
-    } else {
-      for (int64_t i = begin; i < end; ++i) {
-        gaussian_likelihood_backward(gp[i], xp[i], mp ? mp[i] : T(0), sp[i], sb, lb, gxp[i], gsp[i]);
-      }
-    }
+      });
+    });
   });
 }
 

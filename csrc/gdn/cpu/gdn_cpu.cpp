@@ -14,10 +14,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -26,6 +22,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/cpu_kernels.h"
 #include "gdn/gdn_common.h"
 
 namespace dualres::gdn {
@@ -104,9 +101,10 @@ Tile tile_at(const Problem& pb, int64_t id) {
 }
 
 // Loads a tile of x (+ bias) into xb and u(x) into ub, both laid out like the tile
-// (NCHW: C rows of w pixels; NHWC: w rows of C channels), contiguous.
+// (NCHW: C rows of w pixels; NHWC: w rows of C channels), contiguous. Forced inline: it runs
+// inside cpu::run, compiled for the kernel set in use.
 template <int M>
-void load_tile(const Problem& pb, const Tile& tl, const float* x, const float* bias, float* xb, float* ub) {
+DUALRES_CPU_INLINE inline void load_tile(const Problem& pb, const Tile& tl, const float* x, const float* bias, float* xb, float* ub) {
   const int64_t C = pb.C, w = tl.width;
   if (pb.channels_last) {
     const float* src = x + tl.offset;
@@ -145,41 +143,39 @@ void mix_forward(const Problem& pb, int64_t w, const at::Tensor& G, const float*
 
 // ---- Epilogues over one contiguous span of a tile ------------------------------------------------
 // GCC does not vectorise sqrtf without -fno-math-errno (it keeps a scalar errno path), so the
-// spans that need sqrt are written with AVX-512 intrinsics when available (masked tails), with a
-// scalar loop otherwise. `beta` is either one value for the whole span (NCHW rows: beta_stride 0)
-// or one per element (NHWC rows: beta_stride 1).
+// spans that need sqrt are written with AVX-512 intrinsics for the avx512 kernels (masked tails),
+// with a scalar loop otherwise. `beta` is either one value for the whole span (NCHW rows:
+// beta_stride 0) or one per element (NHWC rows: beta_stride 1). Both compute the same correctly
+// rounded operations in the same order: the results are identical.
 
-#if defined(__AVX512F__)
+#if DUALRES_CPU_X86
 // The zero-masked form: _mm512_sqrt_ps draws a false -Wmaybe-uninitialized from GCC 12.
-inline __m512 sqrt_vec(__m512 n) { return _mm512_maskz_sqrt_ps(__mmask16(0xFFFF), n); }
+DUALRES_TARGET_AVX512 inline __m512 sqrt_vec(__m512 n) { return _mm512_maskz_sqrt_ps(__mmask16(0xFFFF), n); }
 
 template <int M>
-inline __m512 scale_vec(__m512 n) {
+DUALRES_TARGET_AVX512 inline __m512 scale_vec(__m512 n) {
   if constexpr (M == kGDN) return _mm512_div_ps(_mm512_set1_ps(1.0f), sqrt_vec(n));
   else if constexpr (M == kIGDN) return sqrt_vec(n);
   else if constexpr (M == kGDN1) return _mm512_div_ps(_mm512_set1_ps(1.0f), n);
   else return n;
 }
 template <int M>
-inline __m512 dscale_vec(__m512 s) {
+DUALRES_TARGET_AVX512 inline __m512 dscale_vec(__m512 s) {
   if constexpr (M == kGDN) return _mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(s, _mm512_mul_ps(s, s)));
   else if constexpr (M == kIGDN) return _mm512_div_ps(_mm512_set1_ps(0.5f), s);
   else if constexpr (M == kGDN1) return _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(s, s));
   else return _mm512_set1_ps(1.0f);
 }
-inline __mmask16 tail_mask(int64_t left) {
+DUALRES_TARGET_AVX512 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
 }
-#endif
 
 // y = x * s with s = f(n + beta); s is also stored when s_out is given (training: the backward
 // then skips recomputing n, one GEMM of its three).
 template <int M>
-void forward_span(const float* x, const float* n, const float* beta, int64_t beta_stride, float* y, float* s_out,
-                  int64_t len) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i < len; i += 16) {
+DUALRES_TARGET_AVX512 inline void forward_span_avx512(const float* x, const float* n, const float* beta,
+                                                      int64_t beta_stride, float* y, float* s_out, int64_t len) {
+  for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
     const __m512 b = beta_stride ? _mm512_maskz_loadu_ps(m, beta + i) : _mm512_set1_ps(beta[0]);
     // Masked-off lanes hold n = beta (or 0 + beta) and are never stored.
@@ -187,22 +183,27 @@ void forward_span(const float* x, const float* n, const float* beta, int64_t bet
     _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), sv));
     if (s_out) _mm512_mask_storeu_ps(s_out + i, m, sv);
   }
+}
 #endif
-  for (; i < len; ++i) {
+
+template <int M>
+DUALRES_CPU_INLINE inline void forward_span_scalar(const float* x, const float* n, const float* beta,
+                                                   int64_t beta_stride, float* y, float* s_out, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
     const float sv = scale_of<M>(n[i] + beta[i * beta_stride]);
     y[i] = x[i] * sv;
     if (s_out) s_out[i] = sv;
   }
 }
 
+#if DUALRES_CPU_X86
 // First half of the backward: gx = g * s, and t = g * x * f'(n) goes to n_to_t. s = f(n + beta)
 // from n_to_t, or the forward's saved s when s_in is given (then n_to_t is only written).
 template <int M>
-void backward_span(const float* g, const float* x, float* n_to_t, const float* beta, int64_t beta_stride,
-                   const float* s_in, float* gx, int64_t len) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i < len; i += 16) {
+DUALRES_TARGET_AVX512 inline void backward_span_avx512(const float* g, const float* x, float* n_to_t,
+                                                       const float* beta, int64_t beta_stride, const float* s_in,
+                                                       float* gx, int64_t len) {
+  for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
     __m512 s;
     if (s_in) {
@@ -216,8 +217,13 @@ void backward_span(const float* g, const float* x, float* n_to_t, const float* b
     const __m512 t = _mm512_mul_ps(_mm512_mul_ps(gv, _mm512_maskz_loadu_ps(m, x + i)), dscale_vec<M>(s));
     _mm512_mask_storeu_ps(n_to_t + i, m, t);
   }
+}
 #endif
-  for (; i < len; ++i) {
+
+template <int M>
+DUALRES_CPU_INLINE inline void backward_span_scalar(const float* g, const float* x, float* n_to_t, const float* beta,
+                                                    int64_t beta_stride, const float* s_in, float* gx, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
     const float s = s_in ? s_in[i] : scale_of<M>(n_to_t[i] + beta[i * beta_stride]);
     gx[i] = g[i] * s;
     n_to_t[i] = g[i] * x[i] * dscale_of<M>(s);
@@ -226,13 +232,79 @@ void backward_span(const float* g, const float* x, float* n_to_t, const float* b
 
 // Second half: gx += u'(x) * (gamma^T t)   (no sqrt: plain loops vectorise).
 template <int M>
-void backward_span_finish(const float* x, const float* s, float* gx, int64_t len) {
+DUALRES_CPU_INLINE inline void backward_span_finish(const float* x, const float* s, float* gx, int64_t len) {
   for (int64_t i = 0; i < len; ++i) gx[i] += du_of<M>(x[i]) * s[i];
 }
 
+// The spans of a whole tile (one call per tile, not per row). NCHW: C rows of w pixels, row c of
+// y / s_out / g / gx at c * P, of the buffers at c * w; NHWC: w rows of C, all at t * C.
+#if DUALRES_CPU_X86
 template <int M>
-void forward_impl(const Problem& pb, const float* x, const float* beta, const at::Tensor& G, const float* bias,
-                  float* y, float* s_out) {
+DUALRES_TARGET_AVX512 void forward_tile_spans(cpu::Avx512, const Problem& pb, int64_t w, const float* xb,
+                                              const float* nb, const float* beta, float* y, float* s_out) {
+  const int64_t C = pb.C;
+  if (pb.channels_last) {
+    for (int64_t t = 0; t < w; ++t)
+      forward_span_avx512<M>(xb + t * C, nb + t * C, beta, 1, y + t * C, s_out ? s_out + t * C : nullptr, C);
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      forward_span_avx512<M>(xb + c * w, nb + c * w, beta + c, 0, y + c * pb.P, s_out ? s_out + c * pb.P : nullptr, w);
+  }
+}
+
+template <int M>
+DUALRES_TARGET_AVX512 void backward_tile_spans(cpu::Avx512, const Problem& pb, int64_t w, const float* g,
+                                               const float* xb, float* nb, const float* beta, const float* s_in,
+                                               float* gx) {
+  const int64_t C = pb.C;
+  if (pb.channels_last) {
+    for (int64_t t = 0; t < w; ++t)
+      backward_span_avx512<M>(g + t * C, xb + t * C, nb + t * C, beta, 1, s_in ? s_in + t * C : nullptr, gx + t * C,
+                              C);
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      backward_span_avx512<M>(g + c * pb.P, xb + c * w, nb + c * w, beta + c, 0, s_in ? s_in + c * pb.P : nullptr,
+                              gx + c * pb.P, w);
+  }
+}
+#endif
+
+template <int M, class Isa>
+void forward_tile_spans(Isa isa, const Problem& pb, int64_t w, const float* xb, const float* nb, const float* beta,
+                        float* y, float* s_out) {
+  const int64_t C = pb.C;
+  cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+    if (pb.channels_last) {
+      for (int64_t t = 0; t < w; ++t)
+        forward_span_scalar<M>(xb + t * C, nb + t * C, beta, 1, y + t * C, s_out ? s_out + t * C : nullptr, C);
+    } else {
+      for (int64_t c = 0; c < C; ++c)
+        forward_span_scalar<M>(xb + c * w, nb + c * w, beta + c, 0, y + c * pb.P, s_out ? s_out + c * pb.P : nullptr,
+                               w);
+    }
+  });
+}
+
+template <int M, class Isa>
+void backward_tile_spans(Isa isa, const Problem& pb, int64_t w, const float* g, const float* xb, float* nb,
+                         const float* beta, const float* s_in, float* gx) {
+  const int64_t C = pb.C;
+  cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+    if (pb.channels_last) {
+      for (int64_t t = 0; t < w; ++t)
+        backward_span_scalar<M>(g + t * C, xb + t * C, nb + t * C, beta, 1, s_in ? s_in + t * C : nullptr,
+                                gx + t * C, C);
+    } else {
+      for (int64_t c = 0; c < C; ++c)
+        backward_span_scalar<M>(g + c * pb.P, xb + c * w, nb + c * w, beta + c, 0, s_in ? s_in + c * pb.P : nullptr,
+                                gx + c * pb.P, w);
+    }
+  });
+}
+
+template <int M, class Isa>
+void forward_impl(Isa isa, const Problem& pb, const float* x, const float* beta, const at::Tensor& G,
+                  const float* bias, float* y, float* s_out) {
   const int64_t C = pb.C, T = pb.T;
   at::parallel_for(0, pb.num_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -241,23 +313,15 @@ void forward_impl(const Problem& pb, const float* x, const float* beta, const at
     for (int64_t id = begin; id < end; ++id) {
       const Tile tl = tile_at(pb, id);
       const int64_t w = tl.width;
-      load_tile<M>(pb, tl, x, bias, xb, ub);
+      cpu::run(isa, [&]() DUALRES_CPU_INLINE { load_tile<M>(pb, tl, x, bias, xb, ub); });
       mix_forward(pb, w, G, ub, nb);
-      if (pb.channels_last) {
-        for (int64_t t = 0; t < w; ++t)
-          forward_span<M>(xb + t * C, nb + t * C, beta, 1, y + tl.offset + t * C,
-                          s_out ? s_out + tl.offset + t * C : nullptr, C);
-      } else {
-        for (int64_t c = 0; c < C; ++c)
-          forward_span<M>(xb + c * w, nb + c * w, beta + c, 0, y + tl.offset + c * pb.P,
-                          s_out ? s_out + tl.offset + c * pb.P : nullptr, w);
-      }
+      forward_tile_spans<M>(isa, pb, w, xb, nb, beta, y + tl.offset, s_out ? s_out + tl.offset : nullptr);
     }
   });
 }
 
-template <int M>
-void backward_impl(const Problem& pb, const float* g, const float* x, const float* beta, const at::Tensor& G,
+template <int M, class Isa>
+void backward_impl(Isa isa, const Problem& pb, const float* g, const float* x, const float* beta, const at::Tensor& G,
                    const float* bias, const float* s_in, float* gx, float* gbeta, float* ggamma) {
   const int64_t C = pb.C, T = pb.T;
   std::mutex reduce_mutex;
@@ -273,39 +337,37 @@ void backward_impl(const Problem& pb, const float* g, const float* x, const floa
     for (int64_t id = begin; id < end; ++id) {
       const Tile tl = tile_at(pb, id);
       const int64_t w = tl.width;
-      load_tile<M>(pb, tl, x, bias, xb, ub);
+      cpu::run(isa, [&]() DUALRES_CPU_INLINE { load_tile<M>(pb, tl, x, bias, xb, ub); });
       if (!s_in) mix_forward(pb, w, G, ub, nb);
       // t = g * x * f'(n), and the direct part of dx (g * f(n)) goes to gx for now.
-      if (pb.channels_last) {
-        for (int64_t t = 0; t < w; ++t)
-          backward_span<M>(g + tl.offset + t * C, xb + t * C, nb + t * C, beta, 1,
-                           s_in ? s_in + tl.offset + t * C : nullptr, gx + tl.offset + t * C, C);
-      } else {
-        for (int64_t c = 0; c < C; ++c)
-          backward_span<M>(g + tl.offset + c * pb.P, xb + c * w, nb + c * w, beta + c, 0,
-                           s_in ? s_in + tl.offset + c * pb.P : nullptr, gx + tl.offset + c * pb.P, w);
-      }
+      backward_tile_spans<M>(isa, pb, w, g + tl.offset, xb, nb, beta, s_in ? s_in + tl.offset : nullptr,
+                             gx + tl.offset);
       // s = gamma^T-mix of t;  dgamma += t u^T;  dbeta += sum t.
       if (pb.channels_last) {
         at::Tensor tm = mat(tb, w, C, C), um = mat(ub, w, C, C);
         at::Tensor sm = mat(sb, w, C, C);
         at::mm_out(sm, tm, G);
         dG.addmm_(tm.t(), um);
-        for (int64_t t = 0; t < w; ++t)
-          for (int64_t c = 0; c < C; ++c) dbeta[c] += tb[t * C + c];
-        backward_span_finish<M>(xb, sb, gx + tl.offset, w * C);
+        cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+          for (int64_t t = 0; t < w; ++t)
+            for (int64_t c = 0; c < C; ++c) dbeta[c] += tb[t * C + c];
+          backward_span_finish<M>(xb, sb, gx + tl.offset, w * C);
+        });
       } else {
         at::Tensor tm = mat(tb, C, w, w), um = mat(ub, C, w, w);
         at::Tensor sm = mat(sb, C, w, w);
         at::mm_out(sm, G.t(), tm);
         dG.addmm_(tm, um.t());
-        for (int64_t c = 0; c < C; ++c) {
-          const float* tr = tb + c * w;
-          float sum = 0.0f;
-          for (int64_t t = 0; t < w; ++t) sum += tr[t];
-          dbeta[c] += sum;
-          backward_span_finish<M>(xb + c * w, sb + c * w, gx + tl.offset + c * pb.P, w);
-        }
+        // The sums stay in order (no reassociation): the same in every kernel set.
+        cpu::run(isa, [&]() DUALRES_CPU_INLINE {
+          for (int64_t c = 0; c < C; ++c) {
+            const float* tr = tb + c * w;
+            float sum = 0.0f;
+            for (int64_t t = 0; t < w; ++t) sum += tr[t];
+            dbeta[c] += sum;
+            backward_span_finish<M>(xb + c * w, sb + c * w, gx + tl.offset + c * pb.P, w);
+          }
+        });
       }
     }
     std::lock_guard<std::mutex> lock(reduce_mutex);
@@ -334,14 +396,17 @@ at::Tensor prepare_input(const at::Tensor& x, const at::Tensor& beta, const at::
   return channels_last ? x : x.contiguous();
 }
 
+// Calls f(mode, isa) with the GDN variant as an integral_constant and the CPU kernel set's tag.
 template <typename F>
 void dispatch_mode(bool inverse, bool simplified, F&& f) {
-  switch (mode_of(inverse, simplified)) {
-    case kGDN: f(std::integral_constant<int, kGDN>{}); break;
-    case kIGDN: f(std::integral_constant<int, kIGDN>{}); break;
-    case kGDN1: f(std::integral_constant<int, kGDN1>{}); break;
-    default: f(std::integral_constant<int, kIGDN1>{}); break;
-  }
+  cpu::dispatch([&](auto isa) {
+    switch (mode_of(inverse, simplified)) {
+      case kGDN: f(std::integral_constant<int, kGDN>{}, isa); break;
+      case kIGDN: f(std::integral_constant<int, kIGDN>{}, isa); break;
+      case kGDN1: f(std::integral_constant<int, kGDN1>{}, isa); break;
+      default: f(std::integral_constant<int, kIGDN1>{}, isa); break;
+    }
+  });
 }
 
 at::Tensor gdn_forward_cpu(const at::Tensor& x_in, const at::Tensor& beta_in, const at::Tensor& gamma_in,
@@ -353,8 +418,8 @@ at::Tensor gdn_forward_cpu(const at::Tensor& x_in, const at::Tensor& beta_in, co
   at::Tensor y = empty_output(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return y;
   const Problem pb = make_problem(x, channels_last);
-  dispatch_mode(inverse, simplified, [&](auto mode) {
-    forward_impl<decltype(mode)::value>(pb, x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
+  dispatch_mode(inverse, simplified, [&](auto mode, auto isa) {
+    forward_impl<decltype(mode)::value>(isa, pb, x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
                                         bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(),
                                         nullptr);
   });
@@ -374,8 +439,8 @@ std::tuple<at::Tensor, at::Tensor> gdn_forward_save_cpu(const at::Tensor& x_in, 
   at::Tensor y = empty_output(x, fmt), scale = empty_output(x, fmt);
   if (x.numel() == 0) return {y, scale};
   const Problem pb = make_problem(x, channels_last);
-  dispatch_mode(inverse, simplified, [&](auto mode) {
-    forward_impl<decltype(mode)::value>(pb, x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
+  dispatch_mode(inverse, simplified, [&](auto mode, auto isa) {
+    forward_impl<decltype(mode)::value>(isa, pb, x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
                                         bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(),
                                         scale.data_ptr<float>());
   });
@@ -394,8 +459,8 @@ at::Tensor& gdn_forward_inplace_cpu(at::Tensor& x, const at::Tensor& beta_in, co
   at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
   if (x.numel() == 0) return x;
   const Problem pb = make_problem(x, channels_last);
-  dispatch_mode(inverse, simplified, [&](auto mode) {
-    forward_impl<decltype(mode)::value>(pb, x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
+  dispatch_mode(inverse, simplified, [&](auto mode, auto isa) {
+    forward_impl<decltype(mode)::value>(isa, pb, x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
                                         bias.defined() ? bias.data_ptr<float>() : nullptr, x.data_ptr<float>(),
                                         nullptr);
   });
@@ -425,8 +490,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cpu(const at::Tensor
   at::Tensor gbeta = at::zeros_like(beta), ggamma = at::zeros_like(gamma);
   if (x.numel() == 0) return {gx, gbeta, ggamma};
   const Problem pb = make_problem(x, channels_last);
-  dispatch_mode(inverse, simplified, [&](auto mode) {
-    backward_impl<decltype(mode)::value>(pb, g.data_ptr<float>(), x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
+  dispatch_mode(inverse, simplified, [&](auto mode, auto isa) {
+    backward_impl<decltype(mode)::value>(isa, pb, g.data_ptr<float>(), x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
                                          bias.defined() ? bias.data_ptr<float>() : nullptr,
                                          scale.defined() ? scale.data_ptr<float>() : nullptr, gx.data_ptr<float>(),
                                          gbeta.data_ptr<float>(), ggamma.data_ptr<float>());

@@ -239,7 +239,27 @@ static void test_compat() {
   CHECK(compat_encode(&s, &i, 1, pe, stream) == Status::kUnencodable, "unencodable");
 }
 
+// The CRC-32C versions crc32c chooses between at run time give the same values: the check value
+// of the standard, and random buffers of every length up to 64 at every alignment.
+static void test_crc32c() {
+  const char* check = "123456789";
+  CHECK(crc32c(reinterpret_cast<const uint8_t*>(check), 9) == 0xE3069283u, "CRC-32C check value");
+  CHECK(~crc32c_update_table(~0u, reinterpret_cast<const uint8_t*>(check), 9) == 0xE3069283u, "table check value");
+#if defined(__x86_64__)
+  if (!__builtin_cpu_supports("sse4.2")) return;
+  std::mt19937 rng(7);
+  std::vector<uint8_t> buf(4096 + 16);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng());
+  for (size_t off = 0; off < 8; ++off)
+    for (size_t n = 0; n <= 64; ++n)
+      CHECK(crc32c_update_sse42(~0u, buf.data() + off, n) == crc32c_update_table(~0u, buf.data() + off, n),
+            "sse4.2 and table CRC differ: offset %zu length %zu", off, n);
+  CHECK(crc32c_update_sse42(~0u, buf.data(), 4096) == crc32c_update_table(~0u, buf.data(), 4096), "4096 bytes");
+#endif
+}
+
 int main() {
+  test_crc32c();
   test_native_round_trips();
   test_chosen_layout();
   test_native_corruption();
