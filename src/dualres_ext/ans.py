@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .ops.args import int32_tensor, stream_tensor
 
 __all__ = ["RansEncoder", "RansDecoder", "BufferedRansEncoder"]
 
@@ -44,14 +45,14 @@ def _int32_1d(x, name: str) -> torch.Tensor:
         except (TypeError, ValueError, OverflowError) as e:
             raise TypeError(f"{name} must be a list of integers: {e}") from None
         t = torch.from_numpy(arr)
-    return ops._int32_tensor(t, name).reshape(-1)
+    return int32_tensor(t, name).reshape(-1)
 
 
 def _convert_tables(cdfs, cdf_sizes, offsets):
     sizes = _int32_1d(cdf_sizes, "cdf_sizes")
     offs = _int32_1d(offsets, "offsets")
     if isinstance(cdfs, (torch.Tensor, np.ndarray)):
-        table = ops._int32_tensor(torch.as_tensor(cdfs), "cdfs")
+        table = int32_tensor(torch.as_tensor(cdfs), "cdfs")
         if table.dim() != 2:
             raise ValueError(f"cdfs must be 2-D, got shape {tuple(table.shape)}")
     else:
@@ -68,7 +69,7 @@ def _convert_tables(cdfs, cdf_sizes, offsets):
                 arr[i, : len(r)] = r
         if len(rows) == 0:
             arr = np.zeros((0, 1), dtype=np.int64)
-        table = ops._int32_tensor(torch.from_numpy(arr), "cdfs")
+        table = int32_tensor(torch.from_numpy(arr), "cdfs")
     if sizes.numel() != table.shape[0] or offs.numel() != table.shape[0]:
         raise ValueError(f"cdfs has {table.shape[0]} rows but cdf_sizes has {sizes.numel()} and offsets "
                          f"{offs.numel()} entries")
@@ -116,7 +117,7 @@ def _stream(encoded):
     if isinstance(encoded, str):
         # pybind11 passes CompressAI's str arguments as UTF-8; bytes is what users really hold.
         encoded = encoded.encode("utf-8")
-    return ops._stream_tensor(encoded)
+    return stream_tensor(encoded)
 
 
 class RansEncoder:
