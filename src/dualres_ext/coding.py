@@ -19,7 +19,7 @@ from . import ops
 from .cache import TensorCache
 from .ops.args import stream_tensor
 
-__all__ = ["check_lanes", "coder_tables", "encode", "decode", "encode_batch", "decode_batch"]
+__all__ = ["check_lanes", "coder_tables", "scale_table", "encode", "decode", "encode_batch", "decode_batch"]
 
 Lanes = Union[None, str, int]
 CoderTables = Tuple[Tensor, Tensor, Tensor]
@@ -27,6 +27,9 @@ CoderTables = Tuple[Tensor, Tensor, Tensor]
 # Each entropy model's coder tables as CPU int32: every compress/decompress reads them, and the
 # buffers may live on a GPU. Values keep their source tensors, so a source's address is never reused.
 _CODER_TABLES: TensorCache[tuple] = TensorCache()
+# Each Gaussian conditional's validated scale table: serial context models build indexes once per
+# position, and checking the table every time would cost more than the kernel.
+_SCALE_TABLES: TensorCache[ops.ScaleTable] = TensorCache()
 
 
 def check_lanes(lanes: Lanes) -> Lanes:
@@ -58,6 +61,12 @@ def coder_tables(model: object, quantized_cdf: Tensor, cdf_length: Tensor, offse
         )
 
     return _CODER_TABLES.get(model, sources, build)[1]
+
+
+def scale_table(model: object, table: Tensor, bound: Tensor) -> ops.ScaleTable:
+    """``ops.ScaleTable(table, bound)`` of ``model`` (a Gaussian conditional), validated again only
+    when ``table`` or ``bound`` was replaced or written (the ScaleTable keeps both)."""
+    return _SCALE_TABLES.get(model, (table, bound), lambda: ops.ScaleTable(table, bound))
 
 
 def encode(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: Lanes) -> bytes:

@@ -301,7 +301,8 @@ class _NativeGaussianConditional(_NativeCoding):
     def build_indexes(self, scales: Tensor) -> Tensor:
         # One pass instead of CompressAI's loop over the table (63 comparisons of the whole tensor);
         # same result, except that NaN scales raise ValueError.
-        return ops.build_indexes(scales, self.scale_table, self.lower_bound_scale.bound, strict=False)
+        table = coding.scale_table(self, self.scale_table, self.lower_bound_scale.bound)
+        return table.build_indexes(scales, strict=False)
 
 
 class DualresEntropyBottleneck(_NativeEntropyBottleneck, _CaiEntropyBottleneck):

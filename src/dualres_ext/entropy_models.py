@@ -15,6 +15,7 @@ with ``compress(..., lanes=k)`` decode with a plain ``decompress(...)``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, List, Optional, Tuple, Union
 
@@ -421,14 +422,15 @@ class EntropyBottleneck(EntropyModel):
         return super().decompress(strings, indexes, medians.dtype, medians, lanes=lanes)
 
 
+@functools.lru_cache(maxsize=8)  # every GaussianConditional of a model usually shares one table, slow to build
+def _gaussian_cdf_tables(scale_table: tuple, dtype: torch.dtype, tail_mass: float, precision: int):
+    return ops.gaussian_cdf_tables(torch.tensor(scale_table, dtype=dtype), tail_mass, precision)
+
+
 class GaussianConditional(EntropyModel):
     """Gaussian conditional (Ballé et al. 2018), CompressAI's GaussianConditional on native kernels."""
 
     _RESIZABLE_BUFFERS = EntropyModel._RESIZABLE_BUFFERS + ("scale_table",)
-
-    # CDF tables per (scale table, tail mass, precision): building them costs ~0.1 s and every
-    # GaussianConditional of a model usually shares CompressAI's default table.
-    _TABLE_CACHE: dict = {}
 
     def __init__(
         self,
@@ -479,7 +481,7 @@ class GaussianConditional(EntropyModel):
         return True
 
     def _table_key(self):
-        return (tuple(self.scale_table.tolist()), str(self.scale_table.dtype), self.tail_mass,
+        return (tuple(self.scale_table.tolist()), self.scale_table.dtype, self.tail_mass,
                 self.entropy_coder_precision)
 
     def update(self, force: bool = False) -> bool:
@@ -493,10 +495,7 @@ class GaussianConditional(EntropyModel):
         key = self._table_key()
         if not force and self._offset.numel() > 0 and key == self._tables_key:
             return False
-        tables = self._TABLE_CACHE.get(key)
-        if tables is None:
-            tables = ops.gaussian_cdf_tables(self.scale_table, self.tail_mass, self.entropy_coder_precision)
-            self._TABLE_CACHE[key] = tables
+        tables = _gaussian_cdf_tables(*key)
         device = self.scale_table.device
         cdf, lengths, offsets = (t.clone().to(device) for t in tables)
         self._quantized_cdf = cdf
@@ -537,9 +536,11 @@ class GaussianConditional(EntropyModel):
         """CompressAI's build_indexes in one pass. NaN scales raise; negative/inf are clamped."""
         if self.scale_table.numel() == 0:
             raise ValueError("scale_table is empty: run update_scale_table() first")
-        return ops.build_indexes(scales, self.scale_table, self.lower_bound_scale.bound, strict=False)
+        return self._scale_table().build_indexes(scales, strict=False)
 
     def quantize_and_index(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None):
         """(symbols, indexes) for compress_symbols() in one pass over inputs, means and scales."""
-        return ops.quantize_and_index(inputs, scales, self.scale_table, means,
-                                      scale_bound=self.lower_bound_scale.bound, strict=False)
+        return self._scale_table().quantize_and_index(inputs, scales, means, strict=False)
+
+    def _scale_table(self) -> ops.ScaleTable:
+        return coding.scale_table(self, self.scale_table, self.lower_bound_scale.bound)

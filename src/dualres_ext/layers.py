@@ -27,11 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .cache import TensorCache
 
 __all__ = [
     "LowerBound", "NonNegativeParametrizer", "GDN", "GDN1",
     "conv", "deconv", "conv3x3", "conv1x1", "ResidualBlock", "ConvGDN", "DeconvIGDN",
 ]
+
+
+# LowerBound.value() per module: the entropy models pass the bound to the kernels as a float at
+# every forward, and reading a CUDA buffer synchronises the device. Values keep their source
+# tensor, so a source's address is never reused.
+_BOUND_VALUES: "TensorCache[tuple]" = TensorCache()
 
 
 class LowerBound(nn.Module):
@@ -47,13 +54,9 @@ class LowerBound(nn.Module):
         return ops.lower_bound(x, self.bound)
 
     def value(self) -> float:
-        """The bound as a Python float, cached until the buffer changes (no device sync per call)."""
-        key = (self.bound.data_ptr(), self.bound._version)
-        cached = getattr(self, "_value_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, float(self.bound.reshape(-1)[0]))
-            self._value_cache = cached
-        return cached[1]
+        """The bound as a Python float, read again only when the buffer changes."""
+        bound = self.bound
+        return _BOUND_VALUES.get(self, (bound,), lambda: (bound, float(bound.reshape(-1)[0])))[1]
 
 
 class NonNegativeParametrizer(nn.Module):
