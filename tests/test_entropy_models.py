@@ -292,6 +292,39 @@ def test_loaded_bounds_are_used():
     assert (got >= 1e-3 * (1 - 1e-6)).all()
 
 
+def test_derived_state_follows_the_buffers():
+    """Coder tables, scale tables and bound values are derived from buffers: replacing a buffer
+    (update, load_state_dict, update_scale_table) or writing it in place is seen at the next call."""
+    eb_a, eb_b = _perturbed_bottleneck(6), _perturbed_bottleneck(6)
+    mine = ours.EntropyBottleneck(6)
+    mine.load_state_dict(eb_a.state_dict())
+    z = torch.randn(1, 6, 5, 4) * 5
+    assert mine.compress(z) == eb_a.compress(z)
+    mine.load_state_dict(eb_b.state_dict())  # same shapes: written in place
+    assert mine.compress(z) == eb_b.compress(z)
+    for _ in range(3):  # replaced buffers of the same shape, possibly at a freed address
+        with torch.no_grad():
+            mine.quantiles.add_(torch.randn_like(mine.quantiles) * 0.01)
+        mine.update(force=True)
+        fresh = ours.EntropyBottleneck(6)  # a module that never saw the earlier tables
+        fresh.load_state_dict(mine.state_dict())
+        assert mine.compress(z) == fresh.compress(z)
+
+    _, gc = _gaussian_pair()
+    scales = _log_uniform((1, 4, 6, 6))
+    before = gc.build_indexes(scales)
+    assert torch.equal(before, ops.build_indexes(scales, gc.scale_table, gc.lower_bound_scale.bound, strict=False))
+    gc.update_scale_table(get_scale_table()[::2], force=True)
+    assert torch.equal(gc.build_indexes(scales), ops.build_indexes(scales, gc.scale_table, 0.11, strict=False))
+    with torch.no_grad():
+        gc.scale_table.mul_(2.0)
+        gc.lower_bound_scale.bound.fill_(0.5)
+    assert gc.lower_bound_scale.value() == float(torch.tensor(0.5))
+    assert torch.equal(gc.build_indexes(scales), ops.build_indexes(scales, gc.scale_table, 0.5, strict=False))
+    gc.lower_bound_scale.bound = torch.tensor([0.25])
+    assert gc.lower_bound_scale.value() == 0.25
+
+
 def test_per_call_lanes_and_native_detection():
     ref, mine = _gaussian_pair()  # module in CompressAI mode
     y, means, scales = _latent((1, 32, 16, 12))

@@ -115,6 +115,24 @@ def test_quantize_and_index_fused(reference_gc):
     assert torch.equal(indexes, reference_gc.build_indexes(scales))
 
 
+def test_scale_table_object_equals_the_functions(reference_gc):
+    """ops.ScaleTable validates a table once and indexes like build_indexes / quantize_and_index."""
+    table = ops.ScaleTable(reference_gc.scale_table, reference_gc.lower_bound_scale.bound)
+    y, means = _halfway_inputs((1, 16, 5, 7))
+    scales = _log_uniform(y.shape)
+    assert torch.equal(table.build_indexes(scales), reference_gc.build_indexes(scales))
+    assert torch.equal(table.build_indexes(scales.double()), reference_gc.build_indexes(scales.double()))
+    symbols, indexes = table.quantize_and_index(y, scales, means)
+    assert torch.equal(symbols, reference_gc.quantize(y, "symbols", means))
+    assert torch.equal(indexes, reference_gc.build_indexes(scales))
+    with pytest.raises(ValueError, match="scale_table"):
+        ops.ScaleTable(torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match="scale_bound"):
+        ops.ScaleTable(torch.tensor([0.5, 1.0]), float("nan"))
+    with pytest.raises(TypeError, match="scales"):
+        table.build_indexes([1.0])
+
+
 def test_quantize_bad_values_raise(reference_gc):
     for bad, word in ((float("nan"), "NaN"), (float("inf"), "Inf"), (3e9, "int32")):
         y = torch.randn(4, 50)

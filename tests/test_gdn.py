@@ -212,15 +212,6 @@ def test_fresh_module_equals_compressai_default_init():
         assert torch.equal(ours.state_dict()[k], v), k
 
 
-def test_residual_block_matches_compressai():
-    for in_ch, out_ch in ((8, 8), (8, 12)):
-        theirs = compressai_layers.ResidualBlock(in_ch, out_ch)
-        ours = layers.ResidualBlock(in_ch, out_ch)
-        ours.load_state_dict(theirs.state_dict(), strict=True)
-        x = torch.randn(2, in_ch, 9, 10)
-        assert torch.allclose(ours(x), theirs(x), atol=1e-6)
-
-
 # ---- blocks ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("inverse", [False, True])
@@ -250,21 +241,9 @@ def test_conv_gdn_fold_bias_equals_unfused(inverse):
         assert rel_err(block(x), expected) < 1e-5
 
 
-def test_deconv_igdn_block_and_shapes():
-    torch.manual_seed(6)
-    block = layers.DeconvIGDN(6, 4, kernel_size=5, stride=2)
-    x = torch.randn(1, 6, 7, 9)
-    y = block(x)
-    assert y.shape == (1, 4, 14, 18)
-    assert rel_err(y, block.igdn(block.deconv(x))) < 1e-6
-    block.fold_bias = True
-    with torch.no_grad():
-        assert rel_err(block(x), y) < 1e-5
-    assert set(block.state_dict()) >= {"deconv.weight", "deconv.bias", "igdn.beta", "igdn.gamma"}
+def test_conv_deconv_shapes():
     assert layers.conv(3, 8)(torch.randn(1, 3, 32, 48)).shape == (1, 8, 16, 24)
     assert layers.deconv(8, 3, stride=4, kernel_size=9)(torch.randn(1, 8, 5, 6)).shape == (1, 3, 20, 24)
-    assert layers.conv3x3(3, 5)(torch.randn(1, 3, 6, 6)).shape == (1, 5, 6, 6)
-    assert layers.conv1x1(3, 5, stride=2)(torch.randn(1, 3, 6, 6)).shape == (1, 5, 3, 3)
 
 
 # ---- errors --------------------------------------------------------------------------------

@@ -165,6 +165,24 @@ def test_stream_info_reads_the_header(gen):
         ops.rans_stream_info([1, 2, 3])
 
 
+def test_is_native_stream_is_the_header_check(gen):
+    """is_native_stream says what rans_stream_info accepts: native streams (empty ones included),
+    not CompressAI streams, nor native streams that are corrupt or truncated."""
+    cdfs, lengths, offsets = random_tables(gen, 5)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (2000,), escapes=False)
+    data = ops.rans_encode(sym, idx, cdfs, lengths, offsets, lanes=3)
+    assert ops.is_native_stream(data) and ops.is_native_stream(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert ops.is_native_stream(ops.rans_encode(sym[:0], idx[:0], cdfs, lengths, offsets))
+    assert not ops.is_native_stream(ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets))
+    assert not ops.is_native_stream(b"")
+    assert not ops.is_native_stream(data[:-1])
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0x10
+    assert not ops.is_native_stream(bytes(flipped))
+    with pytest.raises(TypeError, match="data"):
+        ops.is_native_stream([1, 2, 3])
+
+
 @pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (70001,)])
 @pytest.mark.parametrize("lanes", [None, 1, 7])
 def test_embedded_form_round_trips_byte_for_byte(gen, shape, lanes):

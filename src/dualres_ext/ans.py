@@ -9,26 +9,20 @@ decoders read CompressAI's streams. Differences, all on the side of doing more:
 * 0 and 1 symbols work (CompressAI aborts the process there).
 * Malformed or corrupt streams raise ``ValueError`` instead of crashing or returning garbage
   (a whole-stream decode checks that the coder ends in its initial state).
-* Converted CDF tables are cached by the identity of the list (or tensor) objects passed, so a
-  serial context model calling ``decode_stream`` per position with the same lists converts them
-  once. Do not mutate a table list in place between calls (pass a new list instead); tensors
-  written in place are noticed (version counter).
+* Each coder object keeps the conversion of the last tables it was given, recognised by the
+  identity of the list (or tensor) objects, so a serial context model calling ``decode_stream``
+  per position with the same lists converts them once. Do not mutate a table list in place
+  between calls (pass a new list instead); tensors written in place are noticed (version counter).
 """
 from __future__ import annotations
-
-import threading
-from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from . import ops
+from .ops.args import int32_tensor, stream_tensor
 
 __all__ = ["RansEncoder", "RansDecoder", "BufferedRansEncoder"]
-
-_TABLE_CACHE_SIZE = 8
-_table_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
-_table_cache_lock = threading.Lock()  # coders may be used from several threads
 
 
 def _int32_1d(x, name: str) -> torch.Tensor:
@@ -44,14 +38,14 @@ def _int32_1d(x, name: str) -> torch.Tensor:
         except (TypeError, ValueError, OverflowError) as e:
             raise TypeError(f"{name} must be a list of integers: {e}") from None
         t = torch.from_numpy(arr)
-    return ops._int32_tensor(t, name).reshape(-1)
+    return int32_tensor(t, name).reshape(-1)
 
 
 def _convert_tables(cdfs, cdf_sizes, offsets):
     sizes = _int32_1d(cdf_sizes, "cdf_sizes")
     offs = _int32_1d(offsets, "offsets")
     if isinstance(cdfs, (torch.Tensor, np.ndarray)):
-        table = ops._int32_tensor(torch.as_tensor(cdfs), "cdfs")
+        table = int32_tensor(torch.as_tensor(cdfs), "cdfs")
         if table.dim() != 2:
             raise ValueError(f"cdfs must be 2-D, got shape {tuple(table.shape)}")
     else:
@@ -68,7 +62,7 @@ def _convert_tables(cdfs, cdf_sizes, offsets):
                 arr[i, : len(r)] = r
         if len(rows) == 0:
             arr = np.zeros((0, 1), dtype=np.int64)
-        table = ops._int32_tensor(torch.from_numpy(arr), "cdfs")
+        table = int32_tensor(torch.from_numpy(arr), "cdfs")
     if sizes.numel() != table.shape[0] or offs.numel() != table.shape[0]:
         raise ValueError(f"cdfs has {table.shape[0]} rows but cdf_sizes has {sizes.numel()} and offsets "
                          f"{offs.numel()} entries")
@@ -76,32 +70,36 @@ def _convert_tables(cdfs, cdf_sizes, offsets):
 
 
 def _fingerprint(obj):
-    """What must not change for a cached conversion of obj to stay valid: a tensor's version
+    """What must not change for a kept conversion of obj to stay valid: a tensor's version
     counter (in-place writes), a list's length (the documented-as-unsupported in-place growth)."""
     if isinstance(obj, torch.Tensor):
         return obj._version
     return len(obj) if isinstance(obj, (list, tuple)) else None
 
 
-def _tables(cdfs, cdf_sizes, offsets):
-    """Converted (cdfs, cdf_lengths, offsets) tensors, cached by identity of the objects passed
-    (lists or tensors; numpy arrays are converted every time: they have no version counter)."""
-    if not all(isinstance(t, (list, tuple, torch.Tensor)) for t in (cdfs, cdf_sizes, offsets)):
-        return _convert_tables(cdfs, cdf_sizes, offsets)
-    key = (id(cdfs), id(cdf_sizes), id(offsets))
-    prints = tuple(_fingerprint(t) for t in (cdfs, cdf_sizes, offsets))
-    with _table_cache_lock:
-        hit = _table_cache.get(key)
-        # The cache keeps the objects alive, so equal ids mean the same objects.
-        if hit is not None and hit[0] is cdfs and hit[1] is cdf_sizes and hit[2] is offsets and hit[3] == prints:
-            _table_cache.move_to_end(key)
-            return hit[4]
-    converted = _convert_tables(cdfs, cdf_sizes, offsets)
-    with _table_cache_lock:
-        _table_cache[key] = (cdfs, cdf_sizes, offsets, prints, converted)
-        while len(_table_cache) > _TABLE_CACHE_SIZE:
-            _table_cache.popitem(last=False)
-    return converted
+class _Tables:
+    """The converted (cdfs, cdf_lengths, offsets) tensors of the last tables a coder was given:
+    serial context models pass the same table lists at every position, and converting them is
+    the bulk of a call. Lists and tensors only (numpy arrays are converted every time: they
+    have no version counter).
+
+    Holding the objects keeps their ids from being reused, so equal ids mean the same objects."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self):
+        self._last = None
+
+    def __call__(self, cdfs, cdf_sizes, offsets):
+        if not all(isinstance(t, (list, tuple, torch.Tensor)) for t in (cdfs, cdf_sizes, offsets)):
+            return _convert_tables(cdfs, cdf_sizes, offsets)
+        prints = tuple(_fingerprint(t) for t in (cdfs, cdf_sizes, offsets))
+        last = self._last
+        if last is not None and last[0] is cdfs and last[1] is cdf_sizes and last[2] is offsets and last[3] == prints:
+            return last[4]
+        converted = _convert_tables(cdfs, cdf_sizes, offsets)
+        self._last = (cdfs, cdf_sizes, offsets, prints, converted)
+        return converted
 
 
 def _as_result(values: torch.Tensor, like):
@@ -116,18 +114,21 @@ def _stream(encoded):
     if isinstance(encoded, str):
         # pybind11 passes CompressAI's str arguments as UTF-8; bytes is what users really hold.
         encoded = encoded.encode("utf-8")
-    return ops._stream_tensor(encoded)
+    return stream_tensor(encoded)
 
 
 class RansEncoder:
     """``compressai.ans.RansEncoder``: ``encode_with_indexes(symbols, indexes, cdfs, cdf_sizes, offsets) -> bytes``."""
+
+    def __init__(self):
+        self._tables = _Tables()
 
     def encode_with_indexes(self, symbols, indexes, cdfs, cdf_sizes, offsets) -> bytes:
         sym = _int32_1d(symbols, "symbols")
         idx = _int32_1d(indexes, "indexes")
         if sym.numel() != idx.numel():
             raise ValueError(f"symbols ({sym.numel()}) and indexes ({idx.numel()}) differ in length")
-        return ops.rans_encode_compat(sym, idx, *_tables(cdfs, cdf_sizes, offsets))
+        return ops.rans_encode_compat(sym, idx, *self._tables(cdfs, cdf_sizes, offsets))
 
 
 class BufferedRansEncoder:
@@ -138,6 +139,7 @@ class BufferedRansEncoder:
 
     def __init__(self):
         self._chunks = []  # (symbols, indexes, tables) per call
+        self._tables = _Tables()
 
     def encode_with_indexes(self, symbols, indexes, cdfs, cdf_sizes, offsets) -> None:
         sym = _int32_1d(symbols, "symbols")
@@ -145,7 +147,7 @@ class BufferedRansEncoder:
         if sym.numel() != idx.numel():
             raise ValueError(f"symbols ({sym.numel()}) and indexes ({idx.numel()}) differ in length")
         # Copies: the caller may reuse its buffers before flush().
-        self._chunks.append((sym.clone(), idx.clone(), _tables(cdfs, cdf_sizes, offsets)))
+        self._chunks.append((sym.clone(), idx.clone(), self._tables(cdfs, cdf_sizes, offsets)))
 
     def flush(self) -> bytes:
         chunks, self._chunks = self._chunks, []
@@ -154,7 +156,7 @@ class BufferedRansEncoder:
                                           torch.zeros(1, 2, dtype=torch.int32), torch.full((1,), 2, dtype=torch.int32),
                                           torch.zeros(1, dtype=torch.int32))
         # Union of the distinct table sets, indexes shifted into it. The chunks hold their tables,
-        # so equal storage pointers mean the same (cached or caller-owned) tensors.
+        # so equal storage pointers mean the same (converted once or caller-owned) tensors.
         sets, base, shifted = [], {}, []
         for sym, idx, tabs in chunks:
             k = tuple((t.data_ptr(), tuple(t.shape)) for t in tabs)  # same storage = same tables
@@ -178,10 +180,11 @@ class RansDecoder:
     def __init__(self):
         self._data = None
         self._state = None
+        self._tables = _Tables()
 
     def decode_with_indexes(self, encoded, indexes, cdfs, cdf_sizes, offsets):
         idx = _int32_1d(indexes, "indexes")
-        out = ops.rans_decode_compat(_stream(encoded), idx, *_tables(cdfs, cdf_sizes, offsets))
+        out = ops.rans_decode_compat(_stream(encoded), idx, *self._tables(cdfs, cdf_sizes, offsets))
         return _as_result(out, indexes)
 
     def set_stream(self, encoded) -> None:
@@ -194,5 +197,5 @@ class RansDecoder:
         idx = _int32_1d(indexes, "indexes")
         if idx.numel() == 0:
             return _as_result(torch.empty(0, dtype=torch.int32), indexes)
-        out = ops.rans_decode_compat_stream(self._data, self._state, idx, *_tables(cdfs, cdf_sizes, offsets))
+        out = ops.rans_decode_compat_stream(self._data, self._state, idx, *self._tables(cdfs, cdf_sizes, offsets))
         return _as_result(out, indexes)

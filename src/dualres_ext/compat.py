@@ -45,10 +45,11 @@ from compressai.models import google as _cai_google
 from compressai.layers import gdn as _cai_gdn
 
 from . import ans as _ans
+from . import coding
 from . import layers as _layers
 from . import ops
-from .entropy_models import EntropyModel as _DualresEntropyModel
-from .entropy_models import check_compress_args, check_decompress_args, check_lanes
+from .coding import check_lanes
+from .entropy_models import check_compress_args, check_decompress_args
 
 __all__ = [
     "CODER_NAME", "accelerate", "register_entropy_coder",
@@ -56,8 +57,6 @@ __all__ = [
 ]
 
 CODER_NAME = "dualres"
-# First bytes of dualres_ext's native (multi-lane) stream (magic, version).
-_NATIVE_HEADER = _DualresEntropyModel._NATIVE_HEADER
 
 _CaiEntropyBottleneck = _cai_em.EntropyBottleneck
 _CaiGaussianConditional = _cai_em.GaussianConditional
@@ -245,41 +244,8 @@ class _NativeCoding:
     # None: CompressAI's byte-identical stream; "auto" or an int: the native multi-lane stream.
     lanes: Union[None, str, int] = None
 
-    def _dualres_tables(self):
-        """CPU contiguous int32 (cdf, cdf_length, offset), rebuilt only when a buffer is replaced
-        (update(), load_state_dict resizing) or modified in place (version counter)."""
-        bufs = (self._quantized_cdf, self._cdf_length, self._offset)
-        cache = self.__dict__.get("_dualres_table_cache")
-        if cache is not None and all(a is b and a._version == v for a, b, v in zip(cache[0], bufs, cache[1])):
-            return cache[2]
-        tables = (
-            bufs[0].detach().to("cpu", torch.int32).contiguous(),
-            bufs[1].detach().reshape(-1).to("cpu", torch.int32).contiguous(),
-            bufs[2].detach().reshape(-1).to("cpu", torch.int32).contiguous(),
-        )
-        self.__dict__["_dualres_table_cache"] = (bufs, tuple(b._version for b in bufs), tables)
-        return tables
-
-    def _dualres_encode(self, symbols: Tensor, indexes: Tensor, tables) -> bytes:
-        if self.lanes is None:
-            return ops.rans_encode_compat(symbols, indexes, *tables)
-        return ops.rans_encode(symbols, indexes, *tables, lanes=None if self.lanes == "auto" else self.lanes)
-
-    def _dualres_decode(self, string, indexes: Tensor, tables) -> Tensor:
-        """Decodes either stream whatever ``lanes`` is: native streams open with a header (and carry
-        a CRC-32C); a CompressAI stream opens with its final rANS state, so it looks native only by
-        accident (2^-24) and then fails the native checks and is decoded as CompressAI's."""
-        if isinstance(string, str):  # CompressAI's pybind decoder takes str too (as UTF-8)
-            string = string.encode("utf-8")
-        if bytes(string[:len(_NATIVE_HEADER)]) == _NATIVE_HEADER:
-            try:
-                return ops.rans_decode(string, indexes, *tables)
-            except ValueError as native_error:
-                try:
-                    return ops.rans_decode_compat(string, indexes, *tables)
-                except ValueError:
-                    raise native_error from None
-        return ops.rans_decode_compat(string, indexes, *tables)
+    def _dualres_tables(self) -> coding.CoderTables:
+        return coding.coder_tables(self, self._quantized_cdf, self._cdf_length, self._offset)
 
     def _dualres_compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor]) -> List[bytes]:
         check_compress_args(inputs, indexes)
@@ -290,7 +256,7 @@ class _NativeCoding:
         n = inputs.size(0)
         symbols = ops.quantize_symbols(inputs, means).cpu().reshape(n, -1)
         flat = indexes.detach().to("cpu", torch.int32).reshape(n, -1)
-        return [self._dualres_encode(symbols[i], flat[i], tables) for i in range(n)]
+        return coding.encode_batch(symbols, flat, tables, self.lanes)
 
     def _dualres_decompress(self, strings, indexes: Tensor, dtype: torch.dtype, means: Optional[Tensor]) -> Tensor:
         check_decompress_args(strings, indexes, means)
@@ -299,10 +265,9 @@ class _NativeCoding:
         self._check_offsets_size()
         tables = self._dualres_tables()
         flat = indexes.detach().to("cpu", torch.int32).reshape(len(strings), -1)
-        if len(strings) == 1:
-            symbols = self._dualres_decode(strings[0], flat[0], tables)
-        else:
-            symbols = torch.stack([self._dualres_decode(s, flat[i], tables) for i, s in enumerate(strings)])
+        # Either stream, whatever ``lanes`` is. CompressAI's pybind decoder takes str too (as UTF-8).
+        strings = [s.encode("utf-8") if isinstance(s, str) else s for s in strings]
+        symbols = coding.decode_batch(strings, flat, tables)
         symbols = symbols.reshape(indexes.shape).to(self._quantized_cdf.device)
         return ops.dequantize(symbols, means, dtype)
 
@@ -336,7 +301,8 @@ class _NativeGaussianConditional(_NativeCoding):
     def build_indexes(self, scales: Tensor) -> Tensor:
         # One pass instead of CompressAI's loop over the table (63 comparisons of the whole tensor);
         # same result, except that NaN scales raise ValueError.
-        return ops.build_indexes(scales, self.scale_table, self.lower_bound_scale.bound, strict=False)
+        table = coding.scale_table(self, self.scale_table, self.lower_bound_scale.bound)
+        return table.build_indexes(scales, strict=False)
 
 
 class DualresEntropyBottleneck(_NativeEntropyBottleneck, _CaiEntropyBottleneck):

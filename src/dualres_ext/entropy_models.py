@@ -15,16 +15,17 @@ with ``compress(..., lanes=k)`` decode with a plain ``decompress(...)``.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
-
+import functools
 import math
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import coding, ops
+from .coding import check_lanes
 from .layers import LowerBound  # the one LowerBound module (same buffer and gradient as CompressAI's)
 
 __all__ = ["LowerBound", "EntropyModel", "EntropyBottleneck", "GaussianConditional"]
@@ -58,22 +59,6 @@ def check_decompress_args(strings, indexes: Tensor, means: Optional[Tensor]) -> 
             for i in range(2, indexes.dim()):
                 if means.size(i) != 1:
                     raise ValueError("Invalid means parameters")
-
-
-def check_lanes(lanes):
-    """The ``lanes`` argument of the entropy models (and of compat's): None (CompressAI's
-    single-stream format), "auto" (the coder chooses) or an explicit count >= 1. Another string
-    or a count below 1 is a ValueError, another type a TypeError (as in :mod:`dualres_ext.ops`)."""
-    if lanes is None or lanes == "auto":
-        return lanes
-    what = 'lanes must be None (CompressAI stream), "auto" or an int >= 1'
-    if isinstance(lanes, str):
-        raise ValueError(f"{what}, got {lanes!r}")
-    if isinstance(lanes, bool) or not isinstance(lanes, int):
-        raise TypeError(f"{what}, got a {type(lanes).__name__}")
-    if lanes < 1:
-        raise ValueError(f"{what}, got {lanes!r}")
-    return lanes
 
 
 class EntropyModel(nn.Module):
@@ -114,7 +99,6 @@ class EntropyModel(nn.Module):
         self.register_buffer("_offset", torch.IntTensor())
         self.register_buffer("_quantized_cdf", torch.IntTensor())
         self.register_buffer("_cdf_length", torch.IntTensor())
-        self._coder_cache = None
 
     # The coder tables and scale table change shape on update(); a fresh module has empty ones. Resize
     # them to what the state dict holds so that CompressAI checkpoints load with strict=True.
@@ -126,7 +110,6 @@ class EntropyModel(nn.Module):
             current = getattr(self, name, None)
             if key in state_dict and isinstance(current, Tensor) and current.shape != state_dict[key].shape:
                 setattr(self, name, torch.empty_like(state_dict[key], dtype=current.dtype, device=current.device))
-        self._coder_cache = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -180,41 +163,9 @@ class EntropyModel(nn.Module):
         if self._cdf_length.dim() != 1:
             raise ValueError(f"Invalid CDF lengths size {tuple(self._cdf_length.size())}")
 
-    def _coder_tables(self) -> Tuple[Tensor, Tensor, Tensor]:
-        """CPU, contiguous int32 copies of the three tables, cached until a buffer changes."""
+    def _coder_tables(self) -> coding.CoderTables:
         self._check_tables()
-        bufs = (self._quantized_cdf, self._cdf_length, self._offset)
-        key = tuple((b.data_ptr(), b._version, tuple(b.shape)) for b in bufs)
-        cache = self._coder_cache
-        if cache is None or cache[0] != key:
-            tables = tuple(b.detach().to("cpu", torch.int32).contiguous() for b in bufs)
-            self._coder_cache = cache = (key, tables)
-        return cache[1]
-
-    def _encode(self, symbols: Tensor, indexes: Tensor, tables, lanes) -> bytes:
-        cdf, lengths, offsets = tables
-        if lanes is None:
-            return ops.rans_encode_compat(symbols, indexes, cdf, lengths, offsets)
-        return ops.rans_encode(symbols, indexes, cdf, lengths, offsets, lanes=None if lanes == "auto" else lanes)
-
-    # Native streams open with this header (magic "\xD7R", version 1) and carry a CRC-32C; a
-    # CompressAI stream starts with its final rANS state, so it can only look native by accident
-    # (2^-24), and would then still fail the native CRC check and fall back to the compat decoder.
-    _NATIVE_HEADER = b"\xd7R\x01"
-
-    def _decode(self, string: bytes, indexes: Tensor, tables, lanes) -> Tensor:
-        cdf, lengths, offsets = tables
-        if lanes is not None:
-            return ops.rans_decode(string, indexes, cdf, lengths, offsets)
-        if bytes(string[:3]) == self._NATIVE_HEADER:
-            try:
-                return ops.rans_decode(string, indexes, cdf, lengths, offsets)
-            except ValueError as native_error:
-                try:
-                    return ops.rans_decode_compat(string, indexes, cdf, lengths, offsets)
-                except ValueError:
-                    raise native_error from None
-        return ops.rans_decode_compat(string, indexes, cdf, lengths, offsets)
+        return coding.coder_tables(self, self._quantized_cdf, self._cdf_length, self._offset)
 
     @staticmethod
     def _as_indexes(indexes: Tensor) -> Tensor:
@@ -236,9 +187,7 @@ class EntropyModel(nn.Module):
         symbols = ops.quantize_symbols(inputs, means).cpu()
         indexes = self._as_indexes(indexes)  # the coder checks their range
         n = symbols.size(0)
-        symbols = symbols.reshape(n, -1)
-        indexes = indexes.reshape(n, -1)
-        return [self._encode(symbols[i], indexes[i], tables, lanes) for i in range(n)]
+        return coding.encode_batch(symbols.reshape(n, -1), indexes.reshape(n, -1), tables, lanes)
 
     def decompress(
         self,
@@ -257,14 +206,9 @@ class EntropyModel(nn.Module):
         lanes = self.lanes if lanes is ... else check_lanes(lanes)
         check_decompress_args(strings, indexes, means)
         tables = self._coder_tables()
-        device = indexes.device
         flat = self._as_indexes(indexes).reshape(indexes.size(0), -1)  # the coder checks their range
-        if len(strings) == 1:
-            symbols = self._decode(strings[0], flat[0], tables, lanes).reshape(indexes.shape)
-        else:
-            symbols = torch.stack([self._decode(s, flat[i], tables, lanes) for i, s in enumerate(strings)])
-            symbols = symbols.reshape(indexes.shape)
-        symbols = symbols.to(device)
+        symbols = coding.decode_batch(strings, flat, tables, native_only=lanes is not None)
+        symbols = symbols.reshape(indexes.shape).to(indexes.device)
         return self.dequantize(symbols, means, dtype)
 
 
@@ -354,7 +298,6 @@ class EntropyBottleneck(EntropyModel):
         cdf = ops.pmf_to_quantized_cdf(rows, lengths + 1, self.entropy_coder_precision)
         self._quantized_cdf = cdf.to(device)
         self._cdf_length = (pmf_length + 2).to(torch.int32)
-        self._coder_cache = None
         return True
 
     def loss(self) -> Tensor:
@@ -479,14 +422,15 @@ class EntropyBottleneck(EntropyModel):
         return super().decompress(strings, indexes, medians.dtype, medians, lanes=lanes)
 
 
+@functools.lru_cache(maxsize=8)  # every GaussianConditional of a model usually shares one table, slow to build
+def _gaussian_cdf_tables(scale_table: tuple, dtype: torch.dtype, tail_mass: float, precision: int):
+    return ops.gaussian_cdf_tables(torch.tensor(scale_table, dtype=dtype), tail_mass, precision)
+
+
 class GaussianConditional(EntropyModel):
     """Gaussian conditional (Ballé et al. 2018), CompressAI's GaussianConditional on native kernels."""
 
     _RESIZABLE_BUFFERS = EntropyModel._RESIZABLE_BUFFERS + ("scale_table",)
-
-    # CDF tables per (scale table, tail mass, precision): building them costs ~0.1 s and every
-    # GaussianConditional of a model usually shares CompressAI's default table.
-    _TABLE_CACHE: dict = {}
 
     def __init__(
         self,
@@ -537,7 +481,7 @@ class GaussianConditional(EntropyModel):
         return True
 
     def _table_key(self):
-        return (tuple(self.scale_table.tolist()), str(self.scale_table.dtype), self.tail_mass,
+        return (tuple(self.scale_table.tolist()), self.scale_table.dtype, self.tail_mass,
                 self.entropy_coder_precision)
 
     def update(self, force: bool = False) -> bool:
@@ -551,17 +495,13 @@ class GaussianConditional(EntropyModel):
         key = self._table_key()
         if not force and self._offset.numel() > 0 and key == self._tables_key:
             return False
-        tables = self._TABLE_CACHE.get(key)
-        if tables is None:
-            tables = ops.gaussian_cdf_tables(self.scale_table, self.tail_mass, self.entropy_coder_precision)
-            self._TABLE_CACHE[key] = tables
+        tables = _gaussian_cdf_tables(*key)
         device = self.scale_table.device
         cdf, lengths, offsets = (t.clone().to(device) for t in tables)
         self._quantized_cdf = cdf
         self._cdf_length = lengths
         self._offset = offsets
         self._tables_key = key
-        self._coder_cache = None
         return True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -596,9 +536,11 @@ class GaussianConditional(EntropyModel):
         """CompressAI's build_indexes in one pass. NaN scales raise; negative/inf are clamped."""
         if self.scale_table.numel() == 0:
             raise ValueError("scale_table is empty: run update_scale_table() first")
-        return ops.build_indexes(scales, self.scale_table, self.lower_bound_scale.bound, strict=False)
+        return self._scale_table().build_indexes(scales, strict=False)
 
     def quantize_and_index(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None):
         """(symbols, indexes) for compress_symbols() in one pass over inputs, means and scales."""
-        return ops.quantize_and_index(inputs, scales, self.scale_table, means,
-                                      scale_bound=self.lower_bound_scale.bound, strict=False)
+        return self._scale_table().quantize_and_index(inputs, scales, means, strict=False)
+
+    def _scale_table(self) -> ops.ScaleTable:
+        return coding.scale_table(self, self.scale_table, self.lower_bound_scale.bound)

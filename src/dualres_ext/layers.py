@@ -12,12 +12,11 @@ runs the fused native kernel (``dualres_ext.ops.gdn``) where one exists for the 
 and CompressAI's plain expression otherwise.
 
 Blocks (state-dict keys in brackets):
-  * ``conv``, ``deconv``, ``conv3x3``, ``conv1x1``: plain ``nn.Conv2d`` / ``nn.ConvTranspose2d``
-    factories as in CompressAI ([weight, bias]).
-  * :class:`ResidualBlock` ([conv1.*, conv2.*, skip.* when channels differ]).
-  * :class:`ConvGDN` ([conv.weight, conv.bias, gdn.*]) and :class:`DeconvIGDN`
-    ([deconv.weight, deconv.bias, igdn.*]): convolution followed by (I)GDN, with the
-    convolution's bias optionally added inside the GDN kernel instead of by the convolution.
+  * ``conv``, ``deconv``: plain ``nn.Conv2d`` / ``nn.ConvTranspose2d`` factories as in
+    CompressAI ([weight, bias]).
+  * :class:`ConvGDN` ([conv.weight, conv.bias, gdn.*]): convolution followed by (I)GDN, with the
+    convolution's bias optionally added inside the GDN kernel instead of by the convolution
+    (benchmarks/bench_gdn.py compares both).
 """
 from __future__ import annotations
 
@@ -27,11 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .cache import TensorCache
 
-__all__ = [
-    "LowerBound", "NonNegativeParametrizer", "GDN", "GDN1",
-    "conv", "deconv", "conv3x3", "conv1x1", "ResidualBlock", "ConvGDN", "DeconvIGDN",
-]
+__all__ = ["LowerBound", "NonNegativeParametrizer", "GDN", "GDN1", "conv", "deconv", "ConvGDN"]
+
+# LowerBound.value() per module: the entropy models pass the bound to the kernels as a float at
+# every forward, and reading a CUDA buffer synchronises the device. Values keep their source
+# tensor, so a source's address is never reused.
+_BOUND_VALUES: "TensorCache[tuple]" = TensorCache()
 
 
 class LowerBound(nn.Module):
@@ -47,13 +49,9 @@ class LowerBound(nn.Module):
         return ops.lower_bound(x, self.bound)
 
     def value(self) -> float:
-        """The bound as a Python float, cached until the buffer changes (no device sync per call)."""
-        key = (self.bound.data_ptr(), self.bound._version)
-        cached = getattr(self, "_value_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, float(self.bound.reshape(-1)[0]))
-            self._value_cache = cached
-        return cached[1]
+        """The bound as a Python float, read again only when the buffer changes."""
+        bound = self.bound
+        return _BOUND_VALUES.get(self, (bound,), lambda: (bound, float(bound.reshape(-1)[0])))[1]
 
 
 class NonNegativeParametrizer(nn.Module):
@@ -153,41 +151,13 @@ def deconv(in_channels: int, out_channels: int, kernel_size: int = 5, stride: in
                               output_padding=stride - 1, padding=kernel_size // 2)
 
 
-def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding 1."""
-    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1)
-
-
-def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution."""
-    return nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride)
-
-
-class ResidualBlock(nn.Module):
-    """conv3x3 - LeakyReLU - conv3x3 - LeakyReLU, plus the input (through a 1x1 conv when the
-    channel counts differ). Same structure and keys as ``compressai.layers.ResidualBlock``."""
-
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.conv1 = conv3x3(in_ch, out_ch)
-        self.leaky_relu = nn.LeakyReLU(inplace=True)
-        self.conv2 = conv3x3(out_ch, out_ch)
-        self.skip = conv1x1(in_ch, out_ch) if in_ch != out_ch else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.skip is None else self.skip(x)
-        out = self.leaky_relu(self.conv1(x))
-        out = self.leaky_relu(self.conv2(out))
-        return out + identity
-
-
 class ConvGDN(nn.Module):
     """``conv(in_ch, out_ch, kernel_size, stride)`` followed by GDN (IGDN if ``inverse``).
 
     Keys: ``conv.weight``, ``conv.bias``, ``gdn.*``. With ``fold_bias=True`` the convolution
-    runs without its bias and the GDN kernel adds it in its own pass over the data; measured on
-    CPU it does not pay (oneDNN already adds the bias in the convolution's epilogue), so it is off
-    by default. What does pay: without autograd, GDN runs in place on the convolution's output.
+    runs without its bias and the GDN kernel adds it in its own pass over the data. It is off by
+    default: on the CPU, oneDNN already adds the bias in the convolution's epilogue. Without
+    autograd, GDN runs in place on the convolution's output.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 5, stride: int = 2, inverse: bool = False,
@@ -204,24 +174,3 @@ class ConvGDN(nn.Module):
             return self.gdn(y, bias=c.bias, inplace=True)
         # The convolution's output is our own temporary: GDN may overwrite it (inference only).
         return self.gdn(self.conv(x), inplace=True)
-
-
-class DeconvIGDN(nn.Module):
-    """``deconv(in_ch, out_ch, kernel_size, stride)`` followed by IGDN (GDN if ``inverse=False``).
-
-    Keys: ``deconv.weight``, ``deconv.bias``, ``igdn.*``. ``fold_bias`` as in :class:`ConvGDN`.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 5, stride: int = 2, inverse: bool = True,
-                 fold_bias: bool = False):
-        super().__init__()
-        self.deconv = deconv(in_ch, out_ch, kernel_size, stride)
-        self.igdn = GDN(out_ch, inverse=inverse)
-        self.fold_bias = bool(fold_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fold_bias:
-            d = self.deconv
-            y = F.conv_transpose2d(x, d.weight, None, d.stride, d.padding, d.output_padding, d.groups, d.dilation)
-            return self.igdn(y, bias=d.bias, inplace=True)
-        return self.igdn(self.deconv(x), inplace=True)

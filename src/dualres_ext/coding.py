@@ -1,0 +1,110 @@
+"""Entropy coding of quantised tensors with an entropy model's tables: the one coding path of
+:mod:`dualres_ext.entropy_models` and of the CompressAI models :mod:`dualres_ext.compat` accelerates.
+
+``lanes`` picks the bitstream an encoder writes:
+  * ``None``: CompressAI 1.2.8's single-lane rANS stream, byte-identical to CompressAI;
+  * ``"auto"`` or an int >= 1: the native multi-lane stream (csrc/rans/FORMAT.md); the lane count
+    is written in the stream, so decoders need not know it.
+A decoder may accept either stream: the C++ header check (:func:`dualres_ext.ops.is_native_stream`)
+tells a native stream from a CompressAI one.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .cache import TensorCache
+from .ops.args import stream_tensor
+
+__all__ = ["check_lanes", "coder_tables", "scale_table", "encode", "decode", "encode_batch", "decode_batch"]
+
+Lanes = Union[None, str, int]
+CoderTables = Tuple[Tensor, Tensor, Tensor]
+
+# Each entropy model's coder tables as CPU int32: every compress/decompress reads them, and the
+# buffers may live on a GPU. Values keep their source tensors, so a source's address is never reused.
+_CODER_TABLES: TensorCache[tuple] = TensorCache()
+# Each Gaussian conditional's validated scale table: serial context models build indexes once per
+# position, and checking the table every time would cost more than the kernel.
+_SCALE_TABLES: TensorCache[ops.ScaleTable] = TensorCache()
+
+
+def check_lanes(lanes: Lanes) -> Lanes:
+    """The ``lanes`` argument of the entropy models (and of compat's): None (CompressAI's
+    single-stream format), "auto" (the coder chooses) or an explicit count >= 1. Another string
+    or a count below 1 is a ValueError, another type a TypeError (as in :mod:`dualres_ext.ops`)."""
+    if lanes is None or lanes == "auto":
+        return lanes
+    what = 'lanes must be None (CompressAI stream), "auto" or an int >= 1'
+    if isinstance(lanes, str):
+        raise ValueError(f"{what}, got {lanes!r}")
+    if isinstance(lanes, bool) or not isinstance(lanes, int):
+        raise TypeError(f"{what}, got a {type(lanes).__name__}")
+    if lanes < 1:
+        raise ValueError(f"{what}, got {lanes!r}")
+    return lanes
+
+
+def coder_tables(model: object, quantized_cdf: Tensor, cdf_length: Tensor, offset: Tensor) -> CoderTables:
+    """CPU, contiguous int32 ``(cdf [T, W], cdf_length [T], offset [T])`` of ``model``'s coder
+    tables, converted again only when one of the three tensors was replaced or written."""
+    sources = (quantized_cdf, cdf_length, offset)
+
+    def build():
+        return sources, (
+            quantized_cdf.detach().to("cpu", torch.int32).contiguous(),
+            cdf_length.detach().reshape(-1).to("cpu", torch.int32).contiguous(),
+            offset.detach().reshape(-1).to("cpu", torch.int32).contiguous(),
+        )
+
+    return _CODER_TABLES.get(model, sources, build)[1]
+
+
+def scale_table(model: object, table: Tensor, bound: Tensor) -> ops.ScaleTable:
+    """``ops.ScaleTable(table, bound)`` of ``model`` (a Gaussian conditional), validated again only
+    when ``table`` or ``bound`` was replaced or written (the ScaleTable keeps both)."""
+    return _SCALE_TABLES.get(model, (table, bound), lambda: ops.ScaleTable(table, bound))
+
+
+def encode(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: Lanes) -> bytes:
+    """One string: ``symbols`` coded with ``tables[indexes]`` (CPU int32, same shape) in the stream
+    ``lanes`` selects (checked by :func:`check_lanes`)."""
+    if lanes is None:
+        return ops.rans_encode_compat(symbols, indexes, *tables)
+    return ops.rans_encode(symbols, indexes, *tables, lanes=None if lanes == "auto" else lanes)
+
+
+def decode(data, indexes: Tensor, tables: CoderTables, native_only: bool = False) -> Tensor:
+    """int32 symbols shaped like ``indexes`` from one string of :func:`encode`, any ``lanes``.
+
+    A string that passes the native header check is decoded as a native stream and, should that
+    fail, as a CompressAI one (which passes the check only by accident); if both fail, the native
+    decoder's error is raised. Any other string is decoded as a CompressAI stream, unless
+    ``native_only``, where every string is decoded as a native stream."""
+    data = stream_tensor(data)
+    if native_only:
+        return ops.rans_decode(data, indexes, *tables)
+    if ops.is_native_stream(data):
+        try:
+            return ops.rans_decode(data, indexes, *tables)
+        except ValueError as native_error:
+            try:
+                return ops.rans_decode_compat(data, indexes, *tables)
+            except ValueError:
+                raise native_error from None
+    return ops.rans_decode_compat(data, indexes, *tables)
+
+
+def encode_batch(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: Lanes) -> List[bytes]:
+    """One string per row of ``symbols`` and ``indexes`` (CPU int32, [N, L])."""
+    return [encode(symbols[i], indexes[i], tables, lanes) for i in range(symbols.size(0))]
+
+
+def decode_batch(strings: Sequence, indexes: Tensor, tables: CoderTables, native_only: bool = False) -> Tensor:
+    """int32 [N, L]: row i decoded from ``strings[i]`` with ``indexes[i]`` (CPU int32, [N, L])."""
+    if len(strings) == 1:
+        return decode(strings[0], indexes[0], tables, native_only).unsqueeze(0)
+    return torch.stack([decode(s, indexes[i], tables, native_only) for i, s in enumerate(strings)])

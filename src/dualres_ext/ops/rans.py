@@ -1,0 +1,205 @@
+"""rANS entropy coding (csrc/rans).
+
+Tables use CompressAI's layout: cdfs int32 [T, W] (row t holds a CDF from 0 to 1 << precision in
+its first cdf_lengths[t] entries), cdf_lengths int32 [T], offsets int32 [T]; symbol s with table t
+codes value s - offsets[t], values outside the table are escaped (bypass coded), so any int32
+symbol round-trips.
+
+The wrappers convert their arguments (lists and numpy arrays to int32 tensors, bytes to uint8
+tensors) and check what the kernels are never reached with (devices, Python types, lane counts).
+The kernels check dtypes, table and symbol/index shapes, index ranges and every stream byte, and
+raise TypeError/ValueError naming the argument (csrc/rans/cpu/rans_ops.cpp, csrc/rans/cuda).
+"""
+from __future__ import annotations
+
+import torch
+
+from .args import int32_tensor, int_arg, stream_tensor
+
+__all__ = [
+    "rans_encode", "rans_decode", "rans_stream_info", "rans_encode_batch", "rans_decode_batch",
+    "rans_embed", "rans_restore", "rans_encode_compat", "rans_decode_compat", "rans_decode_compat_stream",
+]
+
+_ops = torch.ops.dualres_ext
+
+
+def _tables(cdfs, cdf_lengths, offsets, allow_cuda: bool = False):
+    return (int32_tensor(cdfs, "cdfs", allow_cuda), int32_tensor(cdf_lengths, "cdf_lengths", allow_cuda),
+            int32_tensor(offsets, "offsets", allow_cuda))
+
+
+def _same_device(device, **tensors):
+    # A kernel is chosen by the device of its tensors; mixing devices is refused before dispatch.
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the symbols/indexes are on {device}: "
+                             "all tensors must be on one device")
+
+
+def _lanes_arg(lanes) -> int:
+    """None (the coder chooses: 0 for the kernels) or an explicit count >= 1; a non-int is a
+    TypeError and a count below 1 a ValueError (the kernels read 0 as "choose")."""
+    if lanes is None:
+        return 0
+    lanes = int_arg(lanes, "lanes")
+    if lanes < 1:
+        raise ValueError(f"lanes must be >= 1, got {lanes}")
+    return lanes
+
+
+def rans_encode(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> bytes:
+    """Encode int32 ``symbols`` with tables ``cdfs[indexes]`` into the native multi-lane stream.
+
+    ``lanes=None`` lets the encoder choose (about one lane per 16k symbols, at most 64, fewer when
+    the payload is small); an explicit count is capped at the symbol count and at 65536. The
+    decoder handles any lane count with any number of threads.
+
+    CUDA tensors (all on one device; CUDA builds) are encoded on the GPU into the very same bytes
+    as the CPU coder would write for the same lane count; the stream comes back to the host.
+    """
+    symbols = int32_tensor(symbols, "symbols", allow_cuda=True)
+    indexes = int32_tensor(indexes, "indexes", allow_cuda=True)
+    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
+    _same_device(symbols.device, indexes=indexes, cdfs=cdfs, cdf_lengths=cdf_lengths, offsets=offsets)
+    lanes = _lanes_arg(lanes)
+    return _ops.rans_encode(symbols, indexes, cdfs, cdf_lengths, offsets, lanes).numpy().tobytes()
+
+
+def rans_decode(data, indexes, cdfs, cdf_lengths, offsets) -> torch.Tensor:
+    """Decode a native stream; returns int32 symbols shaped like ``indexes``.
+
+    Raises ValueError when the stream is malformed, truncated, corrupt or made for other indexes.
+    With ``indexes`` on a CUDA device (CUDA builds; tables on the same device) the symbols are
+    decoded on the GPU and returned there; ``data`` may stay on the host.
+    """
+    data = stream_tensor(data, allow_cuda=True)
+    indexes = int32_tensor(indexes, "indexes", allow_cuda=True)
+    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
+    _same_device(indexes.device, cdfs=cdfs, cdf_lengths=cdf_lengths, offsets=offsets)
+    if data.device.type != "cpu":
+        _same_device(indexes.device, data=data)
+    return _ops.rans_decode(data, indexes, cdfs, cdf_lengths, offsets)
+
+
+def rans_stream_info(data) -> dict:
+    """The header of a native stream (csrc/rans/FORMAT.md), validated like the decoder does it
+    (magic, version, field ranges, lane lengths against the size, CRC-32C); ValueError otherwise.
+
+    Returns ``{"precision", "states_per_lane", "symbols", "lanes", "lane_bytes"}`` (``lane_bytes``:
+    each lane's payload size). Useful to check what an encoder chose without decoding, and to
+    tell a native stream from a CompressAI one (:func:`is_native_stream`).
+    """
+    info = _ops.rans_stream_info(stream_tensor(data))
+    return {"precision": info[0], "states_per_lane": info[1], "symbols": info[2], "lanes": info[3],
+            "lane_bytes": list(info[4:])}
+
+
+def is_native_stream(data) -> bool:
+    """Whether ``data`` is a well-formed native stream: its header and CRC-32C pass the checks of
+    :func:`rans_stream_info` (the format is defined in C++ only: csrc/rans/rans_stream.h).
+
+    A CompressAI stream starts with its final rANS state, so it passes only by accident (magic
+    and version: 2^-24, then the header fields and a CRC-32C over the rest)."""
+    try:
+        _ops.rans_stream_info(stream_tensor(data))
+    except ValueError:
+        return False
+    return True
+
+
+def rans_encode_batch(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> list:
+    """:func:`rans_encode` of several tensors sharing one set of tables: ``symbols[k]`` with
+    ``indexes[k]`` gives stream k (bytes). On CUDA all streams are coded in the same kernel
+    launches (one synchronisation for the whole batch); on the CPU it is a loop."""
+    symbols, indexes = list(symbols), list(indexes)
+    if len(symbols) != len(indexes):
+        raise ValueError(f"symbols and indexes must be lists of the same length, got {len(symbols)} and {len(indexes)}")
+    if not symbols:
+        return []
+    pairs = [(int32_tensor(s, "symbols", allow_cuda=True), int32_tensor(i, "indexes", allow_cuda=True))
+             for s, i in zip(symbols, indexes)]
+    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
+    device = pairs[0][0].device
+    for k, (s, i) in enumerate(pairs):
+        _same_device(device, **{f"symbols[{k}]": s, f"indexes[{k}]": i})
+    _same_device(device, cdfs=cdfs, cdf_lengths=cdf_lengths, offsets=offsets)
+    lanes = _lanes_arg(lanes)
+    if device.type == "cpu":
+        outs = [_ops.rans_encode(s, i, cdfs, cdf_lengths, offsets, lanes) for s, i in pairs]
+    else:
+        outs = _ops.rans_encode_batch([s for s, _ in pairs], [i for _, i in pairs], cdfs, cdf_lengths, offsets, lanes)
+    return [o.numpy().tobytes() for o in outs]
+
+
+def rans_decode_batch(data, indexes, cdfs, cdf_lengths, offsets) -> list:
+    """:func:`rans_decode` of several streams sharing one set of tables; a list of int32 tensors
+    shaped like ``indexes[k]``. On CUDA one launch decodes every lane of every stream."""
+    data, indexes = list(data), list(indexes)
+    if len(data) != len(indexes):
+        raise ValueError(f"data and indexes must be lists of the same length, got {len(data)} and {len(indexes)}")
+    if not data:
+        return []
+    data = [stream_tensor(d, allow_cuda=True) for d in data]
+    indexes = [int32_tensor(i, "indexes", allow_cuda=True) for i in indexes]
+    cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
+    device = indexes[0].device
+    for k, i in enumerate(indexes):
+        _same_device(device, **{f"indexes[{k}]": i})
+        if data[k].device.type != "cpu":
+            _same_device(device, **{f"data[{k}]": data[k]})
+    _same_device(device, cdfs=cdfs, cdf_lengths=cdf_lengths, offsets=offsets)
+    if device.type == "cpu":
+        return [_ops.rans_decode(d, i, cdfs, cdf_lengths, offsets) for d, i in zip(data, indexes)]
+    return list(_ops.rans_decode_batch(data, indexes, cdfs, cdf_lengths, offsets))
+
+
+def rans_embed(data, symbols: int, precision: int = 16) -> bytes:
+    """The embedded form of a native stream (csrc/rans/FORMAT.md, "Embedded streams"): without
+    the bytes a container that checksums its contents and knows the stream's symbol count and
+    precision can supply itself (magic, version, precision, CRC-32C, symbol count; 8 to 17 bytes).
+
+    The stream is validated as a decoder would (ValueError), and must hold ``symbols`` symbols
+    coded at ``precision``: :func:`rans_restore` rebuilds it, byte for byte, from those two.
+    """
+    data = stream_tensor(data)
+    return _ops.rans_embed(data, int_arg(symbols, "symbols"), int_arg(precision, "precision")).numpy().tobytes()
+
+
+def rans_restore(data, symbols: int, precision: int = 16) -> bytes:
+    """The native stream an embedded one (:func:`rans_embed`) came from, ready for
+    :func:`rans_decode`. Untrusted input is fine: a malformed embedded stream raises ValueError
+    (as the decoder would), and a corrupt payload is left for the decoder to find; the CRC-32C
+    written here protects nothing, the container's checksum has to."""
+    data = stream_tensor(data)
+    return _ops.rans_restore(data, int_arg(symbols, "symbols"), int_arg(precision, "precision")).numpy().tobytes()
+
+
+def rans_encode_compat(symbols, indexes, cdfs, cdf_lengths, offsets) -> bytes:
+    """Encode exactly as CompressAI 1.2.8's ``RansEncoder.encode_with_indexes`` (16-bit tables)."""
+    symbols = int32_tensor(symbols, "symbols")
+    indexes = int32_tensor(indexes, "indexes")
+    return _ops.rans_encode_compat(symbols, indexes, *_tables(cdfs, cdf_lengths, offsets)).numpy().tobytes()
+
+
+def rans_decode_compat(data, indexes, cdfs, cdf_lengths, offsets) -> torch.Tensor:
+    """Decode a CompressAI stream (whole stream); int32 symbols shaped like ``indexes``."""
+    data = stream_tensor(data)
+    indexes = int32_tensor(indexes, "indexes")
+    return _ops.rans_decode_compat(data, indexes, *_tables(cdfs, cdf_lengths, offsets))
+
+
+def rans_decode_compat_stream(data: torch.Tensor, state: torch.Tensor, indexes, cdfs, cdf_lengths,
+                              offsets) -> torch.Tensor:
+    """Decode the next ``indexes.numel()`` symbols of a CompressAI stream.
+
+    ``state`` is an int64 tensor [2] = (byte position, rANS state), updated in place; start with
+    zeros. ``data`` must be a uint8 tensor (kept by the caller between calls).
+    """
+    # The op's schema would answer a non-tensor with a RuntimeError; dtype and size are the kernel's.
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a uint8 tensor (kept between calls), got {type(data).__name__}")
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be an int64 tensor [2], got {type(state).__name__}")
+    indexes = int32_tensor(indexes, "indexes")
+    return _ops.rans_decode_compat_stream(data, state, indexes, *_tables(cdfs, cdf_lengths, offsets))
