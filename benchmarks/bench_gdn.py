@@ -2,11 +2,9 @@
 
     PYTHONPATH=src python benchmarks/bench_gdn.py [--repeat 5] [--threads N] [--device cpu|cuda]
 
-For each shape: no_grad forward (compressai / ours / ours in place, i.e. what ConvGDN and
-DeconvIGDN do on their convolution's output) and a training step (forward + backward w.r.t. x and
-the parameters). Times are the best of --repeat runs after one warm-up, in milliseconds. A
-second table times a conv(192->192, 5x5, stride 2) + GDN block with the convolution's bias added
-by the convolution or folded into the GDN kernel.
+For each shape: no_grad forward (compressai / ours / ours in place, i.e. what a GDN after a
+convolution may do with the convolution's output) and a training step (forward + backward w.r.t. x and
+the parameters). Times are the best of --repeat runs after one warm-up, in milliseconds.
 """
 import argparse
 import time
@@ -71,30 +69,11 @@ def bench_layers(args, device, dtype):
                   f"| {t_ref_tr / t_ours_tr:.2f}x |")
 
 
-def bench_bias_folding(args, device, dtype):
-    print(f"\n### conv(192->192, k5, s2) + GDN block, no_grad, {device}\n")
-    print("| input | conv+GDN (CompressAI GDN) | ConvGDN | ConvGDN fold_bias | fold_bias gain |")
-    print("|---|---|---|---|---|")
-    for shape in [(1, 192, 256, 384), (1, 192, 128, 192)]:
-        block = layers.ConvGDN(192, 192).to(device, dtype)
-        ref_gdn = CompressAIGDN(192).to(device, dtype)
-        ref_gdn.load_state_dict(block.gdn.state_dict())
-        x = torch.randn(shape, device=device, dtype=dtype)
-        with torch.no_grad():
-            t_ref = timed_ms(lambda: ref_gdn(block.conv(x)), args.repeat, device)
-            block.fold_bias = False
-            t_plain = timed_ms(lambda: block(x), args.repeat, device)
-            block.fold_bias = True
-            t_fold = timed_ms(lambda: block(x), args.repeat, device)
-        print(f"| {tuple(shape)} | {t_ref:.1f} | {t_plain:.1f} | {t_fold:.1f} | {t_plain / t_fold:.2f}x |")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--skip-blocks", action="store_true")
     ap.add_argument("--cpu-time", action="store_true",
                     help="CPU: time with process_time (CPU seconds of this process), for a machine shared "
                          "with other jobs; meaningful with --threads 1")
@@ -108,8 +87,6 @@ def main():
     dtypes = [torch.float32] + ([torch.float16] if args.device == "cuda" else [])
     for dtype in dtypes:
         bench_layers(args, args.device, dtype)
-    if not args.skip_blocks:
-        bench_bias_folding(args, args.device, torch.float32)
 
 
 if __name__ == "__main__":

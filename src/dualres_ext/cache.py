@@ -32,14 +32,17 @@ class TensorCache(Generic[T]):
         self._lock = threading.Lock()
 
     def get(self, owner: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T:
+        sources = tuple(sources)
         key = tensor_key(sources)
         with self._lock:
             entry = self._entries.get(owner)
         if entry is not None and entry[0] == key:
-            return entry[1]
+            return entry[2]
         value = build()
         with self._lock:
-            self._entries[owner] = (key, value)
+            # The entry keeps its sources alive: a freed source's address could otherwise be
+            # reused by a new tensor of the same shape, whose key would then look unchanged.
+            self._entries[owner] = (key, sources, value)
         return value
 
     def clear(self, owner: object) -> None:

@@ -1,4 +1,4 @@
-"""GDN / IGDN layers and the convolution blocks of the DualRes model.
+"""GDN / IGDN layers and the convolution factories of the DualRes model.
 
 :class:`GDN` and :class:`GDN1` are drop-in replacements for ``compressai.layers.GDN`` /
 ``GDN1``: same constructor, same parameters and reparametrisation, same state-dict keys::
@@ -11,24 +11,19 @@ so a CompressAI state dict loads with ``strict=True`` and gives the same output.
 runs the fused native kernel (``dualres_ext.ops.gdn``) where one exists for the device/dtype
 and CompressAI's plain expression otherwise.
 
-Blocks (state-dict keys in brackets):
-  * ``conv``, ``deconv``: plain ``nn.Conv2d`` / ``nn.ConvTranspose2d`` factories as in
-    CompressAI ([weight, bias]).
-  * :class:`ConvGDN` ([conv.weight, conv.bias, gdn.*]): convolution followed by (I)GDN, with the
-    convolution's bias optionally added inside the GDN kernel instead of by the convolution
-    (benchmarks/bench_gdn.py compares both).
+``conv`` and ``deconv`` are plain ``nn.Conv2d`` / ``nn.ConvTranspose2d`` factories as in
+CompressAI (keys ``weight``, ``bias``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
 from .cache import TensorCache
 
-__all__ = ["LowerBound", "NonNegativeParametrizer", "GDN", "GDN1", "conv", "deconv", "ConvGDN"]
+__all__ = ["LowerBound", "NonNegativeParametrizer", "GDN", "GDN1", "conv", "deconv"]
 
 # LowerBound.value() per module: the entropy models pass the bound to the kernels as a float at
 # every forward, and reading a CUDA buffer synchronises the device. Values keep their source
@@ -87,7 +82,7 @@ class GDN(nn.Module):
     ``inplace=True`` (constructor, not in CompressAI; state dict unaffected) or
     ``forward(x, inplace=True)`` lets the kernel overwrite ``x`` when no gradient is recorded
     (see :func:`dualres_ext.ops.gdn`). ``forward(x, bias=...)``: ``bias`` (C,) is added to ``x``
-    first, inside the fused kernel (used by :class:`ConvGDN` to fold the convolution's bias).
+    first, inside the fused kernel.
     """
 
     _simplified = False
@@ -150,27 +145,3 @@ def deconv(in_channels: int, out_channels: int, kernel_size: int = 5, stride: in
     return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride,
                               output_padding=stride - 1, padding=kernel_size // 2)
 
-
-class ConvGDN(nn.Module):
-    """``conv(in_ch, out_ch, kernel_size, stride)`` followed by GDN (IGDN if ``inverse``).
-
-    Keys: ``conv.weight``, ``conv.bias``, ``gdn.*``. With ``fold_bias=True`` the convolution
-    runs without its bias and the GDN kernel adds it in its own pass over the data. It is off by
-    default: on the CPU, oneDNN already adds the bias in the convolution's epilogue. Without
-    autograd, GDN runs in place on the convolution's output.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 5, stride: int = 2, inverse: bool = False,
-                 fold_bias: bool = False):
-        super().__init__()
-        self.conv = conv(in_ch, out_ch, kernel_size, stride)
-        self.gdn = GDN(out_ch, inverse=inverse)
-        self.fold_bias = bool(fold_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fold_bias:
-            c = self.conv
-            y = F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
-            return self.gdn(y, bias=c.bias, inplace=True)
-        # The convolution's output is our own temporary: GDN may overwrite it (inference only).
-        return self.gdn(self.conv(x), inplace=True)
