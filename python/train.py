@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from dualres_ext.models import build
 from dualres_ext.models.loss import rate_distortion
@@ -161,25 +162,33 @@ def check_ranks_agree(model) -> None:
 
 
 class Progress:
-    """A one-line progress display (tqdm-like) that also works when the output is a log file."""
+    """Training progress: a tqdm bar (steps, rate, time left, the running loss) on a terminal, and one
+    plain line per report in a log file, where a redrawn bar would be unreadable."""
 
     def __init__(self, start_step: int, total: int | None, deadline: float | None, is_tty: bool):
-        self.start, self.total, self.deadline, self.tty = start_step, total, deadline, is_tty
-        self.t0 = time.time()
+        self.total, self.deadline, self.tty = total, deadline, is_tty
+        self.t0, self.start = time.time(), start_step
+        self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, disable=not is_tty,
+                        file=sys.stdout)
 
     def show(self, step: int, msg: str, force_newline: bool = False) -> None:
-        done = step - self.start
-        rate = done / max(time.time() - self.t0, 1e-9)
         left = ""
         if self.deadline is not None:
             left = f" {max(0, self.deadline - time.time()) / 60:.1f} min left"
-        elif self.total:
+        if self.tty:
+            self.bar.update(step - self.bar.n)
+            if force_newline:
+                self.bar.write(f"step {step} | {msg}")
+            else:
+                self.bar.set_postfix_str(f"{msg}{left}", refresh=True)
+            return
+        rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+        if not left and self.total:
             left = f" eta {(self.total - step) / max(rate, 1e-9) / 60:.1f} min"
-        line = f"step {step}{f'/{self.total}' if self.total else ''} {rate:.2f} it/s{left} | {msg}"
-        if self.tty and not force_newline:
-            print("\r" + line.ljust(120), end="", flush=True)
-        else:
-            print(line, flush=True)
+        print(f"step {step}{f'/{self.total}' if self.total else ''} {rate:.2f} it/s{left} | {msg}", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +470,7 @@ def main(argv=None) -> int:
 
     if distributed:
         check_ranks_agree(model)
+    progress.close()
     if rank == 0:
         print(flush=True)
         if distributed:

@@ -48,6 +48,9 @@ def _cmd_compress(args) -> int:
 
     from ..codec import encode, parse_header
 
+    if os.path.isdir(args.input):
+        return _cmd_compress_folder(args)
+
     try:
         image = Image.open(args.input)
         image.load()
@@ -75,8 +78,32 @@ def _cmd_compress(args) -> int:
     return 0
 
 
+def _cmd_compress_folder(args) -> int:
+    from .folders import compress_folder
+
+    if args.max_bytes is not None:
+        return _fail("a folder takes --max-bpp (per image), not --max-bytes", EXIT_ERROR)
+    summary = compress_folder(args.input, args.output, quality=args.quality, max_bpp=args.max_bpp,
+                              device=args.device, weights=args.weights, refine_steps=args.refine_steps,
+                              refine_rounds=args.refine_rounds)
+    print(summary.line("compressed"))
+    return EXIT_ERROR if summary.failures else 0
+
+
+def _cmd_decompress_folder(args) -> int:
+    from .folders import decompress_folder
+
+    summary = decompress_folder(args.input, args.output, image_format=args.format, device=args.device,
+                                weights=args.weights)
+    print(summary.line("decompressed"))
+    return EXIT_ERROR if summary.failures else 0
+
+
 def _cmd_decompress(args) -> int:
     from ..codec import decode
+
+    if os.path.isdir(args.input):
+        return _cmd_decompress_folder(args)
 
     try:
         with open(args.input, "rb") as f:
@@ -175,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="how the native extension was built")
     p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("compress", help="compress an image file into a .drx bitstream")
-    p.add_argument("input", help="image file (PNG, JPEG, ...; grey and RGBA are handled)")
-    p.add_argument("output", help="bitstream file to write (.drx)")
+    p = sub.add_parser("compress", help="compress an image file (or a folder of them) into .drx bitstreams")
+    p.add_argument("input", help="image file (PNG, JPEG, ...; grey and RGBA are handled), or a folder of them")
+    p.add_argument("output", help="bitstream file to write (.drx), or the output folder for a folder")
     p.add_argument("--quality", "-q", type=float, default=None,
                    help="0 (smallest) .. 5 (best), fractions interpolate (default 3; with --max-bytes or "
                         "--max-bpp the highest quality tried, default 5)")
@@ -189,9 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default cpu)")
     _add_refinement(p, "for this image")
     p.set_defaults(func=lambda a: _run_codec(_cmd_compress, a))
-    p = sub.add_parser("decompress", help="decompress a .drx bitstream into an image file")
-    p.add_argument("input", help="bitstream file (.drx)")
-    p.add_argument("output", help="image file to write (format from the extension, e.g. .png)")
+    p = sub.add_parser("decompress", help="decompress a .drx bitstream (or a folder of them) into image files")
+    p.add_argument("input", help="bitstream file (.drx), or a folder of them")
+    p.add_argument("output", help="image file to write (format from the extension, e.g. .png), or the output "
+                                  "folder for a folder")
+    p.add_argument("--format", default="png", help="image format of a folder's outputs (default png)")
     p.add_argument("--weights", help="checkpoint the bitstream was written with (default: the package's)")
     p.add_argument("--device", help="torch device (default cpu)")
     p.set_defaults(func=lambda a: _run_codec(_cmd_decompress, a))

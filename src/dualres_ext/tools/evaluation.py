@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from ..codec import decode, encode, resolve_model
 from ..models.refine import check_refinement
@@ -183,15 +185,19 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         csv.DictWriter(f, fieldnames=_CSV_FIELDS).writeheader()
     per_image: Dict[str, List[dict]] = {}
     reused = 0
+    # A progress bar on a terminal; a log file gets the per-image lines alone.
+    bar = tqdm(total=len(files), unit="image", desc="eval", disable=not sys.stderr.isatty(), file=sys.stderr)
+    image_log = bar.write if (log is print and not bar.disable) else log
 
     def finished(name: str, image_rows: List[dict], image_reused: int) -> None:
         nonlocal reused
+        bar.update(1)
         per_image[name] = image_rows
         reused += image_reused
         with open(csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=_CSV_FIELDS).writerows(image_rows)
         ours = [r for r in image_rows if r["codec"] == "dualres"]
-        log(f"[{len(per_image)}/{len(files)}] {name}: "
+        image_log(f"[{len(per_image)}/{len(files)}] {name}: "
             + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours))
 
     reuse_by_image: Dict[str, Dict[tuple, dict]] = {}
@@ -207,6 +213,7 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
                      *_evaluate_image(path, qualities, chosen, all_codecs, weights, device, refine, reuse_for(path)))
     else:
         _evaluate_in_processes(files, workers, qualities, chosen, weights, device, refine, reuse_for, finished)
+    bar.close()
     rows = [r for path in files for r in per_image[os.path.basename(path)]]
 
     if anchors:
