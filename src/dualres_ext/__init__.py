@@ -1,7 +1,9 @@
 """dualres_ext: fast learned image compression on PyTorch.
 
-Native operators live in ``torch.ops.dualres_ext`` (loaded by importing ``dualres_ext._C``);
-``dualres_ext.ops`` wraps them with argument checks.
+``encode`` / ``decode`` turn images into ``.drx`` bitstreams and back (:mod:`.codec`); importing the
+package also registers the format with Pillow (:mod:`.pillow`). Native operators live in
+``torch.ops.dualres_ext`` (loaded by importing ``dualres_ext._C``); :mod:`.ops` wraps them with
+argument checks. ``docs/ARCHITECTURE.md`` maps the rest.
 """
 import torch  # noqa: F401  (must come first: _C links against libc10/libtorch)
 
