@@ -326,11 +326,13 @@ struct IvGroupOut {
 // The stream from the encoded groups (words already in decoder order), sealed with its CRC.
 inline void iv_assemble(std::vector<uint8_t>& out, int precision, int width, bool chained, int64_t n,
                         const std::vector<IvGroupOut>& groups) {
-  out.clear();
-  const uint8_t fixed[kIvFixedHeader] = {kMagic0, kMagic1, kIvVersion, static_cast<uint8_t>(precision),
-                                         static_cast<uint8_t>(width), static_cast<uint8_t>(chained ? kIvFlagChained : 0),
-                                         0, 0, 0, 0};
-  out.insert(out.end(), fixed, fixed + kIvFixedHeader);
+  out.assign(kIvFixedHeader, 0);  // bytes 6..9: the CRC, written last
+  out[0] = kMagic0;
+  out[1] = kMagic1;
+  out[2] = kIvVersion;
+  out[3] = static_cast<uint8_t>(precision);
+  out[4] = static_cast<uint8_t>(width);
+  out[5] = chained ? kIvFlagChained : 0;
   put_varint(out, static_cast<uint64_t>(n));
   put_varint(out, groups.size());
   size_t words = 0;

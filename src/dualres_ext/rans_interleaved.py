@@ -24,7 +24,11 @@ ISAS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2, "warp": 3}
 _ISA_NAMES = {v: k for k, v in ISAS.items()}
 
 
-def _int32(x, name: str) -> torch.Tensor:
+def _cuda_built() -> bool:
+    return "cuda=1" in _ops.build_info()
+
+
+def _int32(x, name: str, allow_cuda: bool = False) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
@@ -32,8 +36,9 @@ def _int32(x, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must be a tensor, array or list of integers: {e}") from None
         if x.numel() == 0:
             x = x.to(torch.int32)
-    if x.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU, got {x.device}")
+    if x.device.type != "cpu" and not (allow_cuda and x.device.type == "cuda" and _cuda_built()):
+        raise ValueError(f"{name} must be on the CPU{' or a CUDA device' if allow_cuda else ''} (this build: "
+                         f"{'with' if _cuda_built() else 'without'} CUDA), got {x.device}")
     if x.dtype == torch.int32:
         return x
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -90,9 +95,9 @@ class Tables:
 def prepare_tables(cdfs, cdf_lengths, offsets) -> Tables:
     """Validates and prepares CompressAI-layout tables once (frequencies, starts, a 256-bucket
     symbol lookup per row). Rows that are not valid CDFs are only an error when an index uses them."""
-    cdfs = _int32(cdfs, "cdfs")
-    cdf_lengths = _int32(cdf_lengths, "cdf_lengths").reshape(-1)
-    offsets = _int32(offsets, "offsets").reshape(-1)
+    cdfs = _int32(cdfs, "cdfs", True).cpu()
+    cdf_lengths = _int32(cdf_lengths, "cdf_lengths", True).reshape(-1).cpu()
+    offsets = _int32(offsets, "offsets", True).reshape(-1).cpu()
     return Tables(_ops.rans_iv_prepare(cdfs, cdf_lengths, offsets))
 
 
@@ -146,9 +151,12 @@ def encode(symbols, indexes, cdfs=None, cdf_lengths=None, offsets=None, *, table
     and a few bytes of length. Groups are encoded in parallel unless ``chained``, where they are
     split points of one encoder chain (Recoil-style: saved states and word offsets). ``isa``:
     "auto", "scalar", "avx2", "avx512" or "warp" (the CUDA warp body emulated on the host); all
-    write the same bytes.
+    write the same bytes. CUDA symbols/indexes (CUDA builds) are coded by the warp kernel
+    (one warp per group) into the same bytes; the stream comes back to the host.
     """
-    symbols, indexes = _int32(symbols, "symbols"), _int32(indexes, "indexes")
+    symbols, indexes = _int32(symbols, "symbols", True), _int32(indexes, "indexes", True)
+    if symbols.device != indexes.device:
+        raise ValueError(f"symbols ({symbols.device}) and indexes ({indexes.device}) must be on one device")
     if symbols.shape != indexes.shape:
         raise ValueError(f"symbols and indexes must have the same shape, got {tuple(symbols.shape)} "
                          f"and {tuple(indexes.shape)}")
@@ -163,9 +171,10 @@ def encode(symbols, indexes, cdfs=None, cdf_lengths=None, offsets=None, *, table
 
 def decode(data, indexes, cdfs=None, cdf_lengths=None, offsets=None, *, tables=None, isa: str = "auto") -> torch.Tensor:
     """Decode an interleaved stream; int32 symbols shaped like ``indexes``. Any malformed,
-    truncated or corrupt stream (or one made for other indexes/tables) raises ValueError."""
+    truncated or corrupt stream (or one made for other indexes/tables) raises ValueError.
+    With CUDA ``indexes`` (CUDA builds) one warp decodes each group and the symbols stay there."""
     data = _stream(data)
-    indexes = _int32(indexes, "indexes")
+    indexes = _int32(indexes, "indexes", True)
     tb = _tables(cdfs, cdf_lengths, offsets, tables)
     return _ops.rans_iv_decode(data, indexes, tb.handle, _isa(isa))
 
