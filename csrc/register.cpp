@@ -8,6 +8,8 @@
 #include <string>
 
 #include "common/cpu_kernels.h"
+#include "rans/cpu/rans_interleaved_simd.h"
+#include "rans/rans_iv_tables.h"
 
 namespace dualres {
 
@@ -76,6 +78,18 @@ TORCH_LIBRARY(dualres_ext, m) {
   // all of them; csrc/rans/cuda). Outputs are in input order.
   m.def("rans_encode_batch(Tensor[] symbols, Tensor[] indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets, int lanes) -> Tensor[]");
   m.def("rans_decode_batch(Tensor[] data, Tensor[] indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor[]");
+  // Interleaved stream, version 2 (csrc/rans/FORMAT.md): W states sharing one stream of 16-bit
+  // words, G groups. Tables are prepared once into an opaque RansIvTables handle (CPU tensors).
+  // isa: -1 auto, 0 scalar, 1 avx2, 2 avx512, 3 the CUDA warp body emulated on the host.
+  dualres::rans::register_iv_tables_class();  // before the schemas naming it
+  m.def("rans_iv_prepare(Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> __torch__.torch.classes.dualres_ext.RansIvTables");
+  m.def("rans_iv_encode(Tensor symbols, Tensor indexes, __torch__.torch.classes.dualres_ext.RansIvTables tables, "
+        "int width, int groups, bool chained, int isa) -> Tensor");
+  m.def("rans_iv_decode(Tensor data, Tensor indexes, __torch__.torch.classes.dualres_ext.RansIvTables tables, int isa) -> Tensor");
+  // [precision, width, chained, symbols, groups, words per group...] after a decoder's validation.
+  m.def("rans_iv_stream_info(Tensor data) -> int[]");
+  // [the isa -1 resolves to, the best this CPU supports]
+  m.def("rans_iv_isa() -> int[]", &dualres::rans::rans_iv_isa);
 
   // --- gaussian (csrc/gaussian) ---
   // check: bit mask of scale problems that raise (1 NaN, 2 Inf, 4 negative); see gaussian_math.h.

@@ -1,0 +1,194 @@
+"""Interleaved rANS stream v2 (csrc/rans/rans_interleaved.h, dualres_ext.rans_interleaved):
+round trips, byte identity across SIMD paths / threads / the CUDA warp body emulated on the host,
+groups and split points, hostile streams, size on the Gaussian workload."""
+import os
+import struct
+import sys
+
+import pytest
+import torch
+
+from dualres_ext import ops
+from dualres_ext import rans_interleaved as iv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rans_testlib import crc32c, gaussian_workload, hostile_variants, ideal_bits, random_symbols, random_tables  # noqa: E402
+
+ISAS = iv.supported_isas()  # scalar, the SIMD paths this CPU runs, and "warp"
+
+
+@pytest.fixture
+def gen():
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    return g
+
+
+def reseal(stream: bytes) -> bytes:
+    """A v2 stream with its CRC-32C (bytes 6..9, over bytes 10..end) recomputed."""
+    if len(stream) < 10:
+        return stream
+    return stream[:6] + struct.pack("<I", crc32c(stream[10:])) + stream[10:]
+
+
+@pytest.mark.parametrize("precision", [16, 15, 12, 8, 4, 2, 1])
+def test_round_trip_and_byte_identity(gen, precision):
+    cdfs, lengths, offsets = random_tables(gen, int(torch.randint(1, 10, (1,), generator=gen)), precision)
+    tb = iv.prepare_tables(cdfs, lengths, offsets)
+    for n in (0, 1, 15, 16, 17, 31, 32, 33, 1000, 20011):
+        sym, idx = random_symbols(gen, cdfs, lengths, offsets, (n,))
+        for width in (16, 32):
+            for groups, chained in ((1, False), (3, False), (5, True)):
+                streams = {isa: iv.encode(sym, idx, tables=tb, width=width, groups=groups, chained=chained, isa=isa)
+                           for isa in ISAS}
+                ref = streams["scalar"]
+                for isa, d in streams.items():
+                    assert d == ref, (isa, n, width, groups, chained)
+                for isa in ISAS:
+                    assert torch.equal(iv.decode(ref, idx, tables=tb, isa=isa), sym), (isa, n, width, groups)
+                info = iv.stream_info(ref)
+                assert info["symbols"] == n and info["width"] == width
+                assert info["groups"] == min(groups, -(-n // width))
+
+
+def test_int32_extremes_and_escapes(gen):
+    cdfs, lengths, offsets = random_tables(gen, 4, 16)
+    offsets = torch.tensor([-(2**31), 2**31 - 1, 0, 5], dtype=torch.int32)
+    vals = torch.tensor([-(2**31), 2**31 - 1, 0, -1, 1, 2**30, -(2**30)], dtype=torch.int32)
+    sym = vals.repeat(40)
+    idx = torch.arange(sym.numel(), dtype=torch.int32) % 4
+    for isa in ISAS:
+        for width in (16, 32):
+            d = iv.encode(sym, idx, cdfs, lengths, offsets, width=width, isa=isa)
+            assert torch.equal(iv.decode(d, idx, cdfs, lengths, offsets, isa=isa), sym)
+
+
+def test_threads_do_not_change_bytes(gen):
+    cdfs, lengths, offsets = random_tables(gen, 8)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (3, 50000))
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            d = iv.encode(sym, idx, cdfs, lengths, offsets, groups=7)
+            assert torch.equal(iv.decode(d, idx, cdfs, lengths, offsets), sym)
+            outs.append(d)
+        assert outs[0] == outs[1]
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_split_points_cost_only_when_asked_and_chain_is_one_encoding(gen):
+    sym, idx, cdfs, lengths, offsets = gaussian_workload(gen, n_ch=64)
+    tb = iv.prepare_tables(cdfs, lengths, offsets)
+    one = iv.encode(sym, idx, tables=tb)
+    chained = iv.encode(sym, idx, tables=tb, groups=8, chained=True)
+    indep = iv.encode(sym, idx, tables=tb, groups=8)
+    for d in (one, chained, indep):
+        for isa in ISAS:
+            assert torch.equal(iv.decode(d, idx, tables=tb, isa=isa), sym)
+    ic, i1 = iv.stream_info(chained), iv.stream_info(one)
+    assert ic["chained"] and ic["groups"] == 8 and i1["groups"] == 1
+    # A chain is one encoding: its words are the single group's words, cut at the split points.
+    assert sum(ic["group_words"]) == i1["group_words"][0]
+    assert chained[-2 * i1["group_words"][0]:] == one[-2 * i1["group_words"][0]:]
+    # Each extra group costs its 4 * W state bytes and a length varint.
+    assert len(chained) - len(one) <= 7 * (4 * 32 + 3)
+
+
+def test_size_over_ideal_on_gaussian_workload(gen):
+    sym, idx, cdfs, lengths, offsets = gaussian_workload(gen, n_ch=320)
+    ideal = ideal_bits(sym, idx, cdfs, lengths, offsets)
+    for width, groups, budget in ((32, 1, 0.003), (16, 1, 0.003), (32, 2, 0.003)):
+        d = iv.encode(sym, idx, cdfs, lengths, offsets, width=width, groups=groups)
+        excess = len(d) * 8 / ideal - 1
+        assert excess < budget, (width, groups, excess)
+        assert torch.equal(iv.decode(d, idx, cdfs, lengths, offsets), sym)
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_hostile_streams_raise_value_error(gen, chained):
+    cdfs, lengths, offsets = random_tables(gen, 6)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (4000,))
+    tb = iv.prepare_tables(cdfs, lengths, offsets)
+    data = iv.encode(sym, idx, tables=tb, groups=4, chained=chained)
+    hdr = len(data) - 2 * sum(iv.stream_info(data)["group_words"])
+    cases = list(hostile_variants(data, gen))
+    # Payload damage re-sealed with a valid CRC, so that it reaches the group decoders.
+    for _ in range(60):
+        pos = int(torch.randint(10, len(data), (1,), generator=gen))
+        c = bytearray(data)
+        c[pos] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
+        cases.append((f"resealed flip at {pos}", reseal(bytes(c))))
+    for cut in (hdr, hdr + 2, len(data) - 2, len(data) - 64):
+        cases.append((f"resealed cut at {cut}", reseal(data[:cut])))
+    cases.append(("resealed zero words", reseal(data[:hdr] + bytes(len(data) - hdr))))
+    cases.append(("resealed ff words", reseal(data[:hdr] + b"\xff" * (len(data) - hdr))))
+    cases.append(("huge group count", reseal(data[:10] + bytes([0xA0, 0x1F]) + b"\xff\xff\x03" + data[13:])))
+    cases.append(("wrong width", reseal(data[:4] + b"\x08" + data[5:])))
+    cases.append(("unknown flag", reseal(data[:5] + b"\x02" + data[6:])))
+    for name, bad in cases:
+        if bad == data:
+            continue
+        for isa in ISAS:
+            try:
+                out = iv.decode(bad, idx, tables=tb, isa=isa)
+            except ValueError:
+                continue
+            # A damaged stream that still decodes must be detected unless it decodes to the same
+            # symbols (e.g. a flipped bit in a group length the CRC re-seal made consistent).
+            assert not torch.equal(out, sym) or name.startswith("resealed"), (name, isa)
+    with pytest.raises(ValueError):
+        iv.decode(data, idx[:-1], tables=tb)  # symbol count mismatch
+    with pytest.raises(ValueError):
+        iv.decode(ops.rans_encode(sym, idx, cdfs, lengths, offsets), idx, tables=tb)  # a v1 stream
+
+
+def test_resealed_payload_damage_is_caught(gen):
+    """Every re-sealed single-bit flip in the states or words is an error (or decodes to the
+    original symbols, which a flip in unused state bits could); never a crash."""
+    cdfs, lengths, offsets = random_tables(gen, 5)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (3000,), escapes=False)
+    data = iv.encode(sym, idx, cdfs, lengths, offsets, groups=3)
+    caught = 0
+    for pos in range(10, len(data), max(1, len(data) // 300)):
+        c = bytearray(data)
+        c[pos] ^= 0x10
+        try:
+            out = iv.decode(reseal(bytes(c)), idx, cdfs, lengths, offsets, isa="scalar")
+            assert out.shape == sym.shape
+        except ValueError:
+            caught += 1
+    assert caught > 0
+
+
+def test_argument_checks(gen):
+    cdfs, lengths, offsets = random_tables(gen, 3)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (100,))
+    with pytest.raises(ValueError):
+        iv.encode(sym, idx, cdfs, lengths, offsets, width=24)
+    with pytest.raises(ValueError):
+        iv.encode(sym, idx, cdfs, lengths, offsets, groups=0)
+    with pytest.raises(ValueError):
+        iv.encode(sym, idx + 100, cdfs, lengths, offsets)
+    with pytest.raises(ValueError):
+        iv.encode(sym, idx, cdfs, lengths, offsets, isa="neon")
+    bad = cdfs.clone()
+    bad[0, 1] = bad[0, 0]  # zero frequency in row 0
+    only_other_rows = torch.where(idx == 0, 1, idx).int()
+    d = iv.encode(sym, only_other_rows, bad, lengths, offsets)  # unused invalid rows are fine
+    assert torch.equal(iv.decode(d, only_other_rows, bad, lengths, offsets), sym)
+    with pytest.raises(ValueError):
+        iv.encode(sym, idx.clone().fill_(0), bad, lengths, offsets)
+
+
+def test_table_cache_sees_in_place_changes(gen):
+    cdfs, lengths, offsets = random_tables(gen, 3)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (500,))
+    d = iv.encode(sym, idx, cdfs, lengths, offsets)
+    offsets += 1  # in place: the cached preparation must not be reused
+    d2 = iv.encode(sym, idx, cdfs, lengths, offsets)
+    assert torch.equal(iv.decode(d2, idx, cdfs, lengths, offsets), sym)
+    offsets -= 1
+    assert torch.equal(iv.decode(d, idx, cdfs, lengths, offsets), sym)
