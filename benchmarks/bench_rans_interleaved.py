@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from rans_testlib import ideal_bits  # noqa: E402
 
 from dualres_ext import ops  # noqa: E402
-from dualres_ext import rans_interleaved as iv  # noqa: E402
+from dualres_ext.ops import rans_interleaved as iv  # noqa: E402
 
 
 def workload(seed, n_ch, h, w, lo, hi):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dualres_ext import ops
-from dualres_ext import rans_interleaved as iv
+from dualres_ext.ops import rans_interleaved as iv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rans_testlib import crc32c, gaussian_workload, hostile_variants, ideal_bits, random_symbols, random_tables  # noqa: E402

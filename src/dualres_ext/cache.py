@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Callable, Dict, Generic, Iterable, TypeVar
 
 import torch
 
@@ -24,27 +24,40 @@ def tensor_key(tensors: Iterable[torch.Tensor]) -> tuple:
 
 class TensorCache(Generic[T]):
     """One derived value per owner (held weakly: the cache never keeps an owner alive), valid
-    while ``tensor_key`` of its sources is unchanged. Thread-safe; a value may be built twice by
-    racing threads, and either result is kept (both are equal)."""
+    while ``tensor_key`` of its sources is unchanged. Owners are told apart by identity; a tensor
+    may own a value and counts as one of its sources (do not list it again: the entry would keep
+    it alive). Thread-safe; a value may be built twice by racing threads, and
+    either result is kept (both are equal)."""
 
     def __init__(self) -> None:
-        self._entries: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+        self._entries: Dict[int, tuple] = {}
         self._lock = threading.Lock()
 
     def get(self, owner: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T:
         sources = tuple(sources)
-        key = tensor_key(sources)
+        # A tensor owner is a source too, held weakly like any owner.
+        key = tensor_key(sources + ((owner,) if isinstance(owner, torch.Tensor) else ()))
         with self._lock:
-            entry = self._entries.get(owner)
-        if entry is not None and entry[0] == key:
-            return entry[2]
+            entry = self._entries.get(id(owner))
+        if entry is not None and entry[0]() is owner and entry[1] == key:
+            return entry[3]
         value = build()
         with self._lock:
+            if entry is None or entry[0]() is not owner:
+                weakref.finalize(owner, self._forget, id(owner))
             # The entry keeps its sources alive: a freed source's address could otherwise be
             # reused by a new tensor of the same shape, whose key would then look unchanged.
-            self._entries[owner] = (key, sources, value)
+            self._entries[id(owner)] = (weakref.ref(owner), key, sources, value)
         return value
 
     def clear(self, owner: object) -> None:
         with self._lock:
-            self._entries.pop(owner, None)
+            entry = self._entries.get(id(owner))
+            if entry is not None and entry[0]() is owner:
+                del self._entries[id(owner)]
+
+    def _forget(self, owner_id: int) -> None:
+        with self._lock:
+            entry = self._entries.get(owner_id)
+            if entry is not None and entry[0]() is None:
+                del self._entries[owner_id]

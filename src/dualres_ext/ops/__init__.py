@@ -1,6 +1,7 @@
 """Checked wrappers around ``torch.ops.dualres_ext``, one module per op family of ``csrc/``.
 
 * :mod:`.rans`: rANS entropy coding, native multi-lane and CompressAI streams (csrc/rans);
+* :mod:`.rans_interleaved`: the interleaved stream for SIMD and warps (csrc/rans, version 2);
 * :mod:`.gaussian`: Gaussian conditional indexing, quantisation, likelihood, CDF tables (csrc/gaussian);
 * :mod:`.gdn`: fused GDN / IGDN (csrc/gdn);
 * :mod:`.args`: argument conversion shared by the families.
@@ -25,6 +26,7 @@ from .gaussian import (
     quantize_and_index,
     quantize_symbols,
 )
+from . import rans_interleaved  # noqa: F401  (the interleaved stream, version 2: its own namespace)
 from .gdn import gdn, gdn_reference
 from .rans import (
     is_native_stream,
