@@ -109,7 +109,9 @@ TORCH_LIBRARY(dualres_ext, m) {
   // beta (C,), gamma (C, C): effective (reparametrised) float32 parameters; bias (C,) is added to x first.
   m.def("gdn_forward(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> Tensor");
   // In place (inference): x (NCHW- or channels-last-contiguous) is overwritten with the result.
-  m.def("gdn_forward_(Tensor(a!) x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> Tensor(a!)");
+  // Returns nothing: torch.compile functionalises a custom op that mutates an input only when no
+  // output aliases it (the mutation is declared by Tensor(a!)).
+  m.def("gdn_forward_(Tensor(a!) x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> ()");
   // Training forward (CPU): returns (y, scale) with scale = f(n), float32 in x's layout.
   m.def("gdn_forward_save(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) "
         "-> (Tensor, Tensor)");

@@ -510,7 +510,7 @@ class GaussianConditional(EntropyModel):
 
     def _likelihood(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None) -> Tensor:
         """Likelihood without the likelihood lower bound (CompressAI's _likelihood), fused."""
-        return ops.gaussian_likelihood(inputs, scales, means, scale_bound=self.lower_bound_scale.value(),
+        return ops.gaussian_likelihood(inputs, scales, means, scale_bound=self.lower_bound_scale.as_arg(),
                                        likelihood_bound=None)
 
     def forward(
@@ -528,8 +528,8 @@ class GaussianConditional(EntropyModel):
     def likelihood(self, values: Tensor, scales: Tensor, means: Optional[Tensor] = None) -> Tensor:
         """Likelihood (with the lower bound, as ``forward`` gives it) of ``values`` that are
         already quantised or noised: ``forward`` without its quantisation step."""
-        likelihood_bound = self.likelihood_lower_bound.value() if self.use_likelihood_bound else None
-        return ops.gaussian_likelihood(values, scales, means, scale_bound=self.lower_bound_scale.value(),
+        likelihood_bound = self.likelihood_lower_bound.as_arg() if self.use_likelihood_bound else None
+        return ops.gaussian_likelihood(values, scales, means, scale_bound=self.lower_bound_scale.as_arg(),
                                        likelihood_bound=likelihood_bound)
 
     def build_indexes(self, scales: Tensor) -> Tensor:

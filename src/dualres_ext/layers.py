@@ -16,6 +16,8 @@ CompressAI (keys ``weight``, ``bias``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -47,6 +49,12 @@ class LowerBound(nn.Module):
         """The bound as a Python float, read again only when the buffer changes."""
         bound = self.bound
         return _BOUND_VALUES.get(self, (bound,), lambda: (bound, float(bound.reshape(-1)[0])))[1]
+
+    def as_arg(self) -> "float | Tensor":
+        """The bound for the ops' bound arguments (``ops.gaussian_likelihood``): :meth:`value`
+        eagerly, the buffer itself while tracing (torch.compile, export), where a tensor's value
+        cannot be read; the ops take either."""
+        return self.bound if torch.compiler.is_compiling() else self.value()
 
 
 class NonNegativeParametrizer(nn.Module):
@@ -109,8 +117,10 @@ class GDN(nn.Module):
         self.gamma_reparam = NonNegativeParametrizer()
         self.gamma = nn.Parameter(self.gamma_reparam.init(gamma_init * torch.eye(in_channels)))
 
-        # Validate beta/gamma for NaN/Inf on each call (a device sync on CUDA; can be turned off).
-        self.check_finite = True
+        # NaN/Inf in beta/gamma: see ``check_finite`` of dualres_ext.ops.gdn. None (default): checked
+        # where that costs no device synchronisation (CPU); True also checks CUDA parameters (one
+        # synchronisation per call); False: only the CPU kernel's own check.
+        self.check_finite: Optional[bool] = None
 
     def effective_params(self) -> tuple[Tensor, Tensor]:
         """(beta, gamma) after the reparametrisation: what the normalisation actually uses."""

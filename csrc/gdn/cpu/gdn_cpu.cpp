@@ -19,6 +19,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <vector>
 
@@ -396,6 +397,22 @@ at::Tensor prepare_input(const at::Tensor& x, const at::Tensor& beta, const at::
   return channels_last ? x : x.contiguous();
 }
 
+// The forwards refuse non-finite parameters (ValueError in Python): a NaN or Inf in beta, gamma
+// or bias would silently turn whole output channels into NaN. Scanning C + C^2 floats costs
+// nothing next to the O(N H W C^2) channel mixing, and on the CPU it needs no device
+// synchronisation, so it is always on (the CUDA kernels do not check: see ops/gdn.py).
+void check_finite_params(const at::Tensor& beta, const at::Tensor& gamma, const at::Tensor& bias) {
+  const auto finite = [](const at::Tensor& t) {
+    const float* p = t.data_ptr<float>();
+    bool ok = true;
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) ok &= std::isfinite(p[i]);
+    return ok;
+  };
+  TORCH_CHECK_VALUE(finite(beta), "gdn: beta contains NaN or Inf");
+  TORCH_CHECK_VALUE(finite(gamma), "gdn: gamma contains NaN or Inf");
+  if (bias.defined()) TORCH_CHECK_VALUE(finite(bias), "gdn: bias contains NaN or Inf");
+}
+
 // Calls f(mode, isa) with the GDN variant as an integral_constant and the CPU kernel set's tag.
 template <typename F>
 void dispatch_mode(bool inverse, bool simplified, F&& f) {
@@ -415,6 +432,7 @@ at::Tensor gdn_forward_cpu(const at::Tensor& x_in, const at::Tensor& beta_in, co
   at::Tensor x = prepare_input(x_in, beta_in, gamma_in, bias_in, channels_last);
   at::Tensor beta = beta_in.contiguous(), gamma = gamma_in.contiguous();
   at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
+  check_finite_params(beta, gamma, bias);
   at::Tensor y = empty_output(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return y;
   const Problem pb = make_problem(x, channels_last);
@@ -435,6 +453,7 @@ std::tuple<at::Tensor, at::Tensor> gdn_forward_save_cpu(const at::Tensor& x_in, 
   at::Tensor x = prepare_input(x_in, beta_in, gamma_in, bias_in, channels_last);
   at::Tensor beta = beta_in.contiguous(), gamma = gamma_in.contiguous();
   at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
+  check_finite_params(beta, gamma, bias);
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor y = empty_output(x, fmt), scale = empty_output(x, fmt);
   if (x.numel() == 0) return {y, scale};
@@ -450,21 +469,21 @@ std::tuple<at::Tensor, at::Tensor> gdn_forward_save_cpu(const at::Tensor& x_in, 
 // In place: x is overwritten with the result (each tile is copied into a buffer before its output
 // is written, and tiles are disjoint). Saves the output allocation, whose page faults cost as much
 // as a third of the out-of-place forward on large inputs. x must be NCHW- or channels-last-contiguous.
-at::Tensor& gdn_forward_inplace_cpu(at::Tensor& x, const at::Tensor& beta_in, const at::Tensor& gamma_in,
-                                    const std::optional<at::Tensor>& bias_in, bool inverse, bool simplified) {
+void gdn_forward_inplace_cpu(at::Tensor& x, const at::Tensor& beta_in, const at::Tensor& gamma_in,
+                             const std::optional<at::Tensor>& bias_in, bool inverse, bool simplified) {
   bool channels_last = false;
   at::Tensor xc = prepare_input(x, beta_in, gamma_in, bias_in, channels_last);
   TORCH_CHECK(xc.is_same(x), "gdn_forward_ (in place): x must be contiguous (NCHW or channels-last)");
   at::Tensor beta = beta_in.contiguous(), gamma = gamma_in.contiguous();
   at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
-  if (x.numel() == 0) return x;
+  check_finite_params(beta, gamma, bias);
+  if (x.numel() == 0) return;
   const Problem pb = make_problem(x, channels_last);
   dispatch_mode(inverse, simplified, [&](auto mode, auto isa) {
     forward_impl<decltype(mode)::value>(isa, pb, x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
                                         bias.defined() ? bias.data_ptr<float>() : nullptr, x.data_ptr<float>(),
                                         nullptr);
   });
-  return x;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in,

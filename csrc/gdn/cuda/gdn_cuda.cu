@@ -201,13 +201,12 @@ at::Tensor gdn_forward_cuda(const at::Tensor& x, const at::Tensor& beta, const a
   return y;
 }
 
-at::Tensor& gdn_forward_inplace_cuda(at::Tensor& x, const at::Tensor& beta, const at::Tensor& gamma,
-                                     const std::optional<at::Tensor>& bias, bool inverse, bool simplified) {
+void gdn_forward_inplace_cuda(at::Tensor& x, const at::Tensor& beta, const at::Tensor& gamma,
+                              const std::optional<at::Tensor>& bias, bool inverse, bool simplified) {
   const c10::cuda::CUDAGuard guard(x.device());
   Checked a = check_and_prepare(x, beta, gamma, bias);
   TORCH_CHECK(a.x.is_same(x), "gdn_forward_ (in place): x must be contiguous (NCHW or channels-last)");
   launch_forward(a, x, inverse, simplified);
-  return x;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,

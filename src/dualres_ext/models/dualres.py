@@ -325,9 +325,12 @@ class DualRes(nn.Module):
                 raise ValueError(f"quality: a number or a 1-D tensor of per-sample qualities, "
                                  f"got shape {tuple(quality.shape)} {quality.dtype}")
             q = quality.detach().reshape(-1).to(dtype)
-            bad = ~torch.isfinite(q) | (q < 0) | (q > n - 1)  # checked where it lives (CPU: no sync)
-            if bool(bad.any()):
-                raise ValueError(f"quality must lie in [0, {n - 1}], got {quality.tolist()}")
+            # Checked where it lives (CPU: no sync). A trace (torch.compile, export) cannot read
+            # values: compiled code takes tensor qualities unchecked, so validate them outside it.
+            if not torch.compiler.is_compiling():
+                bad = ~torch.isfinite(q) | (q < 0) | (q > n - 1)
+                if bool(bad.any()):
+                    raise ValueError(f"quality must lie in [0, {n - 1}], got {quality.tolist()}")
             q = q.to(device)
         else:
             if isinstance(quality, bool) or not isinstance(quality, (int, float)):

@@ -6,15 +6,18 @@ integer that does not fit int32) is refused here with TypeError/ValueError namin
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .. import _C  # noqa: F401  (loads the library: _CUDA_BUILT reads its build_info)
 
-@functools.lru_cache(maxsize=None)  # a property of the loaded library: computed once per process
+# A property of the loaded library, read once at import: a plain bool is a constant for
+# torch.compile, which could not trace the str-returning build_info op.
+_CUDA_BUILT: bool = "cuda=1" in torch.ops.dualres_ext.build_info()
+
+
 def cuda_built() -> bool:
     """Whether the native library was built with its CUDA kernels."""
-    return "cuda=1" in torch.ops.dualres_ext.build_info()
+    return _CUDA_BUILT
 
 
 def int32_tensor(x, name: str, allow_cuda: bool = False) -> torch.Tensor:

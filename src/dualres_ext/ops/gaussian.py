@@ -167,29 +167,84 @@ def dequantize(symbols, means=None, dtype=torch.float32):
     return _ops.gaussian_dequantize(symbols.contiguous(), means.contiguous(), means.dtype)
 
 
-class _GaussianLikelihood(torch.autograd.Function):
-    """Fused Gaussian likelihood; its backward follows PyTorch autograd of CompressAI's reference
-    (including both LowerBound gradient rules). Not twice differentiable."""
+# ---- torch.library registrations: fake kernels (tracing, torch.compile, export) and autograd ----
+# Outputs are new contiguous tensors on the inputs' device, as the kernels allocate them.
 
-    @staticmethod
-    def forward(ctx, inputs, scales, means, scale_bound, likelihood_bound):
-        ctx.save_for_backward(inputs, scales, means)
-        ctx.bounds = (scale_bound, likelihood_bound)
-        return _ops.gaussian_likelihood(inputs, means, scales, scale_bound, likelihood_bound)
+def _int32_like(t):
+    return t.new_empty(t.shape, dtype=torch.int32)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        inputs, scales, means = ctx.saved_tensors
-        grad_inputs, grad_scales = _ops.gaussian_likelihood_backward(
-            grad.contiguous(), inputs, means, scales, *ctx.bounds)
-        grad_means = -grad_inputs if (means is not None and ctx.needs_input_grad[2]) else None
-        return grad_inputs, grad_scales, grad_means, None, None
+
+@torch.library.register_fake("dualres_ext::gaussian_build_indexes")
+def _build_indexes_fake(scales, scale_table, scale_bound, check):
+    return _int32_like(scales)
+
+
+@torch.library.register_fake("dualres_ext::gaussian_quantize")
+def _quantize_fake(y, means):
+    return _int32_like(y)
+
+
+@torch.library.register_fake("dualres_ext::gaussian_quantize_indexes")
+def _quantize_indexes_fake(y, means, scales, scale_table, scale_bound, check):
+    return _int32_like(y), _int32_like(y)
+
+
+@torch.library.register_fake("dualres_ext::gaussian_dequantize")
+def _dequantize_fake(symbols, means, dtype):
+    return symbols.new_empty(symbols.shape, dtype=means.dtype if means is not None else dtype)
+
+
+@torch.library.register_fake("dualres_ext::gaussian_likelihood")
+def _likelihood_fake(inputs, means, scales, scale_bound, likelihood_bound):
+    return inputs.new_empty(inputs.shape)
+
+
+@torch.library.register_fake("dualres_ext::gaussian_likelihood_backward")
+def _likelihood_backward_fake(grad, inputs, means, scales, scale_bound, likelihood_bound):
+    return inputs.new_empty(inputs.shape), inputs.new_empty(inputs.shape)
+
+
+@torch.library.register_fake("dualres_ext::pmf_to_quantized_cdf")
+def _pmf_to_quantized_cdf_fake(pmf, lengths, precision):
+    return pmf.new_empty((pmf.shape[0], pmf.shape[1] + 1), dtype=torch.int32)
+
+
+@torch.library.register_fake("dualres_ext::gaussian_cdf_tables")
+def _gaussian_cdf_tables_fake(scale_table, tail_mass, precision):
+    # The table width (the longest pmf + 2) depends on the largest scale's value. CPU tensors.
+    width = torch.library.get_ctx().new_dynamic_size(min=4)
+    rows = scale_table.shape[0]
+    return (torch.empty((rows, width), dtype=torch.int32), torch.empty((rows,), dtype=torch.int32),
+            torch.empty((rows,), dtype=torch.int32))
+
+
+def _likelihood_setup_context(ctx, inputs, output):
+    x, means, scales, scale_bound, likelihood_bound = inputs
+    ctx.save_for_backward(x, scales, means)
+    ctx.bounds = (scale_bound, likelihood_bound)
+
+
+def _likelihood_backward(ctx, grad):
+    """The fused backward; it follows PyTorch autograd of CompressAI's reference (including both
+    LowerBound gradient rules). Not twice differentiable (gaussian_likelihood_backward has no
+    autograd formula)."""
+    x, scales, means = ctx.saved_tensors
+    grad_inputs, grad_scales = _ops.gaussian_likelihood_backward(grad.contiguous(), x, means, scales, *ctx.bounds)
+    grad_means = -grad_inputs if (means is not None and ctx.needs_input_grad[1]) else None
+    return grad_inputs, grad_means, grad_scales, None, None
+
+
+torch.library.register_autograd("dualres_ext::gaussian_likelihood", _likelihood_backward,
+                                setup_context=_likelihood_setup_context)
 
 
 class _LowerBoundFunction(torch.autograd.Function):
     """max(x, bound); the gradient passes where x >= bound or where it would push x up
-    (CompressAI's LowerBound rule)."""
+    (CompressAI's LowerBound rule).
+
+    An autograd.Function rather than a registered op on purpose: it is plain ATen, so
+    torch.compile traces through it (fullgraph) and inductor fuses it with its neighbours; a
+    custom op would be an opaque call that inductor cannot fuse."""
 
     @staticmethod
     def forward(ctx, x, bound):
@@ -224,11 +279,8 @@ def gaussian_likelihood(inputs, scales, means=None, scale_bound=DEFAULT_SCALE_BO
         require_tensor("means", means)
         same_device("means", means, "inputs", inputs)
         tensors.append(means)
-    sb, sb_dtype = _bound_value("scale_bound", scale_bound)
-    if likelihood_bound is None:
-        lb, lb_dtype = float("-inf"), torch.float32
-    else:
-        lb, lb_dtype = _bound_value("likelihood_bound", likelihood_bound)
+    sb_tensor, sb = _traced_bound("scale_bound", scale_bound)
+    lb_tensor, lb = _traced_bound("likelihood_bound", likelihood_bound)
     out_dtype = torch.promote_types(torch.promote_types(inputs.dtype, scales.dtype),
                                     means.dtype if means is not None else inputs.dtype)
     compute = out_dtype if out_dtype in _NATIVE_FLOATS else torch.float32
@@ -237,7 +289,9 @@ def gaussian_likelihood(inputs, scales, means=None, scale_bound=DEFAULT_SCALE_BO
     except RuntimeError:
         raise ValueError("inputs, scales and means do not broadcast: "
                          + ", ".join(str(tuple(t.shape)) for t in tensors)) from None
-    if scales.shape != shape:
+    if sb_tensor is not None:
+        tensors[1] = lower_bound(scales.to(compute), sb_tensor.to(compute))
+    elif scales.shape != shape:
         # LowerBound's gradient rule looks at the gradient summed over the broadcast dimensions,
         # so a broadcast scale tensor is bounded before it is expanded.
         tensors[1] = lower_bound(scales.to(compute), sb)
@@ -245,8 +299,26 @@ def gaussian_likelihood(inputs, scales, means=None, scale_bound=DEFAULT_SCALE_BO
     prepared = [t.to(compute).expand(shape).contiguous() for t in tensors]
     x, s = prepared[0], prepared[1]
     m = prepared[2] if means is not None else None
-    out = _GaussianLikelihood.apply(x, s, m, sb, lb)
+    out = _ops.gaussian_likelihood(x, m, s, sb, lb)
+    if lb_tensor is not None:
+        out = lower_bound(out, lb_tensor.to(compute))
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _traced_bound(name, bound):
+    """``(tensor, float)`` for a bound of :func:`gaussian_likelihood` (None: no bound).
+
+    Eagerly a bound is read as a float and applied inside the kernel: ``(None, value)``. While
+    tracing (torch.compile, export) a tensor's value cannot be read, so a tensor bound comes back
+    as ``(bound, -inf)``: the caller applies it with :func:`lower_bound`, whose values and
+    gradient rule are the kernel's (tests/test_torch_library.py compares the two bit for bit)."""
+    if bound is None:
+        return None, float("-inf")
+    if isinstance(bound, torch.Tensor) and torch.compiler.is_compiling():
+        if bound.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got shape {tuple(bound.shape)}")
+        return bound.reshape(1), float("-inf")
+    return None, _bound_value(name, bound)[0]
 
 
 def pmf_to_quantized_cdf(pmf, lengths=None, precision=16):

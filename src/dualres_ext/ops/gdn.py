@@ -13,6 +13,8 @@ dtypes and devices without a kernel, and the kernels' own checks raise RuntimeEr
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .args import cuda_built
@@ -49,36 +51,69 @@ def gdn_reference(x, beta, gamma, bias=None, inverse: bool = False, simplified: 
     return x * norm
 
 
-class _GDNFunction(torch.autograd.Function):
-    """The fused kernels with their fused C++ backward (grads for x, beta, gamma and bias)."""
-
-    @staticmethod
-    def forward(ctx, x, beta, gamma, bias, inverse, simplified):
-        scale = None
-        if x.device.type == "cpu" and any(ctx.needs_input_grad[:4]):
-            # Keep f(n) for the backward: saves one of its three C x C GEMMs (CPU is GEMM-bound).
-            y, scale = _ops.gdn_forward_save(x, beta, gamma, bias, inverse, simplified)
-        else:
-            y = _ops.gdn_forward(x, beta, gamma, bias, inverse, simplified)
-        ctx.save_for_backward(x, beta, gamma, bias, scale)
-        ctx.flags = (inverse, simplified)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, beta, gamma, bias, scale = ctx.saved_tensors
-        inverse, simplified = ctx.flags
-        grad_x, grad_beta, grad_gamma = _ops.gdn_backward(grad_y, x, beta, gamma, bias, scale, inverse, simplified)
-        grad_bias = None
-        if bias is not None and ctx.needs_input_grad[3]:
-            grad_bias = grad_x.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)
-        return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_beta if ctx.needs_input_grad[1] else None,
-                grad_gamma if ctx.needs_input_grad[2] else None,
-                grad_bias, None, None)
+def _out_format(x) -> torch.memory_format:
+    """The layout the kernels give their outputs: channels-last when ``x`` is channels-last (and
+    not also NCHW) contiguous with C > 1, NCHW-contiguous otherwise (csrc/gdn: prepare_input)."""
+    channels_last = (x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+                     and not x.is_contiguous())
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _check(x, beta, gamma, bias, check_finite: bool):
+# ---- torch.library registrations: fake kernels (tracing, torch.compile, export) and autograd ----
+
+@torch.library.register_fake("dualres_ext::gdn_forward")
+def _gdn_forward_fake(x, beta, gamma, bias, inverse, simplified):
+    return torch.empty_like(x, memory_format=_out_format(x))
+
+
+@torch.library.register_fake("dualres_ext::gdn_forward_")
+def _gdn_forward_inplace_fake(x, beta, gamma, bias, inverse, simplified):
+    return None  # writes x (Tensor(a!)), returns nothing
+
+
+@torch.library.register_fake("dualres_ext::gdn_forward_save")
+def _gdn_forward_save_fake(x, beta, gamma, bias, inverse, simplified):
+    fmt = _out_format(x)
+    return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, dtype=torch.float32, memory_format=fmt)
+
+
+@torch.library.register_fake("dualres_ext::gdn_backward")
+def _gdn_backward_fake(grad_y, x, beta, gamma, bias, scale, inverse, simplified):
+    return (torch.empty_like(x, memory_format=_out_format(x)),
+            beta.new_empty(beta.shape, dtype=torch.float32), gamma.new_empty(gamma.shape, dtype=torch.float32))
+
+
+def _gdn_setup_context(ctx, inputs, output):
+    x, beta, gamma, bias, inverse, simplified = inputs
+    # gdn_forward_save's second output f(n) saves the backward one of its three C x C GEMMs (the
+    # CPU is GEMM-bound); it is an intermediate, never differentiated.
+    scale = None
+    if isinstance(output, tuple):
+        scale = output[1]
+        ctx.mark_non_differentiable(scale)
+    ctx.save_for_backward(x, beta, gamma, bias, scale)
+    ctx.flags = (inverse, simplified)
+
+
+def _gdn_backward(ctx, grad_y, *unused_grad_scale):
+    """The fused C++ backward: grads for x, beta, gamma and bias (grad_x summed over N, H, W)."""
+    x, beta, gamma, bias, scale = ctx.saved_tensors
+    inverse, simplified = ctx.flags
+    grad_x, grad_beta, grad_gamma = _ops.gdn_backward(grad_y, x, beta, gamma, bias, scale, inverse, simplified)
+    grad_bias = None
+    if bias is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad_x.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_beta if ctx.needs_input_grad[1] else None,
+            grad_gamma if ctx.needs_input_grad[2] else None,
+            grad_bias, None, None)
+
+
+torch.library.register_autograd("dualres_ext::gdn_forward", _gdn_backward, setup_context=_gdn_setup_context)
+torch.library.register_autograd("dualres_ext::gdn_forward_save", _gdn_backward, setup_context=_gdn_setup_context)
+
+
+def _check(x, beta, gamma, bias):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"gdn: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -102,35 +137,61 @@ def _check(x, beta, gamma, bias, check_finite: bool):
             raise TypeError(f"gdn: {name} must be a floating point tensor, got dtype {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"gdn: {name} is on {t.device} but x is on {x.device}")
-        if check_finite and not bool(torch.isfinite(t).all()):
+
+
+def _check_finite(x, beta, gamma, bias, check_finite: Optional[bool], native: bool):
+    """NaN/Inf in the parameters: see ``check_finite`` in :func:`gdn`."""
+    if check_finite is False or torch.compiler.is_compiling():
+        return  # reading a value is a graph break in a trace; the CPU kernel still checks at run time
+    if check_finite is None and (native or x.device.type != "cpu"):
+        return  # the CPU kernel checks itself; on CUDA the check would synchronise: opt-in only
+    for name, t in (("beta", beta), ("gamma", gamma), ("bias", bias)):
+        if t is not None and not bool(torch.isfinite(t).all()):
             raise ValueError(f"gdn: {name} contains NaN or Inf")
 
 
-def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False, check_finite: bool = True,
-        inplace: bool = False):
+def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False,
+        check_finite: Optional[bool] = None, inplace: bool = False):
     """GDN / IGDN / simplified GDN of ``x`` (N, C, H, W) with effective ``beta`` (C,) and ``gamma`` (C, C).
 
     Uses the fused native kernel (forward and backward) for float32 on CPU and
     float32/float16/bfloat16 on CUDA (when built with CUDA); any other case runs
     :func:`gdn_reference`. NCHW and channels-last inputs are both handled natively and the
-    output keeps the input's memory format. ``check_finite`` validates beta/gamma/bias
-    (on CUDA this synchronises; turn it off in hot loops once the parameters are trusted).
+    output keeps the input's memory format.
+
+    ``check_finite`` (NaN/Inf in beta, gamma, bias raise ValueError): ``None`` (default) checks
+    wherever that costs no device synchronisation -- the CPU kernel checks its parameters itself
+    (also in compiled code), the CPU fallback checks here -- and leaves CUDA parameters
+    unchecked; ``True`` also checks CUDA parameters here (one synchronisation per call: for
+    debugging); ``False`` skips the checks made here. Under ``torch.compile`` / ``torch.export``
+    only the kernel's own check remains (a trace cannot read a tensor's values).
+
     ``inplace=True`` lets the native kernel write the result into ``x`` (saving the output
     allocation) when no gradient is being recorded and ``x`` is NCHW- or channels-last-contiguous;
     otherwise it is ignored and a new tensor is returned. Use the return value either way.
+
+    Every path is traceable (fake kernels and autograd are registered with torch.library above):
+    ``torch.compile(fullgraph=True)`` and ``torch.export`` see one op per call.
     """
-    _check(x, beta, gamma, bias, check_finite)
+    _check(x, beta, gamma, bias)
     dev = x.device.type
     native = _has_native(dev) and (
         x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _CUDA_DTYPES))
     if dev == "cuda" and x.shape[1] > _CUDA_MAX_CHANNELS:
         native = False  # the CUDA kernel stages C x pixels tiles in 48 KiB of shared memory
+    _check_finite(x, beta, gamma, bias, check_finite, native)
     if not native:
         return gdn_reference(x, beta.to(x.dtype), gamma.to(x.dtype),
                              None if bias is None else bias.to(x.dtype), inverse, simplified)
     # Kernels take float32 parameters (they accumulate in float32 whatever x's dtype is).
     beta32, gamma32 = beta.float(), gamma.float()
     bias32 = None if bias is None else bias.float()
+    inverse, simplified = bool(inverse), bool(simplified)
     if inplace and _inplace_ok(x, beta32, gamma32, bias32):
-        return _ops.gdn_forward_(x, beta32, gamma32, bias32, bool(inverse), bool(simplified))
-    return _GDNFunction.apply(x, beta32, gamma32, bias32, bool(inverse), bool(simplified))
+        _ops.gdn_forward_(x, beta32, gamma32, bias32, inverse, simplified)
+        return x
+    if dev == "cpu" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, beta32, gamma32, bias32)):
+        # Training on the CPU: keep f(n) for the backward (_gdn_setup_context).
+        return _ops.gdn_forward_save(x, beta32, gamma32, bias32, inverse, simplified)[0]
+    return _ops.gdn_forward(x, beta32, gamma32, bias32, inverse, simplified)

@@ -9,6 +9,13 @@ The wrappers convert their arguments (lists and numpy arrays to int32 tensors, b
 tensors) and check what the kernels are never reached with (devices, Python types, lane counts).
 The kernels check dtypes, table and symbol/index shapes, index ranges and every stream byte, and
 raise TypeError/ValueError naming the argument (csrc/rans/cpu/rans_ops.cpp, csrc/rans/cuda).
+
+Tracing (torch.library fake kernels, below): decoders give int32 tensors shaped like their
+indexes; encoders and the embedding conversions give a CPU byte tensor whose length depends on
+the data (an unbacked size, ``new_dynamic_size``). ``rans_stream_info`` has no fake kernel: it
+returns Python integers read from the stream's header (metadata, not a tensor), which a trace
+cannot know; call it outside compiled code. Coding is an inference-time, host-side step in any
+case (the wrappers return ``bytes``), so these fakes serve export and opcheck rather than speed.
 """
 from __future__ import annotations
 
@@ -22,6 +29,63 @@ __all__ = [
 ]
 
 _ops = torch.ops.dualres_ext
+
+
+# ---- torch.library fake kernels --------------------------------------------------------------
+
+def _stream_fake():
+    """A native or CompressAI stream: CPU bytes (CUDA encoders copy theirs back), length unknown."""
+    return torch.empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
+
+
+def _symbols_fake(indexes):
+    """Decoded symbols: int32, shaped like the indexes, on their device."""
+    return indexes.new_empty(indexes.shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("dualres_ext::rans_encode")
+def _rans_encode_fake(symbols, indexes, cdfs, cdf_lengths, offsets, lanes):
+    return _stream_fake()
+
+
+@torch.library.register_fake("dualres_ext::rans_decode")
+def _rans_decode_fake(data, indexes, cdfs, cdf_lengths, offsets):
+    return _symbols_fake(indexes)
+
+
+@torch.library.register_fake("dualres_ext::rans_embed")
+def _rans_embed_fake(data, symbols, precision):
+    return _stream_fake()
+
+
+@torch.library.register_fake("dualres_ext::rans_restore")
+def _rans_restore_fake(data, symbols, precision):
+    return _stream_fake()
+
+
+@torch.library.register_fake("dualres_ext::rans_encode_compat")
+def _rans_encode_compat_fake(symbols, indexes, cdfs, cdf_lengths, offsets):
+    return _stream_fake()
+
+
+@torch.library.register_fake("dualres_ext::rans_decode_compat")
+def _rans_decode_compat_fake(data, indexes, cdfs, cdf_lengths, offsets):
+    return _symbols_fake(indexes)
+
+
+@torch.library.register_fake("dualres_ext::rans_decode_compat_stream")
+def _rans_decode_compat_stream_fake(data, state, indexes, cdfs, cdf_lengths, offsets):
+    return _symbols_fake(indexes)  # `state` is updated in place (the schema's Tensor(a!))
+
+
+@torch.library.register_fake("dualres_ext::rans_encode_batch")
+def _rans_encode_batch_fake(symbols, indexes, cdfs, cdf_lengths, offsets, lanes):
+    return [_stream_fake() for _ in symbols]
+
+
+@torch.library.register_fake("dualres_ext::rans_decode_batch")
+def _rans_decode_batch_fake(data, indexes, cdfs, cdf_lengths, offsets):
+    return [_symbols_fake(i) for i in indexes]
 
 
 def _tables(cdfs, cdf_lengths, offsets, allow_cuda: bool = False):
