@@ -29,6 +29,7 @@ constexpr int kMaxTile = 32;                         // pixels per block
 constexpr int kSharedFloats = 48 * 1024 / 4;         // static shared-memory budget per block
 constexpr int64_t kMaxChannelsCuda = kSharedFloats / 3;  // backward keeps 3 C x TP tiles
 
+// Pixels per tile for C > 0 channels (the launchers return before this when C == 0).
 int tile_pixels(int64_t C, int buffers) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxTile, kSharedFloats / (buffers * C))));
 }
@@ -175,7 +176,8 @@ void dispatch_mode_layout(bool inverse, bool simplified, bool channels_last, F&&
 
 void launch_forward(const Checked& a, at::Tensor& y, bool inverse, bool simplified) {
   const int64_t N = a.x.size(0), C = a.x.size(1), P = a.x.size(2) * a.x.size(3), Q = N * P;
-  if (Q == 0) return;
+  // An empty tensor (no pixels or no channels) has nothing to compute; tile_pixels divides by C.
+  if (Q == 0 || C == 0) return;
   const int TP = tile_pixels(C, 2);
   const int64_t blocks = (Q + TP - 1) / TP;
   const size_t shared = static_cast<size_t>(2 * C * TP) * sizeof(float);
@@ -226,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cuda(const at::Tenso
   at::Tensor gx = at::empty_like(a.x, fmt);
   const int64_t N = a.x.size(0), C = a.x.size(1), P = a.x.size(2) * a.x.size(3), Q = N * P;
   const auto f32 = a.x.options().dtype(at::kFloat);
-  if (Q == 0) return {gx, at::zeros({C}, f32), at::zeros({C, C}, f32)};
+  // Empty x (no pixels or no channels): dx is empty and the parameter gradients are zero.
+  if (Q == 0 || C == 0) return {gx, at::zeros({C}, f32), at::zeros({C, C}, f32)};
   // Channel-major scratch: t = dL/dn and u(x), C x Q each.
   at::Tensor t_buf = at::empty({C, Q}, f32), u_buf = at::empty({C, Q}, f32);
   const int TP = tile_pixels(C, 3);
