@@ -447,6 +447,46 @@ const char* iv_isa_name(IvIsa isa) {
   }
 }
 
+IV_AVX512 static void index_range_avx512(const int32_t* idx, int64_t n, int32_t& lo, int32_t& hi) {
+  __m512i mn = _mm512_set1_epi32(idx[0]), mx = mn;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i v = _mm512_loadu_si512(idx + i);
+    mn = _mm512_min_epi32(mn, v);
+    mx = _mm512_max_epi32(mx, v);
+  }
+  int32_t l = _mm512_reduce_min_epi32(mn), h = _mm512_reduce_max_epi32(mx);
+  for (; i < n; ++i) { l = std::min(l, idx[i]); h = std::max(h, idx[i]); }
+  lo = l;
+  hi = h;
+}
+
+IV_AVX2 static void index_range_avx2(const int32_t* idx, int64_t n, int32_t& lo, int32_t& hi) {
+  __m256i mn = _mm256_set1_epi32(idx[0]), mx = mn;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i));
+    mn = _mm256_min_epi32(mn, v);
+    mx = _mm256_max_epi32(mx, v);
+  }
+  alignas(32) int32_t a[8], b[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), mn);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(b), mx);
+  int32_t l = a[0], h = b[0];
+  for (int k = 1; k < 8; ++k) { l = std::min(l, a[k]); h = std::max(h, b[k]); }
+  for (; i < n; ++i) { l = std::min(l, idx[i]); h = std::max(h, idx[i]); }
+  lo = l;
+  hi = h;
+}
+
+void iv_index_range(const int32_t* idx, int64_t n, int32_t& lo, int32_t& hi) {
+  const IvIsa isa = iv_best_isa();
+  if (isa == IvIsa::kAvx512) return index_range_avx512(idx, n, lo, hi);
+  if (isa == IvIsa::kAvx2) return index_range_avx2(idx, n, lo, hi);
+  lo = hi = idx[0];
+  for (int64_t i = 0; i < n; ++i) { lo = std::min(lo, idx[i]); hi = std::max(hi, idx[i]); }
+}
+
 void iv_encode_steps(IvIsa isa, const int32_t* sym, const int32_t* idx, int64_t n, int width, int64_t s0, int64_t s1,
                      const IvTablesView& tb, uint32_t* x, std::vector<uint16_t>& out) {
   if (s1 <= s0) return;
