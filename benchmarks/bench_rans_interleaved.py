@@ -15,6 +15,13 @@ Timing: the machine is shared and noisy, so coders are measured interleaved (one
 turn, repeated), best of --repeat, and the ratios (peer time / ours) come from the same process.
 
     PYTHONPATH=src python benchmarks/bench_rans_interleaved.py [--repeat 25] [--threads 1 2]
+
+--device cuda (a CUDA build and a GPU): the same workloads on the GPU. Ours: the warp kernels
+(one warp per group; --groups, the reference is the last value), encode from GPU tensors to the
+stream bytes on the host, decode from host bytes to symbols on the GPU, plus the native v1 stream
+from GPU tensors. torch_ans: rans32_16 with 32 interleaved states (its warp kernels) and rans64 i4,
+--groups parallel streams, tables on the GPU, timed on its stream-tensor core (stream tensor stays
+on the GPU: no host transfer is counted for it). Every call is followed by a synchronisation.
 """
 from __future__ import annotations
 
@@ -35,16 +42,66 @@ from dualres_ext.ops import rans_interleaved as iv  # noqa: E402
 
 
 def workload(seed, n_ch, h, w, lo, hi):
-    from compressai.entropy_models import GaussianConditional
-    from compressai.models.google import get_scale_table
-
+    """CompressAI's Gaussian tables, or dualres_ext's equal ones where compressai is not installed."""
     g = torch.Generator().manual_seed(seed)
+    try:
+        from compressai.entropy_models import GaussianConditional
+        from compressai.models.google import get_scale_table
+    except ImportError:
+        table = torch.exp(torch.linspace(math.log(0.11), math.log(256), 64))
+        cdfs, lengths, offsets = ops.gaussian_cdf_tables(table)
+        scales = torch.exp(torch.rand(1, n_ch, h, w, generator=g) * (math.log(hi) - math.log(lo)) + math.log(lo))
+        sym = torch.round(torch.randn(1, n_ch, h, w, generator=g) * scales).int()
+        return sym, ops.build_indexes(scales, table), cdfs.int(), lengths.int(), offsets.int(), scales
     gc = GaussianConditional(None)
     gc.update_scale_table(get_scale_table())
     scales = torch.exp(torch.rand(1, n_ch, h, w, generator=g) * (math.log(hi) - math.log(lo)) + math.log(lo))
     sym = torch.round(torch.randn(1, n_ch, h, w, generator=g) * scales).int()
     idx = gc.build_indexes(scales).int()
     return sym, idx, gc._quantized_cdf.int(), gc._cdf_length.int(), gc._offset.int(), scales
+
+
+def make_cuda_coders(sym, idx, cdfs, lengths, offsets, groups_list):
+    """The --device cuda coders: name -> (encode, decode, size, check), as make_coders."""
+    coders = {}
+    tb = iv.prepare_tables(cdfs, lengths, offsets)
+    g_sym, g_idx = sym.cuda(), idx.cuda()
+    g_tables = [t.cuda() for t in (cdfs, lengths, offsets)]
+    for groups in groups_list:
+        coders[f"ours v2 GPU W=32 groups={groups}"] = (
+            lambda g=groups: iv.encode(g_sym, g_idx, tables=tb, groups=g),
+            lambda d: iv.decode(d, g_idx, tables=tb), len, lambda o: torch.equal(o, g_sym))
+    coders["ours native v1 GPU (ops.rans_encode)"] = (
+        lambda: ops.rans_encode(g_sym, g_idx, *g_tables),
+        lambda d: ops.rans_decode(d, g_idx, *g_tables), len, lambda o: torch.equal(o, g_sym))
+    try:
+        from torch_ans.utils import TorchANSInterface
+    except ImportError:
+        print("torch_ans not installed: skipped")
+        return coders
+    flat, i_flat = g_sym.reshape(-1), g_idx.reshape(-1)
+    for impl, inter, inv in (("rans32_16", 32, None), ("rans32_16", 32, "auto"), ("rans64", 4, None)):
+        for groups in groups_list:
+            name = f"torch_ans GPU {impl} i{inter} x{groups} invcdf={inv} (stream tensor)"
+            try:
+                ta = TorchANSInterface(impl=impl, num_interleaves=inter, num_parallel_states=groups,
+                                       inverse_cdf_precision=inv, bypass_coding=True, freq_precision=16,
+                                       device="cuda")
+                ta.set_cdfs(*(t.cuda() for t in (cdfs, lengths, offsets)))
+                back = ta.decode(ta.encode(flat, dist_indexes=i_flat), dist_indexes=i_flat)
+            except Exception as e:  # a configuration this torch_ans build or GPU does not run
+                print(f"{name}: skipped ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            if not torch.equal(back.reshape(-1).to(flat), flat):
+                # torch_ans 0.4.0's rans32_16 does not round-trip CompressAI's 16-bit tables on the CPU.
+                print(f"{name}: skipped (its decode does not return the symbols on these tables)")
+                continue
+            coders[name] = (
+                lambda ta=ta: ta.encode(flat, dist_indexes=i_flat),
+                lambda stream, ta=ta: ta.decode(stream.clone(), dist_indexes=i_flat),
+                lambda stream, ta=ta: len(ta.encode_with_indexes(flat, i_flat)),  # serialised bytes
+                lambda o: torch.equal(o.reshape(-1).to(flat), flat))
+    return coders
 
 
 def make_coders(sym, idx, cdfs, lengths, offsets, scales, threads):
@@ -115,7 +172,7 @@ def make_coders(sym, idx, cdfs, lengths, offsets, scales, threads):
     return coders
 
 
-def measure(coders, repeat):
+def measure(coders, repeat, sync=lambda: None):
     payload = {name: c[0]() for name, c in coders.items()}
     for name, c in coders.items():
         assert c[3](c[1](payload[name])), f"{name}: round trip failed"
@@ -123,12 +180,15 @@ def measure(coders, repeat):
     dec = dict(enc)
     for _ in range(repeat):  # interleaved: every coder once per round
         for name, c in coders.items():
+            sync()
             t0 = time.perf_counter()
             c[0]()
+            sync()
             enc[name] = min(enc[name], time.perf_counter() - t0)
             p = payload[name]
             t0 = time.perf_counter()
             c[1](p)
+            sync()
             dec[name] = min(dec[name], time.perf_counter() - t0)
     return enc, dec, {name: coders[name][2](payload[name]) for name in coders}
 
@@ -138,7 +198,12 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=25)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-slow", action="store_true", help="skip CompressAI and constriction")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--groups", type=int, nargs="+", default=[64, 256],
+                    help="--device cuda: groups (ours) and parallel streams (torch_ans) to measure")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        return main_cuda(args)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {os.cpu_count()} cores, "
           f"isa {iv.isa()}; best of {args.repeat}, coders interleaved")
     loads = {"latent 320x48x32": (0, 320, 48, 32, 0.11, 20.0), "low-rate 48x32x48": (1, 48, 32, 48, 0.5, 6.0)}
@@ -169,6 +234,29 @@ def main(argv=None):
             if ta:
                 print(f"| torch_ans, fastest of its configurations | {min(enc[k] for k in ta) / enc[ours]:.2f}x | "
                       f"{min(dec[k] for k in ta) / dec[ours]:.2f}x |")
+
+
+def main_cuda(args):
+    import dualres_ext
+
+    if not dualres_ext.build_info()["cuda"] or not torch.cuda.is_available():
+        sys.exit("bench_rans_interleaved --device cuda: needs a CUDA build of dualres_ext and a visible GPU")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; best of {args.repeat}, coders interleaved, "
+          "every call synchronised")
+    loads = {"latent 320x48x32": (0, 320, 48, 32, 0.11, 20.0), "low-rate 48x32x48": (1, 48, 32, 48, 0.5, 6.0)}
+    for wname, spec in loads.items():
+        sym, idx, cdfs, lengths, offsets, _ = workload(*spec)
+        n = sym.numel()
+        coders = make_cuda_coders(sym, idx, cdfs, lengths, offsets, args.groups)
+        enc, dec, size = measure(coders, args.repeat, torch.cuda.synchronize)
+        ours = f"ours v2 GPU W=32 groups={args.groups[-1]}"
+        print(f"\n### GPU {wname}: {n} symbols\n")
+        print("| coder | encode ms | Msym/s | decode ms | Msym/s | bytes | enc: peer/ours | dec: peer/ours |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in coders:
+            print(f"| {name} | {enc[name] * 1e3:.3f} | {n / enc[name] / 1e6:.0f} | {dec[name] * 1e3:.3f} | "
+                  f"{n / dec[name] / 1e6:.0f} | {size[name]} | {enc[name] / enc[ours]:.2f}x | "
+                  f"{dec[name] / dec[ours]:.2f}x |")
 
 
 if __name__ == "__main__":

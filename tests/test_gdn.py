@@ -175,9 +175,14 @@ def test_module_inplace_flag_in_sequential():
 
 # ---- compatibility with CompressAI ---------------------------------------------------------
 
-compressai_layers = pytest.importorskip("compressai.layers")
+try:  # the CUDA tests above and below must run on a GPU machine without compressai
+    import compressai.layers as compressai_layers
+except ImportError:
+    compressai_layers = None
+needs_compressai = pytest.mark.skipif(compressai_layers is None, reason="needs compressai")
 
 
+@needs_compressai
 @pytest.mark.parametrize("simplified", [False, True], ids=["GDN", "GDN1"])
 @pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -207,6 +212,7 @@ def test_compressai_state_dict_loads_and_matches(simplified, inverse, channels_l
     assert torch.equal(ours.beta.grad == 0, theirs.beta.grad == 0)
 
 
+@needs_compressai
 def test_fresh_module_equals_compressai_default_init():
     theirs, ours = compressai_layers.GDN(7, inverse=True), layers.GDN(7, inverse=True)
     for k, v in theirs.state_dict().items():
@@ -245,7 +251,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="beta contains NaN or Inf"):
         m(torch.randn(1, 4, 2, 2))
     with pytest.raises(ValueError, match="in_channels"):
-        layers.GDN(0)
+        layers.GDN(-1)
     with pytest.raises(ValueError, match="beta_min"):
         layers.GDN(3, beta_min=0.0)
     # The C++ kernels check what reaches them directly through torch.ops as well.
@@ -289,6 +295,33 @@ def test_op_releases_the_gil():
     assert len(ticks) > 100 and max(gaps, default=0.0) < 0.5 * elapsed[0]
 
 
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("shape", [(2, 0, 4, 5), (0, 0, 3, 3), (0, 3, 4, 5), (2, 3, 0, 5)])
+def test_empty_input_forward_backward(mode, shape):
+    """No channels or no pixels: empty output, empty dx, zero parameter gradients (no kernel runs)."""
+    inverse, simplified = mode
+    c = shape[1]
+    x = torch.zeros(shape, requires_grad=True)
+    beta, gamma, bias = (t.float().requires_grad_() for t in random_params(c, torch.Generator().manual_seed(0)))
+    y = ops.gdn(x, beta, gamma, bias, inverse, simplified)
+    assert y.shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.equal(beta.grad, torch.zeros(c)) and torch.equal(gamma.grad, torch.zeros(c, c))
+    assert torch.equal(bias.grad, torch.zeros(c))
+
+
+@pytest.mark.parametrize("cls", [layers.GDN, layers.GDN1])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_empty_channels_module(cls, inverse):
+    m = cls(0, inverse=inverse)
+    x = torch.randn(2, 0, 4, 5, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 # ---- CUDA (skipped without a GPU) ------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -327,6 +360,7 @@ def test_cuda_matches_cpu(mode, dtype, channels_last):
             assert rel_err(out.float().cpu(), y_cpu) < tol
 
 
+@needs_compressai
 @pytest.mark.cuda
 def test_cuda_module_matches_compressai():
     theirs = compressai_layers.GDN(64).cuda()
@@ -336,3 +370,48 @@ def test_cuda_module_matches_compressai():
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 64, 31, 33, device="cuda")
     assert rel_err(ours(x), theirs(x)) < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("c", [0, 1, 320, 4096])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_channel_counts(c, mode, channels_last):
+    """No channels (returns empty results, not a division by zero), a model's width, and the most
+    channels the CUDA kernels take (4096: one pixel per tile), forward and backward against the CPU."""
+    inverse, simplified = mode
+    gen = torch.Generator().manual_seed(11)
+    beta, gamma, bias = (t.float() for t in random_params(c, gen))
+    shape = (2, c, 3, 5) if c <= 320 else (1, c, 2, 3)
+    x = random_input(shape, gen, bias.double(), simplified).float()
+    xc = x.clone().requires_grad_()
+    pc = [t.clone().requires_grad_() for t in (beta, gamma, bias)]
+    y_cpu = ops.gdn(xc, *pc, inverse, simplified)
+    g = torch.randn(shape, generator=gen)
+    y_cpu.backward(g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xg = x.cuda().contiguous(memory_format=fmt).requires_grad_()
+    pg = [t.cuda().requires_grad_() for t in (beta, gamma, bias)]
+    y = ops.gdn(xg, *pg, inverse, simplified)
+    y.backward(g.cuda())
+    torch.cuda.synchronize()
+    assert y.shape == shape and xg.grad.shape == shape
+    if c == 0:
+        for p in pg:
+            assert p.grad.numel() == 0
+        return
+    assert rel_err(y.cpu(), y_cpu) < 1e-5
+    assert rel_err(xg.grad.cpu(), xc.grad) < 5e-5
+    for a, b in zip(pg, pc):
+        assert rel_err(a.grad.cpu(), b.grad) < 5e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", [layers.GDN, layers.GDN1])
+def test_cuda_empty_channels_module(cls):
+    m = cls(0).cuda()
+    x = torch.randn(2, 0, 4, 5, device="cuda", requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    torch.cuda.synchronize()
+    assert y.shape == x.shape and x.grad.shape == x.shape

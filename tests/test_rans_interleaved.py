@@ -192,3 +192,75 @@ def test_table_cache_sees_in_place_changes(gen):
     assert torch.equal(iv.decode(d2, idx, cdfs, lengths, offsets), sym)
     offsets -= 1
     assert torch.equal(iv.decode(d, idx, cdfs, lengths, offsets), sym)
+
+
+# ---- CUDA (tests/conftest.py skips them without a GPU) --------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", [16, 11, 1])
+def test_cuda_byte_identity_and_cross_decoding(gen, precision):
+    """The warp kernels write the CPU's bytes and decode the CPU's streams (and vice versa)."""
+    cdfs, lengths, offsets = random_tables(gen, int(torch.randint(1, 10, (1,), generator=gen)), precision)
+    tb = iv.prepare_tables(cdfs, lengths, offsets)
+    for n in (0, 1, 31, 32, 33, 20011):
+        sym, idx = random_symbols(gen, cdfs, lengths, offsets, (n,))
+        g_sym, g_idx = sym.cuda(), idx.cuda()
+        for width in (16, 32):
+            for groups, chained in ((1, False), (7, False), (5, True)):
+                ref = iv.encode(sym, idx, tables=tb, width=width, groups=groups, chained=chained)
+                d = iv.encode(g_sym, g_idx, tables=tb, width=width, groups=groups, chained=chained)
+                assert d == ref, (n, width, groups, chained)
+                out = iv.decode(ref, g_idx, tables=tb)
+                assert out.device.type == "cuda" and torch.equal(out.cpu(), sym), (n, width, groups)
+
+
+@pytest.mark.cuda
+def test_cuda_many_groups_and_escapes(gen):
+    cdfs, lengths, offsets = random_tables(gen, 64, 16)
+    tb = iv.prepare_tables(cdfs, lengths, offsets)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (32, 48, 32))
+    ref = iv.encode(sym, idx, tables=tb, groups=16)
+    assert iv.encode(sym.cuda(), idx.cuda(), tables=tb, groups=16) == ref
+    assert torch.equal(iv.decode(ref, idx.cuda(), tables=tb).cpu(), sym)
+    cdfs, lengths, _ = random_tables(gen, 4, 16)
+    offsets = torch.tensor([-(2**31), 2**31 - 1, 0, 5], dtype=torch.int32)
+    sym = torch.tensor([-(2**31), 2**31 - 1, 0, -1, 1, 2**30, -(2**30)], dtype=torch.int32).repeat(40)
+    idx = torch.arange(sym.numel(), dtype=torch.int32) % 4
+    ref = iv.encode(sym, idx, cdfs, lengths, offsets)
+    assert iv.encode(sym.cuda(), idx.cuda(), cdfs, lengths, offsets) == ref
+    assert torch.equal(iv.decode(ref, idx.cuda(), cdfs, lengths, offsets).cpu(), sym)
+
+
+@pytest.mark.cuda
+def test_cuda_busy_side_stream(gen):
+    """Inputs produced asynchronously on a busy side stream, the op called under that stream: the
+    kernels must run on the current stream (not the default one) or they read unfinished inputs."""
+    cdfs, lengths, offsets = random_tables(gen, 6, 16)
+    tb = iv.prepare_tables(cdfs, lengths, offsets)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (50021,))
+    ref = iv.encode(sym, idx, tables=tb, groups=9)
+    side = torch.cuda.Stream()
+    h_sym, h_idx = sym.pin_memory(), idx.pin_memory()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the copies
+        g_sym = h_sym.to("cuda", non_blocking=True)
+        g_idx = h_idx.to("cuda", non_blocking=True)
+        assert iv.encode(g_sym, g_idx, tables=tb, groups=9) == ref
+        torch.cuda._sleep(200_000_000)
+        g_idx2 = h_idx.to("cuda", non_blocking=True)
+        out = iv.decode(ref, g_idx2, tables=tb)
+        res = out.to("cpu", non_blocking=False)
+    assert torch.equal(res, sym)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_cuda_second_device(gen):
+    cdfs, lengths, offsets = random_tables(gen, 6, 16)
+    tb = iv.prepare_tables(cdfs, lengths, offsets)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (20011,))
+    ref = iv.encode(sym, idx, tables=tb, groups=5)
+    dev = torch.device("cuda", 1)
+    assert iv.encode(sym.to(dev), idx.to(dev), tables=tb, groups=5) == ref
+    out = iv.decode(ref, idx.to(dev), tables=tb)
+    assert out.device == dev and torch.equal(out.cpu(), sym)

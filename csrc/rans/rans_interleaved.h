@@ -161,6 +161,10 @@ struct IvPrepared {
         hi = std::max(hi, idx[i]);
       }
     }
+    return check_indexes(idx, n, lo, hi);
+  }
+  // The same with lo and hi, the minimum and maximum of idx[0..n), already known (n > 0).
+  const char* check_indexes(const int32_t* idx, int64_t n, int32_t lo, int32_t hi) const {
     if (n > 0 && (lo < 0 || hi >= T)) return "indexes: value out of range [0, number of CDF tables)";
     if (uniform) return nullptr;
     for (int64_t i = 0; i < n; ++i)

@@ -99,8 +99,8 @@ class GDN(nn.Module):
                  inplace: bool = False):
         super().__init__()
         in_channels = int(in_channels)
-        if in_channels < 1:
-            raise ValueError(f"GDN: in_channels must be >= 1, got {in_channels}")
+        if in_channels < 0:  # 0 is allowed, as in CompressAI: the layer maps empty inputs to empty outputs
+            raise ValueError(f"GDN: in_channels must be >= 0, got {in_channels}")
         beta_min = float(beta_min)
         gamma_init = float(gamma_init)
         if not beta_min > 0.0:

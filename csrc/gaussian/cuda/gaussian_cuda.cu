@@ -28,22 +28,31 @@ int blocks_for(int64_t n) {
 
 constexpr auto kCUDA = at::DeviceType::CUDA;
 
+// Host synchronisation. The kernels OR what they saw (NaN, Inf, negative scales, int32 overflow)
+// into a device status word, and the op raises ValueError at the call when a checked bit is set.
+// Raising at the call needs the word on the host, so a checked call waits for its kernel
+// (status.item()); there is no later point at which the op could still raise. build_indexes
+// synchronises only when `check` is non-zero (the Python wrappers always check NaN, which has no
+// index); quantize and quantize_indexes always check their symbols (a NaN or an overflowing
+// rounding has no int32 symbol), once per call (one status copy). Their results go to the coder,
+// which reads them on the host anyway. dequantize and the likelihoods never synchronise.
+
 // Index of a lower-bounded scale; `sorted` was established once per block.
 template <typename T>
 __device__ __forceinline__ int32_t table_index(const T* table, int32_t n, bool sorted, T x) {
   return sorted ? count_not_above(table, n, x) : count_not_above_linear(table, n, x);
 }
 
+// Whether table[0..n) is non-decreasing (a NaN makes it unsorted). Every thread of the block
+// checks a strided share of the neighbouring pairs and __syncthreads_and combines them, so all
+// threads must call it (the kernels call it first, before any thread can leave).
 template <typename T>
 __device__ bool block_table_sorted(const T* table, int32_t n) {
-  __shared__ int sorted;
-  if (threadIdx.x == 0) {
-    int ok = 1;
-    for (int32_t i = 1; i < n; ++i) ok &= table[i - 1] <= table[i];
-    sorted = ok;
+  int ok = 1;
+  for (int32_t i = static_cast<int32_t>(threadIdx.x) + 1; i < n; i += static_cast<int32_t>(blockDim.x)) {
+    ok &= table[i - 1] <= table[i];
   }
-  __syncthreads();
-  return sorted != 0;
+  return __syncthreads_and(ok) != 0;
 }
 
 template <typename T>

@@ -29,6 +29,7 @@ constexpr int kMaxTile = 32;                         // pixels per block
 constexpr int kSharedFloats = 48 * 1024 / 4;         // static shared-memory budget per block
 constexpr int64_t kMaxChannelsCuda = kSharedFloats / 3;  // backward keeps 3 C x TP tiles
 
+// Pixels per tile for C > 0 channels (the launchers return before this when C == 0).
 int tile_pixels(int64_t C, int buffers) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxTile, kSharedFloats / (buffers * C))));
 }
@@ -56,6 +57,30 @@ __device__ void load_tile(const scalar_t* __restrict__ x, const float* __restric
   }
 }
 
+// Stages a channels-last tensor's values of pixels [q0, q0 + tp) into dst, laid out [c][t]:
+// channel fastest across threads, so a warp reads consecutive addresses.
+template <typename scalar_t>
+__device__ void load_tile_cl(const scalar_t* __restrict__ src, int64_t q0, int tp, int64_t C, float* dst) {
+  const int64_t count = C * tp;
+  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
+    const int64_t c = k % C;
+    const int t = static_cast<int>(k / C);
+    dst[c * tp + t] = static_cast<float>(src[(q0 + t) * C + c]);
+  }
+}
+
+// Writes a [c][t] shared tile of pixels [q0, q0 + tp) to a channels-last tensor, channel fastest
+// across threads (consecutive addresses). The caller synchronises the block before.
+template <typename scalar_t>
+__device__ void store_tile_cl(const float* src, int64_t q0, int tp, int64_t C, scalar_t* __restrict__ dst) {
+  const int64_t count = C * tp;
+  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
+    const int64_t c = k % C;
+    const int t = static_cast<int>(k / C);
+    dst[(q0 + t) * C + c] = static_cast<scalar_t>(src[c * tp + t]);
+  }
+}
+
 template <typename scalar_t, int M, bool CL>
 __global__ void __launch_bounds__(kThreads) gdn_forward_kernel(
     const scalar_t* x, const float* __restrict__ beta, const float* __restrict__ gamma,
@@ -74,7 +99,15 @@ __global__ void __launch_bounds__(kThreads) gdn_forward_kernel(
     const float* g_row = gamma + i * C;
     float n = beta[i];
     for (int64_t j = 0; j < C; ++j) n = fmaf(g_row[j], us[j * tp + t], n);
-    y[offset_of<CL>(i, q0 + t, C, P)] = static_cast<scalar_t>(xs[i * tp + t] * scale_of<M>(n));
+    const float out = xs[i * tp + t] * scale_of<M>(n);
+    // Channels-last: neighbouring threads hold neighbouring pixels, C elements apart in y, so the
+    // result goes back to xs[i][t] (read only by this thread) and leaves in a coalesced pass.
+    if constexpr (CL) xs[i * tp + t] = out;
+    else y[offset_of<CL>(i, q0 + t, C, P)] = static_cast<scalar_t>(out);
+  }
+  if constexpr (CL) {
+    __syncthreads();
+    store_tile_cl(xs, q0, tp, C, y);
   }
 }
 
@@ -90,6 +123,9 @@ __global__ void __launch_bounds__(kThreads) gdn_backward_kernel(
   float* us = smem + C * tp;
   float* ts = smem + 2 * C * tp;
   load_tile<scalar_t, M, CL>(x, bias, q0, tp, C, P, xs, us);
+  // Channels-last: grad_y is staged in ts (coalesced); pass 1 reads g from ts[i][t] before it
+  // overwrites that element with t, and no other thread touches it in between.
+  if constexpr (CL) load_tile_cl(grad_y, q0, tp, C, ts);
   __syncthreads();
 
   const int64_t count = C * tp;
@@ -106,7 +142,9 @@ __global__ void __launch_bounds__(kThreads) gdn_backward_kernel(
     float n = beta[i];
     for (int64_t j = 0; j < C; ++j) n = fmaf(g_row[j], us[j * tp + t], n);
     const float s = scale_of<M>(n);
-    const float g = static_cast<float>(grad_y[offset_of<CL>(i, q0 + t, C, P)]);
+    float g;
+    if constexpr (CL) g = ts[i * tp + t];
+    else g = static_cast<float>(grad_y[offset_of<CL>(i, q0 + t, C, P)]);
     direct[owned] = g * s;
     const float tv = g * xs[i * tp + t] * dscale_of<M>(s);
     ts[i * tp + t] = tv;
@@ -121,8 +159,15 @@ __global__ void __launch_bounds__(kThreads) gdn_backward_kernel(
     const int t = static_cast<int>(k % tp);
     float acc = 0.0f;
     for (int64_t j = 0; j < C; ++j) acc = fmaf(gamma[j * C + i], ts[j * tp + t], acc);
-    grad_x[offset_of<CL>(i, q0 + t, C, P)] =
-        static_cast<scalar_t>(direct[owned] + du_of<M>(xs[i * tp + t]) * acc);
+    const float out = direct[owned] + du_of<M>(xs[i * tp + t]) * acc;
+    // Channels-last: xs[i][t] is read only by this thread, so it holds the result until the
+    // coalesced store below (as in the forward).
+    if constexpr (CL) xs[i * tp + t] = out;
+    else grad_x[offset_of<CL>(i, q0 + t, C, P)] = static_cast<scalar_t>(out);
+  }
+  if constexpr (CL) {
+    __syncthreads();
+    store_tile_cl(xs, q0, tp, C, grad_x);
   }
 }
 
@@ -175,7 +220,8 @@ void dispatch_mode_layout(bool inverse, bool simplified, bool channels_last, F&&
 
 void launch_forward(const Checked& a, at::Tensor& y, bool inverse, bool simplified) {
   const int64_t N = a.x.size(0), C = a.x.size(1), P = a.x.size(2) * a.x.size(3), Q = N * P;
-  if (Q == 0) return;
+  // An empty tensor (no pixels or no channels) has nothing to compute; tile_pixels divides by C.
+  if (Q == 0 || C == 0) return;
   const int TP = tile_pixels(C, 2);
   const int64_t blocks = (Q + TP - 1) / TP;
   const size_t shared = static_cast<size_t>(2 * C * TP) * sizeof(float);
@@ -225,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cuda(const at::Tenso
   at::Tensor gx = at::empty_like(a.x, fmt);
   const int64_t N = a.x.size(0), C = a.x.size(1), P = a.x.size(2) * a.x.size(3), Q = N * P;
   const auto f32 = a.x.options().dtype(at::kFloat);
-  if (Q == 0) return {gx, at::zeros({C}, f32), at::zeros({C, C}, f32)};
+  // Empty x (no pixels or no channels): dx is empty and the parameter gradients are zero.
+  if (Q == 0 || C == 0) return {gx, at::zeros({C}, f32), at::zeros({C, C}, f32)};
   // Channel-major scratch: t = dL/dn and u(x), C x Q each.
   at::Tensor t_buf = at::empty({C, Q}, f32), u_buf = at::empty({C, Q}, f32);
   const int TP = tile_pixels(C, 3);

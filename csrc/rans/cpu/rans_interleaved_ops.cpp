@@ -33,6 +33,13 @@ void throw_status(Status st, const char* what) {
   TORCH_CHECK_VALUE(st == Status::kOk, what, ": ", status_message(st));
 }
 
+// pp.check_indexes with the index range found by the widest ISA this CPU runs.
+const char* checked_indexes(const IvPrepared& pp, const int32_t* idx, int64_t n) {
+  int32_t lo = 0, hi = 0;
+  if (n > 0) iv_index_range(idx, n, lo, hi);
+  return pp.check_indexes(idx, n, lo, hi);
+}
+
 // The coder to use: -1 the best (run-time detected), else the one asked for, if this CPU runs it.
 int resolve_isa(int64_t isa) {
   TORCH_CHECK_VALUE(isa >= -1 && isa <= kIsaWarpEmulator, "isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avx512) "
@@ -129,7 +136,7 @@ at::Tensor rans_iv_encode(const at::Tensor& symbols, const at::Tensor& indexes,
   const at::Tensor sym = symbols.contiguous(), idx = indexes.contiguous();
   const int64_t n = idx.numel();
   const IvPrepared& pp = tables->prep;
-  if (const char* err = pp.check_indexes(idx.data_ptr<int32_t>(), n)) TORCH_CHECK_VALUE(false, err);
+  if (const char* err = checked_indexes(pp, idx.data_ptr<int32_t>(), n)) TORCH_CHECK_VALUE(false, err);
   const int W = static_cast<int>(width);
   const int64_t steps = iv_steps(n, W);
   const int64_t G = std::min<int64_t>(groups, steps);
@@ -169,7 +176,7 @@ at::Tensor rans_iv_decode(const at::Tensor& data, const at::Tensor& indexes,
   throw_status(iv_parse_header(bytes, size, n, h), "rans_iv_decode");
   const IvPrepared& pp = tables->prep;
   if (n > 0 && h.precision != pp.precision) throw_status(Status::kMismatch, "rans_iv_decode");
-  if (const char* err = pp.check_indexes(idx.data_ptr<int32_t>(), n)) TORCH_CHECK_VALUE(false, err);
+  if (const char* err = checked_indexes(pp, idx.data_ptr<int32_t>(), n)) TORCH_CHECK_VALUE(false, err);
   at::Tensor out = at::empty(indexes.sizes(), at::TensorOptions().dtype(at::kInt));
   const IvTablesView tb = pp.view();
   const int W = h.width;

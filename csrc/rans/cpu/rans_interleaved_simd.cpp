@@ -69,10 +69,40 @@ IV_AVX512 static inline __m512i div512(__m512i x, __m512i f) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(ql), qh, 1);
 }
 
-template <int NV>
+// Up to 64 per-row int32 values held in four registers, looked up by row index with two
+// two-register permutes and a blend (bit 5 of the index picks the pair): in place of a gather
+// when a table set has at most 64 rows (CompressAI's Gaussian tables have 64).
+constexpr int64_t kIvRegRows = 64;
+
+struct IvRegTable64 {
+  __m512i r[4];
+};
+
+IV_AVX512 static inline IvRegTable64 reg_table64(const int32_t* values, int64_t rows) {
+  alignas(64) int32_t buf[kIvRegRows] = {};
+  std::memcpy(buf, values, static_cast<size_t>(rows) * sizeof(int32_t));
+  IvRegTable64 t;
+  for (int k = 0; k < 4; ++k) t.r[k] = _mm512_load_si512(buf + 16 * k);
+  return t;
+}
+
+// t[idx] for 0 <= idx < 64 (the callers' indexes were checked against the row count).
+IV_AVX512 static inline __m512i reg_lookup64(const IvRegTable64& t, __m512i idx) {
+  const __m512i lo = _mm512_permutex2var_epi32(t.r[0], idx, t.r[1]);
+  const __m512i hi = _mm512_permutex2var_epi32(t.r[2], idx, t.r[3]);
+  return _mm512_mask_mov_epi32(lo, _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), hi);
+}
+
+// REG: the offsets and escape bounds come from registers (tb.T <= kIvRegRows) instead of gathers.
+template <int NV, bool REG>
 IV_AVX512 void encode_avx512(const int32_t* sym, const int32_t* idx, int64_t s0, int64_t s1, const IvTablesView& tb,
                              uint32_t* x, std::vector<uint16_t>& out) {
   constexpr int W = 16 * NV;
+  IvRegTable64 off_r{}, esc_r{};
+  if constexpr (REG) {
+    off_r = reg_table64(tb.off, tb.T);
+    esc_r = reg_table64(tb.esc, tb.T);
+  }
   const uint32_t P = tb.precision;
   const __m512i vstride = _mm512_set1_epi32(static_cast<int32_t>(tb.stride));
   const __m512i vM = _mm512_set1_epi32(static_cast<int32_t>(1u << P));
@@ -92,8 +122,14 @@ IV_AVX512 void encode_avx512(const int32_t* sym, const int32_t* idx, int64_t s0,
     for (int v = 0; v < NV; ++v) {
       T[v] = _mm512_loadu_si512(idx + base + 16 * v);
       const __m512i S = _mm512_loadu_si512(sym + base + 16 * v);
-      const __m512i OFF = _mm512_i32gather_epi32(T[v], tb.off, 4);
-      const __m512i ESC = _mm512_i32gather_epi32(T[v], tb.esc, 4);
+      __m512i OFF, ESC;
+      if constexpr (REG) {
+        OFF = reg_lookup64(off_r, T[v]);
+        ESC = reg_lookup64(esc_r, T[v]);
+      } else {
+        OFF = _mm512_i32gather_epi32(T[v], tb.off, 4);
+        ESC = _mm512_i32gather_epi32(T[v], tb.esc, 4);
+      }
       const __m512i D = _mm512_sub_epi32(S, OFF);
       // v = sym - off in 64 bits is in [0, esc) iff sym >= off and (sym - off) mod 2^32 < esc.
       const __mmask16 e = _mm512_cmplt_epi32_mask(S, OFF) | _mm512_cmpge_epu32_mask(D, ESC);
@@ -411,6 +447,46 @@ const char* iv_isa_name(IvIsa isa) {
   }
 }
 
+IV_AVX512 static void index_range_avx512(const int32_t* idx, int64_t n, int32_t& lo, int32_t& hi) {
+  __m512i mn = _mm512_set1_epi32(idx[0]), mx = mn;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i v = _mm512_loadu_si512(idx + i);
+    mn = _mm512_min_epi32(mn, v);
+    mx = _mm512_max_epi32(mx, v);
+  }
+  int32_t l = _mm512_reduce_min_epi32(mn), h = _mm512_reduce_max_epi32(mx);
+  for (; i < n; ++i) { l = std::min(l, idx[i]); h = std::max(h, idx[i]); }
+  lo = l;
+  hi = h;
+}
+
+IV_AVX2 static void index_range_avx2(const int32_t* idx, int64_t n, int32_t& lo, int32_t& hi) {
+  __m256i mn = _mm256_set1_epi32(idx[0]), mx = mn;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i));
+    mn = _mm256_min_epi32(mn, v);
+    mx = _mm256_max_epi32(mx, v);
+  }
+  alignas(32) int32_t a[8], b[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), mn);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(b), mx);
+  int32_t l = a[0], h = b[0];
+  for (int k = 1; k < 8; ++k) { l = std::min(l, a[k]); h = std::max(h, b[k]); }
+  for (; i < n; ++i) { l = std::min(l, idx[i]); h = std::max(h, idx[i]); }
+  lo = l;
+  hi = h;
+}
+
+void iv_index_range(const int32_t* idx, int64_t n, int32_t& lo, int32_t& hi) {
+  const IvIsa isa = iv_best_isa();
+  if (isa == IvIsa::kAvx512) return index_range_avx512(idx, n, lo, hi);
+  if (isa == IvIsa::kAvx2) return index_range_avx2(idx, n, lo, hi);
+  lo = hi = idx[0];
+  for (int64_t i = 0; i < n; ++i) { lo = std::min(lo, idx[i]); hi = std::max(hi, idx[i]); }
+}
+
 void iv_encode_steps(IvIsa isa, const int32_t* sym, const int32_t* idx, int64_t n, int width, int64_t s0, int64_t s1,
                      const IvTablesView& tb, uint32_t* x, std::vector<uint16_t>& out) {
   if (s1 <= s0) return;
@@ -420,8 +496,13 @@ void iv_encode_steps(IvIsa isa, const int32_t* sym, const int32_t* idx, int64_t 
     --s1;
   }
   if (isa == IvIsa::kAvx512) {
-    if (width == 32) return encode_avx512<2>(sym, idx, s0, s1, tb, x, out);
-    return encode_avx512<1>(sym, idx, s0, s1, tb, x, out);
+    const bool reg = tb.T <= kIvRegRows;
+    if (width == 32) {
+      return reg ? encode_avx512<2, true>(sym, idx, s0, s1, tb, x, out)
+                 : encode_avx512<2, false>(sym, idx, s0, s1, tb, x, out);
+    }
+    return reg ? encode_avx512<1, true>(sym, idx, s0, s1, tb, x, out)
+               : encode_avx512<1, false>(sym, idx, s0, s1, tb, x, out);
   }
   if (isa == IvIsa::kAvx2) {
     if (width == 32) return encode_avx2<4>(sym, idx, s0, s1, tb, x, out);

@@ -19,6 +19,10 @@ const char* iv_isa_name(IvIsa isa);
 // [the isa number -1 resolves to, the best this CPU supports] (op rans_iv_isa; csrc/register.cpp).
 std::vector<int64_t> rans_iv_isa();
 
+// lo, hi = the minimum and maximum of idx[0..n) (n > 0), with the widest ISA this CPU runs: the
+// index check of every call reads all indexes, and the baseline build has no 32-bit vector min/max.
+void iv_index_range(const int32_t* idx, int64_t n, int32_t& lo, int32_t& hi);
+
 // Encodes steps [s0, s1) backwards from states x (updated), appending words in encoder order
 // (the caller reverses a group's words). Indexes must be validated.
 void iv_encode_steps(IvIsa isa, const int32_t* sym, const int32_t* idx, int64_t n, int width, int64_t s0, int64_t s1,
