@@ -1,7 +1,7 @@
 """Interleaved rANS stream (v2) vs torch_ans 0.4.0, our native stream, CompressAI and constriction.
 
 Workloads (one process, same symbols for every coder):
-  * "latent": the DESIGN.md workload, 320 x 48 x 32 = 491,520 symbols on CompressAI's 64 Gaussian
+  * "latent": a typical latent, 320 x 48 x 32 = 491,520 symbols on CompressAI's 64 Gaussian
     scale tables (tests/rans_testlib.py gaussian_workload), scales log-uniform in [0.11, 20];
   * "low-rate": 48 x 32 x 48 = 73,728 symbols with small scales (log-uniform in [0.5, 6]): a ~25 KB latent at a low rate.
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the rANS tests (random tables and symbols, the DESIGN.md workload).
+"""Shared helpers of the rANS tests (random tables and symbols, a typical 320 x 48 x 32 latent).
 
 Imported by path because pytest runs with --import-mode=importlib (tests are not a package).
 """
@@ -43,7 +43,7 @@ def random_symbols(gen, cdfs, lengths, offsets, shape, escapes=True):
 
 
 def gaussian_workload(gen, n_ch=64, h=48, w=32):
-    """The DESIGN.md workload on CompressAI's Gaussian tables (built by compressai)."""
+    """A 320 x 48 x 32 latent on CompressAI's Gaussian tables (built by compressai)."""
     from compressai.entropy_models import GaussianConditional
     from compressai.models.google import get_scale_table
 

@@ -50,7 +50,7 @@ def test_size_near_ideal_on_gaussian_data(gen):
     sym, idx, cdfs, lengths, offsets = gaussian_workload(gen, n_ch=320)
     ideal = ideal_bits(sym, idx, cdfs, lengths, offsets)
     # Default lanes must stay within 0.5% of ideal; an explicit 64 lanes (16 state bytes each)
-    # within the DESIGN.md budget of 1%.
+    # within a budget of 1%.
     for lanes, budget in ((None, 0.005), (1, 0.005), (16, 0.005), (64, 0.01)):
         data = ops.rans_encode(sym, idx, cdfs, lengths, offsets, lanes=lanes)
         excess = len(data) * 8 / ideal - 1

@@ -57,7 +57,7 @@ def gen():
 
 
 def design_workload(gen, n_ch=320):
-    """The DESIGN.md workload: CompressAI's Gaussian tables when compressai is installed (the GPU
+    """A 320 x 48 x 32 latent: CompressAI's Gaussian tables when compressai is installed (the GPU
     machine may not have it), else the same tables from dualres_ext's own ops."""
     try:
         import compressai  # noqa: F401

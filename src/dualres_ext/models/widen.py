@@ -138,9 +138,8 @@ def widen_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_cfg: dict,
 def synthesis_widths(state_dict: dict) -> dict:
     """``N_s``, ``N1_s``, ``k1_s`` as a DualRes state dict's shapes have them.
 
-    Checkpoints written before the configuration was stored in them (python/train.py before
-    session 6) were trained with the synthesis as wide as the analysis, which the "compact"
-    configuration no longer is: their shapes say what they are.
+    A checkpoint that does not store its configuration may have a synthesis as wide as its
+    analysis, which the "compact" configuration no longer has: its shapes say what it is.
     """
     return {"N_s": int(state_dict["g_s.0.bias"].numel()), "N1_s": int(state_dict["g_s.4.beta"].numel()),
             "k1_s": int(state_dict["g_s.3.weight"].shape[-1])}
