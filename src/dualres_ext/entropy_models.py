@@ -539,7 +539,8 @@ class GaussianConditional(EntropyModel):
         return self._scale_table().build_indexes(scales, strict=False)
 
     def quantize_and_index(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None):
-        """(symbols, indexes) for compress_symbols() in one pass over inputs, means and scales."""
+        """(symbols, indexes) in one pass over inputs, means and scales: what ``compress`` codes, with
+        the table index of every element."""
         return self._scale_table().quantize_and_index(inputs, scales, means, strict=False)
 
     def _scale_table(self) -> ops.ScaleTable:
