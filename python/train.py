@@ -112,8 +112,8 @@ def load_val(files: list[str], size: int) -> list[torch.Tensor]:
         cw, ch = min(w, size) // 64 * 64, min(h, size) // 64 * 64
         if cw == 0 or ch == 0:
             continue
-        l, t = (w - cw) // 2, (h - ch) // 2
-        out.append(torch.from_numpy(np.asarray(img.crop((l, t, l + cw, t + ch))).copy()).permute(2, 0, 1))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        out.append(torch.from_numpy(np.asarray(img.crop((left, top, left + cw, top + ch))).copy()).permute(2, 0, 1))
     return out
 
 
