@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output weights file")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--stats", default=None, help="calibration cache: read if it exists, else written")
     for key, value in DEFAULTS.items():
         ap.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     args = ap.parse_args(argv)
@@ -61,7 +62,12 @@ def main(argv=None) -> int:
     model = load_weights(args.weights)
     model.exact = None
     images, picks = calibration_images(args.folder, args.images, args.size)
-    stats = calibrate(model, images, list(range(model.num_qualities)))
+    if args.stats and os.path.isfile(args.stats):
+        stats = torch.load(args.stats, weights_only=True)
+    else:
+        stats = calibrate(model, images, list(range(model.num_qualities)))
+        if args.stats:
+            torch.save(stats, args.stats)
     options = {key: getattr(args, key) for key in DEFAULTS}
     model.exact = convert(model, stats, get_scale_table(), **options)
     metadata = dict(getattr(model, "metadata", {}) or {})

@@ -27,7 +27,8 @@ class). :meth:`IntConv.convert` partitions the input channels into chunks whose 
 exceeds it, the activations are also split into a high and a low part, ``a = hi * 2^S + lo`` with
 ``0 <= lo < 2^S`` (exact in float32: a power-of-two scaling and a floor), one convolution each.
 The chunk results are summed in float64, exact while the total bound stays below 2^53 (asserted
-at conversion, with the bias). The summation order, thread count, vector width and convolution
+at conversion, with the bias). A 1x1 convolution is a plain GEMM, as fast in float64 as chunked in
+float32 on CPU, so it runs as one float64 convolution (exact below 2^53, like the fallback below). The summation order, thread count, vector width and convolution
 kernel then cannot change the result -- only the algorithm could: direct and im2col+GEMM
 convolutions (oneDNN's default on CPU, ATen's fallbacks) multiply and add the very products, while
 Winograd or FFT algorithms transform the operands with rounding. On CPU, oneDNN's default is direct;
@@ -84,16 +85,17 @@ def quantize_to_grid(x: Tensor, frac_bits: int, bound: int) -> Tensor:
 class IntConv(nn.Module):
     """One convolution or transposed convolution on integer activations (module docstring).
 
-    Buffers (all in the state dict, so a weights id covers them): ``weight`` int32 in the float
-    layer's layout, ``bias`` int64, ``multiplier`` float32 (used in float64), ``in_bound`` int64
+    Buffers (all in the state dict, so a weights id covers them): ``weight`` int16 (or int32) in
+    the float layer's layout, ``bias`` int64, ``multiplier`` float32 (used in float64), ``in_bound`` int64
     per input channel, ``out_low``/``out_high`` int64 per output channel, ``chunks`` int64 input
-    channel boundaries, ``meta`` int64 ``[transposed, stride, padding, output_padding, split_bits]``.
+    channel boundaries, ``meta`` int64 ``[transposed, stride, padding, output_padding, split_bits,
+    float64]`` (float64: one float64 convolution, the plan for 1x1 kernels).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor, multiplier: Tensor, in_bound: Tensor, out_low: Tensor,
                  out_high: Tensor, chunks: Tensor, meta: Tensor):
         super().__init__()
-        self.register_buffer("weight", weight.to(torch.int32))
+        self.register_buffer("weight", weight if weight.dtype in (torch.int16, torch.int32) else weight.to(torch.int32))
         self.register_buffer("bias", bias.to(torch.int64))
         self.register_buffer("multiplier", multiplier.to(torch.float32))
         self.register_buffer("in_bound", in_bound.to(torch.int64))
@@ -102,6 +104,7 @@ class IntConv(nn.Module):
         self.register_buffer("chunks", chunks.to(torch.int64))
         self.register_buffer("meta", meta.to(torch.int64))
         self._config = None
+        self._float64 = False
 
     @classmethod
     def from_state(cls, state: dict, prefix: str) -> "IntConv":
@@ -152,27 +155,34 @@ class IntConv(nn.Module):
             # conservative: the largest phase per (c, i); a sum over i of maxima bounds every phase
         else:
             per_input = taps.sum(dim=(2, 3))
-        plans = [cls._plan(per_input, in_bound, 0)]
+        # Plans, by measured cost on CPU: a 1x1 convolution is a plain GEMM, as fast in float64 as
+        # chunked in float32, so it runs in float64 (one call, exact below 2^53); a larger kernel
+        # runs in float32 with its input channels chunked (chunks cost far less than a split of
+        # the activations, which doubles the work); a split only when one channel alone is too much.
+        use_float64 = layer.weight.shape[-1] == 1 and layer.weight.shape[-2] == 1
         amax = int(in_bound.max())
-        if amax > 1:
-            plans.append(cls._plan(per_input, in_bound, max(1, (amax.bit_length() + 1) // 2)))
-        plans = [p for p in plans if p is not None]
-        if not plans:
+        plan = cls._plan(per_input, in_bound, 0)
+        if plan is None:
+            plan = cls._plan(per_input, in_bound, max(1, (amax.bit_length() + 1) // 2))
+        if plan is None:
             raise ValueError(f"IntConv: one input channel alone exceeds 2^24 even split "
                              f"(weight_bits={weight_bits}, bound {amax}): use fewer bits")
-        # The fewer convolutions (a split doubles them), no split on a tie.
-        split_bits, bounds, load = min(plans, key=lambda p: (len(p[1]) - 1) * (2 if p[0] else 1))
+        split_bits, bounds, load = plan
+        if use_float64:
+            split_bits, bounds = 0, [0, load.shape[1]]
         # Proof obligations: every chunk's partial sums within 2^24 (float32), the whole sum with
         # the bias and the parts' recombination within 2^53 (float64).
-        for lo, hi_ in zip(bounds[:-1], bounds[1:]):
-            assert int(load[:, lo:hi_].sum(1).amax()) <= FLOAT32_EXACT
+        if not use_float64:
+            for lo, hi_ in zip(bounds[:-1], bounds[1:]):
+                assert int(load[:, lo:hi_].sum(1).amax()) <= FLOAT32_EXACT
         total = (per_input * in_bound[None]).sum(1) + b_int.abs()
         if split_bits:
             total = total + (per_input * (2 << split_bits)).sum(1)  # |hi| * 2^S + |lo| < A + 2^(S+1)
         assert int(total.amax()) < FLOAT64_EXACT
         # The requantised product must be finite and exact to round: |acc * m| < 2^53.
         assert float((total.double() * multiplier.double()).amax()) < FLOAT64_EXACT
-        meta = torch.tensor([int(transposed), stride, padding, output_padding, split_bits])
+        meta = torch.tensor([int(transposed), stride, padding, output_padding, split_bits, int(use_float64)])
+        w_int = w_int.to(torch.int16 if top < (1 << 15) else torch.int32)  # stored compactly
         return cls(w_int.transpose(0, 1) if transposed else w_int, b_int, multiplier, in_bound,
                    out_low.to(torch.int64), out_high.to(torch.int64), torch.tensor(bounds), meta)
 
@@ -202,8 +212,9 @@ class IntConv(nn.Module):
     # ------------------------------------------------------------------ running
     def _settings(self):
         if self._config is None:
-            t, s, p, op, split = (int(v) for v in self.meta.tolist())
+            t, s, p, op, split, f64 = (int(v) for v in self.meta.tolist())
             self._config = (bool(t), s, p, op, split, [int(v) for v in self.chunks.tolist()])
+            self._float64 = bool(f64)
         return self._config
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -238,19 +249,22 @@ class IntConv(nn.Module):
 
         return _runtime_cache.get(self, [getattr(self, n) for n in _BUFFERS], build)
 
-    def accumulate(self, a: Tensor) -> Tensor:
-        """The exact integer accumulator ``bias + conv(clamp(a), weight)`` as float64."""
+    def accumulate(self, a: Tensor, bounded: bool = False) -> Tensor:
+        """The exact integer accumulator ``bias + conv(clamp(a), weight)`` as float64.
+        ``bounded``: the caller guarantees ``|a_i| <= in_bound[i]`` (the clamp is skipped)."""
         transposed, stride, padding, output_padding, split, chunks = self._settings()
         rt = self._runtime()
-        if fast_float32_ok(a.device):
-            a = torch.clamp(a.float(), -rt["bound32"], rt["bound32"])
-            parts = [(a, 1.0)]
+        if not self._float64 and fast_float32_ok(a.device):
+            a = a.float()
+            if not bounded:
+                a = torch.clamp(a, -rt["bound32"], rt["bound32"])
+            parts = [(a, 0)]
             if split:
-                hi = torch.floor(a * (1.0 / (1 << split)))
-                parts = [(hi, float(1 << split)), (a - hi * float(1 << split), 1.0)]
+                hi = torch.floor(a * (1.0 / (1 << split)))  # exact: a power-of-two scaling
+                parts = [(hi, split), (torch.sub(a, hi, alpha=float(1 << split)), 0)]  # exact integers
             out = None
             for w, lo, hi_ in zip(rt["w32"], chunks[:-1], chunks[1:]):
-                for part, scale in parts:
+                for part, shift in parts:
                     x = part if len(chunks) == 2 else part[:, lo:hi_]
                     if transposed:
                         y = _batched(lambda t: F.conv_transpose2d(t, w, None, stride, padding, output_padding), x)
@@ -258,15 +272,17 @@ class IntConv(nn.Module):
                         y = _batched(lambda t: F.conv2d(t, w, None, stride, padding), x)
                     if out is None:
                         out = y.double()
-                        if scale != 1.0:
-                            out.mul_(scale)
-                    elif scale != 1.0:
-                        out.add_(y.double(), alpha=scale)  # exact: |y * 2^S| and the sum < 2^53
+                        if shift:
+                            out.mul_(float(1 << shift))
+                    elif shift:
+                        out.add_(y.double().mul_(float(1 << shift)))
                     else:
-                        out.add_(y)
+                        out.add_(y)  # float32 integers into float64: exact (sums < 2^53)
             return out.add_(rt["bias"])
         # float64, im2col + GEMM (no cuDNN): exact below 2^53, the same integers.
-        a = torch.clamp(a.double(), -rt["bound64"], rt["bound64"])
+        a = a.double()
+        if not bounded:
+            a = torch.clamp(a, -rt["bound64"], rt["bound64"])
         w = rt["w64"]
         k = list(w.shape[-2:])
         if transposed:
@@ -274,11 +290,15 @@ class IntConv(nn.Module):
                                                       [output_padding] * 2, [1, 1])
         return torch._C._nn.thnn_conv2d(a, w, k, rt["bias_flat"], [stride] * 2, [padding] * 2)
 
-    def forward(self, a: Tensor) -> Tensor:
-        """Requantised output: ``clamp(round_half_even(acc * m), low, high)``, float32 integers."""
+    def forward(self, a: Tensor, bounded: bool = False, index_offset: Optional[int] = None) -> Tensor:
+        """Requantised output ``clamp(round_half_even(acc * m), low, high)`` as float32 integers;
+        with ``index_offset``, that plus the offset as int64 (the index of an :class:`IntLUT`)."""
         rt = self._runtime()
-        acc = self.accumulate(a).mul_(rt["mult"]).round_()
-        return torch.clamp(acc, rt["low"], rt["high"]).float()
+        acc = self.accumulate(a, bounded).mul_(rt["mult"]).round_()
+        acc = torch.clamp(acc, rt["low"], rt["high"])
+        if index_offset is not None:
+            return acc.add_(float(index_offset)).long()
+        return acc.float()
 
 
 _BUFFERS = ("weight", "bias", "multiplier", "in_bound", "out_low", "out_high", "chunks", "meta")
@@ -293,13 +313,14 @@ def _batched(fn, x: Tensor) -> Tensor:
 
 class IntLUT(nn.Module):
     """A nonlinearity as a table: ``out = table[clamp(q, -bound, bound) + bound]`` on integers
-    (buffer ``table`` int32 of ``2 * bound + 1`` entries, computed once by :meth:`tabulate`)."""
+    (buffer ``table``, int16 or int32, of ``2 * bound + 1`` entries, computed once by :meth:`tabulate`)."""
 
     def __init__(self, table: Tensor):
         super().__init__()
         if table.dim() != 1 or table.numel() % 2 != 1:
             raise ValueError("IntLUT: a 1-D table of odd length")
-        self.register_buffer("table", table.to(torch.int32))
+        small = table.numel() == 0 or int(table.abs().max()) < (1 << 15)
+        self.register_buffer("table", table.to(torch.int16 if small else torch.int32))
 
     @classmethod
     def from_state(cls, state: dict, prefix: str) -> "IntLUT":
@@ -321,10 +342,13 @@ class IntLUT(nn.Module):
         return (self.table.numel() - 1) // 2
 
     def forward(self, q: Tensor) -> Tensor:
+        """``q``: float integers (clamped here), or int64 indexes ``q + bound`` already in range
+        (what :meth:`IntConv.forward` gives with ``index_offset=bound``). float32 out."""
         table = _runtime_cache.get(self, [self.table], lambda: {"t": self.table.float()})["t"]
-        bound = self.bound
-        idx = q.clamp(-bound, bound).add_(bound).long()
-        return torch.take(table, idx).to(q.dtype)
+        if q.dtype != torch.int64:
+            bound = self.bound
+            q = q.clamp(-bound, bound).add_(bound).long()
+        return torch.take(table, q)
 
 
 def gelu(x: Tensor) -> Tensor:

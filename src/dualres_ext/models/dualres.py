@@ -39,15 +39,22 @@ synthesis and the conditioning networks see ``round(y - μ) + μ`` with a straig
 gradient, i.e. exactly the values the decoder will have. In eval mode ``forward`` uses plain
 ``torch.round`` so that its ``x_hat`` is bit-identical to ``decompress(compress(x))``.
 
-Portable streams: the decoder must derive every slice's scale table index from the values it
-decoded exactly as the encoder did, or the rANS lanes desynchronise. float32 convolutions are not
-reproducible across thread counts, CPU instruction sets or devices (oneDNN, cuDNN and BLAS split
-their sums differently), and with ~0.5 M coded symbols per photo a scale lands within float32
-noise of a table boundary in most streams. So coding runs the networks between the decoded symbols and (μ, σ) -- the hyper
-synthesis, the slice coders and ``down(ŷ_H)`` -- on float64 copies of their weights (``ŷ`` itself
-is kept in float64 on that path). Their rounding differences are then ~1e-16 relative instead of
-~1e-7: a boundary crossing becomes some 10^8 times less likely. The analysis and the synthesis stay float32: the encoder's
-``y`` is only ever rounded on the encoder, and the synthesis only makes the picture.
+Portable streams: the decoder must derive every slice's scale table index and mean from the values
+it decoded exactly as the encoder did, or the rANS lanes desynchronise. float32 convolutions are
+not reproducible across thread counts, CPU instruction sets or devices (oneDNN, cuDNN and BLAS
+split their sums differently), and with ~0.5 M coded symbols per photo a scale lands within
+float32 noise of a table boundary in most streams. So coding never runs the networks between the
+decoded symbols and (μ, σ) -- the hyper synthesis, the slice coders and ``down(ŷ_H)`` -- in float32:
+
+* with :attr:`DualRes.exact` (integer networks made from the weights by
+  :mod:`dualres_ext.models.exact`, stored in the weights file; bitstream version 4) they run on
+  integers, exactly: the same indexes and means on every CPU, GPU and thread count;
+* otherwise (and for streams of versions 2 and 3) on float64 copies of their weights, with ``ŷ``
+  in float64 on that path: rounding differences ~1e-16 relative instead of ~1e-7, a boundary
+  crossing some 10^8 times less likely than in float32, but not impossible.
+
+The analysis and the synthesis stay float32: the encoder's ``y`` is only ever rounded on the
+encoder, and the synthesis only makes the picture.
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import ops
 from ..integer import IntConv, IntLUT, gelu, half_tanh, state_prefixes
 from .quantize import quantize_latent
 
@@ -47,49 +48,121 @@ class ExactSlices(nn.Module):
         super().__init__()
         self.slices = nn.ModuleList(slices)
 
-    def run(self, features: Tensor, extra: Optional[Tensor], step: ExactStep, thresholds: Tensor,
-            latent_bits: int) -> Tensor:
-        """The slice loop on integers; returns ŷ (float64, exact multiples of 2^-latent_bits)."""
+    @property
+    def latent_bound(self) -> int:
+        """The bound every layer that reads ŷ clamps it to (ŷ in grid units)."""
+        return int(self.slices[0]["l1"].in_bound[-1])
+
+    def run(self, features: Tensor, extra: Optional[Tensor], step: ExactStep, table: Tensor,
+            latent_bits: int, scale_bits: int) -> Tensor:
+        """The slice loop on integers; returns ŷ (float64, exact multiples of 2^-latent_bits).
+
+        Every layer input here is within that layer's bounds by construction (``bounded=True``
+        skips the layers' own clamps): table outputs and requantised outputs are clamped to the
+        grid bound the next layer was converted for, and ŷ is clamped to :attr:`latent_bound`
+        (what every reader of ŷ was converted for) where it is made."""
         unit = float(2 ** latent_bits)
+        bound = float(self.latent_bound)
         decoded: List[Tensor] = []       # ŷ of each slice, float64
-        decoded_int: List[Tensor] = []   # the same in grid units, float32 integers (clamped by the layers)
+        decoded_int: List[Tensor] = []   # the same in grid units, clamped, float32 integers
         base = [features] if extra is None else [features, extra]
         for i, nets in enumerate(self.slices):
-            h = nets["ctx_act"](nets["ctx"](torch.cat(base + decoded_int, 1)))
-            p = nets["p2"](nets["p1_act"](nets["p1"](h)))
+            h = nets["ctx_act"](nets["ctx"](torch.cat(base + decoded_int, 1), True, nets["ctx_act"].bound))
+            p = nets["p2"](nets["p1_act"](nets["p1"](h, True, nets["p1_act"].bound)), True)
             s = p.size(1) // 2
-            indexes = torch.bucketize(p[:, :s].contiguous(), thresholds.to(p.device, p.dtype)).to(torch.int32)
+            indexes = scale_indexes(p[:, :s], table, scale_bits)
             means = p[:, s:].double() / unit
             y = step(i, indexes, means).double()
             y_int = torch.round(y * unit)  # exact: symbol * 2^k + μ_int
-            r = nets["l2_act"](nets["l2"](nets["l1_act"](nets["l1"](torch.cat([h, _f32(y_int)], 1)))))
-            y = y + r.double() / unit
-            decoded.append(y)
-            decoded_int.append(_f32(y_int + r.double()))
+            lrp_in = torch.cat([h, y_int.clamp(-bound, bound).float()], 1)
+            r = nets["l2_act"](nets["l2"](nets["l1_act"](nets["l1"](lrp_in, True, nets["l1_act"].bound)), True,
+                                          nets["l2_act"].bound)).double()
+            decoded.append(y + r / unit)
+            decoded_int.append(y_int.add_(r).clamp_(-bound, bound).float())
         return torch.cat(decoded, 1)
 
 
-def _f32(x: Tensor) -> Tensor:
-    """float32 for a layer input: clamped far beyond any layer bound first, so that the value is
-    exact (|x| < 2^24) and the layer's own clamp gives the same result as on the float64 value."""
-    return x.clamp(-(1 << 23), 1 << 23).float()
+def scale_indexes(sigma: Tensor, table: Tensor, scale_bits: int) -> Tensor:
+    """The scale table index of integer scales ``sigma`` (float32 integers, grid 2^-scale_bits,
+    ``0 <= sigma < 2^24``): the number of thresholds ``T_j = floor(table_j * 2^scale_bits)``,
+    ``j < 63``, strictly below ``sigma``. Computed by the native ``build_indexes`` on the exact
+    float32 values ``sigma * 2^-scale_bits``: for an integer ``n``, ``table_j < n * 2^-b`` iff
+    ``floor(table_j * 2^b) < n``, and float comparisons are exact (the test checks every value)."""
+    return ops.build_indexes((sigma * (2.0 ** -scale_bits)).contiguous(), table, table[0].item(), strict=True)
+
+
+def _chain(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """A Sequential of IntConv / IntLUT layers; a convolution followed by a table hands it its
+    indexes directly. Inputs after the first are within bounds by construction."""
+    layers = list(layers)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        follower = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, IntConv) and isinstance(follower, IntLUT):
+            x = follower(layer(x, True, follower.bound))
+            i += 2
+        else:
+            x = layer(x, True) if isinstance(layer, IntConv) else layer(x)
+            i += 1
+    return x
 
 
 class ExactCoder(nn.Module):
     """The integer entropy-parameter networks of a DualRes model (made by :func:`convert`, or
     rebuilt from a weights file's state by :meth:`from_state`). ``meta``: int64
-    ``[latent_bits, scale_bits, z_bound, weight_bits, act_bits]``; ``thresholds``: int64 (63)."""
+    ``[latent_bits, scale_bits, z_bound, weight_bits, act_bits]``; ``thresholds``: int64 (63),
+    the scale thresholds; ``index_table``: the float32 scale table they come from."""
 
-    def __init__(self, meta: Tensor, thresholds: Tensor, h_s: Sequence[nn.Module], h_s_up_h: Sequence[nn.Module],
+    def __init__(self, meta: Tensor, thresholds: Tensor, scale_table: Tensor, h_s: Sequence[nn.Module], h_s_up_h: Sequence[nn.Module],
                  cond_down_h: IntConv, coder_h: ExactSlices, coder_l: ExactSlices):
         super().__init__()
         self.register_buffer("meta", meta.to(torch.int64))
         self.register_buffer("thresholds", thresholds.to(torch.int64))
+        self.register_buffer("index_table", scale_table.to(torch.float32))
         self.h_s = nn.ModuleList(h_s)
         self.h_s_up_h = nn.ModuleList(h_s_up_h)
         self.cond_down_h = cond_down_h
         self.coder_h = coder_h
         self.coder_l = coder_l
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        """What the layers skip their input clamps for: each layer's input bounds equal the
+        clamps of what feeds it (tables: their largest output; convolutions: their clamps)."""
+        def out_bound(m) -> torch.Tensor:
+            if isinstance(m, IntLUT):
+                return m.table.abs().max().to(torch.int64).expand(1)
+            return torch.maximum(m.out_low.abs(), m.out_high.abs())
+
+        def check(producer_bounds: torch.Tensor, consumer: IntConv, start: int = 0, count: Optional[int] = None) -> None:
+            if count is None:
+                count = producer_bounds.numel() if producer_bounds.numel() > 1 else consumer.in_bound.numel() - start
+            have = consumer.in_bound[start:start + count]
+            if not bool((producer_bounds.expand_as(have) <= have).all()):
+                raise ValueError("exact networks: a layer's input may exceed its bounds")
+
+        layers = list(self.h_s) + list(self.h_s_up_h)
+        for a, b in zip(layers[:-1], layers[1:]):
+            if isinstance(b, IntConv):
+                check(out_bound(a), b)
+        if int(self.cond_down_h.in_bound.max()) != self.coder_h.latent_bound:
+            raise ValueError("exact networks: cond_down_h and coder_h disagree on ŷ_H's bound")
+        for coder in (self.coder_h, self.coder_l):
+            for nets in coder.slices:
+                check(out_bound(nets["ctx_act"]), nets["p1"])
+                check(out_bound(nets["p1_act"]), nets["p2"])
+                check(out_bound(nets["ctx_act"]), nets["l1"], 0, nets["p1"].in_bound.numel())
+                check(out_bound(nets["l1_act"]), nets["l2"])
+                if int(nets["l1"].in_bound[-1]) != coder.latent_bound:
+                    raise ValueError("exact networks: slices disagree on ŷ's bound")
+        f_l, f_h = out_bound(self.h_s[-1]), out_bound(self.h_s_up_h[-1])
+        for nets in self.coder_h.slices:
+            check(f_h, nets["ctx"])
+        extra = out_bound(self.cond_down_h)
+        for nets in self.coder_l.slices:
+            check(f_l, nets["ctx"])
+            check(extra, nets["ctx"], f_l.numel())
 
     @property
     def latent_bits(self) -> int:
@@ -104,29 +177,29 @@ class ExactCoder(nn.Module):
             return ExactSlices([nn.ModuleDict({n: layer(s + n + ".") for n in _SLICE_PARTS})
                                 for s in state_prefixes(state, p + "slices.")])
 
-        return cls(state[prefix + "meta"], state[prefix + "thresholds"],
+        return cls(state[prefix + "meta"], state[prefix + "thresholds"], state[prefix + "index_table"],
                    [layer(p) for p in state_prefixes(state, prefix + "h_s.")],
                    [layer(p) for p in state_prefixes(state, prefix + "h_s_up_h.")],
                    IntConv.from_state(state, prefix + "cond_down_h."),
                    slices(prefix + "coder_h."), slices(prefix + "coder_l."))
 
     def hyper(self, z_hat: Tensor):
-        """Integer hyper features ``(f_h, f_l)`` of the decoded ``ẑ``."""
-        x = _f32(torch.round(z_hat.double() * float(2 ** self.latent_bits)))
-        for m in self.h_s:
-            x = m(x)
-        f_l = x
-        for m in self.h_s_up_h:
-            x = m(x)
-        return x, f_l
+        """Integer hyper features ``(f_h, f_l)`` of the decoded ``ẑ`` (each layer's input within
+        its bounds: ẑ clamped here, the rest by the layers before, as in the slice loop)."""
+        z_bound = float(self.meta[2])
+        x = torch.round(z_hat.double() * float(2 ** self.latent_bits)).clamp_(-z_bound, z_bound).float()
+        f_l = _chain(self.h_s, x)
+        return _chain(self.h_s_up_h, f_l), f_l
 
     def decode_latents(self, z_hat: Tensor, step_h: ExactStep, step_l: ExactStep):
         """``(ŷ_H, ŷ_L)`` as float64 (exact), as ``DualRes.decode_latents`` but on integers."""
         k = self.latent_bits
         f_h, f_l = self.hyper(z_hat)
-        y_h = self.coder_h.run(f_h, None, step_h, self.thresholds, k)
-        extra = self.cond_down_h(_f32(torch.round(y_h * float(2 ** k))))
-        y_l = self.coder_l.run(f_l, extra, step_l, self.thresholds, k)
+        table, b = self.index_table, int(self.meta[1])
+        y_h = self.coder_h.run(f_h, None, step_h, table, k, b)
+        bound = float(self.coder_h.latent_bound)  # = cond_down_h's input bound (checked at construction)
+        extra = self.cond_down_h(torch.round(y_h * float(2 ** k)).clamp_(-bound, bound).float(), True)
+        y_l = self.coder_l.run(f_l, extra, step_l, table, k, b)
         return y_h, y_l
 
 
@@ -271,4 +344,4 @@ def convert(model, stats: Dict[str, float], scale_table: Tensor, weight_bits: in
     coder_l = slices(nets.coder_l, "coder_l", torch.cat([fl_scale, x_scale]), torch.cat([fl_bound, x_bound]),
                      lat_bound("y_hat_l"))
     meta = torch.tensor([latent_bits, scale_bits, z_bound, weight_bits, act_bits])
-    return ExactCoder(meta, thresholds, h_s, h_s_up_h, cond, coder_h, coder_l).eval()
+    return ExactCoder(meta, thresholds, scale_table.float().cpu(), h_s, h_s_up_h, cond, coder_h, coder_l).eval()
