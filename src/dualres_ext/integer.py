@@ -27,8 +27,9 @@ class). :meth:`IntConv.convert` partitions the input channels into chunks whose 
 exceeds it, the activations are also split into a high and a low part, ``a = hi * 2^S + lo`` with
 ``0 <= lo < 2^S`` (exact in float32: a power-of-two scaling and a floor), one convolution each.
 The chunk results are summed in float64, exact while the total bound stays below 2^53 (asserted
-at conversion, with the bias). A 1x1 convolution is a plain GEMM, as fast in float64 as chunked in
-float32 on CPU, so it runs as one float64 convolution (exact below 2^53, like the fallback below). The summation order, thread count, vector width and convolution
+at conversion, with the bias). A 1x1 convolution is a plain GEMM, as fast in float64 as in float32
+cut into three or more chunks, so it then runs as one float64 convolution (exact below 2^53, like
+the fallback below). The summation order, thread count, vector width and convolution
 kernel then cannot change the result -- only the algorithm could: direct and im2col+GEMM
 convolutions (oneDNN's default on CPU, ATen's fallbacks) multiply and add the very products, while
 Winograd or FFT algorithms transform the operands with rounding. On CPU, oneDNN's default is direct;
@@ -155,11 +156,11 @@ class IntConv(nn.Module):
             # conservative: the largest phase per (c, i); a sum over i of maxima bounds every phase
         else:
             per_input = taps.sum(dim=(2, 3))
-        # Plans, by measured cost on CPU: a 1x1 convolution is a plain GEMM, as fast in float64 as
-        # chunked in float32, so it runs in float64 (one call, exact below 2^53); a larger kernel
-        # runs in float32 with its input channels chunked (chunks cost far less than a split of
-        # the activations, which doubles the work); a split only when one channel alone is too much.
-        use_float64 = layer.weight.shape[-1] == 1 and layer.weight.shape[-2] == 1
+        # Plans, by measured cost on CPU: a larger kernel runs in float32 with its input channels
+        # chunked (chunks cost far less than a split of the activations, which doubles the work;
+        # a split only when one channel alone is too much); a 1x1 convolution is a plain GEMM, as
+        # fast in float64 as in float32 cut into three or more chunks, so it then runs as one
+        # float64 convolution (exact below 2^53).
         amax = int(in_bound.max())
         plan = cls._plan(per_input, in_bound, 0)
         if plan is None:
@@ -168,6 +169,7 @@ class IntConv(nn.Module):
             raise ValueError(f"IntConv: one input channel alone exceeds 2^24 even split "
                              f"(weight_bits={weight_bits}, bound {amax}): use fewer bits")
         split_bits, bounds, load = plan
+        use_float64 = layer.weight.shape[-1] == 1 and layer.weight.shape[-2] == 1 and (len(bounds) > 3 or split_bits)
         if use_float64:
             split_bits, bounds = 0, [0, load.shape[1]]
         # Proof obligations: every chunk's partial sums within 2^24 (float32), the whole sum with
@@ -245,6 +247,9 @@ class IntConv(nn.Module):
                 "mult": self.multiplier.to(device, torch.float64).view(view),
                 "low": self.out_low.to(device, torch.float64).view(view),
                 "high": self.out_high.to(device, torch.float64).view(view),
+                "uniform": ((float(self.out_low[0]), float(self.out_high[0]))
+                            if bool((self.out_low == self.out_low[0]).all() and (self.out_high == self.out_high[0]).all())
+                            else None),
             }
 
         return _runtime_cache.get(self, [getattr(self, n) for n in _BUFFERS], build)
@@ -295,7 +300,10 @@ class IntConv(nn.Module):
         with ``index_offset``, that plus the offset as int64 (the index of an :class:`IntLUT`)."""
         rt = self._runtime()
         acc = self.accumulate(a, bounded).mul_(rt["mult"]).round_()
-        acc = torch.clamp(acc, rt["low"], rt["high"])
+        if rt["uniform"] is not None:  # one clamp range for every channel: the scalar kernel
+            acc = acc.clamp_(*rt["uniform"])
+        else:
+            acc = torch.clamp(acc, rt["low"], rt["high"])
         if index_offset is not None:
             return acc.add_(float(index_offset)).long()
         return acc.float()
