@@ -37,7 +37,7 @@ from .quantize import quantize_latent
 # 2^-latent_bits) and returns the slice's decoded values ``symbol + mean`` as float64.
 ExactStep = Callable[[int, Tensor, Tensor], Tensor]
 
-DEFAULTS = dict(weight_bits=9, act_bits=11, latent_bits=6, scale_bits=12, margin=1.5)
+DEFAULTS = dict(weight_bits=10, act_bits=11, latent_bits=6, scale_bits=12, margin=1.5)
 _SLICE_PARTS = ("ctx", "ctx_act", "p1", "p1_act", "p2", "l1", "l1_act", "l2", "l2_act")
 
 
