@@ -117,7 +117,8 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     ``version``: the bitstream version to write: 4 (the default for weights with exact integer
     entropy-parameter networks, the shipped ones included: decodes bit-exactly on every machine)
     or 3 (float64 entropy parameters, what earlier writers wrote; the default for weights
-    without integer networks).
+    without integer networks, and for refined encodes: the refinement optimises the loss of the
+    float64 path, whose means and scales its discrete rounds compare against).
     """
     refine_steps, refine_rounds = check_refinement(refine_steps, refine_rounds)
     limit = _pixel_limit(max_pixels)
@@ -127,6 +128,8 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes}")
     model, _ = resolve_model(weights, device)
+    if version is None and (refine_steps or refine_rounds):
+        version = 3  # the refinement optimises the float64 coding path's loss (models/refine.py)
     version = _check_version(model, version)
     exact = version == 4
     wid = weights_id(model, float_only=not exact)
