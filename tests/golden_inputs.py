@@ -36,19 +36,28 @@ def _synthetic(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def codec_cases() -> dict:
-    """``encode`` on the bundled photo, a crop, grey and synthetic pictures, rate control and the
-    CompressAI-string mode (default weights)."""
+    """``encode`` on the bundled photo, a crop, grey and synthetic pictures and rate control (default
+    weights), as version 3 and as version 4 streams."""
     photo = _photo()
     synthetic = _synthetic(_rng(1), 90, 130)
     grey = _synthetic(_rng(2), 80, 96)[..., 0]
+    v3 = {"version": 3}  # the float64 entropy parameters: streams of earlier writers, still written on request
     return {
-        "photo_q0": (photo, {"quality": 0}),
-        "photo_q2.5": (photo, {"quality": 2.5}),
-        "photo_q5": (photo, {"quality": 5}),
-        "crop_q3": (np.ascontiguousarray(photo[37:107, 11:111]), {"quality": 3}),
-        "grey_q1": (grey, {"quality": 1}),
-        "synthetic_q4": (synthetic, {"quality": 4}),
-        "photo_max_bytes": (photo, {"max_bytes": 6000}),
+        "photo_q0": (photo, {"quality": 0, **v3}),
+        "photo_q2.5": (photo, {"quality": 2.5, **v3}),
+        "photo_q5": (photo, {"quality": 5, **v3}),
+        "crop_q3": (np.ascontiguousarray(photo[37:107, 11:111]), {"quality": 3, **v3}),
+        "grey_q1": (grey, {"quality": 1, **v3}),
+        "synthetic_q4": (synthetic, {"quality": 4, **v3}),
+        "photo_max_bytes": (photo, {"max_bytes": 6000, **v3}),
+        # version 4 (exact integer entropy parameters), the default writer's
+        "v4_photo_q0": (photo, {"quality": 0}),
+        "v4_photo_q2.5": (photo, {"quality": 2.5}),
+        "v4_photo_q5": (photo, {"quality": 5}),
+        "v4_crop_q3": (np.ascontiguousarray(photo[37:107, 11:111]), {"quality": 3}),
+        "v4_grey_q1": (grey, {"quality": 1}),
+        "v4_synthetic_q4": (synthetic, {"quality": 4}),
+        "v4_photo_max_bytes": (photo, {"max_bytes": 6000}),
     }
 
 

@@ -84,7 +84,7 @@ def _check_quality(model, quality) -> float:
 
 def encode(image, quality: Optional[Union[int, float]] = None, device=None, weights=None,
            max_pixels: Optional[int] = None, max_bytes: Optional[int] = None, refine_steps: int = 0,
-           refine_rounds: Optional[int] = None, metadata: Optional[dict] = None):
+           refine_rounds: Optional[int] = None, metadata: Optional[dict] = None, version: Optional[int] = None):
     """Compress an image into a DualRes bitstream (``bytes``), or a list of images into a list
     of bitstreams.
 
@@ -114,6 +114,11 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
     ``metadata``: ``{"exif": bytes, "icc_profile": bytes, "xmp": bytes}`` (any subset) stored in
     the stream and given back by :func:`decode` (a PIL image's ``info``) and :func:`read_metadata`;
     for a list of images, one dict for all or a list with one per image.
+    ``version``: the bitstream version to write: 4 (the default for weights with exact integer
+    entropy-parameter networks, the shipped ones included: decodes bit-exactly on every machine)
+    or 3 (float64 entropy parameters, what earlier writers wrote; the default for weights
+    without integer networks, and for refined encodes: the refinement optimises the loss of the
+    float64 path, whose means and scales its discrete rounds compare against).
     """
     refine_steps, refine_rounds = check_refinement(refine_steps, refine_rounds)
     limit = _pixel_limit(max_pixels)
@@ -122,7 +127,12 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
             raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes}")
-    model, wid = resolve_model(weights, device)
+    model, _ = resolve_model(weights, device)
+    if version is None and (refine_steps or refine_rounds):
+        version = 3  # the refinement optimises the float64 coding path's loss (models/refine.py)
+    version = _check_version(model, version)
+    exact = version == 4
+    wid = weights_id(model, float_only=not exact)
     if quality is None:
         quality = model.num_qualities - 1 if max_bytes is not None else 3
     q = _check_quality(model, quality)
@@ -158,12 +168,24 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
                 with torch.enable_grad():
                     coded = refine_latents(model, x, quality, start, refine_steps, size=(height, width),
                                            flip_rounds=refine_rounds)
-            out = model.compress_latents(*coded)
+            out = model.compress_latents(*coded, exact=exact)
             coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"])
-            return pack(config_id, flags | coding, quality, wid, width, height, sections, meta)
+            return pack(config_id, flags | coding, quality, wid, width, height, sections, meta, version=version)
 
         streams.append(encode_at(q) if max_bytes is None else _fit_size(encode_at, q, int(max_bytes)))
     return streams if many else streams[0]
+
+
+def _check_version(model, version) -> int:
+    """The version ``encode`` writes: 4 when the model has exact networks, else 3, unless given."""
+    if version is None:
+        return 4 if getattr(model, "exact", None) is not None else 3
+    if isinstance(version, bool) or version not in (3, 4):
+        raise ValueError(f"version must be 3 or 4, got {version!r}")
+    if version == 4 and getattr(model, "exact", None) is None:
+        raise ValueError("version=4 needs weights with exact integer entropy-parameter networks "
+                         "(python/convert_exact.py adds them); these weights write version 3")
+    return int(version)
 
 
 def _picture(image, model, limit: int):
@@ -302,7 +324,15 @@ def _checked_header(data, limit: int) -> dict:
 
 
 def _decode_latents(model, wid: int, head: dict):
-    """The decoded latents ``(ŷ_H, ŷ_L)`` of one parsed stream, checked against the model."""
+    """The decoded latents ``(ŷ_H, ŷ_L)`` of one parsed stream, checked against the model
+    (``wid``: the model's full weights id; versions 2 and 3 carry the id without the exact
+    networks, which they do not use)."""
+    exact = head["version"] == 4
+    if exact and getattr(model, "exact", None) is None:
+        raise BitstreamError("the bitstream (version 4) was coded with exact integer entropy-parameter "
+                             "networks, which the decoding weights lack")
+    if not exact:
+        wid = weights_id(model, float_only=True)
     if head["weights_id"] != wid:
         raise BitstreamError(
             f"the bitstream was written with other weights (id {head['weights_id']:08x}, "
@@ -319,7 +349,7 @@ def _decode_latents(model, wid: int, head: dict):
     shape = (-(-head["height"] // stride), -(-head["width"] // stride))
     strings = [[s] for s in _restore_sections(model, head, shape)]
     try:
-        return model.decompress_latents(strings, shape)
+        return model.decompress_latents(strings, shape, exact=exact)
     except (RuntimeError, ValueError) as exc:
         raise BitstreamError(f"corrupted bitstream: {exc}") from exc
 

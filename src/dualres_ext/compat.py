@@ -50,6 +50,7 @@ from . import layers as _layers
 from . import ops
 from .coding import check_lanes
 from .entropy_models import check_compress_args, check_decompress_args
+from .exact_hyperprior import make_portable
 
 __all__ = [
     "CODER_NAME", "accelerate", "register_entropy_coder",
@@ -358,7 +359,8 @@ def _fused_gdn(old: nn.Module) -> nn.Module:
 
 # --- accelerate -------------------------------------------------------------------------------------
 
-def accelerate(model: nn.Module, lanes: Union[None, str, int] = None, gdn: bool = True) -> nn.Module:
+def accelerate(model: nn.Module, lanes: Union[None, str, int] = None, gdn: bool = True,
+               portable: bool = False) -> nn.Module:
     """Make a CompressAI model (or any module holding CompressAI parts) code and run faster, in place.
 
     Args:
@@ -372,6 +374,10 @@ def accelerate(model: nn.Module, lanes: Union[None, str, int] = None, gdn: bool 
             float rounding (not bit for bit), so the analysis transform can round a latent the other
             way in rare cases; pass ``gdn=False`` where the encoder must reproduce CompressAI's
             bytes from the same image exactly. Decoding is exact either way up to the synthesis.
+        portable: (opt-in, hyperprior models: bmshj2018-hyperprior, mbt2018-mean) run the hyper
+            synthesis on integers while coding (:mod:`dualres_ext.exact_hyperprior`, no
+            retraining), so that streams decode on every CPU, GPU and thread count; costs a little
+            rate, and the streams are marked and no longer CompressAI's (nor decodable by it).
 
     Returns the same model. Calling it again updates ``lanes``.
     """
@@ -401,6 +407,8 @@ def accelerate(model: nn.Module, lanes: Union[None, str, int] = None, gdn: bool 
             for method in ("compress", "decompress"):
                 if callable(getattr(type(module), method, None)) and method not in module.__dict__:
                     module.__dict__[method] = _AcceleratedCall(module, method)
+    if portable:
+        make_portable(model)
     return model
 
 

@@ -1,8 +1,9 @@
 """The DualRes container: a header, the coded sections and a checksum (docs/BITSTREAM.md).
 
-Pure bytes: no torch, no model. ``pack`` writes a version-3 stream of already coded sections,
+Pure bytes: no torch, no model. ``pack`` writes a version-4 (or -3) stream of already coded sections,
 ``parse_header`` checks a stream (magic, version, lengths, checksum, fields) and splits it; both
-are fuzzed on their own. In short (little-endian, version 3)::
+are fuzzed on their own. In short (little-endian, versions 3 and 4, which differ only in how the
+decoder computes the entropy parameters)::
 
     magic "\\x89DRX" | version u8 | config id u8 | flags u8 | quality f32 | weights id u32 |
     width-1 u16 | height-1 u16 | section count u8 | section lengths (LEB128) |
@@ -18,21 +19,25 @@ import zlib
 from typing import Optional
 
 MAGIC = b"\x89DRX"
+# 4: the entropy parameters are computed by integer networks (models/exact.py): exact on every
+#    machine. Same layout as 3; the weights id covers the integer networks.
 # 3: compact header and embedded rANS sections (docs/BITSTREAM.md): ~80 bytes less per photo.
 # 2: the entropy parameters are computed in float64 (docs/BITSTREAM.md, "Determinism"); still read.
 # Version 1 streams used float32 there; a float64 decoder would desynchronise on some of them, so
 # they are refused.
-VERSION = 3
-_READ_VERSIONS = (2, 3)
+VERSION = 4
+_READ_VERSIONS = (2, 3, 4)
+_WRITE_VERSIONS = (3, 4)
 # Configuration ids written in the header (0: any other configuration, identified by weights id).
 CONFIG_IDS = {"custom": 0, "compact": 1, "paper": 2}
 _CONFIG_NAMES = {v: k for k, v in CONFIG_IDS.items()}
 
 FLAG_GREY = 0x01     # the input was greyscale: decode returns one channel
 FLAG_CUDA = 0x02     # encoded on a CUDA device (decode on the same kind of device)
-FLAG_COMPAT = 0x04   # (version 3) sections are CompressAI single-lane strings (a lanes=None model)
-FLAG_METADATA = 0x08  # (version 3) the last section holds the picture's metadata (EXIF, ICC profile, XMP)
-_KNOWN_FLAGS = {2: FLAG_GREY | FLAG_CUDA, 3: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA}
+FLAG_COMPAT = 0x04   # (versions 3, 4) sections are CompressAI single-lane strings (a lanes=None model)
+FLAG_METADATA = 0x08  # (versions 3, 4) the last section holds the picture's metadata (EXIF, ICC profile, XMP)
+_KNOWN_FLAGS = {2: FLAG_GREY | FLAG_CUDA, 3: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA,
+                4: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA}
 
 # Entries of the metadata section: tag byte, LEB128 length, bytes; each tag at most once.
 # Readers skip tags they do not know, so new kinds of metadata need no new version.
@@ -117,15 +122,19 @@ def parse_metadata(section: bytes) -> dict:
 
 
 def pack(config_id: int, flags: int, quality: float, wid: int, width: int, height: int,
-         sections, metadata: Optional[dict] = None) -> bytes:
-    """A version-3 stream of already embedded sections (or CompressAI strings, FLAG_COMPAT),
-    with a metadata section after them when ``metadata`` holds anything."""
+         sections, metadata: Optional[dict] = None, version: int = VERSION) -> bytes:
+    """A version-4 (or ``version=3``) stream of already embedded sections (or CompressAI strings,
+    FLAG_COMPAT), with a metadata section after them when ``metadata`` holds anything. The two
+    versions share the layout; the version tells the decoder which entropy-parameter networks
+    the sections were coded with (and ``wid`` must be the id of that version)."""
+    if version not in _WRITE_VERSIONS:
+        raise ValueError(f"pack writes versions {_WRITE_VERSIONS}, got {version!r}")
     extra = pack_metadata(metadata or {})
     if extra:
         sections, flags = list(sections) + [extra], flags | FLAG_METADATA
     if len(sections) > 255:  # the header's count is a byte (the models have 6 or 8)
         raise ValueError(f"a DualRes bitstream holds at most 255 sections, got {len(sections)}")
-    out = bytearray(_HEAD.pack(MAGIC, VERSION, config_id, flags, quality, wid, width - 1, height - 1,
+    out = bytearray(_HEAD.pack(MAGIC, version, config_id, flags, quality, wid, width - 1, height - 1,
                                len(sections)))
     for section in sections:
         _put_varint(out, len(section))
@@ -139,7 +148,7 @@ def parse_header(data) -> dict:
     """Header fields of a DualRes bitstream (checks magic, version, lengths and checksum).
 
     Returns ``{"version", "config", "config_id", "flags", "grey", "cuda", "quality",
-    "weights_id", "width", "height", "sections": [bytes, ...], "metadata": {...}}`` (version 3:
+    "weights_id", "width", "height", "sections": [bytes, ...], "metadata": {...}}`` (versions 3, 4:
     the coded sections as stored, i.e. embedded rANS streams unless ``flags & FLAG_COMPAT``;
     ``metadata`` the picture's EXIF / ICC profile / XMP bytes when the stream carries them).
     """

@@ -39,15 +39,22 @@ synthesis and the conditioning networks see ``round(y - μ) + μ`` with a straig
 gradient, i.e. exactly the values the decoder will have. In eval mode ``forward`` uses plain
 ``torch.round`` so that its ``x_hat`` is bit-identical to ``decompress(compress(x))``.
 
-Portable streams: the decoder must derive every slice's scale table index from the values it
-decoded exactly as the encoder did, or the rANS lanes desynchronise. float32 convolutions are not
-reproducible across thread counts, CPU instruction sets or devices (oneDNN, cuDNN and BLAS split
-their sums differently), and with ~0.5 M coded symbols per photo a scale lands within float32
-noise of a table boundary in most streams. So coding runs the networks between the decoded symbols and (μ, σ) -- the hyper
-synthesis, the slice coders and ``down(ŷ_H)`` -- on float64 copies of their weights (``ŷ`` itself
-is kept in float64 on that path). Their rounding differences are then ~1e-16 relative instead of
-~1e-7: a boundary crossing becomes some 10^8 times less likely. The analysis and the synthesis stay float32: the encoder's
-``y`` is only ever rounded on the encoder, and the synthesis only makes the picture.
+Portable streams: the decoder must derive every slice's scale table index and mean from the values
+it decoded exactly as the encoder did, or the rANS lanes desynchronise. float32 convolutions are
+not reproducible across thread counts, CPU instruction sets or devices (oneDNN, cuDNN and BLAS
+split their sums differently), and with ~0.5 M coded symbols per photo a scale lands within
+float32 noise of a table boundary in most streams. So coding never runs the networks between the
+decoded symbols and (μ, σ) -- the hyper synthesis, the slice coders and ``down(ŷ_H)`` -- in float32:
+
+* with :attr:`DualRes.exact` (integer networks made from the weights by
+  :mod:`dualres_ext.models.exact`, stored in the weights file; bitstream version 4) they run on
+  integers, exactly: the same indexes and means on every CPU, GPU and thread count;
+* otherwise (and for streams of versions 2 and 3) on float64 copies of their weights, with ``ŷ``
+  in float64 on that path: rounding differences ~1e-16 relative instead of ~1e-7, a boundary
+  crossing some 10^8 times less likely than in float32, but not impossible.
+
+The analysis and the synthesis stay float32: the encoder's ``y`` is only ever rounded on the
+encoder, and the synthesis only makes the picture.
 """
 from __future__ import annotations
 
@@ -61,6 +68,7 @@ import torch.nn as nn
 from ..cache import TensorCache
 from ..entropy_models import EntropyBottleneck, GaussianConditional
 from ..layers import GDN, conv, deconv
+from .exact import ExactCoder, ExactStep
 from .quantize import quantize_latent
 
 # CompressAI's MSE lambdas for its qualities 1..6 (rate + lambda * 255^2 * MSE), the trained
@@ -303,6 +311,10 @@ class DualRes(nn.Module):
         self.entropy_bottleneck = EntropyBottleneck(Z, lanes=lanes)
         self.gaussian_conditional = GaussianConditional(None, lanes=lanes)
 
+        # The integer entropy-parameter networks (models/exact.py), when converted: buffers only,
+        # state-dict keys "exact.*" (None: the model codes with its float64 copies only).
+        self.register_module("exact", None)
+
         # Registered last, so that a model gaining it keeps its other parameters' order (which
         # the optimiser's saved state is indexed by). Keys: "<Sequential>_<layer index>".
         self.modulation = None
@@ -441,6 +453,16 @@ class DualRes(nn.Module):
         _, z_likelihoods = self.entropy_bottleneck(z)
         z_hat = quantize_latent(z, self.z_offset(), self.training, self.entropy_bottleneck)
         dtype = y_h.dtype
+        if self.exact is not None and not (self.training or torch.is_grad_enabled()):
+            # Inference with the exact networks: the values the version-4 decoder gets.
+            lik_h, lik_l = [], []
+            y_h_hat, y_l_hat = self.exact.decode_latents(
+                z_hat, self._exact_likelihood_step(y_h, self.coder_h, lik_h),
+                self._exact_likelihood_step(y_l, self.coder_l, lik_l))
+            x_hat = self.synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)
+            return {"x_hat": x_hat,
+                    "likelihoods": {"y_h": torch.cat(lik_h, 1).to(dtype), "y_l": torch.cat(lik_l, 1).to(dtype),
+                                    "z": z_likelihoods}}
         if self.training or torch.is_grad_enabled():
             nets = self
         else:
@@ -456,6 +478,20 @@ class DualRes(nn.Module):
         return {"x_hat": x_hat,
                 "likelihoods": {"y_h": torch.cat(lik_h, 1).to(dtype), "y_l": torch.cat(lik_l, 1).to(dtype),
                                 "z": z_likelihoods}}
+
+    def _exact_likelihood_step(self, y: torch.Tensor, coder: _SliceCoder, likelihoods: list) -> ExactStep:
+        """The evaluation step of the exact path: likelihoods under the scale the coder uses
+        (the table entry of each index), then the quantised values (float64, exact)."""
+        pieces = coder.split(y)
+        gc = self.gaussian_conditional
+
+        def step(i, indexes, means):
+            y_hat = quantize_latent(pieces[i].double(), means, False, gc)
+            scales = gc.scale_table.to(means.device)[indexes.long()].to(means.dtype)
+            likelihoods.append(gc.likelihood(y_hat, scales, means))
+            return y_hat
+
+        return step
 
     def aux_loss(self) -> torch.Tensor:
         """The factorized prior's quantile loss (optimise with its own optimizer, as in CompressAI)."""
@@ -511,13 +547,46 @@ class DualRes(nn.Module):
 
         return step
 
+    def _exact_encode_step(self, y: torch.Tensor, coder: _SliceCoder, strings: list) -> ExactStep:
+        pieces = coder.split(y)
+        gc = self.gaussian_conditional
+
+        def step(i, indexes, means):
+            piece = pieces[i].double()
+            strings.append(gc.compress(piece, indexes, means=means))
+            return quantize_latent(piece, means, False, gc)
+
+        return step
+
+    def _exact_decode_step(self, strings: Sequence) -> ExactStep:
+        gc = self.gaussian_conditional
+
+        def step(i, indexes, means):
+            return gc.decompress(strings[i], indexes, means=means).to(means.dtype)
+
+        return step
+
+    def _use_exact(self, exact: Optional[bool]) -> bool:
+        if exact is None:
+            return self.exact is not None
+        if exact and self.exact is None:
+            raise ValueError("exact=True: the model has no exact (integer) entropy-parameter networks; "
+                             "convert it first (dualres_ext.models.exact, python/convert_exact.py)")
+        return bool(exact)
+
     @torch.no_grad()
-    def compress_latents(self, y_h: torch.Tensor, y_l: torch.Tensor, z: torch.Tensor):
+    def compress_latents(self, y_h: torch.Tensor, y_l: torch.Tensor, z: torch.Tensor, exact: Optional[bool] = None):
         """The coding half of :meth:`compress`: latents (already scaled by the quality's gains,
         as :meth:`analysis` gives them) to byte strings. The quality only enters the decoder
-        through the synthesis."""
+        through the synthesis. ``exact``: code the entropy parameters with the integer networks
+        (:attr:`exact`, bitstream version 4) or, False, with the float64 copies (versions 2/3);
+        default: the integer ones when the model has them. The decoder must be told the same."""
         strings = [self.entropy_bottleneck.compress(z)]
         z_hat = quantize_latent(z, self.z_offset(), False, self.entropy_bottleneck)
+        if self._use_exact(exact):
+            self.exact.decode_latents(z_hat, self._exact_encode_step(y_h, self.coder_h, strings),
+                                      self._exact_encode_step(y_l, self.coder_l, strings))
+            return {"strings": strings, "shape": tuple(z.shape[-2:])}
         nets = self.coding_nets()  # float64: see "Portable streams" in the module docstring
         self.decode_latents(z_hat.double(), self._encode_step(y_h.double(), nets.coder_h, strings),
                             self._encode_step(y_l.double(), nets.coder_l, strings), nets)
@@ -532,9 +601,10 @@ class DualRes(nn.Module):
         return {"x_hat": self.synthesis(y_h_hat, y_l_hat, quality)}
 
     @torch.no_grad()
-    def decompress_latents(self, strings, shape):
+    def decompress_latents(self, strings, shape, exact: Optional[bool] = None):
         """The decoding half of :meth:`decompress`: the decoded latents ``(ŷ_H, ŷ_L)`` (in the
-        synthesis' dtype), which :meth:`synthesis` turns into the picture at any quality."""
+        synthesis' dtype), which :meth:`synthesis` turns into the picture at any quality.
+        ``exact``: as the encoder's :meth:`compress_latents` was told."""
         n_h = len(self.coder_h.slices)
         n_expected = 1 + n_h + len(self.coder_l.slices)
         if len(strings) != n_expected:
@@ -542,6 +612,10 @@ class DualRes(nn.Module):
         shape = tuple(int(s) for s in shape)
         z_hat = self.entropy_bottleneck.decompress(strings[0], shape)
         dtype = z_hat.dtype
+        if self._use_exact(exact):
+            y_h_hat, y_l_hat = self.exact.decode_latents(z_hat, self._exact_decode_step(strings[1:1 + n_h]),
+                                                         self._exact_decode_step(strings[1 + n_h:]))
+            return y_h_hat.to(dtype), y_l_hat.to(dtype)
         y_h_hat, y_l_hat = self.decode_latents(z_hat.double(), self._decode_step(strings[1:1 + n_h]),
                                                self._decode_step(strings[1 + n_h:]), self.coding_nets())
         return y_h_hat.to(dtype), y_l_hat.to(dtype)

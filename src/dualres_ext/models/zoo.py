@@ -21,6 +21,7 @@ import torch
 
 from ..cache import TensorCache
 from .dualres import CONFIGS, DualRes
+from .exact import ExactCoder
 
 WEIGHTS_FORMAT = "dualres-weights"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "dualres_compact.pt"
@@ -88,9 +89,12 @@ def save_weights(model: DualRes, path, metadata: Optional[dict] = None, half: bo
     if half:
         trained = {name for name, _ in model.named_parameters()}
         params = {k: v.half() if v.is_floating_point() and k in trained else v for k, v in params.items()}
-    # The model as a decoder will see it: stored parameters, tables built from them.
+    # The model as a decoder will see it: stored parameters, tables built from them. The exact
+    # networks' buffers (integers and float32 multipliers) are stored as they are.
     ref = DualRes(name=model.name, **model.config)
-    _load_params(ref, {k: v.float() if v.is_floating_point() else v for k, v in params.items()}, str(path))
+    _attach_exact(ref, params)
+    _load_params(ref, {k: v.float() if v.is_floating_point() and not k.startswith(EXACT_PREFIX) else v
+                       for k, v in params.items()}, str(path))
     ref.update(force=True)
     # The factorized prior's tables come from its learnt density (float maths that may round
     # differently elsewhere): store them. The Gaussian tables follow from the scale table alone
@@ -100,6 +104,15 @@ def save_weights(model: DualRes, path, metadata: Optional[dict] = None, half: bo
     torch.save({"format": WEIGHTS_FORMAT, "format_version": 1, "name": model.name,
                 "config": dict(model.config), "state_dict": {**params, **tables},
                 "metadata": dict(metadata or {})}, str(path))
+
+
+EXACT_PREFIX = "exact."  # state-dict keys of the integer entropy-parameter networks
+
+
+def _attach_exact(model: DualRes, state: dict) -> None:
+    """Give ``model`` the exact networks that ``state`` holds (their shapes follow the state)."""
+    if any(k.startswith(EXACT_PREFIX) for k in state):
+        model.exact = ExactCoder.from_state(state, EXACT_PREFIX)
 
 
 def _is_table(key: str) -> bool:
@@ -133,6 +146,7 @@ def load_weights(path, device=None) -> DualRes:
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path}: not a DualRes weights file (write one with save_weights)")
     model = DualRes(name=ckpt.get("name", "custom"), **ckpt["config"])
+    _attach_exact(model, ckpt["state_dict"])
     _load_params(model, ckpt["state_dict"], str(path))
     model.metadata = ckpt.get("metadata", {})
     model = model.to(device if device is not None else "cpu").eval()
@@ -143,12 +157,18 @@ def load_weights(path, device=None) -> DualRes:
 # ---------------------------------------------------------------------------- ids
 # A model's id follows its weights (an optimiser step or load_state_dict changes them).
 _ids: TensorCache[int] = TensorCache()
+_float_ids: TensorCache[int] = TensorCache()
 
 
-def weights_id(model: DualRes) -> int:
-    """CRC-32 fingerprint of a model's parameters and coder tables (written in the header,
-    checked on decode: a stream decoded with other weights would silently be garbage)."""
+def weights_id(model: DualRes, float_only: bool = False) -> int:
+    """CRC-32 fingerprint of a model's parameters, coder tables and exact (integer) networks
+    (written in the header, checked on decode: a stream decoded with other weights would
+    silently be garbage). ``float_only``: leave the exact networks out -- the id of bitstream
+    versions 2 and 3, which do not use them, so that converting a model keeps its older
+    streams decodable (equal to the full id for a model without exact networks)."""
     state = model.state_dict()
+    if float_only:
+        state = {k: v for k, v in state.items() if not k.startswith(EXACT_PREFIX)}
 
     def compute() -> int:
         crc = 0
@@ -158,7 +178,7 @@ def weights_id(model: DualRes) -> int:
                                                else value.dtype).contiguous().numpy().tobytes(), crc)
         return crc & 0xFFFFFFFF
 
-    return _ids.get(model, state.values(), compute)
+    return (_float_ids if float_only else _ids).get(model, state.values(), compute)
 
 
 # ---------------------------------------------------------------------------- the codec's models

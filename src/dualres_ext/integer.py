@@ -1,0 +1,374 @@
+"""Integer networks: convolutions whose results are exact integers on every CPU, GPU and thread count.
+
+After Ballé, Johnston and Minnen, "Integer networks for data compression with latent-variable
+models" (ICLR 2019). An entropy model's decoder must derive every symbol's scale index and mean
+exactly as the encoder did; floating-point networks cannot promise that (summation order,
+instruction sets and convolution algorithms change the last bits). The layers here compute on
+integers only:
+
+* **Activations** are integers ``a`` standing for ``a * s`` on a fixed grid ``s`` per channel;
+  each layer clamps its input to a fixed bound ``|a_i| <= A_i`` (part of the arithmetic).
+* **Weights** are integers: the real weight times its input channel's grid ``s_i``, divided by a
+  unit ``u_c`` per output channel and rounded. The bias is an integer in the same unit. So a
+  layer's accumulator ``acc_c = b_c + sum w_ci * a_i`` is an integer that stands for ``acc_c * u_c``.
+* **Requantisation** to the output grid: ``q = round_half_even(acc * m_c)`` with one float64
+  multiply by ``m_c = u_c / s_out_c`` (a float32 value, stored exactly; the product is IEEE
+  correctly rounded, hence the same everywhere), then a clamp to the output bounds.
+* **Nonlinearities** are lookup tables indexed by the clamped integer (:class:`IntLUT`), computed
+  once at conversion and stored: no exp/tanh/erf on the path.
+
+**How the sums stay exact.** A float32 convolution computes an exact result whenever every
+product and every partial sum, in whatever order, is an integer of magnitude at most 2^24 (each
+is then representable, so no rounding ever happens, FMA or not). For output channel ``c`` any
+partial sum is bounded by ``L_c = sum_i sum_taps |w_ci| * A_i`` (for a transposed convolution,
+the taps of one output phase: the kernel positions congruent modulo the stride, the largest such
+class). :meth:`IntConv.convert` partitions the input channels into chunks whose bound is at most
+2^24 for every output channel and runs one float32 convolution per chunk; if one channel alone
+exceeds it, the activations are also split into a high and a low part, ``a = hi * 2^S + lo`` with
+``0 <= lo < 2^S`` (exact in float32: a power-of-two scaling and a floor), one convolution each.
+The chunk results are summed in float64, exact while the total bound stays below 2^53 (asserted
+at conversion, with the bias). A 1x1 convolution is a plain GEMM, as fast in float64 as in float32
+cut into three or more chunks, so it then runs as one float64 convolution (exact below 2^53, like
+the fallback below). The summation order, thread count, vector width and convolution
+kernel then cannot change the result -- only the algorithm could: direct and im2col+GEMM
+convolutions (oneDNN's default on CPU, ATen's fallbacks) multiply and add the very products, while
+Winograd or FFT algorithms transform the operands with rounding. On CPU, oneDNN's default is direct;
+NNPACK (Winograd) is only considered by ATen for batches of 16 or more and for non-transposed
+convolutions, so batches are run 8 at a time; a reduced-precision float32 mode (bf16/tf32 set in
+``torch.backends.mkldnn`` or ``ONEDNN_DEFAULT_FPMATH_MODE``) is detected and avoided.
+Elsewhere (CUDA, whose cuDNN may pick Winograd/FFT or TF32, or a CPU with a reduced-precision
+mode) the same integers go through ATen's im2col + GEMM convolution in float64
+(``thnn_conv2d`` / ``slow_conv_transpose2d``, no cuDNN), exact below 2^53: the same integers
+come out, slower.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import TensorCache
+
+FLOAT32_EXACT = 1 << 24   # every integer of magnitude <= 2^24 is a float32
+FLOAT64_EXACT = 1 << 53   # ... <= 2^53 a float64
+_NNPACK_BATCH = 8         # ATen considers NNPACK (Winograd) for batches >= 16 only
+
+__all__ = ["IntConv", "IntLUT", "fast_float32_ok", "quantize_to_grid", "FLOAT32_EXACT", "FLOAT64_EXACT"]
+
+
+def fast_float32_ok(device: torch.device) -> bool:
+    """Whether float32 convolutions on ``device`` are exact for bounded integer inputs: CPU with
+    full float32 precision (no bf16/tf32 math mode). Otherwise :class:`IntConv` uses float64."""
+    if device.type != "cpu":
+        return False
+    mode = os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", "").strip().lower()
+    if mode not in ("", "strict"):  # bf16, f16, tf32, any: oneDNN may down-convert float32
+        return False
+    precisions = []
+    for holder in (torch.backends.mkldnn, getattr(torch.backends.mkldnn, "conv", None)):
+        value = getattr(holder, "fp32_precision", None) if holder is not None else None
+        if value is not None:
+            precisions.append(str(value).lower())
+    return all(p in ("none", "ieee") for p in precisions)
+
+
+def quantize_to_grid(x: Tensor, frac_bits: int, bound: int) -> Tensor:
+    """``clamp(round_half_even(x * 2^frac_bits), -bound, bound)`` in float64: a tensor of exact
+    values (``x`` itself must be computed the same way everywhere, e.g. a dequantised latent)."""
+    return torch.round(x.double() * float(2 ** frac_bits)).clamp_(-bound, bound)
+
+
+class IntConv(nn.Module):
+    """One convolution or transposed convolution on integer activations (module docstring).
+
+    Buffers (all in the state dict, so a weights id covers them): ``weight`` int16 (or int32) in
+    the float layer's layout, ``bias`` int64, ``multiplier`` float32 (used in float64), ``in_bound`` int64
+    per input channel, ``out_low``/``out_high`` int64 per output channel, ``chunks`` int64 input
+    channel boundaries, ``meta`` int64 ``[transposed, stride, padding, output_padding, split_bits,
+    float64]`` (float64: one float64 convolution, the plan for 1x1 kernels).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor, multiplier: Tensor, in_bound: Tensor, out_low: Tensor,
+                 out_high: Tensor, chunks: Tensor, meta: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight if weight.dtype in (torch.int16, torch.int32) else weight.to(torch.int32))
+        self.register_buffer("bias", bias.to(torch.int64))
+        self.register_buffer("multiplier", multiplier.to(torch.float32))
+        self.register_buffer("in_bound", in_bound.to(torch.int64))
+        self.register_buffer("out_low", out_low.to(torch.int64))
+        self.register_buffer("out_high", out_high.to(torch.int64))
+        self.register_buffer("chunks", chunks.to(torch.int64))
+        self.register_buffer("meta", meta.to(torch.int64))
+        self._config = None
+        self._float64 = False
+
+    @classmethod
+    def from_state(cls, state: dict, prefix: str) -> "IntConv":
+        names = ("weight", "bias", "multiplier", "in_bound", "out_low", "out_high", "chunks", "meta")
+        return cls(*(state[prefix + n] for n in names))
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def convert(cls, layer: nn.Module, in_scale: Tensor, in_bound: Tensor, out_scale: Tensor,
+                out_low: Tensor, out_high: Tensor, weight_bits: int) -> "IntConv":
+        """The integer form of ``layer`` (``nn.Conv2d`` or ``nn.ConvTranspose2d``, groups 1, no
+        dilation): input channel ``i`` on grid ``in_scale[i]`` with ``|a_i| <= in_bound[i]``,
+        output channel ``c`` requantised to grid ``out_scale[c]`` and clamped to
+        ``[out_low[c], out_high[c]]``; weights of ``weight_bits`` bits (sign included) per output
+        channel. Plans the chunks and asserts the exactness bounds."""
+        transposed = isinstance(layer, nn.ConvTranspose2d)
+        if not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) or layer.groups != 1 or \
+                tuple(layer.dilation) != (1, 1):
+            raise ValueError(f"IntConv: a plain Conv2d or ConvTranspose2d, got {layer}")
+        (stride, s2), (padding, p2) = layer.stride, layer.padding
+        output_padding = layer.output_padding[0] if transposed else 0
+        if stride != s2 or padding != p2 or (transposed and layer.output_padding[1] != output_padding):
+            raise ValueError("IntConv: square strides and paddings only")
+        w = layer.weight.detach().double().cpu()
+        b = (layer.bias.detach().double().cpu() if layer.bias is not None
+             else torch.zeros(w.shape[1] if transposed else w.shape[0], dtype=torch.float64))
+        in_scale = in_scale.double().cpu()
+        in_bound = in_bound.to(torch.int64).cpu()
+        out_scale = out_scale.double().cpu()
+        # Effective weights act on the integers: w * s_in, per output channel c.
+        wc = w.transpose(0, 1) if transposed else w           # (C_out, C_in, k, k)
+        eff = wc * in_scale[None, :, None, None]
+        top = (1 << (weight_bits - 1)) - 1
+        peak = eff.abs().amax(dim=(1, 2, 3))
+        unit = torch.where(peak > 0, peak / top, torch.ones_like(peak))
+        multiplier = (unit / out_scale).float()                # stored as float32, used in float64
+        unit = multiplier.double() * out_scale                 # the unit the multiplier implies
+        w_int = torch.round(eff / unit[:, None, None, None]).to(torch.int64)
+        assert int(w_int.abs().max()) <= top + 1
+        b_int = torch.round(b / unit).to(torch.int64)
+        # L[c, i]: bound of channel i's contribution to any partial sum of output channel c.
+        taps = w_int.abs()
+        if transposed and stride > 1:
+            k = taps.shape[-1]
+            phase = torch.stack([taps[:, :, ry::stride, rx::stride].sum(dim=(2, 3))
+                                 for ry in range(min(stride, k)) for rx in range(min(stride, k))])
+            per_input = phase.amax(0)                          # (C_out, C_in) bounds of one phase
+            # conservative: the largest phase per (c, i); a sum over i of maxima bounds every phase
+        else:
+            per_input = taps.sum(dim=(2, 3))
+        # Plans, by measured cost on CPU: a larger kernel runs in float32 with its input channels
+        # chunked (chunks cost far less than a split of the activations, which doubles the work;
+        # a split only when one channel alone is too much); a 1x1 convolution is a plain GEMM, as
+        # fast in float64 as in float32 cut into three or more chunks, so it then runs as one
+        # float64 convolution (exact below 2^53).
+        amax = int(in_bound.max())
+        plan = cls._plan(per_input, in_bound, 0)
+        if plan is None:
+            plan = cls._plan(per_input, in_bound, max(1, (amax.bit_length() + 1) // 2))
+        if plan is None:
+            raise ValueError(f"IntConv: one input channel alone exceeds 2^24 even split "
+                             f"(weight_bits={weight_bits}, bound {amax}): use fewer bits")
+        split_bits, bounds, load = plan
+        use_float64 = layer.weight.shape[-1] == 1 and layer.weight.shape[-2] == 1 and (len(bounds) > 3 or split_bits)
+        if use_float64:
+            split_bits, bounds = 0, [0, load.shape[1]]
+        # Proof obligations: every chunk's partial sums within 2^24 (float32), the whole sum with
+        # the bias and the parts' recombination within 2^53 (float64).
+        if not use_float64:
+            for lo, hi_ in zip(bounds[:-1], bounds[1:]):
+                assert int(load[:, lo:hi_].sum(1).amax()) <= FLOAT32_EXACT
+        total = (per_input * in_bound[None]).sum(1) + b_int.abs()
+        if split_bits:
+            total = total + (per_input * (2 << split_bits)).sum(1)  # |hi| * 2^S + |lo| < A + 2^(S+1)
+        assert int(total.amax()) < FLOAT64_EXACT
+        # The requantised product must be finite and exact to round: |acc * m| < 2^53.
+        assert float((total.double() * multiplier.double()).amax()) < FLOAT64_EXACT
+        meta = torch.tensor([int(transposed), stride, padding, output_padding, split_bits, int(use_float64)])
+        w_int = w_int.to(torch.int16 if top < (1 << 15) else torch.int32)  # stored compactly
+        return cls(w_int.transpose(0, 1) if transposed else w_int, b_int, multiplier, in_bound,
+                   out_low.to(torch.int64), out_high.to(torch.int64), torch.tensor(bounds), meta)
+
+    @staticmethod
+    def _plan(per_input: Tensor, in_bound: Tensor, split_bits: int):
+        """``(split_bits, chunk boundaries, load)``: input channels grouped greedily so that each
+        group's bound ``sum_i load[c, i]`` is at most 2^24 for every output channel ``c``, where
+        ``load[c, i] = per_input[c, i] * (bound of one part of a_i)``; None if a channel alone is
+        too much. With a split, ``hi = floor(a / 2^S)`` has ``|hi| <= ceil(A / 2^S)`` and
+        ``0 <= lo < 2^S``."""
+        part = in_bound
+        if split_bits:
+            hi = -(-in_bound // (1 << split_bits))
+            part = torch.minimum(torch.clamp(hi, min=(1 << split_bits) - 1), in_bound)
+        load = per_input * part[None]
+        if int(load.amax()) > FLOAT32_EXACT:
+            return None
+        bounds, acc = [0], torch.zeros(load.shape[0], dtype=torch.int64)
+        for i in range(load.shape[1]):
+            if int((acc + load[:, i]).amax()) > FLOAT32_EXACT:
+                bounds.append(i)
+                acc = torch.zeros_like(acc)
+            acc += load[:, i]
+        bounds.append(load.shape[1])
+        return split_bits, bounds, load
+
+    # ------------------------------------------------------------------ running
+    def _settings(self):
+        if self._config is None:
+            t, s, p, op, split, f64 = (int(v) for v in self.meta.tolist())
+            self._config = (bool(t), s, p, op, split, [int(v) for v in self.chunks.tolist()])
+            self._float64 = bool(f64)
+        return self._config
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._config = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._config = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _runtime(self):
+        """Per-device working copies, cached until a buffer changes: float32 weights per chunk
+        (exact: |w| < 2^24), float64 weights (fallback), and the per-channel vectors shaped
+        (1, C, 1, 1): input bound (float32 and float64), bias, multiplier, output bounds (float64)."""
+        transposed, *_, chunks = self._settings()
+        device = self.weight.device
+
+        def build():
+            w = self.weight.to(device, torch.float32)
+            view = (1, -1, 1, 1)
+            return {
+                "w32": [(w[lo:hi] if transposed else w[:, lo:hi]).contiguous() for lo, hi in zip(chunks[:-1], chunks[1:])],
+                "w64": self.weight.to(device, torch.float64),
+                "bound32": self.in_bound.to(device, torch.float32).view(view),
+                "bound64": self.in_bound.to(device, torch.float64).view(view),
+                "bias": self.bias.to(device, torch.float64).view(view),
+                "bias_flat": self.bias.to(device, torch.float64),
+                "mult": self.multiplier.to(device, torch.float64).view(view),
+                "low": self.out_low.to(device, torch.float64).view(view),
+                "high": self.out_high.to(device, torch.float64).view(view),
+                "uniform": ((float(self.out_low[0]), float(self.out_high[0]))
+                            if bool((self.out_low == self.out_low[0]).all() and (self.out_high == self.out_high[0]).all())
+                            else None),
+            }
+
+        return _runtime_cache.get(self, [getattr(self, n) for n in _BUFFERS], build)
+
+    def accumulate(self, a: Tensor, bounded: bool = False) -> Tensor:
+        """The exact integer accumulator ``bias + conv(clamp(a), weight)`` as float64.
+        ``bounded``: the caller guarantees ``|a_i| <= in_bound[i]`` (the clamp is skipped)."""
+        transposed, stride, padding, output_padding, split, chunks = self._settings()
+        rt = self._runtime()
+        if not self._float64 and fast_float32_ok(a.device):
+            a = a.float()
+            if not bounded:
+                a = torch.clamp(a, -rt["bound32"], rt["bound32"])
+            parts = [(a, 0)]
+            if split:
+                hi = torch.floor(a * (1.0 / (1 << split)))  # exact: a power-of-two scaling
+                parts = [(hi, split), (torch.sub(a, hi, alpha=float(1 << split)), 0)]  # exact integers
+            out = None
+            for w, lo, hi_ in zip(rt["w32"], chunks[:-1], chunks[1:]):
+                for part, shift in parts:
+                    x = part if len(chunks) == 2 else part[:, lo:hi_]
+                    if transposed:
+                        y = _batched(lambda t: F.conv_transpose2d(t, w, None, stride, padding, output_padding), x)
+                    else:
+                        y = _batched(lambda t: F.conv2d(t, w, None, stride, padding), x)
+                    if out is None:
+                        out = y.double()
+                        if shift:
+                            out.mul_(float(1 << shift))
+                    elif shift:
+                        out.add_(y.double().mul_(float(1 << shift)))
+                    else:
+                        out.add_(y)  # float32 integers into float64: exact (sums < 2^53)
+            return out.add_(rt["bias"])
+        # float64, im2col + GEMM (no cuDNN): exact below 2^53, the same integers.
+        a = a.double()
+        if not bounded:
+            a = torch.clamp(a, -rt["bound64"], rt["bound64"])
+        w = rt["w64"]
+        k = list(w.shape[-2:])
+        if transposed:
+            return torch._C._nn.slow_conv_transpose2d(a, w, k, rt["bias_flat"], [stride] * 2, [padding] * 2,
+                                                      [output_padding] * 2, [1, 1])
+        return torch._C._nn.thnn_conv2d(a, w, k, rt["bias_flat"], [stride] * 2, [padding] * 2)
+
+    def forward(self, a: Tensor, bounded: bool = False, index_offset: Optional[int] = None) -> Tensor:
+        """Requantised output ``clamp(round_half_even(acc * m), low, high)`` as float32 integers;
+        with ``index_offset``, that plus the offset as int64 (the index of an :class:`IntLUT`)."""
+        rt = self._runtime()
+        acc = self.accumulate(a, bounded).mul_(rt["mult"]).round_()
+        if rt["uniform"] is not None:  # one clamp range for every channel: the scalar kernel
+            acc = acc.clamp_(*rt["uniform"])
+        else:
+            acc = torch.clamp(acc, rt["low"], rt["high"])
+        if index_offset is not None:
+            return acc.add_(float(index_offset)).long()
+        return acc.float()
+
+
+_BUFFERS = ("weight", "bias", "multiplier", "in_bound", "out_low", "out_high", "chunks", "meta")
+_runtime_cache: TensorCache[dict] = TensorCache()
+
+
+def _batched(fn, x: Tensor) -> Tensor:
+    if x.size(0) < 16:
+        return fn(x)
+    return torch.cat([fn(x[i:i + _NNPACK_BATCH]) for i in range(0, x.size(0), _NNPACK_BATCH)])
+
+
+class IntLUT(nn.Module):
+    """A nonlinearity as a table: ``out = table[clamp(q, -bound, bound) + bound]`` on integers
+    (buffer ``table``, int16 or int32, of ``2 * bound + 1`` entries, computed once by :meth:`tabulate`)."""
+
+    def __init__(self, table: Tensor):
+        super().__init__()
+        if table.dim() != 1 or table.numel() % 2 != 1:
+            raise ValueError("IntLUT: a 1-D table of odd length")
+        small = table.numel() == 0 or int(table.abs().max()) < (1 << 15)
+        self.register_buffer("table", table.to(torch.int16 if small else torch.int32))
+
+    @classmethod
+    def from_state(cls, state: dict, prefix: str) -> "IntLUT":
+        return cls(state[prefix + "table"])
+
+    @classmethod
+    def tabulate(cls, fn, in_scale: float, bound: int, out_scale: float, out_bound: Optional[int] = None) -> "IntLUT":
+        """``round_half_even(fn(q * in_scale) / out_scale)`` for ``q`` in ``[-bound, bound]``,
+        clamped to ``±out_bound``; ``fn`` is evaluated here only (float64), never when coding."""
+        q = torch.arange(-bound, bound + 1, dtype=torch.float64)
+        out = torch.round(fn(q * in_scale) / out_scale)
+        if out_bound is not None:
+            out = out.clamp(-out_bound, out_bound)
+        assert float(out.abs().max()) < FLOAT32_EXACT
+        return cls(out.to(torch.int32))
+
+    @property
+    def bound(self) -> int:
+        return (self.table.numel() - 1) // 2
+
+    def forward(self, q: Tensor) -> Tensor:
+        """``q``: float integers (clamped here), or int64 indexes ``q + bound`` already in range
+        (what :meth:`IntConv.forward` gives with ``index_offset=bound``). float32 out."""
+        table = _runtime_cache.get(self, [self.table], lambda: {"t": self.table.float()})["t"]
+        if q.dtype != torch.int64:
+            bound = self.bound
+            q = q.clamp(-bound, bound).add_(bound).long()
+        return torch.take(table, q)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """The exact GELU (erf form, ``nn.GELU()``'s default) in float64, for tables."""
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def half_tanh(x: Tensor) -> Tensor:
+    return 0.5 * torch.tanh(x)
+
+
+def state_prefixes(state: dict, prefix: str) -> Sequence[str]:
+    """The distinct sub-prefixes ``prefix + name + '.'`` present in ``state``, in numeric order."""
+    names = {k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)}
+    return [prefix + n + "." for n in sorted(names, key=lambda n: (len(n), n))]
