@@ -17,6 +17,7 @@ Environment switches:
   DUALRES_PORTABLE=1  accepted for compatibility and ignored: portable is the default
   TORCH_CUDA_ARCH_LIST  as usual; defaults to the local GPU, or "9.0+PTX" without one
 """
+
 import glob
 import importlib.util
 import os
@@ -34,7 +35,8 @@ def _flag(name):
 
 def _is_toolkit(prefix):
     return os.path.exists(os.path.join(prefix, "bin", "nvcc")) and os.path.exists(
-        os.path.join(prefix, "include", "cuda_runtime.h"))
+        os.path.join(prefix, "include", "cuda_runtime.h")
+    )
 
 
 def _find_cuda_home():
@@ -93,7 +95,9 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
-sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*", "cpu", "*.cpp")))
+sources = _rel(
+    glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*", "cpu", "*.cpp"))
+)
 cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*", "cuda", "*.cu")))
 
 # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch 2.14).
@@ -134,7 +138,10 @@ else:
         extra_link_args=["-fopenmp"],
     )
 
-print(f"dualres_ext: building {'CPU + CUDA' if with_cuda else 'CPU only'} "
-      f"({len(ext.sources)} translation units, CUDA_HOME={cuda_home})", file=sys.stderr)
+print(
+    f"dualres_ext: building {'CPU + CUDA' if with_cuda else 'CPU only'} "
+    f"({len(ext.sources)} translation units, CUDA_HOME={cuda_home})",
+    file=sys.stderr,
+)
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

@@ -8,6 +8,7 @@ the other, best of ``--repeat`` runs (the machine is shared: take the best of a 
 Prints a markdown table of compress / decompress seconds and the speed-up of each DualRes
 model over each peer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,15 @@ def time_model(name, model, x, repeat, compress, decompress, device):
     n_bytes = sum(len(s[0]) for s in out["strings"])
     params = sum(p.numel() for p in model.parameters()) / 1e6
     assert x_hat.shape == x.shape, (name, x_hat.shape)
-    return {"name": name, "enc": min(enc), "dec": min(dec), "bytes": n_bytes, "params": params,
-            "enc_cpu": min(enc_cpu), "dec_cpu": min(dec_cpu)}
+    return {
+        "name": name,
+        "enc": min(enc),
+        "dec": min(dec),
+        "bytes": n_bytes,
+        "params": params,
+        "enc_cpu": min(enc_cpu),
+        "dec_cpu": min(dec_cpu),
+    }
 
 
 def main():
@@ -66,8 +74,12 @@ def main():
     parser.add_argument("--image", default=os.path.join(here, "..", "..", "shared", "data", "kodak", "kodim01.png"))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); 1 is the steadiest on a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 is the steadiest on a busy machine",
+    )
     parser.add_argument("--skip-peers", action="store_true", help="time only DualRes")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -101,10 +113,12 @@ def main():
         def ca_d(m, out):
             return m.decompress(out["strings"], out["shape"])["x_hat"]
 
-        peers = [("mbt2018-mean (N=128, M=192)", lambda: MeanScaleHyperprior(128, 192)),
-                 ("mbt2018-mean (N=192, M=320)", lambda: MeanScaleHyperprior(192, 320)),
-                 ("Cheng2020AnchorCheckerboard (N=192)", lambda: Cheng2020AnchorCheckerboard(192)),
-                 ("Elic2022Official (N=192, M=320)", lambda: Elic2022Official(192, 320))]
+        peers = [
+            ("mbt2018-mean (N=128, M=192)", lambda: MeanScaleHyperprior(128, 192)),
+            ("mbt2018-mean (N=192, M=320)", lambda: MeanScaleHyperprior(192, 320)),
+            ("Cheng2020AnchorCheckerboard (N=192)", lambda: Cheng2020AnchorCheckerboard(192)),
+            ("Elic2022Official (N=192, M=320)", lambda: Elic2022Official(192, 320)),
+        ]
         for name, make in peers:
             model = make().to(device).eval()
             model.update(force=True)
@@ -115,17 +129,21 @@ def main():
         peer_note = "peers skipped"
 
     print()
-    print(f"Image {x.shape[-1]}x{x.shape[-2]}, device {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {peer_note}; "
-          f"random weights, best of {args.repeat}.")
+    print(
+        f"Image {x.shape[-1]}x{x.shape[-2]}, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {peer_note}; "
+        f"random weights, best of {args.repeat}."
+    )
     print()
     # CPU seconds (all threads) are less disturbed by other processes than wall time on a
     # shared machine: compare the ratios of both.
     print("| model | params (M) | compress (s) | decompress (s) | compress CPU (s) | decompress CPU (s) | bytes |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['params']:.2f} | {r['enc']:.3f} | {r['dec']:.3f} | "
-              f"{r['enc_cpu']:.3f} | {r['dec_cpu']:.3f} | {r['bytes']} |")
+        print(
+            f"| {r['name']} | {r['params']:.2f} | {r['enc']:.3f} | {r['dec']:.3f} | "
+            f"{r['enc_cpu']:.3f} | {r['dec_cpu']:.3f} | {r['bytes']} |"
+        )
     ours = [r for r in rows if r["name"].startswith("DualRes")]
     peers = [r for r in rows if not r["name"].startswith("DualRes")]
     if peers:

@@ -16,6 +16,7 @@ by wrapping the same call sites on both sides:
 Nested wrapped calls count once. Also checks that both sides produce the same bytes and decode the
 same latent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,9 @@ import os
 import sys
 import time
 
+import compressai
 import numpy as np
 import torch
-
-import compressai
 from compressai.models import Cheng2020AnchorCheckerboard, Elic2022Official
 from compressai.zoo import image_models
 
@@ -82,8 +82,13 @@ class _TimedCoder:
 def install_timers():
     from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
 
-    for cls in (EntropyModel, EntropyBottleneck, GaussianConditional, compat.DualresEntropyBottleneck,
-                compat.DualresGaussianConditional):
+    for cls in (
+        EntropyModel,
+        EntropyBottleneck,
+        GaussianConditional,
+        compat.DualresEntropyBottleneck,
+        compat.DualresGaussianConditional,
+    ):
         for name in ("compress", "decompress", "build_indexes"):
             if name in vars(cls):
                 setattr(cls, name, TIMER.wrap(vars(cls)[name]))
@@ -154,14 +159,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
-    parser.add_argument("--image", default=None, help="a photo (e.g. Kodak kodim01.png); default: a synthetic 768x512 image")
+    parser.add_argument(
+        "--image", default=None, help="a photo (e.g. Kodak kodim01.png); default: a synthetic 768x512 image"
+    )
     args = parser.parse_args(argv)
 
     install_timers()
     x, source = load_image(args.image)
     print(f"# CompressAI {compressai.__version__} before/after dualres_ext.compat.accelerate()")
-    print(f"image {tuple(x.shape)} from {source}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"best of {args.repeat}; random weights (zoo models at quality {QUALITY})\n")
+    print(
+        f"image {tuple(x.shape)} from {source}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"best of {args.repeat}; random weights (zoo models at quality {QUALITY})\n"
+    )
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -174,17 +183,24 @@ def main(argv=None):
         diff = (dec_b["x_hat"] - dec_a["x_hat"]).abs().max().item()
         nbytes = sum(len(s) for s in flatten(out_b["strings"]))
         rows.append((name, before, after, same, diff, nbytes))
-        print(f"{name}: done ({nbytes} bytes, same bytes: {same}, max |x_hat diff| {diff:.1e})", file=sys.stderr,
-              flush=True)
+        print(
+            f"{name}: done ({nbytes} bytes, same bytes: {same}, max |x_hat diff| {diff:.1e})",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    print("| model | side | CompressAI s | accelerated s | speed-up | entropy coding s (CompressAI -> ours) "
-          "| coding speed-up | coding share (CompressAI -> ours) |")
+    print(
+        "| model | side | CompressAI s | accelerated s | speed-up | entropy coding s (CompressAI -> ours) "
+        "| coding speed-up | coding share (CompressAI -> ours) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, b, a, same, diff, nbytes in rows:
         for side, i in (("compress", 0), ("decompress", 2)):
-            print(f"| {name} | {side} | {b[i]:.3f} | {a[i]:.3f} | {b[i] / a[i]:.2f}x | "
-                  f"{b[i + 1]:.4f} -> {a[i + 1]:.4f} | {b[i + 1] / max(a[i + 1], 1e-9):.1f}x | "
-                  f"{100 * b[i + 1] / b[i]:.0f}% -> {100 * a[i + 1] / a[i]:.0f}% |")
+            print(
+                f"| {name} | {side} | {b[i]:.3f} | {a[i]:.3f} | {b[i] / a[i]:.2f}x | "
+                f"{b[i + 1]:.4f} -> {a[i + 1]:.4f} | {b[i + 1] / max(a[i + 1], 1e-9):.1f}x | "
+                f"{100 * b[i + 1] / b[i]:.0f}% -> {100 * a[i + 1] / a[i]:.0f}% |"
+            )
     print()
     for name, b, a, same, diff, nbytes in rows:
         print(f"- {name}: {nbytes} bytes; accelerated bytes identical: {same}; max |x_hat difference| {diff:.1e}")

@@ -9,17 +9,17 @@ EntropyBottleneck with trained-looking (perturbed) parameters.
 Prints a markdown table: best-of-`repeat` wall time per call (the machine is shared and noisy, so
 the minimum is the honest estimate of each implementation's own cost), throughput and speed-up.
 """
+
 import argparse
 import math
 import platform
 
+import compressai.entropy_models as theirs
 import torch
+from compressai.models.google import get_scale_table
 
 from dualres_ext import entropy_models as ours
 from dualres_ext.tools.timing import best_ms
-
-import compressai.entropy_models as theirs
-from compressai.models.google import get_scale_table
 
 
 def ideal_bits(symbols, indexes, cdf, lengths, offsets, precision=16):
@@ -61,8 +61,12 @@ def main():
     # build_indexes
     indexes = ref_gc.build_indexes(scales)
     assert torch.equal(gc.build_indexes(scales), indexes)
-    row("GaussianConditional.build_indexes", best_ms(lambda: ref_gc.build_indexes(scales), args.repeat),
-        best_ms(lambda: gc.build_indexes(scales), args.repeat), n)
+    row(
+        "GaussianConditional.build_indexes",
+        best_ms(lambda: ref_gc.build_indexes(scales), args.repeat),
+        best_ms(lambda: gc.build_indexes(scales), args.repeat),
+        n,
+    )
 
     # compress / decompress
     ref_strings = ref_gc.compress(y, indexes, means)
@@ -75,18 +79,38 @@ def main():
 
     ref_enc = best_ms(lambda: ref_gc.compress(y, indexes, means), args.repeat)
     ref_dec = best_ms(lambda: ref_gc.decompress(ref_strings, indexes, means=means), max(3, args.repeat // 3))
-    row("GaussianConditional.compress (compat)", ref_enc, best_ms(lambda: gc.compress(y, indexes, means), args.repeat), n)
-    row("GaussianConditional.compress (native lanes)", ref_enc,
-        best_ms(lambda: gc_native.compress(y, indexes, means), args.repeat), n)
-    row("GaussianConditional.decompress (compat)", ref_dec,
-        best_ms(lambda: gc.decompress(strings, indexes, means=means), args.repeat), n)
-    row("GaussianConditional.decompress (native lanes)", ref_dec,
-        best_ms(lambda: gc_native.decompress(native, indexes, means=means), args.repeat), n)
+    row(
+        "GaussianConditional.compress (compat)",
+        ref_enc,
+        best_ms(lambda: gc.compress(y, indexes, means), args.repeat),
+        n,
+    )
+    row(
+        "GaussianConditional.compress (native lanes)",
+        ref_enc,
+        best_ms(lambda: gc_native.compress(y, indexes, means), args.repeat),
+        n,
+    )
+    row(
+        "GaussianConditional.decompress (compat)",
+        ref_dec,
+        best_ms(lambda: gc.decompress(strings, indexes, means=means), args.repeat),
+        n,
+    )
+    row(
+        "GaussianConditional.decompress (native lanes)",
+        ref_dec,
+        best_ms(lambda: gc_native.decompress(native, indexes, means=means), args.repeat),
+        n,
+    )
 
     # fused quantise + index (what a codec calls instead of build_indexes + quantize)
-    row("build_indexes + quantize(symbols) / fused quantize_and_index",
+    row(
+        "build_indexes + quantize(symbols) / fused quantize_and_index",
         best_ms(lambda: (ref_gc.build_indexes(scales), ref_gc.quantize(y, "symbols", means)), args.repeat),
-        best_ms(lambda: gc.quantize_and_index(y, scales, means), args.repeat), n)
+        best_ms(lambda: gc.quantize_and_index(y, scales, means), args.repeat),
+        n,
+    )
 
     # EntropyBottleneck on z
     z_shape = (1, 192, 12, 8)
@@ -109,12 +133,24 @@ def main():
     ref_zenc = best_ms(lambda: ref_eb.compress(z), args.repeat)
     ref_zdec = best_ms(lambda: ref_eb.decompress(zs, z_shape[2:]), args.repeat)
     row("EntropyBottleneck.compress (compat)", ref_zenc, best_ms(lambda: eb.compress(z), args.repeat), zn_count)
-    row("EntropyBottleneck.compress (native lanes)", ref_zenc, best_ms(lambda: eb_native.compress(z), args.repeat),
-        zn_count)
-    row("EntropyBottleneck.decompress (compat)", ref_zdec,
-        best_ms(lambda: eb.decompress(zs, z_shape[2:]), args.repeat), zn_count)
-    row("EntropyBottleneck.decompress (native lanes)", ref_zdec,
-        best_ms(lambda: eb_native.decompress(zn, z_shape[2:]), args.repeat), zn_count)
+    row(
+        "EntropyBottleneck.compress (native lanes)",
+        ref_zenc,
+        best_ms(lambda: eb_native.compress(z), args.repeat),
+        zn_count,
+    )
+    row(
+        "EntropyBottleneck.decompress (compat)",
+        ref_zdec,
+        best_ms(lambda: eb.decompress(zs, z_shape[2:]), args.repeat),
+        zn_count,
+    )
+    row(
+        "EntropyBottleneck.decompress (native lanes)",
+        ref_zdec,
+        best_ms(lambda: eb_native.decompress(zn, z_shape[2:]), args.repeat),
+        zn_count,
+    )
 
     # Training path: likelihood forward + backward (float32)
     yt = y.clone().requires_grad_()
@@ -126,15 +162,21 @@ def main():
         _, lik = model(yt, st, mt, training=False)
         torch.autograd.grad(lik, (yt, st, mt), grad)
 
-    row("GaussianConditional forward+backward (float32)", best_ms(lambda: train_step(ref_gc), args.repeat),
-        best_ms(lambda: train_step(gc), args.repeat), n)
+    row(
+        "GaussianConditional forward+backward (float32)",
+        best_ms(lambda: train_step(ref_gc), args.repeat),
+        best_ms(lambda: train_step(gc), args.repeat),
+        n,
+    )
 
     # Sizes
     symbols = gc.quantize(y, "symbols", means)
     bits, escaped = ideal_bits(symbols.view(-1), indexes.view(-1), gc._quantized_cdf, gc._cdf_length, gc._offset)
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()},"
-          f" best of {args.repeat}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()},"
+        f" best of {args.repeat}"
+    )
     print()
     print("| operation | CompressAI 1.2.8 (ms) | dualres_ext (ms) | dualres_ext Msym/s | speed-up |")
     print("|---|---:|---:|---:|---:|")
@@ -144,7 +186,7 @@ def main():
     print("| stream | bytes | bits/symbol | over ideal |")
     print("|---|---:|---:|---:|")
     print(f"| ideal (quantized CDFs, {escaped} escaped symbols excluded) | {bits / 8:.0f} | {bits / n:.4f} | - |")
-    for name, s in (("CompressAI / ours compat", strings[0]), (f"ours native lanes", native[0])):
+    for name, s in (("CompressAI / ours compat", strings[0]), ("ours native lanes", native[0])):
         print(f"| {name} | {len(s)} | {8 * len(s) / n:.4f} | {100 * (8 * len(s) / bits - 1):+.2f}% |")
 
 

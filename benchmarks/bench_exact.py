@@ -14,6 +14,7 @@ rounds, so that a shared machine's load hits all of them alike. Measures, on one
 
 Prints a markdown table of milliseconds and ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ def entropy_paths(model, img, quality):
         def step(i, scales, means):
             gc.build_indexes(scales)
             return quantize_latent(pieces[i], means, False, gc)
+
         return step
 
     def exact_step(y, coder):
@@ -65,6 +67,7 @@ def entropy_paths(model, img, quality):
 
         def step(i, indexes, means):
             return quantize_latent(pieces[i].double(), means, False, gc)
+
         return step
 
     @torch.no_grad()
@@ -88,8 +91,11 @@ def mbt_variants(img):
     x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
     x = x[..., : x.shape[-2] // 64 * 64, : x.shape[-1] // 64 * 64]
     out = {}
-    for name, options in (("mbt2018-mean", None), ("mbt2018-mean accelerated", {}),
-                          ("mbt2018-mean portable", {"portable": True})):
+    for name, options in (
+        ("mbt2018-mean", None),
+        ("mbt2018-mean accelerated", {}),
+        ("mbt2018-mean portable", {"portable": True}),
+    ):
         torch.manual_seed(0)
         model = mbt2018_mean(quality=3, pretrained=False).eval()
         if options is not None:
@@ -105,6 +111,7 @@ def mbt_variants(img):
         def dec(model=model, coded=coded):
             with torch.no_grad():
                 model.decompress(coded["strings"], coded["shape"])
+
         out[name] = (enc, dec)
     return out
 
@@ -133,12 +140,14 @@ def main(argv=None) -> int:
         "entropy path integer (v4)": run_exact,
     }
     if not args.only_entropy:
-        jobs.update({
-            "encode v3": lambda: codec.encode(img, quality=args.quality, version=3, weights=w),
-            "encode v4": lambda: codec.encode(img, quality=args.quality, version=4, weights=w),
-            "decode v3": lambda: codec.decode(v3, output="numpy", weights=w),
-            "decode v4": lambda: codec.decode(v4, output="numpy", weights=w),
-        })
+        jobs.update(
+            {
+                "encode v3": lambda: codec.encode(img, quality=args.quality, version=3, weights=w),
+                "encode v4": lambda: codec.encode(img, quality=args.quality, version=4, weights=w),
+                "decode v3": lambda: codec.decode(v3, output="numpy", weights=w),
+                "decode v4": lambda: codec.decode(v4, output="numpy", weights=w),
+            }
+        )
     if not args.no_compressai and not args.only_entropy:
         for name, (enc, dec) in mbt_variants(img).items():
             jobs[f"{name} compress"] = enc
@@ -153,13 +162,17 @@ def main(argv=None) -> int:
             best[name] = min(best[name], time.perf_counter() - t)
     ms = {k: 1000 * v for k, v in best.items()}
     h, w = img.shape[:2]
-    print(f"{w}x{h}, quality {args.quality}, {args.threads} threads, best of {args.repeat} interleaved rounds; "
-          f"v3 {len(v3)} bytes, v4 {len(v4)} bytes\n")
+    print(
+        f"{w}x{h}, quality {args.quality}, {args.threads} threads, best of {args.repeat} interleaved rounds; "
+        f"v3 {len(v3)} bytes, v4 {len(v4)} bytes\n"
+    )
     print("| operation | ms |\n|---|---:|")
     for name, value in ms.items():
         print(f"| {name} | {value:.1f} |")
     print("\n| ratio | value |\n|---|---:|")
-    print(f"| entropy path float64 / integer | {ms['entropy path float64 (v3)'] / ms['entropy path integer (v4)']:.2f}x |")
+    print(
+        f"| entropy path float64 / integer | {ms['entropy path float64 (v3)'] / ms['entropy path integer (v4)']:.2f}x |"
+    )
     if args.only_entropy:
         return 0
     print(f"| encode v3 / v4 | {ms['encode v3'] / ms['encode v4']:.2f}x |")

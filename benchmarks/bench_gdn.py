@@ -6,6 +6,7 @@ For each shape: no_grad forward (compressai / ours / ours in place, i.e. what a 
 convolution may do with the convolution's output) and a training step (forward + backward w.r.t. x and
 the parameters). Times are the best of --repeat runs after one warm-up, in milliseconds.
 """
+
 import argparse
 import time
 
@@ -44,10 +45,14 @@ def train_step(module, x):
 
 def bench_layers(args, device, dtype):
     clock = "CPU time" if CLOCK is time.process_time else "wall time"
-    print(f"\n### GDN layer, {device} {str(dtype).replace('torch.', '')}, "
-          f"threads={torch.get_num_threads()}, best of {args.repeat}, {clock}, ms\n")
-    print("| shape | layout | CompressAI fwd | ours fwd | ours fwd in place | fwd speed-up (in place) "
-          "| CompressAI train step | ours train step | train speed-up |")
+    print(
+        f"\n### GDN layer, {device} {str(dtype).replace('torch.', '')}, "
+        f"threads={torch.get_num_threads()}, best of {args.repeat}, {clock}, ms\n"
+    )
+    print(
+        "| shape | layout | CompressAI fwd | ours fwd | ours fwd in place | fwd speed-up (in place) "
+        "| CompressAI train step | ours train step | train speed-up |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         theirs, ours = make_pair(shape[1], device, dtype)
@@ -64,9 +69,11 @@ def bench_layers(args, device, dtype):
                 t_inpl = timed_ms(lambda: ours(scratch, inplace=True), args.repeat, device)
             t_ref_tr = timed_ms(lambda: train_step(theirs, x), args.repeat, device)
             t_ours_tr = timed_ms(lambda: train_step(ours, x), args.repeat, device)
-            print(f"| {tuple(shape)} | {layout} | {t_ref:.1f} | {t_ours:.1f} | {t_inpl:.1f} "
-                  f"| {t_ref / t_ours:.2f}x ({t_ref / t_inpl:.2f}x) | {t_ref_tr:.1f} | {t_ours_tr:.1f} "
-                  f"| {t_ref_tr / t_ours_tr:.2f}x |")
+            print(
+                f"| {tuple(shape)} | {layout} | {t_ref:.1f} | {t_ours:.1f} | {t_inpl:.1f} "
+                f"| {t_ref / t_ours:.2f}x ({t_ref / t_inpl:.2f}x) | {t_ref_tr:.1f} | {t_ours_tr:.1f} "
+                f"| {t_ref_tr / t_ours_tr:.2f}x |"
+            )
 
 
 def main():
@@ -74,9 +81,12 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="CPU: time with process_time (CPU seconds of this process), for a machine shared "
-                         "with other jobs; meaningful with --threads 1")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU: time with process_time (CPU seconds of this process), for a machine shared "
+        "with other jobs; meaningful with --threads 1",
+    )
     args = ap.parse_args()
     if args.cpu_time:
         global CLOCK

@@ -7,6 +7,7 @@ a ``DUALRES_NATIVE=1`` (-march=native) build, on the CPU kernels the codec spend
 Each build runs in its own process (one thread), the two alternating for ``--rounds`` rounds;
 every figure is the best over all rounds, in milliseconds, and the ratio is portable / native.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,16 +53,20 @@ print(json.dumps({
 
 def run(path: str, repeat: int) -> dict:
     env = dict(os.environ, PYTHONPATH=path)
-    out = subprocess.run([sys.executable, "-c", WORKLOAD, str(repeat)], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKLOAD, str(repeat)], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--other", required=True, help="the src/ folder of the -march=native build")
-    ap.add_argument("--this", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                   "src"), help="the src/ folder of the portable build")
+    ap.add_argument(
+        "--this",
+        default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"),
+        help="the src/ folder of the portable build",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
@@ -73,8 +78,10 @@ def main() -> None:
                     best[name][key] = min(value, best[name].get(key, value))
                 else:
                     best[name][key] = value
-    print(f"portable: cpu_kernels={best['portable'].pop('kernels')} native={best['portable'].pop('native')}; "
-          f"native: cpu_kernels={best['native'].pop('kernels')} native={best['native'].pop('native')}")
+    print(
+        f"portable: cpu_kernels={best['portable'].pop('kernels')} native={best['portable'].pop('native')}; "
+        f"native: cpu_kernels={best['native'].pop('kernels')} native={best['native'].pop('native')}"
+    )
     print("| kernel (1 thread) | portable ms | native ms | portable / native |")
     print("|---|---|---|---|")
     for key, value in best["portable"].items():

@@ -8,6 +8,7 @@ indexes and CDF tables from CompressAI's GaussianConditional with its default 64
 Prints a markdown table (best of --repeat runs): milliseconds, Msym/s, bits/symbol, and speed-ups of
 ours over CompressAI's bare C++ coder and over its Python-level GaussianConditional calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,12 @@ def ideal_bits(sym, idx, cdfs, lengths, offsets) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=7, help="timing runs of the peers (best is kept)")
-    ap.add_argument("--repeat-ours", type=int, default=40,
-                    help="timing runs of ours (milliseconds each: many runs find an unloaded moment)")
+    ap.add_argument(
+        "--repeat-ours",
+        type=int,
+        default=40,
+        help="timing runs of ours (milliseconds each: many runs find an unloaded moment)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -89,8 +94,13 @@ def main(argv=None):
     args.repeat = rep
 
     # --- CompressAI: bare C++ coder (lists prepared outside the timing) and the Python-level calls ---
-    lists = (symbols.reshape(-1).tolist(), idx32.reshape(-1).tolist(), gc.quantized_cdf.tolist(),
-             gc.cdf_length.reshape(-1).int().tolist(), gc.offset.reshape(-1).int().tolist())
+    lists = (
+        symbols.reshape(-1).tolist(),
+        idx32.reshape(-1).tolist(),
+        gc.quantized_cdf.tolist(),
+        gc.cdf_length.reshape(-1).int().tolist(),
+        gc.offset.reshape(-1).int().tolist(),
+    )
     tbe, ref = best_time(lambda: RansEncoder().encode_with_indexes(*lists), args.repeat)
     tbd, ref_out = best_time(lambda: RansDecoder().decode_with_indexes(ref, *lists[1:]), args.repeat)
     assert ref == cdata, "compat stream differs from CompressAI's"
@@ -117,23 +127,28 @@ def main(argv=None):
             return coder.get_compressed()
 
         tke, comp = best_time(c_enc, args.repeat)
-        tkd, dec = best_time(lambda: constriction.stream.stack.AnsCoder(comp).decode(model, mean_np, std_np),
-                             args.repeat)
+        tkd, dec = best_time(
+            lambda: constriction.stream.stack.AnsCoder(comp).decode(model, mean_np, std_np), args.repeat
+        )
         assert np.array_equal(dec, sym_np)
         rows.append(("constriction QuantizedGaussian (AnsCoder)", tke, tkd, comp.nbytes, "exact Gaussian, no table"))
     except ImportError:
         pass
 
-    print(f"\nworkload: {n} symbols, {torch.get_num_threads()} torch threads, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "
-          f"best of {args.repeat_ours} (ours) / {args.repeat} (peers)")
+    print(
+        f"\nworkload: {n} symbols, {torch.get_num_threads()} torch threads, "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "
+        f"best of {args.repeat_ours} (ours) / {args.repeat} (peers)"
+    )
     print(f"ideal (tables) = {ideal:.4f} bits/symbol\n")
     print("| coder | encode ms | Msym/s | decode ms | Msym/s | bits/sym | vs ideal | note |")
     print("|---|---|---|---|---|---|---|---|")
     for name, e, d, nbytes, note in rows:
         bps = nbytes * 8 / n
-        print(f"| {name} | {e * 1e3:.2f} | {n / e / 1e6:.1f} | {d * 1e3:.2f} | {n / d / 1e6:.1f} | {bps:.4f} | "
-              f"{100 * (bps / ideal - 1):+.2f}% | {note} |")
+        print(
+            f"| {name} | {e * 1e3:.2f} | {n / e / 1e6:.1f} | {d * 1e3:.2f} | {n / d / 1e6:.1f} | {bps:.4f} | "
+            f"{100 * (bps / ideal - 1):+.2f}% | {note} |"
+        )
     print("\n| ratio (ours native) | encode | decode |")
     print("|---|---|---|")
     print(f"| vs CompressAI bare C++ coder | {tbe / te:.1f}x | {tbd / td:.1f}x |")

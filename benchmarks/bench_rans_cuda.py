@@ -11,6 +11,7 @@ GaussianConditional does it) run from/to CPU tensors. Lanes: 0 = the encoder's c
 as the CPU, byte-identical streams); larger counts give the GPU more threads at some size cost
 (reported as % over the default stream). Prints a markdown table; best of --reps runs.
 """
+
 import argparse
 import math
 import sys
@@ -59,14 +60,21 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda"], help="the GPU path is what this script measures")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lanes", type=int, nargs="+", default=[0, 256, 1024, 4096],
-                    help="GPU lane counts per latent to measure (0 = encoder's choice)")
+    ap.add_argument(
+        "--lanes",
+        type=int,
+        nargs="+",
+        default=[0, 256, 1024, 4096],
+        help="GPU lane counts per latent to measure (0 = encoder's choice)",
+    )
     ap.add_argument("--no-compressai", action="store_true", help="skip CompressAI's (slow) coder")
     args = ap.parse_args()
 
     if not dualres_ext.build_info()["cuda"]:
-        sys.exit("bench_rans_cuda: this dualres_ext build has no CUDA kernels "
-                 "(rebuild with FORCE_CUDA=1 on a machine with the CUDA toolkit)")
+        sys.exit(
+            "bench_rans_cuda: this dualres_ext build has no CUDA kernels "
+            "(rebuild with FORCE_CUDA=1 on a machine with the CUDA toolkit)"
+        )
     if not torch.cuda.is_available():
         sys.exit("bench_rans_cuda: no CUDA GPU visible (torch.cuda.is_available() is False)")
 
@@ -103,10 +111,14 @@ def main():
         cl = [cdfs.tolist(), lengths.reshape(-1).tolist(), offsets.reshape(-1).tolist()]
         enc, dec = RansEncoder(), RansDecoder()
         ca_data = enc.encode_with_indexes(syms[0].reshape(-1).tolist(), idxs[0].reshape(-1).tolist(), *cl)
-        t_e = best_of(lambda: enc.encode_with_indexes(syms[0].reshape(-1).tolist(), idxs[0].reshape(-1).tolist(), *cl),
-                      max(1, args.reps // 4))
-        t_d = best_of(lambda: torch.tensor(dec.decode_with_indexes(ca_data, idxs[0].reshape(-1).tolist(), *cl)),
-                      max(1, args.reps // 4))
+        t_e = best_of(
+            lambda: enc.encode_with_indexes(syms[0].reshape(-1).tolist(), idxs[0].reshape(-1).tolist(), *cl),
+            max(1, args.reps // 4),
+        )
+        t_d = best_of(
+            lambda: torch.tensor(dec.decode_with_indexes(ca_data, idxs[0].reshape(-1).tolist(), *cl)),
+            max(1, args.reps // 4),
+        )
         rows.append(("CompressAI 1.2.8 coder, 1 latent", n1, t_e, t_d, len(ca_data)))
 
     for lanes in args.lanes:
@@ -127,14 +139,18 @@ def main():
         t_d = best_of(lambda: ops.rans_decode_batch(datab, g_idxs, *g_tables), args.reps, sync)
         rows.append((f"ours GPU, batch of {args.batch}, {label}", nb, t_e, t_d, sum(map(len, datab))))
 
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"CPU threads {torch.get_num_threads()}, best of {args.reps} (batch CPU/CompressAI: fewer)\n")
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"CPU threads {torch.get_num_threads()}, best of {args.reps} (batch CPU/CompressAI: fewer)\n"
+    )
     print("| coder | symbols | encode ms | enc Msym/s | decode ms | dec Msym/s | bytes | size vs CPU default |")
     print("|---|---|---|---|---|---|---|---|")
     for what, n, te, td, size in rows:
         ref = len(cpu_data[0]) if n == n1 else sum(map(len, cpu_data))
-        print(f"| {what} | {n} | {te * 1e3:.2f} | {n / te / 1e6:.0f} | {td * 1e3:.2f} | {n / td / 1e6:.0f} | "
-              f"{size} | {100 * (size / ref - 1):+.2f}% |")
+        print(
+            f"| {what} | {n} | {te * 1e3:.2f} | {n / te / 1e6:.0f} | {td * 1e3:.2f} | {n / td / 1e6:.0f} | "
+            f"{size} | {100 * (size / ref - 1):+.2f}% |"
+        )
     print()
     for what, n, te, td, _ in rows:
         if what.startswith("ours GPU, batch"):

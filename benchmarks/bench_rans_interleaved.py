@@ -23,6 +23,7 @@ from GPU tensors. torch_ans: rans32_16 with 32 interleaved states (its warp kern
 --groups parallel streams, tables on the GPU, timed on its stream-tensor core (stream tensor stays
 on the GPU: no host transfer is counted for it). Every call is followed by a synchronisation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,10 +71,16 @@ def make_cuda_coders(sym, idx, cdfs, lengths, offsets, groups_list):
     for groups in groups_list:
         coders[f"ours v2 GPU W=32 groups={groups}"] = (
             lambda g=groups: iv.encode(g_sym, g_idx, tables=tb, groups=g),
-            lambda d: iv.decode(d, g_idx, tables=tb), len, lambda o: torch.equal(o, g_sym))
+            lambda d: iv.decode(d, g_idx, tables=tb),
+            len,
+            lambda o: torch.equal(o, g_sym),
+        )
     coders["ours native v1 GPU (ops.rans_encode)"] = (
         lambda: ops.rans_encode(g_sym, g_idx, *g_tables),
-        lambda d: ops.rans_decode(d, g_idx, *g_tables), len, lambda o: torch.equal(o, g_sym))
+        lambda d: ops.rans_decode(d, g_idx, *g_tables),
+        len,
+        lambda o: torch.equal(o, g_sym),
+    )
     try:
         from torch_ans.utils import TorchANSInterface
     except ImportError:
@@ -84,9 +91,15 @@ def make_cuda_coders(sym, idx, cdfs, lengths, offsets, groups_list):
         for groups in groups_list:
             name = f"torch_ans GPU {impl} i{inter} x{groups} invcdf={inv} (stream tensor)"
             try:
-                ta = TorchANSInterface(impl=impl, num_interleaves=inter, num_parallel_states=groups,
-                                       inverse_cdf_precision=inv, bypass_coding=True, freq_precision=16,
-                                       device="cuda")
+                ta = TorchANSInterface(
+                    impl=impl,
+                    num_interleaves=inter,
+                    num_parallel_states=groups,
+                    inverse_cdf_precision=inv,
+                    bypass_coding=True,
+                    freq_precision=16,
+                    device="cuda",
+                )
                 ta.set_cdfs(*(t.cuda() for t in (cdfs, lengths, offsets)))
                 back = ta.decode(ta.encode(flat, dist_indexes=i_flat), dist_indexes=i_flat)
             except Exception as e:  # a configuration this torch_ans build or GPU does not run
@@ -100,7 +113,8 @@ def make_cuda_coders(sym, idx, cdfs, lengths, offsets, groups_list):
                 lambda ta=ta: ta.encode(flat, dist_indexes=i_flat),
                 lambda stream, ta=ta: ta.decode(stream.clone(), dist_indexes=i_flat),
                 lambda stream, ta=ta: len(ta.encode_with_indexes(flat, i_flat)),  # serialised bytes
-                lambda o: torch.equal(o.reshape(-1).to(flat), flat))
+                lambda o: torch.equal(o.reshape(-1).to(flat), flat),
+            )
     return coders
 
 
@@ -112,13 +126,22 @@ def make_coders(sym, idx, cdfs, lengths, offsets, scales, threads):
     for groups in sorted({1, threads}):
         coders[f"ours v2 W=32 groups={groups}"] = (
             lambda g=groups: iv.encode(sym, idx, tables=tb, groups=g),
-            lambda d: iv.decode(d, idx, tables=tb), len, lambda o: torch.equal(o, sym))
+            lambda d: iv.decode(d, idx, tables=tb),
+            len,
+            lambda o: torch.equal(o, sym),
+        )
     coders["ours v2 W=16 groups=%d" % threads] = (
         lambda: iv.encode(sym, idx, tables=tb, width=16, groups=threads),
-        lambda d: iv.decode(d, idx, tables=tb), len, lambda o: torch.equal(o, sym))
+        lambda d: iv.decode(d, idx, tables=tb),
+        len,
+        lambda o: torch.equal(o, sym),
+    )
     coders["ours native v1 (ops.rans_encode)"] = (
         lambda: ops.rans_encode(sym, idx, cdfs, lengths, offsets),
-        lambda d: ops.rans_decode(d, idx, cdfs, lengths, offsets), len, lambda o: torch.equal(o, sym))
+        lambda d: ops.rans_decode(d, idx, cdfs, lengths, offsets),
+        len,
+        lambda o: torch.equal(o, sym),
+    )
     try:
         from torch_ans.utils import TorchANSInterface, build_cdf_with_inverse_table
 
@@ -126,18 +149,25 @@ def make_coders(sym, idx, cdfs, lengths, offsets, scales, threads):
         # Two configurations: the inverse-CDF table (2^8 entries a row; its fastest CPU decoder on
         # its own tables) and the default search, which decodes CompressAI's zero-padded rows faster.
         for label, inv in (("invcdf8", 8), ("search", None)):
-            ta = TorchANSInterface(impl="rans64", num_interleaves=4, num_parallel_states=8,
-                                   inverse_cdf_precision=inv, bypass_coding=True, freq_precision=16)
-            ta.set_cdfs(build_cdf_with_inverse_table(cdfs, 16, 8, native=ta._native) if inv else cdfs, lengths,
-                        offsets)
+            ta = TorchANSInterface(
+                impl="rans64",
+                num_interleaves=4,
+                num_parallel_states=8,
+                inverse_cdf_precision=inv,
+                bypass_coding=True,
+                freq_precision=16,
+            )
+            ta.set_cdfs(build_cdf_with_inverse_table(cdfs, 16, 8, native=ta._native) if inv else cdfs, lengths, offsets)
 
             def ta_nbytes(stream, ta=ta):
                 return len(ta.encode_with_indexes(flat, i_flat))
 
             coders[f"torch_ans rans64 i4 x8 {label} (stream tensor)"] = (
                 lambda ta=ta: ta.encode(flat, dist_indexes=i_flat),
-                lambda stream, ta=ta: ta.decode(stream.clone(), dist_indexes=i_flat), ta_nbytes,
-                lambda o: torch.equal(o, flat))
+                lambda stream, ta=ta: ta.decode(stream.clone(), dist_indexes=i_flat),
+                ta_nbytes,
+                lambda o: torch.equal(o, flat),
+            )
     except ImportError:
         print("torch_ans not installed: skipped")
     try:
@@ -146,7 +176,10 @@ def make_coders(sym, idx, cdfs, lengths, offsets, scales, threads):
         lists = (flat.tolist(), idx.reshape(-1).tolist(), cdfs.tolist(), lengths.tolist(), offsets.tolist())
         coders["CompressAI 1.2.8 (lists given)"] = (
             lambda: RansEncoder().encode_with_indexes(*lists),
-            lambda d: RansDecoder().decode_with_indexes(d, *lists[1:]), len, lambda o: o == lists[0])
+            lambda d: RansDecoder().decode_with_indexes(d, *lists[1:]),
+            len,
+            lambda o: o == lists[0],
+        )
     except ImportError:
         pass
     try:
@@ -165,8 +198,11 @@ def make_coders(sym, idx, cdfs, lengths, offsets, scales, threads):
             return c.get_compressed()
 
         coders["constriction AnsCoder (exact Gaussian)"] = (
-            c_enc, lambda d: constriction.stream.stack.AnsCoder(d).decode(model, mean, std),
-            lambda d: d.nbytes, lambda o: np.array_equal(o, s_np))
+            c_enc,
+            lambda d: constriction.stream.stack.AnsCoder(d).decode(model, mean, std),
+            lambda d: d.nbytes,
+            lambda o: np.array_equal(o, s_np),
+        )
     except ImportError:
         pass
     return coders
@@ -199,13 +235,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-slow", action="store_true", help="skip CompressAI and constriction")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--groups", type=int, nargs="+", default=[64, 256],
-                    help="--device cuda: groups (ours) and parallel streams (torch_ans) to measure")
+    ap.add_argument(
+        "--groups",
+        type=int,
+        nargs="+",
+        default=[64, 256],
+        help="--device cuda: groups (ours) and parallel streams (torch_ans) to measure",
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda":
         return main_cuda(args)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {os.cpu_count()} cores, "
-          f"isa {iv.isa()}; best of {args.repeat}, coders interleaved")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {os.cpu_count()} cores, "
+        f"isa {iv.isa()}; best of {args.repeat}, coders interleaved"
+    )
     loads = {"latent 320x48x32": (0, 320, 48, 32, 0.11, 20.0), "low-rate 48x32x48": (1, 48, 32, 48, 0.5, 6.0)}
     for wname, spec in loads.items():
         sym, idx, cdfs, lengths, offsets, scales = workload(*spec)
@@ -221,8 +264,10 @@ def main(argv=None):
             print("| coder | encode ms | Msym/s | decode ms | Msym/s | bytes | vs ideal |")
             print("|---|---|---|---|---|---|---|")
             for name in coders:
-                print(f"| {name} | {enc[name] * 1e3:.3f} | {n / enc[name] / 1e6:.0f} | {dec[name] * 1e3:.3f} | "
-                      f"{n / dec[name] / 1e6:.0f} | {size[name]} | {100 * (size[name] / ideal - 1):+.3f}% |")
+                print(
+                    f"| {name} | {enc[name] * 1e3:.3f} | {n / enc[name] / 1e6:.0f} | {dec[name] * 1e3:.3f} | "
+                    f"{n / dec[name] / 1e6:.0f} | {size[name]} | {100 * (size[name] / ideal - 1):+.3f}% |"
+                )
             ours = f"ours v2 W=32 groups={threads}"
             print(f"\nratios, peer time / {ours} time (>1: ours faster):\n")
             print("| peer | encode | decode |")
@@ -232,8 +277,10 @@ def main(argv=None):
                     print(f"| {name} | {enc[name] / enc[ours]:.2f}x | {dec[name] / dec[ours]:.2f}x |")
             ta = [k for k in coders if k.startswith("torch_ans")]
             if ta:
-                print(f"| torch_ans, fastest of its configurations | {min(enc[k] for k in ta) / enc[ours]:.2f}x | "
-                      f"{min(dec[k] for k in ta) / dec[ours]:.2f}x |")
+                print(
+                    f"| torch_ans, fastest of its configurations | {min(enc[k] for k in ta) / enc[ours]:.2f}x | "
+                    f"{min(dec[k] for k in ta) / dec[ours]:.2f}x |"
+                )
 
 
 def main_cuda(args):
@@ -241,8 +288,10 @@ def main_cuda(args):
 
     if not dualres_ext.build_info()["cuda"] or not torch.cuda.is_available():
         sys.exit("bench_rans_interleaved --device cuda: needs a CUDA build of dualres_ext and a visible GPU")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; best of {args.repeat}, coders interleaved, "
-          "every call synchronised")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; best of {args.repeat}, coders interleaved, "
+        "every call synchronised"
+    )
     loads = {"latent 320x48x32": (0, 320, 48, 32, 0.11, 20.0), "low-rate 48x32x48": (1, 48, 32, 48, 0.5, 6.0)}
     for wname, spec in loads.items():
         sym, idx, cdfs, lengths, offsets, _ = workload(*spec)
@@ -254,9 +303,11 @@ def main_cuda(args):
         print("| coder | encode ms | Msym/s | decode ms | Msym/s | bytes | enc: peer/ours | dec: peer/ours |")
         print("|---|---|---|---|---|---|---|---|")
         for name in coders:
-            print(f"| {name} | {enc[name] * 1e3:.3f} | {n / enc[name] / 1e6:.0f} | {dec[name] * 1e3:.3f} | "
-                  f"{n / dec[name] / 1e6:.0f} | {size[name]} | {enc[name] / enc[ours]:.2f}x | "
-                  f"{dec[name] / dec[ours]:.2f}x |")
+            print(
+                f"| {name} | {enc[name] * 1e3:.3f} | {n / enc[name] / 1e6:.0f} | {dec[name] * 1e3:.3f} | "
+                f"{n / dec[name] / 1e6:.0f} | {size[name]} | {enc[name] / enc[ours]:.2f}x | "
+                f"{dec[name] / dec[ours]:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ state dict for mbt2018-mean), the total bytes of ``compress`` with the default a
 (CompressAI's stream) and with ``portable=True`` (integer hyper synthesis, marked strings), and
 the PSNR of both decodes. Prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--state", default=None)
     args = ap.parse_args(argv)
     files = sorted(glob.glob(os.path.join(args.folder, "*.png")))
-    print("| model | default bytes | portable bytes | rate change | PSNR default | PSNR portable |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        "| model | default bytes | portable bytes | rate change | PSNR default | PSNR portable |\n|---|---:|---:|---:|---:|---:|"
+    )
     makers = [("mbt2018-mean", mbt2018_mean)] + ([] if args.state else [("bmshj2018-hyperprior", bmshj2018_hyperprior)])
     for name, make in makers:
         models = []
@@ -58,8 +61,11 @@ def main(argv=None) -> int:
                 mse = float(((rec - x) ** 2).mean())
                 psnr[i].append(10 * np.log10(1 / max(mse, 1e-12)))
         label = name + (" (trained state)" if args.state else " (random init)")
-        print(f"| {label} | {total[0]} | {total[1]} | {100 * (total[1] / total[0] - 1):+.3f}% | "
-              f"{np.mean(psnr[0]):.3f} | {np.mean(psnr[1]):.3f} |", flush=True)
+        print(
+            f"| {label} | {total[0]} | {total[1]} | {100 * (total[1] / total[0] - 1):+.3f}% | "
+            f"{np.mean(psnr[0]):.3f} | {np.mean(psnr[1]):.3f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -4,6 +4,7 @@ mismatch; prints one line per op.
 
     PYTHONPATH=src python benchmarks/gpu_smoke.py
 """
+
 import math
 import os
 import sys
@@ -72,8 +73,11 @@ def main():
     yc, sc = y.clone().requires_grad_(), scales.clone().requires_grad_()
     likc = ops.gaussian_likelihood(yc, sc, means)
     likc.sum().backward()
-    check("gaussian_likelihood fwd/bwd", torch.allclose(lik.cpu(), likc, rtol=1e-4, atol=1e-6)
-          and torch.allclose(ys.grad.cpu(), yc.grad, rtol=1e-3, atol=1e-5))
+    check(
+        "gaussian_likelihood fwd/bwd",
+        torch.allclose(lik.cpu(), likc, rtol=1e-4, atol=1e-6)
+        and torch.allclose(ys.grad.cpu(), yc.grad, rtol=1e-3, atol=1e-5),
+    )
 
     # GDN forward / backward, both layouts, and the empty-channel case.
     for c, fmt in ((8, torch.contiguous_format), (24, torch.channels_last), (0, torch.contiguous_format)):
@@ -85,9 +89,11 @@ def main():
         xc = x.clone().requires_grad_()
         yc = ops.gdn(xc, beta, gamma)
         yc.sum().backward()
-        check(f"gdn C={c} {'nhwc' if fmt is torch.channels_last else 'nchw'} fwd/bwd",
-              torch.allclose(yg.cpu(), yc, rtol=1e-5, atol=1e-6)
-              and torch.allclose(xg.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-5))
+        check(
+            f"gdn C={c} {'nhwc' if fmt is torch.channels_last else 'nchw'} fwd/bwd",
+            torch.allclose(yg.cpu(), yc, rtol=1e-5, atol=1e-6)
+            and torch.allclose(xg.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-5),
+        )
     torch.cuda.synchronize()
     if check.failed:
         sys.exit(1)

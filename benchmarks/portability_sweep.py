@@ -12,6 +12,7 @@ pictures (flat, noise, gradients, text-like edges, odd sizes), and records a dig
 stream, recording the same digest and one of the decoded latents; all must agree. The summary
 (JSON) gives the counts, any mismatch and the timings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from dualres_ext import codec  # noqa: E402
-from dualres_ext import integer  # noqa: E402
+from dualres_ext import (
+    codec,  # noqa: E402
+    integer,  # noqa: E402
+)
 
 # Decoder configurations: environment, threads, and whether oneDNN is switched off / the float64
 # (CUDA-style) convolutions are forced.
@@ -61,7 +64,9 @@ class Tracer:
                     self.digest.update(indexes.cpu().numpy().tobytes())
                     self.digest.update(means.cpu().numpy().tobytes())
                     return step(i, indexes, means)
+
                 return run
+
             setattr(model, name, traced)
 
     def start(self):
@@ -86,10 +91,11 @@ def pictures(folder: str, crops: int, seed: int):
         h, w = int(rng.integers(16, min(512, img.shape[0]) + 1)), int(rng.integers(16, min(512, img.shape[1]) + 1))
         y, x = int(rng.integers(0, img.shape[0] - h + 1)), int(rng.integers(0, img.shape[1] - w + 1))
         q = float(np.float32(rng.uniform(0, 5)))
-        yield f"crop{i}@{h}x{w}@q{q:.3f}", np.ascontiguousarray(img[y:y + h, x:x + w]), q
+        yield f"crop{i}@{h}x{w}@q{q:.3f}", np.ascontiguousarray(img[y : y + h, x : x + w]), q
     yy, xx = np.mgrid[0:256, 0:384]
     synth = {
-        "flat0": np.zeros((128, 192, 3), np.uint8), "flat128": np.full((256, 384, 3), 128, np.uint8),
+        "flat0": np.zeros((128, 192, 3), np.uint8),
+        "flat128": np.full((256, 384, 3), 128, np.uint8),
         "flat255": np.full((64, 64, 3), 255, np.uint8),
         "noise": rng.integers(0, 256, (256, 384, 3), dtype=np.uint8),
         "gradient": np.stack([xx * 255 // 384, yy * 255 // 256, (xx + yy) * 255 // 640], -1).astype(np.uint8),
@@ -155,17 +161,32 @@ def main(argv=None) -> int:
         expected.append(tracer.hexdigest())
     encode_seconds = time.perf_counter() - t0
     print(f"encoded {len(paths)} streams in {encode_seconds:.0f} s ({args.threads} threads)", flush=True)
-    summary = {"streams": len(paths), "encoder_threads": args.threads, "encode_seconds": round(encode_seconds, 1),
-               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "configs": {}}
+    summary = {
+        "streams": len(paths),
+        "encoder_threads": args.threads,
+        "encode_seconds": round(encode_seconds, 1),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "configs": {},
+    }
     latents_ref = None
     for config in args.configs:
         env_extra, threads, flag = CONFIGS[config]
-        env = {**os.environ, **env_extra, "SWEEP_THREADS": str(threads),
-               "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src") + os.pathsep
-               + os.environ.get("PYTHONPATH", "")}
+        env = {
+            **os.environ,
+            **env_extra,
+            "SWEEP_THREADS": str(threads),
+            "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+            + os.pathsep
+            + os.environ.get("PYTHONPATH", ""),
+        }
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *paths, "--worker-flag", flag],
-                             env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", *paths, "--worker-flag", flag],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         lines = [line.split() for line in out.stdout.splitlines() if line.strip()]
         failed = out.returncode != 0 or len(lines) != len(paths)
         traces = [line[0] for line in lines]
@@ -173,18 +194,28 @@ def main(argv=None) -> int:
         if latents_ref is None and not failed:
             latents_ref = latents
         bad = [names[i] for i, (a, b) in enumerate(zip(traces, expected)) if a != b]
-        bad_latents = [] if latents_ref is None else [names[i] for i, (a, b) in enumerate(zip(latents, latents_ref)) if a != b]
+        bad_latents = (
+            [] if latents_ref is None else [names[i] for i, (a, b) in enumerate(zip(latents, latents_ref)) if a != b]
+        )
         summary["configs"][config] = {
-            "env": env_extra, "threads": threads, "flag": flag, "decoded": len(lines),
-            "trace_mismatches": bad[:20], "trace_mismatch_count": len(bad),
-            "latent_mismatch_count": len(bad_latents), "error": out.stderr[-1500:] if failed else "",
+            "env": env_extra,
+            "threads": threads,
+            "flag": flag,
+            "decoded": len(lines),
+            "trace_mismatches": bad[:20],
+            "trace_mismatch_count": len(bad),
+            "latent_mismatch_count": len(bad_latents),
+            "error": out.stderr[-1500:] if failed else "",
             "decode_seconds_total": round(sum(float(line[2]) for line in lines), 1),
-            "wall_seconds": round(time.perf_counter() - t, 1)}
+            "wall_seconds": round(time.perf_counter() - t, 1),
+        }
         print(config, json.dumps({k: v for k, v in summary["configs"][config].items() if k != "error"}), flush=True)
         if failed:
             print(out.stderr[-1500:], file=sys.stderr)
-    summary["all_identical"] = all(c["decoded"] == len(paths) and c["trace_mismatch_count"] == 0
-                                   and c["latent_mismatch_count"] == 0 for c in summary["configs"].values())
+    summary["all_identical"] = all(
+        c["decoded"] == len(paths) and c["trace_mismatch_count"] == 0 and c["latent_mismatch_count"] == 0
+        for c in summary["configs"].values()
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)

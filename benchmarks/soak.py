@@ -1,12 +1,13 @@
 """Soak and peak-memory checks for the codec (not a test: run by hand, prints a report).
 
-  PYTHONPATH=src python benchmarks/soak.py soak [--rounds 1000] [--size 64]
-      many small encode/decode round trips with one random-init compact model: prints RSS
-      every 10% of the run; memory must plateau (no growth after warm-up).
-  PYTHONPATH=src python benchmarks/soak.py big [--width 4000 --height 3000]
-      one encode + decode of a large image; prints the process's peak RSS after each step.
-      Run under /usr/bin/time -v for an independent peak figure.
+PYTHONPATH=src python benchmarks/soak.py soak [--rounds 1000] [--size 64]
+    many small encode/decode round trips with one random-init compact model: prints RSS
+    every 10% of the run; memory must plateau (no growth after warm-up).
+PYTHONPATH=src python benchmarks/soak.py big [--width 4000 --height 3000]
+    one encode + decode of a large image; prints the process's peak RSS after each step.
+    Run under /usr/bin/time -v for an independent peak figure.
 """
+
 import argparse
 import resource
 import time
@@ -42,7 +43,7 @@ def image(h, w, seed):
 def soak(rounds, size):
     m = model()
     imgs = [image(size + 16 * (i % 3), size, i) for i in range(8)]
-    print(f"| round | RSS MiB | peak RSS MiB |\n|---|---|---|")
+    print("| round | RSS MiB | peak RSS MiB |\n|---|---|---|")
     t0 = time.perf_counter()
     samples = []
     for r in range(rounds):
@@ -55,8 +56,10 @@ def soak(rounds, size):
             print(f"| {r} | {samples[-1]:.0f} | {peak_mib():.0f} |", flush=True)
     dt = time.perf_counter() - t0
     half = samples[len(samples) // 2]
-    print(f"\n{rounds} round trips of ~{size}x{size} in {dt:.1f} s; RSS at half-way {half:.0f} MiB, "
-          f"at the end {samples[-1]:.0f} MiB (growth {samples[-1] - half:+.0f} MiB); peak {peak_mib():.0f} MiB")
+    print(
+        f"\n{rounds} round trips of ~{size}x{size} in {dt:.1f} s; RSS at half-way {half:.0f} MiB, "
+        f"at the end {samples[-1]:.0f} MiB (growth {samples[-1] - half:+.0f} MiB); peak {peak_mib():.0f} MiB"
+    )
 
 
 def big(width, height):

@@ -50,7 +50,9 @@ std::string build_info() {
   return info;
 }
 
-std::string set_cpu_kernels(std::string kernels) { return cpu::set_kernels(kernels); }
+std::string set_cpu_kernels(std::string kernels) {
+  return cpu::set_kernels(kernels);
+}
 
 }  // namespace dualres
 
@@ -62,7 +64,9 @@ TORCH_LIBRARY(dualres_ext, m) {
 
   // --- rans (csrc/rans) ---
   // Native multi-lane stream (csrc/rans/FORMAT.md); lanes <= 0 lets the encoder choose.
-  m.def("rans_encode(Tensor symbols, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets, int lanes) -> Tensor");
+  m.def(
+      "rans_encode(Tensor symbols, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets, int lanes) -> "
+      "Tensor");
   m.def("rans_decode(Tensor data, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
   // A native stream's validated header: [precision, states per lane, symbols, lanes, lane lengths...].
   m.def("rans_stream_info(Tensor data) -> int[]");
@@ -71,21 +75,33 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def("rans_embed(Tensor data, int symbols, int precision) -> Tensor");
   m.def("rans_restore(Tensor data, int symbols, int precision) -> Tensor");
   // CompressAI 1.2.8's byte format (compressai.ans); the stream variant continues from state = (byte pos, rANS state).
-  m.def("rans_encode_compat(Tensor symbols, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
+  m.def(
+      "rans_encode_compat(Tensor symbols, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
   m.def("rans_decode_compat(Tensor data, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
-  m.def("rans_decode_compat_stream(Tensor data, Tensor(a!) state, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor");
+  m.def(
+      "rans_decode_compat_stream(Tensor data, Tensor(a!) state, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, "
+      "Tensor offsets) -> Tensor");
   // Several native streams sharing one set of tables in one call (CUDA: one launch per step for
   // all of them; csrc/rans/cuda). Outputs are in input order.
-  m.def("rans_encode_batch(Tensor[] symbols, Tensor[] indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets, int lanes) -> Tensor[]");
-  m.def("rans_decode_batch(Tensor[] data, Tensor[] indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> Tensor[]");
+  m.def(
+      "rans_encode_batch(Tensor[] symbols, Tensor[] indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets, int "
+      "lanes) -> Tensor[]");
+  m.def(
+      "rans_decode_batch(Tensor[] data, Tensor[] indexes, Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> "
+      "Tensor[]");
   // Interleaved stream, version 2 (csrc/rans/FORMAT.md): W states sharing one stream of 16-bit
   // words, G groups. Tables are prepared once into an opaque RansIvTables handle (CPU tensors).
   // isa: -1 auto, 0 scalar, 1 avx2, 2 avx512, 3 the CUDA warp body emulated on the host.
   dualres::rans::register_iv_tables_class();  // before the schemas naming it
-  m.def("rans_iv_prepare(Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> __torch__.torch.classes.dualres_ext.RansIvTables");
-  m.def("rans_iv_encode(Tensor symbols, Tensor indexes, __torch__.torch.classes.dualres_ext.RansIvTables tables, "
-        "int width, int groups, bool chained, int isa) -> Tensor");
-  m.def("rans_iv_decode(Tensor data, Tensor indexes, __torch__.torch.classes.dualres_ext.RansIvTables tables, int isa) -> Tensor");
+  m.def(
+      "rans_iv_prepare(Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> "
+      "__torch__.torch.classes.dualres_ext.RansIvTables");
+  m.def(
+      "rans_iv_encode(Tensor symbols, Tensor indexes, __torch__.torch.classes.dualres_ext.RansIvTables tables, "
+      "int width, int groups, bool chained, int isa) -> Tensor");
+  m.def(
+      "rans_iv_decode(Tensor data, Tensor indexes, __torch__.torch.classes.dualres_ext.RansIvTables tables, int isa) "
+      "-> Tensor");
   // [precision, width, chained, symbols, groups, words per group...] after a decoder's validation.
   m.def("rans_iv_stream_info(Tensor data) -> int[]");
   // [the isa -1 resolves to, the best this CPU supports]
@@ -95,13 +111,16 @@ TORCH_LIBRARY(dualres_ext, m) {
   // check: bit mask of scale problems that raise (1 NaN, 2 Inf, 4 negative); see gaussian_math.h.
   m.def("gaussian_build_indexes(Tensor scales, Tensor scale_table, float scale_bound, int check) -> Tensor");
   m.def("gaussian_quantize(Tensor y, Tensor? means) -> Tensor");
-  m.def("gaussian_quantize_indexes(Tensor y, Tensor? means, Tensor scales, Tensor scale_table, float scale_bound, "
-        "int check) -> (Tensor, Tensor)");
+  m.def(
+      "gaussian_quantize_indexes(Tensor y, Tensor? means, Tensor scales, Tensor scale_table, float scale_bound, "
+      "int check) -> (Tensor, Tensor)");
   m.def("gaussian_dequantize(Tensor symbols, Tensor? means, ScalarType dtype) -> Tensor");
-  m.def("gaussian_likelihood(Tensor inputs, Tensor? means, Tensor scales, float scale_bound, "
-        "float likelihood_bound) -> Tensor");
-  m.def("gaussian_likelihood_backward(Tensor grad, Tensor inputs, Tensor? means, Tensor scales, float scale_bound, "
-        "float likelihood_bound) -> (Tensor, Tensor)");
+  m.def(
+      "gaussian_likelihood(Tensor inputs, Tensor? means, Tensor scales, float scale_bound, "
+      "float likelihood_bound) -> Tensor");
+  m.def(
+      "gaussian_likelihood_backward(Tensor grad, Tensor inputs, Tensor? means, Tensor scales, float scale_bound, "
+      "float likelihood_bound) -> (Tensor, Tensor)");
   m.def("pmf_to_quantized_cdf(Tensor pmf, Tensor lengths, int precision) -> Tensor");
   m.def("gaussian_cdf_tables(Tensor scale_table, float tail_mass, int precision) -> (Tensor, Tensor, Tensor)");
 
@@ -113,12 +132,14 @@ TORCH_LIBRARY(dualres_ext, m) {
   // output aliases it (the mutation is declared by Tensor(a!)).
   m.def("gdn_forward_(Tensor(a!) x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> ()");
   // Training forward (CPU): returns (y, scale) with scale = f(n), float32 in x's layout.
-  m.def("gdn_forward_save(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) "
-        "-> (Tensor, Tensor)");
+  m.def(
+      "gdn_forward_save(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) "
+      "-> (Tensor, Tensor)");
   // Returns (grad_x, grad_beta, grad_gamma); grad_bias is grad_x summed over N, H, W. `scale` (optional)
   // is gdn_forward_save's second output: it saves recomputing the channel mixing.
-  m.def("gdn_backward(Tensor grad_y, Tensor x, Tensor beta, Tensor gamma, Tensor? bias, Tensor? scale, "
-        "bool inverse, bool simplified) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gdn_backward(Tensor grad_y, Tensor x, Tensor beta, Tensor gamma, Tensor? bias, Tensor? scale, "
+      "bool inverse, bool simplified) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import dualres_ext._C` needs a module init; the module itself is empty because every

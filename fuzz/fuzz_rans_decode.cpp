@@ -39,7 +39,9 @@ namespace {
 
 constexpr size_t kHead = 10;
 
-uint32_t rd32(const uint8_t* p) { return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24; }
+uint32_t rd32(const uint8_t* p) {
+  return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+}
 
 // Visits lanes one at a time in reverse order: lane results must not depend on the order.
 struct ReverseFor {

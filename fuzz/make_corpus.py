@@ -7,6 +7,7 @@ a 10-byte head, the tables, then a stream the ops encoded for exactly the indexe
 derives from the seed. Small on purpose (a few hundred symbols): libFuzzer mutates short inputs
 far faster, and the interesting code (header, lane table, escapes, lane ends) is all there.
 """
+
 import os
 import struct
 import sys

@@ -14,6 +14,7 @@ CompressAI's own entropy models (and the serial context models' ``RansDecoder`` 
 that reached our coder and layers, so a run where the swap silently did nothing is visible (and
 fails).
 """
+
 from __future__ import annotations
 
 import os
@@ -73,11 +74,12 @@ def pytest_configure(config):
     for name in ("rans_decode_compat", "rans_decode", "rans_decode_compat_stream"):
         setattr(ops, name, _count(getattr(ops, name), "decode"))
     ops.gdn = _count(ops.gdn, "gdn")
-    config._dualres_header = (f"dualres_ext {dualres_ext.__version__} swapped into compressai "
-                              f"{compressai.__version__} (mode={MODE}; GDN/GDN1 -> dualres_ext.layers"
-                              + ("; EntropyBottleneck/GaussianConditional -> dualres_ext.compat"
-                                 if MODE == "classes" else "")
-                              + '; entropy coder "dualres")')
+    config._dualres_header = (
+        f"dualres_ext {dualres_ext.__version__} swapped into compressai "
+        f"{compressai.__version__} (mode={MODE}; GDN/GDN1 -> dualres_ext.layers"
+        + ("; EntropyBottleneck/GaussianConditional -> dualres_ext.compat" if MODE == "classes" else "")
+        + '; entropy coder "dualres")'
+    )
 
 
 def pytest_report_header(config):
@@ -102,7 +104,8 @@ def _dualres_entropy_coder(request):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(
         f"dualres_ext calls: {_calls['encode']} rANS encodes, {_calls['decode']} rANS decodes, "
-        f"{_calls['gdn']} GDN forwards")
+        f"{_calls['gdn']} GDN forwards"
+    )
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -10,6 +10,7 @@ and tables, stored in the output weights file (its weights id covers them).
 Check the rate on the evaluation sets (python -m dualres_ext eval ... --weights OUT.pt) before
 shipping the result.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ from dualres_ext.models.zoo import DEFAULT_WEIGHTS, load_weights, save_weights, 
 def calibration_images(folder: str, count: int, size: int):
     """``count`` pictures of ``folder`` (recursively, sorted, evenly spread), centre crops of
     ``size`` x ``size`` (multiples of 64), as (1, 3, H, W) tensors in [0, 1]."""
-    files = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-                   if p.lower().endswith((".png", ".jpg", ".jpeg")))
+    files = sorted(
+        p
+        for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+        if p.lower().endswith((".png", ".jpg", ".jpeg"))
+    )
     if not files:
         raise SystemExit(f"no pictures under {folder}")
     picks = [files[int(i * len(files) / count)] for i in range(min(count, len(files)))]
@@ -74,8 +78,10 @@ def main(argv=None) -> int:
     metadata["exact"] = {"calibration": [os.path.basename(p) for p in picks], "size": args.size, **options}
     save_weights(model, args.out, metadata=metadata)
     check = load_weights(args.out)
-    print(f"{args.out}: weights id {weights_id(check):08x}, float-only id {weights_id(check, float_only=True):08x} "
-          f"(input {weights_id(load_weights(args.weights), float_only=True):08x})")
+    print(
+        f"{args.out}: weights id {weights_id(check):08x}, float-only id {weights_id(check, float_only=True):08x} "
+        f"(input {weights_id(load_weights(args.weights), float_only=True):08x})"
+    )
     return 0
 
 

@@ -6,6 +6,7 @@
 Writes per_image.csv, summary.json (dataset-average curves, BD-rates) and rd.png into --out.
 ``python python/eval_rd.py --help`` lists every option.
 """
+
 from __future__ import annotations
 
 import sys

@@ -6,14 +6,15 @@ The weights file (float16, CDF tables left out: they are rebuilt at load time) r
 training command, steps, data and validation figures, and the lineage (every run's command and
 every widening the checkpoint's history holds), so the shipped weights say how they were made.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from dualres_ext.models.zoo import save_weights
 from dualres_ext.models import build
+from dualres_ext.models.zoo import save_weights
 from dualres_ext.training import checkpoint_config, load_checkpoint
 
 
@@ -21,8 +22,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("output")
-    ap.add_argument("--data", default="python/gather_data.py pool (see docs/TRAINING.md)",
-                    help="a description of the training data, stored in the metadata")
+    ap.add_argument(
+        "--data",
+        default="python/gather_data.py pool (see docs/TRAINING.md)",
+        help="a description of the training data, stored in the metadata",
+    )
     args = ap.parse_args(argv)
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -36,7 +40,9 @@ def main(argv=None) -> int:
     metadata = {
         "training_command": ckpt.get("command"),
         "steps": ckpt["step"],
-        "crop": ckpt["args"].get("crop"), "batch": ckpt["args"].get("batch"), "lr": ckpt["args"].get("lr"),
+        "crop": ckpt["args"].get("crop"),
+        "batch": ckpt["args"].get("batch"),
+        "lr": ckpt["args"].get("lr"),
         "training_images": ckpt.get("train_images"),
         "data": args.data,
         "validation": vals[-1] if vals else None,
@@ -44,8 +50,7 @@ def main(argv=None) -> int:
         "source_checkpoint": os.path.basename(args.checkpoint),
         # Every run and widening that led here, in order (the runs' commands, from the step each
         # started at): a model trained over several runs is more than its last command.
-        "lineage": [{k: h[k] for k in ("step", "command", "widened") if k in h}
-                    for h in history if "command" in h],
+        "lineage": [{k: h[k] for k in ("step", "command", "widened") if k in h} for h in history if "command" in h],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_weights(model, args.output, metadata=metadata, half=True)

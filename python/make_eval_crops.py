@@ -11,6 +11,7 @@ every picture is about Kodak's size (768x512).
 
 With the 59-photo split of docs/TRAINING.md this gives the 24 pictures of results/val24/.
 """
+
 from __future__ import annotations
 
 import argparse

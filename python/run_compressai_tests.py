@@ -17,6 +17,7 @@ Excluded tests are listed in EXCLUDED below with the reason; everything else mus
 Exit status: 0 when every selected test passed in every mode; 3 when the sdist could not be
 fetched (no network and no cached copy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,24 +44,20 @@ EXCLUDED = {
     "tests/test_entropy_models.py::TestGaussianConditional::test_update": "downloads pretrained weights",
     "tests/test_entropy_models_vbr.py::TestEntropyBottleneckVbr::test_update": "downloads pretrained weights",
     "tests/test_waseda.py::test_cheng2020_anchor": "downloads pretrained weights",
-    "tests/test_eval_model.py::test_eval_model_pretrained":
-        "downloads pretrained weights; compares with tests/expected/*.json (not in the sdist)",
-    "tests/test_eval_model_video.py::test_eval_model_pretrained":
-        "downloads pretrained weights (ssf2020); compares with tests/expected/*.json (not in the sdist)",
+    "tests/test_eval_model.py::test_eval_model_pretrained": "downloads pretrained weights; compares with tests/expected/*.json (not in the sdist)",
+    "tests/test_eval_model_video.py::test_eval_model_pretrained": "downloads pretrained weights (ssf2020); compares with tests/expected/*.json (not in the sdist)",
     # Need files that the sdist does not ship (tests/expected, the CompressAI repo's test images).
     "tests/test_bench_codec.py::test_bench_codec": "compares with tests/expected/bench_jpeg.json (not in the sdist)",
     "tests/test_plot.py::test_plot": "reads tests/expected/eval_0_*.json (not in the sdist)",
     "tests/test_train.py::test_train_example": "compares with tests/expected/train_log_42.txt (not in the sdist)",
-    "tests/test_find_close.py::test_find_close":
-        "needs the repo's tests/assets/dataset/image/stmalo_fracape.png; JPEG only, no CompressAI model",
+    "tests/test_find_close.py::test_find_close": "needs the repo's tests/assets/dataset/image/stmalo_fracape.png; JPEG only, no CompressAI model",
     # A gap of dualres_ext.layers.GDN (gdn branch), reported: it cannot be compiled by
     # torch.jit.script (its LowerBound is an autograd.Function, forward calls the Python wrapper
     # ops.gdn, and `from __future__ import annotations` hides the Tensor type). CompressAI's is.
     "tests/test_scripting.py::TestScripting::test_gdn": "dualres_ext.layers.GDN is not TorchScript-able",
     "tests/test_scripting.py::TestScripting::test_gdn1": "dualres_ext.layers.GDN1 is not TorchScript-able",
     # Fails with plain CompressAI 1.2.8 on torch 2.14 too (torch.compile output differs), ~200 s.
-    "tests/test_entropy_models.py::TestEntropyBottleneck::test_compiling":
-        "fails without dualres_ext as well (torch.compile mismatch on torch 2.14); takes ~200 s",
+    "tests/test_entropy_models.py::TestEntropyBottleneck::test_compiling": "fails without dualres_ext as well (torch.compile mismatch on torch 2.14); takes ~200 s",
 }
 
 
@@ -70,8 +67,21 @@ def fetch_sdist() -> Path:
     sdist = CACHE / f"compressai-{VERSION}.tar.gz"
     if not sdist.is_file():
         print(f"downloading compressai=={VERSION} sdist into {CACHE}", flush=True)
-        rc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                             "--disable-pip-version-check", "-d", str(CACHE), f"compressai=={VERSION}"]).returncode
+        rc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-d",
+                str(CACHE),
+                f"compressai=={VERSION}",
+            ]
+        ).returncode
         if rc != 0 or not sdist.is_file():
             print(f"could not download the compressai {VERSION} sdist (pip exit {rc})", file=sys.stderr)
             sys.exit(EXIT_NO_SDIST)
@@ -85,7 +95,7 @@ def extract(sdist: Path, dest: Path) -> None:
         for m in tar.getmembers():
             if not m.name.startswith(prefix):
                 continue
-            rel = m.name[len(prefix):]
+            rel = m.name[len(prefix) :]
             if rel.split("/", 1)[0] in ("tests", "examples") and (m.isfile() or m.isdir()):
                 m.name = rel
                 members.append(m)
@@ -126,8 +136,23 @@ def run_mode(mode: str, workdir: Path, extra: list[str]) -> int:
         raise SystemExit("dualres_ext is not importable: install it (pip install .) or build it in place")
     package_root = str(Path(spec.origin).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([package_root, str(REPO / "python"), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "pytest", "-p", "compressai_tests_plugin", "-p", "no:cacheprovider",
-           "-o", "addopts=", "-m", "not pretrained", "-q", "-rfEs", "--durations=8", "tests"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "compressai_tests_plugin",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "-m",
+        "not pretrained",
+        "-q",
+        "-rfEs",
+        "--durations=8",
+        "tests",
+    ]
     for node in EXCLUDED:
         cmd += ["--deselect", node]
     cmd += extra
@@ -159,7 +184,7 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         extract(sdist, workdir)
         write_assets(workdir / "tests")
-        for mode in (("registry", "classes") if args.mode == "both" else (args.mode,)):
+        for mode in ("registry", "classes") if args.mode == "both" else (args.mode,):
             rc |= run_mode(mode, workdir, args.pytest_args)
     return rc
 

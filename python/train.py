@@ -19,6 +19,7 @@ With --ema DECAY an exponential moving average of the weights is kept beside the
 averaging: it smooths the noise of small-batch steps, much as a lower lr does); each validation
 scores both, and best.pt takes whichever is lower.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,25 @@ from tqdm import tqdm
 from dualres_ext.models import build
 from dualres_ext.models.loss import rate_distortion
 from dualres_ext.tools.evaluation import IMAGE_EXTENSIONS  # train on whatever `eval` reads (.tif included)
-from dualres_ext.training import (WeightAverage, checkpoint_config, is_auxiliary, load_checkpoint, optimizer_groups,
-                                  parameter_groups, psnr_of_mse, save_checkpoint, validate)
+from dualres_ext.training import (
+    WeightAverage,
+    checkpoint_config,
+    is_auxiliary,
+    load_checkpoint,
+    optimizer_groups,
+    parameter_groups,
+    psnr_of_mse,
+    save_checkpoint,
+    validate,
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # data
 def list_images(folder: str) -> list[str]:
-    files = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    files = sorted(
+        p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if p.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not files:
         raise SystemExit(f"no images found in {folder!r}")
     return files
@@ -85,10 +96,11 @@ class CropSampler:
         s = self.rng.uniform(min(lo, 1.0), 1.0)
         ch, cw = min(h, math.ceil(self.crop / s)), min(w, math.ceil(self.crop / s))
         y, x = self.rng.randrange(h - ch + 1), self.rng.randrange(w - cw + 1)
-        patch = img[:, y:y + ch, x:x + cw].float().div_(255)
+        patch = img[:, y : y + ch, x : x + cw].float().div_(255)
         if (ch, cw) != (self.crop, self.crop):
-            patch = F.interpolate(patch[None], size=(self.crop, self.crop), mode="bilinear",
-                                  antialias=True, align_corners=False)[0].clamp_(0, 1)
+            patch = F.interpolate(
+                patch[None], size=(self.crop, self.crop), mode="bilinear", antialias=True, align_corners=False
+            )[0].clamp_(0, 1)
         if self.rng.random() < 0.5:
             patch = patch.flip(-1)
         if self.rng.random() < 0.5:
@@ -133,9 +145,11 @@ def wrap_ddp(model, device):
     synchronised by hand instead (``average_gradients``).
     """
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, [n for n, _ in model.named_parameters() if is_auxiliary(n)])
+        model, [n for n, _ in model.named_parameters() if is_auxiliary(n)]
+    )
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def average_gradients(params) -> None:
@@ -157,8 +171,10 @@ def check_ranks_agree(model) -> None:
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     differ = [n for (n, _), a, b in zip(named, lo.tolist(), hi.tolist()) if a != b]
     if differ:
-        raise RuntimeError(f"DDP processes hold different parameters ({len(differ)} of {len(named)}: "
-                           f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''})")
+        raise RuntimeError(
+            f"DDP processes hold different parameters ({len(differ)} of {len(named)}: "
+            f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''})"
+        )
 
 
 class Progress:
@@ -168,8 +184,9 @@ class Progress:
     def __init__(self, start_step: int, total: int | None, deadline: float | None, is_tty: bool):
         self.total, self.deadline, self.tty = total, deadline, is_tty
         self.t0, self.start = time.time(), start_step
-        self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, disable=not is_tty,
-                        file=sys.stdout)
+        self.bar = tqdm(
+            total=total, initial=start_step, unit="step", dynamic_ncols=True, disable=not is_tty, file=sys.stdout
+        )
 
     def show(self, step: int, msg: str, force_newline: bool = False) -> None:
         left = ""
@@ -206,35 +223,68 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="stop at this total step count")
     ap.add_argument("--minutes", type=float, default=None, help="stop after this many minutes in this run")
     ap.add_argument("--lr-drop-at", type=int, default=None, help="divide the lr by 10 from this step on")
-    ap.add_argument("--lr-drop-minutes", type=float, default=None,
-                    help="divide the lr by 10 for the last this-many minutes of --minutes (a time-boxed run's "
-                         "step count is not known in advance)")
-    ap.add_argument("--warmup-steps", type=int, default=0,
-                    help="ramp the lr up linearly over the first this-many steps when the optimiser starts fresh "
-                         "(a new run or --init; about 500 for --init: Adam's first steps move every parameter by "
-                         "about the lr and jolt a trained model); a resumed run keeps its moments and does not warm up")
-    ap.add_argument("--quality-weights", type=float, nargs="+", default=None, metavar="W",
-                    help="how often each quality is drawn, one weight per quality (default: all equally; 0 leaves "
-                         "a quality out, e.g. '0 0 0 0 1 1' fine-tunes the top two rates); validation covers all")
-    ap.add_argument("--modulation", action="store_true",
-                    help="a new model with the per-quality channel modulation (a checkpoint or --init file "
-                         "brings its own configuration; python/widen_model.py adds it to a trained one)")
-    ap.add_argument("--modulation-lr-scale", type=float, default=10.0,
-                    help="lr multiplier of the quality modulation (models that have it): small tables that "
-                         "start at the identity, added to trained models")
+    ap.add_argument(
+        "--lr-drop-minutes",
+        type=float,
+        default=None,
+        help="divide the lr by 10 for the last this-many minutes of --minutes (a time-boxed run's "
+        "step count is not known in advance)",
+    )
+    ap.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="ramp the lr up linearly over the first this-many steps when the optimiser starts fresh "
+        "(a new run or --init; about 500 for --init: Adam's first steps move every parameter by "
+        "about the lr and jolt a trained model); a resumed run keeps its moments and does not warm up",
+    )
+    ap.add_argument(
+        "--quality-weights",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="W",
+        help="how often each quality is drawn, one weight per quality (default: all equally; 0 leaves "
+        "a quality out, e.g. '0 0 0 0 1 1' fine-tunes the top two rates); validation covers all",
+    )
+    ap.add_argument(
+        "--modulation",
+        action="store_true",
+        help="a new model with the per-quality channel modulation (a checkpoint or --init file "
+        "brings its own configuration; python/widen_model.py adds it to a trained one)",
+    )
+    ap.add_argument(
+        "--modulation-lr-scale",
+        type=float,
+        default=10.0,
+        help="lr multiplier of the quality modulation (models that have it): small tables that "
+        "start at the identity, added to trained models",
+    )
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=1000)
-    ap.add_argument("--val-size", type=int, default=512,
-                    help="validation centre-crop size (large: small crops misjudge full-size images)")
+    ap.add_argument(
+        "--val-size",
+        type=int,
+        default=512,
+        help="validation centre-crop size (large: small crops misjudge full-size images)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ema", type=float, default=None, metavar="DECAY",
-                    help="keep an exponential moving average of the weights (e.g. 0.998: about 500 steps); "
-                         "validation scores it too and best.pt takes the lower loss")
-    ap.add_argument("--init", default=None,
-                    help="start a new run from a weights file (e.g. the package's dualres_compact.pt, which "
-                         "records its step count) when --out has no last.pt yet")
+    ap.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights (e.g. 0.998: about 500 steps); "
+        "validation scores it too and best.pt takes the lower loss",
+    )
+    ap.add_argument(
+        "--init",
+        default=None,
+        help="start a new run from a weights file (e.g. the package's dualres_compact.pt, which "
+        "records its step count) when --out has no last.pt yet",
+    )
     args = ap.parse_args(argv)
     if args.lr_drop_minutes is not None and not args.minutes:
         ap.error("--lr-drop-minutes needs --minutes")
@@ -242,8 +292,11 @@ def main(argv=None) -> int:
         ap.error("--warmup-steps must be >= 0")
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         ap.error("--ema must lie strictly between 0 and 1")
-    if args.quality_weights is not None and (min(args.quality_weights) < 0 or sum(args.quality_weights) <= 0
-                                             or not all(math.isfinite(w) for w in args.quality_weights)):
+    if args.quality_weights is not None and (
+        min(args.quality_weights) < 0
+        or sum(args.quality_weights) <= 0
+        or not all(math.isfinite(w) for w in args.quality_weights)
+    ):
         ap.error("--quality-weights must be finite, >= 0 and not all 0")
 
     distributed = "LOCAL_RANK" in os.environ
@@ -279,8 +332,10 @@ def main(argv=None) -> int:
         config = dict(init.config)
     if args.modulation:
         if config and not config.get("modulation"):
-            raise SystemExit(f"--modulation: {last_path if ckpt is not None else args.init} has no quality "
-                             "modulation; add it with python/widen_model.py IN OUT --modulation")
+            raise SystemExit(
+                f"--modulation: {last_path if ckpt is not None else args.init} has no quality "
+                "modulation; add it with python/widen_model.py IN OUT --modulation"
+            )
         config["modulation"] = True
     torch.manual_seed(args.seed + rank)
     model = build(args.model, **config).to(device)
@@ -302,8 +357,11 @@ def main(argv=None) -> int:
         if old_val_size != args.val_size:
             best_val = float("inf")
             if rank == 0:
-                print(f"validation crops changed ({old_val_size} -> {args.val_size} px): the next validation "
-                      "starts a new best.pt", flush=True)
+                print(
+                    f"validation crops changed ({old_val_size} -> {args.val_size} px): the next validation "
+                    "starts a new best.pt",
+                    flush=True,
+                )
         del ckpt
     elif init is not None:
         # Exported weights are float16 and leave the Gaussian tables out: load what the model trains.
@@ -318,8 +376,11 @@ def main(argv=None) -> int:
     ema = None
     if args.ema is not None and rank == 0:
         ema = WeightAverage(unwrap(model), args.ema, ema_state)
-        print(f"weight average (decay {args.ema:g}) " + ("resumed" if ema_state is not None else
-              "starts from the current weights"), flush=True)
+        print(
+            f"weight average (decay {args.ema:g}) "
+            + ("resumed" if ema_state is not None else "starts from the current weights"),
+            flush=True,
+        )
     del ema_state
     if distributed:
         model = wrap_ddp(model, device)
@@ -339,6 +400,7 @@ def main(argv=None) -> int:
             lr *= (step - run_start + 1) / args.warmup_steps
         for g in optimizer.param_groups:
             g["lr"] = lr * (args.modulation_lr_scale if g.get("name") == "modulation" else 1.0)
+
     progress = Progress(step, args.steps, deadline, sys.stdout.isatty())
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     # Each run's command goes into the history where it starts: export_weights.py keeps these
@@ -346,12 +408,16 @@ def main(argv=None) -> int:
     history.append({"step": step, "command": command})
     lambdas = unwrap(model).lambdas
     if args.quality_weights is not None and len(args.quality_weights) != len(lambdas):
-        raise SystemExit(f"--quality-weights: {len(args.quality_weights)} weights for a model with "
-                         f"{len(lambdas)} qualities")
+        raise SystemExit(
+            f"--quality-weights: {len(args.quality_weights)} weights for a model with {len(lambdas)} qualities"
+        )
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(sampler.images)} training photos, "
-              f"{len(val_images)} validation crops, qualities {len(lambdas)}, device {device}", flush=True)
+        print(
+            f"{args.model}: {n_params / 1e6:.2f} M parameters, {len(sampler.images)} training photos, "
+            f"{len(val_images)} validation crops, qualities {len(lambdas)}, device {device}",
+            flush=True,
+        )
 
     def weights_of(kind):
         """The model a checkpoint's "weights" label names: "trained" or "average" (the EMA)."""
@@ -360,14 +426,25 @@ def main(argv=None) -> int:
     def checkpoint(path, kind="trained"):
         """Save a resumable checkpoint; kind="average" stores the weight average as its weights
         (best.pt when the average validated lower), the optimiser state being the trained weights'."""
-        save_checkpoint(path, {
-            "model_name": args.model, "config": dict(unwrap(model).config),
-            "state_dict": weights_of(kind).state_dict(), "weights": kind,
-            "ema_state_dict": ema.model.state_dict() if ema is not None else None, "ema_decay": args.ema,
-            "optimizer": optimizer.state_dict(),
-            "aux_optimizer": aux_optimizer.state_dict(), "step": step, "best_val": best_val, "history": history,
-            "command": command, "args": vars(args), "train_images": len(sampler.images),
-        })
+        save_checkpoint(
+            path,
+            {
+                "model_name": args.model,
+                "config": dict(unwrap(model).config),
+                "state_dict": weights_of(kind).state_dict(),
+                "weights": kind,
+                "ema_state_dict": ema.model.state_dict() if ema is not None else None,
+                "ema_decay": args.ema,
+                "optimizer": optimizer.state_dict(),
+                "aux_optimizer": aux_optimizer.state_dict(),
+                "step": step,
+                "best_val": best_val,
+                "history": history,
+                "command": command,
+                "args": vars(args),
+                "train_images": len(sampler.images),
+            },
+        )
 
     def validate_and_keep_best(final: bool) -> None:
         """Validate the trained weights (and the average), log them, and save best.pt on a new low."""
@@ -377,10 +454,16 @@ def main(argv=None) -> int:
             val = validate(weights_of(kind), val_images, device)
             history.append({"step": step, key: val})
             if final:
-                print(json.dumps({"step": step, "weights": kind,
-                                  "val_loss": val["loss"], "per_quality": val["per_quality"]}), flush=True)
+                print(
+                    json.dumps(
+                        {"step": step, "weights": kind, "val_loss": val["loss"], "per_quality": val["per_quality"]}
+                    ),
+                    flush=True,
+                )
             else:
-                summary = " ".join(f"q{i}:{p['bpp']:.3f}bpp/{p['psnr']:.2f}dB" for i, p in enumerate(val["per_quality"]))
+                summary = " ".join(
+                    f"q{i}:{p['bpp']:.3f}bpp/{p['psnr']:.2f}dB" for i, p in enumerate(val["per_quality"])
+                )
                 label = "ema val loss" if kind == "average" else "val loss"
                 progress.show(step, f"{label} {val['loss']:.4f} | {summary}", force_newline=True)
             if val["loss"] < best_val:
@@ -407,8 +490,14 @@ def main(argv=None) -> int:
         stop (and drop its lr) at the same step, or the others hang in the next all-reduce. Stop
         at the deadline or on a signal."""
         now = time.time()
-        flags = torch.tensor([bool(stop_requested) or (deadline is not None and now >= deadline),
-                              drop_time is not None and now >= drop_time], dtype=torch.int32, device=device)
+        flags = torch.tensor(
+            [
+                bool(stop_requested) or (deadline is not None and now >= deadline),
+                drop_time is not None and now >= drop_time,
+            ],
+            dtype=torch.int32,
+            device=device,
+        )
         if distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
@@ -419,8 +508,10 @@ def main(argv=None) -> int:
         stop_now, past_drop = clock()
         if (args.steps is not None and step >= args.steps) or stop_now:
             if stop_requested and rank == 0:
-                print(f"\n{signal.Signals(stop_requested[0]).name}: stopping at step {step}, saving {last_path}",
-                      flush=True)
+                print(
+                    f"\n{signal.Signals(stop_requested[0]).name}: stopping at step {step}, saving {last_path}",
+                    flush=True,
+                )
             break
         if past_drop and not lr_dropped:
             lr_dropped = True
@@ -456,9 +547,14 @@ def main(argv=None) -> int:
         running["n"] += 1
         if rank == 0 and (step % 10 == 0):
             n = running["n"]
-            progress.show(step, f"loss {running['loss'] / n:.4f} bpp {running['bpp'] / n:.3f} "
-                                f"psnr {running['psnr'] / n:.2f} aux {running['aux'] / n:.1f}")
-            history.append({"step": step, "time": time.time(), **{k: running[k] / n for k in ("loss", "bpp", "psnr", "aux")}})
+            progress.show(
+                step,
+                f"loss {running['loss'] / n:.4f} bpp {running['bpp'] / n:.3f} "
+                f"psnr {running['psnr'] / n:.2f} aux {running['aux'] / n:.1f}",
+            )
+            history.append(
+                {"step": step, "time": time.time(), **{k: running[k] / n for k in ("loss", "bpp", "psnr", "aux")}}
+            )
             running = {k: 0.0 for k in running} | {"n": 0}
         if rank == 0 and step % args.val_every == 0 and val_images:
             validate_and_keep_best(final=False)

@@ -15,6 +15,7 @@ modulation's tables get their own parameter group, with no moments yet). A weigh
 file comes out as a weights file (for train.py --init or for decoding). The widened model
 decodes to the same pictures; the script checks that before writing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,9 @@ import sys
 
 import torch
 
-from dualres_ext.models.zoo import WEIGHTS_FORMAT, load_weights, save_weights
 from dualres_ext.models import build
 from dualres_ext.models.widen import WIDTH_KEYS, add_modulation, widen, widen_tensor
+from dualres_ext.models.zoo import WEIGHTS_FORMAT, load_weights, save_weights
 from dualres_ext.training import checkpoint_config, is_checkpoint, parameter_groups, save_checkpoint
 
 
@@ -43,8 +44,11 @@ def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
         for key in ("exp_avg", "exp_avg_sq"):
             if key in entry and tuple(entry[key].shape) != tuple(new_shape):
                 old = entry[key]
-                template = (torch.zeros(new_shape, dtype=old.dtype) if key == "exp_avg"
-                            else torch.full(new_shape, float(old.mean()), dtype=old.dtype))
+                template = (
+                    torch.zeros(new_shape, dtype=old.dtype)
+                    if key == "exp_avg"
+                    else torch.full(new_shape, float(old.mean()), dtype=old.dtype)
+                )
                 entry[key] = widen_tensor(name, old, template, old_model.config, new_model.config)
         state[idx] = entry
     groups = [dict(g) for g in opt_state["param_groups"]]
@@ -53,8 +57,7 @@ def widen_adam_state(opt_state: dict, old_model, new_model) -> dict:
         n_old = len(old_names)
         n_new = len(parameter_groups(new_model)[0])
         assert len(groups) == 1 and groups[0]["params"] == list(range(n_old)), "unexpected optimiser layout"
-        groups = [dict(groups[0], name="main"),
-                  dict(groups[0], name="modulation", params=list(range(n_old, n_new)))]
+        groups = [dict(groups[0], name="main"), dict(groups[0], name="modulation", params=list(range(n_old, n_new)))]
     return {"state": state, "param_groups": groups}
 
 
@@ -94,8 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--N_s", type=int, default=None, help="synthesis width at strides 16 to 4")
     ap.add_argument("--N1_s", type=int, default=None, help="synthesis width at stride 2")
     ap.add_argument("--k1_s", type=int, default=None, help="kernel of the stride-4 to stride-2 layer (3 or 5)")
-    ap.add_argument("--modulation", action="store_true",
-                    help="add the per-quality channel modulation (at the identity)")
+    ap.add_argument(
+        "--modulation", action="store_true", help="add the per-quality channel modulation (at the identity)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="initialisation of the new channels")
     args = ap.parse_args(argv)
     if os.path.exists(args.output):
@@ -104,13 +108,16 @@ def main(argv=None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)  # as train.py records its runs
     requested = {k: getattr(args, k) for k in WIDTH_KEYS}
     if all(v is None for v in requested.values()) and not args.modulation:
-        raise SystemExit("nothing to do: give at least one of "
-                         + ", ".join("--" + k for k in WIDTH_KEYS) + " or --modulation")
+        raise SystemExit(
+            "nothing to do: give at least one of " + ", ".join("--" + k for k in WIDTH_KEYS) + " or --modulation"
+        )
     try:
         raw = torch.load(args.input, map_location="cpu", weights_only=False)
     except Exception as e:  # not a torch file at all (an image, a truncated download, ...)
-        raise SystemExit(f"{args.input}: neither a train.py checkpoint nor a DualRes weights file "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        raise SystemExit(
+            f"{args.input}: neither a train.py checkpoint nor a DualRes weights file "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        )
     generator = torch.Generator().manual_seed(args.seed)
     if isinstance(raw, dict) and raw.get("format") == WEIGHTS_FORMAT:
         old = load_weights(args.input)
@@ -121,7 +128,8 @@ def main(argv=None) -> int:
         # One record of the widening, the same entry a checkpoint's history gets (below), which
         # export_weights turns into the weights' lineage: `python -m dualres_ext weights` prints it.
         metadata["lineage"] = list(metadata.get("lineage") or []) + [
-            {"step": metadata.get("steps"), "widened": widths(new), "command": command}]
+            {"step": metadata.get("steps"), "widened": widths(new), "command": command}
+        ]
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_weights(new, args.output, metadata=metadata, half=True)
     elif is_checkpoint(raw):
@@ -136,16 +144,19 @@ def main(argv=None) -> int:
         out["state_dict"] = new.train().state_dict()
         out["optimizer"] = widen_adam_state(raw["optimizer"], old, new)
         out["history"] = list(raw.get("history", [])) + [
-            {"step": raw["step"], "widened": widths(new), "command": command}]
+            {"step": raw["step"], "widened": widths(new), "command": command}
+        ]
         # The validation loss of the old model is the widened one's too (same pictures).
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_checkpoint(args.output, out)
     else:
         raise SystemExit(f"{args.input}: neither a train.py checkpoint nor a DualRes weights file")
     before, after = widths(old), widths(new)
-    print(f"wrote {args.output}: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in after
-                                                if after[k] != before[k])
-          + f", {sum(p.numel() for p in new.parameters()) / 1e6:.2f} M parameters; pictures equal to {worst:.1e}")
+    print(
+        f"wrote {args.output}: "
+        + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in after if after[k] != before[k])
+        + f", {sum(p.numel() for p in new.parameters()) / 1e6:.2f} M parameters; pictures equal to {worst:.1e}"
+    )
     return 0
 
 

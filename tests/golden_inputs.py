@@ -5,6 +5,7 @@ package's bundled photo, so that the bytes they code to can be compared across c
 Each ``*_cases()`` returns ``{name: ...}``; the codec cases give ``(image, encode kwargs)``, the
 others a pair ``(encode() -> bytes or strings, decode(that) -> tensor)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,9 @@ def _synthetic(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A gradient, a hard-edged block of text-like stripes and noise: flat, edges and texture."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     img = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1) * 200 + 20
-    img[h // 4: h // 2, w // 5: 4 * w // 5] = np.where((xx[h // 4: h // 2, w // 5: 4 * w // 5] // 3) % 2, 250, 10)[..., None]
+    img[h // 4 : h // 2, w // 5 : 4 * w // 5] = np.where((xx[h // 4 : h // 2, w // 5 : 4 * w // 5] // 3) % 2, 250, 10)[
+        ..., None
+    ]
     img += rng.normal(0, 12, img.shape)
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
@@ -95,13 +98,16 @@ def entropy_cases() -> dict:
         idx = gc.build_indexes(scales)
         cases[f"gaussian_lanes_{lanes}"] = (
             lambda gc=gc, idx=idx: gc.compress(y, idx, means=means),
-            lambda s, gc=gc, idx=idx: gc.decompress(s, idx, means=means))
+            lambda s, gc=gc, idx=idx: gc.decompress(s, idx, means=means),
+        )
     x = torch.from_numpy(_rng(4).normal(0, 5, (2, 8, 6, 5))).float()
     for lanes in (None, "auto"):
         eb = _seeded_bottleneck(lambda c, lanes=lanes: EntropyBottleneck(c, lanes=lanes), 5)
         eb.update(force=True)
-        cases[f"bottleneck_lanes_{lanes}"] = (lambda eb=eb: eb.compress(x),
-                                              lambda s, eb=eb: eb.decompress(s, x.shape[-2:]))
+        cases[f"bottleneck_lanes_{lanes}"] = (
+            lambda eb=eb: eb.compress(x),
+            lambda s, eb=eb: eb.decompress(s, x.shape[-2:]),
+        )
     try:
         import compressai.entropy_models as cai
     except ImportError:
@@ -119,9 +125,12 @@ def entropy_cases() -> dict:
         idx = gc.build_indexes(scales)
         cases[f"compat_gaussian_lanes_{lanes}"] = (
             lambda gc=gc, idx=idx: gc.compress(y, idx, means=means),
-            lambda s, gc=gc, idx=idx: gc.decompress(s, idx, means=means))
+            lambda s, gc=gc, idx=idx: gc.decompress(s, idx, means=means),
+        )
         cases[f"compat_bottleneck_lanes_{lanes}"] = (
-            lambda eb=eb: eb.compress(x), lambda s, eb=eb: eb.decompress(s, x.shape[-2:]))
+            lambda eb=eb: eb.compress(x),
+            lambda s, eb=eb: eb.decompress(s, x.shape[-2:]),
+        )
     return cases
 
 
@@ -153,10 +162,16 @@ def rans_cases() -> dict:
     tables = (cdfs, lengths, offsets)
     cases = {}
     for lanes in (None, 1, 7):
-        cases[f"native_lanes_{lanes}"] = (lambda lanes=lanes: ops.rans_encode(sym, idx, *tables, lanes=lanes),
-                                          lambda d: ops.rans_decode(d, idx, *tables))
-    cases["embedded"] = (lambda: ops.rans_embed(ops.rans_encode(sym, idx, *tables), n),
-                         lambda d: ops.rans_decode(ops.rans_restore(d, n), idx, *tables))
-    cases["compat"] = (lambda: ops.rans_encode_compat(sym, idx, *tables),
-                       lambda d: ops.rans_decode_compat(d, idx, *tables))
+        cases[f"native_lanes_{lanes}"] = (
+            lambda lanes=lanes: ops.rans_encode(sym, idx, *tables, lanes=lanes),
+            lambda d: ops.rans_decode(d, idx, *tables),
+        )
+    cases["embedded"] = (
+        lambda: ops.rans_embed(ops.rans_encode(sym, idx, *tables), n),
+        lambda d: ops.rans_decode(ops.rans_restore(d, n), idx, *tables),
+    )
+    cases["compat"] = (
+        lambda: ops.rans_encode_compat(sym, idx, *tables),
+        lambda d: ops.rans_decode_compat(d, idx, *tables),
+    )
     return cases

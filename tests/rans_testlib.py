@@ -2,6 +2,7 @@
 
 Imported by path because pytest runs with --import-mode=importlib (tests are not a package).
 """
+
 import math
 import os
 import struct
@@ -68,7 +69,9 @@ def ideal_bits(sym, idx, cdfs, lengths, offsets):
     if (~inside).any():
         vo, eo = v[~inside], esc[~inside]
         raw = torch.where(vo < 0, -2 * vo - 1, 2 * (vo - eo))
-        nb = torch.where(raw > 0, torch.floor(torch.log2(raw.double().clamp(min=1)) / 4) + 1, torch.zeros_like(raw.double()))
+        nb = torch.where(
+            raw > 0, torch.floor(torch.log2(raw.double().clamp(min=1)) / 4) + 1, torch.zeros_like(raw.double())
+        )
         bits += (4 * (nb + 1 + nb // 15)).sum().item()
     return bits
 

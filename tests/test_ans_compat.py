@@ -1,4 +1,5 @@
 """dualres_ext.ans against compressai.ans 1.2.8: identical bytes, mutual decoding, robustness."""
+
 import os
 import sys
 
@@ -9,6 +10,7 @@ import torch
 compressai_ans = pytest.importorskip("compressai.ans")
 
 from dualres_ext import ans, ops  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rans_testlib import gaussian_workload  # noqa: E402
 from rans_testlib import random_tables as _random_tables  # noqa: E402
@@ -190,5 +192,4 @@ def test_workload_round_trip_compat(gen):
     data = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
     out = ops.rans_decode_compat(data, idx, cdfs, lengths, offsets)
     assert out.shape == idx.shape and torch.equal(out, sym)
-    assert np.array_equal(ans.RansDecoder().decode_with_indexes(data, idx.numpy(), cdfs, lengths, offsets),
-                          sym.numpy())
+    assert np.array_equal(ans.RansDecoder().decode_with_indexes(data, idx.numpy(), cdfs, lengths, offsets), sym.numpy())

@@ -1,5 +1,6 @@
 """The package's import graph has no cycles, counting imports inside functions too: every module
 can be read (and loaded) after the modules it uses, none reaches back into its users."""
+
 from __future__ import annotations
 
 import ast
@@ -59,7 +60,7 @@ def test_no_import_cycles():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycle = trail[trail.index(nxt):] + [nxt]
+                cycle = trail[trail.index(nxt) :] + [nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, trail + [nxt])

@@ -1,4 +1,5 @@
 """The extension builds, loads, and says truthfully what it was built with."""
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """cache.TensorCache: a value follows its sources, and never keeps its owner alive."""
+
 from __future__ import annotations
 
 import gc

@@ -1,4 +1,5 @@
 """The image codec: encode/decode API, container checks, weights files, CLI."""
+
 import math
 import os
 import struct
@@ -200,8 +201,19 @@ def pack_version_2(head, sections) -> bytes:
     """A version-2 stream (docs/BITSTREAM.md, "Version 2"): 26-byte header, u32 section lengths,
     sections as the entropy models write them."""
     flags = head["flags"] & (codec.FLAG_GREY | codec.FLAG_CUDA)
-    body = struct.pack("<4sBBBBfIIIH", codec.MAGIC, 2, head["config_id"], flags, 0, head["quality"],
-                       head["weights_id"], head["width"], head["height"], len(sections))
+    body = struct.pack(
+        "<4sBBBBfIIIH",
+        codec.MAGIC,
+        2,
+        head["config_id"],
+        flags,
+        0,
+        head["quality"],
+        head["weights_id"],
+        head["width"],
+        head["height"],
+        len(sections),
+    )
     body += struct.pack(f"<{len(sections)}I", *[len(s) for s in sections]) + b"".join(sections)
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
@@ -216,8 +228,9 @@ def test_sections_are_embedded_rans_streams(model):
     head = codec.parse_header(stream)
     assert not head["flags"] & codec.FLAG_COMPAT
     counts = model.symbol_counts((1, 2))  # 64 x 96 pixels: z is 1 x 2
-    assert counts == [model.config["Z"] * 2] + [c * 128 for c in model.coder_h.slices] + \
-        [c * 32 for c in model.coder_l.slices]
+    assert counts == [model.config["Z"] * 2] + [c * 128 for c in model.coder_h.slices] + [
+        c * 32 for c in model.coder_l.slices
+    ]
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         written = [s[0] for s in model.compress(imageio.pad(x, 64), 2.0)["strings"]]
@@ -238,8 +251,9 @@ def test_version_2_streams_still_decode(model, stream):
 
     v2 = pack_version_2(head, [ops.rans_restore(s, n, 16) for s, n in zip(head["sections"], counts)])
     assert codec.parse_header(v2)["version"] == 2
-    assert np.array_equal(codec.decode(v2, weights=model, output="numpy"),
-                          codec.decode(stream, weights=model, output="numpy"))
+    assert np.array_equal(
+        codec.decode(v2, weights=model, output="numpy"), codec.decode(stream, weights=model, output="numpy")
+    )
     bad = bytearray(v2)
     bad[7] = 1  # version 2's reserved byte
     with pytest.raises(codec.BitstreamError, match="flags"):
@@ -258,14 +272,17 @@ def test_compressai_string_models_flag_their_sections(model):
     data = codec.encode(img, quality=1, weights=compat)
     head = codec.parse_header(data)
     assert head["flags"] & codec.FLAG_COMPAT
-    assert np.array_equal(codec.decode(data, weights=compat, output="numpy"),
-                          codec.decode(codec.encode(img, quality=1, weights=model), weights=model, output="numpy"))
+    assert np.array_equal(
+        codec.decode(data, weights=compat, output="numpy"),
+        codec.decode(codec.encode(img, quality=1, weights=model), weights=model, output="numpy"),
+    )
     with pytest.raises(codec.BitstreamError, match="CompressAI single-lane sections.*lanes=None"):
         codec.decode(data, weights=model)
     # And a native-lanes stream decodes with a lanes=None model (native headers are recognised).
     native = codec.encode(img, quality=1, weights=model)
-    assert np.array_equal(codec.decode(native, weights=compat, output="numpy"),
-                          codec.decode(native, weights=model, output="numpy"))
+    assert np.array_equal(
+        codec.decode(native, weights=compat, output="numpy"), codec.decode(native, weights=model, output="numpy")
+    )
     compat.entropy_bottleneck.lanes = "auto"
     with pytest.raises(ValueError, match="disagree on lanes"):
         codec.encode(img, quality=1, weights=compat)
@@ -301,8 +318,9 @@ def test_save_and_load_weights(tmp_path, model):
     assert loaded.config == model.config
     img = photo_like(30, 50)
     data = codec.encode(img, quality=3, weights=str(path))
-    assert np.array_equal(codec.decode(data, weights=path, output="numpy"),
-                          codec.decode(data, weights=loaded, output="numpy"))
+    assert np.array_equal(
+        codec.decode(data, weights=path, output="numpy"), codec.decode(data, weights=loaded, output="numpy")
+    )
     # fp16 storage: the file is about half the size of the float32 parameters
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert path.stat().st_size < 0.7 * n_bytes + 200_000
@@ -315,8 +333,9 @@ def _cli(*args, cwd):
     env = dict(os.environ)
     root = str(Path(codec.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "dualres_ext", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dualres_ext", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_round_trip(tmp_path, model):
@@ -368,10 +387,21 @@ def test_cli_weights_describes_a_file(tmp_path, model, capsys, monkeypatch):
 
     weights = tmp_path / "w.pt"
     val = {"loss": 1.25, "per_quality": [{"bpp": 0.2 + 0.1 * q, "psnr": 28.0 + q, "loss": 0.5} for q in range(6)]}
-    lineage = [{"step": 0, "command": "python python/train.py --first"},
-               {"step": 40, "widened": {"N": 48}, "command": "python python/widen_model.py a b --N 48"}]
-    codec.save_weights(model, weights, metadata={"steps": 77, "training_command": "python python/train.py --last",
-                                                 "training_images": 3, "validation": val, "lineage": lineage})
+    lineage = [
+        {"step": 0, "command": "python python/train.py --first"},
+        {"step": 40, "widened": {"N": 48}, "command": "python python/widen_model.py a b --N 48"},
+    ]
+    codec.save_weights(
+        model,
+        weights,
+        metadata={
+            "steps": 77,
+            "training_command": "python python/train.py --last",
+            "training_images": 3,
+            "validation": val,
+            "lineage": lineage,
+        },
+    )
     assert main(["weights", "--weights", str(weights)]) == 0
     out = capsys.readouterr().out
     assert f"N={model.config['N']}, N1={model.config['N1']}" in out and "77 steps on 3 images" in out

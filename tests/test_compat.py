@@ -1,4 +1,5 @@
 """dualres_ext.compat: CompressAI models accelerated in place (bytes, decoded tensors, APIs)."""
+
 import copy
 import pickle
 import subprocess
@@ -10,7 +11,8 @@ import torch
 compressai = pytest.importorskip("compressai")
 
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional, GaussianMixtureConditional  # noqa: E402
-from compressai.layers import GDN as CaiGDN, GDN1 as CaiGDN1  # noqa: E402
+from compressai.layers import GDN as CaiGDN  # noqa: E402
+from compressai.layers import GDN1 as CaiGDN1
 from compressai.models import (  # noqa: E402
     Cheng2020Anchor,
     Cheng2020AnchorCheckerboard,
@@ -154,6 +156,7 @@ def test_serial_decode_converts_tables_once(monkeypatch):
         def wrapper(*args, **kwargs):
             counts[key] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(dans, "_convert_tables", counting("convert", dans._convert_tables))
@@ -258,8 +261,10 @@ def test_serial_compress_indexes_and_codes_once(name, monkeypatch):
     assert clone._compress_ar.owner is clone and clone._decompress_ar.owner is clone
     with torch.no_grad():
         assert clone.compress(x)["strings"] == out["strings"]
-        assert torch.equal(clone.decompress(out["strings"], out["shape"])["x_hat"],
-                           fast.decompress(out["strings"], out["shape"])["x_hat"])
+        assert torch.equal(
+            clone.decompress(out["strings"], out["shape"])["x_hat"],
+            fast.decompress(out["strings"], out["shape"])["x_hat"],
+        )
 
 
 def test_accelerated_model_pickles():
@@ -288,10 +293,12 @@ def test_argument_errors():
 
 
 def test_import_dualres_ext_does_not_import_compressai(package_env, tmp_path):
-    code = ("import sys, dualres_ext, dualres_ext.ops, dualres_ext.ans, dualres_ext.layers, "
-            "dualres_ext.entropy_models\n"
-            "assert 'compressai' not in sys.modules, sorted(m for m in sys.modules if 'compressai' in m)\n"
-            "import dualres_ext.compat\n"
-            "assert 'compressai' in sys.modules\n")
+    code = (
+        "import sys, dualres_ext, dualres_ext.ops, dualres_ext.ans, dualres_ext.layers, "
+        "dualres_ext.entropy_models\n"
+        "assert 'compressai' not in sys.modules, sorted(m for m in sys.modules if 'compressai' in m)\n"
+        "import dualres_ext.compat\n"
+        "assert 'compressai' in sys.modules\n"
+    )
     # cwd: `python -c` puts the working directory first on sys.path (the source tree, in CI).
     subprocess.run([sys.executable, "-c", code], check=True, env=package_env, cwd=tmp_path)

@@ -1,5 +1,6 @@
 """compat.accelerate(model, portable=True): the hyper synthesis of CompressAI hyperprior models on
 integers (exact_hyperprior.py); marked streams; the default stays CompressAI's."""
+
 from __future__ import annotations
 
 import numpy as np

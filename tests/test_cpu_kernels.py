@@ -3,6 +3,7 @@ gives bit-identical results to the default one, and the same results as the refe
 
 A set is forced with the op set_cpu_kernels (in process) or DUALRES_CPU_KERNELS (read by the first
 kernel call of a process, checked here in a subprocess)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,9 @@ def assert_all_identical(results):
 
 def _log_uniform(shape, lo, hi, gen, dtype=torch.float32):
     u = torch.rand(shape, generator=gen, dtype=torch.float64)
-    return torch.exp(torch.log(torch.tensor(lo)) + u * (torch.log(torch.tensor(hi)) - torch.log(torch.tensor(lo)))).to(dtype)
+    return torch.exp(torch.log(torch.tensor(lo)) + u * (torch.log(torch.tensor(hi)) - torch.log(torch.tensor(lo)))).to(
+        dtype
+    )
 
 
 def _scale_table():
@@ -100,15 +103,17 @@ def test_gaussian_indexes_and_quantisation(gen, dtype):
     y = torch.randn(n, generator=gen, dtype=dtype) * 30
     means = torch.randn(n, generator=gen, dtype=dtype) * 5
     unsorted = table[torch.randperm(64, generator=gen)]
-    res = each_set(lambda: (
-        ops.build_indexes(scales, table, strict=False),
-        ops.build_indexes(scales, unsorted, strict=False),
-        torch.ops.dualres_ext.gaussian_build_indexes(nan_scales, table.to(dtype), 0.11, 0),
-        ops.quantize_symbols(y, means),
-        ops.quantize_symbols(y),
-        *ops.quantize_and_index(y, scales, table, means, strict=False),
-        ops.dequantize(ops.quantize_symbols(y), means, dtype),
-    ))
+    res = each_set(
+        lambda: (
+            ops.build_indexes(scales, table, strict=False),
+            ops.build_indexes(scales, unsorted, strict=False),
+            torch.ops.dualres_ext.gaussian_build_indexes(nan_scales, table.to(dtype), 0.11, 0),
+            ops.quantize_symbols(y, means),
+            ops.quantize_symbols(y),
+            *ops.quantize_and_index(y, scales, table, means, strict=False),
+            ops.dequantize(ops.quantize_symbols(y), means, dtype),
+        )
+    )
     assert_all_identical(res)
     # Against the plain PyTorch expressions (CompressAI's).
     idx, _, idx_nan, q, _, _, _, deq = res["default"]
@@ -148,12 +153,15 @@ def test_gaussian_likelihood_and_backward(gen, dtype):
     # float64 reference (CompressAI's expression).
     x64, m64, s64 = x.detach().double(), means.double(), torch.clamp(scales.detach().double(), min=0.11)
     v = (x64 - m64).abs()
+
     def cdf(t):
-        return 0.5 * torch.special.erfc(-(2 ** -0.5) * t)
+        return 0.5 * torch.special.erfc(-(2**-0.5) * t)
 
     ref = torch.clamp(cdf((0.5 - v) / s64) - cdf((-0.5 - v) / s64), min=1e-9)
     lik = res["default"][0].double()
-    assert torch.allclose(lik, ref, rtol=1e-4 if dtype == torch.float32 else 1e-6, atol=1e-7 if dtype == torch.float32 else 1e-12)
+    assert torch.allclose(
+        lik, ref, rtol=1e-4 if dtype == torch.float32 else 1e-6, atol=1e-7 if dtype == torch.float32 else 1e-12
+    )
 
 
 @pytest.mark.parametrize("inverse,simplified", [(False, False), (True, False), (False, True), (True, True)])
@@ -218,9 +226,11 @@ def test_rans_streams_and_crc(gen):
 
 @pytest.mark.parametrize("name", ALL_SETS + ["bogus"])
 def test_environment_variable(name):
-    code = ("import torch, dualres_ext\n"
-            "from dualres_ext import ops\n"
-            "print(ops.quantize_symbols(torch.arange(40.0) / 3).sum().item(), dualres_ext.build_info()['cpu_kernels'])\n")
+    code = (
+        "import torch, dualres_ext\n"
+        "from dualres_ext import ops\n"
+        "print(ops.quantize_symbols(torch.arange(40.0) / 3).sum().item(), dualres_ext.build_info()['cpu_kernels'])\n"
+    )
     env = dict(os.environ, DUALRES_CPU_KERNELS=name, PYTHONPATH=os.path.join(ROOT, "src"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     if name in SUPPORTED:

@@ -6,6 +6,7 @@ copies to the host without ordering after the current stream, reads unfinished i
 wrong results. The second-device tests put every tensor on cuda:1 while cuda:0 is current: an op
 without a device guard launches on the wrong GPU.
 """
+
 import math
 import os
 import sys
@@ -54,8 +55,9 @@ def test_rans_side_stream(gen):
         g_tables = [late(t, side) for t in (cdfs, lengths, offsets)]
         data = ops.rans_encode(late(sym, side), late(idx, side), *g_tables)
         out = ops.rans_decode(ref, late(idx, side), *g_tables).cpu()
-        batch = ops.rans_encode_batch([late(sym[0], side), late(sym[1], side)], [late(idx[0], side), late(idx[1], side)],
-                                      *g_tables)
+        batch = ops.rans_encode_batch(
+            [late(sym[0], side), late(sym[1], side)], [late(idx[0], side), late(idx[1], side)], *g_tables
+        )
         outs = [o.cpu() for o in ops.rans_decode_batch(batch, [late(idx[0], side), late(idx[1], side)], *g_tables)]
     assert data == ref
     assert torch.equal(out, sym)
@@ -73,8 +75,9 @@ def test_gaussian_side_stream(gen):
     with torch.cuda.stream(side):
         g_table = late(table, side)
         idx = ops.build_indexes(late(scales, side), g_table).cpu()
-        sym, idx2 = (t.cpu() for t in ops.quantize_and_index(late(y, side), late(scales, side), g_table,
-                                                              late(means, side)))
+        sym, idx2 = (
+            t.cpu() for t in ops.quantize_and_index(late(y, side), late(scales, side), g_table, late(means, side))
+        )
         q = ops.quantize_symbols(late(y, side), late(means, side)).cpu()
         deq = ops.dequantize(late(ref_q, side), late(means, side)).cpu()
         lik = ops.gaussian_likelihood(late(y, side), late(scales, side), late(means, side)).cpu()
@@ -101,7 +104,7 @@ def test_gdn_side_stream(gen):
     c = 64
     x = torch.randn(2, c, 17, 19, generator=gen)
     beta = 0.2 + torch.rand(c, generator=gen)
-    gamma = 0.3 * torch.rand(c, c, generator=gen) / c ** 0.5
+    gamma = 0.3 * torch.rand(c, c, generator=gen) / c**0.5
     ref = ops.gdn(x, beta, gamma)
     side = torch.cuda.Stream()
     for fmt in (torch.contiguous_format, torch.channels_last):

@@ -1,4 +1,5 @@
 """The demo, the R-D evaluation and the metrics behind them."""
+
 import csv
 import dataclasses
 import json
@@ -35,7 +36,7 @@ def test_psnr_matches_numpy():
     a = rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
     mse = np.mean((a.astype(np.float64) - b) ** 2)
-    assert psnr(a, b) == pytest.approx(10 * math.log10(255 ** 2 / mse), rel=1e-12)
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 / mse), rel=1e-12)
     assert psnr(a, a) == float("inf")
 
 
@@ -48,7 +49,7 @@ def test_ms_ssim_matches_pytorch_msssim():
     # pytorch_msssim builds its default Gaussian window in float32 (about 1e-6 off in the final value);
     # hand it the same window in float64 so the comparison can be tight.
     x = torch.arange(11, dtype=torch.float64) - 5
-    window = torch.exp(-(x ** 2) / (2 * 1.5 ** 2))
+    window = torch.exp(-(x**2) / (2 * 1.5**2))
     window = (window / window.sum()).repeat(3, 1, 1, 1)
     expected = ref.ms_ssim(ta, tb, data_range=255, win=window).item()
     assert ms_ssim(a, b) == pytest.approx(expected, abs=1e-10)
@@ -92,7 +93,9 @@ def test_evaluation_bd_rates_on_psnr_and_ms_ssim():
     messages = []
     assert bd_rates(curves, ["jpeg420"], "ms_ssim_db", log=messages.append) == {"jpeg420": None}
     assert messages and "not computable" in messages[0]
-    assert bd_rates(curves, ["jpeg420"], "psnr", log=lambda *_: None)["jpeg420"] == pytest.approx((factor - 1) * 100, abs=1e-6)
+    assert bd_rates(curves, ["jpeg420"], "psnr", log=lambda *_: None)["jpeg420"] == pytest.approx(
+        (factor - 1) * 100, abs=1e-6
+    )
 
 
 def test_psnr_differences_at_our_rates():
@@ -107,7 +110,10 @@ def test_psnr_differences_at_our_rates():
     ours_rates = np.sqrt(rates[:-1] * rates[1:])
     offsets = rng.uniform(-1, 1, len(ours_rates))
     ours = [{"codec": "dualres", "bpp": r, "psnr": 30 + 6 * np.log2(r) + o} for r, o in zip(ours_rates, offsets)]
-    outside = [{"codec": "dualres", "bpp": rates[0] / 2, "psnr": 20.0}, {"codec": "dualres", "bpp": rates[-1] * 2, "psnr": 40.0}]
+    outside = [
+        {"codec": "dualres", "bpp": rates[0] / 2, "psnr": 20.0},
+        {"codec": "dualres", "bpp": rates[-1] * 2, "psnr": 40.0},
+    ]
     diffs = psnr_differences(anchor + ours[::-1] + outside, ["webp"])["webp"]
     assert diffs[0] is None and diffs[-1] is None  # sorted by rate: the two outside points at the ends
     np.testing.assert_allclose(diffs[1:-1], offsets, atol=1e-9)
@@ -150,24 +156,27 @@ def test_demo_picture_shows_full_views_and_enlarged_details(tmp_path, random_mod
     rgb = np.asarray(Image.open(image).convert("RGB"))
     peers = [k for k in ("jpeg420", "webp") if rows[0].get(k)]
     views = [("DualRes q0", "", np.asarray(Image.open(tmp_path / "out" / "dualres_q0.png").convert("RGB")))] + [
-        (k, "", np.asarray(Image.open(tmp_path / "out" / f"{k}_same_size_as_q0.png").convert("RGB"))) for k in peers]
+        (k, "", np.asarray(Image.open(tmp_path / "out" / f"{k}_same_size_as_q0.png").convert("RGB"))) for k in peers
+    ]
     again, layout = side_by_side(rgb, views)
     assert sheet.shape == np.asarray(again).shape
     # Two rows (full views, then details), one column per picture.
     full_row = MARGIN + layout["label_height"] + 128
-    assert sheet.shape[0] > full_row + layout["label_height"] + 64 and sheet.shape[1] == MARGIN + (1 + len(views)) * (192 + MARGIN)
+    assert sheet.shape[0] > full_row + layout["label_height"] + 64 and sheet.shape[1] == MARGIN + (1 + len(views)) * (
+        192 + MARGIN
+    )
     assert len(layout["full"]) == len(layout["crops"]) == 1 + len(views)
     x0, y0, cw, ch = layout["box"]
     zoom = layout["zoom"]
     assert zoom == 2 and (cw, ch) == (96, 64)
     for picture, (fx, fy), (cx, cy) in zip([rgb] + [v[2] for v in views], layout["full"], layout["crops"]):
         if picture is not rgb:  # the original carries the frame around the detail region
-            np.testing.assert_array_equal(sheet[fy:fy + 128, fx:fx + 192], picture)
-        detail = picture[y0:y0 + ch, x0:x0 + cw].repeat(zoom, axis=0).repeat(zoom, axis=1)
-        np.testing.assert_array_equal(sheet[cy:cy + ch * zoom, cx:cx + cw * zoom], detail)
+            np.testing.assert_array_equal(sheet[fy : fy + 128, fx : fx + 192], picture)
+        detail = picture[y0 : y0 + ch, x0 : x0 + cw].repeat(zoom, axis=0).repeat(zoom, axis=1)
+        np.testing.assert_array_equal(sheet[cy : cy + ch * zoom, cx : cx + cw * zoom], detail)
     # The labels are drawn: dark text pixels above each full view and each detail.
     for x, y in layout["full"] + layout["crops"]:
-        assert (sheet[y - layout["label_height"]:y, x:x + 192] < 100).any()
+        assert (sheet[y - layout["label_height"] : y, x : x + 192] < 100).any()
 
 
 def test_detail_window_finds_the_largest_error():
@@ -214,8 +223,14 @@ def test_evaluation_writes_curves_and_bd_rates(tmp_path, random_model):
     folder.mkdir()
     _photo((192, 192)).save(folder / "a.png")
     _photo((160, 176)).save(folder / "b.png")
-    summary = evaluate(str(folder), str(tmp_path / "out"), weights=random_model, qualities=[0, 2, 4, 5],
-                       codecs=["jpeg420", "webp"], log=lambda *_: None)
+    summary = evaluate(
+        str(folder),
+        str(tmp_path / "out"),
+        weights=random_model,
+        qualities=[0, 2, 4, 5],
+        codecs=["jpeg420", "webp"],
+        log=lambda *_: None,
+    )
     assert summary["images"] == 2
     with open(tmp_path / "out" / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
@@ -239,8 +254,14 @@ def test_evaluation_reuses_anchor_rows(tmp_path, random_model, monkeypatch):
     folder = tmp_path / "images"
     folder.mkdir()
     _photo((192, 192)).save(folder / "a.png")
-    first = evaluation.evaluate(str(folder), str(tmp_path / "first"), weights=random_model, qualities=[0, 5],
-                                codecs=["jpeg420"], log=lambda *_: None)
+    first = evaluation.evaluate(
+        str(folder),
+        str(tmp_path / "first"),
+        weights=random_model,
+        qualities=[0, 5],
+        codecs=["jpeg420"],
+        log=lambda *_: None,
+    )
     real = evaluation.available_codecs
 
     def no_coding():
@@ -253,8 +274,15 @@ def test_evaluation_reuses_anchor_rows(tmp_path, random_model, monkeypatch):
         return codecs
 
     monkeypatch.setattr(evaluation, "available_codecs", no_coding)
-    second = evaluation.evaluate(str(folder), str(tmp_path / "second"), weights=random_model, qualities=[0, 5],
-                                 codecs=["jpeg420"], log=lambda *_: None, anchors=str(tmp_path / "first" / "per_image.csv"))
+    second = evaluation.evaluate(
+        str(folder),
+        str(tmp_path / "second"),
+        weights=random_model,
+        qualities=[0, 5],
+        codecs=["jpeg420"],
+        log=lambda *_: None,
+        anchors=str(tmp_path / "first" / "per_image.csv"),
+    )
     jpeg = [[c for c in r["curves"] if c["codec"] == "jpeg420"] for r in (first, second)]
     assert jpeg[0] == jpeg[1] and len(jpeg[0]) == len(real()["jpeg420"].qualities)
     assert second["bd_rate_psnr_percent"].keys() == {"jpeg420"}
@@ -273,8 +301,15 @@ def test_evaluation_in_worker_processes_measures_the_same_streams(tmp_path, rand
     codec.save_weights(random_model, weights)
     runs = {}
     for workers in (1, 2):
-        runs[workers] = evaluate(str(folder), str(tmp_path / f"out{workers}"), weights=weights, qualities=[0, 3],
-                                 codecs=["jpeg420"], log=lambda *_: None, workers=workers)
+        runs[workers] = evaluate(
+            str(folder),
+            str(tmp_path / f"out{workers}"),
+            weights=weights,
+            qualities=[0, 3],
+            codecs=["jpeg420"],
+            log=lambda *_: None,
+            workers=workers,
+        )
         with open(tmp_path / f"out{workers}" / "per_image.csv") as f:
             rows = sorted((r["image"], r["codec"], r["quality"], r["bytes"], r["psnr"]) for r in csv.DictReader(f))
         curves = [{k: v for k, v in c.items() if not k.endswith("_ms")} for c in runs[workers]["curves"]]
@@ -306,8 +341,9 @@ def test_evaluation_with_refinement_measures_refined_streams(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     _photo((128, 128)).save(folder / "a.png")
-    summary = evaluate(str(folder), str(tmp_path / "out"), qualities=[1],
-                       codecs=["jpeg420"], log=lambda *_: None, refine_steps=2)
+    summary = evaluate(
+        str(folder), str(tmp_path / "out"), qualities=[1], codecs=["jpeg420"], log=lambda *_: None, refine_steps=2
+    )
     assert summary["refine_steps"] == 2 and summary["refine_rounds"] == 3
     with open(tmp_path / "out" / "per_image.csv") as f:
         ours = [r for r in csv.DictReader(f) if r["codec"] == "dualres"]
@@ -328,14 +364,45 @@ def test_eval_command_lines_pass_workers_refinement_and_qualities(tmp_path, monk
 
     seen = []
     monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: seen.append(kwargs) or {})
-    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "2", "--refine-steps", "3",
-                 "--refine-rounds", "5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--workers",
+                "2",
+                "--refine-steps",
+                "3",
+                "--refine-rounds",
+                "5",
+            ]
+        )
+        == 0
+    )
     script = os.path.join(os.path.dirname(__file__), os.pardir, "python", "eval_rd.py")
     spec = importlib.util.spec_from_file_location("eval_rd", script)
     eval_rd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_rd)
-    assert eval_rd.main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "3", "--refine-steps", "4",
-                         "--qualities", "0", "2.5", "5"]) == 0
+    assert (
+        eval_rd.main(
+            [
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--workers",
+                "3",
+                "--refine-steps",
+                "4",
+                "--qualities",
+                "0",
+                "2.5",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert [(k["workers"], k["refine_steps"], k["refine_rounds"]) for k in seen] == [(2, 3, 5), (3, 4, None)]
     assert seen[0]["qualities"] is None
     assert seen[1]["qualities"] == [0, 2.5, 5] and isinstance(seen[1]["qualities"][0], int)

@@ -1,5 +1,6 @@
 """EntropyBottleneck / GaussianConditional against CompressAI 1.2.8: parameters, state dicts,
 training forward/backward, coder tables and (with the rANS ops) compressed strings."""
+
 import pytest
 import torch
 
@@ -29,6 +30,7 @@ def _log_uniform(shape, lo=0.11, hi=20.0):
 
 # -- structure and state dicts --------------------------------------------------------------
 
+
 def test_same_state_dict_keys_and_shapes():
     for make_theirs, make_ours in (
         (lambda: theirs.EntropyBottleneck(12, filters=(3, 4)), lambda: ours.EntropyBottleneck(12, filters=(3, 4))),
@@ -57,6 +59,7 @@ def test_compressai_state_dict_loads_strict_both_ways():
 
     # Ours -> CompressAI: CompressAI resizes its empty buffers with its own helper, as its models do.
     from compressai.models.utils import update_registered_buffers
+
     back = theirs.GaussianConditional(None)
     sd = {"gc." + k: v for k, v in mine_gc.state_dict().items()}
     update_registered_buffers(back, "gc", ["_quantized_cdf", "_offset", "_cdf_length", "scale_table"], sd)
@@ -94,6 +97,7 @@ def test_update_quantiles_and_aux_loss_match():
 
 
 # -- training path --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("with_means", [True, False])
 def test_gaussian_conditional_forward_backward(with_means):
@@ -139,8 +143,10 @@ def test_entropy_bottleneck_forward_backward():
         g = torch.randn_like(lik_ref)
         params_ref = [x] + list(eb.parameters())
         params_mine = [x] + list(mine.parameters())
-        for a, b in zip(torch.autograd.grad(lik_mine, params_mine, g, allow_unused=True),
-                        torch.autograd.grad(lik_ref, params_ref, g, allow_unused=True)):
+        for a, b in zip(
+            torch.autograd.grad(lik_mine, params_mine, g, allow_unused=True),
+            torch.autograd.grad(lik_ref, params_ref, g, allow_unused=True),
+        ):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
@@ -179,6 +185,7 @@ def test_constructor_validation():
 
 # -- compress / decompress ------------------------------------------------------------------
 
+
 def _gaussian_pair(**kwargs):
     ref = theirs.GaussianConditional(None)
     ref.update_scale_table(get_scale_table())
@@ -210,12 +217,15 @@ def test_gaussian_compress_byte_identical_to_compressai(shape):
         expected = ref.decompress(strings, indexes, means=m)
         assert decoded.dtype == expected.dtype and torch.equal(decoded, expected)
     # CompressAI decodes our strings and we decode its strings (same thing, but say it).
-    assert torch.equal(mine.decompress(ref.compress(y, indexes, means), indexes, means=means),
-                       ref.decompress(mine.compress(y, indexes, means), indexes, means=means))
+    assert torch.equal(
+        mine.decompress(ref.compress(y, indexes, means), indexes, means=means),
+        ref.decompress(mine.compress(y, indexes, means), indexes, means=means),
+    )
     # dtype argument without means, broadcast means with size-1 spatial dims.
     strings = mine.compress(y, indexes)
-    assert torch.equal(mine.decompress(strings, indexes, dtype=torch.float64),
-                       ref.decompress(strings, indexes, dtype=torch.float64))
+    assert torch.equal(
+        mine.decompress(strings, indexes, dtype=torch.float64), ref.decompress(strings, indexes, dtype=torch.float64)
+    )
     if len(shape) == 4:
         m1 = torch.randn(shape[0], shape[1], 1, 1)
         s1 = mine.compress(y, indexes, m1.expand(shape))

@@ -1,9 +1,9 @@
 """Exact entropy parameters (bitstream version 4): integer layers, the converted shipped weights,
 version-4 streams and their decoding in other processes (other ATen/oneDNN kernels, threads)."""
+
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import subprocess
 import sys
@@ -38,14 +38,18 @@ def _int64_reference(conv: I.IntConv, a: torch.Tensor) -> torch.Tensor:
     if transposed:  # scatter each input position's products into the (cropped) output
         n, c_in, h, wd = a.shape
         c_out, k = w.shape[1], w.shape[-1]
-        full = torch.zeros(n, c_out, (h - 1) * stride + k + output_padding, (wd - 1) * stride + k + output_padding,
-                           dtype=torch.int64)
+        full = torch.zeros(
+            n, c_out, (h - 1) * stride + k + output_padding, (wd - 1) * stride + k + output_padding, dtype=torch.int64
+        )
         for ky in range(k):
             for kx in range(k):
                 contrib = torch.einsum("nihw,io->nohw", a, w[:, :, ky, kx])
-                full[:, :, ky:ky + (h - 1) * stride + 1:stride, kx:kx + (wd - 1) * stride + 1:stride] += contrib
-        ho, wo = (h - 1) * stride - 2 * padding + k + output_padding, (wd - 1) * stride - 2 * padding + k + output_padding
-        out = full[:, :, padding:padding + ho, padding:padding + wo]
+                full[:, :, ky : ky + (h - 1) * stride + 1 : stride, kx : kx + (wd - 1) * stride + 1 : stride] += contrib
+        ho, wo = (
+            (h - 1) * stride - 2 * padding + k + output_padding,
+            (wd - 1) * stride - 2 * padding + k + output_padding,
+        )
+        out = full[:, :, padding : padding + ho, padding : padding + wo]
     else:
         k = w.shape[-1]
         ap = F.pad(a, (padding,) * 4)
@@ -54,7 +58,7 @@ def _int64_reference(conv: I.IntConv, a: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(n, w.shape[0], ho, wo, dtype=torch.int64)
         for ky in range(k):
             for kx in range(k):
-                patch = ap[:, :, ky:ky + (ho - 1) * stride + 1:stride, kx:kx + (wo - 1) * stride + 1:stride]
+                patch = ap[:, :, ky : ky + (ho - 1) * stride + 1 : stride, kx : kx + (wo - 1) * stride + 1 : stride]
                 out += torch.einsum("nihw,oi->nohw", patch, w[:, :, ky, kx])
     return out + conv.bias[None, :, None, None]
 
@@ -68,8 +72,13 @@ def _extreme_inputs(conv: I.IntConv, shape, seed: int):
     # weights' signs aligned: the largest partial sums the bound allows
     w = conv.weight.double()
     align = torch.sign(w.sum(dim=(1, 2, 3)) if conv._settings()[0] else w.sum(dim=(0, 2, 3)))
-    return [bound.expand_as(signs).clone(), -bound.expand_as(signs), signs * bound, uniform,
-            align[None, :, None, None].expand_as(signs) * bound]
+    return [
+        bound.expand_as(signs).clone(),
+        -bound.expand_as(signs),
+        signs * bound,
+        uniform,
+        align[None, :, None, None].expand_as(signs) * bound,
+    ]
 
 
 def _random_layer(kind: str, seed: int):
@@ -91,8 +100,15 @@ def test_int_conv_is_exact_at_its_bounds(kind, act_bits):
     in_scale = torch.full((c_in,), 0.01, dtype=torch.float64)
     in_bound = torch.full((c_in,), (1 << act_bits) - 1, dtype=torch.int64)
     in_bound[::3] = (1 << (act_bits - 2)) - 1  # channels with other bounds (concatenated inputs)
-    conv = I.IntConv.convert(layer, in_scale, in_bound, torch.full((c_out,), 0.05, dtype=torch.float64),
-                             torch.full((c_out,), -4095), torch.full((c_out,), 4095), weight_bits=10)
+    conv = I.IntConv.convert(
+        layer,
+        in_scale,
+        in_bound,
+        torch.full((c_out,), 0.05, dtype=torch.float64),
+        torch.full((c_out,), -4095),
+        torch.full((c_out,), 4095),
+        weight_bits=10,
+    )
     for i, a in enumerate(_extreme_inputs(conv, (7, 9), act_bits)):
         want = _int64_reference(conv, a)
         assert torch.equal(_float64_reference(conv, a), want.double())
@@ -108,9 +124,15 @@ def test_int_conv_approximates_the_float_layer():
     layer = _random_layer("conv3x3", 0)
     x = torch.randn(1, 96, 12, 12)
     s_in, s_out = 4.0 / 4095, float(layer(x).detach().abs().max()) * 1.5 / 4095
-    conv = I.IntConv.convert(layer, torch.full((96,), s_in, dtype=torch.float64), torch.full((96,), 4095),
-                             torch.full((40,), s_out, dtype=torch.float64), torch.full((40,), -4095),
-                             torch.full((40,), 4095), weight_bits=10)
+    conv = I.IntConv.convert(
+        layer,
+        torch.full((96,), s_in, dtype=torch.float64),
+        torch.full((96,), 4095),
+        torch.full((40,), s_out, dtype=torch.float64),
+        torch.full((40,), -4095),
+        torch.full((40,), 4095),
+        weight_bits=10,
+    )
     got = conv(torch.round(x / s_in)) * s_out
     torch.testing.assert_close(got, layer(x).detach(), atol=8 * s_out, rtol=0.01)
 
@@ -122,9 +144,15 @@ def test_lut_and_batches():
     assert torch.equal(lut(q), want)
     # batches of 16 and more run 8 at a time (ATen would consider NNPACK's Winograd for them)
     layer = _random_layer("conv3x3", 1)
-    conv = I.IntConv.convert(layer, torch.full((96,), 0.01, dtype=torch.float64), torch.full((96,), 2047),
-                             torch.full((40,), 0.05, dtype=torch.float64), torch.full((40,), -4095),
-                             torch.full((40,), 4095), weight_bits=10)
+    conv = I.IntConv.convert(
+        layer,
+        torch.full((96,), 0.01, dtype=torch.float64),
+        torch.full((96,), 2047),
+        torch.full((40,), 0.05, dtype=torch.float64),
+        torch.full((40,), -4095),
+        torch.full((40,), 4095),
+        weight_bits=10,
+    )
     a = torch.randint(-2047, 2048, (17, 96, 5, 6)).float()
     assert torch.equal(conv.accumulate(a), _int64_reference(conv, a).double())
 
@@ -135,7 +163,7 @@ def test_scale_indexes_are_threshold_counts():
 
     table = get_scale_table()
     for bits in (8, 12):
-        thresholds = torch.floor(table[:-1].double() * 2.0 ** bits)
+        thresholds = torch.floor(table[:-1].double() * 2.0**bits)
         sigma = torch.arange(0, int(thresholds[-1]) + 3, dtype=torch.float32)[None, None, None]
         want = (thresholds[:, None] < sigma.double().reshape(1, -1)).sum(0).reshape(sigma.shape)
         assert torch.equal(scale_indexes(sigma, table, bits).long(), want)
@@ -273,22 +301,32 @@ def v4_streams(shipped, tmp_path_factory):
         path = folder / f"{i}.drx"
         path.write_bytes(codec.encode(img, quality=q))
         paths.append(str(path))
-    out = subprocess.run([sys.executable, "-c", TRACE, "2", *paths], capture_output=True, text=True, timeout=600,
-                         env=_child_env())
+    out = subprocess.run(
+        [sys.executable, "-c", TRACE, "2", *paths], capture_output=True, text=True, timeout=600, env=_child_env()
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return paths, out.stdout.split()
 
 
-@pytest.mark.parametrize("env", [
-    {"threads": "1"},
-    {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "threads": "1"},
-    {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "threads": "3"},
-], ids=["1thread", "scalar-sse41", "avx2-3threads"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"threads": "1"},
+        {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "threads": "1"},
+        {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "threads": "3"},
+    ],
+    ids=["1thread", "scalar-sse41", "avx2-3threads"],
+)
 def test_v4_indexes_and_means_identical_under_other_kernels(v4_streams, env, package_env):
     paths, expected = v4_streams
     env = dict(env)
     threads = env.pop("threads")
-    out = subprocess.run([sys.executable, "-c", TRACE, threads, *paths], env={**package_env, **env},
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", TRACE, threads, *paths],
+        env={**package_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == expected

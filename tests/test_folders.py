@@ -1,5 +1,6 @@
 """``dualres compress DIR OUTDIR`` / ``decompress``: trees mirrored, failures reported and skipped,
 a summary line, the same bytes as one file at a time."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ entropy decoder. Whatever the input, only the documented exceptions may come out
 (ValueError -- BitstreamError is one -- and TypeError); never a crash, a hang or another type.
 A crash would kill the pytest process; a hang is caught by a per-call time bound.
 """
+
 import os
 import random
 import struct
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rans_testlib import reseal_native  # noqa: E402
 
 ALLOWED = (ValueError, TypeError)
-SLOW_CALL_S = 5.0   # a single decode of these small inputs takes milliseconds
+SLOW_CALL_S = 5.0  # a single decode of these small inputs takes milliseconds
 
 
 def reseal_container(data: bytes) -> bytes:
@@ -42,29 +43,30 @@ def mutate(rng: random.Random, data: bytes, other: bytes) -> bytes:
     """One random mutation of ``data`` (``other``: a second valid stream for splices)."""
     b = bytearray(data)
     kind = rng.randrange(8)
-    if kind == 0 and b:                                   # bit flips
+    if kind == 0 and b:  # bit flips
         for _ in range(rng.randint(1, 4)):
             i = rng.randrange(len(b))
             b[i] ^= 1 << rng.randrange(8)
-    elif kind == 1 and b:                                 # byte overwrites (special values)
+    elif kind == 1 and b:  # byte overwrites (special values)
         for _ in range(rng.randint(1, 3)):
             b[rng.randrange(len(b))] = rng.choice((0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)))
-    elif kind == 2:                                       # truncation
-        b = b[:rng.randrange(len(b) + 1)]
-    elif kind == 3:                                       # extension
+    elif kind == 2:  # truncation
+        b = b[: rng.randrange(len(b) + 1)]
+    elif kind == 3:  # extension
         b += bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
-    elif kind == 4:                                       # splice with another stream
+    elif kind == 4:  # splice with another stream
         i, j = rng.randrange(len(b) + 1), rng.randrange(len(other) + 1)
         b = b[:i] + other[j:]
-    elif kind == 5 and len(b) >= 4:                       # a 32-bit field set to an edge value
+    elif kind == 5 and len(b) >= 4:  # a 32-bit field set to an edge value
         i = rng.randrange(len(b) - 3)
-        b[i:i + 4] = struct.pack("<I", rng.choice((0, 1, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF,
-                                                    rng.randrange(1 << 32))))
-    elif kind == 6 and b:                                 # delete or duplicate a run
+        b[i : i + 4] = struct.pack(
+            "<I", rng.choice((0, 1, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF, rng.randrange(1 << 32)))
+        )
+    elif kind == 6 and b:  # delete or duplicate a run
         i = rng.randrange(len(b))
         j = min(len(b), i + rng.randint(1, 8))
         b = b[:i] + b[j:] if rng.random() < 0.5 else b[:j] + b[i:j] + b[j:]
-    else:                                                 # random garbage of similar size
+    else:  # random garbage of similar size
         b = bytearray(rng.randrange(256) for _ in range(rng.randrange(2 * len(b) + 2)))
     return bytes(b)
 
@@ -95,7 +97,7 @@ def tables():
 def _symbols(gen, idx, cdfs, lengths, offsets):
     span = (lengths[idx.long()] - 2).clamp(min=1)
     sym = (torch.rand(idx.shape, generator=gen) * span).long() + offsets[idx.long()]
-    esc = torch.rand(idx.shape, generator=gen) < 0.03        # some escapes, short and long
+    esc = torch.rand(idx.shape, generator=gen) < 0.03  # some escapes, short and long
     big = torch.randint(-(2**28), 2**28, idx.shape, generator=gen)
     return torch.where(esc, big, sym).to(torch.int32)
 
@@ -120,7 +122,7 @@ def test_fuzz_rans_ops(tables):
         other = cases[(it + 1) % len(cases)]
         bad_native = mutate(rng, native, other[2])
         if it % 2:
-            bad_native = reseal_native(bad_native)   # past the CRC-32C into the lane decoder
+            bad_native = reseal_native(bad_native)  # past the CRC-32C into the lane decoder
         r = _call(ops.rans_decode, bad_native, idx, cdfs, lengths, offsets)
         outcomes[r] = outcomes.get(r, 0) + 1
         if r == "ok":
@@ -132,7 +134,7 @@ def test_fuzz_rans_ops(tables):
         dec.set_stream(bad_compat)
         step = max(1, idx.numel() // rng.randint(1, 6))
         for b in range(0, idx.numel(), step):
-            if _call(dec.decode_stream, idx[b:b + step], cdfs, lengths, offsets) != "ok":
+            if _call(dec.decode_stream, idx[b : b + step], cdfs, lengths, offsets) != "ok":
                 break
     # Nearly everything must be refused; the ValueErrors came from the decoder's own checks.
     assert outcomes.get("ValueError", 0) > 1200, outcomes
@@ -146,8 +148,7 @@ def test_fuzz_rans_forged_state(tables):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     idx = torch.randint(0, cdfs.shape[0], (500,), generator=gen, dtype=torch.int32)
     sym = _symbols(gen, idx, cdfs, lengths, offsets)
-    data = torch.frombuffer(bytearray(ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)),
-                            dtype=torch.uint8)
+    data = torch.frombuffer(bytearray(ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)), dtype=torch.uint8)
     edge = [0, 1, 2**31, 2**63 - 1, -1, -(2**63), data.numel(), data.numel() + 1, 7]
     for pos in edge:
         for x in edge + [int(torch.randint(-(2**62), 2**62, (1,)))]:
@@ -175,7 +176,7 @@ def test_fuzz_codec_decode(codec_setup):
     for s in streams:  # the valid streams decode
         assert codec.decode(s, weights=model, output="numpy").shape[:2] == (64, 64)
     outcomes = {}
-    t_end = time.perf_counter() + 6.0   # time-bounded: a decode that reaches the model costs ~0.1 s
+    t_end = time.perf_counter() + 6.0  # time-bounded: a decode that reaches the model costs ~0.1 s
     for it in range(4000):
         data, other = streams[it % len(streams)], streams[(it + 1) % len(streams)]
         bad = mutate(rng, data, other)
@@ -204,9 +205,10 @@ def test_fuzz_codec_sections_resealed(codec_setup):
         secs = list(head["sections"])
         k = rng.randrange(len(secs))
         secs[k] = mutate(rng, secs[k], secs[(k + 1) % len(secs)])
-        flags = (codec.FLAG_GREY if head["grey"] else 0)
-        forged = container.pack(head["config_id"], flags, head["quality"], head["weights_id"],
-                             head["width"], head["height"], secs)
+        flags = codec.FLAG_GREY if head["grey"] else 0
+        forged = container.pack(
+            head["config_id"], flags, head["quality"], head["weights_id"], head["width"], head["height"], secs
+        )
         r = _call(codec.decode, forged, weights=model, output="numpy")
         outcomes[r] = outcomes.get(r, 0) + 1
     assert outcomes.get("BitstreamError", 0) > 0.7 * sum(outcomes.values()), outcomes
@@ -220,15 +222,17 @@ def test_fuzz_codec_header_fields_resealed(codec_setup):
     # section lengths (varints) from offset 20.
     assert data[4] == 3
     fields = {5: "B", 6: "B", 7: "f", 11: "I", 15: "H", 17: "H", 19: "B", 20: "B", 21: "B", 22: "I"}
-    values = {"B": (0, 2, 3, 4, 0x80, 255), "H": (0, 5, 7, 0xFFFF),
-              "I": (0, 65, 65536, 0xFFFFFFFF),
-              "f": (-1.0, 5.0, float("nan"), float("inf"))}
+    values = {
+        "B": (0, 2, 3, 4, 0x80, 255),
+        "H": (0, 5, 7, 0xFFFF),
+        "I": (0, 65, 65536, 0xFFFFFFFF),
+        "f": (-1.0, 5.0, float("nan"), float("inf")),
+    }
     for off, fmt in fields.items():
         for v in values[fmt]:
             b = bytearray(data)
             struct.pack_into("<" + fmt, b, off, v)
-            _call(codec.decode, reseal_container(bytes(b)), weights=model, output="numpy",
-                  max_pixels=1 << 20)
+            _call(codec.decode, reseal_container(bytes(b)), weights=model, output="numpy", max_pixels=1 << 20)
     # wrong argument types are TypeErrors, not crashes
     for bad in (None, 3, "abc", [1, 2], np.zeros(4, np.uint8)):
         with pytest.raises(TypeError):

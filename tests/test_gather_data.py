@@ -2,6 +2,7 @@
 cache (unpacked .debs, wheels), so nothing is fetched. Checks the promises the training split rests
 on: one copy per picture (the largest), no picture in both splits at any size, forced held-out
 pictures (the demo photo), greyscale skipped, licences in the manifest, and a stable split across re-runs."""
+
 import csv
 import importlib.util
 import os
@@ -75,8 +76,9 @@ def _manifest(out):
 def test_one_copy_per_picture_never_in_both_splits(tree, tmp_path, gather_data):
     shared, cache = tree
     out = tmp_path / "pool"
-    assert gather_data.main(["--shared", str(shared), "--out", str(out), "--cache", str(cache),
-                             "--max-side", "1000"]) == 0
+    assert (
+        gather_data.main(["--shared", str(shared), "--out", str(out), "--cache", str(cache), "--max-side", "1000"]) == 0
+    )
     rows = _manifest(out)
     files = {f: Image.open(out / f).convert("RGB") for f in rows}
     assert set(os.listdir(out / "train")) | set(os.listdir(out / "val")) == {os.path.basename(f) for f in rows}

@@ -1,4 +1,5 @@
 """Gaussian conditional kernels against CompressAI 1.2.8 and float64 references."""
+
 import threading
 
 import pytest
@@ -13,7 +14,9 @@ from compressai.models.google import get_scale_table  # noqa: E402
 
 def _log_uniform(shape, lo=0.11, hi=20.0, dtype=torch.float32, generator=None):
     u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    return torch.exp(u * (torch.log(torch.tensor(hi)) - torch.log(torch.tensor(lo))) + torch.log(torch.tensor(lo))).to(dtype)
+    return torch.exp(u * (torch.log(torch.tensor(hi)) - torch.log(torch.tensor(lo))) + torch.log(torch.tensor(lo))).to(
+        dtype
+    )
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +28,7 @@ def reference_gc():
 
 # -- build_indexes --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(1, 320, 48, 32), (3, 7, 5), (17,), (2, 1)])
 def test_build_indexes_matches_compressai(reference_gc, shape):
     scales = _log_uniform(shape, 0.01, 400.0)
@@ -34,7 +38,7 @@ def test_build_indexes_matches_compressai(reference_gc, shape):
     k = min(flat.numel(), table.numel())
     flat[:k] = table[:k]
     if flat.numel() > 2 * k:
-        flat[k:2 * k] = torch.nextafter(table[:k], torch.tensor(0.0))
+        flat[k : 2 * k] = torch.nextafter(table[:k], torch.tensor(0.0))
     flat[-1] = 0.11
     expected = reference_gc.build_indexes(scales)
     got = ops.build_indexes(scales, table, reference_gc.lower_bound_scale.bound)
@@ -46,9 +50,13 @@ def test_build_indexes_float64_and_half(reference_gc):
     table = reference_gc.scale_table
     s64 = _log_uniform((4, 8, 9), 0.05, 300.0, dtype=torch.float64)
     s64.view(-1)[:64] = table.double()
-    assert torch.equal(ops.build_indexes(s64, table, reference_gc.lower_bound_scale.bound), reference_gc.build_indexes(s64))
+    assert torch.equal(
+        ops.build_indexes(s64, table, reference_gc.lower_bound_scale.bound), reference_gc.build_indexes(s64)
+    )
     s16 = _log_uniform((4, 8, 9), 0.05, 300.0).half()
-    assert torch.equal(ops.build_indexes(s16, table, reference_gc.lower_bound_scale.bound), reference_gc.build_indexes(s16))
+    assert torch.equal(
+        ops.build_indexes(s16, table, reference_gc.lower_bound_scale.bound), reference_gc.build_indexes(s16)
+    )
 
 
 def test_build_indexes_unsorted_and_custom_tables():
@@ -83,6 +91,7 @@ def test_build_indexes_bad_scales_raise(reference_gc):
 
 # -- quantisation ---------------------------------------------------------------------------
 
+
 def _halfway_inputs(shape):
     y = torch.randn(shape) * 30
     means = torch.randn(shape) * 3
@@ -100,8 +109,9 @@ def test_quantize_symbols_matches_compressai(reference_gc, shape):
     m = torch.randn(1, shape[1], *([1] * (len(shape) - 2)))
     assert torch.equal(ops.quantize_symbols(y, m), reference_gc.quantize(y, "symbols", m))
     assert torch.equal(ops.quantize_symbols(y, means.double()), reference_gc.quantize(y, "symbols", means.double()))
-    assert torch.equal(ops.quantize_symbols(y.double(), means.double()),
-                       reference_gc.quantize(y.double(), "symbols", means.double()))
+    assert torch.equal(
+        ops.quantize_symbols(y.double(), means.double()), reference_gc.quantize(y.double(), "symbols", means.double())
+    )
 
 
 def test_quantize_and_index_fused(reference_gc):
@@ -159,6 +169,7 @@ def test_dequantize_matches_compressai():
 
 # -- CDF tables -----------------------------------------------------------------------------
 
+
 def test_gaussian_cdf_tables_match_compressai(reference_gc):
     cdf, lengths, offsets = ops.gaussian_cdf_tables(reference_gc.scale_table)
     assert torch.equal(cdf, reference_gc._quantized_cdf)
@@ -178,6 +189,7 @@ def test_gaussian_cdf_tables_random_tables(tail_mass, precision):
 
 def test_pmf_to_quantized_cdf_matches_compressai():
     from compressai._CXX import pmf_to_quantized_cdf as reference
+
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     rows, lengths = [], []
     for _ in range(40):
@@ -195,7 +207,7 @@ def test_pmf_to_quantized_cdf_matches_compressai():
         for i, p in enumerate(rows):
             expected = torch.tensor(reference(p.tolist(), precision), dtype=torch.int32)
             assert torch.equal(got[i, : lengths[i] + 1], expected)
-            assert not got[i, lengths[i] + 1:].any()
+            assert not got[i, lengths[i] + 1 :].any()
     with pytest.raises(ValueError, match="finite"):
         ops.pmf_to_quantized_cdf(torch.tensor([0.5, float("nan")]))
     with pytest.raises(ValueError, match="precision"):
@@ -205,29 +217,32 @@ def test_pmf_to_quantized_cdf_matches_compressai():
 def test_standardized_quantile_matches_scipy():
     scipy_stats = pytest.importorskip("scipy.stats")
     from dualres_ext.entropy_models import GaussianConditional
+
     for q in (5e-10, 1e-6 / 2, 0.01, 0.3):
         assert GaussianConditional._standardized_quantile(q) == scipy_stats.norm.ppf(q)
 
 
 # -- likelihood -----------------------------------------------------------------------------
 
+
 def _reference_likelihood(x, scales, means, scale_bound=0.11, likelihood_bound=1e-9):
     """CompressAI's _likelihood + LowerBound, composed from its own modules (float64 inputs)."""
     from compressai.ops import LowerBound
+
     v = torch.abs(x - means) if means is not None else torch.abs(x)
     s = LowerBound(scale_bound).double()(scales)
-    cum = lambda t: 0.5 * torch.erfc(-(2 ** -0.5) * t)  # noqa: E731
+    cum = lambda t: 0.5 * torch.erfc(-(2**-0.5) * t)  # noqa: E731
     lik = cum((0.5 - v) / s) - cum((-0.5 - v) / s)
     return LowerBound(likelihood_bound).double()(lik) if likelihood_bound is not None else lik
 
 
 def _likelihood_inputs(shape, dtype):
     x = (torch.randn(shape, dtype=torch.float64) * 6).round()  # integer bins, like dequantised y
-    x += torch.rand(shape, dtype=torch.float64) - 0.5          # and noisy ones
+    x += torch.rand(shape, dtype=torch.float64) - 0.5  # and noisy ones
     means = torch.randn(shape, dtype=torch.float64) * 2
     scales = _log_uniform(shape, 0.02, 30.0, dtype=torch.float64)
-    scales.view(-1)[:10] = 0.11                                 # exactly at the scale bound
-    x.view(-1)[10:20] = means.view(-1)[10:20] + 60.0            # likelihood at its lower bound
+    scales.view(-1)[:10] = 0.11  # exactly at the scale bound
+    x.view(-1)[10:20] = means.view(-1)[10:20] + 60.0  # likelihood at its lower bound
     return [t.to(dtype).requires_grad_() for t in (x, scales, means)]
 
 
@@ -261,12 +276,14 @@ def test_likelihood_broadcast_and_no_means():
 
 
 def test_likelihood_gradcheck():
-    x, scales, means = (t.detach()[:1, :2, :3, :3].clone().requires_grad_()
-                        for t in _likelihood_inputs((1, 2, 3, 3), torch.float64))
+    x, scales, means = (
+        t.detach()[:1, :2, :3, :3].clone().requires_grad_() for t in _likelihood_inputs((1, 2, 3, 3), torch.float64)
+    )
     with torch.no_grad():
         scales.clamp_(min=0.3)  # stay away from the bound's kink, where finite differences break
     assert torch.autograd.gradcheck(
-        lambda a, b, c: ops.gaussian_likelihood(a, b, c, likelihood_bound=None), (x, scales, means))
+        lambda a, b, c: ops.gaussian_likelihood(a, b, c, likelihood_bound=None), (x, scales, means)
+    )
 
 
 def test_likelihood_bad_inputs():
@@ -282,8 +299,10 @@ def test_build_indexes_concurrent_calls(reference_gc):
     scales = _log_uniform((1, 320, 48, 32))
     expected = reference_gc.build_indexes(scales)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(ops.build_indexes(scales, reference_gc.scale_table)))
-               for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(ops.build_indexes(scales, reference_gc.scale_table)))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -292,6 +311,7 @@ def test_build_indexes_concurrent_calls(reference_gc):
 
 
 # -- CUDA (run only where a GPU exists) -----------------------------------------------------
+
 
 @pytest.mark.cuda
 def test_cuda_kernels_match_cpu(reference_gc):
@@ -319,8 +339,9 @@ def test_cuda_kernels_match_cpu(reference_gc):
         ref = _reference_likelihood(x64, s64, m64)
         torch.testing.assert_close(got.cpu().double(), ref.detach(), rtol=tol * 10, atol=tol)
         g = torch.randn_like(ref)
-        for a, b in zip(torch.autograd.grad(got, (xc, sc, mc), g.to(dev, dtype)),
-                        torch.autograd.grad(ref, (x64, s64, m64), g)):
+        for a, b in zip(
+            torch.autograd.grad(got, (xc, sc, mc), g.to(dev, dtype)), torch.autograd.grad(ref, (x64, s64, m64), g)
+        ):
             torch.testing.assert_close(a.cpu().double(), b, rtol=tol * 100, atol=tol * 10)
 
 

@@ -3,6 +3,7 @@
 References: the plain PyTorch expression evaluated in float64 (forward and autograd gradients),
 and compressai.layers.GDN / GDN1 for state-dict and output compatibility.
 """
+
 import threading
 import time
 
@@ -229,6 +230,7 @@ def test_conv_deconv_shapes():
 
 # ---- errors --------------------------------------------------------------------------------
 
+
 def test_bad_inputs_raise():
     m = layers.GDN(4)
     with pytest.raises(ValueError, match="expected input"):
@@ -256,11 +258,13 @@ def test_bad_inputs_raise():
         layers.GDN(3, beta_min=0.0)
     # The C++ kernels check what reaches them directly through torch.ops as well.
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.dualres_ext.gdn_forward(torch.randn(1, 4, 2, 2, dtype=torch.float64), beta.detach(),
-                                          gamma.detach(), None, False, False)
+        torch.ops.dualres_ext.gdn_forward(
+            torch.randn(1, 4, 2, 2, dtype=torch.float64), beta.detach(), gamma.detach(), None, False, False
+        )
     with pytest.raises(RuntimeError, match="gamma"):
-        torch.ops.dualres_ext.gdn_forward(torch.randn(1, 4, 2, 2), beta.detach(), gamma.detach()[:, :3],
-                                          None, False, False)
+        torch.ops.dualres_ext.gdn_forward(
+            torch.randn(1, 4, 2, 2), beta.detach(), gamma.detach()[:, :3], None, False, False
+        )
 
 
 def test_empty_batch():
@@ -323,6 +327,7 @@ def test_empty_channels_module(cls, inverse):
 
 
 # ---- CUDA (skipped without a GPU) ------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)

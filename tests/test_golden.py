@@ -1,6 +1,7 @@
 """Golden streams: encoding gives the very bytes, and decoding the very values, that the
 generator (tests/data/make_golden.py) recorded. A failure here means the bitstream or the
 decoded result changed; if that is intended, regenerate the file and document the change."""
+
 from __future__ import annotations
 
 import hashlib

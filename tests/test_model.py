@@ -1,4 +1,5 @@
 """DualRes model: shapes, likelihoods, gains, training step, exact compress/decompress round trips."""
+
 import math
 import os
 import sys
@@ -69,12 +70,11 @@ def test_training_step_reaches_every_parameter():
     x = torch.rand(2, 3, 64, 64)
     out = model(x, torch.tensor([0.0, 4.5]))  # per-sample qualities
     bpp = sum(-v.log2().sum() for v in out["likelihoods"].values()) / (2 * 64 * 64)
-    loss = bpp + 0.01 * 255 ** 2 * torch.nn.functional.mse_loss(out["x_hat"], x)
+    loss = bpp + 0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], x)
     loss.backward()
     aux = model.aux_loss()
     assert aux.dim() == 0 and bool(torch.isfinite(aux))
-    no_grad = [n for n, p in model.named_parameters()
-               if p.grad is None and not n.endswith("quantiles")]
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None and not n.endswith("quantiles")]
     assert no_grad == []
     # Only the qualities used get gain gradients.
     g = model.gain_h.grad.abs().sum(1)
@@ -142,7 +142,7 @@ def test_coding_runs_float64_copies_that_follow_the_weights():
 
     x = torch.rand(1, 3, 128, 128)
     before = model.compress(x, 2)
-    with torch.no_grad():                      # an in-place change (an optimiser step does the same)
+    with torch.no_grad():  # an in-place change (an optimiser step does the same)
         w.add_(0.7)
     nets = model.coding_nets()
     assert torch.equal(nets.coder_h.param_nets[0][-1].bias, w.double())
@@ -157,7 +157,7 @@ def test_coding_runs_float64_copies_that_follow_the_weights():
     other.load_state_dict(model.state_dict())  # load_state_dict copies in place: the cache follows
     other.update(force=True)
     assert other.compress(x, 2)["strings"] == after["strings"]
-    assert set(model.state_dict()) == keys     # nothing of the cache in the state
+    assert set(model.state_dict()) == keys  # nothing of the cache in the state
     assert copy.deepcopy(model).compress(x, 2)["strings"] == after["strings"]
 
 

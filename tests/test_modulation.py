@@ -1,6 +1,7 @@
 """The per-quality channel modulation (DualRes(modulation=True)): what it computes against a float64
 reference, that a trained model gains it at the identity (dualres_ext.models.widen.add_modulation),
 that only the qualities used train it, and that its streams decode to what ``forward`` predicts."""
+
 import os
 import sys
 
@@ -38,14 +39,16 @@ def test_modulation_against_a_float64_reference():
         point = model._quality_point(q, x.device, x.dtype)
         lo, t = int(q // 1), q - int(q // 1)
         hi = min(lo + 1, 3)
-        ref = x.double() * torch.exp(s[lo] * (1 - t) + s[hi] * t)[None, :, None, None] \
+        ref = (
+            x.double() * torch.exp(s[lo] * (1 - t) + s[hi] * t)[None, :, None, None]
             + (b[lo] * (1 - t) + b[hi] * t)[None, :, None, None]
+        )
         torch.testing.assert_close(mod(x, point).double(), ref, rtol=1e-5, atol=1e-6)
     # Per-sample qualities: each sample gets its own row.
     point = model._quality_point(torch.tensor([0.0, 2.5, 3.0]), x.device, x.dtype)
     out = mod(x, point)
     for i, q in enumerate((0, 2.5, 3)):
-        torch.testing.assert_close(out[i:i + 1], mod(x[i:i + 1], model._quality_point(q, x.device, x.dtype)))
+        torch.testing.assert_close(out[i : i + 1], mod(x[i : i + 1], model._quality_point(q, x.device, x.dtype)))
 
 
 def test_a_model_gains_the_modulation_at_the_identity():
@@ -56,7 +59,7 @@ def test_a_model_gains_the_modulation_at_the_identity():
     assert set(new.modulation) == {f"{s}_{i}" for s, layers in MODULATED_LAYERS.items() for i in layers}
     # The other parameters keep their order (a checkpoint's Adam state is indexed by it).
     old_names = [n for n, _ in old.named_parameters()]
-    assert [n for n, _ in new.named_parameters()][:len(old_names)] == old_names
+    assert [n for n, _ in new.named_parameters()][: len(old_names)] == old_names
     x = torch.rand(1, 3, 128, 192, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for q in (0, 2.5, old.num_qualities - 1):
@@ -84,8 +87,9 @@ def test_modulation_changes_only_its_quality_and_decodes_as_forward_predicts():
         assert (model(x, 4.5)["x_hat"] - plain(x, 4.5)["x_hat"]).abs().max() > 1e-3
         predicted = model(x, 4.5)["x_hat"]
         coded = model.compress(x, 4.5)
-        torch.testing.assert_close(model.decompress(coded["strings"], coded["shape"], 4.5)["x_hat"], predicted,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            model.decompress(coded["strings"], coded["shape"], 4.5)["x_hat"], predicted, rtol=0, atol=0
+        )
 
 
 def test_only_the_qualities_used_train_the_modulation():
@@ -94,7 +98,7 @@ def test_only_the_qualities_used_train_the_modulation():
     x = torch.rand(2, 3, 64, 64)
     out = model(x, torch.tensor([1.0, 4.5]))
     bpp = sum(-v.log2().sum() for v in out["likelihoods"].values()) / (2 * 64 * 64)
-    (bpp + 0.01 * 255 ** 2 * torch.nn.functional.mse_loss(out["x_hat"], x)).backward()
+    (bpp + 0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], x)).backward()
     for name, m in model.modulation.items():
         for p in (m.log_scale, m.shift):
             used = p.grad.abs().sum(1)

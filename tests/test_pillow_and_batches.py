@@ -1,5 +1,6 @@
 """The format in Pillow (open, lazy load, save, metadata), lists of images through encode/decode,
 and the dataset of .drx files."""
+
 from __future__ import annotations
 
 import io
@@ -73,7 +74,9 @@ def test_metadata_section_rules():
     plain = codec.encode(picture(4), quality=1)
     tagged = codec.encode(picture(4), quality=1, metadata={"xmp": b"<x/>", "exif": b"Exif\0\0MM"})
     head = container.parse_header(tagged)
-    assert head["flags"] & container.FLAG_METADATA and not container.parse_header(plain)["flags"] & container.FLAG_METADATA
+    assert (
+        head["flags"] & container.FLAG_METADATA and not container.parse_header(plain)["flags"] & container.FLAG_METADATA
+    )
     assert head["metadata"] == {"exif": b"Exif\0\0MM", "xmp": b"<x/>"}
     assert len(head["sections"]) == len(container.parse_header(plain)["sections"])
     np.testing.assert_array_equal(codec.decode(tagged, output="numpy"), codec.decode(plain, output="numpy"))

@@ -2,10 +2,10 @@
 CPU without AVX2 runs), other oneDNN instruction sets and other thread counts, each in its own
 process: everything the decoder compares or hashes is fixed bit for bit, not recomputed with the
 platform's maths."""
+
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 
@@ -52,17 +52,26 @@ def streams(tmp_path_factory):
     return paths, expected
 
 
-@pytest.mark.parametrize("env", [
-    {"ATEN_CPU_CAPABILITY": "default"},
-    {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "threads": "1"},
-], ids=["aten-default", "avx2", "scalar-sse41-1thread"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ATEN_CPU_CAPABILITY": "default"},
+        {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+        {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "threads": "1"},
+    ],
+    ids=["aten-default", "avx2", "scalar-sse41-1thread"],
+)
 def test_latents_are_identical_under_other_cpu_kernels(streams, env, package_env):
     paths, expected = streams
     env = dict(env)
     threads = env.pop("threads", "2")
-    out = subprocess.run([sys.executable, "-c", DECODE_LATENTS, threads, *paths], env={**package_env, **env},
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", DECODE_LATENTS, threads, *paths],
+        env={**package_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split()
     assert lines[:-1] == expected

@@ -3,6 +3,7 @@
 The torch-free core also has its own C++ test (csrc/rans/tests/test_rans_core.cpp), built here
 with g++ and the sanitizers when they are available.
 """
+
 import os
 import shutil
 import subprocess
@@ -10,7 +11,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,8 +41,11 @@ def test_round_trip_random_tables(gen, shape, lanes):
         assert out.dtype == torch.int32 and out.shape == idx.shape
         assert torch.equal(out, sym)
         # Every accepted input type for the data decodes the same.
-        for d in (bytearray(data), memoryview(data), torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                  if data else torch.empty(0, dtype=torch.uint8)):
+        for d in (
+            bytearray(data),
+            memoryview(data),
+            torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8),
+        ):
             assert torch.equal(ops.rans_decode(d, idx, cdfs, lengths, offsets), sym)
 
 
@@ -61,7 +64,7 @@ def test_size_near_ideal_on_gaussian_data(gen):
 def test_low_entropy_data_gets_fewer_lanes(gen):
     # Nearly deterministic symbols: the encoder must keep the lane overhead below the budget.
     sym, idx, cdfs, lengths, offsets = gaussian_workload(gen, n_ch=320)
-    idx = torch.zeros_like(idx)            # smallest scale: ~0.0002 bits/symbol
+    idx = torch.zeros_like(idx)  # smallest scale: ~0.0002 bits/symbol
     sym = torch.zeros_like(sym) + torch.where(torch.rand(sym.shape, generator=gen) < 1e-4, 1, 0).int()
     ideal = ideal_bits(sym, idx, cdfs, lengths, offsets)
     data = ops.rans_encode(sym, idx, cdfs, lengths, offsets)
@@ -234,9 +237,14 @@ def test_embedded_form_refuses_what_it_cannot_restore(gen):
             continue
         assert not torch.equal(out, sym) or what.startswith("bit flip"), what  # an undetected flip
     assert refused_early > 10
-    for bad_args, error in [((embedded, -1, 16), ValueError), ((embedded, 5000, 0), ValueError),
-                            ((embedded, 5000, 17), ValueError), ((embedded, 5000.0, 16), TypeError),
-                            ((embedded, True, 16), TypeError), (([1, 2], 5000, 16), TypeError)]:
+    for bad_args, error in [
+        ((embedded, -1, 16), ValueError),
+        ((embedded, 5000, 0), ValueError),
+        ((embedded, 5000, 17), ValueError),
+        ((embedded, 5000.0, 16), TypeError),
+        ((embedded, True, 16), TypeError),
+        (([1, 2], 5000, 16), TypeError),
+    ]:
         with pytest.raises(error):
             ops.rans_restore(*bad_args)
         with pytest.raises(error):

@@ -4,6 +4,7 @@ escapes, empty/tiny inputs, many lanes, hostile streams.
 Every test but the first needs a GPU (marked ``cuda``; tests/conftest.py skips them without one).
 The random helpers are the CPU tests' (tests/rans_testlib.py), so both sides see the same inputs.
 """
+
 import math
 import os
 import shutil

@@ -1,6 +1,7 @@
 """Interleaved rANS stream v2 (csrc/rans/rans_interleaved.h, dualres_ext.rans_interleaved):
 round trips, byte identity across SIMD paths / threads / the CUDA warp body emulated on the host,
 groups and split points, hostile streams, size on the Gaussian workload."""
+
 import os
 import struct
 import sys
@@ -39,8 +40,10 @@ def test_round_trip_and_byte_identity(gen, precision):
         sym, idx = random_symbols(gen, cdfs, lengths, offsets, (n,))
         for width in (16, 32):
             for groups, chained in ((1, False), (3, False), (5, True)):
-                streams = {isa: iv.encode(sym, idx, tables=tb, width=width, groups=groups, chained=chained, isa=isa)
-                           for isa in ISAS}
+                streams = {
+                    isa: iv.encode(sym, idx, tables=tb, width=width, groups=groups, chained=chained, isa=isa)
+                    for isa in ISAS
+                }
                 ref = streams["scalar"]
                 for isa, d in streams.items():
                     assert d == ref, (isa, n, width, groups, chained)
@@ -92,7 +95,7 @@ def test_split_points_cost_only_when_asked_and_chain_is_one_encoding(gen):
     assert ic["chained"] and ic["groups"] == 8 and i1["groups"] == 1
     # A chain is one encoding: its words are the single group's words, cut at the split points.
     assert sum(ic["group_words"]) == i1["group_words"][0]
-    assert chained[-2 * i1["group_words"][0]:] == one[-2 * i1["group_words"][0]:]
+    assert chained[-2 * i1["group_words"][0] :] == one[-2 * i1["group_words"][0] :]
     # Each extra group costs its 4 * W state bytes and a length varint.
     assert len(chained) - len(one) <= 7 * (4 * 32 + 3)
 
@@ -195,6 +198,7 @@ def test_table_cache_sees_in_place_changes(gen):
 
 
 # ---- CUDA (tests/conftest.py skips them without a GPU) --------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", [16, 11, 1])

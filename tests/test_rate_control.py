@@ -2,6 +2,7 @@
 
 With the shipped weights, so that the size really grows with the quality (random weights code
 every quality at about the same size)."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,8 +63,9 @@ def test_max_bytes_below_the_lowest_quality_names_the_size_needed(photo, sizes):
     assert codec.encode(photo, max_bytes=sizes[0]) == codec.encode(photo, quality=0)
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (-5, ValueError), (1.5, TypeError),
-                                        (True, TypeError), ("1000", TypeError)])
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-5, ValueError), (1.5, TypeError), (True, TypeError), ("1000", TypeError)]
+)
 def test_bad_max_bytes(photo, bad, error):
     with pytest.raises(error, match="max_bytes"):
         codec.encode(photo, max_bytes=bad)
@@ -105,9 +107,11 @@ def test_cli_rate_control(tmp_path, photo, sizes, capsys, monkeypatch):
     bpp = 8 * target / (128 * 192)
     assert main(["compress", "in.png", "b.drx", "--max-bpp", str(bpp)]) == 0
     assert len((tmp_path / "b.drx").read_bytes()) <= target
-    for argv, message in [(["--max-bytes", "100", "--max-bpp", "0.5"], "not both"),
-                          (["--max-bpp", "nan"], "--max-bpp must be a positive number"),
-                          (["--max-bpp", "inf"], "--max-bpp must be a positive number"),
-                          (["--max-bytes", "10"], "even the lowest quality needs")]:
+    for argv, message in [
+        (["--max-bytes", "100", "--max-bpp", "0.5"], "not both"),
+        (["--max-bpp", "nan"], "--max-bpp must be a positive number"),
+        (["--max-bpp", "inf"], "--max-bpp must be a positive number"),
+        (["--max-bytes", "10"], "even the lowest quality needs"),
+    ]:
         assert main(["compress", "in.png", "c.drx", *argv]) == 1, argv
         assert message in capsys.readouterr().err, argv

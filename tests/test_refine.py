@@ -3,6 +3,7 @@
 With the shipped weights on a crop of the bundled photo: refinement only pays where the
 analysis is a trained one, and the claims checked here (lower loss, smaller or better streams)
 are about real pictures."""
+
 import math
 
 import numpy as np
@@ -11,10 +12,10 @@ import torch
 from PIL import Image
 
 from dualres_ext import codec
+from dualres_ext.models import build
+from dualres_ext.models.refine import _synthesis_curvature, rd_losses, refine_latents
 from dualres_ext.tools.demo import BUNDLED_PHOTO
 from dualres_ext.tools.metrics import psnr
-from dualres_ext.models import build
-from dualres_ext.models.refine import _synthesis_curvature, refine_latents, rd_losses
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def _real_loss(model, image, data, quality):
     """What refinement minimises, measured on the stream: bits per pixel + lmbda * 255^2 * MSE
     of the decoded 8-bit picture."""
     rec = codec.decode(data, output="numpy").astype(np.float64)
-    mse = np.mean((rec - image.astype(np.float64)) ** 2) / 255 ** 2
-    return 8 * len(data) / (image.shape[0] * image.shape[1]) + model.lmbda(quality) * 255 ** 2 * mse
+    mse = np.mean((rec - image.astype(np.float64)) ** 2) / 255**2
+    return 8 * len(data) / (image.shape[0] * image.shape[1]) + model.lmbda(quality) * 255**2 * mse
 
 
 def test_lmbda_is_the_trained_lambda_and_interpolates_log_linearly(model):
@@ -67,7 +68,7 @@ def test_exact_loss_is_what_forward_measures(model, photo, quality):
         out = model(x, quality)
         bits = sum(-torch.log2(lik.double()).sum() for lik in out["likelihoods"].values())
         mse = (out["x_hat"].clamp(0, 1) - x).pow(2).mean()
-        expected = float(bits / (x.size(2) * x.size(3)) + model.lmbda(quality) * 255 ** 2 * mse)
+        expected = float(bits / (x.size(2) * x.size(3)) + model.lmbda(quality) * 255**2 * mse)
         descent, exact = rd_losses(model, x, quality, *_latents(model, x, quality))
     assert exact.shape == (1,)
     assert float(exact[0]) == pytest.approx(expected, rel=2e-4)

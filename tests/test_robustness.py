@@ -1,4 +1,5 @@
 """Robustness of the public API: decompression-bomb guard, concurrent use from threads."""
+
 import struct
 import threading
 import time
@@ -40,7 +41,7 @@ def stream(model):
 
 
 def test_bomb_header_refused_before_model_work(model, stream, monkeypatch):
-    forged = _forge_size(stream, 65536, 65536)   # 4.3 Gpx: hundreds of GiB if decoded
+    forged = _forge_size(stream, 65536, 65536)  # 4.3 Gpx: hundreds of GiB if decoded
     assert codec.parse_header(forged)["width"] == 65536  # the header itself is valid
     calls = []
     monkeypatch.setattr(model, "decompress", lambda *a, **k: calls.append(1))
@@ -149,9 +150,11 @@ def test_rans_ops_concurrent_threads():
         for _ in range(5):
             nat = ops.rans_encode(sym, idx, cdfs, lengths, offsets)
             com = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
-            out.append(torch.equal(ops.rans_decode(nat, idx, cdfs, lengths, offsets), sym)
-                       and torch.equal(ops.rans_decode_compat(com, idx, cdfs, lengths, offsets), sym)
-                       and nat == ops.rans_encode(sym, idx, cdfs, lengths, offsets))
+            out.append(
+                torch.equal(ops.rans_decode(nat, idx, cdfs, lengths, offsets), sym)
+                and torch.equal(ops.rans_decode_compat(com, idx, cdfs, lengths, offsets), sym)
+                and nat == ops.rans_encode(sym, idx, cdfs, lengths, offsets)
+            )
         return all(out)
 
     assert all(_run_threads(work, cases))

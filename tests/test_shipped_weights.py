@@ -1,4 +1,5 @@
 """The weights the package ships: present, documented, and coding real photos sensibly."""
+
 import numpy as np
 import torch
 from PIL import Image

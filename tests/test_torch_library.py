@@ -6,6 +6,7 @@ or in NOT_TRACEABLE (with the reason): a new op without one fails test_every_op_
 Compiled code runs with backend="aot_eager" (the fake kernels, functionalisation and the AOT
 autograd graphs, without inductor's slow C++ compilation); one test runs inductor.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,16 @@ from dualres_ext.models.loss import rate_distortion
 CUDA = torch.cuda.is_available() and dualres_ext.build_info()["cuda"]
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 # Ops whose kernels exist on the CPU only (the CUDA build registers no CUDA kernel for them).
-CPU_ONLY = {"gdn_forward_save", "rans_embed", "rans_restore", "rans_encode_compat", "rans_decode_compat",
-            "rans_decode_compat_stream", "pmf_to_quantized_cdf", "gaussian_cdf_tables"}
+CPU_ONLY = {
+    "gdn_forward_save",
+    "rans_embed",
+    "rans_restore",
+    "rans_encode_compat",
+    "rans_decode_compat",
+    "rans_decode_compat_stream",
+    "pmf_to_quantized_cdf",
+    "gaussian_cdf_tables",
+}
 # Ops with a CUDA kernel only (the CPU wrapper loops over rans_encode / rans_decode instead).
 CUDA_ONLY = {"rans_encode_batch", "rans_decode_batch"}
 
@@ -73,8 +82,14 @@ def _cases_gdn_forward(device):
     for cl in (False, True):
         for inverse, simplified in ((False, False), (True, True)):
             x, beta, gamma, bias = _gdn_args(device, cl)
-            yield (x.requires_grad_(), beta.requires_grad_(), gamma.requires_grad_(), bias.requires_grad_(),
-                   inverse, simplified)
+            yield (
+                x.requires_grad_(),
+                beta.requires_grad_(),
+                gamma.requires_grad_(),
+                bias.requires_grad_(),
+                inverse,
+                simplified,
+            )
     x, beta, gamma, _ = _gdn_args(device, bias=False)
     yield x, beta, gamma, None, False, False
 
@@ -182,8 +197,13 @@ def _cases_rans_encode_compat(device):
 
 def _compat_stream():
     symbols, indexes, cdfs, lengths, offsets = _coding_inputs("cpu")
-    return torch.ops.dualres_ext.rans_encode_compat(symbols, indexes, cdfs, lengths, offsets), indexes, cdfs, \
-        lengths, offsets
+    return (
+        torch.ops.dualres_ext.rans_encode_compat(symbols, indexes, cdfs, lengths, offsets),
+        indexes,
+        cdfs,
+        lengths,
+        offsets,
+    )
 
 
 def _cases_rans_decode_compat(device):
@@ -231,14 +251,21 @@ OPCHECK_CASES = {
 
 # Ops whose output size depends on the data (an unbacked size in the fake kernel): opcheck's
 # AOT-dispatch tests cannot compare such outputs, the fake-tensor and schema tests still run.
-DATA_DEPENDENT = {"rans_encode", "rans_embed", "rans_restore", "rans_encode_compat", "rans_encode_batch",
-                  "gaussian_cdf_tables"}
+DATA_DEPENDENT = {
+    "rans_encode",
+    "rans_embed",
+    "rans_restore",
+    "rans_encode_compat",
+    "rans_encode_batch",
+    "gaussian_cdf_tables",
+}
 
 
 def _namespace_ops():
     prefix = "dualres_ext::"
-    return {name[len(prefix):].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
-            if name.startswith(prefix)}
+    return {
+        name[len(prefix) :].split(".")[0] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix)
+    }
 
 
 def test_every_op_has_an_entry():
@@ -281,12 +308,14 @@ def test_untraceable_ops_take_no_tensors_or_return_metadata(name):
 
 # ---- GDN: compile, export -----------------------------------------------------------------------
 
+
 def _grads(module, *inputs):
     return [t.grad.clone() for t in (*inputs, *module.parameters()) if t.grad is not None]
 
 
-@pytest.mark.parametrize("cls,inverse,channels_last", [(layers.GDN, False, False), (layers.GDN, True, True),
-                                                       (layers.GDN1, False, True)])
+@pytest.mark.parametrize(
+    "cls,inverse,channels_last", [(layers.GDN, False, False), (layers.GDN, True, True), (layers.GDN1, False, True)]
+)
 def test_gdn_compiles_fullgraph_with_identical_values_and_gradients(cls, inverse, channels_last):
     torch._dynamo.reset()
     m = cls(8, inverse=inverse)
@@ -349,6 +378,7 @@ def test_gdn_checks_finite_parameters_in_the_cpu_kernel():
 
 
 # ---- entropy models --------------------------------------------------------------------------------
+
 
 def test_gaussian_conditional_compiles_with_identical_values_and_gradients():
     torch._dynamo.reset()

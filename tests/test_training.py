@@ -1,6 +1,7 @@
 """The training scripts end to end on a toy folder: python/train.py (train, validate, checkpoint,
 resume, the lr drop), python/widen_model.py, python/export_weights.py, and the exported file
 through encode/decode. What they share (dualres_ext.training) is tested in test_training_lib.py."""
+
 import json
 import os
 import signal
@@ -22,8 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args, env, **kw):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600, **kw)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,30 @@ def folders(tmp_path_factory):
 
 def _train_args(folders, out, *extra):
     train, val, _ = folders
-    return ["python/train.py", "--train", str(train), "--val", str(val), "--out", str(out), "--model", "compact",
-            "--crop", "64", "--batch", "2", "--val-size", "128", "--val-every", "2", "--save-every", "1",
-            "--threads", "1", *extra]
+    return [
+        "python/train.py",
+        "--train",
+        str(train),
+        "--val",
+        str(val),
+        "--out",
+        str(out),
+        "--model",
+        "compact",
+        "--crop",
+        "64",
+        "--batch",
+        "2",
+        "--val-size",
+        "128",
+        "--val-every",
+        "2",
+        "--save-every",
+        "1",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def test_train_resume_export_and_code(folders, package_env):
@@ -55,7 +76,7 @@ def test_train_resume_export_and_code(folders, package_env):
     assert ", 3 training photos," in r.stdout  # the TIFF too
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert last["step"] == 3 and last["model_name"] == "compact"
-    final = json.loads(r.stdout[r.stdout.index('{"step"'):].splitlines()[0])
+    final = json.loads(r.stdout[r.stdout.index('{"step"') :].splitlines()[0])
     assert final["step"] == 3 and len(final["per_quality"]) == 6
     assert all(np.isfinite(q["loss"]) and q["bpp"] > 0 for q in final["per_quality"])
 
@@ -90,8 +111,9 @@ def test_train_resume_export_and_code(folders, package_env):
     # --init: a new run from the exported weights (the optimiser starts fresh); the step count and
     # the lineage carry on.
     steps = model.metadata["steps"]
-    r = _run(_train_args(folders, folders[2] / "from-init", "--init", str(weights), "--steps", str(steps + 1)),
-             package_env)
+    r = _run(
+        _train_args(folders, folders[2] / "from-init", "--init", str(weights), "--steps", str(steps + 1)), package_env
+    )
     assert r.returncode == 0 and f"initialised from {weights} (step {steps})" in r.stdout, r.stderr[-3000:]
     ckpt = torch.load(folders[2] / "from-init" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == steps + 1
@@ -102,8 +124,10 @@ def test_train_resume_export_and_code(folders, package_env):
 def test_lr_drop_minutes(folders, package_env):
     out = folders[2] / "drop"
     # The whole (tiny) run lies inside the drop window: the lr is divided at the first step.
-    r = _run(_train_args(folders, out, "--minutes", "0.5", "--lr-drop-minutes", "1", "--steps", "2",
-                         "--lr", "3e-4"), package_env)
+    r = _run(
+        _train_args(folders, out, "--minutes", "0.5", "--lr-drop-minutes", "1", "--steps", "2", "--lr", "3e-4"),
+        package_env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "lr divided by 10" in r.stdout
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
@@ -115,8 +139,7 @@ def test_lr_drop_minutes(folders, package_env):
 
 def test_quality_weights_choose_the_trained_rates(folders, package_env):
     out = folders[2] / "top"
-    r = _run(_train_args(folders, out, "--steps", "2", "--quality-weights", "0", "0", "0", "0", "0", "1"),
-             package_env)
+    r = _run(_train_args(folders, out, "--steps", "2", "--quality-weights", "0", "0", "0", "0", "0", "1"), package_env)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     lambdas = ckpt["config"]["lambdas"]
@@ -130,8 +153,7 @@ def test_quality_weights_choose_the_trained_rates(folders, package_env):
 
     r = _run(_train_args(folders, folders[2] / "bad", "--steps", "1", "--quality-weights", "1", "1"), package_env)
     assert r.returncode == 1 and "2 weights for a model with 6 qualities" in r.stderr
-    r = _run(_train_args(folders, folders[2] / "bad", "--quality-weights", "-1", "1", "1", "1", "1", "1"),
-             package_env)
+    r = _run(_train_args(folders, folders[2] / "bad", "--quality-weights", "-1", "1", "1", "1", "1", "1"), package_env)
     assert r.returncode == 2 and "--quality-weights must be" in r.stderr
 
 
@@ -201,8 +223,10 @@ def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_en
     narrow = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     cfg = narrow["config"]
     n_s, n1_s = cfg["N_s"] + 16, cfg["N1_s"] + 8
-    r = _run(["python/widen_model.py", str(out / "last.pt"), str(wide / "last.pt"), "--N_s", str(n_s),
-              "--N1_s", str(n1_s)], package_env)
+    r = _run(
+        ["python/widen_model.py", str(out / "last.pt"), str(wide / "last.pt"), "--N_s", str(n_s), "--N1_s", str(n1_s)],
+        package_env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"N_s {cfg['N_s']} -> {n_s}, N1_s {cfg['N1_s']} -> {n1_s}" in r.stdout, r.stdout
     widened = torch.load(wide / "last.pt", map_location="cpu", weights_only=False)
@@ -219,15 +243,17 @@ def test_widened_checkpoint_resumes_and_weights_decode_alike(folders, package_en
     assert r.returncode == 0 and "resumed" in r.stdout and "at step 2" in r.stdout, r.stderr[-3000:]
     resumed = torch.load(wide / "last.pt", map_location="cpu", weights_only=False)
     assert resumed["step"] == 3 and resumed["config"]["N_s"] == n_s
-    assert resumed["state_dict"]["g_s.5.weight"][cfg["N1_s"]:].abs().max() > 0  # the new channels train
+    assert resumed["state_dict"]["g_s.5.weight"][cfg["N1_s"] :].abs().max() > 0  # the new channels train
 
     # A weights file widens to a weights file (here analysis and synthesis); both decode a
     # stream to the same picture.
     narrow_w, wide_w = folders[2] / "narrow-w.pt", folders[2] / "wide-w.pt"
     r = _run(["python/export_weights.py", str(out / "last.pt"), str(narrow_w)], package_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(["python/widen_model.py", str(narrow_w), str(wide_w), "--N1_s", str(n1_s), "--N", str(cfg["N"] + 16)],
-             package_env)
+    r = _run(
+        ["python/widen_model.py", str(narrow_w), str(wide_w), "--N1_s", str(n1_s), "--N", str(cfg["N"] + 16)],
+        package_env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     model = codec.load_weights(wide_w)
     assert model.config["N1_s"] == n1_s and model.metadata["lineage"][-1]["widened"]["N1_s"] == n1_s
@@ -271,8 +297,7 @@ def test_modulated_checkpoint_resumes_with_its_own_lr_and_exports(folders, packa
     assert lrs == {"main": pytest.approx(2e-4), "modulation": pytest.approx(1e-3)}
     tables = {k: v for k, v in resumed["state_dict"].items() if k.startswith("modulation.")}
     assert len(tables) == 12 and max(float(v.abs().max()) for v in tables.values()) > 1e-4  # they train
-    r = _run(["python/widen_model.py", str(mod / "last.pt"), str(folders[2] / "mod2.pt"), "--modulation"],
-             package_env)
+    r = _run(["python/widen_model.py", str(mod / "last.pt"), str(folders[2] / "mod2.pt"), "--modulation"], package_env)
     assert r.returncode != 0 and "already has the quality modulation" in r.stderr
 
     # A new run can have it from the start; a checkpoint without it is not silently rebuilt.
@@ -298,11 +323,17 @@ def test_sigterm_stops_cleanly_and_saves(folders, package_env):
     """A signal (preemption, torchrun passing one on) ends the run like the deadline does: the step
     finishes, the model is validated and last.pt saved, exit code 0; resuming continues from there."""
     out = folders[2] / "sigterm"
-    proc = subprocess.Popen([sys.executable, *_train_args(folders, out, "--minutes", "10")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=package_env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, *_train_args(folders, out, "--minutes", "10")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=package_env,
+        cwd=ROOT,
+    )
     try:
         seen = []
-        for line in proc.stdout:           # wait until it is training (a validation has run)
+        for line in proc.stdout:  # wait until it is training (a validation has run)
             seen.append(line)
             if "val loss" in line:
                 break
@@ -322,8 +353,14 @@ def test_sigterm_stops_cleanly_and_saves(folders, package_env):
 
 def _torchrun(args, env, nproc=2):
     env = dict(env, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 def test_torchrun_processes_train_one_model(folders, package_env):

@@ -1,5 +1,6 @@
 """dualres_ext.training: what the training scripts share (checkpoints, parameter groups, the
 weight average, validation on the rate-distortion loss)."""
+
 import os
 import sys
 
@@ -8,8 +9,17 @@ import torch
 
 from dualres_ext.models import build
 from dualres_ext.models.loss import rate_distortion
-from dualres_ext.training import (WeightAverage, checkpoint_config, is_checkpoint, load_checkpoint,
-                                  optimizer_groups, parameter_groups, psnr_of_mse, save_checkpoint, validate)
+from dualres_ext.training import (
+    WeightAverage,
+    checkpoint_config,
+    is_checkpoint,
+    load_checkpoint,
+    optimizer_groups,
+    parameter_groups,
+    psnr_of_mse,
+    save_checkpoint,
+    validate,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_testlib import TINY  # noqa: E402  (a small configuration keeps the tests fast)
@@ -27,7 +37,7 @@ def test_weight_average_is_the_exponential_moving_average():
         avg.update()
         snapshots.append([p.detach().double().clone() for p in model.parameters()])
     # avg_3 = 0.75^3 w_0 + 0.25 (0.75^2 w_1 + 0.75 w_2 + w_3), in float64
-    coef = [0.75 ** 3, 0.25 * 0.75 ** 2, 0.25 * 0.75, 0.25]
+    coef = [0.75**3, 0.25 * 0.75**2, 0.25 * 0.75, 0.25]
     for i, got in enumerate(avg.averaged().parameters()):
         want = sum(c * snap[i] for c, snap in zip(coef, snapshots))
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
@@ -44,8 +54,13 @@ def test_weight_average_is_the_exponential_moving_average():
 
 def test_checkpoints_save_atomically_and_load_back(tmp_path):
     path = str(tmp_path / "last.pt")
-    state = {"model_name": "compact", "config": {"N": 8}, "optimizer": {"state": {}}, "step": 7,
-             "state_dict": {"w": torch.arange(3.0)}}
+    state = {
+        "model_name": "compact",
+        "config": {"N": 8},
+        "optimizer": {"state": {}},
+        "step": 7,
+        "state_dict": {"w": torch.arange(3.0)},
+    }
     save_checkpoint(path, state)
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
     back = load_checkpoint(path)
@@ -76,8 +91,10 @@ def test_parameter_and_optimizer_groups():
 def test_validate_is_the_rate_distortion_loss_at_every_quality():
     torch.manual_seed(0)
     model = build("compact", **TINY)
-    crops = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), torch.randint(0, 256, (3, 64, 128),
-                                                                                   dtype=torch.uint8)]
+    crops = [
+        torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 64, 128), dtype=torch.uint8),
+    ]
     got = validate(model, crops, "cpu")
     assert model.training  # left as training expects it
     assert len(got["per_quality"]) == len(model.lambdas)

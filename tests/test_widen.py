@@ -1,5 +1,6 @@
 """Widening a trained model's analysis or synthesis (dualres_ext.models.widen): same pictures, same
 symbols, and the new channels start learning."""
+
 import os
 import sys
 
@@ -32,8 +33,17 @@ def trained_like(seed=0, **kw):
     return m.eval()
 
 
-@pytest.mark.parametrize("widths", [dict(N_s=48, N1_s=24), dict(N1_s=32, k1_s=5), dict(N_s=40),
-                                    dict(N=48, N1=24), dict(k1=5), dict(N=40, N1=24, k1=5, N_s=48)])
+@pytest.mark.parametrize(
+    "widths",
+    [
+        dict(N_s=48, N1_s=24),
+        dict(N1_s=32, k1_s=5),
+        dict(N_s=40),
+        dict(N=48, N1=24),
+        dict(k1=5),
+        dict(N=40, N1=24, k1=5, N_s=48),
+    ],
+)
 def test_widened_model_decodes_the_same_pictures_from_the_same_symbols(widths):
     old = trained_like()
     new = widen(old, **widths, generator=torch.Generator().manual_seed(1)).eval()
@@ -51,9 +61,12 @@ def test_widened_model_decodes_the_same_pictures_from_the_same_symbols(widths):
                 torch.testing.assert_close(b["likelihoods"][k], a["likelihoods"][k], rtol=1e-5, atol=0)
         coded = old.compress(x[:1], 3)
         assert new.compress(x[:1], 3)["strings"] == coded["strings"]
-        torch.testing.assert_close(new.decompress(coded["strings"], coded["shape"], 3)["x_hat"],
-                                   old.decompress(coded["strings"], coded["shape"], 3)["x_hat"],
-                                   rtol=0, atol=2e-5)
+        torch.testing.assert_close(
+            new.decompress(coded["strings"], coded["shape"], 3)["x_hat"],
+            old.decompress(coded["strings"], coded["shape"], 3)["x_hat"],
+            rtol=0,
+            atol=2e-5,
+        )
 
 
 def test_new_entries_are_cut_from_old_channels_and_old_weights_keep_their_place():
@@ -63,9 +76,9 @@ def test_new_entries_are_cut_from_old_channels_and_old_weights_keep_their_place(
     # Fusion 1x1 (out, in): the ŷ_H inputs move behind the 48 (was 32) ŷ_L channels.
     fuse_old, fuse_new = old.g_s[0].weight, new.g_s[0].weight
     assert torch.equal(fuse_new[:n, :n], fuse_old[:, :n])
-    assert torch.equal(fuse_new[:n, 48:48 + mh], fuse_old[:, n:])
-    assert torch.all(fuse_new[:n, n:48] == 0)          # new ŷ_L channels -> old outputs
-    assert fuse_new[n:].abs().sum() > 0                # new outputs start initialised, not dead
+    assert torch.equal(fuse_new[:n, 48 : 48 + mh], fuse_old[:, n:])
+    assert torch.all(fuse_new[:n, n:48] == 0)  # new ŷ_L channels -> old outputs
+    assert fuse_new[n:].abs().sum() > 0  # new outputs start initialised, not dead
     # The 3x3 kernel in the middle of the 5x5 one, the border cut for old outputs.
     k_old, k_new = old.g_s[3].weight, new.g_s[3].weight  # (in, out, k, k)
     assert torch.equal(k_new[:n, :n1, 1:4, 1:4], k_old)
@@ -104,8 +117,11 @@ def test_analysis_widening_cuts_new_channels_from_the_latents_and_keeps_old_weig
     assert torch.all(k_new[:n, n1:] == 0)
     assert k_new[n:, n1:].abs().sum() > 0
     # GDN: old channels are not normalised by new ones.
-    for gdn_new, gdn_old, c in ((new.g_a_stem[1], old.g_a_stem[1], n1), (new.g_a_stem[3], old.g_a_stem[3], n),
-                                (new.g_a_l[1], old.g_a_l[1], n)):
+    for gdn_new, gdn_old, c in (
+        (new.g_a_stem[1], old.g_a_stem[1], n1),
+        (new.g_a_stem[3], old.g_a_stem[3], n),
+        (new.g_a_l[1], old.g_a_l[1], n),
+    ):
         gamma = gdn_new.gamma_reparam(gdn_new.gamma)
         assert torch.all(gamma[:c, c:] == 0)
         torch.testing.assert_close(gamma[:c, :c], gdn_old.gamma_reparam(gdn_old.gamma))

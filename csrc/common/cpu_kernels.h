@@ -82,9 +82,12 @@ template <class F>
 decltype(auto) dispatch(F&& f) {
 #if DUALRES_CPU_X86
   switch (kernels()) {
-    case Isa::kAvx512: return f(Avx512{});
-    case Isa::kAvx2: return f(Avx2{});
-    default: break;
+    case Isa::kAvx512:
+      return f(Avx512{});
+    case Isa::kAvx2:
+      return f(Avx2{});
+    default:
+      break;
   }
 #endif
   return f(Scalar{});

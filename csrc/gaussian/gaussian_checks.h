@@ -32,15 +32,14 @@ inline void check_input(const at::Tensor& t, const char* op, const char* name, a
 
 // `b` goes element by element with `a`: same shape, same device, contiguous.
 inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* op, const char* an, const char* bn) {
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", an, " and ", bn, " must have the same shape, got ", a.sizes(),
-              " and ", b.sizes());
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", an, " and ", bn, " must have the same shape, got ", a.sizes(), " and ",
+              b.sizes());
   TORCH_CHECK(a.device() == b.device(), op, ": ", an, " and ", bn, " are on different devices");
   TORCH_CHECK(b.is_contiguous(), op, ": ", bn, " must be contiguous");
 }
 
 // check_same, and the same floating dtype.
-inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op, const char* an,
-                             const char* bn) {
+inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op, const char* an, const char* bn) {
   check_same(a, b, op, an, bn);
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", an, " and ", bn, " dtypes differ");
 }

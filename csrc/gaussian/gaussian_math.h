@@ -22,14 +22,30 @@ constexpr int kSawInf = 2;       // +-Inf
 constexpr int kSawNegative = 4;  // a negative scale
 constexpr int kSawOverflow = 8;  // a rounded value outside int32
 
-DR_HD float dr_erfc(float x) { return ::erfcf(x); }
-DR_HD double dr_erfc(double x) { return ::erfc(x); }
-DR_HD float dr_exp(float x) { return ::expf(x); }
-DR_HD double dr_exp(double x) { return ::exp(x); }
-DR_HD float dr_rint(float x) { return ::rintf(x); }  // half to even, like torch.round
-DR_HD double dr_rint(double x) { return ::rint(x); }
-DR_HD float dr_fabs(float x) { return ::fabsf(x); }
-DR_HD double dr_fabs(double x) { return ::fabs(x); }
+DR_HD float dr_erfc(float x) {
+  return ::erfcf(x);
+}
+DR_HD double dr_erfc(double x) {
+  return ::erfc(x);
+}
+DR_HD float dr_exp(float x) {
+  return ::expf(x);
+}
+DR_HD double dr_exp(double x) {
+  return ::exp(x);
+}
+DR_HD float dr_rint(float x) {
+  return ::rintf(x);
+}  // half to even, like torch.round
+DR_HD double dr_rint(double x) {
+  return ::rint(x);
+}
+DR_HD float dr_fabs(float x) {
+  return ::fabsf(x);
+}
+DR_HD double dr_fabs(double x) {
+  return ::fabs(x);
+}
 
 // torch.max(x, bound): NaN propagates.
 template <typename T>
@@ -95,9 +111,13 @@ DR_HD T std_density(T x) {
 // The normal CDF/density through the C math library (CUDA's erfc/exp on the GPU).
 struct LibmNormal {
   template <typename T>
-  static DR_HD T cdf(T x) { return std_cumulative(x); }
+  static DR_HD T cdf(T x) {
+    return std_cumulative(x);
+  }
   template <typename T>
-  static DR_HD T pdf(T x) { return std_density(x); }
+  static DR_HD T pdf(T x) {
+    return std_density(x);
+  }
 };
 
 #if !defined(__CUDACC__)
@@ -159,8 +179,8 @@ DR_HD T gaussian_likelihood(T x, T mean, T scale, T scale_bound, T likelihood_bo
 // PyTorch autograd of the reference, including LowerBound's rule: the gradient passes where the
 // input is at or above the bound, or where the gradient would push the input up.
 template <typename T, typename Normal = LibmNormal>
-DR_HD void gaussian_likelihood_backward(T grad, T x, T mean, T scale, T scale_bound, T likelihood_bound,
-                                        T& grad_x, T& grad_scale) {
+DR_HD void gaussian_likelihood_backward(T grad, T x, T mean, T scale, T scale_bound, T likelihood_bound, T& grad_x,
+                                        T& grad_scale) {
   const T s = max_nan(scale, scale_bound);
   const T d = x - mean;
   const T v = dr_fabs(d);

@@ -30,32 +30,44 @@ inline int mode_of(bool inverse, bool simplified) {
 
 template <int M>
 GDN_HD float u_of(float x) {
-  if constexpr (M == kGDN || M == kIGDN) return x * x;
-  else return fabsf(x);
+  if constexpr (M == kGDN || M == kIGDN)
+    return x * x;
+  else
+    return fabsf(x);
 }
 
 // d u / d x (sign(0) = 0, as autograd's abs backward).
 template <int M>
 GDN_HD float du_of(float x) {
-  if constexpr (M == kGDN || M == kIGDN) return 2.0f * x;
-  else return (x > 0.0f) ? 1.0f : ((x < 0.0f) ? -1.0f : 0.0f);
+  if constexpr (M == kGDN || M == kIGDN)
+    return 2.0f * x;
+  else
+    return (x > 0.0f) ? 1.0f : ((x < 0.0f) ? -1.0f : 0.0f);
 }
 
 template <int M>
 GDN_HD float scale_of(float n) {
-  if constexpr (M == kGDN) return 1.0f / sqrtf(n);
-  else if constexpr (M == kIGDN) return sqrtf(n);
-  else if constexpr (M == kGDN1) return 1.0f / n;
-  else return n;
+  if constexpr (M == kGDN)
+    return 1.0f / sqrtf(n);
+  else if constexpr (M == kIGDN)
+    return sqrtf(n);
+  else if constexpr (M == kGDN1)
+    return 1.0f / n;
+  else
+    return n;
 }
 
 // f'(n) expressed through s = f(n), so the backward needs no second transcendental.
 template <int M>
 GDN_HD float dscale_of(float s) {
-  if constexpr (M == kGDN) return -0.5f * s * s * s;  // d n^-1/2 = -1/2 n^-3/2
-  else if constexpr (M == kIGDN) return 0.5f / s;      // d n^1/2  = 1/2 n^-1/2
-  else if constexpr (M == kGDN1) return -s * s;        // d 1/n    = -1/n^2
-  else return 1.0f;
+  if constexpr (M == kGDN)
+    return -0.5f * s * s * s;  // d n^-1/2 = -1/2 n^-3/2
+  else if constexpr (M == kIGDN)
+    return 0.5f / s;  // d n^1/2  = 1/2 n^-1/2
+  else if constexpr (M == kGDN1)
+    return -s * s;  // d 1/n    = -1/n^2
+  else
+    return 1.0f;
 }
 
 }  // namespace dualres::gdn

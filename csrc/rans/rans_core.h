@@ -48,28 +48,35 @@ namespace dualres::rans {
 
 enum class Status : int {
   kOk = 0,
-  kTruncated,      // the stream ended before all symbols were decoded
-  kCorrupt,        // impossible state / bypass count / value, or a lane that does not end cleanly
-  kBadHeader,      // container header malformed (magic, version, lengths)
-  kMismatch,       // stream describes a different symbol count or precision than the caller's
-  kBadIndex,       // an index outside [0, T)
-  kUnencodable,    // a symbol the format cannot represent (compat: |value| >= 2^30)
+  kTruncated,    // the stream ended before all symbols were decoded
+  kCorrupt,      // impossible state / bypass count / value, or a lane that does not end cleanly
+  kBadHeader,    // container header malformed (magic, version, lengths)
+  kMismatch,     // stream describes a different symbol count or precision than the caller's
+  kBadIndex,     // an index outside [0, T)
+  kUnencodable,  // a symbol the format cannot represent (compat: |value| >= 2^30)
 };
 
 inline const char* status_message(Status s) {
   switch (s) {
-    case Status::kOk: return "ok";
-    case Status::kTruncated: return "rANS stream is truncated";
-    case Status::kCorrupt: return "rANS stream is corrupt (decoder state or escape data invalid)";
-    case Status::kBadHeader: return "rANS stream header is malformed (wrong magic/version or inconsistent lengths)";
-    case Status::kMismatch: return "rANS stream does not match the given indexes/tables (symbol count or precision differ)";
-    case Status::kBadIndex: return "index out of range of the CDF tables";
-    case Status::kUnencodable: return "symbol value outside the range the CompressAI format can represent";
+    case Status::kOk:
+      return "ok";
+    case Status::kTruncated:
+      return "rANS stream is truncated";
+    case Status::kCorrupt:
+      return "rANS stream is corrupt (decoder state or escape data invalid)";
+    case Status::kBadHeader:
+      return "rANS stream header is malformed (wrong magic/version or inconsistent lengths)";
+    case Status::kMismatch:
+      return "rANS stream does not match the given indexes/tables (symbol count or precision differ)";
+    case Status::kBadIndex:
+      return "index out of range of the CDF tables";
+    case Status::kUnencodable:
+      return "symbol value outside the range the CompressAI format can represent";
   }
   return "unknown rANS error";
 }
 
-constexpr int kBypassBits = 4;                       // CompressAI's bypass chunk width
+constexpr int kBypassBits = 4;  // CompressAI's bypass chunk width
 constexpr uint32_t kBypassMax = (1u << kBypassBits) - 1;
 
 // ---------------------------------------------------------------------------------------------
@@ -78,9 +85,9 @@ constexpr uint32_t kBypassMax = (1u << kBypassBits) - 1;
 
 // A non-owning view of CompressAI-layout tables.
 struct TableView {
-  const int32_t* cdfs = nullptr;      // [T, W] row-major
-  const int32_t* lengths = nullptr;   // [T]
-  const int32_t* offsets = nullptr;   // [T]
+  const int32_t* cdfs = nullptr;     // [T, W] row-major
+  const int32_t* lengths = nullptr;  // [T]
+  const int32_t* offsets = nullptr;  // [T]
   int64_t T = 0, W = 0;
 };
 
@@ -102,15 +109,15 @@ inline const char* check_table(const TableView& tv, int64_t t, int* precision_ou
   return nullptr;
 }
 
-constexpr uint32_t kLow = 1u << 23;   // native state lives in [kLow, kLow << 8)
+constexpr uint32_t kLow = 1u << 23;  // native state lives in [kLow, kLow << 8)
 
 // Tables validated and converted once per call. Only the rows named by the indexes are
 // prepared (prepare_row), so a per-position decode_stream call with a few symbols stays cheap.
 struct Prepared {
   TableView tv;
-  int precision = -1;               // common precision of all prepared rows
+  int precision = -1;  // common precision of all prepared rows
   int bucket_bits = 0, bucket_shift = 0;
-  std::vector<uint16_t> bucket;     // [T, 2^bucket_bits + 1]: symbol holding slot (b << shift)
+  std::vector<uint16_t> bucket;  // [T, 2^bucket_bits + 1]: symbol holding slot (b << shift)
   // [T, 2^bucket_bits], CPU compat decoder only: when bucket k of a row lies inside one symbol s,
   // s | start << 16 | freq << 32 (freq > 0), else 0. Saves the decoder two dependent loads per
   // symbol on its serial chain. Only used rows are written (no fill: it is re-prepared per call).
@@ -122,8 +129,7 @@ struct Prepared {
   // structures (an encoder needs none: building them cost a small stream's encode as much again).
   // A Prepared made for decoding also serves encoding. Returns nullptr or an error message.
   // required_precision > 0 demands that precision (compat: 16).
-  const char* prepare(const TableView& v, const int32_t* idx, int64_t n, bool for_encode,
-                      int required_precision) {
+  const char* prepare(const TableView& v, const int32_t* idx, int64_t n, bool for_encode, int required_precision) {
     tv = v;
     std::vector<uint8_t> used(static_cast<size_t>(tv.T), 0);
     for (int64_t i = 0; i < n; ++i) {
@@ -161,7 +167,7 @@ struct Prepared {
     uint64_t* d = direct.get() + (t << bucket_bits);
     for (int64_t k = 0; k < nb; ++k) {
       const int32_t slot = static_cast<int32_t>(k << bucket_shift);
-      while (c[s + 1] <= slot) ++s;   // c[len-1] = M > slot, so s stays <= len - 2
+      while (c[s + 1] <= slot) ++s;  // c[len-1] = M > slot, so s stays <= len - 2
       b[k] = static_cast<uint16_t>(s);
       const bool single = c[s + 1] >= static_cast<int32_t>((k + 1) << bucket_shift);
       d[k] = single ? (uint64_t(s) | uint64_t(c[s]) << 16 | uint64_t(c[s + 1] - c[s]) << 32) : 0;
@@ -211,7 +217,10 @@ struct alignas(64) BackBuffer {
 
 DUALRES_HD DUALRES_RANS_INLINE void enc_put_bits(uint32_t& x, uint8_t*& p, uint32_t val) {
   constexpr uint32_t x_max = (kLow >> kBypassBits) << 8;
-  while (x >= x_max) { *--p = static_cast<uint8_t>(x); x >>= 8; }
+  while (x >= x_max) {
+    *--p = static_cast<uint8_t>(x);
+    x >>= 8;
+  }
   x = (x << kBypassBits) | val;
 }
 
@@ -223,7 +232,8 @@ constexpr size_t kMaxBytesPerSymbol = 16;
 // [T, W] reciprocal table rebuilt on every call. Renormalisation is branch-free: precision <= 16
 // needs at most 2 bytes (x < 2^31, x_max >= 2^15); both candidate bytes are stored and the
 // pointer moves by the number actually emitted.
-DUALRES_HD DUALRES_RANS_INLINE void enc_put_div(uint32_t& x, uint8_t*& p, uint32_t start, uint32_t freq, uint32_t precision) {
+DUALRES_HD DUALRES_RANS_INLINE void enc_put_div(uint32_t& x, uint8_t*& p, uint32_t start, uint32_t freq,
+                                                uint32_t precision) {
   const uint32_t x_max = ((kLow >> precision) << 8) * freq;
   const uint32_t nbytes = (x >= x_max) + (uint64_t{x} >= (uint64_t{x_max} << 8));
   p[-1] = static_cast<uint8_t>(x);
@@ -233,8 +243,8 @@ DUALRES_HD DUALRES_RANS_INLINE void enc_put_div(uint32_t& x, uint8_t*& p, uint32
   x = ((x / freq) << precision) + (x % freq) + start;
 }
 
-DUALRES_HD DUALRES_RANS_INLINE void native_encode_one(uint32_t& x, uint8_t*& p, const TableView& tv,
-                                                      uint32_t precision, int32_t t, int32_t sym) {
+DUALRES_HD DUALRES_RANS_INLINE void native_encode_one(uint32_t& x, uint8_t*& p, const TableView& tv, uint32_t precision,
+                                                      int32_t t, int32_t sym) {
   const int64_t max_value = tv.lengths[t] - 2;
   int64_t v = int64_t{sym} - tv.offsets[t];
   if (v < 0 || v >= max_value) {
@@ -390,9 +400,15 @@ struct DecodeCtx {
   uint32_t precision, mask, bshift;
   DecodeCtx() = default;  // the CUDA path fills it with device pointers
   explicit DecodeCtx(const Prepared& pt)
-      : cdfs(pt.tv.cdfs), lengths(pt.tv.lengths), offsets(pt.tv.offsets), bucket(pt.bucket.data()), W(pt.tv.W),
-        bstride(pt.bucket_stride()), precision(static_cast<uint32_t>(pt.precision)),
-        mask((1u << pt.precision) - 1), bshift(static_cast<uint32_t>(pt.bucket_shift)) {}
+      : cdfs(pt.tv.cdfs),
+        lengths(pt.tv.lengths),
+        offsets(pt.tv.offsets),
+        bucket(pt.bucket.data()),
+        W(pt.tv.W),
+        bstride(pt.bucket_stride()),
+        precision(static_cast<uint32_t>(pt.precision)),
+        mask((1u << pt.precision) - 1),
+        bshift(static_cast<uint32_t>(pt.bucket_shift)) {}
 };
 
 // The symbol s of table t with cdf[s] <= slot < cdf[s + 1], and its start and frequency. The
@@ -400,13 +416,16 @@ struct DecodeCtx {
 // rare wider range (tails), and the last step is branch-free -- never a linear scan. Shared by
 // the native and compat decoders; forced inline, because both hot loops are sensitive to it.
 DUALRES_HD DUALRES_RANS_INLINE uint32_t bucket_search(const DecodeCtx& d, int32_t t, uint32_t slot, uint32_t& start,
-                                                     uint32_t& freq) {
+                                                      uint32_t& freq) {
   const int32_t* c = d.cdfs + int64_t{t} * d.W;
   const uint16_t* b = d.bucket + t * d.bstride + (slot >> d.bshift);
   uint32_t lo = b[0], hi = b[1];
   while (hi > lo + 1) {
     const uint32_t mid = (lo + hi) >> 1;
-    if (static_cast<uint32_t>(c[mid]) <= slot) lo = mid; else hi = mid - 1;
+    if (static_cast<uint32_t>(c[mid]) <= slot)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const uint32_t s = lo + (static_cast<uint32_t>(c[lo + 1]) <= slot);
   start = static_cast<uint32_t>(c[s]);
@@ -414,7 +433,8 @@ DUALRES_HD DUALRES_RANS_INLINE uint32_t bucket_search(const DecodeCtx& d, int32_
   return s;
 }
 
-DUALRES_HD DUALRES_RANS_INLINE Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t, int32_t* out) {
+DUALRES_HD DUALRES_RANS_INLINE Status native_decode_one(uint32_t& x, ByteReader& r, const DecodeCtx& d, int32_t t,
+                                                        int32_t* out) {
   const uint32_t slot = x & d.mask;
   uint32_t start, freq;
   const uint32_t s = bucket_search(d, t, slot, start, freq);
@@ -507,7 +527,10 @@ struct WordBackBuffer {
 
 DUALRES_RANS_INLINE void compat_put(uint64_t& x, uint32_t*& p, uint32_t start, uint32_t freq, int bits) {
   const uint64_t x_max = ((kLow64 >> bits) << 32) * freq;
-  if (x >= x_max) { *--p = static_cast<uint32_t>(x); x >>= 32; }
+  if (x >= x_max) {
+    *--p = static_cast<uint32_t>(x);
+    x >>= 32;
+  }
   x = ((x / freq) << bits) + (x % freq) + start;
 }
 
@@ -556,7 +579,7 @@ inline Status compat_encode(const int32_t* sym, const int32_t* idx, int64_t n, c
 struct CompatDecoder {
   const uint8_t* data = nullptr;
   size_t size = 0;
-  size_t pos = 0;      // next byte to read
+  size_t pos = 0;  // next byte to read
   uint64_t x = 0;
   bool overrun = false;
 
@@ -571,7 +594,10 @@ struct CompatDecoder {
   }
   // Reads the initial 64-bit state (the first two words).
   Status init(const uint8_t* d, size_t s) {
-    data = d; size = s; pos = 0; overrun = false;
+    data = d;
+    size = s;
+    pos = 0;
+    overrun = false;
     const uint64_t lo = word(), hi = word();
     if (overrun) return Status::kTruncated;
     x = lo | hi << 32;
@@ -605,8 +631,8 @@ struct CompatDecoder {
     *this = d;
     return st;
   }
-  DUALRES_RANS_INLINE Status decode_local(const int32_t* idx, int64_t n, const DecodeCtx dc,
-                                          const uint64_t* direct, int bucket_bits, int32_t* out) {
+  DUALRES_RANS_INLINE Status decode_local(const int32_t* idx, int64_t n, const DecodeCtx dc, const uint64_t* direct,
+                                          int bucket_bits, int32_t* out) {
     constexpr uint32_t mask = (1u << kCompatPrecision) - 1;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t t = idx[i];

@@ -38,10 +38,10 @@
 namespace dualres::rans {
 
 constexpr uint8_t kIvVersion = 2;
-constexpr uint32_t kIvLow = 1u << 16;        // state interval [2^16, 2^32)
-constexpr uint32_t kIvBypassLimit = 1u << 28; // a bypass chunk emits a word when x >= 2^28
+constexpr uint32_t kIvLow = 1u << 16;          // state interval [2^16, 2^32)
+constexpr uint32_t kIvBypassLimit = 1u << 28;  // a bypass chunk emits a word when x >= 2^28
 constexpr int kIvMaxWidth = 32;
-constexpr size_t kIvFixedHeader = 10;         // magic(2) version precision width flags crc32c(4)
+constexpr size_t kIvFixedHeader = 10;  // magic(2) version precision width flags crc32c(4)
 constexpr uint8_t kIvFlagChained = 1;
 constexpr int64_t kIvMaxGroups = 1 << 16;
 // Bypass chunks of one escaped symbol: the count chunks (15 means "15 more, continue") and at
@@ -58,7 +58,9 @@ DUALRES_HD inline int iv_popc(uint32_t m) {
 }
 
 // The rank of lane k among the lanes of `mask` (the word-order rule above).
-DUALRES_HD inline int iv_rank(uint32_t mask, int k) { return iv_popc(mask & ((1u << k) - 1u)); }
+DUALRES_HD inline int iv_rank(uint32_t mask, int k) {
+  return iv_popc(mask & ((1u << k) - 1u));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Prepared tables (built once per table set, reused across calls)
@@ -192,8 +194,12 @@ DUALRES_HD DUALRES_RANS_INLINE uint32_t iv_enc_code(uint32_t x, uint32_t sfe, ui
   const uint32_t q = x / freq;
   return x + start + q * ((1u << precision) - freq);
 }
-DUALRES_HD DUALRES_RANS_INLINE bool iv_enc_bypass_needs_word(uint32_t x) { return x >= kIvBypassLimit; }
-DUALRES_HD DUALRES_RANS_INLINE uint32_t iv_enc_bypass_code(uint32_t x, uint32_t chunk) { return (x << 4) | chunk; }
+DUALRES_HD DUALRES_RANS_INLINE bool iv_enc_bypass_needs_word(uint32_t x) {
+  return x >= kIvBypassLimit;
+}
+DUALRES_HD DUALRES_RANS_INLINE uint32_t iv_enc_bypass_code(uint32_t x, uint32_t chunk) {
+  return (x << 4) | chunk;
+}
 
 // Decoder: the table symbol of `slot` in row t. The bucket narrows it to [s_lo, s_hi] (one
 // symbol for nearly every slot); a binary search of at most bbits steps settles the rest.
@@ -203,7 +209,10 @@ DUALRES_HD DUALRES_RANS_INLINE uint32_t iv_lookup(const IvTablesView& tb, int32_
   const uint32_t* row = tb.sf + t * tb.stride;
   while (lo < hi) {
     const uint32_t mid = (lo + hi + 1) >> 1;
-    if ((row[mid] & 0xFFFFu) <= slot) lo = mid; else hi = mid - 1;
+    if ((row[mid] & 0xFFFFu) <= slot)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -220,7 +229,10 @@ DUALRES_HD inline int iv_escape_chunks(int64_t v, int64_t max_value, uint8_t* ch
   const int nb = n_chunks(raw);
   int n = 0;
   int rest = nb;
-  while (rest >= static_cast<int>(kBypassMax)) { chunks[n++] = kBypassMax; rest -= kBypassMax; }
+  while (rest >= static_cast<int>(kBypassMax)) {
+    chunks[n++] = kBypassMax;
+    rest -= kBypassMax;
+  }
   chunks[n++] = static_cast<uint8_t>(rest);
   for (int j = 0; j < nb; ++j) chunks[n++] = static_cast<uint8_t>((raw >> (j * kBypassBits)) & kBypassMax);
   return n;
@@ -250,7 +262,9 @@ struct IvBypassReader {
 DUALRES_HD inline int64_t iv_group_begin(int64_t steps, int64_t groups, int64_t g) {
   return static_cast<int64_t>((static_cast<__int128>(steps) * g) / groups);
 }
-DUALRES_HD inline int64_t iv_steps(int64_t n, int width) { return (n + width - 1) / width; }
+DUALRES_HD inline int64_t iv_steps(int64_t n, int width) {
+  return (n + width - 1) / width;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Stream header
@@ -319,7 +333,9 @@ inline Status iv_parse_header(const uint8_t* data, size_t size, int64_t expected
 DUALRES_HD inline uint32_t iv_load_u32(const uint8_t* q) {
   return uint32_t{q[0]} | uint32_t{q[1]} << 8 | uint32_t{q[2]} << 16 | uint32_t{q[3]} << 24;
 }
-DUALRES_HD inline uint32_t iv_load_u16(const uint8_t* q) { return uint32_t{q[0]} | uint32_t{q[1]} << 8; }
+DUALRES_HD inline uint32_t iv_load_u16(const uint8_t* q) {
+  return uint32_t{q[0]} | uint32_t{q[1]} << 8;
+}
 
 // Encoder output of one group: its W start states and its words in decoder order.
 struct IvGroupOut {
@@ -351,7 +367,10 @@ inline void iv_assemble(std::vector<uint8_t>& out, int precision, int width, boo
     for (int k = 0; k < width; ++k)
       for (int b = 0; b < 4; ++b) *p++ = static_cast<uint8_t>(g.states[k] >> (8 * b));
   for (const IvGroupOut& g : groups) {
-    for (uint16_t w : g.words) { *p++ = static_cast<uint8_t>(w); *p++ = static_cast<uint8_t>(w >> 8); }
+    for (uint16_t w : g.words) {
+      *p++ = static_cast<uint8_t>(w);
+      *p++ = static_cast<uint8_t>(w >> 8);
+    }
   }
   const uint32_t crc = crc32c(out.data() + kIvFixedHeader, out.size() - kIvFixedHeader);
   for (int b = 0; b < 4; ++b) out[6 + b] = static_cast<uint8_t>(crc >> (8 * b));
@@ -370,8 +389,8 @@ struct IvWordSink {
 
 // Encodes steps [s0, s1) of a group backwards, starting from states x (updated in place).
 // Symbols must be validated (indexes usable) by the caller. Appends words in encoder order.
-inline void iv_encode_steps_scalar(const int32_t* sym, const int32_t* idx, int64_t n, int width, int64_t s0,
-                                   int64_t s1, const IvTablesView& tb, uint32_t* x, std::vector<uint16_t>& out) {
+inline void iv_encode_steps_scalar(const int32_t* sym, const int32_t* idx, int64_t n, int width, int64_t s0, int64_t s1,
+                                   const IvTablesView& tb, uint32_t* x, std::vector<uint16_t>& out) {
   const uint32_t P = tb.precision;
   uint8_t chunks[kIvMaxWidth][kIvMaxChunks];
   int nch[kIvMaxWidth];
@@ -395,11 +414,17 @@ inline void iv_encode_steps_scalar(const int32_t* sym, const int32_t* idx, int64
     for (int j = maxch - 1; j >= 0; --j)
       for (int k = active - 1; k >= 0; --k) {
         if (nch[k] <= j) continue;
-        if (iv_enc_bypass_needs_word(x[k])) { out.push_back(static_cast<uint16_t>(x[k])); x[k] >>= 16; }
+        if (iv_enc_bypass_needs_word(x[k])) {
+          out.push_back(static_cast<uint16_t>(x[k]));
+          x[k] >>= 16;
+        }
         x[k] = iv_enc_bypass_code(x[k], chunks[k][j]);
       }
     for (int k = active - 1; k >= 0; --k) {
-      if (iv_enc_needs_word(x[k], sfe[k], P)) { out.push_back(static_cast<uint16_t>(x[k])); x[k] >>= 16; }
+      if (iv_enc_needs_word(x[k], sfe[k], P)) {
+        out.push_back(static_cast<uint16_t>(x[k]));
+        x[k] >>= 16;
+      }
       x[k] = iv_enc_code(x[k], sfe[k], P);
     }
   }
@@ -514,22 +539,32 @@ DUALRES_HD inline int64_t iv_warp_encode(Lanes& L, const int32_t* sym, const int
     }
     maxch = L.max(nch);
     for (int j = maxch - 1; j >= 0; --j) {
-      DUALRES_IV_LANES(L, k) { pred[k] = nch[k] > j && iv_enc_bypass_needs_word(x[k]); }
+      DUALRES_IV_LANES(L, k) {
+        pred[k] = nch[k] > j && iv_enc_bypass_needs_word(x[k]);
+      }
       const uint32_t m = L.ballot(pred);
       cursor -= iv_popc(m);
       DUALRES_IV_LANES(L, k) {
         if (nch[k] > j) {
-          if (pred[k]) { scratch[cursor + iv_rank(m, k)] = static_cast<uint16_t>(x[k]); x[k] >>= 16; }
+          if (pred[k]) {
+            scratch[cursor + iv_rank(m, k)] = static_cast<uint16_t>(x[k]);
+            x[k] >>= 16;
+          }
           x[k] = iv_enc_bypass_code(x[k], ch[k][j]);
         }
       }
     }
-    DUALRES_IV_LANES(L, k) { pred[k] = base + k < n && iv_enc_needs_word(x[k], sfe[k], tb.precision); }
+    DUALRES_IV_LANES(L, k) {
+      pred[k] = base + k < n && iv_enc_needs_word(x[k], sfe[k], tb.precision);
+    }
     const uint32_t m = L.ballot(pred);
     cursor -= iv_popc(m);
     DUALRES_IV_LANES(L, k) {
       if (base + k < n) {
-        if (pred[k]) { scratch[cursor + iv_rank(m, k)] = static_cast<uint16_t>(x[k]); x[k] >>= 16; }
+        if (pred[k]) {
+          scratch[cursor + iv_rank(m, k)] = static_cast<uint16_t>(x[k]);
+          x[k] >>= 16;
+        }
         x[k] = iv_enc_code(x[k], sfe[k], tb.precision);
       }
     }
@@ -549,7 +584,9 @@ DUALRES_HD inline Status iv_warp_decode(Lanes& L, const int32_t* idx, int64_t n,
   typename Lanes::template Var<bool> pred, bad;
   typename Lanes::template Var<int32_t> symv;
   typename Lanes::template Var<IvBypassReader> br;
-  DUALRES_IV_LANES(L, k) { bad[k] = false; }
+  DUALRES_IV_LANES(L, k) {
+    bad[k] = false;
+  }
   for (int64_t s = s0; s < s1; ++s) {
     const int64_t base = s * W;
     DUALRES_IV_LANES(L, k) {
@@ -575,7 +612,10 @@ DUALRES_HD inline Status iv_warp_decode(Lanes& L, const int32_t* idx, int64_t n,
           br[k] = IvBypassReader{};
         } else {
           const int64_t o = int64_t{symv[k]} + tb.off[t];
-          if (o > INT32_MAX) bad[k] = true; else out[base + k] = static_cast<int32_t>(o);
+          if (o > INT32_MAX)
+            bad[k] = true;
+          else
+            out[base + k] = static_cast<int32_t>(o);
         }
       }
     }
@@ -589,7 +629,10 @@ DUALRES_HD inline Status iv_warp_decode(Lanes& L, const int32_t* idx, int64_t n,
           const uint32_t val = x[k] & kBypassMax;
           x[k] >>= kBypassBits;
           need[k] = x[k] < kIvLow;
-          if (!br[k].feed(val)) { bad[k] = true; pred[k] = false; }
+          if (!br[k].feed(val)) {
+            bad[k] = true;
+            pred[k] = false;
+          }
         }
       }
       m = L.ballot(need);
@@ -600,7 +643,10 @@ DUALRES_HD inline Status iv_warp_decode(Lanes& L, const int32_t* idx, int64_t n,
           pred[k] = false;
           const int32_t t = idx[base + k];
           const int64_t o = value_from_raw(br[k].raw, tb.esc[t]) + tb.off[t];
-          if (o < INT32_MIN || o > INT32_MAX) bad[k] = true; else out[base + k] = static_cast<int32_t>(o);
+          if (o < INT32_MIN || o > INT32_MAX)
+            bad[k] = true;
+          else
+            out[base + k] = static_cast<int32_t>(o);
         }
       }
       cursor += iv_popc(m);

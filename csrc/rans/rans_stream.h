@@ -23,10 +23,10 @@ namespace dualres::rans {
 
 constexpr uint8_t kMagic0 = 0xD7, kMagic1 = 0x52;  // "\xD7R"
 constexpr uint8_t kVersion = 1;
-constexpr int kDefaultStates = 4;          // interleaved states per lane (measured: FORMAT.md)
-constexpr int64_t kMinLaneSymbols = 24576; // default lane size floor (~20 lanes for a 491,520-symbol latent)
-constexpr int64_t kMaxLanes = 64;          // default lane count cap
-constexpr int64_t kMaxLanesHard = 1 << 16; // what an encoder may be asked for / a decoder accepts
+constexpr int kDefaultStates = 4;           // interleaved states per lane (measured: FORMAT.md)
+constexpr int64_t kMinLaneSymbols = 24576;  // default lane size floor (~20 lanes for a 491,520-symbol latent)
+constexpr int64_t kMaxLanes = 64;           // default lane count cap
+constexpr int64_t kMaxLanesHard = 1 << 16;  // what an encoder may be asked for / a decoder accepts
 
 // Lane i covers symbols [lane_begin(n, L, i), lane_begin(n, L, i + 1)).
 DUALRES_HD inline int64_t lane_begin(int64_t n, int64_t lanes, int64_t i) {
@@ -117,7 +117,10 @@ inline uint32_t crc32c(const uint8_t* p, size_t n) {
 constexpr size_t kFixedHeader = 9;  // magic(2) version precision states crc32c(4)
 
 inline void put_varint(std::vector<uint8_t>& out, uint64_t v) {
-  while (v >= 0x80) { out.push_back(static_cast<uint8_t>(v | 0x80)); v >>= 7; }
+  while (v >= 0x80) {
+    out.push_back(static_cast<uint8_t>(v | 0x80));
+    v >>= 7;
+  }
   out.push_back(static_cast<uint8_t>(v));
 }
 
@@ -271,9 +274,12 @@ Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t 
     for (int64_t i = 0; i < lanes; ++i)
       bufs.emplace_back(static_cast<size_t>((lane_begin(n, lanes, i + 1) - lane_begin(n, lanes, i)) / 2 + 64));
     parallel_for(int64_t{0}, lanes, [&](int64_t lo, int64_t hi) {
-      if (states == 1) encode_lanes<1>(sym, idx, n, lanes, pt, bufs, lo, hi);
-      else if (states == 4) encode_lanes<4>(sym, idx, n, lanes, pt, bufs, lo, hi);
-      else encode_lanes<2>(sym, idx, n, lanes, pt, bufs, lo, hi);
+      if (states == 1)
+        encode_lanes<1>(sym, idx, n, lanes, pt, bufs, lo, hi);
+      else if (states == 4)
+        encode_lanes<4>(sym, idx, n, lanes, pt, bufs, lo, hi);
+      else
+        encode_lanes<2>(sym, idx, n, lanes, pt, bufs, lo, hi);
     });
     // Re-encode at most once (as the CUDA encoder does, so both write the same stream). The
     // layout must not change after the last encode: `lanes` and `states` describe the buffers
@@ -289,19 +295,25 @@ Status encode_stream(const int32_t* sym, const int32_t* idx, int64_t n, int64_t 
   }
   std::vector<uint64_t> sizes(static_cast<size_t>(lanes));
   size_t payload = 0;
-  for (int64_t i = 0; i < lanes; ++i) { sizes[i] = bufs[i].size(); payload += bufs[i].size(); }
+  for (int64_t i = 0; i < lanes; ++i) {
+    sizes[i] = bufs[i].size();
+    payload += bufs[i].size();
+  }
   write_stream_header(out, pt.precision, states, n, lanes, sizes.data());
   const size_t hdr = out.size();
   out.resize(hdr + payload);
   size_t pos = hdr;
-  for (auto& b : bufs) { std::memcpy(out.data() + pos, b.data(), b.size()); pos += b.size(); }
+  for (auto& b : bufs) {
+    std::memcpy(out.data() + pos, b.data(), b.size());
+    pos += b.size();
+  }
   seal_stream(out.data(), out.size());
   return Status::kOk;
 }
 
 template <class ParFor>
-Status decode_stream(const uint8_t* data, size_t size, const int32_t* idx, int64_t n, const Prepared& pt,
-                     int32_t* out, ParFor&& parallel_for) {
+Status decode_stream(const uint8_t* data, size_t size, const int32_t* idx, int64_t n, const Prepared& pt, int32_t* out,
+                     ParFor&& parallel_for) {
   StreamHeader h;
   Status st = parse_header(data, size, n, h);
   if (st != Status::kOk) return st;
@@ -314,9 +326,12 @@ Status decode_stream(const uint8_t* data, size_t size, const int32_t* idx, int64
       const uint8_t* d = payload + h.lane_offset[i];
       const size_t len = h.lane_offset[i + 1] - h.lane_offset[i];
       Status s;
-      if (h.states == 1) s = native_decode_lane<1>(d, len, idx + b, e - b, pt, out + b);
-      else if (h.states == 4) s = native_decode_lane<4>(d, len, idx + b, e - b, pt, out + b);
-      else s = native_decode_lane<2>(d, len, idx + b, e - b, pt, out + b);
+      if (h.states == 1)
+        s = native_decode_lane<1>(d, len, idx + b, e - b, pt, out + b);
+      else if (h.states == 4)
+        s = native_decode_lane<4>(d, len, idx + b, e - b, pt, out + b);
+      else
+        s = native_decode_lane<2>(d, len, idx + b, e - b, pt, out + b);
       lane_status[i] = s;
     }
   });
@@ -328,7 +343,9 @@ Status decode_stream(const uint8_t* data, size_t size, const int32_t* idx, int64
 // Serial parallel_for for callers without a thread pool (tests, fuzzers).
 struct SerialFor {
   template <class F>
-  void operator()(int64_t b, int64_t e, F&& f) const { if (b < e) f(b, e); }
+  void operator()(int64_t b, int64_t e, F&& f) const {
+    if (b < e) f(b, e);
+  }
 };
 
 }  // namespace dualres::rans

@@ -5,6 +5,7 @@ package also registers the format with Pillow (:mod:`.pillow`). Native operators
 ``torch.ops.dualres_ext`` (loaded by importing ``dualres_ext._C``); :mod:`.ops` wraps them with
 argument checks. ``docs/ARCHITECTURE.md`` maps the rest.
 """
+
 import torch  # noqa: F401  (must come first: _C links against libc10/libtorch)
 
 try:
@@ -45,4 +46,3 @@ def build_info() -> dict:
 
 
 __all__ = ["ops", "build_info", "encode", "decode", "__version__"]
-

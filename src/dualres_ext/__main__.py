@@ -1,4 +1,5 @@
 """``python -m dualres_ext <command>``: the command line of :mod:`dualres_ext.tools.cli`."""
+
 import sys
 
 from .tools.cli import main

@@ -14,6 +14,7 @@ decoders read CompressAI's streams. Differences, all on the side of doing more:
   per position with the same lists converts them once. Do not mutate a table list in place
   between calls (pass a new list instead); tensors written in place are noticed (version counter).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,8 +65,9 @@ def _convert_tables(cdfs, cdf_sizes, offsets):
             arr = np.zeros((0, 1), dtype=np.int64)
         table = int32_tensor(torch.from_numpy(arr), "cdfs")
     if sizes.numel() != table.shape[0] or offs.numel() != table.shape[0]:
-        raise ValueError(f"cdfs has {table.shape[0]} rows but cdf_sizes has {sizes.numel()} and offsets "
-                         f"{offs.numel()} entries")
+        raise ValueError(
+            f"cdfs has {table.shape[0]} rows but cdf_sizes has {sizes.numel()} and offsets {offs.numel()} entries"
+        )
     return table.contiguous(), sizes, offs
 
 
@@ -152,9 +154,13 @@ class BufferedRansEncoder:
     def flush(self) -> bytes:
         chunks, self._chunks = self._chunks, []
         if not chunks:
-            return ops.rans_encode_compat(torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32),
-                                          torch.zeros(1, 2, dtype=torch.int32), torch.full((1,), 2, dtype=torch.int32),
-                                          torch.zeros(1, dtype=torch.int32))
+            return ops.rans_encode_compat(
+                torch.empty(0, dtype=torch.int32),
+                torch.empty(0, dtype=torch.int32),
+                torch.zeros(1, 2, dtype=torch.int32),
+                torch.full((1,), 2, dtype=torch.int32),
+                torch.zeros(1, dtype=torch.int32),
+            )
         # Union of the distinct table sets, indexes shifted into it. The chunks hold their tables,
         # so equal storage pointers mean the same (converted once or caller-owned) tensors.
         sets, base, shifted = [], {}, []

@@ -6,6 +6,7 @@ at any time (a model's weights between two encodes); :class:`TensorCache` keeps 
 owner object and rebuilds it when any source tensor was replaced, moved, resized or written
 (PyTorch counts in-place writes in ``Tensor._version``).
 """
+
 from __future__ import annotations
 
 import threading

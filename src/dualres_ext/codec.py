@@ -8,6 +8,7 @@ Weights: ``weights=None`` uses the package's trained weights; a path loads a wei
 written by :func:`~dualres_ext.models.zoo.save_weights`; a ``DualRes`` model object is used as
 it is (in eval mode, after ``update()``). Random weights are never used silently.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,20 @@ import numpy as np
 import torch
 
 from . import ops
-from .container import (CONFIG_IDS, FLAG_COMPAT, FLAG_CUDA, FLAG_GREY, MAGIC, MAX_SIDE, VERSION, BitstreamError,
-                        ImageTooLargeError, pack, pack_metadata, parse_header)
+from .container import (
+    CONFIG_IDS,
+    FLAG_COMPAT,
+    FLAG_CUDA,
+    FLAG_GREY,
+    MAGIC,
+    MAX_SIDE,
+    VERSION,
+    BitstreamError,
+    ImageTooLargeError,
+    pack,
+    pack_metadata,
+    parse_header,
+)
 from .imageio import from_tensor, pad, to_tensor
 from .models.refine import check_refinement, refine_latents
 from .models.zoo import WeightsNotFoundError, load_weights, resolve_model, save_weights, weights_id
@@ -45,8 +58,10 @@ def _embed_sections(model, strings, shape) -> Tuple[int, list]:
     if lanes == {True}:
         return FLAG_COMPAT, list(strings)
     if len(lanes) > 1:
-        raise ValueError("the model's entropy models disagree on lanes (one writes CompressAI strings, "
-                         "the other native streams): give both the same setting")
+        raise ValueError(
+            "the model's entropy models disagree on lanes (one writes CompressAI strings, "
+            "the other native streams): give both the same setting"
+        )
     counts = model.symbol_counts(shape)
     return 0, [ops.rans_embed(s, n, _PRECISION) for s, n in zip(strings, counts)]
 
@@ -58,18 +73,18 @@ def _restore_sections(model, head, shape) -> list:
     native = model.gaussian_conditional.lanes is not None
     if head["flags"] & FLAG_COMPAT:
         if native:
-            raise BitstreamError("the bitstream holds CompressAI single-lane sections, and the decoding "
-                                 "model codes native streams: decode with a model built with lanes=None")
+            raise BitstreamError(
+                "the bitstream holds CompressAI single-lane sections, and the decoding "
+                "model codes native streams: decode with a model built with lanes=None"
+            )
         return list(head["sections"])
     counts = model.symbol_counts(shape)
     if len(counts) != len(head["sections"]):
-        raise BitstreamError(f"the bitstream has {len(head['sections'])} sections, the model codes "
-                             f"{len(counts)}")
+        raise BitstreamError(f"the bitstream has {len(head['sections'])} sections, the model codes {len(counts)}")
     try:
         return [ops.rans_restore(s, n, _PRECISION) for s, n in zip(head["sections"], counts)]
     except ValueError as exc:
         raise BitstreamError(f"corrupted bitstream: {exc}") from exc
-
 
 
 # ---------------------------------------------------------------------------- API
@@ -82,9 +97,18 @@ def _check_quality(model, quality) -> float:
     return q
 
 
-def encode(image, quality: Optional[Union[int, float]] = None, device=None, weights=None,
-           max_pixels: Optional[int] = None, max_bytes: Optional[int] = None, refine_steps: int = 0,
-           refine_rounds: Optional[int] = None, metadata: Optional[dict] = None, version: Optional[int] = None):
+def encode(
+    image,
+    quality: Optional[Union[int, float]] = None,
+    device=None,
+    weights=None,
+    max_pixels: Optional[int] = None,
+    max_bytes: Optional[int] = None,
+    refine_steps: int = 0,
+    refine_rounds: Optional[int] = None,
+    metadata: Optional[dict] = None,
+    version: Optional[int] = None,
+):
     """Compress an image into a DualRes bitstream (``bytes``), or a list of images into a list
     of bitstreams.
 
@@ -166,8 +190,9 @@ def encode(image, quality: Optional[Union[int, float]] = None, device=None, weig
             coded = start
             if refine_steps or refine_rounds:  # the refining encoder's stage between analysis and coding
                 with torch.enable_grad():
-                    coded = refine_latents(model, x, quality, start, refine_steps, size=(height, width),
-                                           flip_rounds=refine_rounds)
+                    coded = refine_latents(
+                        model, x, quality, start, refine_steps, size=(height, width), flip_rounds=refine_rounds
+                    )
             out = model.compress_latents(*coded, exact=exact)
             coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"])
             return pack(config_id, flags | coding, quality, wid, width, height, sections, meta, version=version)
@@ -183,8 +208,10 @@ def _check_version(model, version) -> int:
     if isinstance(version, bool) or version not in (3, 4):
         raise ValueError(f"version must be 3 or 4, got {version!r}")
     if version == 4 and getattr(model, "exact", None) is None:
-        raise ValueError("version=4 needs weights with exact integer entropy-parameter networks "
-                         "(python/convert_exact.py adds them); these weights write version 3")
+        raise ValueError(
+            "version=4 needs weights with exact integer entropy-parameter networks "
+            "(python/convert_exact.py adds them); these weights write version 3"
+        )
     return int(version)
 
 
@@ -195,7 +222,8 @@ def _picture(image, model, limit: int):
     if height * width > limit:
         raise ImageTooLargeError(
             f"the image is {width}x{height} ({width * height} pixels), more than the limit of {limit} "
-            f"(raise it with encode(..., max_pixels=N) or ${MAX_PIXELS_ENV}; decoding needs the same)")
+            f"(raise it with encode(..., max_pixels=N) or ${MAX_PIXELS_ENV}; decoding needs the same)"
+        )
     return pad(x, model.stride).to(next(model.parameters()).device), grey, height, width
 
 
@@ -211,7 +239,7 @@ def _batched_analysis(model, pictures, quality: float) -> list:
         y_h, y_l = model.analysis(x, quality)
         z = model.hyper_analysis(y_h, y_l)
         for b, i in enumerate(members):
-            latents[i] = (y_h[b:b + 1], y_l[b:b + 1], z[b:b + 1])
+            latents[i] = (y_h[b : b + 1], y_l[b : b + 1], z[b : b + 1])
     return latents
 
 
@@ -236,8 +264,7 @@ def _fit_size(encode_at, q_top: float, max_bytes: int) -> bytes:
         return top
     lo, fits = 0.0, (encode_at(0.0) if q_top > 0 else top)
     if len(fits) > max_bytes:
-        raise ValueError(f"max_bytes={max_bytes}: even the lowest quality needs {len(fits)} bytes "
-                         "for this image")
+        raise ValueError(f"max_bytes={max_bytes}: even the lowest quality needs {len(fits)} bytes for this image")
     hi, hi_size = q_top, len(top)
     for _ in range(SIZE_SEARCH_ENCODES - 2):
         if len(fits) >= (1 - SIZE_SEARCH_TOLERANCE) * max_bytes:
@@ -308,8 +335,9 @@ def decode(data, device=None, output: str = "pil", weights=None, max_pixels: Opt
             x_hat = model.synthesis(y_h_hat, y_l_hat, qualities if len(members) > 1 else heads[members[0]]["quality"])
         for b, i in enumerate(members):
             head = heads[i]
-            pictures[i] = from_tensor(x_hat[b, :, :head["height"], :head["width"]], head["grey"], output,
-                                      head["metadata"])
+            pictures[i] = from_tensor(
+                x_hat[b, :, : head["height"], : head["width"]], head["grey"], output, head["metadata"]
+            )
     return pictures if many else pictures[0]
 
 
@@ -319,7 +347,8 @@ def _checked_header(data, limit: int) -> dict:
         raise ImageTooLargeError(
             f"the bitstream declares a {head['width']}x{head['height']} image "
             f"({head['width'] * head['height']} pixels), more than the limit of {limit} "
-            f"(raise it with decode(..., max_pixels=N) or ${MAX_PIXELS_ENV} if the source is trusted)")
+            f"(raise it with decode(..., max_pixels=N) or ${MAX_PIXELS_ENV} if the source is trusted)"
+        )
     return head
 
 
@@ -329,22 +358,27 @@ def _decode_latents(model, wid: int, head: dict):
     networks, which they do not use)."""
     exact = head["version"] == 4
     if exact and getattr(model, "exact", None) is None:
-        raise BitstreamError("the bitstream (version 4) was coded with exact integer entropy-parameter "
-                             "networks, which the decoding weights lack")
+        raise BitstreamError(
+            "the bitstream (version 4) was coded with exact integer entropy-parameter "
+            "networks, which the decoding weights lack"
+        )
     if not exact:
         wid = weights_id(model, float_only=True)
     if head["weights_id"] != wid:
         raise BitstreamError(
             f"the bitstream was written with other weights (id {head['weights_id']:08x}, "
             f"configuration {head['config']!r}) than the decoder's (id {wid:08x}, "
-            f"{getattr(model, 'name', 'custom')!r})")
+            f"{getattr(model, 'name', 'custom')!r})"
+        )
     if head["quality"] > model.num_qualities - 1:
         raise BitstreamError(f"quality {head['quality']} out of the model's range")
     dev = next(model.parameters()).device
     if head["cuda"] != (dev.type == "cuda"):
-        warnings.warn("the bitstream was encoded on a different kind of device "
-                      f"({'CUDA' if head['cuda'] else 'CPU'}); decoding may not reproduce it",
-                      stacklevel=3)
+        warnings.warn(
+            "the bitstream was encoded on a different kind of device "
+            f"({'CUDA' if head['cuda'] else 'CPU'}); decoding may not reproduce it",
+            stacklevel=3,
+        )
     stride = model.stride
     shape = (-(-head["height"] // stride), -(-head["width"] // stride))
     strings = [[s] for s in _restore_sections(model, head, shape)]
@@ -360,6 +394,20 @@ def read_metadata(data) -> dict:
     return dict(parse_header(data)["metadata"])
 
 
-__all__ = ["encode", "decode", "read_metadata", "BitstreamError", "ImageTooLargeError", "WeightsNotFoundError",
-           "save_weights", "load_weights", "parse_header", "weights_id", "resolve_model", "MAGIC", "VERSION",
-           "MAX_PIXELS", "MAX_SIDE"]
+__all__ = [
+    "encode",
+    "decode",
+    "read_metadata",
+    "BitstreamError",
+    "ImageTooLargeError",
+    "WeightsNotFoundError",
+    "save_weights",
+    "load_weights",
+    "parse_header",
+    "weights_id",
+    "resolve_model",
+    "MAGIC",
+    "VERSION",
+    "MAX_PIXELS",
+    "MAX_SIDE",
+]

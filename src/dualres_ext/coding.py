@@ -8,6 +8,7 @@
 A decoder may accept either stream: the C++ header check (:func:`dualres_ext.ops.is_native_stream`)
 tells a native stream from a CompressAI one.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union

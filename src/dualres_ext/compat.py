@@ -26,35 +26,37 @@ What :func:`accelerate` changes, in place:
 entropy-coder registry, so ``compressai.set_entropy_coder("dualres")`` makes every CompressAI
 entropy model created afterwards code through :mod:`dualres_ext.ans` (list API, same bytes).
 """
+
 from __future__ import annotations
 
 import contextvars
 import sys
 from typing import List, Optional, Union
 
+import compressai
+import compressai.ans as _cai_ans
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
-
-import compressai
-import compressai.ans as _cai_ans
 from compressai.entropy_models import entropy_models as _cai_em
 from compressai.latent_codecs import LatentCodec as _LatentCodec
-from compressai.models import google as _cai_google
 from compressai.layers import gdn as _cai_gdn
+from compressai.models import google as _cai_google
+from torch import Tensor
 
 from . import ans as _ans
-from . import coding
+from . import coding, ops
 from . import layers as _layers
-from . import ops
 from .coding import check_lanes
 from .entropy_models import check_compress_args, check_decompress_args
 from .exact_hyperprior import make_portable
 
 __all__ = [
-    "CODER_NAME", "accelerate", "register_entropy_coder",
-    "DualresEntropyBottleneck", "DualresGaussianConditional",
+    "CODER_NAME",
+    "accelerate",
+    "register_entropy_coder",
+    "DualresEntropyBottleneck",
+    "DualresGaussianConditional",
 ]
 
 CODER_NAME = "dualres"
@@ -156,6 +158,7 @@ class _AcceleratedCall:
 
 # --- serial context models: the per-position loops on tensors --------------------------------------
 
+
 class _BoundLoop:
     """Instance attribute standing in for a model's ``_compress_ar``/``_decompress_ar`` (a plain
     object, not a closure, so deepcopy and pickling keep working)."""
@@ -171,7 +174,7 @@ class _BoundLoop:
 def _position_params(model, y_crop, params, h, w, weight):
     """CompressAI's per-position step: masked context conv + entropy parameters -> (scales, means)."""
     ctx_p = F.conv2d(y_crop, weight, bias=model.context_prediction.bias)
-    p = params[:, :, h: h + 1, w: w + 1]
+    p = params[:, :, h : h + 1, w : w + 1]
     return model.entropy_parameters(torch.cat((p, ctx_p), dim=1)).chunk(2, 1)
 
 
@@ -187,7 +190,7 @@ def _compress_ar(model, y_hat, params, height, width, kernel_size, padding):
     scales = symbols = None
     for h in range(height):
         for w in range(width):
-            y_crop = y_hat[:, :, h: h + kernel_size, w: w + kernel_size]
+            y_crop = y_hat[:, :, h : h + kernel_size, w : w + kernel_size]
             scales_hat, means_hat = _position_params(model, y_crop, params, h, w, masked_weight)
             scales_hat, means_hat = scales_hat.squeeze(3).squeeze(2), means_hat.squeeze(3).squeeze(2)
             y_q = gc.quantize(y_crop[:, :, padding, padding], "symbols", means_hat)
@@ -216,13 +219,13 @@ def _decompress_ar(model, y_string, y_hat, params, height, width, kernel_size, p
     decoder.set_stream(y_string)
     for h in range(height):
         for w in range(width):
-            y_crop = y_hat[:, :, h: h + kernel_size, w: w + kernel_size]
+            y_crop = y_hat[:, :, h : h + kernel_size, w : w + kernel_size]
             scales_hat, means_hat = _position_params(model, y_crop, params, h, w, model.context_prediction.weight)
             indexes = gc.build_indexes(scales_hat)
             rv = decoder.decode_stream(indexes.reshape(-1).cpu(), *tables)
             # float32 first, as CompressAI's torch.Tensor(list) does, then its dequantize.
             rv = gc.dequantize(rv.to(device=means_hat.device, dtype=torch.float32).reshape(1, -1, 1, 1), means_hat)
-            y_hat[:, :, h + padding: h + padding + 1, w + padding: w + padding + 1] = rv
+            y_hat[:, :, h + padding : h + padding + 1, w + padding : w + padding + 1] = rv
 
 
 def _install_serial_loops(module: nn.Module) -> None:
@@ -238,6 +241,7 @@ def _install_serial_loops(module: nn.Module) -> None:
 
 
 # --- entropy models -----------------------------------------------------------------------------
+
 
 class _NativeCoding:
     """Shared coding path of the accelerated entropy models (mixed in before CompressAI's class)."""
@@ -295,8 +299,9 @@ class _NativeGaussianConditional(_NativeCoding):
     def compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor] = None) -> List[bytes]:
         return self._dualres_compress(inputs, indexes, means)
 
-    def decompress(self, strings, indexes: Tensor, dtype: torch.dtype = torch.float,
-                   means: Optional[Tensor] = None) -> Tensor:
+    def decompress(
+        self, strings, indexes: Tensor, dtype: torch.dtype = torch.float, means: Optional[Tensor] = None
+    ) -> Tensor:
         return self._dualres_decompress(strings, indexes, dtype, means)
 
     def build_indexes(self, scales: Tensor) -> Tensor:
@@ -316,10 +321,16 @@ class DualresGaussianConditional(_NativeGaussianConditional, _CaiGaussianConditi
 
 # Methods that a CompressAI subclass must not override for our coding path to stand in for them.
 _REPLACED = {
-    _CaiEntropyBottleneck: (_NativeEntropyBottleneck, DualresEntropyBottleneck,
-                            ("compress", "decompress", "_build_indexes", "quantize", "dequantize")),
-    _CaiGaussianConditional: (_NativeGaussianConditional, DualresGaussianConditional,
-                              ("compress", "decompress", "build_indexes", "quantize", "dequantize")),
+    _CaiEntropyBottleneck: (
+        _NativeEntropyBottleneck,
+        DualresEntropyBottleneck,
+        ("compress", "decompress", "_build_indexes", "quantize", "dequantize"),
+    ),
+    _CaiGaussianConditional: (
+        _NativeGaussianConditional,
+        DualresGaussianConditional,
+        ("compress", "decompress", "build_indexes", "quantize", "dequantize"),
+    ),
 }
 _derived_classes: dict = {}
 
@@ -342,6 +353,7 @@ def _accelerated_class(cls):
 
 # --- GDN ------------------------------------------------------------------------------------------
 
+
 def _fused_gdn(old: nn.Module) -> nn.Module:
     cls = _layers.GDN1 if type(old) is _cai_gdn.GDN1 else _layers.GDN
     new = cls(old.beta.numel(), inverse=old.inverse, beta_min=old.beta_reparam.minimum)
@@ -359,8 +371,10 @@ def _fused_gdn(old: nn.Module) -> nn.Module:
 
 # --- accelerate -------------------------------------------------------------------------------------
 
-def accelerate(model: nn.Module, lanes: Union[None, str, int] = None, gdn: bool = True,
-               portable: bool = False) -> nn.Module:
+
+def accelerate(
+    model: nn.Module, lanes: Union[None, str, int] = None, gdn: bool = True, portable: bool = False
+) -> nn.Module:
     """Make a CompressAI model (or any module holding CompressAI parts) code and run faster, in place.
 
     Args:

@@ -11,6 +11,7 @@ decoder computes the entropy parameters)::
 
 Anything malformed raises :class:`BitstreamError` (a ``ValueError``).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,22 +33,25 @@ _WRITE_VERSIONS = (3, 4)
 CONFIG_IDS = {"custom": 0, "compact": 1, "paper": 2}
 _CONFIG_NAMES = {v: k for k, v in CONFIG_IDS.items()}
 
-FLAG_GREY = 0x01     # the input was greyscale: decode returns one channel
-FLAG_CUDA = 0x02     # encoded on a CUDA device (decode on the same kind of device)
-FLAG_COMPAT = 0x04   # (versions 3, 4) sections are CompressAI single-lane strings (a lanes=None model)
+FLAG_GREY = 0x01  # the input was greyscale: decode returns one channel
+FLAG_CUDA = 0x02  # encoded on a CUDA device (decode on the same kind of device)
+FLAG_COMPAT = 0x04  # (versions 3, 4) sections are CompressAI single-lane strings (a lanes=None model)
 FLAG_METADATA = 0x08  # (versions 3, 4) the last section holds the picture's metadata (EXIF, ICC profile, XMP)
-_KNOWN_FLAGS = {2: FLAG_GREY | FLAG_CUDA, 3: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA,
-                4: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA}
+_KNOWN_FLAGS = {
+    2: FLAG_GREY | FLAG_CUDA,
+    3: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA,
+    4: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA,
+}
 
 # Entries of the metadata section: tag byte, LEB128 length, bytes; each tag at most once.
 # Readers skip tags they do not know, so new kinds of metadata need no new version.
 METADATA_TAGS = {"exif": 1, "icc_profile": 2, "xmp": 3}
 _METADATA_NAMES = {v: k for k, v in METADATA_TAGS.items()}
 
-_HEAD_V2 = struct.Struct("<4sBBBBfIIIH")   # magic version config flags reserved quality wid width height n
-_HEAD = struct.Struct("<4sBBBfIHHB")       # magic version config flags quality wid width-1 height-1 n
+_HEAD_V2 = struct.Struct("<4sBBBBfIIIH")  # magic version config flags reserved quality wid width height n
+_HEAD = struct.Struct("<4sBBBfIHHB")  # magic version config flags quality wid width-1 height-1 n
 _CRC = struct.Struct("<I")
-MAX_SIDE = 1 << 16                     # largest width/height the container accepts
+MAX_SIDE = 1 << 16  # largest width/height the container accepts
 
 
 class BitstreamError(ValueError):
@@ -57,7 +61,6 @@ class BitstreamError(ValueError):
 class ImageTooLargeError(BitstreamError):
     """More pixels than the limit (``max_pixels``): declared by a bitstream's header (decode), or
     in the image given to encode (whose stream the default decoder would refuse)."""
-
 
 
 def _put_varint(out: bytearray, value: int) -> None:
@@ -116,13 +119,22 @@ def parse_metadata(section: bytes) -> dict:
         if name is not None:
             if name in entries:
                 raise BitstreamError(f"malformed metadata section: {name} twice")
-            entries[name] = section[pos:pos + length]
+            entries[name] = section[pos : pos + length]
         pos += length
     return entries
 
 
-def pack(config_id: int, flags: int, quality: float, wid: int, width: int, height: int,
-         sections, metadata: Optional[dict] = None, version: int = VERSION) -> bytes:
+def pack(
+    config_id: int,
+    flags: int,
+    quality: float,
+    wid: int,
+    width: int,
+    height: int,
+    sections,
+    metadata: Optional[dict] = None,
+    version: int = VERSION,
+) -> bytes:
     """A version-4 (or ``version=3``) stream of already embedded sections (or CompressAI strings,
     FLAG_COMPAT), with a metadata section after them when ``metadata`` holds anything. The two
     versions share the layout; the version tells the decoder which entropy-parameter networks
@@ -134,14 +146,12 @@ def pack(config_id: int, flags: int, quality: float, wid: int, width: int, heigh
         sections, flags = list(sections) + [extra], flags | FLAG_METADATA
     if len(sections) > 255:  # the header's count is a byte (the models have 6 or 8)
         raise ValueError(f"a DualRes bitstream holds at most 255 sections, got {len(sections)}")
-    out = bytearray(_HEAD.pack(MAGIC, version, config_id, flags, quality, wid, width - 1, height - 1,
-                               len(sections)))
+    out = bytearray(_HEAD.pack(MAGIC, version, config_id, flags, quality, wid, width - 1, height - 1, len(sections)))
     for section in sections:
         _put_varint(out, len(section))
     for section in sections:
         out += section
     return bytes(out) + _CRC.pack(zlib.crc32(out) & 0xFFFFFFFF)
-
 
 
 def parse_header(data) -> dict:
@@ -162,11 +172,15 @@ def parse_header(data) -> dict:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
     version = data[4]
     if version == 1:
-        raise BitstreamError("DualRes bitstream version 1 (float32 entropy parameters, not portable "
-                             "across machines) is no longer read: re-encode the image")
+        raise BitstreamError(
+            "DualRes bitstream version 1 (float32 entropy parameters, not portable "
+            "across machines) is no longer read: re-encode the image"
+        )
     if version not in _READ_VERSIONS:
-        raise BitstreamError(f"unsupported DualRes bitstream version {version} (this library reads "
-                             f"{', '.join(map(str, _READ_VERSIONS))})")
+        raise BitstreamError(
+            f"unsupported DualRes bitstream version {version} (this library reads "
+            f"{', '.join(map(str, _READ_VERSIONS))})"
+        )
     head_struct = _HEAD_V2 if version == 2 else _HEAD
     if len(data) < head_struct.size + _CRC.size:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
@@ -202,20 +216,43 @@ def parse_header(data) -> dict:
         raise BitstreamError(f"invalid quality {quality}")
     sections, pos = [], table_end
     for length in lengths:
-        sections.append(data[pos:pos + length])
+        sections.append(data[pos : pos + length])
         pos += length
     metadata = {}
     if flags & FLAG_METADATA:
         if not sections:
             raise BitstreamError("the metadata flag is set but the bitstream has no sections")
         metadata = parse_metadata(sections.pop())
-    return {"version": version, "config": _CONFIG_NAMES[config_id], "config_id": config_id,
-            "flags": flags, "grey": bool(flags & FLAG_GREY), "cuda": bool(flags & FLAG_CUDA),
-            "quality": quality, "weights_id": wid, "width": width, "height": height,
-            "sections": sections, "metadata": metadata}
+    return {
+        "version": version,
+        "config": _CONFIG_NAMES[config_id],
+        "config_id": config_id,
+        "flags": flags,
+        "grey": bool(flags & FLAG_GREY),
+        "cuda": bool(flags & FLAG_CUDA),
+        "quality": quality,
+        "weights_id": wid,
+        "width": width,
+        "height": height,
+        "sections": sections,
+        "metadata": metadata,
+    }
 
 
-
-__all__ = ["MAGIC", "VERSION", "CONFIG_IDS", "FLAG_GREY", "FLAG_CUDA", "FLAG_COMPAT", "MAX_SIDE",
-           "FLAG_METADATA", "METADATA_TAGS",
-           "BitstreamError", "ImageTooLargeError", "pack", "pack_metadata", "parse_header", "parse_metadata"]
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "CONFIG_IDS",
+    "FLAG_GREY",
+    "FLAG_CUDA",
+    "FLAG_COMPAT",
+    "MAX_SIDE",
+    "FLAG_METADATA",
+    "METADATA_TAGS",
+    "BitstreamError",
+    "ImageTooLargeError",
+    "pack",
+    "pack_metadata",
+    "parse_header",
+    "parse_metadata",
+]

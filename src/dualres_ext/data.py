@@ -1,4 +1,5 @@
 """A dataset of DualRes files for ``torch.utils.data``: pictures decoded in the loader's workers."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,13 @@ class DrxDataset(Dataset):
     :func:`dualres_ext.decode`'s.
     """
 
-    def __init__(self, files: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-                 transform: Optional[Callable] = None, weights=None, device=None):
+    def __init__(
+        self,
+        files: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+        transform: Optional[Callable] = None,
+        weights=None,
+        device=None,
+    ):
         if isinstance(files, (str, os.PathLike)):
             root = Path(files)
             if not root.is_dir():

@@ -13,6 +13,7 @@ picks the bitstream:
 In CompressAI mode, decompress also recognises native strings by their header, so strings made
 with ``compress(..., lanes=k)`` decode with a plain ``decompress(...)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -175,8 +176,14 @@ class EntropyModel(nn.Module):
             raise TypeError(f"indexes must be an integer tensor, got {indexes.dtype}")
         return indexes.to("cpu", torch.int32).contiguous()
 
-    def compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor] = None, *,
-                 lanes: Union[None, str, int, type(Ellipsis)] = ...) -> List[bytes]:
+    def compress(
+        self,
+        inputs: Tensor,
+        indexes: Tensor,
+        means: Optional[Tensor] = None,
+        *,
+        lanes: Union[None, str, int, type(Ellipsis)] = ...,
+    ) -> List[bytes]:
         """Compress `inputs` (N, C, ...) to one string per batch element.
 
         `lanes` overrides the module's `lanes` for this call (None: CompressAI stream; "auto"/int:
@@ -455,8 +462,7 @@ class GaussianConditional(EntropyModel):
             raise ValueError("Invalid parameters")
         self.lower_bound_scale = LowerBound(scale_bound)
 
-        self.register_buffer(
-            "scale_table", self._prepare_scale_table(scale_table) if scale_table else torch.Tensor())
+        self.register_buffer("scale_table", self._prepare_scale_table(scale_table) if scale_table else torch.Tensor())
         self.register_buffer("scale_bound", torch.Tensor([float(scale_bound)]))
         self._tables_key = None
 
@@ -481,8 +487,7 @@ class GaussianConditional(EntropyModel):
         return True
 
     def _table_key(self):
-        return (tuple(self.scale_table.tolist()), self.scale_table.dtype, self.tail_mass,
-                self.entropy_coder_precision)
+        return (tuple(self.scale_table.tolist()), self.scale_table.dtype, self.tail_mass, self.entropy_coder_precision)
 
     def update(self, force: bool = False) -> bool:
         """Build the coder tables from `scale_table` (identical to CompressAI's update()).
@@ -510,8 +515,9 @@ class GaussianConditional(EntropyModel):
 
     def _likelihood(self, inputs: Tensor, scales: Tensor, means: Optional[Tensor] = None) -> Tensor:
         """Likelihood without the likelihood lower bound (CompressAI's _likelihood), fused."""
-        return ops.gaussian_likelihood(inputs, scales, means, scale_bound=self.lower_bound_scale.as_arg(),
-                                       likelihood_bound=None)
+        return ops.gaussian_likelihood(
+            inputs, scales, means, scale_bound=self.lower_bound_scale.as_arg(), likelihood_bound=None
+        )
 
     def forward(
         self,
@@ -529,8 +535,9 @@ class GaussianConditional(EntropyModel):
         """Likelihood (with the lower bound, as ``forward`` gives it) of ``values`` that are
         already quantised or noised: ``forward`` without its quantisation step."""
         likelihood_bound = self.likelihood_lower_bound.as_arg() if self.use_likelihood_bound else None
-        return ops.gaussian_likelihood(values, scales, means, scale_bound=self.lower_bound_scale.as_arg(),
-                                       likelihood_bound=likelihood_bound)
+        return ops.gaussian_likelihood(
+            values, scales, means, scale_bound=self.lower_bound_scale.as_arg(), likelihood_bound=likelihood_bound
+        )
 
     def build_indexes(self, scales: Tensor) -> Tensor:
         """CompressAI's build_indexes in one pass. NaN scales raise; negative/inf are clamped."""

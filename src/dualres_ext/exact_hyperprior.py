@@ -15,6 +15,7 @@ the same index everywhere) and means that are multiples of ``2^-LATENT_BITS``. I
 not decode with CompressAI, nor with a model not made portable the same way, and a portable model
 refuses unmarked strings.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -51,9 +52,9 @@ class ExactHyperSynthesis(nn.Module):
         for layer in self.layers:
             x = layer(x)
         if not self.means:
-            return x * (2.0 ** -SCALE_BITS)
+            return x * (2.0**-SCALE_BITS)
         s = x.size(1) // 2
-        return torch.cat([x[:, :s] * (2.0 ** -SCALE_BITS), x[:, s:] * (2.0 ** -LATENT_BITS)], 1)
+        return torch.cat([x[:, :s] * (2.0**-SCALE_BITS), x[:, s:] * (2.0**-LATENT_BITS)], 1)
 
 
 def _sample_prior(entropy_bottleneck, shape, generator) -> Tensor:
@@ -67,7 +68,7 @@ def _sample_prior(entropy_bottleneck, shape, generator) -> Tensor:
     out = torch.empty(n, c, h, w)
     for ch in range(c):
         length = int(lengths[ch])
-        pmf = (cdf[ch, 1:length] - cdf[ch, :length - 1]).clamp(min=0)
+        pmf = (cdf[ch, 1:length] - cdf[ch, : length - 1]).clamp(min=0)
         draws = torch.multinomial(pmf, n * h * w, replacement=True, generator=generator)
         out[:, ch] = (draws + offsets[ch]).float().reshape(n, h, w) + float(medians[ch])
     return out
@@ -91,8 +92,13 @@ def _copy(h_s: nn.Sequential):
 
 
 @torch.no_grad()
-def convert_hyper_synthesis(h_s: nn.Sequential, stats: dict, weight_bits: int = DEFAULTS["weight_bits"],
-                            act_bits: int = DEFAULTS["act_bits"], margin: float = DEFAULTS["margin"]) -> ExactHyperSynthesis:
+def convert_hyper_synthesis(
+    h_s: nn.Sequential,
+    stats: dict,
+    weight_bits: int = DEFAULTS["weight_bits"],
+    act_bits: int = DEFAULTS["act_bits"],
+    margin: float = DEFAULTS["margin"],
+) -> ExactHyperSynthesis:
     """The :class:`ExactHyperSynthesis` of ``h_s`` from calibration ``stats``."""
     layers = list(h_s)
     kinds = []
@@ -102,13 +108,15 @@ def convert_hyper_synthesis(h_s: nn.Sequential, stats: dict, weight_bits: int = 
         elif isinstance(layer, (nn.ReLU, nn.LeakyReLU)):
             kinds.append("act")
         else:
-            raise TypeError(f"portable: h_s layer {i} is a {type(layer).__name__}: only convolutions, "
-                            "ReLU and LeakyReLU are supported")
+            raise TypeError(
+                f"portable: h_s layer {i} is a {type(layer).__name__}: only convolutions, "
+                "ReLU and LeakyReLU are supported"
+            )
     if kinds[0] != "conv":
         raise TypeError("portable: h_s must start with a convolution")
     ends_with_act = kinds[-1] == "act"
     q_act = (1 << act_bits) - 1
-    lat = 2.0 ** -LATENT_BITS
+    lat = 2.0**-LATENT_BITS
     z_bound = int(round(stats["in"] * margin / lat)) + 1
     first = layers[0]
     in_ch = first.in_channels
@@ -121,8 +129,17 @@ def convert_hyper_synthesis(h_s: nn.Sequential, stats: dict, weight_bits: int = 
         n = layer.out_channels
         if i != convs[-1]:
             s = max(stats[i], 1e-3) * margin / q_act
-            out.append(IntConv.convert(layer, scale, bound, torch.full((n,), s, dtype=torch.float64),
-                                       torch.full((n,), -q_act), torch.full((n,), q_act), weight_bits))
+            out.append(
+                IntConv.convert(
+                    layer,
+                    scale,
+                    bound,
+                    torch.full((n,), s, dtype=torch.float64),
+                    torch.full((n,), -q_act),
+                    torch.full((n,), q_act),
+                    weight_bits,
+                )
+            )
             act = layers[i + 1]
             slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
             out.append(IntLUT.tabulate(lambda v, slope=slope: torch.where(v >= 0, v, v * slope), s, q_act, s, q_act))
@@ -131,15 +148,19 @@ def convert_hyper_synthesis(h_s: nn.Sequential, stats: dict, weight_bits: int = 
             continue
         # The last convolution: scales (and means) on their fixed grids.
         peak = max(stats[i], 1.0) * margin
-        sigma_high = int(min(peak * 2 ** SCALE_BITS, (1 << 24) - 1))
+        sigma_high = int(min(peak * 2**SCALE_BITS, (1 << 24) - 1))
         if ends_with_act:  # scales only, after a ReLU: clamped at 0 like it
-            out_scale = torch.full((n,), 2.0 ** -SCALE_BITS, dtype=torch.float64)
+            out_scale = torch.full((n,), 2.0**-SCALE_BITS, dtype=torch.float64)
             low, high = torch.zeros(n, dtype=torch.int64), torch.full((n,), sigma_high)
         else:
             half = n // 2
             mu = int(round(peak / lat)) + 1
-            out_scale = torch.cat([torch.full((half,), 2.0 ** -SCALE_BITS, dtype=torch.float64),
-                                   torch.full((n - half,), lat, dtype=torch.float64)])
+            out_scale = torch.cat(
+                [
+                    torch.full((half,), 2.0**-SCALE_BITS, dtype=torch.float64),
+                    torch.full((n - half,), lat, dtype=torch.float64),
+                ]
+            )
             low = torch.cat([torch.zeros(half, dtype=torch.int64), torch.full((n - half,), -mu)])
             high = torch.cat([torch.full((half,), sigma_high), torch.full((n - half,), mu)])
         out.append(IntConv.convert(layer, scale, bound, out_scale, low, high, weight_bits))
@@ -176,10 +197,12 @@ class _PortableCall:
             strings = list(args[0] if args else kwargs.pop("strings"))
             y = []
             for s in strings[0]:
-                if bytes(s[:len(MARK)]) != MARK:
-                    raise ValueError("portable model: the y string is not marked as portable (written by "
-                                     "CompressAI or by a model without portable=True): decode it with such a model")
-                y.append(bytes(s[len(MARK):]))
+                if bytes(s[: len(MARK)]) != MARK:
+                    raise ValueError(
+                        "portable model: the y string is not marked as portable (written by "
+                        "CompressAI or by a model without portable=True): decode it with such a model"
+                    )
+                y.append(bytes(s[len(MARK) :]))
             strings[0] = y
             return self.previous(strings, *args[1:], **kwargs)
         finally:
@@ -191,15 +214,18 @@ def is_portable(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def make_portable(model: nn.Module, calibration: Optional[Sequence[Tensor]] = None, seed: int = 0,
-                  **options) -> nn.Module:
+def make_portable(
+    model: nn.Module, calibration: Optional[Sequence[Tensor]] = None, seed: int = 0, **options
+) -> nn.Module:
     """Give a hyperprior model (``h_s``, ``entropy_bottleneck``, ``gaussian_conditional``, after
     ``update()``) the integer hyper synthesis and the marked ``compress`` / ``decompress``.
     ``calibration``: ẑ tensors to calibrate on (default: 4 draws of 16 x 16 from the prior)."""
     h_s = getattr(model, "h_s", None)
     if not isinstance(h_s, nn.Sequential) or not hasattr(model, "entropy_bottleneck"):
-        raise TypeError("portable=True: a hyperprior model with an nn.Sequential h_s and an entropy_bottleneck "
-                        "(bmshj2018-hyperprior, mbt2018-mean)")
+        raise TypeError(
+            "portable=True: a hyperprior model with an nn.Sequential h_s and an entropy_bottleneck "
+            "(bmshj2018-hyperprior, mbt2018-mean)"
+        )
     eb = model.entropy_bottleneck
     if eb._quantized_cdf.numel() == 0:
         model.update(force=True)

@@ -1,5 +1,6 @@
 """Images in and out of the codec: PIL images, numpy arrays and tensors to the model's input
 (a float32 (1, 3, H, W) batch in [0, 1]) and back, and the padding to the model's stride."""
+
 from __future__ import annotations
 
 import warnings
@@ -11,16 +12,19 @@ from PIL import Image
 
 from .container import MAX_SIDE
 
+
 def to_tensor(image) -> Tuple[torch.Tensor, bool]:
     """(1, 3, H, W) float32 in [0, 1], and whether the input was greyscale."""
     if isinstance(image, Image.Image):
         mode = image.mode
         if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            raise ValueError(f"image: PIL mode {mode!r} (high bit depth) is not supported; "
-                             "convert to 8-bit 'L' or 'RGB' first")
+            raise ValueError(
+                f"image: PIL mode {mode!r} (high bit depth) is not supported; convert to 8-bit 'L' or 'RGB' first"
+            )
         if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-            warnings.warn(f"image: PIL mode {mode!r} has an alpha channel; it is dropped "
-                          "(only colour is coded)", stacklevel=3)
+            warnings.warn(
+                f"image: PIL mode {mode!r} has an alpha channel; it is dropped (only colour is coded)", stacklevel=3
+            )
         grey = mode in ("1", "L", "LA", "La")
         image = np.asarray(image.convert("L" if grey else "RGB"))
     if isinstance(image, np.ndarray):
@@ -52,8 +56,7 @@ def to_tensor(image) -> Tuple[torch.Tensor, bool]:
             raise TypeError(f"image: tensors must be float in [0, 1] or uint8, got {t.dtype}")
         t = t.to("cpu", torch.float32)
     else:
-        raise TypeError("image must be a PIL image, a numpy array or a torch tensor, "
-                        f"got {type(image).__name__}")
+        raise TypeError(f"image must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
     channels = t.size(0)
     if channels == 4 or channels == 2:
         warnings.warn(f"image: {channels} channels; the last (alpha) channel is dropped", stacklevel=3)
@@ -104,4 +107,3 @@ def from_tensor(x: torch.Tensor, grey: bool, output: str, metadata: Optional[dic
     image = Image.fromarray(arr, mode="L" if grey else "RGB")
     image.info.update(metadata or {})
     return image
-

@@ -41,11 +41,12 @@ mode) the same integers go through ATen's im2col + GEMM convolution in float64
 (``thnn_conv2d`` / ``slow_conv_transpose2d``, no cuDNN), exact below 2^53: the same integers
 come out, slower.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -54,9 +55,9 @@ from torch import Tensor
 
 from .cache import TensorCache
 
-FLOAT32_EXACT = 1 << 24   # every integer of magnitude <= 2^24 is a float32
-FLOAT64_EXACT = 1 << 53   # ... <= 2^53 a float64
-_NNPACK_BATCH = 8         # ATen considers NNPACK (Winograd) for batches >= 16 only
+FLOAT32_EXACT = 1 << 24  # every integer of magnitude <= 2^24 is a float32
+FLOAT64_EXACT = 1 << 53  # ... <= 2^53 a float64
+_NNPACK_BATCH = 8  # ATen considers NNPACK (Winograd) for batches >= 16 only
 
 __all__ = ["IntConv", "IntLUT", "fast_float32_ok", "quantize_to_grid", "FLOAT32_EXACT", "FLOAT64_EXACT"]
 
@@ -80,7 +81,7 @@ def fast_float32_ok(device: torch.device) -> bool:
 def quantize_to_grid(x: Tensor, frac_bits: int, bound: int) -> Tensor:
     """``clamp(round_half_even(x * 2^frac_bits), -bound, bound)`` in float64: a tensor of exact
     values (``x`` itself must be computed the same way everywhere, e.g. a dequantised latent)."""
-    return torch.round(x.double() * float(2 ** frac_bits)).clamp_(-bound, bound)
+    return torch.round(x.double() * float(2**frac_bits)).clamp_(-bound, bound)
 
 
 class IntConv(nn.Module):
@@ -93,8 +94,17 @@ class IntConv(nn.Module):
     float64]`` (float64: one float64 convolution, the plan for 1x1 kernels).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor, multiplier: Tensor, in_bound: Tensor, out_low: Tensor,
-                 out_high: Tensor, chunks: Tensor, meta: Tensor):
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor,
+        multiplier: Tensor,
+        in_bound: Tensor,
+        out_low: Tensor,
+        out_high: Tensor,
+        chunks: Tensor,
+        meta: Tensor,
+    ):
         super().__init__()
         self.register_buffer("weight", weight if weight.dtype in (torch.int16, torch.int32) else weight.to(torch.int32))
         self.register_buffer("bias", bias.to(torch.int64))
@@ -114,35 +124,49 @@ class IntConv(nn.Module):
 
     # ------------------------------------------------------------------ conversion
     @classmethod
-    def convert(cls, layer: nn.Module, in_scale: Tensor, in_bound: Tensor, out_scale: Tensor,
-                out_low: Tensor, out_high: Tensor, weight_bits: int) -> "IntConv":
+    def convert(
+        cls,
+        layer: nn.Module,
+        in_scale: Tensor,
+        in_bound: Tensor,
+        out_scale: Tensor,
+        out_low: Tensor,
+        out_high: Tensor,
+        weight_bits: int,
+    ) -> "IntConv":
         """The integer form of ``layer`` (``nn.Conv2d`` or ``nn.ConvTranspose2d``, groups 1, no
         dilation): input channel ``i`` on grid ``in_scale[i]`` with ``|a_i| <= in_bound[i]``,
         output channel ``c`` requantised to grid ``out_scale[c]`` and clamped to
         ``[out_low[c], out_high[c]]``; weights of ``weight_bits`` bits (sign included) per output
         channel. Plans the chunks and asserts the exactness bounds."""
         transposed = isinstance(layer, nn.ConvTranspose2d)
-        if not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) or layer.groups != 1 or \
-                tuple(layer.dilation) != (1, 1):
+        if (
+            not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))
+            or layer.groups != 1
+            or tuple(layer.dilation) != (1, 1)
+        ):
             raise ValueError(f"IntConv: a plain Conv2d or ConvTranspose2d, got {layer}")
         (stride, s2), (padding, p2) = layer.stride, layer.padding
         output_padding = layer.output_padding[0] if transposed else 0
         if stride != s2 or padding != p2 or (transposed and layer.output_padding[1] != output_padding):
             raise ValueError("IntConv: square strides and paddings only")
         w = layer.weight.detach().double().cpu()
-        b = (layer.bias.detach().double().cpu() if layer.bias is not None
-             else torch.zeros(w.shape[1] if transposed else w.shape[0], dtype=torch.float64))
+        b = (
+            layer.bias.detach().double().cpu()
+            if layer.bias is not None
+            else torch.zeros(w.shape[1] if transposed else w.shape[0], dtype=torch.float64)
+        )
         in_scale = in_scale.double().cpu()
         in_bound = in_bound.to(torch.int64).cpu()
         out_scale = out_scale.double().cpu()
         # Effective weights act on the integers: w * s_in, per output channel c.
-        wc = w.transpose(0, 1) if transposed else w           # (C_out, C_in, k, k)
+        wc = w.transpose(0, 1) if transposed else w  # (C_out, C_in, k, k)
         eff = wc * in_scale[None, :, None, None]
         top = (1 << (weight_bits - 1)) - 1
         peak = eff.abs().amax(dim=(1, 2, 3))
         unit = torch.where(peak > 0, peak / top, torch.ones_like(peak))
-        multiplier = (unit / out_scale).float()                # stored as float32, used in float64
-        unit = multiplier.double() * out_scale                 # the unit the multiplier implies
+        multiplier = (unit / out_scale).float()  # stored as float32, used in float64
+        unit = multiplier.double() * out_scale  # the unit the multiplier implies
         w_int = torch.round(eff / unit[:, None, None, None]).to(torch.int64)
         assert int(w_int.abs().max()) <= top + 1
         b_int = torch.round(b / unit).to(torch.int64)
@@ -150,9 +174,14 @@ class IntConv(nn.Module):
         taps = w_int.abs()
         if transposed and stride > 1:
             k = taps.shape[-1]
-            phase = torch.stack([taps[:, :, ry::stride, rx::stride].sum(dim=(2, 3))
-                                 for ry in range(min(stride, k)) for rx in range(min(stride, k))])
-            per_input = phase.amax(0)                          # (C_out, C_in) bounds of one phase
+            phase = torch.stack(
+                [
+                    taps[:, :, ry::stride, rx::stride].sum(dim=(2, 3))
+                    for ry in range(min(stride, k))
+                    for rx in range(min(stride, k))
+                ]
+            )
+            per_input = phase.amax(0)  # (C_out, C_in) bounds of one phase
             # conservative: the largest phase per (c, i); a sum over i of maxima bounds every phase
         else:
             per_input = taps.sum(dim=(2, 3))
@@ -166,8 +195,10 @@ class IntConv(nn.Module):
         if plan is None:
             plan = cls._plan(per_input, in_bound, max(1, (amax.bit_length() + 1) // 2))
         if plan is None:
-            raise ValueError(f"IntConv: one input channel alone exceeds 2^24 even split "
-                             f"(weight_bits={weight_bits}, bound {amax}): use fewer bits")
+            raise ValueError(
+                f"IntConv: one input channel alone exceeds 2^24 even split "
+                f"(weight_bits={weight_bits}, bound {amax}): use fewer bits"
+            )
         split_bits, bounds, load = plan
         use_float64 = layer.weight.shape[-1] == 1 and layer.weight.shape[-2] == 1 and (len(bounds) > 3 or split_bits)
         if use_float64:
@@ -185,8 +216,16 @@ class IntConv(nn.Module):
         assert float((total.double() * multiplier.double()).amax()) < FLOAT64_EXACT
         meta = torch.tensor([int(transposed), stride, padding, output_padding, split_bits, int(use_float64)])
         w_int = w_int.to(torch.int16 if top < (1 << 15) else torch.int32)  # stored compactly
-        return cls(w_int.transpose(0, 1) if transposed else w_int, b_int, multiplier, in_bound,
-                   out_low.to(torch.int64), out_high.to(torch.int64), torch.tensor(bounds), meta)
+        return cls(
+            w_int.transpose(0, 1) if transposed else w_int,
+            b_int,
+            multiplier,
+            in_bound,
+            out_low.to(torch.int64),
+            out_high.to(torch.int64),
+            torch.tensor(bounds),
+            meta,
+        )
 
     @staticmethod
     def _plan(per_input: Tensor, in_bound: Tensor, split_bits: int):
@@ -238,7 +277,9 @@ class IntConv(nn.Module):
             w = self.weight.to(device, torch.float32)
             view = (1, -1, 1, 1)
             return {
-                "w32": [(w[lo:hi] if transposed else w[:, lo:hi]).contiguous() for lo, hi in zip(chunks[:-1], chunks[1:])],
+                "w32": [
+                    (w[lo:hi] if transposed else w[:, lo:hi]).contiguous() for lo, hi in zip(chunks[:-1], chunks[1:])
+                ],
                 "w64": self.weight.to(device, torch.float64),
                 "bound32": self.in_bound.to(device, torch.float32).view(view),
                 "bound64": self.in_bound.to(device, torch.float64).view(view),
@@ -247,9 +288,11 @@ class IntConv(nn.Module):
                 "mult": self.multiplier.to(device, torch.float64).view(view),
                 "low": self.out_low.to(device, torch.float64).view(view),
                 "high": self.out_high.to(device, torch.float64).view(view),
-                "uniform": ((float(self.out_low[0]), float(self.out_high[0]))
-                            if bool((self.out_low == self.out_low[0]).all() and (self.out_high == self.out_high[0]).all())
-                            else None),
+                "uniform": (
+                    (float(self.out_low[0]), float(self.out_high[0]))
+                    if bool((self.out_low == self.out_low[0]).all() and (self.out_high == self.out_high[0]).all())
+                    else None
+                ),
             }
 
         return _runtime_cache.get(self, [getattr(self, n) for n in _BUFFERS], build)
@@ -291,8 +334,9 @@ class IntConv(nn.Module):
         w = rt["w64"]
         k = list(w.shape[-2:])
         if transposed:
-            return torch._C._nn.slow_conv_transpose2d(a, w, k, rt["bias_flat"], [stride] * 2, [padding] * 2,
-                                                      [output_padding] * 2, [1, 1])
+            return torch._C._nn.slow_conv_transpose2d(
+                a, w, k, rt["bias_flat"], [stride] * 2, [padding] * 2, [output_padding] * 2, [1, 1]
+            )
         return torch._C._nn.thnn_conv2d(a, w, k, rt["bias_flat"], [stride] * 2, [padding] * 2)
 
     def forward(self, a: Tensor, bounded: bool = False, index_offset: Optional[int] = None) -> Tensor:
@@ -316,7 +360,7 @@ _runtime_cache: TensorCache[dict] = TensorCache()
 def _batched(fn, x: Tensor) -> Tensor:
     if x.size(0) < 16:
         return fn(x)
-    return torch.cat([fn(x[i:i + _NNPACK_BATCH]) for i in range(0, x.size(0), _NNPACK_BATCH)])
+    return torch.cat([fn(x[i : i + _NNPACK_BATCH]) for i in range(0, x.size(0), _NNPACK_BATCH)])
 
 
 class IntLUT(nn.Module):
@@ -370,5 +414,5 @@ def half_tanh(x: Tensor) -> Tensor:
 
 def state_prefixes(state: dict, prefix: str) -> Sequence[str]:
     """The distinct sub-prefixes ``prefix + name + '.'`` present in ``state``, in numeric order."""
-    names = {k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)}
+    names = {k[len(prefix) :].split(".", 1)[0] for k in state if k.startswith(prefix)}
     return [prefix + n + "." for n in sorted(names, key=lambda n: (len(n), n))]

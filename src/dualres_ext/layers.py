@@ -14,6 +14,7 @@ and CompressAI's plain expression otherwise.
 ``conv`` and ``deconv`` are plain ``nn.Conv2d`` / ``nn.ConvTranspose2d`` factories as in
 CompressAI (keys ``weight``, ``bias``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -95,8 +96,14 @@ class GDN(nn.Module):
 
     _simplified = False
 
-    def __init__(self, in_channels: int, inverse: bool = False, beta_min: float = 1e-6, gamma_init: float = 0.1,
-                 inplace: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        inverse: bool = False,
+        beta_min: float = 1e-6,
+        gamma_init: float = 0.1,
+        inplace: bool = False,
+    ):
         super().__init__()
         in_channels = int(in_channels)
         if in_channels < 0:  # 0 is allowed, as in CompressAI: the layer maps empty inputs to empty outputs
@@ -129,10 +136,19 @@ class GDN(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None = None, inplace: bool = False) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"{type(self).__name__}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+                f"{type(self).__name__}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}"
+            )
         beta, gamma = self.effective_params()
-        return ops.gdn(x, beta, gamma, bias, inverse=self.inverse, simplified=self._simplified,
-                       check_finite=self.check_finite, inplace=inplace or self.inplace)
+        return ops.gdn(
+            x,
+            beta,
+            gamma,
+            bias,
+            inverse=self.inverse,
+            simplified=self._simplified,
+            check_finite=self.check_finite,
+            inplace=inplace or self.inplace,
+        )
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, inverse={self.inverse}" + (", inplace=True" if self.inplace else "")
@@ -152,6 +168,11 @@ def conv(in_channels: int, out_channels: int, kernel_size: int = 5, stride: int 
 
 def deconv(in_channels: int, out_channels: int, kernel_size: int = 5, stride: int = 2) -> nn.ConvTranspose2d:
     """Transposed convolution that upsamples by exactly ``stride`` (CompressAI's ``deconv``)."""
-    return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride,
-                              output_padding=stride - 1, padding=kernel_size // 2)
-
+    return nn.ConvTranspose2d(
+        in_channels,
+        out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        output_padding=stride - 1,
+        padding=kernel_size // 2,
+    )

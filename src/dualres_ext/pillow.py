@@ -10,6 +10,7 @@ default 3), ``max_bytes``, ``refine_steps``, ``refine_rounds``, ``weights``; ``e
 ``icc_profile`` and ``xmp`` (bytes, or an ``Image.Exif``) default to the image's own
 ``info``, so metadata survives ``Image.open(...).save(...)``; pass ``exif=b""`` to drop it.
 """
+
 from __future__ import annotations
 
 from PIL import Image, ImageFile
@@ -66,8 +67,9 @@ def _metadata_bytes(value) -> bytes:
 
 def _save(im: Image.Image, fp, filename) -> None:
     options = {k: im.encoderinfo[k] for k in _SAVE_OPTIONS if k in im.encoderinfo}
-    metadata = {key: _metadata_bytes(im.encoderinfo.get(key, im.info.get(key)))
-                for key in ("exif", "icc_profile", "xmp")}
+    metadata = {
+        key: _metadata_bytes(im.encoderinfo.get(key, im.info.get(key))) for key in ("exif", "icc_profile", "xmp")
+    }
     fp.write(encode(im, metadata=metadata, **options))
 
 

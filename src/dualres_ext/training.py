@@ -15,6 +15,7 @@ A training checkpoint is a ``torch.save``'d dict (pickled: load it only from fil
   lines, validations, each run's ``command`` and each widening, in order), ``command``, ``args``
   (the training script's options), ``train_images``.
 """
+
 from __future__ import annotations
 
 import copy

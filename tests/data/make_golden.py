@@ -6,13 +6,13 @@ gives these very bytes and decoding these very values. Rewrite the file only whe
 the bitstream is intended (and say so in docs/BITSTREAM.md). ``--missing`` keeps every recorded
 case as it is and records only the cases the file lacks (new cases, new versions).
 """
+
 from __future__ import annotations
 
 import hashlib
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -52,8 +52,10 @@ def main() -> None:
         data = run_encode()
         golden["rans"][name] = {"stream": data, "decoded": _digest(run_decode(data))}
     torch.save(golden, path)
-    sizes = {k: sum(len(v.get("stream", b"")) + sum(map(len, v.get("strings", []))) for v in d.values())
-             for k, d in golden.items()}
+    sizes = {
+        k: sum(len(v.get("stream", b"")) + sum(map(len, v.get("strings", []))) for v in d.values())
+        for k, d in golden.items()
+    }
     print(f"wrote {HERE / 'golden_streams.pt'}: {sizes}")
 
 

@@ -13,7 +13,8 @@ namespace {
 bool supported(Isa isa) {
 #if DUALRES_CPU_X86
   switch (isa) {
-    case Isa::kScalar: return true;
+    case Isa::kScalar:
+      return true;
     case Isa::kAvx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
              __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
@@ -38,10 +39,14 @@ Isa best_supported() {
 Isa parse(const std::string& name, const char* source) {
   if (name == "auto" || name.empty()) return best_supported();
   Isa isa;
-  if (name == "scalar") isa = Isa::kScalar;
-  else if (name == "avx2") isa = Isa::kAvx2;
-  else if (name == "avx512") isa = Isa::kAvx512;
-  else TORCH_CHECK_VALUE(false, source, ": unknown CPU kernel set '", name, "', expected scalar, avx2, avx512 or auto");
+  if (name == "scalar")
+    isa = Isa::kScalar;
+  else if (name == "avx2")
+    isa = Isa::kAvx2;
+  else if (name == "avx512")
+    isa = Isa::kAvx512;
+  else
+    TORCH_CHECK_VALUE(false, source, ": unknown CPU kernel set '", name, "', expected scalar, avx2, avx512 or auto");
   TORCH_CHECK_VALUE(supported(isa), source, ": this CPU cannot run the ", name, " kernels (it supports ",
                     supported_kernels(), ")");
   return isa;
@@ -54,9 +59,12 @@ std::atomic<int> selected{kUnset};
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
   }
 }
 

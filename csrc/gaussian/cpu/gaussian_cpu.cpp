@@ -152,8 +152,8 @@ constexpr int64_t kReleaseGilNumel = int64_t{1} << 15;
 
 // build_indexes over [begin, end) of float scales with a table Avx512FloatTable can hold;
 // returns the status bits seen.
-DUALRES_TARGET_AVX512 int build_indexes_avx512(cpu::Avx512, const float* scales, int32_t* out, int64_t begin, int64_t end,
-                                               const PaddedTable<float>& table, float bound) {
+DUALRES_TARGET_AVX512 int build_indexes_avx512(cpu::Avx512, const float* scales, int32_t* out, int64_t begin,
+                                               int64_t end, const PaddedTable<float>& table, float bound) {
   const Avx512FloatTable vtable(table);
   int local = 0;
   const __m512 vbound = _mm512_set1_ps(bound);
@@ -226,7 +226,8 @@ at::Tensor build_indexes_cpu(const at::Tensor& scales, const at::Tensor& scale_t
 
 #if DUALRES_CPU_X86
 // quantize over [begin, end) of float inputs; returns the status bits seen.
-DUALRES_TARGET_AVX512 int quantize_avx512(cpu::Avx512, const float* yp, const float* mp, int32_t* op, int64_t begin, int64_t end) {
+DUALRES_TARGET_AVX512 int quantize_avx512(cpu::Avx512, const float* yp, const float* mp, int32_t* op, int64_t begin,
+                                          int64_t end) {
   int local = 0;
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
@@ -401,10 +402,12 @@ void likelihood_loop(const T* xp, const T* mp, const T* sp, T sb, T lb, T* op, i
         if constexpr (std::is_same_v<T, float>) {
           if (mp) {
 #pragma omp simd
-            for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], mp[i], sp[i], sb, lb);
+            for (int64_t i = begin; i < end; ++i)
+              op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], mp[i], sp[i], sb, lb);
           } else {
 #pragma omp simd
-            for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], 0.f, sp[i], sb, lb);
+            for (int64_t i = begin; i < end; ++i)
+              op[i] = gaussian_likelihood<float, FastFloatNormal>(xp[i], 0.f, sp[i], sb, lb);
           }
         } else {
           for (int64_t i = begin; i < end; ++i) op[i] = gaussian_likelihood(xp[i], mp ? mp[i] : T(0), sp[i], sb, lb);
@@ -549,7 +552,7 @@ at::Tensor pmf_to_quantized_cdf_cpu(const at::Tensor& pmf_in, const at::Tensor& 
 // CompressAI's Python code, so it is bit-identical (erfc included) to what CompressAI feeds its
 // pmf_to_quantized_cdf; the integer part then runs in quantize_cdf_row.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_cdf_tables_cpu(const at::Tensor& scale_table_in,
-                                                                      double tail_mass, int64_t precision) {
+                                                                       double tail_mass, int64_t precision) {
   TORCH_CHECK(scale_table_in.dim() == 1 && scale_table_in.numel() >= 1, "scale_table must be a non-empty 1-D tensor");
   TORCH_CHECK(at::isFloatingType(scale_table_in.scalar_type()), "scale_table must be floating point");
   TORCH_CHECK_VALUE(tail_mass > 0 && tail_mass < 1, "tail_mass must be in (0, 1)");

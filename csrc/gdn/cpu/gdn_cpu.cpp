@@ -51,14 +51,16 @@ at::Tensor empty_output(const at::Tensor& x, at::MemoryFormat fmt) {
   const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
   const uintptr_t end = begin + out.nbytes();
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors are harmless
+  if (last > first)
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors are harmless
 #endif
   return out;
 }
 
 // Row-major matrix view of raw memory, for at::mm_out (BLAS underneath).
 at::Tensor mat(const float* p, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride = 1) {
-  return at::from_blob(const_cast<float*>(p), {rows, cols}, {row_stride, col_stride}, at::TensorOptions().dtype(at::kFloat));
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, {row_stride, col_stride},
+                       at::TensorOptions().dtype(at::kFloat));
 }
 
 struct Problem {
@@ -105,7 +107,8 @@ Tile tile_at(const Problem& pb, int64_t id) {
 // (NCHW: C rows of w pixels; NHWC: w rows of C channels), contiguous. Forced inline: it runs
 // inside cpu::run, compiled for the kernel set in use.
 template <int M>
-DUALRES_CPU_INLINE inline void load_tile(const Problem& pb, const Tile& tl, const float* x, const float* bias, float* xb, float* ub) {
+DUALRES_CPU_INLINE inline void load_tile(const Problem& pb, const Tile& tl, const float* x, const float* bias,
+                                         float* xb, float* ub) {
   const int64_t C = pb.C, w = tl.width;
   if (pb.channels_last) {
     const float* src = x + tl.offset;
@@ -114,9 +117,17 @@ DUALRES_CPU_INLINE inline void load_tile(const Problem& pb, const Tile& tl, cons
       float* xo = xb + t * C;
       float* uo = ub + t * C;
       if (bias) {
-        for (int64_t c = 0; c < C; ++c) { float v = xr[c] + bias[c]; xo[c] = v; uo[c] = u_of<M>(v); }
+        for (int64_t c = 0; c < C; ++c) {
+          float v = xr[c] + bias[c];
+          xo[c] = v;
+          uo[c] = u_of<M>(v);
+        }
       } else {
-        for (int64_t c = 0; c < C; ++c) { float v = xr[c]; xo[c] = v; uo[c] = u_of<M>(v); }
+        for (int64_t c = 0; c < C; ++c) {
+          float v = xr[c];
+          xo[c] = v;
+          uo[c] = u_of<M>(v);
+        }
       }
     }
   } else {
@@ -125,7 +136,11 @@ DUALRES_CPU_INLINE inline void load_tile(const Problem& pb, const Tile& tl, cons
       float* xo = xb + c * w;
       float* uo = ub + c * w;
       const float b = bias ? bias[c] : 0.0f;
-      for (int64_t t = 0; t < w; ++t) { float v = xr[t] + b; xo[t] = v; uo[t] = u_of<M>(v); }
+      for (int64_t t = 0; t < w; ++t) {
+        float v = xr[t] + b;
+        xo[t] = v;
+        uo[t] = u_of<M>(v);
+      }
     }
   }
 }
@@ -151,21 +166,31 @@ void mix_forward(const Problem& pb, int64_t w, const at::Tensor& G, const float*
 
 #if DUALRES_CPU_X86
 // The zero-masked form: _mm512_sqrt_ps draws a false -Wmaybe-uninitialized from GCC 12.
-DUALRES_TARGET_AVX512 inline __m512 sqrt_vec(__m512 n) { return _mm512_maskz_sqrt_ps(__mmask16(0xFFFF), n); }
+DUALRES_TARGET_AVX512 inline __m512 sqrt_vec(__m512 n) {
+  return _mm512_maskz_sqrt_ps(__mmask16(0xFFFF), n);
+}
 
 template <int M>
 DUALRES_TARGET_AVX512 inline __m512 scale_vec(__m512 n) {
-  if constexpr (M == kGDN) return _mm512_div_ps(_mm512_set1_ps(1.0f), sqrt_vec(n));
-  else if constexpr (M == kIGDN) return sqrt_vec(n);
-  else if constexpr (M == kGDN1) return _mm512_div_ps(_mm512_set1_ps(1.0f), n);
-  else return n;
+  if constexpr (M == kGDN)
+    return _mm512_div_ps(_mm512_set1_ps(1.0f), sqrt_vec(n));
+  else if constexpr (M == kIGDN)
+    return sqrt_vec(n);
+  else if constexpr (M == kGDN1)
+    return _mm512_div_ps(_mm512_set1_ps(1.0f), n);
+  else
+    return n;
 }
 template <int M>
 DUALRES_TARGET_AVX512 inline __m512 dscale_vec(__m512 s) {
-  if constexpr (M == kGDN) return _mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(s, _mm512_mul_ps(s, s)));
-  else if constexpr (M == kIGDN) return _mm512_div_ps(_mm512_set1_ps(0.5f), s);
-  else if constexpr (M == kGDN1) return _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(s, s));
-  else return _mm512_set1_ps(1.0f);
+  if constexpr (M == kGDN)
+    return _mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(s, _mm512_mul_ps(s, s)));
+  else if constexpr (M == kIGDN)
+    return _mm512_div_ps(_mm512_set1_ps(0.5f), s);
+  else if constexpr (M == kGDN1)
+    return _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(s, s));
+  else
+    return _mm512_set1_ps(1.0f);
 }
 DUALRES_TARGET_AVX512 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
@@ -201,9 +226,8 @@ DUALRES_CPU_INLINE inline void forward_span_scalar(const float* x, const float* 
 // First half of the backward: gx = g * s, and t = g * x * f'(n) goes to n_to_t. s = f(n + beta)
 // from n_to_t, or the forward's saved s when s_in is given (then n_to_t is only written).
 template <int M>
-DUALRES_TARGET_AVX512 inline void backward_span_avx512(const float* g, const float* x, float* n_to_t,
-                                                       const float* beta, int64_t beta_stride, const float* s_in,
-                                                       float* gx, int64_t len) {
+DUALRES_TARGET_AVX512 inline void backward_span_avx512(const float* g, const float* x, float* n_to_t, const float* beta,
+                                                       int64_t beta_stride, const float* s_in, float* gx, int64_t len) {
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
     __m512 s;
@@ -260,8 +284,7 @@ DUALRES_TARGET_AVX512 void backward_tile_spans(cpu::Avx512, const Problem& pb, i
   const int64_t C = pb.C;
   if (pb.channels_last) {
     for (int64_t t = 0; t < w; ++t)
-      backward_span_avx512<M>(g + t * C, xb + t * C, nb + t * C, beta, 1, s_in ? s_in + t * C : nullptr, gx + t * C,
-                              C);
+      backward_span_avx512<M>(g + t * C, xb + t * C, nb + t * C, beta, 1, s_in ? s_in + t * C : nullptr, gx + t * C, C);
   } else {
     for (int64_t c = 0; c < C; ++c)
       backward_span_avx512<M>(g + c * pb.P, xb + c * w, nb + c * w, beta + c, 0, s_in ? s_in + c * pb.P : nullptr,
@@ -293,8 +316,8 @@ void backward_tile_spans(Isa isa, const Problem& pb, int64_t w, const float* g, 
   cpu::run(isa, [&]() DUALRES_CPU_INLINE {
     if (pb.channels_last) {
       for (int64_t t = 0; t < w; ++t)
-        backward_span_scalar<M>(g + t * C, xb + t * C, nb + t * C, beta, 1, s_in ? s_in + t * C : nullptr,
-                                gx + t * C, C);
+        backward_span_scalar<M>(g + t * C, xb + t * C, nb + t * C, beta, 1, s_in ? s_in + t * C : nullptr, gx + t * C,
+                                C);
     } else {
       for (int64_t c = 0; c < C; ++c)
         backward_span_scalar<M>(g + c * pb.P, xb + c * w, nb + c * w, beta + c, 0, s_in ? s_in + c * pb.P : nullptr,
@@ -304,8 +327,8 @@ void backward_tile_spans(Isa isa, const Problem& pb, int64_t w, const float* g, 
 }
 
 template <int M, class Isa>
-void forward_impl(Isa isa, const Problem& pb, const float* x, const float* beta, const at::Tensor& G,
-                  const float* bias, float* y, float* s_out) {
+void forward_impl(Isa isa, const Problem& pb, const float* x, const float* beta, const at::Tensor& G, const float* bias,
+                  float* y, float* s_out) {
   const int64_t C = pb.C, T = pb.T;
   at::parallel_for(0, pb.num_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -391,7 +414,8 @@ at::Tensor prepare_input(const at::Tensor& x, const at::Tensor& beta, const at::
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->scalar_type() == at::kFloat,
                 "gdn: bias must be float32 of shape (", C, ")");
-  TORCH_CHECK(x.device().is_cpu() && beta.device().is_cpu() && gamma.device().is_cpu(), "gdn (CPU): tensors must be on CPU");
+  TORCH_CHECK(x.device().is_cpu() && beta.device().is_cpu() && gamma.device().is_cpu(),
+              "gdn (CPU): tensors must be on CPU");
   // A channels-last tensor with C > 1 (for C == 1 both layouts coincide: use NCHW).
   channels_last = C > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   return channels_last ? x : x.contiguous();
@@ -418,10 +442,18 @@ template <typename F>
 void dispatch_mode(bool inverse, bool simplified, F&& f) {
   cpu::dispatch([&](auto isa) {
     switch (mode_of(inverse, simplified)) {
-      case kGDN: f(std::integral_constant<int, kGDN>{}, isa); break;
-      case kIGDN: f(std::integral_constant<int, kIGDN>{}, isa); break;
-      case kGDN1: f(std::integral_constant<int, kGDN1>{}, isa); break;
-      default: f(std::integral_constant<int, kIGDN1>{}, isa); break;
+      case kGDN:
+        f(std::integral_constant<int, kGDN>{}, isa);
+        break;
+      case kIGDN:
+        f(std::integral_constant<int, kIGDN>{}, isa);
+        break;
+      case kGDN1:
+        f(std::integral_constant<int, kGDN1>{}, isa);
+        break;
+      default:
+        f(std::integral_constant<int, kIGDN1>{}, isa);
+        break;
     }
   });
 }
@@ -489,12 +521,13 @@ void gdn_forward_inplace_cpu(at::Tensor& x, const at::Tensor& beta_in, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in,
                                                                 const at::Tensor& beta_in, const at::Tensor& gamma_in,
                                                                 const std::optional<at::Tensor>& bias_in,
-                                                                const std::optional<at::Tensor>& scale_in,
-                                                                bool inverse, bool simplified) {
+                                                                const std::optional<at::Tensor>& scale_in, bool inverse,
+                                                                bool simplified) {
   bool channels_last = false;
   at::Tensor x = prepare_input(x_in, beta_in, gamma_in, bias_in, channels_last);
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "gdn backward: grad_y shape ", grad_y.sizes(), " != x shape ", x.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == at::kFloat && grad_y.device().is_cpu(), "gdn backward (CPU): grad_y must be float32 on CPU");
+  TORCH_CHECK(grad_y.scalar_type() == at::kFloat && grad_y.device().is_cpu(),
+              "gdn backward (CPU): grad_y must be float32 on CPU");
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor g = grad_y.contiguous(fmt);
   at::Tensor beta = beta_in.contiguous(), gamma = gamma_in.contiguous();
@@ -510,8 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cpu(const at::Tensor
   if (x.numel() == 0) return {gx, gbeta, ggamma};
   const Problem pb = make_problem(x, channels_last);
   dispatch_mode(inverse, simplified, [&](auto mode, auto isa) {
-    backward_impl<decltype(mode)::value>(isa, pb, g.data_ptr<float>(), x.data_ptr<float>(), beta.data_ptr<float>(), gamma,
-                                         bias.defined() ? bias.data_ptr<float>() : nullptr,
+    backward_impl<decltype(mode)::value>(isa, pb, g.data_ptr<float>(), x.data_ptr<float>(), beta.data_ptr<float>(),
+                                         gamma, bias.defined() ? bias.data_ptr<float>() : nullptr,
                                          scale.defined() ? scale.data_ptr<float>() : nullptr, gx.data_ptr<float>(),
                                          gbeta.data_ptr<float>(), ggamma.data_ptr<float>());
   });

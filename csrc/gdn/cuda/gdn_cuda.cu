@@ -25,8 +25,8 @@ namespace dualres::gdn {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxTile = 32;                         // pixels per block
-constexpr int kSharedFloats = 48 * 1024 / 4;         // static shared-memory budget per block
+constexpr int kMaxTile = 32;                             // pixels per block
+constexpr int kSharedFloats = 48 * 1024 / 4;             // static shared-memory budget per block
 constexpr int64_t kMaxChannelsCuda = kSharedFloats / 3;  // backward keeps 3 C x TP tiles
 
 // Pixels per tile for C > 0 channels (the launchers return before this when C == 0).
@@ -37,14 +37,16 @@ int tile_pixels(int64_t C, int buffers) {
 // Element offset of (channel c, global pixel q).
 template <bool CL>
 __device__ __forceinline__ int64_t offset_of(int64_t c, int64_t q, int64_t C, int64_t P) {
-  if constexpr (CL) return q * C + c;
-  else return (q / P) * C * P + c * P + (q % P);
+  if constexpr (CL)
+    return q * C + c;
+  else
+    return (q / P) * C * P + c * P + (q % P);
 }
 
 // Stages x + bias and u(x + bias) of pixels [q0, q0 + tp) into xs / us, laid out [c][t].
 template <typename scalar_t, int M, bool CL>
-__device__ void load_tile(const scalar_t* __restrict__ x, const float* __restrict__ bias, int64_t q0, int tp,
-                          int64_t C, int64_t P, float* xs, float* us) {
+__device__ void load_tile(const scalar_t* __restrict__ x, const float* __restrict__ bias, int64_t q0, int tp, int64_t C,
+                          int64_t P, float* xs, float* us) {
   const int64_t count = C * tp;
   for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
     // channels-last: channel fastest (coalesced reads); NCHW: pixel fastest.
@@ -82,9 +84,9 @@ __device__ void store_tile_cl(const float* src, int64_t q0, int tp, int64_t C, s
 }
 
 template <typename scalar_t, int M, bool CL>
-__global__ void __launch_bounds__(kThreads) gdn_forward_kernel(
-    const scalar_t* x, const float* __restrict__ beta, const float* __restrict__ gamma,
-    const float* __restrict__ bias, scalar_t* y, int64_t Q, int64_t C, int64_t P, int TP) {
+__global__ void __launch_bounds__(kThreads)
+    gdn_forward_kernel(const scalar_t* x, const float* __restrict__ beta, const float* __restrict__ gamma,
+                       const float* __restrict__ bias, scalar_t* y, int64_t Q, int64_t C, int64_t P, int TP) {
   extern __shared__ float smem[];
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * TP;
   const int tp = static_cast<int>(Q - q0 < TP ? Q - q0 : TP);
@@ -102,8 +104,10 @@ __global__ void __launch_bounds__(kThreads) gdn_forward_kernel(
     const float out = xs[i * tp + t] * scale_of<M>(n);
     // Channels-last: neighbouring threads hold neighbouring pixels, C elements apart in y, so the
     // result goes back to xs[i][t] (read only by this thread) and leaves in a coalesced pass.
-    if constexpr (CL) xs[i * tp + t] = out;
-    else y[offset_of<CL>(i, q0 + t, C, P)] = static_cast<scalar_t>(out);
+    if constexpr (CL)
+      xs[i * tp + t] = out;
+    else
+      y[offset_of<CL>(i, q0 + t, C, P)] = static_cast<scalar_t>(out);
   }
   if constexpr (CL) {
     __syncthreads();
@@ -112,10 +116,11 @@ __global__ void __launch_bounds__(kThreads) gdn_forward_kernel(
 }
 
 template <typename scalar_t, int M, bool CL>
-__global__ void __launch_bounds__(kThreads) gdn_backward_kernel(
-    const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x, const float* __restrict__ beta,
-    const float* __restrict__ gamma, const float* __restrict__ bias, scalar_t* __restrict__ grad_x,
-    float* __restrict__ t_out, float* __restrict__ u_out, int64_t Q, int64_t C, int64_t P, int TP) {
+__global__ void __launch_bounds__(kThreads)
+    gdn_backward_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
+                        const float* __restrict__ beta, const float* __restrict__ gamma, const float* __restrict__ bias,
+                        scalar_t* __restrict__ grad_x, float* __restrict__ t_out, float* __restrict__ u_out, int64_t Q,
+                        int64_t C, int64_t P, int TP) {
   extern __shared__ float smem[];
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * TP;
   const int tp = static_cast<int>(Q - q0 < TP ? Q - q0 : TP);
@@ -143,8 +148,10 @@ __global__ void __launch_bounds__(kThreads) gdn_backward_kernel(
     for (int64_t j = 0; j < C; ++j) n = fmaf(g_row[j], us[j * tp + t], n);
     const float s = scale_of<M>(n);
     float g;
-    if constexpr (CL) g = ts[i * tp + t];
-    else g = static_cast<float>(grad_y[offset_of<CL>(i, q0 + t, C, P)]);
+    if constexpr (CL)
+      g = ts[i * tp + t];
+    else
+      g = static_cast<float>(grad_y[offset_of<CL>(i, q0 + t, C, P)]);
     direct[owned] = g * s;
     const float tv = g * xs[i * tp + t] * dscale_of<M>(s);
     ts[i * tp + t] = tv;
@@ -162,8 +169,10 @@ __global__ void __launch_bounds__(kThreads) gdn_backward_kernel(
     const float out = direct[owned] + du_of<M>(xs[i * tp + t]) * acc;
     // Channels-last: xs[i][t] is read only by this thread, so it holds the result until the
     // coalesced store below (as in the forward).
-    if constexpr (CL) xs[i * tp + t] = out;
-    else grad_x[offset_of<CL>(i, q0 + t, C, P)] = static_cast<scalar_t>(out);
+    if constexpr (CL)
+      xs[i * tp + t] = out;
+    else
+      grad_x[offset_of<CL>(i, q0 + t, C, P)] = static_cast<scalar_t>(out);
   }
   if constexpr (CL) {
     __syncthreads();
@@ -185,16 +194,17 @@ Checked check_and_prepare(const at::Tensor& x_in, const at::Tensor& beta, const 
               "gdn (CUDA): x must be float32, float16 or bfloat16, got ", st);
   const int64_t C = x_in.size(1);
   TORCH_CHECK(C <= kMaxChannelsCuda, "gdn (CUDA): at most ", kMaxChannelsCuda, " channels, got ", C);
-  TORCH_CHECK(beta.dim() == 1 && beta.size(0) == C && beta.scalar_type() == at::kFloat && beta.device() == x_in.device(),
-              "gdn: beta must be float32 of shape (", C, ") on x's device");
+  TORCH_CHECK(
+      beta.dim() == 1 && beta.size(0) == C && beta.scalar_type() == at::kFloat && beta.device() == x_in.device(),
+      "gdn: beta must be float32 of shape (", C, ") on x's device");
   TORCH_CHECK(gamma.dim() == 2 && gamma.size(0) == C && gamma.size(1) == C && gamma.scalar_type() == at::kFloat &&
                   gamma.device() == x_in.device(),
               "gdn: gamma must be float32 of shape (", C, ", ", C, ") on x's device");
   Checked r;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->scalar_type() == at::kFloat &&
-                    bias->device() == x_in.device(),
-                "gdn: bias must be float32 of shape (", C, ") on x's device");
+    TORCH_CHECK(
+        bias->dim() == 1 && bias->size(0) == C && bias->scalar_type() == at::kFloat && bias->device() == x_in.device(),
+        "gdn: bias must be float32 of shape (", C, ") on x's device");
     r.bias = bias->contiguous();
   }
   r.channels_last = C > 1 && x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
@@ -207,14 +217,24 @@ Checked check_and_prepare(const at::Tensor& x_in, const at::Tensor& beta, const 
 template <typename F>
 void dispatch_mode_layout(bool inverse, bool simplified, bool channels_last, F&& f) {
   auto with_layout = [&](auto mode) {
-    if (channels_last) f(mode, std::true_type{});
-    else f(mode, std::false_type{});
+    if (channels_last)
+      f(mode, std::true_type{});
+    else
+      f(mode, std::false_type{});
   };
   switch (mode_of(inverse, simplified)) {
-    case kGDN: with_layout(std::integral_constant<int, kGDN>{}); break;
-    case kIGDN: with_layout(std::integral_constant<int, kIGDN>{}); break;
-    case kGDN1: with_layout(std::integral_constant<int, kGDN1>{}); break;
-    default: with_layout(std::integral_constant<int, kIGDN1>{}); break;
+    case kGDN:
+      with_layout(std::integral_constant<int, kGDN>{});
+      break;
+    case kIGDN:
+      with_layout(std::integral_constant<int, kIGDN>{});
+      break;
+    case kGDN1:
+      with_layout(std::integral_constant<int, kGDN1>{});
+      break;
+    default:
+      with_layout(std::integral_constant<int, kIGDN1>{});
+      break;
   }
 }
 
@@ -263,9 +283,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_backward_cuda(const at::Tenso
   // `scale` (the CPU forward's saved f(n)) is not used here: recomputing n is cheap on the GPU.
   const c10::cuda::CUDAGuard guard(x.device());
   Checked a = check_and_prepare(x, beta, gamma, bias);
-  TORCH_CHECK(grad_y.sizes() == a.x.sizes() && grad_y.scalar_type() == a.x.scalar_type() &&
-                  grad_y.device() == a.x.device(),
-              "gdn backward: grad_y must match x in shape, dtype and device");
+  TORCH_CHECK(
+      grad_y.sizes() == a.x.sizes() && grad_y.scalar_type() == a.x.scalar_type() && grad_y.device() == a.x.device(),
+      "gdn backward: grad_y must match x in shape, dtype and device");
   const auto fmt = a.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor g = grad_y.contiguous(fmt);
   at::Tensor gx = at::empty_like(a.x, fmt);

@@ -42,8 +42,10 @@ const char* checked_indexes(const IvPrepared& pp, const int32_t* idx, int64_t n)
 
 // The coder to use: -1 the best (run-time detected), else the one asked for, if this CPU runs it.
 int resolve_isa(int64_t isa) {
-  TORCH_CHECK_VALUE(isa >= -1 && isa <= kIsaWarpEmulator, "isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avx512) "
-                    "or 3 (warp emulator), got ", isa);
+  TORCH_CHECK_VALUE(isa >= -1 && isa <= kIsaWarpEmulator,
+                    "isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avx512) "
+                    "or 3 (warp emulator), got ",
+                    isa);
   if (isa < 0) return static_cast<int>(iv_best_isa());
   if (isa <= 2)
     TORCH_CHECK_VALUE(iv_isa_supported(static_cast<IvIsa>(isa)), "isa ", iv_isa_name(static_cast<IvIsa>(isa)),
@@ -91,7 +93,8 @@ c10::intrusive_ptr<RansIvTables> rans_iv_prepare(const at::Tensor& cdfs, const a
                     "cdf_lengths must be 1-D with one entry per cdfs row (", cdfs.size(0), "), got shape ",
                     cdf_lengths.sizes());
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == cdfs.size(0),
-                    "offsets must be 1-D with one entry per cdfs row (", cdfs.size(0), "), got shape ", offsets.sizes());
+                    "offsets must be 1-D with one entry per cdfs row (", cdfs.size(0), "), got shape ",
+                    offsets.sizes());
   // Gather indexes are int32: T * stride and T << 8 must stay below 2^31.
   TORCH_CHECK_VALUE(cdfs.size(0) < (1 << 22) && cdfs.size(0) * std::max<int64_t>(cdfs.size(1), 1) < (int64_t{1} << 30),
                     "cdfs is too large for the interleaved coder (tables x width must stay below 2^30)");
@@ -229,7 +232,10 @@ std::vector<int64_t> rans_iv_stream_info(const at::Tensor& data) {
 std::vector<int64_t> rans_iv_isa() {
   int64_t hw = 0;
   for (int i = 2; i >= 0; --i)
-    if (iv_isa_supported(static_cast<IvIsa>(i))) { hw = i; break; }
+    if (iv_isa_supported(static_cast<IvIsa>(i))) {
+      hw = i;
+      break;
+    }
   return {static_cast<int64_t>(iv_best_isa()), hw};
 }
 
@@ -242,4 +248,3 @@ TORCH_LIBRARY_IMPL(dualres_ext, CPU, m) {
   m.impl("rans_iv_decode", &dualres::rans::rans_iv_decode);
   m.impl("rans_iv_stream_info", &dualres::rans::rans_iv_stream_info);
 }
-

@@ -26,8 +26,8 @@ namespace {
 
 // Bypass sub-steps of one encoder step (scalar, any ISA): chunks in descending sub-step and lane
 // order, before the step's table symbols. Returns the new write pointer.
-inline uint16_t* enc_bypass_step(uint32_t* x, const int32_t* sym, const int32_t* idx, int width,
-                                 const IvTablesView& tb, uint16_t* p) {
+inline uint16_t* enc_bypass_step(uint32_t* x, const int32_t* sym, const int32_t* idx, int width, const IvTablesView& tb,
+                                 uint16_t* p) {
   uint8_t chunks[kIvMaxWidth][kIvMaxChunks];
   int nch[kIvMaxWidth];
   int maxch = 0;
@@ -41,14 +41,19 @@ inline uint16_t* enc_bypass_step(uint32_t* x, const int32_t* sym, const int32_t*
   for (int j = maxch - 1; j >= 0; --j)
     for (int k = width - 1; k >= 0; --k) {
       if (nch[k] <= j) continue;
-      if (iv_enc_bypass_needs_word(x[k])) { *p++ = static_cast<uint16_t>(x[k]); x[k] >>= 16; }
+      if (iv_enc_bypass_needs_word(x[k])) {
+        *p++ = static_cast<uint16_t>(x[k]);
+        x[k] >>= 16;
+      }
       x[k] = iv_enc_bypass_code(x[k], chunks[k][j]);
     }
   return p;
 }
 
 // Room for one step's words (table symbols plus every bypass chunk) and a vector store's slack.
-inline size_t step_room(int width) { return static_cast<size_t>(width) * (kIvMaxChunks + 1) + 32; }
+inline size_t step_room(int width) {
+  return static_cast<size_t>(width) * (kIvMaxChunks + 1) + 32;
+}
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512 (F, BW, VL, DQ): 16 lanes per register
@@ -209,13 +214,17 @@ IV_AVX512 Status decode_avx512(const int32_t* idx, int64_t& s, int64_t s1, const
       bad |= _mm512_mask_cmpgt_epi32_mask(static_cast<__mmask16>(~em), OFF, _mm512_sub_epi32(imax, LO));
       _mm512_storeu_si512(out + base + 16 * v, _mm512_add_epi32(LO, OFF));
       const __mmask16 need = _mm512_cmplt_epu32_mask(Xv, low);
-      const __m512i WD = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.words + 2 * cursor)));
+      const __m512i WD =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.words + 2 * cursor)));
       Xv = _mm512_mask_or_epi32(Xv, need, _mm512_slli_epi32(Xv, 16), _mm512_maskz_expand_epi32(need, WD));
       cursor += static_cast<uint64_t>(__builtin_popcount(need));
       X[v] = Xv;
       escm |= static_cast<uint32_t>(em) << (16 * v);
     }
-    if (bad) { st = Status::kCorrupt; break; }
+    if (bad) {
+      st = Status::kCorrupt;
+      break;
+    }
     if (__builtin_expect(escm != 0, 0)) {
       alignas(64) uint32_t xa[W];
       for (int v = 0; v < NV; ++v) _mm512_store_si512(xa + 16 * v, X[v]);
@@ -269,7 +278,9 @@ IV_AVX2 static inline __m256i div256(__m256i x, __m256i f) {
   const __m128i hi = div_half(_mm256_extracti128_si256(x, 1), _mm256_extracti128_si256(f, 1));
   return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
 }
-IV_AVX2 static inline int mask8(__m256i m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
+IV_AVX2 static inline int mask8(__m256i m) {
+  return _mm256_movemask_ps(_mm256_castsi256_ps(m));
+}
 
 template <int NV>
 IV_AVX2 void encode_avx2(const int32_t* sym, const int32_t* idx, int64_t s0, int64_t s1, const IvTablesView& tb,
@@ -316,8 +327,8 @@ IV_AVX2 void encode_avx2(const int32_t* sym, const int32_t* idx, int64_t s0, int
       const __m256i LIM = _mm256_or_si256(_mm256_sll_epi32(FM1, shP), lowmask);
       const __m256i EM = _mm256_cmpgt_epi32(_mm256_xor_si256(X[v], sign), _mm256_xor_si256(LIM, sign));
       const int em = mask8(EM);
-      const __m256i C = _mm256_permutevar8x32_epi32(
-          X[v], _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.compress[em])));
+      const __m256i C =
+          _mm256_permutevar8x32_epi32(X[v], _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.compress[em])));
       const __m256i C16 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(C, pack16), 0x08);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(C16));
       p += __builtin_popcount(static_cast<unsigned>(em));
@@ -364,7 +375,8 @@ IV_AVX2 Status decode_avx2(const int32_t* idx, int64_t& s, int64_t s1, const IvT
       const __m256i RB = _mm256_mullo_epi32(T, vstride);
       for (__m256i M = _mm256_cmpgt_epi32(HI, LO); mask8(M); M = _mm256_cmpgt_epi32(HI, LO)) {
         const __m256i MID = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(LO, HI), one), 1);
-        const __m256i ST = _mm256_and_si256(_mm256_mask_i32gather_epi32(zero, sf, _mm256_add_epi32(RB, MID), M, 4), ffff);
+        const __m256i ST =
+            _mm256_and_si256(_mm256_mask_i32gather_epi32(zero, sf, _mm256_add_epi32(RB, MID), M, 4), ffff);
         const __m256i GT = _mm256_cmpgt_epi32(ST, SLOT);  // both < 2^16
         LO = _mm256_blendv_epi8(LO, MID, _mm256_andnot_si256(GT, M));
         HI = _mm256_blendv_epi8(HI, _mm256_sub_epi32(MID, one), _mm256_and_si256(GT, M));
@@ -381,13 +393,17 @@ IV_AVX2 Status decode_avx2(const int32_t* idx, int64_t& s, int64_t s1, const IvT
       const __m256i NEED = _mm256_cmpeq_epi32(_mm256_srli_epi32(Xv, 16), zero);
       const int need = mask8(NEED);
       const __m256i WD = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.words + 2 * cursor)));
-      const __m256i WE = _mm256_permutevar8x32_epi32(WD, _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.expand[need])));
+      const __m256i WE =
+          _mm256_permutevar8x32_epi32(WD, _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.expand[need])));
       Xv = _mm256_blendv_epi8(Xv, _mm256_or_si256(_mm256_slli_epi32(Xv, 16), WE), NEED);
       cursor += static_cast<uint64_t>(__builtin_popcount(static_cast<unsigned>(need)));
       X[v] = Xv;
       escm |= static_cast<uint32_t>(mask8(EM)) << (8 * v);
     }
-    if (bad) { st = Status::kCorrupt; break; }
+    if (bad) {
+      st = Status::kCorrupt;
+      break;
+    }
     if (__builtin_expect(escm != 0, 0)) {
       alignas(32) uint32_t xa[W];
       for (int v = 0; v < NV; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(xa + 8 * v), X[v]);
@@ -429,9 +445,12 @@ IvIsa iv_best_isa() {
     IvIsa isa = detect_isa();
     if (const char* e = std::getenv("DUALRES_RANS_ISA")) {
       IvIsa want = isa;
-      if (!std::strcmp(e, "scalar")) want = IvIsa::kScalar;
-      else if (!std::strcmp(e, "avx2")) want = IvIsa::kAvx2;
-      else if (!std::strcmp(e, "avx512")) want = IvIsa::kAvx512;
+      if (!std::strcmp(e, "scalar"))
+        want = IvIsa::kScalar;
+      else if (!std::strcmp(e, "avx2"))
+        want = IvIsa::kAvx2;
+      else if (!std::strcmp(e, "avx512"))
+        want = IvIsa::kAvx512;
       if (static_cast<int>(want) < static_cast<int>(isa)) isa = want;
     }
     return isa;
@@ -441,9 +460,12 @@ IvIsa iv_best_isa() {
 
 const char* iv_isa_name(IvIsa isa) {
   switch (isa) {
-    case IvIsa::kAvx512: return "avx512";
-    case IvIsa::kAvx2: return "avx2";
-    default: return "scalar";
+    case IvIsa::kAvx512:
+      return "avx512";
+    case IvIsa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
   }
 }
 
@@ -456,7 +478,10 @@ IV_AVX512 static void index_range_avx512(const int32_t* idx, int64_t n, int32_t&
     mx = _mm512_max_epi32(mx, v);
   }
   int32_t l = _mm512_reduce_min_epi32(mn), h = _mm512_reduce_max_epi32(mx);
-  for (; i < n; ++i) { l = std::min(l, idx[i]); h = std::max(h, idx[i]); }
+  for (; i < n; ++i) {
+    l = std::min(l, idx[i]);
+    h = std::max(h, idx[i]);
+  }
   lo = l;
   hi = h;
 }
@@ -473,8 +498,14 @@ IV_AVX2 static void index_range_avx2(const int32_t* idx, int64_t n, int32_t& lo,
   _mm256_store_si256(reinterpret_cast<__m256i*>(a), mn);
   _mm256_store_si256(reinterpret_cast<__m256i*>(b), mx);
   int32_t l = a[0], h = b[0];
-  for (int k = 1; k < 8; ++k) { l = std::min(l, a[k]); h = std::max(h, b[k]); }
-  for (; i < n; ++i) { l = std::min(l, idx[i]); h = std::max(h, idx[i]); }
+  for (int k = 1; k < 8; ++k) {
+    l = std::min(l, a[k]);
+    h = std::max(h, b[k]);
+  }
+  for (; i < n; ++i) {
+    l = std::min(l, idx[i]);
+    h = std::max(h, idx[i]);
+  }
   lo = l;
   hi = h;
 }
@@ -484,7 +515,10 @@ void iv_index_range(const int32_t* idx, int64_t n, int32_t& lo, int32_t& hi) {
   if (isa == IvIsa::kAvx512) return index_range_avx512(idx, n, lo, hi);
   if (isa == IvIsa::kAvx2) return index_range_avx2(idx, n, lo, hi);
   lo = hi = idx[0];
-  for (int64_t i = 0; i < n; ++i) { lo = std::min(lo, idx[i]); hi = std::max(hi, idx[i]); }
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, idx[i]);
+    hi = std::max(hi, idx[i]);
+  }
 }
 
 void iv_encode_steps(IvIsa isa, const int32_t* sym, const int32_t* idx, int64_t n, int width, int64_t s0, int64_t s1,

@@ -207,8 +207,7 @@ std::vector<int64_t> rans_stream_info(const at::Tensor& data) {
   StreamHeader h;
   throw_status(parse_header(bytes, size, /*expected_symbols=*/-1, h), "rans_stream_info");
   std::vector<int64_t> info{h.precision, h.states, h.symbols, h.lanes};
-  for (int64_t i = 0; i < h.lanes; ++i)
-    info.push_back(static_cast<int64_t>(h.lane_offset[i + 1] - h.lane_offset[i]));
+  for (int64_t i = 0; i < h.lanes; ++i) info.push_back(static_cast<int64_t>(h.lane_offset[i + 1] - h.lane_offset[i]));
   return info;
 }
 

@@ -79,7 +79,9 @@ __global__ void decode_lanes_kernel(const uint8_t* payload, const int32_t* idx, 
 
 constexpr int kLaneThreads = 32;  // few lanes per block: spread the (few) lanes over all SMs
 
-unsigned lane_blocks(int64_t lanes) { return static_cast<unsigned>((lanes + kLaneThreads - 1) / kLaneThreads); }
+unsigned lane_blocks(int64_t lanes) {
+  return static_cast<unsigned>((lanes + kLaneThreads - 1) / kLaneThreads);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Host side
@@ -116,8 +118,10 @@ struct GpuTables {
     TORCH_CHECK_VALUE(o.dim() == 1 && o.size(0) == c.size(0), "offsets must be 1-D with one entry per cdfs row (",
                       c.size(0), "), got shape ", o.sizes());
     for (const at::Tensor* t : {&c, &l, &o})
-      TORCH_CHECK_VALUE(t->device().is_cpu() || t->device() == dev, "cdfs, cdf_lengths and offsets must be on the CPU "
-                        "or on ", dev, ", got ", t->device());
+      TORCH_CHECK_VALUE(t->device().is_cpu() || t->device() == dev,
+                        "cdfs, cdf_lengths and offsets must be on the CPU "
+                        "or on ",
+                        dev, ", got ", t->device());
     cdfs_h = c.to(at::kCPU).contiguous();
     lengths_h = l.to(at::kCPU).contiguous();
     offsets_h = o.to(at::kCPU).contiguous();
@@ -162,7 +166,7 @@ at::Tensor index_check_flag(const at::Tensor& idx_flat, int64_t T, bool run) {
   if (run && n > 0) {
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
     check_indexes_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(idx_flat.data_ptr<int32_t>(), n, T,
-                                                                                bad.data_ptr<int32_t>());
+                                                                               bad.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return bad;
@@ -189,10 +193,9 @@ std::pair<std::vector<int64_t>, at::Tensor> encode_round(const at::Tensor& sym, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor lane_end = at::cumsum(size_d, 0);
   at::Tensor payload = at::empty({scratch_bytes}, sym.options().dtype(at::kByte));
-  compact_lanes_kernel<<<static_cast<unsigned>(L), 256, 0, stream>>>(scratch.data_ptr<uint8_t>(), jobs_p,
-                                                                     size_d.data_ptr<int64_t>(),
-                                                                     lane_end.data_ptr<int64_t>(),
-                                                                     payload.data_ptr<uint8_t>());
+  compact_lanes_kernel<<<static_cast<unsigned>(L), 256, 0, stream>>>(
+      scratch.data_ptr<uint8_t>(), jobs_p, size_d.data_ptr<int64_t>(), lane_end.data_ptr<int64_t>(),
+      payload.data_ptr<uint8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor size_h = size_d.cpu();  // synchronises: the only wait before the payload copy
   const int64_t* sp = size_h.data_ptr<int64_t>();
@@ -334,8 +337,9 @@ void decode_group(const std::vector<at::Tensor>& data_h, const at::Tensor& idx, 
   const DecodeCtx ctx = decode_ctx_for(pt, tb.device, reinterpret_cast<const uint16_t*>(bucket_d.data_ptr<uint8_t>()));
   at::Tensor status_d = at::empty({L}, idx.options().dtype(at::kInt));
   decode_lanes_kernel<<<lane_blocks(L), kLaneThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      payload_d.data_ptr<uint8_t>(), idx.data_ptr<int32_t>(), reinterpret_cast<const LaneJob*>(jobs_d.data_ptr<uint8_t>()),
-      L, ctx, bad.data_ptr<int32_t>(), out_flat.data_ptr<int32_t>(), status_d.data_ptr<int32_t>());
+      payload_d.data_ptr<uint8_t>(), idx.data_ptr<int32_t>(),
+      reinterpret_cast<const LaneJob*>(jobs_d.data_ptr<uint8_t>()), L, ctx, bad.data_ptr<int32_t>(),
+      out_flat.data_ptr<int32_t>(), status_d.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor status_h = status_d.cpu();  // synchronises: errors must surface as exceptions here
   TORCH_CHECK_VALUE(bad.item<int32_t>() == 0, kBadIndexMessage);

@@ -148,7 +148,8 @@ void throw_status(Status st, const char* what) {
 
 // The prepared arrays on `dev` (made once per device) and the view of them.
 IvTablesView device_view(RansIvTables& h, const at::Device& dev) {
-  TORCH_CHECK_VALUE(h.prep.uniform, "the CUDA interleaved coder needs tables whose rows are all valid CDFs of one "
+  TORCH_CHECK_VALUE(h.prep.uniform,
+                    "the CUDA interleaved coder needs tables whose rows are all valid CDFs of one "
                     "precision (use the CPU coder for tables with invalid rows)");
   std::lock_guard<std::mutex> lock(h.mu);
   auto it = h.device_copies.find(dev.index());
@@ -158,7 +159,8 @@ IvTablesView device_view(RansIvTables& h, const at::Device& dev) {
       if (count) std::memcpy(c.data_ptr<int32_t>(), p, count * 4);
       return c.to(dev);
     };
-    std::array<at::Tensor, 4> arr{up(h.prep.sf.data(), h.prep.sf.size()), up(h.prep.bucket.data(), h.prep.bucket.size()),
+    std::array<at::Tensor, 4> arr{up(h.prep.sf.data(), h.prep.sf.size()),
+                                  up(h.prep.bucket.data(), h.prep.bucket.size()),
                                   up(h.prep.esc.data(), h.prep.esc.size()), up(h.prep.off.data(), h.prep.off.size())};
     it = h.device_copies.emplace(dev.index(), arr).first;
   }
@@ -213,8 +215,8 @@ at::Tensor rans_iv_encode_cuda(const at::Tensor& symbols, const at::Tensor& inde
     const unsigned blocks = chained ? 1u : static_cast<unsigned>((G + kWarpsPerBlock - 1) / kWarpsPerBlock);
     iv_encode_kernel<<<blocks, 32 * kWarpsPerBlock, smem, at::cuda::getCurrentCUDAStream()>>>(
         sym.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), n, W, steps, G, chained, tv, smem > 0,
-        reinterpret_cast<uint16_t*>(scratch.data_ptr<int16_t>()), reinterpret_cast<uint32_t*>(states.data_ptr<int32_t>()),
-        counts.data_ptr<int64_t>());
+        reinterpret_cast<uint16_t*>(scratch.data_ptr<int16_t>()),
+        reinterpret_cast<uint32_t*>(states.data_ptr<int32_t>()), counts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor counts_h = counts.to(at::kCPU), states_h = states.to(at::kCPU);
     for (int64_t g = 0; g < G; ++g) {

@@ -13,14 +13,14 @@
 using namespace dualres::rans;
 
 static int failures = 0;
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    if (!(cond)) {                                              \
+#define CHECK(cond, ...)                                                    \
+  do {                                                                      \
+    if (!(cond)) {                                                          \
       std::fprintf(stderr, "FAIL %s:%d: %s | ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-      ++failures;                                               \
-    }                                                           \
+      std::fprintf(stderr, __VA_ARGS__);                                    \
+      std::fprintf(stderr, "\n");                                           \
+      ++failures;                                                           \
+    }                                                                       \
   } while (0)
 
 struct Tables {
@@ -46,18 +46,25 @@ static Tables random_tables(std::mt19937_64& rng, int64_t T, int precision) {
     const int64_t nsym = len - 1;
     std::vector<double> w(nsym);
     double sum = 0;
-    for (auto& x : w) { x = std::exp(-3.0 * std::uniform_real_distribution<double>(0, 1)(rng) * 3); sum += x; }
+    for (auto& x : w) {
+      x = std::exp(-3.0 * std::uniform_real_distribution<double>(0, 1)(rng) * 3);
+      sum += x;
+    }
     std::vector<uint32_t> f(nsym);
     uint32_t tot = 0;
-    for (int64_t s = 0; s < nsym; ++s) { f[s] = 1 + static_cast<uint32_t>((M - nsym) * (w[s] / sum)); tot += f[s]; }
+    for (int64_t s = 0; s < nsym; ++s) {
+      f[s] = 1 + static_cast<uint32_t>((M - nsym) * (w[s] / sum));
+      tot += f[s];
+    }
     // fix the total on the largest entry
     int64_t big = 0;
-    for (int64_t s = 1; s < nsym; ++s) if (f[s] > f[big]) big = s;
+    for (int64_t s = 1; s < nsym; ++s)
+      if (f[s] > f[big]) big = s;
     f[big] = f[big] + M - tot;
     int32_t* c = &tb.cdfs[t * tb.W];
     c[0] = 0;
     for (int64_t s = 0; s < nsym; ++s) c[s + 1] = c[s] + static_cast<int32_t>(f[s]);
-    for (int64_t j = len; j < tb.W; ++j) c[j] = 0;   // padding, as CompressAI leaves it
+    for (int64_t j = len; j < tb.W; ++j) c[j] = 0;  // padding, as CompressAI leaves it
   }
   return tb;
 }
@@ -70,11 +77,16 @@ static void random_symbols(std::mt19937_64& rng, const Tables& tb, int64_t n, st
     const int32_t t = static_cast<int32_t>(rng() % tb.T);
     idx[i] = t;
     const uint64_t r = rng() % 100;
-    if (r < 90) sym[i] = tb.offsets[t] + static_cast<int32_t>(rng() % (tb.lengths[t] - 1));
-    else if (r < 95) sym[i] = tb.offsets[t] + static_cast<int32_t>(rng() % 200) - 100;       // escapes
-    else if (r < 97) sym[i] = static_cast<int32_t>(rng());                                    // huge, any sign
-    else if (r < 98) sym[i] = (rng() & 1) ? INT32_MAX : INT32_MIN;
-    else sym[i] = -static_cast<int32_t>(rng() % 100000);
+    if (r < 90)
+      sym[i] = tb.offsets[t] + static_cast<int32_t>(rng() % (tb.lengths[t] - 1));
+    else if (r < 95)
+      sym[i] = tb.offsets[t] + static_cast<int32_t>(rng() % 200) - 100;  // escapes
+    else if (r < 97)
+      sym[i] = static_cast<int32_t>(rng());  // huge, any sign
+    else if (r < 98)
+      sym[i] = (rng() & 1) ? INT32_MAX : INT32_MIN;
+    else
+      sym[i] = -static_cast<int32_t>(rng() % 100000);
   }
 }
 
@@ -108,8 +120,8 @@ static void test_native_round_trips() {
           // Explicit lane counts keep the states asked for (a chosen layout picks its own).
           CHECK(lanes == 0 || stream[4] == states, "states %d for lanes %lld", stream[4], (long long)lanes);
           CHECK(restore_stream(embedded.data(), embedded.size(), n, prec, restored) == Status::kOk, "restore");
-          CHECK(restored == stream, "restored stream differs n=%lld prec=%d states=%d lanes=%lld", (long long)n,
-                prec, states, (long long)lanes);
+          CHECK(restored == stream, "restored stream differs n=%lld prec=%d states=%d lanes=%lld", (long long)n, prec,
+                states, (long long)lanes);
         }
       }
     }
@@ -139,7 +151,8 @@ static void test_chosen_layout() {
   }
   CHECK(small_states == 1 && large_states == 4, "states: small stream %d, large %d", small_states, large_states);
   CHECK(affordable_layout(3000, 1).states == 1 && affordable_layout(6400, 1).states == 4 &&
-        affordable_layout(3200, 1).states == 2 && affordable_layout(6399, 1).states == 2, "thresholds");
+            affordable_layout(3200, 1).states == 2 && affordable_layout(6399, 1).states == 2,
+        "thresholds");
   CHECK(affordable_layout(1000000, 64).lanes == 64 && affordable_layout(10000, 64).lanes == 1, "lanes");
 }
 
@@ -159,9 +172,12 @@ static void test_native_corruption() {
   for (int it = 0; it < 300; ++it) {
     std::vector<uint8_t> bad = stream;
     const int kind = it % 3;
-    if (kind == 0) bad.resize(rng() % bad.size());                          // truncation
-    else if (kind == 1) bad[rng() % bad.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));  // bit flip
-    else for (size_t k = 5 + rng() % 20; k < bad.size(); ++k) bad[k] = static_cast<uint8_t>(rng());  // garbage
+    if (kind == 0)
+      bad.resize(rng() % bad.size());  // truncation
+    else if (kind == 1)
+      bad[rng() % bad.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));  // bit flip
+    else
+      for (size_t k = 5 + rng() % 20; k < bad.size(); ++k) bad[k] = static_cast<uint8_t>(rng());  // garbage
     // Exactly-sized copy so ASan sees reads past the end.
     std::vector<uint8_t> exact(bad.begin(), bad.end());
     const Status st = decode_stream(exact.data(), exact.size(), idx.data(), n, pd, out.data(), SerialFor{});
@@ -174,8 +190,10 @@ static void test_native_corruption() {
   CHECK(embed_stream(stream.data(), stream.size(), n, 16, embedded) == Status::kOk, "embed");
   for (int it = 0; it < 300; ++it) {
     std::vector<uint8_t> bad = embedded;
-    if (it % 2 == 0) bad.resize(rng() % bad.size());
-    else bad[rng() % bad.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));
+    if (it % 2 == 0)
+      bad.resize(rng() % bad.size());
+    else
+      bad[rng() % bad.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));
     std::vector<uint8_t> exact(bad.begin(), bad.end());
     if (restore_stream(exact.data(), exact.size(), n, 16, restored) == Status::kOk)
       (void)decode_stream(restored.data(), restored.size(), idx.data(), n, pd, out.data(), SerialFor{});
@@ -184,9 +202,11 @@ static void test_native_corruption() {
   // Wrong magic, and a stream for a different symbol count.
   std::vector<uint8_t> bad = stream;
   bad[0] ^= 0xFF;
-  CHECK(decode_stream(bad.data(), bad.size(), idx.data(), n, pd, out.data(), SerialFor{}) == Status::kBadHeader, "magic");
-  CHECK(decode_stream(stream.data(), stream.size(), idx.data(), n - 1, pd, out.data(), SerialFor{}) == Status::kMismatch,
-        "count");
+  CHECK(decode_stream(bad.data(), bad.size(), idx.data(), n, pd, out.data(), SerialFor{}) == Status::kBadHeader,
+        "magic");
+  CHECK(
+      decode_stream(stream.data(), stream.size(), idx.data(), n - 1, pd, out.data(), SerialFor{}) == Status::kMismatch,
+      "count");
 }
 
 static void test_compat() {
@@ -195,7 +215,7 @@ static void test_compat() {
     Tables tb = random_tables(rng, 4, 16);
     std::vector<int32_t> sym, idx;
     random_symbols(rng, tb, n, sym, idx);
-    for (auto& s : sym) s = std::max(std::min(s, (1 << 29)), -(1 << 29));   // CompressAI's range
+    for (auto& s : sym) s = std::max(std::min(s, (1 << 29)), -(1 << 29));  // CompressAI's range
     Prepared pe, pd;
     pe.prepare(tb.view(), idx.data(), n, true, 16);
     pd.prepare(tb.view(), idx.data(), n, false, 16);
@@ -213,11 +233,20 @@ static void test_compat() {
     if (n > 100) {
       // Bypass chunks are stored verbatim, so only escape-free streams have every bit flip
       // detectable from the final state; re-encode without escapes.
-      for (int64_t k = 0; k < n; ++k) sym[k] = tb.offsets[idx[k]] + static_cast<int32_t>(rng() % (tb.lengths[idx[k]] - 2 > 0 ? tb.lengths[idx[k]] - 2 : 1));
-      for (int64_t k = 0; k < n; ++k) if (tb.lengths[idx[k]] == 2) idx[k] = -1;
+      for (int64_t k = 0; k < n; ++k)
+        sym[k] = tb.offsets[idx[k]] +
+                 static_cast<int32_t>(rng() % (tb.lengths[idx[k]] - 2 > 0 ? tb.lengths[idx[k]] - 2 : 1));
+      for (int64_t k = 0; k < n; ++k)
+        if (tb.lengths[idx[k]] == 2) idx[k] = -1;
       std::vector<int32_t> sym2, idx2;
-      for (int64_t k = 0; k < n; ++k) if (idx[k] >= 0) { sym2.push_back(sym[k]); idx2.push_back(idx[k]); }
-      sym = sym2; idx = idx2; n = static_cast<int64_t>(sym.size());
+      for (int64_t k = 0; k < n; ++k)
+        if (idx[k] >= 0) {
+          sym2.push_back(sym[k]);
+          idx2.push_back(idx[k]);
+        }
+      sym = sym2;
+      idx = idx2;
+      n = static_cast<int64_t>(sym.size());
       out.resize(n);
       CHECK(compat_encode(sym.data(), idx.data(), n, pe, stream) == Status::kOk, "compat encode 2");
       for (int it = 0; it < 100; ++it) {

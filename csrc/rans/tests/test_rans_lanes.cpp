@@ -14,14 +14,14 @@
 using namespace dualres::rans;
 
 static int failures = 0;
-#define CHECK(cond, ...)                                                         \
-  do {                                                                           \
-    if (!(cond)) {                                                               \
-      std::fprintf(stderr, "FAIL %s:%d: %s | ", __FILE__, __LINE__, #cond);      \
-      std::fprintf(stderr, __VA_ARGS__);                                         \
-      std::fprintf(stderr, "\n");                                                \
-      ++failures;                                                                \
-    }                                                                            \
+#define CHECK(cond, ...)                                                    \
+  do {                                                                      \
+    if (!(cond)) {                                                          \
+      std::fprintf(stderr, "FAIL %s:%d: %s | ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                                    \
+      std::fprintf(stderr, "\n");                                           \
+      ++failures;                                                           \
+    }                                                                       \
   } while (0)
 
 struct Tables {
@@ -172,7 +172,9 @@ static Status emulate_decode(const std::vector<std::vector<uint8_t>>& data, cons
   return first;
 }
 
-static void reseal(std::vector<uint8_t>& s) { seal_stream(s.data(), s.size()); }
+static void reseal(std::vector<uint8_t>& s) {
+  seal_stream(s.data(), s.size());
+}
 
 static void test_identity_and_round_trip(std::mt19937_64& rng) {
   const int64_t sizes[] = {0, 1, 2, 3, 17, 1000, 70001, 130000};
@@ -249,9 +251,12 @@ static void test_corrupt_lanes(std::mt19937_64& rng) {
     std::vector<uint8_t>& s = bad[rng() % 2];
     const size_t from = 20 + rng() % (s.size() - 20);
     const int mode = t % 3;
-    if (mode == 0) s[from] ^= static_cast<uint8_t>(1u << (rng() % 8));
-    else if (mode == 1) for (size_t i = from; i < s.size(); ++i) s[i] = static_cast<uint8_t>(rng());
-    else for (size_t i = from; i < std::min(s.size(), from + 8); ++i) s[i] = 0xFF;
+    if (mode == 0)
+      s[from] ^= static_cast<uint8_t>(1u << (rng() % 8));
+    else if (mode == 1)
+      for (size_t i = from; i < s.size(); ++i) s[i] = static_cast<uint8_t>(rng());
+    else
+      for (size_t i = from; i < std::min(s.size(), from + 8); ++i) s[i] = 0xFF;
     reseal(s);  // past the CRC: only the lane decoder's checks remain
     std::vector<int32_t> out;
     const Status st = emulate_decode(bad, streams, pt, out);

@@ -1,5 +1,6 @@
 """Learned image compression models: :func:`build` makes a configured DualRes model
 (``pretrained=True``: the shipped weights); :mod:`.zoo` reads and writes weights files."""
+
 from __future__ import annotations
 
 from .dualres import CONFIGS, DEFAULT_LAMBDAS, DualRes, get_scale_table

@@ -56,6 +56,7 @@ decoded symbols and (μ, σ) -- the hyper synthesis, the slice coders and ``down
 The analysis and the synthesis stay float32: the encoder's ``y`` is only ever rounded on the
 encoder, and the synthesis only makes the picture.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,7 +69,7 @@ import torch.nn as nn
 from ..cache import TensorCache
 from ..entropy_models import EntropyBottleneck, GaussianConditional
 from ..layers import GDN, conv, deconv
-from .exact import ExactCoder, ExactStep
+from .exact import ExactStep
 from .quantize import quantize_latent
 
 # CompressAI's MSE lambdas for its qualities 1..6 (rate + lambda * 255^2 * MSE), the trained
@@ -82,14 +83,37 @@ CONFIGS: Dict[str, dict] = {
     # Sized to train on a couple of CPU cores and to be fast on CPU at inference. The synthesis
     # widths (N_s, N1_s) may differ from the analysis': python/widen_model.py grows a trained
     # model's widths, and docs/TRAINING.md gives the shipped weights' lineage.
-    "compact": dict(N=128, N1=48, k1=3, M_H=48, M_L=96, N_hyper=64, Z=48,
-                    slices_H=(16, 32), slices_L=(16, 32, 48), hidden=64,
-                    lambdas=DEFAULT_LAMBDAS, N_s=96, N1_s=48, k1_s=3),
+    "compact": dict(
+        N=128,
+        N1=48,
+        k1=3,
+        M_H=48,
+        M_L=96,
+        N_hyper=64,
+        Z=48,
+        slices_H=(16, 32),
+        slices_L=(16, 32, 48),
+        hidden=64,
+        lambdas=DEFAULT_LAMBDAS,
+        N_s=96,
+        N1_s=48,
+        k1_s=3,
+    ),
     # The paper's size: N=192 and 320 latent channels in total (y_H + y_L); 128 channels at
     # stride 2, where a layer costs 4x more per channel (benchmarks/RESULTS.md has its speed).
-    "paper": dict(N=192, N1=128, k1=5, M_H=128, M_L=192, N_hyper=192, Z=128,
-                  slices_H=(32, 32, 64), slices_L=(32, 32, 64, 64), hidden=128,
-                  lambdas=DEFAULT_LAMBDAS),
+    "paper": dict(
+        N=192,
+        N1=128,
+        k1=5,
+        M_H=128,
+        M_L=192,
+        N_hyper=192,
+        Z=128,
+        slices_H=(32, 32, 64),
+        slices_L=(32, 32, 64, 64),
+        hidden=128,
+        lambdas=DEFAULT_LAMBDAS,
+    ),
 }
 
 
@@ -98,22 +122,70 @@ CONFIGS: Dict[str, dict] = {
 # against these values (and the weights id hashes them), so they must not be recomputed with a
 # platform's exp, whose last bit differs between ATen's scalar and vector kernels.
 _SCALE_TABLE_BITS = (
-    "0x1.c28f5c0000000p-4", "0x1.fd8f260000000p-4", "0x1.2024600000000p-3", "0x1.45df8e0000000p-3",
-    "0x1.708b900000000p-3", "0x1.a0ce080000000p-3", "0x1.d762480000000p-3", "0x1.0a8e140000000p-2",
-    "0x1.2d759a0000000p-2", "0x1.54ef340000000p-2", "0x1.81941c0000000p-2", "0x1.b411940000000p-2",
-    "0x1.ed2b980000000p-2", "0x1.16dfe40000000p-1", "0x1.3b64680000000p-1", "0x1.64b1120000000p-1",
-    "0x1.9366300000000p-1", "0x1.c8390c0000000p-1", "0x1.01fb560000000p+0", "0x1.23c37a0000000p+0",
-    "0x1.49f80e0000000p+0", "0x1.752d5e0000000p+0", "0x1.a60b1e0000000p+0", "0x1.dd4ef80000000p+0",
-    "0x1.0de7b80000000p+1", "0x1.313f8e0000000p+1", "0x1.59382c0000000p+1", "0x1.866cb80000000p+1",
-    "0x1.b98ca20000000p+1", "0x1.f35e5e0000000p+1", "0x1.1a612e0000000p+2", "0x1.3f5b300000000p+2",
-    "0x1.692cb60000000p+2", "0x1.98781c0000000p+2", "0x1.cdf4f00000000p+2", "0x1.0539620000000p+3",
-    "0x1.276e360000000p+3", "0x1.4e1dba0000000p+3", "0x1.79de0e0000000p+3", "0x1.ab59060000000p+3",
-    "0x1.e34eb00000000p+3", "0x1.114c200000000p+4", "0x1.3515b00000000p+4", "0x1.5d8ee80000000p+4",
-    "0x1.8b54e20000000p+4", "0x1.bf19520000000p+4", "0x1.f9a5160000000p+4", "0x1.1dedba0000000p+5",
-    "0x1.435eb20000000p+5", "0x1.6db6ca0000000p+5", "0x1.9d9a600000000p+5", "0x1.d3c3400000000p+5",
-    "0x1.0881e00000000p+6", "0x1.2b24c60000000p+6", "0x1.5250ba0000000p+6", "0x1.7e9dd80000000p+6",
-    "0x1.b0b80c0000000p+6", "0x1.e961bc0000000p+6", "0x1.14bb7a0000000p+7", "0x1.38f8300000000p+7",
-    "0x1.61f39c0000000p+7", "0x1.904ce40000000p+7", "0x1.c4b7d60000000p+7", "0x1.0000000000000p+8",
+    "0x1.c28f5c0000000p-4",
+    "0x1.fd8f260000000p-4",
+    "0x1.2024600000000p-3",
+    "0x1.45df8e0000000p-3",
+    "0x1.708b900000000p-3",
+    "0x1.a0ce080000000p-3",
+    "0x1.d762480000000p-3",
+    "0x1.0a8e140000000p-2",
+    "0x1.2d759a0000000p-2",
+    "0x1.54ef340000000p-2",
+    "0x1.81941c0000000p-2",
+    "0x1.b411940000000p-2",
+    "0x1.ed2b980000000p-2",
+    "0x1.16dfe40000000p-1",
+    "0x1.3b64680000000p-1",
+    "0x1.64b1120000000p-1",
+    "0x1.9366300000000p-1",
+    "0x1.c8390c0000000p-1",
+    "0x1.01fb560000000p+0",
+    "0x1.23c37a0000000p+0",
+    "0x1.49f80e0000000p+0",
+    "0x1.752d5e0000000p+0",
+    "0x1.a60b1e0000000p+0",
+    "0x1.dd4ef80000000p+0",
+    "0x1.0de7b80000000p+1",
+    "0x1.313f8e0000000p+1",
+    "0x1.59382c0000000p+1",
+    "0x1.866cb80000000p+1",
+    "0x1.b98ca20000000p+1",
+    "0x1.f35e5e0000000p+1",
+    "0x1.1a612e0000000p+2",
+    "0x1.3f5b300000000p+2",
+    "0x1.692cb60000000p+2",
+    "0x1.98781c0000000p+2",
+    "0x1.cdf4f00000000p+2",
+    "0x1.0539620000000p+3",
+    "0x1.276e360000000p+3",
+    "0x1.4e1dba0000000p+3",
+    "0x1.79de0e0000000p+3",
+    "0x1.ab59060000000p+3",
+    "0x1.e34eb00000000p+3",
+    "0x1.114c200000000p+4",
+    "0x1.3515b00000000p+4",
+    "0x1.5d8ee80000000p+4",
+    "0x1.8b54e20000000p+4",
+    "0x1.bf19520000000p+4",
+    "0x1.f9a5160000000p+4",
+    "0x1.1dedba0000000p+5",
+    "0x1.435eb20000000p+5",
+    "0x1.6db6ca0000000p+5",
+    "0x1.9d9a600000000p+5",
+    "0x1.d3c3400000000p+5",
+    "0x1.0881e00000000p+6",
+    "0x1.2b24c60000000p+6",
+    "0x1.5250ba0000000p+6",
+    "0x1.7e9dd80000000p+6",
+    "0x1.b0b80c0000000p+6",
+    "0x1.e961bc0000000p+6",
+    "0x1.14bb7a0000000p+7",
+    "0x1.38f8300000000p+7",
+    "0x1.61f39c0000000p+7",
+    "0x1.904ce40000000p+7",
+    "0x1.c4b7d60000000p+7",
+    "0x1.0000000000000p+8",
 )
 
 
@@ -184,12 +256,11 @@ class _SliceCoder(nn.Module):
         self.lrp_nets = nn.ModuleList()
         done = 0
         for s in self.slices:
-            self.context_nets.append(nn.Sequential(
-                nn.Conv2d(ctx_ch + done, hidden, 3, padding=1), nn.GELU()))
-            self.param_nets.append(nn.Sequential(
-                nn.Conv2d(hidden, hidden, 1), nn.GELU(), nn.Conv2d(hidden, 2 * s, 1)))
-            self.lrp_nets.append(nn.Sequential(
-                nn.Conv2d(hidden + s, hidden // 2, 1), nn.GELU(), nn.Conv2d(hidden // 2, s, 1)))
+            self.context_nets.append(nn.Sequential(nn.Conv2d(ctx_ch + done, hidden, 3, padding=1), nn.GELU()))
+            self.param_nets.append(nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.GELU(), nn.Conv2d(hidden, 2 * s, 1)))
+            self.lrp_nets.append(
+                nn.Sequential(nn.Conv2d(hidden + s, hidden // 2, 1), nn.GELU(), nn.Conv2d(hidden // 2, s, 1))
+            )
             done += s
 
     def params(self, i: int, ctx: torch.Tensor):
@@ -230,16 +301,31 @@ class DualRes(nn.Module):
 
     stride = 64  # input sizes must be multiples of this (z's stride)
 
-    def __init__(self, N: int = 64, N1: Optional[int] = None, k1: int = 5, M_H: int = 48, M_L: int = 96, N_hyper: int = 64,
-                 Z: int = 48, slices_H: Sequence[int] = (16, 32),
-                 slices_L: Sequence[int] = (16, 32, 48), hidden: int = 64,
-                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, N_s: Optional[int] = None,
-                 N1_s: Optional[int] = None, k1_s: Optional[int] = None, modulation: bool = False,
-                 lanes: Union[None, str, int] = "auto", name: str = "custom"):
+    def __init__(
+        self,
+        N: int = 64,
+        N1: Optional[int] = None,
+        k1: int = 5,
+        M_H: int = 48,
+        M_L: int = 96,
+        N_hyper: int = 64,
+        Z: int = 48,
+        slices_H: Sequence[int] = (16, 32),
+        slices_L: Sequence[int] = (16, 32, 48),
+        hidden: int = 64,
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        N_s: Optional[int] = None,
+        N1_s: Optional[int] = None,
+        k1_s: Optional[int] = None,
+        modulation: bool = False,
+        lanes: Union[None, str, int] = "auto",
+        name: str = "custom",
+    ):
         super().__init__()
         if sum(slices_H) != M_H or sum(slices_L) != M_L:
-            raise ValueError(f"slices_H {tuple(slices_H)} must sum to M_H={M_H} and "
-                             f"slices_L {tuple(slices_L)} to M_L={M_L}")
+            raise ValueError(
+                f"slices_H {tuple(slices_H)} must sum to M_H={M_H} and slices_L {tuple(slices_L)} to M_L={M_L}"
+            )
         if len(lambdas) < 2:
             raise ValueError("lambdas: at least two quality levels are needed")
         self.name = name
@@ -251,11 +337,23 @@ class DualRes(nn.Module):
         k1_s = k1 if k1_s is None else int(k1_s)
         if k1 not in (3, 5) or k1_s not in (3, 5):
             raise ValueError(f"k1 and k1_s must be 3 or 5, got {k1} and {k1_s}")
-        self.config = dict(N=N, N1=N1, k1=k1, M_H=M_H, M_L=M_L, N_hyper=N_hyper, Z=Z,
-                           slices_H=tuple(int(s) for s in slices_H),
-                           slices_L=tuple(int(s) for s in slices_L), hidden=hidden,
-                           lambdas=tuple(float(v) for v in lambdas), N_s=N_s, N1_s=N1_s, k1_s=k1_s,
-                           modulation=bool(modulation))
+        self.config = dict(
+            N=N,
+            N1=N1,
+            k1=k1,
+            M_H=M_H,
+            M_L=M_L,
+            N_hyper=N_hyper,
+            Z=Z,
+            slices_H=tuple(int(s) for s in slices_H),
+            slices_L=tuple(int(s) for s in slices_L),
+            hidden=hidden,
+            lambdas=tuple(float(v) for v in lambdas),
+            N_s=N_s,
+            N1_s=N1_s,
+            k1_s=k1_s,
+            modulation=bool(modulation),
+        )
         self.lambdas: List[float] = [float(v) for v in lambdas]
         self.num_qualities = len(self.lambdas)
 
@@ -272,21 +370,27 @@ class DualRes(nn.Module):
         # at stride 8 cost as much as the rest of the stride-8 synthesis.
         self.g_s = nn.Sequential(
             nn.Conv2d(N_s + M_H, N_s, 1),
-            deconv(N_s, N_s, 5, 2), GDN(N_s, inverse=True),
-            deconv(N_s, N1_s, k1_s, 2), GDN(N1_s, inverse=True),
+            deconv(N_s, N_s, 5, 2),
+            GDN(N_s, inverse=True),
+            deconv(N_s, N1_s, k1_s, 2),
+            GDN(N1_s, inverse=True),
             deconv(N1_s, 3, 5, 2),
         )
 
         # Hyperprior: z from down(y_H) ⊕ y_L; h_s gives features at strides 16 and 8.
         self.h_a_down_h = conv(M_H, N_hyper, 3, 2)
         self.h_a = nn.Sequential(
-            conv(N_hyper + M_L, N_hyper, 3, 1), nn.GELU(),
-            conv(N_hyper, N_hyper, 5, 2), nn.GELU(),
+            conv(N_hyper + M_L, N_hyper, 3, 1),
+            nn.GELU(),
+            conv(N_hyper, N_hyper, 5, 2),
+            nn.GELU(),
             conv(N_hyper, Z, 5, 2),
         )
         self.h_s = nn.Sequential(
-            deconv(Z, N_hyper, 5, 2), nn.GELU(),
-            deconv(N_hyper, N_hyper, 5, 2), nn.GELU(),
+            deconv(Z, N_hyper, 5, 2),
+            nn.GELU(),
+            deconv(N_hyper, N_hyper, 5, 2),
+            nn.GELU(),
             conv(N_hyper, M_L, 3, 1),
         )
         self.h_s_up_h = nn.Sequential(nn.GELU(), deconv(M_L, M_H, 5, 2))
@@ -319,9 +423,13 @@ class DualRes(nn.Module):
         # the optimiser's saved state is indexed by). Keys: "<Sequential>_<layer index>".
         self.modulation = None
         if modulation:
-            self.modulation = nn.ModuleDict({
-                f"{seq}_{i}": QualityModulation(self._channels_after(getattr(self, seq)[i]), self.num_qualities)
-                for seq, layers in MODULATED_LAYERS.items() for i in layers})
+            self.modulation = nn.ModuleDict(
+                {
+                    f"{seq}_{i}": QualityModulation(self._channels_after(getattr(self, seq)[i]), self.num_qualities)
+                    for seq, layers in MODULATED_LAYERS.items()
+                    for i in layers
+                }
+            )
 
     # ------------------------------------------------------------------ gains
     @staticmethod
@@ -334,8 +442,10 @@ class DualRes(nn.Module):
         n = self.num_qualities
         if isinstance(quality, torch.Tensor):
             if quality.dim() > 1 or quality.is_complex() or quality.dtype == torch.bool:
-                raise ValueError(f"quality: a number or a 1-D tensor of per-sample qualities, "
-                                 f"got shape {tuple(quality.shape)} {quality.dtype}")
+                raise ValueError(
+                    f"quality: a number or a 1-D tensor of per-sample qualities, "
+                    f"got shape {tuple(quality.shape)} {quality.dtype}"
+                )
             q = quality.detach().reshape(-1).to(dtype)
             # Checked where it lives (CPU: no sync). A trace (torch.compile, export) cannot read
             # values: compiled code takes tensor qualities unchecked, so validate them outside it.
@@ -378,8 +488,10 @@ class DualRes(nn.Module):
         if x.dim() != 4 or x.size(1) != 3:
             raise ValueError(f"x must be (B, 3, H, W), got {tuple(x.shape)}")
         if x.size(2) % self.stride or x.size(3) % self.stride:
-            raise ValueError(f"x: H and W must be multiples of {self.stride}, got "
-                             f"{tuple(x.shape[-2:])} (pad the image; the codec does)")
+            raise ValueError(
+                f"x: H and W must be multiples of {self.stride}, got "
+                f"{tuple(x.shape[-2:])} (pad the image; the codec does)"
+            )
         point = self._quality_point(quality, x.device, x.dtype)
         f = self._run("g_a_stem", x, point)
         y_h = self.g_a_h(f) * self._gain(self.gain_h, point)
@@ -420,8 +532,9 @@ class DualRes(nn.Module):
         """The factorized prior's medians, around which ``z`` is quantised (C, 1, 1)."""
         return self.entropy_bottleneck._get_medians().detach()
 
-    def decode_latents(self, z_hat: torch.Tensor, step_h: SliceStep, step_l: SliceStep,
-                       nets: Optional[nn.Module] = None):
+    def decode_latents(
+        self, z_hat: torch.Tensor, step_h: SliceStep, step_l: SliceStep, nets: Optional[nn.Module] = None
+    ):
         """``(ŷ_H, ŷ_L)`` from ``ẑ``: the hyper synthesis, then the slice loop of ``y_H``, then that
         of ``y_L`` conditioned on ``down(ŷ_H)``, with ``step_h`` / ``step_l`` quantising (and
         coding, decoding or measuring) each slice (:meth:`_SliceCoder.run`). ``nets``: which
@@ -457,12 +570,19 @@ class DualRes(nn.Module):
             # Inference with the exact networks: the values the version-4 decoder gets.
             lik_h, lik_l = [], []
             y_h_hat, y_l_hat = self.exact.decode_latents(
-                z_hat, self._exact_likelihood_step(y_h, self.coder_h, lik_h),
-                self._exact_likelihood_step(y_l, self.coder_l, lik_l))
+                z_hat,
+                self._exact_likelihood_step(y_h, self.coder_h, lik_h),
+                self._exact_likelihood_step(y_l, self.coder_l, lik_l),
+            )
             x_hat = self.synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)
-            return {"x_hat": x_hat,
-                    "likelihoods": {"y_h": torch.cat(lik_h, 1).to(dtype), "y_l": torch.cat(lik_l, 1).to(dtype),
-                                    "z": z_likelihoods}}
+            return {
+                "x_hat": x_hat,
+                "likelihoods": {
+                    "y_h": torch.cat(lik_h, 1).to(dtype),
+                    "y_l": torch.cat(lik_l, 1).to(dtype),
+                    "z": z_likelihoods,
+                },
+            }
         if self.training or torch.is_grad_enabled():
             nets = self
         else:
@@ -472,12 +592,21 @@ class DualRes(nn.Module):
             y_h, y_l, z_hat = y_h.double(), y_l.double(), z_hat.double()
         lik_h: List[torch.Tensor] = []
         lik_l: List[torch.Tensor] = []
-        y_h_hat, y_l_hat = self.decode_latents(z_hat, self._likelihood_step(y_h, nets.coder_h, lik_h),
-                                               self._likelihood_step(y_l, nets.coder_l, lik_l), nets)
+        y_h_hat, y_l_hat = self.decode_latents(
+            z_hat,
+            self._likelihood_step(y_h, nets.coder_h, lik_h),
+            self._likelihood_step(y_l, nets.coder_l, lik_l),
+            nets,
+        )
         x_hat = self.synthesis(y_h_hat.to(dtype), y_l_hat.to(dtype), quality)
-        return {"x_hat": x_hat,
-                "likelihoods": {"y_h": torch.cat(lik_h, 1).to(dtype), "y_l": torch.cat(lik_l, 1).to(dtype),
-                                "z": z_likelihoods}}
+        return {
+            "x_hat": x_hat,
+            "likelihoods": {
+                "y_h": torch.cat(lik_h, 1).to(dtype),
+                "y_l": torch.cat(lik_l, 1).to(dtype),
+                "z": z_likelihoods,
+            },
+        }
 
     def _exact_likelihood_step(self, y: torch.Tensor, coder: _SliceCoder, likelihoods: list) -> ExactStep:
         """The evaluation step of the exact path: likelihoods under the scale the coder uses
@@ -570,8 +699,10 @@ class DualRes(nn.Module):
         if exact is None:
             return self.exact is not None
         if exact and self.exact is None:
-            raise ValueError("exact=True: the model has no exact (integer) entropy-parameter networks; "
-                             "convert it first (dualres_ext.models.exact, python/convert_exact.py)")
+            raise ValueError(
+                "exact=True: the model has no exact (integer) entropy-parameter networks; "
+                "convert it first (dualres_ext.models.exact, python/convert_exact.py)"
+            )
         return bool(exact)
 
     @torch.no_grad()
@@ -584,12 +715,19 @@ class DualRes(nn.Module):
         strings = [self.entropy_bottleneck.compress(z)]
         z_hat = quantize_latent(z, self.z_offset(), False, self.entropy_bottleneck)
         if self._use_exact(exact):
-            self.exact.decode_latents(z_hat, self._exact_encode_step(y_h, self.coder_h, strings),
-                                      self._exact_encode_step(y_l, self.coder_l, strings))
+            self.exact.decode_latents(
+                z_hat,
+                self._exact_encode_step(y_h, self.coder_h, strings),
+                self._exact_encode_step(y_l, self.coder_l, strings),
+            )
             return {"strings": strings, "shape": tuple(z.shape[-2:])}
         nets = self.coding_nets()  # float64: see "Portable streams" in the module docstring
-        self.decode_latents(z_hat.double(), self._encode_step(y_h.double(), nets.coder_h, strings),
-                            self._encode_step(y_l.double(), nets.coder_l, strings), nets)
+        self.decode_latents(
+            z_hat.double(),
+            self._encode_step(y_h.double(), nets.coder_h, strings),
+            self._encode_step(y_l.double(), nets.coder_l, strings),
+            nets,
+        )
         return {"strings": strings, "shape": tuple(z.shape[-2:])}
 
     @torch.no_grad()
@@ -613,11 +751,16 @@ class DualRes(nn.Module):
         z_hat = self.entropy_bottleneck.decompress(strings[0], shape)
         dtype = z_hat.dtype
         if self._use_exact(exact):
-            y_h_hat, y_l_hat = self.exact.decode_latents(z_hat, self._exact_decode_step(strings[1:1 + n_h]),
-                                                         self._exact_decode_step(strings[1 + n_h:]))
+            y_h_hat, y_l_hat = self.exact.decode_latents(
+                z_hat, self._exact_decode_step(strings[1 : 1 + n_h]), self._exact_decode_step(strings[1 + n_h :])
+            )
             return y_h_hat.to(dtype), y_l_hat.to(dtype)
-        y_h_hat, y_l_hat = self.decode_latents(z_hat.double(), self._decode_step(strings[1:1 + n_h]),
-                                               self._decode_step(strings[1 + n_h:]), self.coding_nets())
+        y_h_hat, y_l_hat = self.decode_latents(
+            z_hat.double(),
+            self._decode_step(strings[1 : 1 + n_h]),
+            self._decode_step(strings[1 + n_h :]),
+            self.coding_nets(),
+        )
         return y_h_hat.to(dtype), y_l_hat.to(dtype)
 
     def symbol_counts(self, shape) -> List[int]:
@@ -625,5 +768,8 @@ class DualRes(nn.Module):
         (h, w): ``z``, then the slices of ``y_H`` (stride 8: 8h x 8w), then those of ``y_L``
         (stride 16: 4h x 4w). The codec's container leaves them out of the rANS streams."""
         h, w = (int(v) for v in shape)
-        return ([self.config["Z"] * h * w] + [c * 64 * h * w for c in self.coder_h.slices]
-                + [c * 16 * h * w for c in self.coder_l.slices])
+        return (
+            [self.config["Z"] * h * w]
+            + [c * 64 * h * w for c in self.coder_h.slices]
+            + [c * 16 * h * w for c in self.coder_l.slices]
+        )

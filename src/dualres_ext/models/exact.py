@@ -20,6 +20,7 @@ Grids (all fixed at conversion, stored in the weights file):
 The float model's weights are unchanged: conversion only adds these buffers
 (:func:`convert`), and :class:`ExactCoder` mirrors ``DualRes.decode_latents``.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
@@ -53,18 +54,25 @@ class ExactSlices(nn.Module):
         """The bound every layer that reads ŷ clamps it to (ŷ in grid units)."""
         return int(self.slices[0]["l1"].in_bound[-1])
 
-    def run(self, features: Tensor, extra: Optional[Tensor], step: ExactStep, table: Tensor,
-            latent_bits: int, scale_bits: int) -> Tensor:
+    def run(
+        self,
+        features: Tensor,
+        extra: Optional[Tensor],
+        step: ExactStep,
+        table: Tensor,
+        latent_bits: int,
+        scale_bits: int,
+    ) -> Tensor:
         """The slice loop on integers; returns ŷ (float64, exact multiples of 2^-latent_bits).
 
         Every layer input here is within that layer's bounds by construction (``bounded=True``
         skips the layers' own clamps): table outputs and requantised outputs are clamped to the
         grid bound the next layer was converted for, and ŷ is clamped to :attr:`latent_bound`
         (what every reader of ŷ was converted for) where it is made."""
-        unit = float(2 ** latent_bits)
+        unit = float(2**latent_bits)
         bound = float(self.latent_bound)
-        decoded: List[Tensor] = []       # ŷ of each slice, float64
-        decoded_int: List[Tensor] = []   # the same in grid units, clamped, float32 integers
+        decoded: List[Tensor] = []  # ŷ of each slice, float64
+        decoded_int: List[Tensor] = []  # the same in grid units, clamped, float32 integers
         base = [features] if extra is None else [features, extra]
         for i, nets in enumerate(self.slices):
             h = nets["ctx_act"](nets["ctx"](torch.cat(base + decoded_int, 1), True, nets["ctx_act"].bound))
@@ -75,8 +83,9 @@ class ExactSlices(nn.Module):
             y = step(i, indexes, means).double()
             y_int = torch.round(y * unit)  # exact: symbol * 2^k + μ_int
             lrp_in = torch.cat([h, y_int.clamp(-bound, bound).float()], 1)
-            r = nets["l2_act"](nets["l2"](nets["l1_act"](nets["l1"](lrp_in, True, nets["l1_act"].bound)), True,
-                                          nets["l2_act"].bound)).double()
+            r = nets["l2_act"](
+                nets["l2"](nets["l1_act"](nets["l1"](lrp_in, True, nets["l1_act"].bound)), True, nets["l2_act"].bound)
+            ).double()
             decoded.append(y + r / unit)
             decoded_int.append(y_int.add_(r).clamp_(-bound, bound).float())
         return torch.cat(decoded, 1)
@@ -88,7 +97,7 @@ def scale_indexes(sigma: Tensor, table: Tensor, scale_bits: int) -> Tensor:
     ``j < 63``, strictly below ``sigma``. Computed by the native ``build_indexes`` on the exact
     float32 values ``sigma * 2^-scale_bits``: for an integer ``n``, ``table_j < n * 2^-b`` iff
     ``floor(table_j * 2^b) < n``, and float comparisons are exact (the test checks every value)."""
-    return ops.build_indexes((sigma * (2.0 ** -scale_bits)).contiguous(), table, table[0].item(), strict=True)
+    return ops.build_indexes((sigma * (2.0**-scale_bits)).contiguous(), table, table[0].item(), strict=True)
 
 
 def _chain(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
@@ -114,8 +123,17 @@ class ExactCoder(nn.Module):
     ``[latent_bits, scale_bits, z_bound, weight_bits, act_bits]``; ``thresholds``: int64 (63),
     the scale thresholds; ``index_table``: the float32 scale table they come from."""
 
-    def __init__(self, meta: Tensor, thresholds: Tensor, scale_table: Tensor, h_s: Sequence[nn.Module], h_s_up_h: Sequence[nn.Module],
-                 cond_down_h: IntConv, coder_h: ExactSlices, coder_l: ExactSlices):
+    def __init__(
+        self,
+        meta: Tensor,
+        thresholds: Tensor,
+        scale_table: Tensor,
+        h_s: Sequence[nn.Module],
+        h_s_up_h: Sequence[nn.Module],
+        cond_down_h: IntConv,
+        coder_h: ExactSlices,
+        coder_l: ExactSlices,
+    ):
         super().__init__()
         self.register_buffer("meta", meta.to(torch.int64))
         self.register_buffer("thresholds", thresholds.to(torch.int64))
@@ -130,15 +148,18 @@ class ExactCoder(nn.Module):
     def _check_bounds(self) -> None:
         """What the layers skip their input clamps for: each layer's input bounds equal the
         clamps of what feeds it (tables: their largest output; convolutions: their clamps)."""
+
         def out_bound(m) -> torch.Tensor:
             if isinstance(m, IntLUT):
                 return m.table.abs().max().to(torch.int64).expand(1)
             return torch.maximum(m.out_low.abs(), m.out_high.abs())
 
-        def check(producer_bounds: torch.Tensor, consumer: IntConv, start: int = 0, count: Optional[int] = None) -> None:
+        def check(
+            producer_bounds: torch.Tensor, consumer: IntConv, start: int = 0, count: Optional[int] = None
+        ) -> None:
             if count is None:
                 count = producer_bounds.numel() if producer_bounds.numel() > 1 else consumer.in_bound.numel() - start
-            have = consumer.in_bound[start:start + count]
+            have = consumer.in_bound[start : start + count]
             if not bool((producer_bounds.expand_as(have) <= have).all()):
                 raise ValueError("exact networks: a layer's input may exceed its bounds")
 
@@ -174,20 +195,29 @@ class ExactCoder(nn.Module):
             return IntLUT.from_state(state, p) if p + "table" in state else IntConv.from_state(state, p)
 
         def slices(p: str) -> ExactSlices:
-            return ExactSlices([nn.ModuleDict({n: layer(s + n + ".") for n in _SLICE_PARTS})
-                                for s in state_prefixes(state, p + "slices.")])
+            return ExactSlices(
+                [
+                    nn.ModuleDict({n: layer(s + n + ".") for n in _SLICE_PARTS})
+                    for s in state_prefixes(state, p + "slices.")
+                ]
+            )
 
-        return cls(state[prefix + "meta"], state[prefix + "thresholds"], state[prefix + "index_table"],
-                   [layer(p) for p in state_prefixes(state, prefix + "h_s.")],
-                   [layer(p) for p in state_prefixes(state, prefix + "h_s_up_h.")],
-                   IntConv.from_state(state, prefix + "cond_down_h."),
-                   slices(prefix + "coder_h."), slices(prefix + "coder_l."))
+        return cls(
+            state[prefix + "meta"],
+            state[prefix + "thresholds"],
+            state[prefix + "index_table"],
+            [layer(p) for p in state_prefixes(state, prefix + "h_s.")],
+            [layer(p) for p in state_prefixes(state, prefix + "h_s_up_h.")],
+            IntConv.from_state(state, prefix + "cond_down_h."),
+            slices(prefix + "coder_h."),
+            slices(prefix + "coder_l."),
+        )
 
     def hyper(self, z_hat: Tensor):
         """Integer hyper features ``(f_h, f_l)`` of the decoded ``ẑ`` (each layer's input within
         its bounds: ẑ clamped here, the rest by the layers before, as in the slice loop)."""
         z_bound = float(self.meta[2])
-        x = torch.round(z_hat.double() * float(2 ** self.latent_bits)).clamp_(-z_bound, z_bound).float()
+        x = torch.round(z_hat.double() * float(2**self.latent_bits)).clamp_(-z_bound, z_bound).float()
         f_l = _chain(self.h_s, x)
         return _chain(self.h_s_up_h, f_l), f_l
 
@@ -198,7 +228,7 @@ class ExactCoder(nn.Module):
         table, b = self.index_table, int(self.meta[1])
         y_h = self.coder_h.run(f_h, None, step_h, table, k, b)
         bound = float(self.coder_h.latent_bound)  # = cond_down_h's input bound (checked at construction)
-        extra = self.cond_down_h(torch.round(y_h * float(2 ** k)).clamp_(-bound, bound).float(), True)
+        extra = self.cond_down_h(torch.round(y_h * float(2**k)).clamp_(-bound, bound).float(), True)
         y_l = self.coder_l.run(f_l, extra, step_l, table, k, b)
         return y_h, y_l
 
@@ -231,18 +261,26 @@ def calibrate(model, images: Sequence[Tensor], qualities: Sequence[float]) -> Di
         def record(module, inputs, output) -> None:
             note(name, output)
             note(name + ".in", inputs[0])
+
         return record
 
-    hooks = [m.register_forward_hook(hook(name)) for name, m in nets.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    hooks = [
+        m.register_forward_hook(hook(name))
+        for name, m in nets.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    ]
     try:
         for x in images:
             for q in qualities:
                 y_h, y_l = model.analysis(x, q)
                 z = model.hyper_analysis(y_h, y_l)
                 z_hat = quantize_latent(z, model.z_offset(), False, model.entropy_bottleneck).double()
-                model.decode_latents(z_hat, recorder(y_h.double(), nets.coder_h, "y_hat_h"),
-                                     recorder(y_l.double(), nets.coder_l, "y_hat_l"), nets)
+                model.decode_latents(
+                    z_hat,
+                    recorder(y_h.double(), nets.coder_h, "y_hat_h"),
+                    recorder(y_l.double(), nets.coder_l, "y_hat_l"),
+                    nets,
+                )
     finally:
         for h in hooks:
             h.remove()
@@ -256,13 +294,20 @@ def _scale_of(peak: float, bits: int, margin: float) -> float:
 
 
 @torch.no_grad()
-def convert(model, stats: Dict[str, float], scale_table: Tensor, weight_bits: int = DEFAULTS["weight_bits"],
-            act_bits: int = DEFAULTS["act_bits"], latent_bits: int = DEFAULTS["latent_bits"],
-            scale_bits: int = DEFAULTS["scale_bits"], margin: float = DEFAULTS["margin"]) -> ExactCoder:
+def convert(
+    model,
+    stats: Dict[str, float],
+    scale_table: Tensor,
+    weight_bits: int = DEFAULTS["weight_bits"],
+    act_bits: int = DEFAULTS["act_bits"],
+    latent_bits: int = DEFAULTS["latent_bits"],
+    scale_bits: int = DEFAULTS["scale_bits"],
+    margin: float = DEFAULTS["margin"],
+) -> ExactCoder:
     """The :class:`ExactCoder` of a DualRes ``model`` from calibration ``stats`` (:func:`calibrate`)."""
     nets = model.coding_nets()
     q_act = (1 << act_bits) - 1
-    lat = 2.0 ** -latent_bits
+    lat = 2.0**-latent_bits
 
     def lat_bound(key: str) -> int:
         return int(round(stats[key] * margin / lat)) + 1
@@ -304,7 +349,7 @@ def convert(model, stats: Dict[str, float], scale_table: Tensor, weight_bits: in
     x_scale, x_bound = vec(s_x, m_h), ivec(q_act, m_h)
 
     table = scale_table.double().cpu()
-    thresholds = torch.floor(table[:-1] * 2.0 ** scale_bits).to(torch.int64)
+    thresholds = torch.floor(table[:-1] * 2.0**scale_bits).to(torch.int64)
     sigma_high = int(thresholds[-1]) + 1  # anything above the last threshold is the top index
 
     def slices(coder, name, base_scale, base_bound, y_bound):
@@ -319,29 +364,52 @@ def convert(model, stats: Dict[str, float], scale_table: Tensor, weight_bits: in
             p1, s_p = hidden(coder.param_nets[i][0], f"{name}.param_nets.{i}.0", h_scale, h_bound)
             p_layer = coder.param_nets[i][2]
             mu_bound = lat_bound(f"{name}.param_nets.{i}.2")
-            out_scale = torch.cat([vec(2.0 ** -scale_bits, size), vec(lat, size)])
+            out_scale = torch.cat([vec(2.0**-scale_bits, size), vec(lat, size)])
             low = torch.cat([ivec(0, size), ivec(-mu_bound, size)])
             high = torch.cat([ivec(sigma_high, size), ivec(mu_bound, size)])
-            p2 = IntConv.convert(p_layer, vec(s_p, p_layer.in_channels), ivec(q_act, p_layer.in_channels),
-                                 out_scale, low, high, weight_bits)
+            p2 = IntConv.convert(
+                p_layer,
+                vec(s_p, p_layer.in_channels),
+                ivec(q_act, p_layer.in_channels),
+                out_scale,
+                low,
+                high,
+                weight_bits,
+            )
             l_layer = coder.lrp_nets[i][0]
-            l1, s_l = hidden(l_layer, f"{name}.lrp_nets.{i}.0",
-                             torch.cat([h_scale, vec(lat, size)]), torch.cat([h_bound, ivec(y_bound, size)]))
+            l1, s_l = hidden(
+                l_layer,
+                f"{name}.lrp_nets.{i}.0",
+                torch.cat([h_scale, vec(lat, size)]),
+                torch.cat([h_bound, ivec(y_bound, size)]),
+            )
             l2_layer = coder.lrp_nets[i][2]
-            l2, s_t = hidden(l2_layer, f"{name}.lrp_nets.{i}.2", vec(s_l, l2_layer.in_channels),
-                             ivec(q_act, l2_layer.in_channels))
+            l2, s_t = hidden(
+                l2_layer, f"{name}.lrp_nets.{i}.2", vec(s_l, l2_layer.in_channels), ivec(q_act, l2_layer.in_channels)
+            )
             half = 1 << (latent_bits - 1)
-            out.append(nn.ModuleDict({
-                "ctx": ctx, "ctx_act": IntLUT.tabulate(gelu, s_h, q_act, s_h, q_act),
-                "p1": p1, "p1_act": IntLUT.tabulate(gelu, s_p, q_act, s_p, q_act), "p2": p2,
-                "l1": l1, "l1_act": IntLUT.tabulate(gelu, s_l, q_act, s_l, q_act),
-                "l2": l2, "l2_act": IntLUT.tabulate(half_tanh, s_t, q_act, lat, half)}))
+            out.append(
+                nn.ModuleDict(
+                    {
+                        "ctx": ctx,
+                        "ctx_act": IntLUT.tabulate(gelu, s_h, q_act, s_h, q_act),
+                        "p1": p1,
+                        "p1_act": IntLUT.tabulate(gelu, s_p, q_act, s_p, q_act),
+                        "p2": p2,
+                        "l1": l1,
+                        "l1_act": IntLUT.tabulate(gelu, s_l, q_act, s_l, q_act),
+                        "l2": l2,
+                        "l2_act": IntLUT.tabulate(half_tanh, s_t, q_act, lat, half),
+                    }
+                )
+            )
             done += size
         return ExactSlices(out)
 
     coder_h = slices(nets.coder_h, "coder_h", fh_scale, fh_bound, yh_bound)
     # y_L's coder sees f_l, down(ŷ_H) and ŷ_L[<j].
-    coder_l = slices(nets.coder_l, "coder_l", torch.cat([fl_scale, x_scale]), torch.cat([fl_bound, x_bound]),
-                     lat_bound("y_hat_l"))
+    coder_l = slices(
+        nets.coder_l, "coder_l", torch.cat([fl_scale, x_scale]), torch.cat([fl_bound, x_bound]), lat_bound("y_hat_l")
+    )
     meta = torch.tensor([latent_bits, scale_bits, z_bound, weight_bits, act_bits])
     return ExactCoder(meta, thresholds, scale_table.float().cpu(), h_s, h_s_up_h, cond, coder_h, coder_l).eval()

@@ -1,6 +1,7 @@
 """The rate-distortion objective: what the models are trained for and the refining encoder
 minimises for one image. Pixels are in [0, 1]; the distortion weight follows CompressAI's
 convention (``lmbda * 255^2 * MSE``), so CompressAI's lambdas mean the same here."""
+
 from __future__ import annotations
 
 import math

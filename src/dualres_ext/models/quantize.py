@@ -1,4 +1,5 @@
 """Quantisation of latents, the same in training, in ``forward`` and in the coder."""
+
 from __future__ import annotations
 
 import torch

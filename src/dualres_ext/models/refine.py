@@ -30,6 +30,7 @@ The noise is drawn from a fixed seed: refining the same image on the same machin
 stream. float32 gradients differ across devices and thread counts, so a refined stream may differ
 between machines (the decoder reads any of them; only unrefined encoding is bit-reproducible).
 """
+
 from __future__ import annotations
 
 import math
@@ -88,8 +89,17 @@ def _distortion_weight(model, quality) -> float:
     return model.lmbda(quality) * DISTORTION_SCALE
 
 
-def rd_losses(model, x: torch.Tensor, quality, y_h, y_l, z, noise: Optional[Sequence[torch.Tensor]] = None,
-              size: Optional[Tuple[int, int]] = None, collect: Optional[dict] = None):
+def rd_losses(
+    model,
+    x: torch.Tensor,
+    quality,
+    y_h,
+    y_l,
+    z,
+    noise: Optional[Sequence[torch.Tensor]] = None,
+    size: Optional[Tuple[int, int]] = None,
+    collect: Optional[dict] = None,
+):
     """Per-image rate-distortion losses of the latents ``(y_h, y_l, z)`` for picture ``x``.
 
     Returns ``(descent, exact)``, both (B,): ``descent`` has the rate of ``latent + noise``
@@ -141,8 +151,10 @@ def rd_losses(model, x: torch.Tensor, quality, y_h, y_l, z, noise: Optional[Sequ
         return step
 
     y_h_hat, y_l_hat = model.decode_latents(
-        z_hat, measuring_step(y_h, model.coder_h, None if noise is None else noise[0]),
-        measuring_step(y_l, model.coder_l, None if noise is None else noise[1]))
+        z_hat,
+        measuring_step(y_h, model.coder_h, None if noise is None else noise[0]),
+        measuring_step(y_l, model.coder_l, None if noise is None else noise[1]),
+    )
     if collect is not None:
         collect["delta_bits"] = [(torch.cat(ups, 1), torch.cat(downs, 1)) for ups, downs in delta_bits]
         collect["y_hat"] = (y_h_hat.detach(), y_l_hat.detach())
@@ -159,8 +171,7 @@ def _synthesis_curvature(model, y_hats, quality, size, weight: float, gen: torch
     is unbiased for the diagonal, and a channel's thousands of positions average out its noise.
     ``J v`` is a finite difference (the synthesis is smooth at this scale), ``J^T`` a backward pass."""
     h, w = size
-    probes = [torch.randint(0, 2, y.shape, generator=gen, device=y.device).to(y.dtype) * 2 - 1
-              for y in y_hats]
+    probes = [torch.randint(0, 2, y.shape, generator=gen, device=y.device).to(y.dtype) * 2 - 1 for y in y_hats]
     eps = 1e-2
     inputs = [y.clone().requires_grad_(True) for y in y_hats]
     out = model.synthesis(*inputs, quality)[..., :h, :w]  # also the finite difference's base
@@ -212,8 +223,16 @@ def _flip_round(model, x, quality, latents, size, gen, best_loss):
     return current, loss
 
 
-def refine_latents(model, x: torch.Tensor, quality, latents, steps: int, lr: float = REFINE_LR,
-                   size: Optional[Tuple[int, int]] = None, flip_rounds: int = REFINE_FLIP_ROUNDS):
+def refine_latents(
+    model,
+    x: torch.Tensor,
+    quality,
+    latents,
+    steps: int,
+    lr: float = REFINE_LR,
+    size: Optional[Tuple[int, int]] = None,
+    flip_rounds: int = REFINE_FLIP_ROUNDS,
+):
     """``steps`` Adam steps on the latents ``(y_h, y_l, z)`` (as the model's analysis gives them
     for ``x`` at ``quality``), then ``flip_rounds`` discrete rounds (module docstring); returns
     the latents with the lowest exact loss seen, per image. ``lr`` is the step size of ``y_h``

@@ -24,6 +24,7 @@ same symbols (up to float32 summation order, which may move a value lying on a r
 boundary). :func:`widen_tensor` does the same embedding for any tensor shaped like a widened
 parameter, which is how a training checkpoint's Adam moments follow their parameters.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple, Union
@@ -57,29 +58,43 @@ def _layout(cfg: dict) -> Dict[str, Tuple[List[_Dim], Optional[int]]]:
         return {f"modulation.{key}.{t}": ([[q], [c]], 1) for t in ("log_scale", "shift")}
 
     return {
-        **modulation("g_a_stem_1", n1), **modulation("g_a_stem_3", n), **modulation("g_a_l_1", n),
-        **modulation("g_s_up_l_1", ns), **modulation("g_s_2", ns), **modulation("g_s_4", n1s),
+        **modulation("g_a_stem_1", n1),
+        **modulation("g_a_stem_3", n),
+        **modulation("g_a_l_1", n),
+        **modulation("g_s_up_l_1", ns),
+        **modulation("g_s_2", ns),
+        **modulation("g_s_4", n1s),
         # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights (in, out, kh, kw).
         # Analysis. The image's 3 channels and the latents' are all "old": nothing new may
         # reach the latents yet.
-        "g_a_stem.0.weight": ([[n1], [3], [5], [5]], 0), "g_a_stem.0.bias": ([[n1]], 0),
+        "g_a_stem.0.weight": ([[n1], [3], [5], [5]], 0),
+        "g_a_stem.0.bias": ([[n1]], 0),
         **gdn("g_a_stem.1", n1),
-        "g_a_stem.2.weight": ([[n], [n1], ("k", k1), ("k", k1)], 0), "g_a_stem.2.bias": ([[n]], 0),
+        "g_a_stem.2.weight": ([[n], [n1], ("k", k1), ("k", k1)], 0),
+        "g_a_stem.2.bias": ([[n]], 0),
         **gdn("g_a_stem.3", n),
-        "g_a_h.weight": ([[mh], [n], [5], [5]], None), "g_a_h.bias": ([[mh]], None),
-        "g_a_l.0.weight": ([[n], [n], [5], [5]], 0), "g_a_l.0.bias": ([[n]], 0),
+        "g_a_h.weight": ([[mh], [n], [5], [5]], None),
+        "g_a_h.bias": ([[mh]], None),
+        "g_a_l.0.weight": ([[n], [n], [5], [5]], 0),
+        "g_a_l.0.bias": ([[n]], 0),
         **gdn("g_a_l.1", n),
-        "g_a_l.2.weight": ([[ml], [n], [5], [5]], None), "g_a_l.2.bias": ([[ml]], None),
+        "g_a_l.2.weight": ([[ml], [n], [5], [5]], None),
+        "g_a_l.2.bias": ([[ml]], None),
         # Synthesis.
-        "g_s_up_l.0.weight": ([[ml], [ns], [5], [5]], 1), "g_s_up_l.0.bias": ([[ns]], 0),
+        "g_s_up_l.0.weight": ([[ml], [ns], [5], [5]], 1),
+        "g_s_up_l.0.bias": ([[ns]], 0),
         **gdn("g_s_up_l.1", ns),
-        "g_s.0.weight": ([[ns], [ns, mh], [1], [1]], 0), "g_s.0.bias": ([[ns]], 0),
-        "g_s.1.weight": ([[ns], [ns], [5], [5]], 1), "g_s.1.bias": ([[ns]], 0),
+        "g_s.0.weight": ([[ns], [ns, mh], [1], [1]], 0),
+        "g_s.0.bias": ([[ns]], 0),
+        "g_s.1.weight": ([[ns], [ns], [5], [5]], 1),
+        "g_s.1.bias": ([[ns]], 0),
         **gdn("g_s.2", ns),
-        "g_s.3.weight": ([[ns], [n1s], ("k", k1s), ("k", k1s)], 1), "g_s.3.bias": ([[n1s]], 0),
+        "g_s.3.weight": ([[ns], [n1s], ("k", k1s), ("k", k1s)], 1),
+        "g_s.3.bias": ([[n1s]], 0),
         **gdn("g_s.4", n1s),
         # The picture's 3 channels are all "old": nothing new may reach them yet.
-        "g_s.5.weight": ([[n1s], [3], [5], [5]], None), "g_s.5.bias": ([[3]], None),
+        "g_s.5.weight": ([[n1s], [3], [5], [5]], None),
+        "g_s.5.bias": ([[3]], None),
     }
 
 
@@ -99,8 +114,14 @@ def _positions(old: _Dim, new: _Dim) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def widen_tensor(name: str, old: torch.Tensor, new: torch.Tensor, old_cfg: dict, new_cfg: dict,
-                 cut: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+def widen_tensor(
+    name: str,
+    old: torch.Tensor,
+    new: torch.Tensor,
+    old_cfg: dict,
+    new_cfg: dict,
+    cut: Optional[Union[float, torch.Tensor]] = None,
+) -> torch.Tensor:
     """``new`` (shaped for ``new_cfg``) with ``old`` (shaped for ``old_cfg``) embedded in it.
 
     ``cut``, if given, is written where a new input (a new channel or kernel tap) meets an old
@@ -141,8 +162,11 @@ def synthesis_widths(state_dict: dict) -> dict:
     A checkpoint that does not store its configuration may have a synthesis as wide as its
     analysis, which the "compact" configuration no longer has: its shapes say what it is.
     """
-    return {"N_s": int(state_dict["g_s.0.bias"].numel()), "N1_s": int(state_dict["g_s.4.beta"].numel()),
-            "k1_s": int(state_dict["g_s.3.weight"].shape[-1])}
+    return {
+        "N_s": int(state_dict["g_s.0.bias"].numel()),
+        "N1_s": int(state_dict["g_s.4.beta"].numel()),
+        "k1_s": int(state_dict["g_s.3.weight"].shape[-1]),
+    }
 
 
 def widened_config(config: dict, **widths) -> dict:
@@ -182,8 +206,10 @@ def widen(model: DualRes, generator: Optional[torch.Generator] = None, **widths)
         if generator is not None:
             torch.random.set_rng_state(state)
     fresh_state = fresh.state_dict()
-    old_state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
-                 for k, v in model.state_dict().items()}
+    old_state = {
+        k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
     widened = {}
     for name, old in old_state.items():
         if name not in fresh_state:
@@ -211,19 +237,35 @@ def add_modulation(model: DualRes) -> DualRes:
         raise ValueError("the model already has the quality modulation")
     config = dict(model.config, modulation=True)
     grown = DualRes(name=model.name, **config)
-    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
     missing, unexpected = grown.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("modulation.") for k in missing), (missing, unexpected)
     grown.train(model.training)
     return grown
 
 
-def widen_synthesis(model: DualRes, N_s: Optional[int] = None, N1_s: Optional[int] = None,
-                    k1_s: Optional[int] = None, generator: Optional[torch.Generator] = None) -> DualRes:
+def widen_synthesis(
+    model: DualRes,
+    N_s: Optional[int] = None,
+    N1_s: Optional[int] = None,
+    k1_s: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> DualRes:
     """:func:`widen` restricted to the synthesis widths."""
     return widen(model, generator=generator, N_s=N_s, N1_s=N1_s, k1_s=k1_s)
 
 
-__all__ = ["widen", "add_modulation", "widen_synthesis", "widen_tensor", "widened_config", "synthesis_widths",
-           "ANALYSIS_KEYS", "SYNTHESIS_KEYS", "WIDTH_KEYS"]
+__all__ = [
+    "widen",
+    "add_modulation",
+    "widen_synthesis",
+    "widen_tensor",
+    "widened_config",
+    "synthesis_widths",
+    "ANALYSIS_KEYS",
+    "SYNTHESIS_KEYS",
+    "WIDTH_KEYS",
+]

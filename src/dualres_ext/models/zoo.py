@@ -8,6 +8,7 @@ As in CompressAI's zoo, this module knows the models and the models do not know 
 * :func:`resolve_model`: what ``encode`` / ``decode`` code with, from ``weights=`` (None, a path
   or a model), loaded once per file and device.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,11 +61,14 @@ def build(name: str = "compact", pretrained: bool = False, **overrides) -> DualR
         raise TypeError(f"pretrained must be True or False, got {type(pretrained).__name__}")
     if pretrained:
         if name not in PRETRAINED:
-            raise ValueError(f"no trained weights ship for {name!r} (only for {', '.join(PRETRAINED)}); "
-                             "build it with pretrained=False and train it (python/train.py)")
+            raise ValueError(
+                f"no trained weights ship for {name!r} (only for {', '.join(PRETRAINED)}); "
+                "build it with pretrained=False and train it (python/train.py)"
+            )
         if overrides:
-            raise TypeError(f"pretrained=True: the weights fix the configuration, so no overrides "
-                            f"({', '.join(sorted(overrides))})")
+            raise TypeError(
+                f"pretrained=True: the weights fix the configuration, so no overrides ({', '.join(sorted(overrides))})"
+            )
         return load_weights(DEFAULT_WEIGHTS)
     config = dict(CONFIGS[name])
     unknown = set(overrides) - _SETTABLE
@@ -93,17 +97,31 @@ def save_weights(model: DualRes, path, metadata: Optional[dict] = None, half: bo
     # networks' buffers (integers and float32 multipliers) are stored as they are.
     ref = DualRes(name=model.name, **model.config)
     _attach_exact(ref, params)
-    _load_params(ref, {k: v.float() if v.is_floating_point() and not k.startswith(EXACT_PREFIX) else v
-                       for k, v in params.items()}, str(path))
+    _load_params(
+        ref,
+        {k: v.float() if v.is_floating_point() and not k.startswith(EXACT_PREFIX) else v for k, v in params.items()},
+        str(path),
+    )
     ref.update(force=True)
     # The factorized prior's tables come from its learnt density (float maths that may round
     # differently elsewhere): store them. The Gaussian tables follow from the scale table alone
     # by a fixed computation (and are ~1 MB): rebuilt at load.
-    tables = {k: v.detach().cpu().clone() for k, v in ref.state_dict().items()
-              if _is_table(k) and not (k.startswith("gaussian_conditional.") and k != "gaussian_conditional.scale_table")}
-    torch.save({"format": WEIGHTS_FORMAT, "format_version": 1, "name": model.name,
-                "config": dict(model.config), "state_dict": {**params, **tables},
-                "metadata": dict(metadata or {})}, str(path))
+    tables = {
+        k: v.detach().cpu().clone()
+        for k, v in ref.state_dict().items()
+        if _is_table(k) and not (k.startswith("gaussian_conditional.") and k != "gaussian_conditional.scale_table")
+    }
+    torch.save(
+        {
+            "format": WEIGHTS_FORMAT,
+            "format_version": 1,
+            "name": model.name,
+            "config": dict(model.config),
+            "state_dict": {**params, **tables},
+            "metadata": dict(metadata or {}),
+        },
+        str(path),
+    )
 
 
 EXACT_PREFIX = "exact."  # state-dict keys of the integer entropy-parameter networks
@@ -122,13 +140,13 @@ def _is_table(key: str) -> bool:
 
 def _load_params(model: DualRes, state: dict, source: str) -> None:
     own = model.state_dict()
-    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v
-             for k, v in state.items()}
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _is_table(k)]
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the configuration "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{source}: weights do not match the configuration (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def load_weights(path, device=None) -> DualRes:
@@ -141,8 +159,10 @@ def load_weights(path, device=None) -> DualRes:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our weights file"
         # torch's own message is a page about weights_only; the chained exception keeps it.
-        raise ValueError(f"{path}: not a readable DualRes weights file ({type(exc).__name__} "
-                         "while unpickling: not a torch file, truncated, or not written by save_weights)") from exc
+        raise ValueError(
+            f"{path}: not a readable DualRes weights file ({type(exc).__name__} "
+            "while unpickling: not a torch file, truncated, or not written by save_weights)"
+        ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path}: not a DualRes weights file (write one with save_weights)")
     model = DualRes(name=ckpt.get("name", "custom"), **ckpt["config"])
@@ -174,8 +194,14 @@ def weights_id(model: DualRes, float_only: bool = False) -> int:
         crc = 0
         for key, value in sorted(state.items()):
             crc = zlib.crc32(key.encode(), crc)
-            crc = zlib.crc32(value.detach().to("cpu", torch.float32 if value.is_floating_point()
-                                               else value.dtype).contiguous().numpy().tobytes(), crc)
+            crc = zlib.crc32(
+                value.detach()
+                .to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
+                .contiguous()
+                .numpy()
+                .tobytes(),
+                crc,
+            )
         return crc & 0xFFFFFFFF
 
     return (_float_ids if float_only else _ids).get(model, state.values(), compute)
@@ -201,19 +227,23 @@ def resolve_model(weights, device=None) -> Tuple[DualRes, int]:
         model = weights
         where = next(model.parameters()).device
         if device is not None and torch.device(device) != where:
-            raise ValueError(f"device={device!r} but the model given as weights is on {where}; "
-                             "move the model (model.to(device)) or leave device out")
+            raise ValueError(
+                f"device={device!r} but the model given as weights is on {where}; "
+                "move the model (model.to(device)) or leave device out"
+            )
         if model.training:
             raise ValueError("weights: the model is in training mode; call model.eval() first")
         if not has_coder_tables(model):
-            raise ValueError("weights: the model's entropy models have no CDF tables; "
-                             "call model.update(force=True) first")
+            raise ValueError(
+                "weights: the model's entropy models have no CDF tables; call model.update(force=True) first"
+            )
         return model, weights_id(model)
     if weights is None:
         if not DEFAULT_WEIGHTS.is_file():
             raise WeightsNotFoundError(
                 f"no trained DualRes weights in this installation ({DEFAULT_WEIGHTS} is missing); "
-                "pass weights=PATH (a file from save_weights) or weights=MODEL")
+                "pass weights=PATH (a file from save_weights) or weights=MODEL"
+            )
         weights = DEFAULT_WEIGHTS
     if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be None, a path or a DualRes model, got {type(weights).__name__}")
@@ -221,5 +251,15 @@ def resolve_model(weights, device=None) -> Tuple[DualRes, int]:
     return model, weights_id(model)
 
 
-__all__ = ["build", "PRETRAINED", "DEFAULT_WEIGHTS", "WEIGHTS_FORMAT", "WeightsNotFoundError", "save_weights",
-           "load_weights", "weights_id", "resolve_model", "has_coder_tables"]
+__all__ = [
+    "build",
+    "PRETRAINED",
+    "DEFAULT_WEIGHTS",
+    "WEIGHTS_FORMAT",
+    "WeightsNotFoundError",
+    "save_weights",
+    "load_weights",
+    "weights_id",
+    "resolve_model",
+    "has_coder_tables",
+]

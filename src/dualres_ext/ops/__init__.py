@@ -10,9 +10,11 @@ Every wrapper takes Python values and tensors and raises TypeError/ValueError na
 each check is made once, either in the wrapper or in the kernel (which also guards what it cannot
 trust, such as bitstream bytes). The op schemas are declared in csrc/register.cpp.
 """
+
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.dualres_ext.*)
+from . import rans_interleaved  # noqa: F401  (the interleaved stream, version 2: its own namespace)
 from .gaussian import (
     DEFAULT_LIKELIHOOD_BOUND,
     DEFAULT_SCALE_BOUND,
@@ -26,7 +28,6 @@ from .gaussian import (
     quantize_and_index,
     quantize_symbols,
 )
-from . import rans_interleaved  # noqa: F401  (the interleaved stream, version 2: its own namespace)
 from .gdn import gdn, gdn_reference
 from .rans import (
     is_native_stream,
@@ -51,12 +52,30 @@ def build_info() -> str:
 __all__ = [
     "build_info",
     # rans
-    "rans_encode", "rans_decode", "rans_stream_info", "is_native_stream", "rans_encode_batch", "rans_decode_batch",
-    "rans_embed", "rans_restore", "rans_encode_compat", "rans_decode_compat", "rans_decode_compat_stream",
+    "rans_encode",
+    "rans_decode",
+    "rans_stream_info",
+    "is_native_stream",
+    "rans_encode_batch",
+    "rans_decode_batch",
+    "rans_embed",
+    "rans_restore",
+    "rans_encode_compat",
+    "rans_decode_compat",
+    "rans_decode_compat_stream",
     # gaussian
-    "DEFAULT_SCALE_BOUND", "DEFAULT_LIKELIHOOD_BOUND", "ScaleTable", "build_indexes", "quantize_symbols",
-    "quantize_and_index", "dequantize", "lower_bound", "gaussian_likelihood", "pmf_to_quantized_cdf",
+    "DEFAULT_SCALE_BOUND",
+    "DEFAULT_LIKELIHOOD_BOUND",
+    "ScaleTable",
+    "build_indexes",
+    "quantize_symbols",
+    "quantize_and_index",
+    "dequantize",
+    "lower_bound",
+    "gaussian_likelihood",
+    "pmf_to_quantized_cdf",
     "gaussian_cdf_tables",
     # gdn
-    "gdn", "gdn_reference",
+    "gdn",
+    "gdn_reference",
 ]

@@ -4,6 +4,7 @@ Python values (lists, numpy arrays, bytes) become the tensors the native ops tak
 op schemas cannot report clearly (a non-tensor argument, a device no kernel is registered for, an
 integer that does not fit int32) is refused here with TypeError/ValueError naming the argument.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,9 @@ def int32_tensor(x, name: str, allow_cuda: bool = False) -> torch.Tensor:
             x = x.to(torch.int32)
     if x.device.type != "cpu" and not (allow_cuda and x.device.type == "cuda" and cuda_built()):
         where = "the CPU or a CUDA device" if allow_cuda else "the CPU"
-        raise ValueError(f"{name} must be on {where} (this build: {'with' if cuda_built() else 'without'} "
-                         f"CUDA), got {x.device}")
+        raise ValueError(
+            f"{name} must be on {where} (this build: {'with' if cuda_built() else 'without'} CUDA), got {x.device}"
+        )
     if x.dtype == torch.int32:
         return x
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:

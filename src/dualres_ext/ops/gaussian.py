@@ -7,6 +7,7 @@ check those, with RuntimeError: csrc/gaussian/gaussian_checks.h), so the user-fa
 here, as TypeError/ValueError naming the argument. The kernels report the values they find
 (NaN/Inf/negative scales, symbols beyond int32, an invalid pmf) as ValueError themselves.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,16 @@ import torch
 from .args import require_tensor, same_device
 
 __all__ = [
-    "DEFAULT_SCALE_BOUND", "DEFAULT_LIKELIHOOD_BOUND", "ScaleTable", "build_indexes", "quantize_symbols",
-    "quantize_and_index", "dequantize", "lower_bound", "gaussian_likelihood", "pmf_to_quantized_cdf",
+    "DEFAULT_SCALE_BOUND",
+    "DEFAULT_LIKELIHOOD_BOUND",
+    "ScaleTable",
+    "build_indexes",
+    "quantize_symbols",
+    "quantize_and_index",
+    "dequantize",
+    "lower_bound",
+    "gaussian_likelihood",
+    "pmf_to_quantized_cdf",
     "gaussian_cdf_tables",
 ]
 
@@ -159,7 +168,8 @@ def dequantize(symbols, means=None, dtype=torch.float32):
         means = means.expand_as(symbols)
     except RuntimeError:
         raise ValueError(
-            f"means of shape {tuple(means.shape)} does not broadcast to symbols' {tuple(symbols.shape)}") from None
+            f"means of shape {tuple(means.shape)} does not broadcast to symbols' {tuple(symbols.shape)}"
+        ) from None
     if means.dtype not in _NATIVE_FLOATS or symbols.dtype != torch.int32:
         out = symbols.to(means.dtype)
         out += means
@@ -169,6 +179,7 @@ def dequantize(symbols, means=None, dtype=torch.float32):
 
 # ---- torch.library registrations: fake kernels (tracing, torch.compile, export) and autograd ----
 # Outputs are new contiguous tensors on the inputs' device, as the kernels allocate them.
+
 
 def _int32_like(t):
     return t.new_empty(t.shape, dtype=torch.int32)
@@ -214,8 +225,11 @@ def _gaussian_cdf_tables_fake(scale_table, tail_mass, precision):
     # The table width (the longest pmf + 2) depends on the largest scale's value. CPU tensors.
     width = torch.library.get_ctx().new_dynamic_size(min=4)
     rows = scale_table.shape[0]
-    return (torch.empty((rows, width), dtype=torch.int32), torch.empty((rows,), dtype=torch.int32),
-            torch.empty((rows,), dtype=torch.int32))
+    return (
+        torch.empty((rows, width), dtype=torch.int32),
+        torch.empty((rows,), dtype=torch.int32),
+        torch.empty((rows,), dtype=torch.int32),
+    )
 
 
 def _likelihood_setup_context(ctx, inputs, output):
@@ -234,8 +248,9 @@ def _likelihood_backward(ctx, grad):
     return grad_inputs, grad_means, grad_scales, None, None
 
 
-torch.library.register_autograd("dualres_ext::gaussian_likelihood", _likelihood_backward,
-                                setup_context=_likelihood_setup_context)
+torch.library.register_autograd(
+    "dualres_ext::gaussian_likelihood", _likelihood_backward, setup_context=_likelihood_setup_context
+)
 
 
 class _LowerBoundFunction(torch.autograd.Function):
@@ -267,7 +282,9 @@ def lower_bound(x, bound):
     return _LowerBoundFunction.apply(x, bound)
 
 
-def gaussian_likelihood(inputs, scales, means=None, scale_bound=DEFAULT_SCALE_BOUND, likelihood_bound=DEFAULT_LIKELIHOOD_BOUND):
+def gaussian_likelihood(
+    inputs, scales, means=None, scale_bound=DEFAULT_SCALE_BOUND, likelihood_bound=DEFAULT_LIKELIHOOD_BOUND
+):
     """Likelihood of the unit bin around `inputs` under N(means, max(scales, scale_bound)), raised to
     at least `likelihood_bound` (pass None for no bound): CompressAI's GaussianConditional._likelihood
     followed by LowerBound, in one fused kernel with a fused backward. Broadcasts like PyTorch."""
@@ -281,14 +298,16 @@ def gaussian_likelihood(inputs, scales, means=None, scale_bound=DEFAULT_SCALE_BO
         tensors.append(means)
     sb_tensor, sb = _traced_bound("scale_bound", scale_bound)
     lb_tensor, lb = _traced_bound("likelihood_bound", likelihood_bound)
-    out_dtype = torch.promote_types(torch.promote_types(inputs.dtype, scales.dtype),
-                                    means.dtype if means is not None else inputs.dtype)
+    out_dtype = torch.promote_types(
+        torch.promote_types(inputs.dtype, scales.dtype), means.dtype if means is not None else inputs.dtype
+    )
     compute = out_dtype if out_dtype in _NATIVE_FLOATS else torch.float32
     try:
         shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     except RuntimeError:
-        raise ValueError("inputs, scales and means do not broadcast: "
-                         + ", ".join(str(tuple(t.shape)) for t in tensors)) from None
+        raise ValueError(
+            "inputs, scales and means do not broadcast: " + ", ".join(str(tuple(t.shape)) for t in tensors)
+        ) from None
     if sb_tensor is not None:
         tensors[1] = lower_bound(scales.to(compute), sb_tensor.to(compute))
     elif scales.shape != shape:
@@ -340,7 +359,9 @@ def pmf_to_quantized_cdf(pmf, lengths=None, precision=16):
             raise ValueError(f"lengths must have shape ({pmf.size(0)},), got {tuple(lengths.shape)}")
         if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > pmf.size(1)):
             # Checked before the int32 cast below, which would wrap values beyond int32.
-            raise ValueError(f"lengths must lie in [1, {pmf.size(1)}], got [{int(lengths.min())}, {int(lengths.max())}]")
+            raise ValueError(
+                f"lengths must lie in [1, {pmf.size(1)}], got [{int(lengths.min())}, {int(lengths.max())}]"
+            )
     cdf = _ops.pmf_to_quantized_cdf(pmf.detach().cpu().float(), lengths.cpu().int(), int(precision))
     return cdf[0] if one_d else cdf
 
@@ -362,6 +383,7 @@ def gaussian_cdf_tables(scale_table, tail_mass=1e-9, precision=16):
     multiplier = -float(torch.special.ndtri(torch.tensor(float(tail_mass) / 2, dtype=torch.float64)))
     longest = 2 * math.ceil(float(scale_table.detach().max()) * multiplier) + 1
     if longest > (1 << int(precision)) - 1:
-        raise ValueError(f"scale_table entry too large for {int(precision)}-bit precision: "
-                         f"the pmf needs {longest} symbols")
+        raise ValueError(
+            f"scale_table entry too large for {int(precision)}-bit precision: the pmf needs {longest} symbols"
+        )
     return tuple(_ops.gaussian_cdf_tables(scale_table.detach().cpu(), float(tail_mass), int(precision)))

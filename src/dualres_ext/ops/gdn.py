@@ -11,6 +11,7 @@ preceding convolution's bias, folded into the same pass).
 The argument checks are all here: they also guard :func:`gdn_reference`, which serves the
 dtypes and devices without a kernel, and the kernels' own checks raise RuntimeError.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -54,12 +55,12 @@ def gdn_reference(x, beta, gamma, bias=None, inverse: bool = False, simplified: 
 def _out_format(x) -> torch.memory_format:
     """The layout the kernels give their outputs: channels-last when ``x`` is channels-last (and
     not also NCHW) contiguous with C > 1, NCHW-contiguous otherwise (csrc/gdn: prepare_input)."""
-    channels_last = (x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
-                     and not x.is_contiguous())
+    channels_last = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # ---- torch.library registrations: fake kernels (tracing, torch.compile, export) and autograd ----
+
 
 @torch.library.register_fake("dualres_ext::gdn_forward")
 def _gdn_forward_fake(x, beta, gamma, bias, inverse, simplified):
@@ -79,8 +80,11 @@ def _gdn_forward_save_fake(x, beta, gamma, bias, inverse, simplified):
 
 @torch.library.register_fake("dualres_ext::gdn_backward")
 def _gdn_backward_fake(grad_y, x, beta, gamma, bias, scale, inverse, simplified):
-    return (torch.empty_like(x, memory_format=_out_format(x)),
-            beta.new_empty(beta.shape, dtype=torch.float32), gamma.new_empty(gamma.shape, dtype=torch.float32))
+    return (
+        torch.empty_like(x, memory_format=_out_format(x)),
+        beta.new_empty(beta.shape, dtype=torch.float32),
+        gamma.new_empty(gamma.shape, dtype=torch.float32),
+    )
 
 
 def _gdn_setup_context(ctx, inputs, output):
@@ -103,10 +107,14 @@ def _gdn_backward(ctx, grad_y, *unused_grad_scale):
     grad_bias = None
     if bias is not None and ctx.needs_input_grad[3]:
         grad_bias = grad_x.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)
-    return (grad_x if ctx.needs_input_grad[0] else None,
-            grad_beta if ctx.needs_input_grad[1] else None,
-            grad_gamma if ctx.needs_input_grad[2] else None,
-            grad_bias, None, None)
+    return (
+        grad_x if ctx.needs_input_grad[0] else None,
+        grad_beta if ctx.needs_input_grad[1] else None,
+        grad_gamma if ctx.needs_input_grad[2] else None,
+        grad_bias,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("dualres_ext::gdn_forward", _gdn_backward, setup_context=_gdn_setup_context)
@@ -150,8 +158,16 @@ def _check_finite(x, beta, gamma, bias, check_finite: Optional[bool], native: bo
             raise ValueError(f"gdn: {name} contains NaN or Inf")
 
 
-def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = False,
-        check_finite: Optional[bool] = None, inplace: bool = False):
+def gdn(
+    x,
+    beta,
+    gamma,
+    bias=None,
+    inverse: bool = False,
+    simplified: bool = False,
+    check_finite: Optional[bool] = None,
+    inplace: bool = False,
+):
     """GDN / IGDN / simplified GDN of ``x`` (N, C, H, W) with effective ``beta`` (C,) and ``gamma`` (C, C).
 
     Uses the fused native kernel (forward and backward) for float32 on CPU and
@@ -175,14 +191,14 @@ def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = Fal
     """
     _check(x, beta, gamma, bias)
     dev = x.device.type
-    native = _has_native(dev) and (
-        x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _CUDA_DTYPES))
+    native = _has_native(dev) and (x.dtype == torch.float32 or (dev == "cuda" and x.dtype in _CUDA_DTYPES))
     if dev == "cuda" and x.shape[1] > _CUDA_MAX_CHANNELS:
         native = False  # the CUDA kernel stages C x pixels tiles in 48 KiB of shared memory
     _check_finite(x, beta, gamma, bias, check_finite, native)
     if not native:
-        return gdn_reference(x, beta.to(x.dtype), gamma.to(x.dtype),
-                             None if bias is None else bias.to(x.dtype), inverse, simplified)
+        return gdn_reference(
+            x, beta.to(x.dtype), gamma.to(x.dtype), None if bias is None else bias.to(x.dtype), inverse, simplified
+        )
     # Kernels take float32 parameters (they accumulate in float32 whatever x's dtype is).
     beta32, gamma32 = beta.float(), gamma.float()
     bias32 = None if bias is None else bias.float()
@@ -190,8 +206,11 @@ def gdn(x, beta, gamma, bias=None, inverse: bool = False, simplified: bool = Fal
     if inplace and _inplace_ok(x, beta32, gamma32, bias32):
         _ops.gdn_forward_(x, beta32, gamma32, bias32, inverse, simplified)
         return x
-    if dev == "cpu" and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, beta32, gamma32, bias32)):
+    if (
+        dev == "cpu"
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, beta32, gamma32, bias32))
+    ):
         # Training on the CPU: keep f(n) for the backward (_gdn_setup_context).
         return _ops.gdn_forward_save(x, beta32, gamma32, bias32, inverse, simplified)[0]
     return _ops.gdn_forward(x, beta32, gamma32, bias32, inverse, simplified)

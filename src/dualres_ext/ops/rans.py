@@ -17,6 +17,7 @@ returns Python integers read from the stream's header (metadata, not a tensor), 
 cannot know; call it outside compiled code. Coding is an inference-time, host-side step in any
 case (the wrappers return ``bytes``), so these fakes serve export and opcheck rather than speed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,14 +25,23 @@ import torch
 from .args import int32_tensor, int_arg, stream_tensor
 
 __all__ = [
-    "rans_encode", "rans_decode", "rans_stream_info", "rans_encode_batch", "rans_decode_batch",
-    "rans_embed", "rans_restore", "rans_encode_compat", "rans_decode_compat", "rans_decode_compat_stream",
+    "rans_encode",
+    "rans_decode",
+    "rans_stream_info",
+    "rans_encode_batch",
+    "rans_decode_batch",
+    "rans_embed",
+    "rans_restore",
+    "rans_encode_compat",
+    "rans_decode_compat",
+    "rans_decode_compat_stream",
 ]
 
 _ops = torch.ops.dualres_ext
 
 
 # ---- torch.library fake kernels --------------------------------------------------------------
+
 
 def _stream_fake():
     """A native or CompressAI stream: CPU bytes (CUDA encoders copy theirs back), length unknown."""
@@ -89,16 +99,20 @@ def _rans_decode_batch_fake(data, indexes, cdfs, cdf_lengths, offsets):
 
 
 def _tables(cdfs, cdf_lengths, offsets, allow_cuda: bool = False):
-    return (int32_tensor(cdfs, "cdfs", allow_cuda), int32_tensor(cdf_lengths, "cdf_lengths", allow_cuda),
-            int32_tensor(offsets, "offsets", allow_cuda))
+    return (
+        int32_tensor(cdfs, "cdfs", allow_cuda),
+        int32_tensor(cdf_lengths, "cdf_lengths", allow_cuda),
+        int32_tensor(offsets, "offsets", allow_cuda),
+    )
 
 
 def _same_device(device, **tensors):
     # A kernel is chosen by the device of its tensors; mixing devices is refused before dispatch.
     for name, t in tensors.items():
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the symbols/indexes are on {device}: "
-                             "all tensors must be on one device")
+            raise ValueError(
+                f"{name} is on {t.device} but the symbols/indexes are on {device}: all tensors must be on one device"
+            )
 
 
 def _lanes_arg(lanes) -> int:
@@ -155,8 +169,13 @@ def rans_stream_info(data) -> dict:
     tell a native stream from a CompressAI one (:func:`is_native_stream`).
     """
     info = _ops.rans_stream_info(stream_tensor(data))
-    return {"precision": info[0], "states_per_lane": info[1], "symbols": info[2], "lanes": info[3],
-            "lane_bytes": list(info[4:])}
+    return {
+        "precision": info[0],
+        "states_per_lane": info[1],
+        "symbols": info[2],
+        "lanes": info[3],
+        "lane_bytes": list(info[4:]),
+    }
 
 
 def is_native_stream(data) -> bool:
@@ -181,8 +200,10 @@ def rans_encode_batch(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) 
         raise ValueError(f"symbols and indexes must be lists of the same length, got {len(symbols)} and {len(indexes)}")
     if not symbols:
         return []
-    pairs = [(int32_tensor(s, "symbols", allow_cuda=True), int32_tensor(i, "indexes", allow_cuda=True))
-             for s, i in zip(symbols, indexes)]
+    pairs = [
+        (int32_tensor(s, "symbols", allow_cuda=True), int32_tensor(i, "indexes", allow_cuda=True))
+        for s, i in zip(symbols, indexes)
+    ]
     cdfs, cdf_lengths, offsets = _tables(cdfs, cdf_lengths, offsets, allow_cuda=True)
     device = pairs[0][0].device
     for k, (s, i) in enumerate(pairs):
@@ -253,8 +274,9 @@ def rans_decode_compat(data, indexes, cdfs, cdf_lengths, offsets) -> torch.Tenso
     return _ops.rans_decode_compat(data, indexes, *_tables(cdfs, cdf_lengths, offsets))
 
 
-def rans_decode_compat_stream(data: torch.Tensor, state: torch.Tensor, indexes, cdfs, cdf_lengths,
-                              offsets) -> torch.Tensor:
+def rans_decode_compat_stream(
+    data: torch.Tensor, state: torch.Tensor, indexes, cdfs, cdf_lengths, offsets
+) -> torch.Tensor:
     """Decode the next ``indexes.numel()`` symbols of a CompressAI stream.
 
     ``state`` is an int64 tensor [2] = (byte position, rANS state), updated in place; start with

@@ -9,6 +9,7 @@ Tables use CompressAI's layout (cdfs int32 [T, W], cdf_lengths [T], offsets [T])
 a table are escaped, so every int32 symbol round-trips. Tables are prepared once
 (:func:`prepare_tables`, an opaque handle) and cached by identity when passed as tensors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -80,8 +81,19 @@ def _tables(cdfs, cdf_lengths, offsets, tables) -> Tables:
     return _prepared.get(cdfs, (cdf_lengths, offsets), lambda: prepare_tables(cdfs, cdf_lengths, offsets))
 
 
-def encode(symbols, indexes, cdfs=None, cdf_lengths=None, offsets=None, *, tables=None, width: int = 32,
-           groups: int = 1, chained: bool = False, isa: str = "auto") -> bytes:
+def encode(
+    symbols,
+    indexes,
+    cdfs=None,
+    cdf_lengths=None,
+    offsets=None,
+    *,
+    tables=None,
+    width: int = 32,
+    groups: int = 1,
+    chained: bool = False,
+    isa: str = "auto",
+) -> bytes:
     """Encode int32 ``symbols`` with tables ``cdfs[indexes]`` into an interleaved stream.
 
     ``width``: interleaved states (16 or 32; 32 = one CUDA warp). ``groups``: independently
@@ -96,8 +108,9 @@ def encode(symbols, indexes, cdfs=None, cdf_lengths=None, offsets=None, *, table
     if symbols.device != indexes.device:
         raise ValueError(f"symbols ({symbols.device}) and indexes ({indexes.device}) must be on one device")
     if symbols.shape != indexes.shape:
-        raise ValueError(f"symbols and indexes must have the same shape, got {tuple(symbols.shape)} "
-                         f"and {tuple(indexes.shape)}")
+        raise ValueError(
+            f"symbols and indexes must have the same shape, got {tuple(symbols.shape)} and {tuple(indexes.shape)}"
+        )
     width = _bounded(width, "width", 16, 32)
     if width not in (16, 32):
         raise ValueError(f"width must be 16 or 32, got {width}")
@@ -121,8 +134,14 @@ def stream_info(data) -> dict:
     """The validated header of an interleaved stream (CRC included): precision, width, chained,
     symbols, groups and each group's word count."""
     info = _ops.rans_iv_stream_info(stream_tensor(data))
-    return {"precision": info[0], "width": info[1], "chained": bool(info[2]), "symbols": info[3],
-            "groups": info[4], "group_words": list(info[5:])}
+    return {
+        "precision": info[0],
+        "width": info[1],
+        "chained": bool(info[2]),
+        "symbols": info[3],
+        "groups": info[4],
+        "group_words": list(info[5:]),
+    }
 
 
 def isa() -> dict:

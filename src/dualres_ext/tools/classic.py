@@ -4,6 +4,7 @@ Each codec maps (RGB uint8 array, quality) -> bytes and back. Pillow brings JPEG
 and JPEG 2000 (each where its Pillow build has the format); JPEG XL needs ``imagecodecs``
 (``pip install dualres_ext[eval]``) and is skipped without it.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,6 +29,7 @@ def _pil_encode(fmt: str, **fixed) -> Callable[[np.ndarray, int], bytes]:
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format=fmt, **fixed, **({"quality": quality} if fmt != "JPEG2000" else {}))
         return buf.getvalue()
+
     return encode
 
 
@@ -38,35 +40,44 @@ def _pil_decode(data: bytes) -> np.ndarray:
 def _j2k_encode(rgb: np.ndarray, ratio: int) -> bytes:
     # OpenJPEG's rate control: a compression ratio; 'quality' here is 1000/ratio so bigger = better.
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG2000", quality_mode="rates",
-                              quality_layers=[1000.0 / ratio], irreversible=True)
+    Image.fromarray(rgb).save(
+        buf, format="JPEG2000", quality_mode="rates", quality_layers=[1000.0 / ratio], irreversible=True
+    )
     return buf.getvalue()
 
 
 def available_codecs() -> Dict[str, Codec]:
     """The classical codecs installed here, by name."""
     codecs = {
-        "jpeg420": Codec("JPEG 4:2:0", list(range(5, 96, 5)), _pil_encode("JPEG", subsampling=2, optimize=True), _pil_decode),
-        "jpeg444": Codec("JPEG 4:4:4", list(range(5, 96, 5)), _pil_encode("JPEG", subsampling=0, optimize=True), _pil_decode),
+        "jpeg420": Codec(
+            "JPEG 4:2:0", list(range(5, 96, 5)), _pil_encode("JPEG", subsampling=2, optimize=True), _pil_decode
+        ),
+        "jpeg444": Codec(
+            "JPEG 4:4:4", list(range(5, 96, 5)), _pil_encode("JPEG", subsampling=0, optimize=True), _pil_decode
+        ),
     }
     if features.check("webp"):
         codecs["webp"] = Codec("WebP", list(range(0, 101, 5)), _pil_encode("WEBP", method=6), _pil_decode)
     if features.check("avif"):
         # speed 6 and a step of 10: at speed 4 with a step of 5, AVIF took 40 of the 60 coding
         # seconds per Kodak image of an evaluation (all codecs, on a 2-core CPU).
-        codecs["avif"] = Codec("AVIF", list(range(0, 101, 10)), _pil_encode("AVIF", speed=6, subsampling="4:4:4"),
-                               _pil_decode)
+        codecs["avif"] = Codec(
+            "AVIF", list(range(0, 101, 10)), _pil_encode("AVIF", speed=6, subsampling="4:4:4"), _pil_decode
+        )
     if features.check("jpg_2000"):
-        codecs["jpeg2000"] = Codec("JPEG 2000", [5, 8, 12, 16, 20, 25, 30, 40, 50, 65, 80, 100, 130, 170, 220],
-                                   _j2k_encode, _pil_decode)
+        codecs["jpeg2000"] = Codec(
+            "JPEG 2000", [5, 8, 12, 16, 20, 25, 30, 40, 50, 65, 80, 100, 130, 170, 220], _j2k_encode, _pil_decode
+        )
     try:  # optional dependency (the ``eval`` extra), imported only where the codec table is built
         import imagecodecs
 
         if imagecodecs.JPEGXL.available:
             codecs["jpegxl"] = Codec(
-                "JPEG XL", list(range(5, 96, 5)),
+                "JPEG XL",
+                list(range(5, 96, 5)),
                 lambda rgb, q: bytes(imagecodecs.jpegxl_encode(rgb, level=q, effort=7)),
-                lambda data: np.asarray(imagecodecs.jpegxl_decode(data))[..., :3])
+                lambda data: np.asarray(imagecodecs.jpegxl_decode(data))[..., :3],
+            )
     except ImportError:
         pass
     return codecs

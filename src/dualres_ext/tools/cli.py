@@ -4,6 +4,7 @@
 Each command imports what it needs when it runs, so that ``dualres info`` or ``--help`` does not
 load the model, the codec and the classical codecs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,15 +67,24 @@ def _cmd_compress(args) -> int:
             return _fail(f"--max-bpp must be a positive number, got {args.max_bpp}", EXIT_ERROR)
         max_bytes = max(1, int(args.max_bpp * image.width * image.height / 8))
     start = time.perf_counter()
-    data = encode(image, quality=args.quality, device=args.device, weights=args.weights, max_bytes=max_bytes,
-                  refine_steps=args.refine_steps, refine_rounds=args.refine_rounds)
+    data = encode(
+        image,
+        quality=args.quality,
+        device=args.device,
+        weights=args.weights,
+        max_bytes=max_bytes,
+        refine_steps=args.refine_steps,
+        refine_rounds=args.refine_rounds,
+    )
     seconds = time.perf_counter() - start
     with open(args.output, "wb") as f:
         f.write(data)
     bpp = 8.0 * len(data) / (image.width * image.height)
     quality = parse_header(data)["quality"]
-    print(f"{args.output}: {len(data)} bytes, {bpp:.4f} bpp, {image.width}x{image.height}, "
-          f"quality {quality:g}, {seconds:.2f} s")
+    print(
+        f"{args.output}: {len(data)} bytes, {bpp:.4f} bpp, {image.width}x{image.height}, "
+        f"quality {quality:g}, {seconds:.2f} s"
+    )
     return 0
 
 
@@ -83,9 +93,16 @@ def _cmd_compress_folder(args) -> int:
 
     if args.max_bytes is not None:
         return _fail("a folder takes --max-bpp (per image), not --max-bytes", EXIT_ERROR)
-    summary = compress_folder(args.input, args.output, quality=args.quality, max_bpp=args.max_bpp,
-                              device=args.device, weights=args.weights, refine_steps=args.refine_steps,
-                              refine_rounds=args.refine_rounds)
+    summary = compress_folder(
+        args.input,
+        args.output,
+        quality=args.quality,
+        max_bpp=args.max_bpp,
+        device=args.device,
+        weights=args.weights,
+        refine_steps=args.refine_steps,
+        refine_rounds=args.refine_rounds,
+    )
     print(summary.line("compressed"))
     return EXIT_ERROR if summary.failures else 0
 
@@ -93,8 +110,9 @@ def _cmd_compress_folder(args) -> int:
 def _cmd_decompress_folder(args) -> int:
     from .folders import decompress_folder
 
-    summary = decompress_folder(args.input, args.output, image_format=args.format, device=args.device,
-                                weights=args.weights)
+    summary = decompress_folder(
+        args.input, args.output, image_format=args.format, device=args.device, weights=args.weights
+    )
     print(summary.line("decompressed"))
     return EXIT_ERROR if summary.failures else 0
 
@@ -121,8 +139,14 @@ def _cmd_decompress(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.image, args.out, args.qualities, weights=args.weights, refine_steps=args.refine_steps,
-             refine_rounds=args.refine_rounds)
+    run_demo(
+        args.image,
+        args.out,
+        args.qualities,
+        weights=args.weights,
+        refine_steps=args.refine_steps,
+        refine_rounds=args.refine_rounds,
+    )
     return 0
 
 
@@ -132,9 +156,18 @@ def _cmd_eval(args) -> int:
     # Whole-number qualities as ints: they name the rows of per_image.csv ("2", not "2.0"), which
     # --anchors and later runs match on.
     qualities = None if args.qualities is None else [int(q) if q.is_integer() else q for q in args.qualities]
-    evaluation.evaluate(args.folder, args.out, weights=args.weights, qualities=qualities, codecs=args.codecs,
-                        device=args.device, anchors=args.anchors, refine_steps=args.refine_steps,
-                        refine_rounds=args.refine_rounds, workers=args.workers)
+    evaluation.evaluate(
+        args.folder,
+        args.out,
+        weights=args.weights,
+        qualities=qualities,
+        codecs=args.codecs,
+        device=args.device,
+        anchors=args.anchors,
+        refine_steps=args.refine_steps,
+        refine_rounds=args.refine_rounds,
+        workers=args.workers,
+    )
     return 0
 
 
@@ -153,24 +186,39 @@ def _cmd_weights(args) -> int:
     model, wid = resolve_model(args.weights, None)
     path = args.weights or str(DEFAULT_WEIGHTS)
     meta = dict(model.metadata)
-    info = {"file": os.path.abspath(path), "bytes": os.path.getsize(path), "model": model.name,
-            "parameters": sum(p.numel() for p in model.parameters()), "weights_id": wid,
-            "qualities": model.num_qualities, "config": model.config, "metadata": meta}
+    info = {
+        "file": os.path.abspath(path),
+        "bytes": os.path.getsize(path),
+        "model": model.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_id": wid,
+        "qualities": model.num_qualities,
+        "config": model.config,
+        "metadata": meta,
+    }
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
-    print(f"{info['file']}: {model.name!r}, {info['parameters'] / 1e6:.2f} M parameters, "
-          f"{info['bytes'] / 1e6:.1f} MB, {model.num_qualities} qualities, weights id {info['weights_id']:#010x}")
+    print(
+        f"{info['file']}: {model.name!r}, {info['parameters'] / 1e6:.2f} M parameters, "
+        f"{info['bytes'] / 1e6:.1f} MB, {model.num_qualities} qualities, weights id {info['weights_id']:#010x}"
+    )
     print("configuration: " + ", ".join(f"{k}={v}" for k, v in model.config.items() if k != "lambdas"))
     print("lambdas: " + ", ".join(f"{v:g}" for v in model.config["lambdas"]))
     if "steps" in meta:
-        print(f"trained: {meta['steps']:,} steps on {meta.get('training_images')} images "
-              f"({meta.get('data')}), crop {meta.get('crop')}, batch {meta.get('batch')}"
-              + (f"; weights: {meta['weights']}" if meta.get("weights", "trained") != "trained" else ""))
+        print(
+            f"trained: {meta['steps']:,} steps on {meta.get('training_images')} images "
+            f"({meta.get('data')}), crop {meta.get('crop')}, batch {meta.get('batch')}"
+            + (f"; weights: {meta['weights']}" if meta.get("weights", "trained") != "trained" else "")
+        )
     val = meta.get("validation")
     if val:
-        print(f"validation loss {val['loss']:.4f}: " + "  ".join(
-            f"q{i} {q['bpp']:.3f} bpp / {q['psnr']:.2f} dB" for i, q in enumerate(val.get("per_quality", []))))
+        print(
+            f"validation loss {val['loss']:.4f}: "
+            + "  ".join(
+                f"q{i} {q['bpp']:.3f} bpp / {q['psnr']:.2f} dB" for i, q in enumerate(val.get("per_quality", []))
+            )
+        )
     lineage = meta.get("lineage") or []
     if lineage:
         print("lineage (from step: command):")
@@ -182,44 +230,75 @@ def _cmd_weights(args) -> int:
 
 
 def _add_refinement(p: argparse.ArgumentParser, where: str) -> None:
-    p.add_argument("--refine-steps", type=int, default=0, metavar="N",
-                   help=f"optimise the latents {where} with N gradient steps and then a few discrete "
-                        "rounds (smaller files, a slower encoder, the same decoder; 0 = off)")
-    p.add_argument("--refine-rounds", type=int, default=None, metavar="R",
-                   help="at most R discrete rounds after the gradient steps (default 3 with --refine-steps; "
-                        "without it, the rounds run alone)")
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"optimise the latents {where} with N gradient steps and then a few discrete "
+        "rounds (smaller files, a slower encoder, the same decoder; 0 = off)",
+    )
+    p.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=None,
+        metavar="R",
+        help="at most R discrete rounds after the gradient steps (default 3 with --refine-steps; "
+        "without it, the rounds run alone)",
+    )
 
 
 def _add_workers(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="measure N images at once in separate processes, each with 1/N of the threads "
-                        "(faster on many cores, same bytes; timings are then of a shared machine)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="measure N images at once in separate processes, each with 1/N of the threads "
+        "(faster on many cores, same bytes; timings are then of a shared machine)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dualres", description="Learned image compression with DualRes: "
-                                     "compress, decompress, compare with classical codecs.")
+    parser = argparse.ArgumentParser(
+        prog="dualres",
+        description="Learned image compression with DualRes: compress, decompress, compare with classical codecs.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="how the native extension was built")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("compress", help="compress an image file (or a folder of them) into .drx bitstreams")
     p.add_argument("input", help="image file (PNG, JPEG, ...; grey and RGBA are handled), or a folder of them")
     p.add_argument("output", help="bitstream file to write (.drx), or the output folder for a folder")
-    p.add_argument("--quality", "-q", type=float, default=None,
-                   help="0 (smallest) .. 5 (best), fractions interpolate (default 3; with --max-bytes or "
-                        "--max-bpp the highest quality tried, default 5)")
-    p.add_argument("--max-bytes", type=int, default=None,
-                   help="rate control: the best quality whose file is at most this many bytes")
-    p.add_argument("--max-bpp", type=float, default=None,
-                   help="rate control in bits per pixel (the file at most bpp * width * height / 8 bytes)")
+    p.add_argument(
+        "--quality",
+        "-q",
+        type=float,
+        default=None,
+        help="0 (smallest) .. 5 (best), fractions interpolate (default 3; with --max-bytes or "
+        "--max-bpp the highest quality tried, default 5)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help="rate control: the best quality whose file is at most this many bytes",
+    )
+    p.add_argument(
+        "--max-bpp",
+        type=float,
+        default=None,
+        help="rate control in bits per pixel (the file at most bpp * width * height / 8 bytes)",
+    )
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
     p.add_argument("--device", help="torch device (default cpu)")
     _add_refinement(p, "for this image")
     p.set_defaults(func=lambda a: _run_codec(_cmd_compress, a))
     p = sub.add_parser("decompress", help="decompress a .drx bitstream (or a folder of them) into image files")
     p.add_argument("input", help="bitstream file (.drx), or a folder of them")
-    p.add_argument("output", help="image file to write (format from the extension, e.g. .png), or the output "
-                                  "folder for a folder")
+    p.add_argument(
+        "output", help="image file to write (format from the extension, e.g. .png), or the output folder for a folder"
+    )
     p.add_argument("--format", default="png", help="image format of a folder's outputs (default png)")
     p.add_argument("--weights", help="checkpoint the bitstream was written with (default: the package's)")
     p.add_argument("--device", help="torch device (default cpu)")
@@ -235,13 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of images (e.g. the 24 Kodak images)")
     p.add_argument("--out", default="results/eval", help="folder for per_image.csv, summary.json, rd.png")
     p.add_argument("--weights", help="checkpoint to use instead of the package's trained weights")
-    p.add_argument("--qualities", type=float, nargs="+", default=None, metavar="Q",
-                   help="DualRes qualities to measure (default: every integer quality of the model, "
-                        "0 .. 5; fractions interpolate)")
+    p.add_argument(
+        "--qualities",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="Q",
+        help="DualRes qualities to measure (default: every integer quality of the model, "
+        "0 .. 5; fractions interpolate)",
+    )
     p.add_argument("--codecs", nargs="*", help="classical codecs (default: every one installed)")
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--anchors",
-                   help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows")
+    p.add_argument(
+        "--anchors", help="per_image.csv of an earlier run over the same folder: reuse its classical-codec rows"
+    )
     _add_refinement(p, "per image and quality")
     _add_workers(p)
     p.set_defaults(func=lambda a: _run_codec(_cmd_eval, a))

@@ -5,6 +5,7 @@ Besides the reconstructions, the demo writes ``side_by_side.png`` (:func:`side_b
 original and the middle quality's DualRes, JPEG and WebP pictures at full size, and under them
 the same detail region of each, enlarged (nearest neighbour) so that the codecs' artefacts show.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def detail_window(rgb: np.ndarray, reconstructions: Sequence[np.ndarray], width: int, height: int,
-                  step: int = 4) -> Tuple[int, int]:
+def detail_window(
+    rgb: np.ndarray, reconstructions: Sequence[np.ndarray], width: int, height: int, step: int = 4
+) -> Tuple[int, int]:
     """Top-left ``(x, y)`` of the ``width`` x ``height`` window where the reconstructions' summed
     squared error is largest: where the codecs have to give up the most detail, which is where
     their differences show. All reconstructions count alike (no codec's errors are preferred).
@@ -52,14 +54,19 @@ def detail_window(rgb: np.ndarray, reconstructions: Sequence[np.ndarray], width:
     integral = np.pad(err, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     ys = np.arange(0, h - height + 1, step)
     xs = np.arange(0, w - width + 1, step)
-    sums = (integral[ys[:, None] + height, xs[None, :] + width] - integral[ys[:, None], xs[None, :] + width]
-            - integral[ys[:, None] + height, xs[None, :]] + integral[ys[:, None], xs[None, :]])
+    sums = (
+        integral[ys[:, None] + height, xs[None, :] + width]
+        - integral[ys[:, None], xs[None, :] + width]
+        - integral[ys[:, None] + height, xs[None, :]]
+        + integral[ys[:, None], xs[None, :]]
+    )
     iy, ix = np.unravel_index(int(np.argmax(sums)), sums.shape)
     return int(xs[ix]), int(ys[iy])
 
 
-def side_by_side(rgb: np.ndarray, views: Sequence[Tuple[str, str, np.ndarray]],
-                 zoom: Optional[int] = None) -> Tuple[Image.Image, dict]:
+def side_by_side(
+    rgb: np.ndarray, views: Sequence[Tuple[str, str, np.ndarray]], zoom: Optional[int] = None
+) -> Tuple[Image.Image, dict]:
     """The comparison picture and its layout.
 
     ``views``: ``(title, figures, reconstruction)`` per codec (e.g. ``("DualRes q2", "0.408 bpp,
@@ -99,9 +106,12 @@ def side_by_side(rgb: np.ndarray, views: Sequence[Tuple[str, str, np.ndarray]],
         layout["full"].append((x, top + label_h))
         # Row two: the detail region, enlarged.
         top = MARGIN + row_h + MARGIN
-        crop = img[y0:y0 + ch, x0:x0 + cw]
-        detail = (f"{cw}x{ch} px at ({x0}, {y0}), framed above" if i == 0
-                  else f"PSNR here {_psnr_text(rgb[y0:y0 + ch, x0:x0 + cw], crop)}")
+        crop = img[y0 : y0 + ch, x0 : x0 + cw]
+        detail = (
+            f"{cw}x{ch} px at ({x0}, {y0}), framed above"
+            if i == 0
+            else f"PSNR here {_psnr_text(rgb[y0 : y0 + ch, x0 : x0 + cw], crop)}"
+        )
         draw.text((x + 2, top), f"{title}: detail {zoom}x", fill="black", font=font)
         draw.text((x + 2, top + line), detail, fill=(60, 60, 60), font=font)
         sheet.paste(Image.fromarray(crop).resize((cw * zoom, ch * zoom), Image.NEAREST), (x, top + label_h))
@@ -117,9 +127,16 @@ def _psnr_text(a: np.ndarray, b: np.ndarray) -> str:
     return "identical" if value == float("inf") else f"{value:.2f} dB"
 
 
-def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qualities: Sequence[int] = (0, 2, 5),
-             weights=None, device=None, log=print, refine_steps: int = 0,
-             refine_rounds: Optional[int] = None) -> list:
+def run_demo(
+    image_path: Optional[str] = None,
+    out_dir: str = "dualres_demo",
+    qualities: Sequence[int] = (0, 2, 5),
+    weights=None,
+    device=None,
+    log=print,
+    refine_steps: int = 0,
+    refine_rounds: Optional[int] = None,
+) -> list:
     """Run the demo; returns one dict per quality with sizes, PSNRs and timings.
 
     ``refine_steps``, ``refine_rounds``: encode with latent refinement (``encode(...,
@@ -133,16 +150,22 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     os.makedirs(out_dir, exist_ok=True)
     model, _ = resolve_model(weights, device)
     meta = getattr(model, "metadata", {}) or {}
-    log(f"DualRes demo: {path.name} ({w}x{h}), weights: {model.name}"
+    log(
+        f"DualRes demo: {path.name} ({w}x{h}), weights: {model.name}"
         + (f", trained {meta['steps']} steps" if meta.get("steps") is not None else "")
-        + (f", latent refinement {refine_steps} steps + up to {refine_rounds} rounds"
-           if refine_steps or refine_rounds else ""))
+        + (
+            f", latent refinement {refine_steps} steps + up to {refine_rounds} rounds"
+            if refine_steps or refine_rounds
+            else ""
+        )
+    )
     encode(rgb, quality=qualities[0], device=device, weights=weights)  # warm-up (tables, thread pool)
 
     codecs = available_codecs()
     peers = [k for k in ("jpeg420", "webp") if k in codecs]
     header = f"{'quality':>7} {'bytes':>7} {'bpp':>6} {'PSNR':>7} {'enc ms':>7} {'dec ms':>7} | " + " | ".join(
-        f"{codecs[k].name} same size: bpp / PSNR" for k in peers)
+        f"{codecs[k].name} same size: bpp / PSNR" for k in peers
+    )
     log(header)
     log("-" * len(header))
     rows: List[dict] = []
@@ -150,13 +173,20 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
     shown = qualities[len(qualities) // 2]
     for q in qualities:
         t0 = time.perf_counter()
-        data = encode(rgb, quality=q, device=device, weights=weights, refine_steps=refine_steps,
-                      refine_rounds=refine_rounds)
+        data = encode(
+            rgb, quality=q, device=device, weights=weights, refine_steps=refine_steps, refine_rounds=refine_rounds
+        )
         t1 = time.perf_counter()
         rec = decode(data, device=device, output="numpy", weights=weights)
         t2 = time.perf_counter()
-        row = {"quality": q, "bytes": len(data), "bpp": 8 * len(data) / (h * w), "psnr": psnr(rgb, rec),
-               "encode_ms": 1e3 * (t1 - t0), "decode_ms": 1e3 * (t2 - t1)}
+        row = {
+            "quality": q,
+            "bytes": len(data),
+            "bpp": 8 * len(data) / (h * w),
+            "psnr": psnr(rgb, rec),
+            "encode_ms": 1e3 * (t1 - t0),
+            "decode_ms": 1e3 * (t2 - t1),
+        }
         Image.fromarray(rec).save(os.path.join(out_dir, f"dualres_q{q}.png"))
         peer_text = []
         for k in peers:
@@ -171,11 +201,15 @@ def run_demo(image_path: Optional[str] = None, out_dir: str = "dualres_demo", qu
             Image.fromarray(crec).save(os.path.join(out_dir, f"{k}_same_size_as_q{q}.png"))
             peer_text.append(f"{row[k]['bpp']:.3f} / {row[k]['psnr']:.2f} dB (q={cq})".ljust(30))
             if q == shown:
-                views.append((f"{codecs[k].name}, same size", f"{row[k]['bpp']:.3f} bpp, {row[k]['psnr']:.2f} dB", crec))
+                views.append(
+                    (f"{codecs[k].name}, same size", f"{row[k]['bpp']:.3f} bpp, {row[k]['psnr']:.2f} dB", crec)
+                )
         if q == shown:
             views.insert(0, (f"DualRes q{q}", f"{row['bpp']:.3f} bpp, {row['psnr']:.2f} dB", rec))
-        log(f"{q:>7} {len(data):>7} {row['bpp']:>6.3f} {row['psnr']:>6.2f}dB {row['encode_ms']:>7.1f} {row['decode_ms']:>7.1f} | "
-            + " | ".join(peer_text))
+        log(
+            f"{q:>7} {len(data):>7} {row['bpp']:>6.3f} {row['psnr']:>6.2f}dB {row['encode_ms']:>7.1f} {row['decode_ms']:>7.1f} | "
+            + " | ".join(peer_text)
+        )
         rows.append(row)
     sheet, _ = side_by_side(rgb, views)
     sheet.save(os.path.join(out_dir, "side_by_side.png"))

@@ -5,6 +5,7 @@ decode milliseconds; the same for each classical codec over its quality sweep; d
 curves, Bjøntegaard delta-rates of ours against each codec (on PSNR and on MS-SSIM in dB), an R-D plot and CSV/JSON files.
 Used by ``python -m dualres_ext eval DIR`` (and ``python/eval_rd.py``, the same command).
 """
+
 from __future__ import annotations
 
 import csv
@@ -61,8 +62,15 @@ def _average(rows: List[dict], key_fields: Sequence[str]) -> List[dict]:
 
 
 _CSV_FIELDS = ["image", "codec", "quality", "bytes", "bpp", "psnr", "ms_ssim", "enc_ms", "dec_ms"]
-_CSV_TYPES = {"quality": float, "bytes": int, "bpp": float, "psnr": float, "ms_ssim": float,
-              "enc_ms": float, "dec_ms": float}
+_CSV_TYPES = {
+    "quality": float,
+    "bytes": int,
+    "bpp": float,
+    "psnr": float,
+    "ms_ssim": float,
+    "enc_ms": float,
+    "dec_ms": float,
+}
 
 
 def _load_anchor_rows(path: str) -> Dict[tuple, dict]:
@@ -86,23 +94,40 @@ def _measure(rgb: np.ndarray, name: str, codec: str, quality, encode, decode) ->
     t1 = time.perf_counter()
     rec = decode(data)
     t2 = time.perf_counter()
-    return {"image": name, "codec": codec, "quality": quality, "bytes": len(data),
-            "bpp": 8 * len(data) / (rgb.shape[0] * rgb.shape[1]), "psnr": psnr(rgb, rec),
-            "ms_ssim": _ms_ssim_or_nan(rgb, rec), "enc_ms": 1e3 * (t1 - t0), "dec_ms": 1e3 * (t2 - t1)}
+    return {
+        "image": name,
+        "codec": codec,
+        "quality": quality,
+        "bytes": len(data),
+        "bpp": 8 * len(data) / (rgb.shape[0] * rgb.shape[1]),
+        "psnr": psnr(rgb, rec),
+        "ms_ssim": _ms_ssim_or_nan(rgb, rec),
+        "enc_ms": 1e3 * (t1 - t0),
+        "dec_ms": 1e3 * (t2 - t1),
+    }
 
 
-def _evaluate_image(path: str, qualities, chosen, codecs, weights, device, refine: Tuple[int, int],
-                    reuse: Dict[tuple, dict]):
+def _evaluate_image(
+    path: str, qualities, chosen, codecs, weights, device, refine: Tuple[int, int], reuse: Dict[tuple, dict]
+):
     """(rows, how many were reused) of one image: DualRes at each quality (``refine``: its
     ``refine_steps`` and ``refine_rounds``), then each chosen classical codec over its sweep (rows
     found in ``reuse`` are taken instead of coded)."""
     rgb = np.asarray(Image.open(path).convert("RGB"))
     name = os.path.basename(path)
-    rows = [_measure(rgb, name, "dualres", q,
-                     lambda a, q=q: encode(a, quality=q, device=device, weights=weights, refine_steps=refine[0],
-                                           refine_rounds=refine[1]),
-                     lambda d: decode(d, device=device, output="numpy", weights=weights))
-            for q in qualities]
+    rows = [
+        _measure(
+            rgb,
+            name,
+            "dualres",
+            q,
+            lambda a, q=q: encode(
+                a, quality=q, device=device, weights=weights, refine_steps=refine[0], refine_rounds=refine[1]
+            ),
+            lambda d: decode(d, device=device, output="numpy", weights=weights),
+        )
+        for q in qualities
+    ]
     reused = 0
     for key in chosen:
         codec = codecs[key]
@@ -124,17 +149,25 @@ def _evaluate_image_in_worker(path, qualities, chosen, weights, device, refine, 
     return _evaluate_image(path, qualities, chosen, available_codecs(), weights, device, refine, reuse)
 
 
-def _evaluate_in_processes(files, workers: int, qualities, chosen, weights, device, refine,
-                           reuse_for, finished) -> None:
+def _evaluate_in_processes(
+    files, workers: int, qualities, chosen, weights, device, refine, reuse_for, finished
+) -> None:
     """:func:`_evaluate_image` for every file in ``workers`` processes; ``finished(name, rows,
     reused)`` as each image completes (in the order they complete)."""
     threads = max(1, torch.get_num_threads() // workers)
     # "spawn": a forked child would inherit torch's thread pools and the parent's locks.
-    with ProcessPoolExecutor(max_workers=min(workers, len(files)) or 1,
-                             mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(threads,)) as pool:
-        jobs = {pool.submit(_evaluate_image_in_worker, path, qualities, chosen, weights, device, refine,
-                            reuse_for(path)): path for path in files}
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(files)) or 1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(threads,),
+    ) as pool:
+        jobs = {
+            pool.submit(
+                _evaluate_image_in_worker, path, qualities, chosen, weights, device, refine, reuse_for(path)
+            ): path
+            for path in files
+        }
         try:
             for job in as_completed(jobs):
                 finished(os.path.basename(jobs[job]), *job.result())
@@ -144,9 +177,19 @@ def _evaluate_in_processes(files, workers: int, qualities, chosen, weights, devi
             raise
 
 
-def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequence[float]] = None,
-             codecs: Optional[Sequence[str]] = None, device=None, log=print, anchors: Optional[str] = None,
-             refine_steps: int = 0, workers: int = 1, refine_rounds: Optional[int] = None) -> dict:
+def evaluate(
+    folder: str,
+    out_dir: str,
+    weights=None,
+    qualities: Optional[Sequence[float]] = None,
+    codecs: Optional[Sequence[str]] = None,
+    device=None,
+    log=print,
+    anchors: Optional[str] = None,
+    refine_steps: int = 0,
+    workers: int = 1,
+    refine_rounds: Optional[int] = None,
+) -> dict:
     """Run the evaluation; write ``out_dir``/{per_image.csv, summary.json, rd.png}; return the summary.
 
     ``anchors``: a per_image.csv from an earlier run over the same folder; its classical-codec
@@ -164,8 +207,10 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if workers > 1 and weights is not None and not isinstance(weights, (str, os.PathLike)):
-        raise ValueError("workers > 1: weights must be None or a path (each worker process loads its own model), "
-                         f"got {type(weights).__name__}")
+        raise ValueError(
+            "workers > 1: weights must be None or a path (each worker process loads its own model), "
+            f"got {type(weights).__name__}"
+        )
     os.makedirs(out_dir, exist_ok=True)
     files = _images(folder)
     model, _ = resolve_model(weights, device)
@@ -197,8 +242,10 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
         with open(csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=_CSV_FIELDS).writerows(image_rows)
         ours = [r for r in image_rows if r["codec"] == "dualres"]
-        image_log(f"[{len(per_image)}/{len(files)}] {name}: "
-            + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours))
+        image_log(
+            f"[{len(per_image)}/{len(files)}] {name}: "
+            + " ".join(f"q{r['quality']}:{r['bpp']:.3f}bpp/{r['psnr']:.2f}dB" for r in ours)
+        )
 
     reuse_by_image: Dict[str, Dict[tuple, dict]] = {}
     for key, row in reuse.items():
@@ -209,8 +256,10 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
 
     if workers == 1:
         for path in files:
-            finished(os.path.basename(path),
-                     *_evaluate_image(path, qualities, chosen, all_codecs, weights, device, refine, reuse_for(path)))
+            finished(
+                os.path.basename(path),
+                *_evaluate_image(path, qualities, chosen, all_codecs, weights, device, refine, reuse_for(path)),
+            )
     else:
         _evaluate_in_processes(files, workers, qualities, chosen, weights, device, refine, reuse_for, finished)
     bar.close()
@@ -223,20 +272,30 @@ def evaluate(folder: str, out_dir: str, weights=None, qualities: Optional[Sequen
     bd = bd_rates(curves, chosen, "psnr", log)
     bd_ms_ssim = bd_rates(curves, chosen, "ms_ssim_db", log)
     differences = psnr_differences(curves, chosen)
-    summary = {"folder": os.path.abspath(folder), "images": len(files), "qualities": list(qualities),
-               "refine_steps": refine[0], "refine_rounds": refine[1],
-               "curves": curves, "bd_rate_psnr_percent": bd, "bd_rate_ms_ssim_percent": bd_ms_ssim,
-               "psnr_difference_db_at_our_rates": differences,
-               "codec_names": {k: all_codecs[k].name for k in chosen}}
+    summary = {
+        "folder": os.path.abspath(folder),
+        "images": len(files),
+        "qualities": list(qualities),
+        "refine_steps": refine[0],
+        "refine_rounds": refine[1],
+        "curves": curves,
+        "bd_rate_psnr_percent": bd,
+        "bd_rate_ms_ssim_percent": bd_ms_ssim,
+        "psnr_difference_db_at_our_rates": differences,
+        "codec_names": {k: all_codecs[k].name for k in chosen},
+    }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     title = os.path.basename(os.path.abspath(folder)) + (
-        f", DualRes refine_steps={refine[0]}, refine_rounds={refine[1]}" if any(refine) else "")
+        f", DualRes refine_steps={refine[0]}, refine_rounds={refine[1]}" if any(refine) else ""
+    )
     _plot(curves, summary["codec_names"], os.path.join(out_dir, "rd.png"), title=title)
     for key in chosen:
-        log(f"BD-rate of DualRes vs {all_codecs[key].name}: PSNR {_percent(bd[key])}, "
+        log(
+            f"BD-rate of DualRes vs {all_codecs[key].name}: PSNR {_percent(bd[key])}, "
             f"MS-SSIM {_percent(bd_ms_ssim[key])}; PSNR difference at our rates (dB): "
-            + " ".join("n/a" if d is None else f"{d:+.2f}" for d in differences[key]))
+            + " ".join("n/a" if d is None else f"{d:+.2f}" for d in differences[key])
+        )
     return summary
 
 
@@ -251,6 +310,7 @@ def ms_ssim_db(value: float) -> float:
 
 def bd_rates(curves: List[dict], codecs: Sequence[str], metric: str, log) -> Dict[str, Optional[float]]:
     """BD-rate (percent) of DualRes against each codec, on ``metric``: "psnr" or "ms_ssim_db"."""
+
     def quality(c):
         return c["psnr"] if metric == "psnr" else ms_ssim_db(c["ms_ssim"])
 
@@ -268,10 +328,14 @@ def bd_rates(curves: List[dict], codecs: Sequence[str], metric: str, log) -> Dic
             continue
         lo, hi = quality(ours[0]), quality(ours[-1])
         inside = [i for i, c in enumerate(points) if lo - margin <= quality(c) <= hi + margin]
-        anchor = points[max(inside[0] - 1, 0):inside[-1] + 2] if inside else []
+        anchor = points[max(inside[0] - 1, 0) : inside[-1] + 2] if inside else []
         try:
-            out[key] = bd_rate([c["bpp"] for c in anchor], [quality(c) for c in anchor],
-                               [c["bpp"] for c in ours], [quality(c) for c in ours])
+            out[key] = bd_rate(
+                [c["bpp"] for c in anchor],
+                [quality(c) for c in anchor],
+                [c["bpp"] for c in ours],
+                [quality(c) for c in ours],
+            )
         except ValueError as exc:
             out[key] = None
             log(f"BD-rate ({metric}) vs {key}: not computable ({exc})")
@@ -319,8 +383,9 @@ def _plot(curves: List[dict], names: Dict[str, str], path: str, title: str) -> N
     ours = [c["bpp"] for c in curves if c["codec"] == "dualres"]
     xmax = max(ours) * 1.3
     shown = [c for c in curves if c["bpp"] <= xmax]
-    for ax, ylabel, y in zip(axes, ["RGB PSNR (dB)", "MS-SSIM (dB)"],
-                             [lambda c: c["psnr"], lambda c: ms_ssim_db(c["ms_ssim"])]):
+    for ax, ylabel, y in zip(
+        axes, ["RGB PSNR (dB)", "MS-SSIM (dB)"], [lambda c: c["psnr"], lambda c: ms_ssim_db(c["ms_ssim"])]
+    ):
         ax.set_xlim(0, xmax)
         # Fit the y axis to the points inside the x range: the classical codecs' high-rate points
         # (up to 50 dB) would otherwise squeeze every curve into the bottom of the plot.

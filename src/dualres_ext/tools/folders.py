@@ -4,6 +4,7 @@ The folder's tree is mirrored (``a/b.png`` → ``OUTDIR/a/b.drx``); a file that 
 and skipped, and the others go on. A tqdm bar shows progress on a terminal; the summary line
 (files, bytes, bits per pixel, time) is printed either way.
 """
+
 from __future__ import annotations
 
 import sys
@@ -36,8 +37,10 @@ class FolderSummary:
 
     def line(self, verb: str) -> str:
         failed = f", {len(self.failures)} failed" if self.failures else ""
-        return (f"{verb} {self.files} files: {self.bytes} bytes, {self.bpp:.4f} bpp, {self.pixels / 1e6:.2f} Mpx, "
-                f"{self.seconds:.1f} s{failed}")
+        return (
+            f"{verb} {self.files} files: {self.bytes} bytes, {self.bpp:.4f} bpp, {self.pixels / 1e6:.2f} Mpx, "
+            f"{self.seconds:.1f} s{failed}"
+        )
 
 
 def _files(folder: Path, extensions: Iterable[str]) -> List[Path]:
@@ -45,8 +48,14 @@ def _files(folder: Path, extensions: Iterable[str]) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
 
 
-def _run(sources: List[Path], folder: Path, out_dir: Path, suffix: str, code: Callable[[Path, Path], Tuple[int, int]],
-         unit: str) -> FolderSummary:
+def _run(
+    sources: List[Path],
+    folder: Path,
+    out_dir: Path,
+    suffix: str,
+    code: Callable[[Path, Path], Tuple[int, int]],
+    unit: str,
+) -> FolderSummary:
     summary = FolderSummary()
     start = time.perf_counter()
     bar = tqdm(sources, unit=unit, disable=not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
@@ -67,8 +76,9 @@ def _run(sources: List[Path], folder: Path, out_dir: Path, suffix: str, code: Ca
     return summary
 
 
-def compress_folder(folder, out_dir, quality: Optional[float] = None, max_bpp: Optional[float] = None,
-                    **encode_options) -> FolderSummary:
+def compress_folder(
+    folder, out_dir, quality: Optional[float] = None, max_bpp: Optional[float] = None, **encode_options
+) -> FolderSummary:
     """Every image under ``folder`` (PNG, JPEG, ... by extension) to ``out_dir`` as ``.drx``;
     ``max_bpp`` is rate control per image, the other options are :func:`dualres_ext.encode`'s."""
     folder, out_dir = Path(folder), Path(out_dir)

@@ -1,4 +1,5 @@
 """Image-quality metrics and the Bjøntegaard delta-rate, as learned-compression papers report them."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ def _as_float_tensor(img) -> torch.Tensor:
 def psnr(a, b, peak: float = 255.0) -> float:
     """PSNR in dB over all channels (RGB PSNR, as CompressAI's eval reports it)."""
     mse = torch.mean((_as_float_tensor(a) - _as_float_tensor(b)) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -30,7 +31,7 @@ _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - size // 2
-    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
 
 
@@ -43,11 +44,11 @@ def _blur(t: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     w = t.shape[-1] - k + 1
     rows = t[..., :w] * taps[0]
     for i in range(1, k):
-        rows.add_(t[..., i:i + w], alpha=taps[i])
+        rows.add_(t[..., i : i + w], alpha=taps[i])
     h = rows.shape[-2] - k + 1
     out = rows[..., :h, :] * taps[0]
     for i in range(1, k):
-        out.add_(rows[..., i:i + h, :], alpha=taps[i])
+        out.add_(rows[..., i : i + h, :], alpha=taps[i])
     return out
 
 
@@ -55,9 +56,9 @@ def _ssim_terms(x, y, window, data_range):
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     # The five local moments in one pass over a stacked tensor.
     mx, my, exx, eyy, exy = _blur(torch.stack([x, y, x * x, y * y, x * y]), window)
-    sxx, syy, sxy = exx - mx ** 2, eyy - my ** 2, exy - mx * my
+    sxx, syy, sxy = exx - mx**2, eyy - my**2, exy - mx * my
     cs = (2 * sxy + c2) / (sxx + syy + c2)
-    ssim = ((2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1)) * cs
+    ssim = ((2 * mx * my + c1) / (mx**2 + my**2 + c1)) * cs
     return ssim.mean(dim=(2, 3)), cs.mean(dim=(2, 3))  # per image and channel
 
 
@@ -87,8 +88,9 @@ def ms_ssim(a, b, data_range: float = 255.0) -> float:
     return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0).mean().item()
 
 
-def bd_rate(rate_anchor: Sequence[float], psnr_anchor: Sequence[float],
-            rate_test: Sequence[float], psnr_test: Sequence[float]) -> float:
+def bd_rate(
+    rate_anchor: Sequence[float], psnr_anchor: Sequence[float], rate_test: Sequence[float], psnr_test: Sequence[float]
+) -> float:
     """Bjøntegaard delta-rate in percent (negative: the test codec needs fewer bits for the same quality).
 
     Classic formulation (VCEG-M33): fit log-rate as a cubic polynomial of PSNR for each curve and

@@ -8,6 +8,7 @@ the table of its scale. It codes the latent with the native multi-lane stream (t
 lane count and one lane) and with the CompressAI-compatible stream, checks every round trip and
 prints throughput, bits per symbol against the ideal under the tables, and the lane count.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ def run(repeat: int = 5, seed: int = 0) -> int:
     vv = torch.where(inside, v, lengths[t_idx].long() - 2)
     ideal = float((16 - torch.log2((cdfs[t_idx, vv + 1] - cdfs[t_idx, vv]).double())).sum()) / n
 
-    print(f"workload: {n} Gaussian symbols {tuple(shape)}, scales log-uniform in [0.11, 20], "
-          f"64 tables, {torch.get_num_threads()} threads, best of {repeat}")
+    print(
+        f"workload: {n} Gaussian symbols {tuple(shape)}, scales log-uniform in [0.11, 20], "
+        f"64 tables, {torch.get_num_threads()} threads, best of {repeat}"
+    )
     print(f"{'coder':<28}{'encode Msym/s':>15}{'decode Msym/s':>15}{'bits/sym':>10}{'vs ideal':>10}  lanes")
     for name, lanes in (("native, encoder's lanes", None), ("native, 1 lane", 1)):
         te, data = best(lambda: ops.rans_encode(symbols, indexes, cdfs, lengths, offsets, lanes=lanes))
@@ -50,12 +53,16 @@ def run(repeat: int = 5, seed: int = 0) -> int:
         assert torch.equal(out, symbols), "round trip failed"
         bits = len(data) * 8 / n
         n_lanes = ops.rans_stream_info(data)["lanes"]
-        print(f"{name:<28}{n / te / 1e6:>15.1f}{n / td / 1e6:>15.1f}{bits:>10.4f}{100 * (bits / ideal - 1):>+9.2f}%  {n_lanes}")
+        print(
+            f"{name:<28}{n / te / 1e6:>15.1f}{n / td / 1e6:>15.1f}{bits:>10.4f}{100 * (bits / ideal - 1):>+9.2f}%  {n_lanes}"
+        )
     te, data = best(lambda: ops.rans_encode_compat(symbols, indexes, cdfs, lengths, offsets))
     td, out = best(lambda: ops.rans_decode_compat(data, indexes, cdfs, lengths, offsets))
     assert torch.equal(out, symbols), "round trip failed"
     bits = len(data) * 8 / n
-    print(f"{'CompressAI-compatible':<28}{n / te / 1e6:>15.1f}{n / td / 1e6:>15.1f}{bits:>10.4f}"
-          f"{100 * (bits / ideal - 1):>+9.2f}%  -")
+    print(
+        f"{'CompressAI-compatible':<28}{n / te / 1e6:>15.1f}{n / td / 1e6:>15.1f}{bits:>10.4f}"
+        f"{100 * (bits / ideal - 1):>+9.2f}%  -"
+    )
     print(f"ideal (-sum log2 p under the tables): {ideal:.4f} bits/symbol; all round trips exact")
     return 0

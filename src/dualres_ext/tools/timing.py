@@ -1,5 +1,6 @@
 """Wall-clock timing for benchmarks: the best of a few runs (a shared machine's noise only ever
 adds time), with an optional warm-up and device synchronisation."""
+
 from __future__ import annotations
 
 import time
@@ -15,9 +16,14 @@ def sync_device(device) -> None:
         torch.cuda.synchronize()
 
 
-def best_time(fn: Callable[[], Any], repeat: int, *, warmup: bool = True,
-              sync: Optional[Callable[[], None]] = None,
-              clock: Callable[[], float] = time.perf_counter) -> Tuple[float, Any]:
+def best_time(
+    fn: Callable[[], Any],
+    repeat: int,
+    *,
+    warmup: bool = True,
+    sync: Optional[Callable[[], None]] = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Tuple[float, Any]:
     """``(seconds, result)``: the shortest of ``repeat`` calls of ``fn()`` and the last call's result.
 
     ``warmup``: one untimed call first (allocations, tables, caches, lazy initialisation; on by
