@@ -12,7 +12,7 @@ compressai = pytest.importorskip("compressai")
 
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional, GaussianMixtureConditional  # noqa: E402
 from compressai.layers import GDN as CaiGDN  # noqa: E402
-from compressai.layers import GDN1 as CaiGDN1
+from compressai.layers import GDN1 as CaiGDN1  # noqa: E402
 from compressai.models import (  # noqa: E402
     Cheng2020Anchor,
     Cheng2020AnchorCheckerboard,
