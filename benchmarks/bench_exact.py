@@ -18,17 +18,13 @@ Prints a markdown table of milliseconds and ratios.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-from dualres_ext import codec  # noqa: E402
-from dualres_ext.models.quantize import quantize_latent  # noqa: E402
+from dualres_ext import codec
+from dualres_ext.models.quantize import quantize_latent
 
 
 def load(path):

@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 
 import numpy as np
 import torch
+from compressai.zoo import bmshj2018_hyperprior, mbt2018_mean
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-from compressai.zoo import bmshj2018_hyperprior, mbt2018_mean  # noqa: E402
-
-from dualres_ext import compat  # noqa: E402
+from dualres_ext import compat
 
 
 def main(argv=None) -> int:

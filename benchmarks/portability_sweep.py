@@ -28,12 +28,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-from dualres_ext import (
-    codec,  # noqa: E402
-    integer,  # noqa: E402
-)
+from dualres_ext import codec, integer
 
 # Decoder configurations: environment, threads, and whether oneDNN is switched off / the float64
 # (CUDA-style) convolutions are forced.

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-from dualres_ext.models import get_scale_table  # noqa: E402
-from dualres_ext.models.exact import DEFAULTS, calibrate, convert  # noqa: E402
-from dualres_ext.models.zoo import DEFAULT_WEIGHTS, load_weights, save_weights, weights_id  # noqa: E402
+from dualres_ext.models import get_scale_table
+from dualres_ext.models.exact import DEFAULTS, calibrate, convert
+from dualres_ext.models.zoo import DEFAULT_WEIGHTS, load_weights, save_weights, weights_id
 
 
 def calibration_images(folder: str, count: int, size: int):
