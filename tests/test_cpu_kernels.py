@@ -19,7 +19,6 @@ from dualres_ext import ops
 
 ALL_SETS = ["scalar", "avx2", "avx512"]
 SUPPORTED = dualres_ext.build_info()["cpu_supported"].split(",")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextlib.contextmanager
@@ -225,13 +224,13 @@ def test_rans_streams_and_crc(gen):
 
 
 @pytest.mark.parametrize("name", ALL_SETS + ["bogus"])
-def test_environment_variable(name):
+def test_environment_variable(name, package_env):
     code = (
         "import torch, dualres_ext\n"
         "from dualres_ext import ops\n"
         "print(ops.quantize_symbols(torch.arange(40.0) / 3).sum().item(), dualres_ext.build_info()['cpu_kernels'])\n"
     )
-    env = dict(os.environ, DUALRES_CPU_KERNELS=name, PYTHONPATH=os.path.join(ROOT, "src"))
+    env = dict(package_env, DUALRES_CPU_KERNELS=name)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     if name in SUPPORTED:
         assert r.returncode == 0, r.stderr
