@@ -104,6 +104,8 @@ TORCH_LIBRARY(dualres_ext, m) {
       "-> Tensor");
   // [precision, width, chained, symbols, groups, words per group...] after a decoder's validation.
   m.def("rans_iv_stream_info(Tensor data) -> int[]");
+  m.def("rans_iv_embed(Tensor data, int symbols, int precision) -> Tensor");
+  m.def("rans_iv_restore(Tensor data, int symbols, int precision) -> Tensor");
   // [the isa -1 resolves to, the best this CPU supports]
   m.def("rans_iv_isa() -> int[]", &dualres::rans::rans_iv_isa);
 

@@ -1,7 +1,7 @@
 // rans_interleaved.h -- header-only, torch-free core of the interleaved rANS stream, version 2
 // (csrc/rans/FORMAT.md, "Interleaved stream, version 2").
 //
-// W (16 or 32) rANS states share ONE stream of 16-bit words. Symbol i of state ("lane") k is
+// W (1, 2, 4, 8, 16 or 32) rANS states share ONE stream of 16-bit words. Symbol i of state ("lane") k is
 // symbol i*W + k of the flattened sequence, so W consecutive symbols form one "step" that a warp
 // (one lane per state) or a W-lane SIMD register codes at once. States are 32-bit in
 // [2^16, 2^32); renormalisation moves exactly one 16-bit word, so a lane emits/consumes 0 or 1
@@ -41,6 +41,11 @@ constexpr uint8_t kIvVersion = 2;
 constexpr uint32_t kIvLow = 1u << 16;          // state interval [2^16, 2^32)
 constexpr uint32_t kIvBypassLimit = 1u << 28;  // a bypass chunk emits a word when x >= 2^28
 constexpr int kIvMaxWidth = 32;
+// Widths a stream may use: powers of two up to a warp. 16 and 32 fill an AVX-512 register or a
+// warp; the smaller ones exist for short streams, where every state costs 4 bytes of flush.
+DUALRES_HD inline bool iv_width_ok(int w) {
+  return w >= 1 && w <= kIvMaxWidth && (w & (w - 1)) == 0;
+}
 constexpr size_t kIvFixedHeader = 10;  // magic(2) version precision width flags crc32c(4)
 constexpr uint8_t kIvFlagChained = 1;
 constexpr int64_t kIvMaxGroups = 1 << 16;
@@ -287,7 +292,7 @@ inline Status iv_parse_header(const uint8_t* data, size_t size, int64_t expected
   if (data[0] != kMagic0 || data[1] != kMagic1 || data[2] != kIvVersion) return Status::kBadHeader;
   h.precision = data[3];
   h.width = data[4];
-  if (h.precision < 1 || h.precision > 16 || (h.width != 16 && h.width != 32)) return Status::kBadHeader;
+  if (h.precision < 1 || h.precision > 16 || !iv_width_ok(h.width)) return Status::kBadHeader;
   if (data[5] & ~kIvFlagChained) return Status::kBadHeader;
   h.chained = (data[5] & kIvFlagChained) != 0;
   const uint32_t crc = uint32_t{data[6]} | uint32_t{data[7]} << 8 | uint32_t{data[8]} << 16 | uint32_t{data[9]} << 24;
@@ -374,6 +379,52 @@ inline void iv_assemble(std::vector<uint8_t>& out, int precision, int width, boo
   }
   const uint32_t crc = crc32c(out.data() + kIvFixedHeader, out.size() - kIvFixedHeader);
   for (int b = 0; b < 4; ++b) out[6 + b] = static_cast<uint8_t>(crc >> (8 * b));
+}
+
+// Embedded form (FORMAT.md, "Embedded interleaved streams"): the stream without what a
+// container that checksums its contents and knows the symbol count and precision repeats --
+// magic, version, precision, CRC-32C and symbol count. Kept: W, flags, then everything after
+// the symbol count unchanged. iv_embed_stream validates `data` like a decoder (with the given
+// symbol count and precision, so that iv_restore_stream can rebuild it from them).
+inline Status iv_embed_stream(const uint8_t* data, size_t size, int64_t symbols, int precision,
+                              std::vector<uint8_t>& out) {
+  IvHeader h;
+  const Status st = iv_parse_header(data, size, symbols, h);
+  if (st != Status::kOk) return st;
+  // An empty stream uses no table: encoders write precision 16 there, and so does the restore.
+  if (h.precision != (symbols == 0 ? 16 : precision)) return Status::kMismatch;
+  size_t pos = kIvFixedHeader;
+  uint64_t n = 0;
+  get_varint(data, size, pos, n);  // read fine in iv_parse_header
+  out.clear();
+  out.reserve(2 + size - pos);
+  out.push_back(data[4]);
+  out.push_back(data[5]);
+  out.insert(out.end(), data + pos, data + size);
+  return Status::kOk;
+}
+
+// The stream an embedded one came from, byte for byte (encoders write minimal varints), sealed
+// with its CRC-32C and validated like a decoder would: untrusted bytes come back as a Status.
+inline Status iv_restore_stream(const uint8_t* data, size_t size, int64_t symbols, int precision,
+                                std::vector<uint8_t>& out) {
+  out.clear();
+  if (size < 2) return Status::kTruncated;
+  if (symbols < 0 || precision < 1 || precision > 16) return Status::kMismatch;
+  out.reserve(kIvFixedHeader + 10 + size);
+  out.push_back(kMagic0);
+  out.push_back(kMagic1);
+  out.push_back(kIvVersion);
+  out.push_back(static_cast<uint8_t>(symbols == 0 ? 16 : precision));
+  out.push_back(data[0]);
+  out.push_back(data[1]);
+  out.resize(kIvFixedHeader);
+  put_varint(out, static_cast<uint64_t>(symbols));
+  out.insert(out.end(), data + 2, data + size);
+  const uint32_t crc = crc32c(out.data() + kIvFixedHeader, out.size() - kIvFixedHeader);
+  for (int b = 0; b < 4; ++b) out[6 + b] = static_cast<uint8_t>(crc >> (8 * b));
+  IvHeader h;
+  return iv_parse_header(out.data(), out.size(), symbols, h);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Image codec on the DualRes model: ``encode(image) -> bytes`` and ``decode(bytes) -> image``.
 
 The stream is the container of :mod:`dualres_ext.container` (docs/BITSTREAM.md) around the
-model's coded sections; native rANS sections are stored in their embedded form (the container's
-checksum and the model's symbol counts replace their own header fields).
+model's coded sections; native rANS sections (interleaved streams in version 5, multi-lane ones
+in versions 3 and 4) are stored in their embedded form (the container's checksum and the model's
+symbol counts replace their own header fields).
 
 Weights: ``weights=None`` uses the package's trained weights; a path loads a weights file
 written by :func:`~dualres_ext.models.zoo.save_weights`; a ``DualRes`` model object is used as
@@ -37,6 +38,7 @@ from .container import (
 from .imageio import from_tensor, pad, to_tensor
 from .models.refine import check_refinement, refine_latents
 from .models.zoo import WeightsNotFoundError, load_weights, resolve_model, save_weights, weights_id
+from .ops import rans_interleaved
 
 _PRECISION = 16  # of every coder table the model builds (CompressAI's)
 # Decompression-bomb guard: decode refuses a header whose width x height exceeds this many pixels
@@ -50,20 +52,42 @@ MAX_PIXELS = 1 << 26
 MAX_PIXELS_ENV = "DUALRES_MAX_PIXELS"
 
 
-def _embed_sections(model, strings, shape) -> Tuple[int, list]:
-    """(flags, sections): the model's strings as the container stores them, native rANS streams
-    in their embedded form (the container's checksum and the model's symbol counts replace their
-    own header fields), CompressAI strings as they are."""
+def _section_lanes(model, version: int):
+    """The ``lanes`` the model's entropy models write a ``version`` stream with: None (CompressAI
+    strings) for a ``lanes=None`` model, else the interleaved stream in version 5 and the
+    multi-lane stream (the model's lane count, if it sets one) in versions 3 and 4."""
     lanes = {model.gaussian_conditional.lanes is None, model.entropy_bottleneck.lanes is None}
     if lanes == {True}:
-        return FLAG_COMPAT, list(strings)
+        return None
     if len(lanes) > 1:
         raise ValueError(
             "the model's entropy models disagree on lanes (one writes CompressAI strings, "
             "the other native streams): give both the same setting"
         )
+    if version >= 5:
+        return "auto"
+    own = model.gaussian_conditional.lanes
+    return own if isinstance(own, int) else "multilane"
+
+
+# How each version stores a native section without its own header fields (FORMAT.md).
+def _embedder(version: int):
+    return rans_interleaved.embed if version >= 5 else ops.rans_embed
+
+
+def _restorer(version: int):
+    return rans_interleaved.restore if version >= 5 else ops.rans_restore
+
+
+def _embed_sections(model, strings, shape, version: int, lanes) -> Tuple[int, list]:
+    """(flags, sections): the model's strings as the container stores them, native rANS streams
+    in their embedded form (the container's checksum and the model's symbol counts replace their
+    own header fields), CompressAI strings as they are."""
+    if lanes is None:
+        return FLAG_COMPAT, list(strings)
     counts = model.symbol_counts(shape)
-    return 0, [ops.rans_embed(s, n, _PRECISION) for s, n in zip(strings, counts)]
+    embed = _embedder(version)
+    return 0, [embed(s, n, _PRECISION) for s, n in zip(strings, counts)]
 
 
 def _restore_sections(model, head, shape) -> list:
@@ -81,8 +105,9 @@ def _restore_sections(model, head, shape) -> list:
     counts = model.symbol_counts(shape)
     if len(counts) != len(head["sections"]):
         raise BitstreamError(f"the bitstream has {len(head['sections'])} sections, the model codes {len(counts)}")
+    restore = _restorer(head["version"])
     try:
-        return [ops.rans_restore(s, n, _PRECISION) for s, n in zip(head["sections"], counts)]
+        return [restore(s, n, _PRECISION) for s, n in zip(head["sections"], counts)]
     except ValueError as exc:
         raise BitstreamError(f"corrupted bitstream: {exc}") from exc
 
@@ -138,11 +163,13 @@ def encode(
     ``metadata``: ``{"exif": bytes, "icc_profile": bytes, "xmp": bytes}`` (any subset) stored in
     the stream and given back by :func:`decode` (a PIL image's ``info``) and :func:`read_metadata`;
     for a list of images, one dict for all or a list with one per image.
-    ``version``: the bitstream version to write: 4 (the default for weights with exact integer
-    entropy-parameter networks, the shipped ones included: decodes bit-exactly on every machine)
-    or 3 (float64 entropy parameters, what earlier writers wrote; the default for weights
-    without integer networks, and for refined encodes: the refinement optimises the loss of the
-    float64 path, whose means and scales its discrete rounds compare against).
+    ``version``: the bitstream version to write: 5 (the default for weights with exact integer
+    entropy-parameter networks, the shipped ones included: decodes bit-exactly on every machine;
+    sections in the interleaved rANS layout), 4 (the same networks, multi-lane rANS sections:
+    what earlier writers wrote) or 3 (float64 entropy parameters, multi-lane sections; the
+    default for weights without integer networks, and for refined encodes: the refinement
+    optimises the loss of the float64 path, whose means and scales its discrete rounds compare
+    against).
     """
     refine_steps, refine_rounds = check_refinement(refine_steps, refine_rounds)
     limit = _pixel_limit(max_pixels)
@@ -155,7 +182,8 @@ def encode(
     if version is None and (refine_steps or refine_rounds):
         version = 3  # the refinement optimises the float64 coding path's loss (models/refine.py)
     version = _check_version(model, version)
-    exact = version == 4
+    exact = version >= 4
+    lanes = _section_lanes(model, version)
     wid = weights_id(model, float_only=not exact)
     if quality is None:
         quality = model.num_qualities - 1 if max_bytes is not None else 3
@@ -193,8 +221,8 @@ def encode(
                     coded = refine_latents(
                         model, x, quality, start, refine_steps, size=(height, width), flip_rounds=refine_rounds
                     )
-            out = model.compress_latents(*coded, exact=exact)
-            coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"])
+            out = model.compress_latents(*coded, exact=exact, lanes=lanes)
+            coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"], version, lanes)
             return pack(config_id, flags | coding, quality, wid, width, height, sections, meta, version=version)
 
         streams.append(encode_at(q) if max_bytes is None else _fit_size(encode_at, q, int(max_bytes)))
@@ -202,14 +230,14 @@ def encode(
 
 
 def _check_version(model, version) -> int:
-    """The version ``encode`` writes: 4 when the model has exact networks, else 3, unless given."""
+    """The version ``encode`` writes: 5 when the model has exact networks, else 3, unless given."""
     if version is None:
-        return 4 if getattr(model, "exact", None) is not None else 3
-    if isinstance(version, bool) or version not in (3, 4):
-        raise ValueError(f"version must be 3 or 4, got {version!r}")
-    if version == 4 and getattr(model, "exact", None) is None:
+        return VERSION if getattr(model, "exact", None) is not None else 3
+    if isinstance(version, bool) or version not in (3, 4, 5):
+        raise ValueError(f"version must be 3, 4 or 5, got {version!r}")
+    if version >= 4 and getattr(model, "exact", None) is None:
         raise ValueError(
-            "version=4 needs weights with exact integer entropy-parameter networks "
+            f"version={version} needs weights with exact integer entropy-parameter networks "
             "(python/convert_exact.py adds them); these weights write version 3"
         )
     return int(version)
@@ -356,10 +384,10 @@ def _decode_latents(model, wid: int, head: dict):
     """The decoded latents ``(ŷ_H, ŷ_L)`` of one parsed stream, checked against the model
     (``wid``: the model's full weights id; versions 2 and 3 carry the id without the exact
     networks, which they do not use)."""
-    exact = head["version"] == 4
+    exact = head["version"] >= 4
     if exact and getattr(model, "exact", None) is None:
         raise BitstreamError(
-            "the bitstream (version 4) was coded with exact integer entropy-parameter "
+            f"the bitstream (version {head['version']}) was coded with exact integer entropy-parameter "
             "networks, which the decoding weights lack"
         )
     if not exact:
@@ -373,7 +401,7 @@ def _decode_latents(model, wid: int, head: dict):
     if head["quality"] > model.num_qualities - 1:
         raise BitstreamError(f"quality {head['quality']} out of the model's range")
     dev = next(model.parameters()).device
-    if head["cuda"] != (dev.type == "cuda"):
+    if not exact and head["cuda"] != (dev.type == "cuda"):  # versions 4 and 5 are exact on every device
         warnings.warn(
             "the bitstream was encoded on a different kind of device "
             f"({'CUDA' if head['cuda'] else 'CPU'}); decoding may not reproduce it",

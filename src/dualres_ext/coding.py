@@ -3,10 +3,13 @@
 
 ``lanes`` picks the bitstream an encoder writes:
   * ``None``: CompressAI 1.2.8's single-lane rANS stream, byte-identical to CompressAI;
-  * ``"auto"`` or an int >= 1: the native multi-lane stream (csrc/rans/FORMAT.md); the lane count
-    is written in the stream, so decoders need not know it.
-A decoder may accept either stream: the C++ header check (:func:`dualres_ext.ops.is_native_stream`)
-tells a native stream from a CompressAI one.
+  * ``"auto"``: the native stream, the interleaved layout (csrc/rans/FORMAT.md, "Interleaved
+    stream, version 2") with its width chosen by the stream's size;
+  * ``"multilane"`` or an int >= 1: the earlier native multi-lane stream (FORMAT.md, version 1)
+    with an automatic or the given lane count.
+The layout and its widths or lanes are written in the stream, so decoders need not know them:
+the C++ header checks (:func:`dualres_ext.ops.rans_interleaved.is_stream`,
+:func:`dualres_ext.ops.is_native_stream`) tell the native streams from a CompressAI one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import Tensor
 
 from . import ops
 from .cache import TensorCache
+from .ops import rans_interleaved
 from .ops.args import stream_tensor
 
 __all__ = ["check_lanes", "coder_tables", "scale_table", "encode", "decode", "encode_batch", "decode_batch"]
@@ -35,11 +39,12 @@ _SCALE_TABLES: TensorCache[ops.ScaleTable] = TensorCache()
 
 def check_lanes(lanes: Lanes) -> Lanes:
     """The ``lanes`` argument of the entropy models (and of compat's): None (CompressAI's
-    single-stream format), "auto" (the coder chooses) or an explicit count >= 1. Another string
-    or a count below 1 is a ValueError, another type a TypeError (as in :mod:`dualres_ext.ops`)."""
-    if lanes is None or lanes == "auto":
+    single-stream format), "auto" (the native interleaved stream), "multilane" or a count >= 1
+    (the multi-lane stream). Another string or a count below 1 is a ValueError, another type a
+    TypeError (as in :mod:`dualres_ext.ops`)."""
+    if lanes is None or lanes in ("auto", "multilane"):
         return lanes
-    what = 'lanes must be None (CompressAI stream), "auto" or an int >= 1'
+    what = 'lanes must be None (CompressAI stream), "auto" (native stream), "multilane" or an int >= 1'
     if isinstance(lanes, str):
         raise ValueError(f"{what}, got {lanes!r}")
     if isinstance(lanes, bool) or not isinstance(lanes, int):
@@ -75,27 +80,35 @@ def encode(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: Lanes) 
     ``lanes`` selects (checked by :func:`check_lanes`)."""
     if lanes is None:
         return ops.rans_encode_compat(symbols, indexes, *tables)
-    return ops.rans_encode(symbols, indexes, *tables, lanes=None if lanes == "auto" else lanes)
+    if lanes == "auto":
+        return rans_interleaved.encode(symbols, indexes, *tables)
+    return ops.rans_encode(symbols, indexes, *tables, lanes=None if lanes == "multilane" else lanes)
 
 
 def decode(data, indexes: Tensor, tables: CoderTables, native_only: bool = False) -> Tensor:
     """int32 symbols shaped like ``indexes`` from one string of :func:`encode`, any ``lanes``.
 
-    A string that passes the native header check is decoded as a native stream and, should that
-    fail, as a CompressAI one (which passes the check only by accident); if both fail, the native
-    decoder's error is raised. Any other string is decoded as a CompressAI stream, unless
-    ``native_only``, where every string is decoded as a native stream."""
+    A string that passes a native header check (interleaved, then multi-lane) is decoded as that
+    stream and, should that fail, as a CompressAI one (which passes a check only by accident); if
+    both fail, the native decoder's error is raised. Any other string is decoded as a CompressAI
+    stream, unless ``native_only``: then only native streams are accepted (no CompressAI fallback)."""
     data = stream_tensor(data)
-    if native_only:
-        return ops.rans_decode(data, indexes, *tables)
-    if ops.is_native_stream(data):
-        try:
-            return ops.rans_decode(data, indexes, *tables)
-        except ValueError as native_error:
+    for is_kind, decode_kind in (
+        (rans_interleaved.is_stream, rans_interleaved.decode),
+        (ops.is_native_stream, ops.rans_decode),
+    ):
+        if is_kind(data):
             try:
-                return ops.rans_decode_compat(data, indexes, *tables)
-            except ValueError:
-                raise native_error from None
+                return decode_kind(data, indexes, *tables)
+            except ValueError as native_error:
+                if native_only:
+                    raise
+                try:
+                    return ops.rans_decode_compat(data, indexes, *tables)
+                except ValueError:
+                    raise native_error from None
+    if native_only:
+        return ops.rans_decode(data, indexes, *tables)  # refused with the multi-lane header's error
     return ops.rans_decode_compat(data, indexes, *tables)
 
 

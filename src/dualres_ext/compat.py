@@ -11,9 +11,9 @@ What :func:`accelerate` changes, in place:
   CompressAI class ancestry (``CompressionModel.update()``, ``aux_loss()`` and ``load_state_dict()``
   select modules with ``isinstance`` checks) but its class becomes a subclass whose
   ``compress``/``decompress`` (and ``build_indexes``) run on dualres_ext's kernels: tensors in,
-  bytes out, no Python lists. ``lanes=None`` writes CompressAI's exact bytes; ``lanes="auto"`` or an
-  int writes the native multi-lane stream instead (any accelerated model reads both streams;
-  plain CompressAI reads only its own);
+  bytes out, no Python lists. ``lanes=None`` writes CompressAI's exact bytes; ``lanes="auto"`` writes
+  the native interleaved stream instead, ``"multilane"`` or an int the multi-lane one (any
+  accelerated model reads every stream; plain CompressAI reads only its own);
 * serial context models (mbt2018, cheng2020-anchor, ``RasterScanLatentCodec``) build their coder
   with ``BufferedRansEncoder()`` / ``RansDecoder()`` names imported from ``compressai.ans``. Those
   names are replaced, in the modules that imported them, by switches that construct
@@ -246,7 +246,8 @@ def _install_serial_loops(module: nn.Module) -> None:
 class _NativeCoding:
     """Shared coding path of the accelerated entropy models (mixed in before CompressAI's class)."""
 
-    # None: CompressAI's byte-identical stream; "auto" or an int: the native multi-lane stream.
+    # None: CompressAI's byte-identical stream; "auto": the native interleaved stream; "multilane"
+    # or an int: the multi-lane stream.
     lanes: Union[None, str, int] = None
 
     def _dualres_tables(self) -> coding.CoderTables:
@@ -380,10 +381,11 @@ def accelerate(
     Args:
         model: the module; returned, modified in place.
         lanes: ``None`` (default) keeps CompressAI's bitstream byte for byte, so existing streams
-            decode and new streams decode with plain CompressAI. ``"auto"`` or an int >= 1 writes
-            dualres_ext's multi-lane stream for the EntropyBottleneck / GaussianConditional parts
-            (faster, multi-threaded; accelerated models decode both kinds whatever their ``lanes``,
-            plain CompressAI only its own).
+            decode and new streams decode with plain CompressAI. ``"auto"`` writes
+            dualres_ext's native (interleaved) stream for the EntropyBottleneck /
+            GaussianConditional parts, ``"multilane"`` or an int >= 1 the multi-lane stream
+            (faster, multi-threaded; accelerated models decode every kind whatever their
+            ``lanes``, plain CompressAI only its own).
         gdn: swap CompressAI's GDN/GDN1 for the fused layers. Their output equals CompressAI's to
             float rounding (not bit for bit), so the analysis transform can round a latent the other
             way in rare cases; pass ``gdn=False`` where the encoder must reproduce CompressAI's

@@ -1,9 +1,9 @@
 """The DualRes container: a header, the coded sections and a checksum (docs/BITSTREAM.md).
 
-Pure bytes: no torch, no model. ``pack`` writes a version-4 (or -3) stream of already coded sections,
-``parse_header`` checks a stream (magic, version, lengths, checksum, fields) and splits it; both
-are fuzzed on their own. In short (little-endian, versions 3 and 4, which differ only in how the
-decoder computes the entropy parameters)::
+Pure bytes: no torch, no model. ``pack`` writes a version-5 (or -4, -3) stream of already coded
+sections, ``parse_header`` checks a stream (magic, version, lengths, checksum, fields) and splits
+it; both are fuzzed on their own. In short (little-endian, versions 3 to 5, which differ only in
+how the decoder computes the entropy parameters and in the rANS layout of the sections)::
 
     magic "\\x89DRX" | version u8 | config id u8 | flags u8 | quality f32 | weights id u32 |
     width-1 u16 | height-1 u16 | section count u8 | section lengths (LEB128) |
@@ -20,27 +20,30 @@ import zlib
 from typing import Optional
 
 MAGIC = b"\x89DRX"
+# 5: as 4, with the sections in the interleaved rANS layout (csrc/rans/FORMAT.md): the same
+#    symbols and entropy parameters, read with SIMD units or GPU warps.
 # 4: the entropy parameters are computed by integer networks (models/exact.py): exact on every
 #    machine. Same layout as 3; the weights id covers the integer networks.
 # 3: compact header and embedded rANS sections (docs/BITSTREAM.md): ~80 bytes less per photo.
 # 2: the entropy parameters are computed in float64 (docs/BITSTREAM.md, "Determinism"); still read.
 # Version 1 streams used float32 there; a float64 decoder would desynchronise on some of them, so
 # they are refused.
-VERSION = 4
-_READ_VERSIONS = (2, 3, 4)
-_WRITE_VERSIONS = (3, 4)
+VERSION = 5
+_READ_VERSIONS = (2, 3, 4, 5)
+_WRITE_VERSIONS = (3, 4, 5)
 # Configuration ids written in the header (0: any other configuration, identified by weights id).
 CONFIG_IDS = {"custom": 0, "compact": 1, "paper": 2}
 _CONFIG_NAMES = {v: k for k, v in CONFIG_IDS.items()}
 
 FLAG_GREY = 0x01  # the input was greyscale: decode returns one channel
 FLAG_CUDA = 0x02  # encoded on a CUDA device (decode on the same kind of device)
-FLAG_COMPAT = 0x04  # (versions 3, 4) sections are CompressAI single-lane strings (a lanes=None model)
-FLAG_METADATA = 0x08  # (versions 3, 4) the last section holds the picture's metadata (EXIF, ICC profile, XMP)
+FLAG_COMPAT = 0x04  # (versions 3-5) sections are CompressAI single-lane strings (a lanes=None model)
+FLAG_METADATA = 0x08  # (versions 3-5) the last section holds the picture's metadata (EXIF, ICC profile, XMP)
 _KNOWN_FLAGS = {
     2: FLAG_GREY | FLAG_CUDA,
     3: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA,
     4: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA,
+    5: FLAG_GREY | FLAG_CUDA | FLAG_COMPAT | FLAG_METADATA,
 }
 
 # Entries of the metadata section: tag byte, LEB128 length, bytes; each tag at most once.
@@ -135,7 +138,7 @@ def pack(
     metadata: Optional[dict] = None,
     version: int = VERSION,
 ) -> bytes:
-    """A version-4 (or ``version=3``) stream of already embedded sections (or CompressAI strings,
+    """A version-5 (or ``version=4``, ``3``) stream of already embedded sections (or CompressAI strings,
     FLAG_COMPAT), with a metadata section after them when ``metadata`` holds anything. The two
     versions share the layout; the version tells the decoder which entropy-parameter networks
     the sections were coded with (and ``wid`` must be the id of that version)."""
@@ -158,7 +161,7 @@ def parse_header(data) -> dict:
     """Header fields of a DualRes bitstream (checks magic, version, lengths and checksum).
 
     Returns ``{"version", "config", "config_id", "flags", "grey", "cuda", "quality",
-    "weights_id", "width", "height", "sections": [bytes, ...], "metadata": {...}}`` (versions 3, 4:
+    "weights_id", "width", "height", "sections": [bytes, ...], "metadata": {...}}`` (versions 3-5:
     the coded sections as stored, i.e. embedded rANS streams unless ``flags & FLAG_COMPAT``;
     ``metadata`` the picture's EXIF / ICC profile / XMP bytes when the stream carries them).
     """

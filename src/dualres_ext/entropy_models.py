@@ -8,10 +8,13 @@ never imported.
 ``lanes`` (constructor keyword, attribute, or a keyword of compress/decompress for one call)
 picks the bitstream:
   * ``None`` (default): CompressAI's single-lane rANS stream, byte-identical to CompressAI.
-  * ``"auto"`` or an int >= 1: dualres_ext's native multi-lane stream (the lane count is written
-    in the stream and read back by the decoder, whatever its own ``lanes`` says).
-In CompressAI mode, decompress also recognises native strings by their header, so strings made
-with ``compress(..., lanes=k)`` decode with a plain ``decompress(...)``.
+  * ``"auto"``: dualres_ext's native stream, the interleaved layout for SIMD units and GPU warps
+    (csrc/rans/FORMAT.md; its width is chosen by the stream's size and written in it).
+  * ``"multilane"`` or an int >= 1: the earlier native multi-lane stream (an automatic or the
+    given lane count, written in the stream).
+Decoders read every native stream whatever their own ``lanes`` says. In CompressAI mode,
+decompress also recognises native strings by their header, so strings made with
+``compress(..., lanes="auto")`` decode with a plain ``decompress(...)``.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ class EntropyModel(nn.Module):
         likelihood_bound: minimum likelihood (0 disables the bound)
         entropy_coder: only "ans" (or None) is available
         entropy_coder_precision: bits of the quantized CDFs (16 like CompressAI)
-        lanes: None for CompressAI-compatible strings, "auto"/int for the native multi-lane stream
+        lanes: None for CompressAI-compatible strings, "auto" for the native (interleaved) stream,
+            "multilane"/int for the multi-lane stream
     """
 
     _offset: Tensor
@@ -186,8 +190,8 @@ class EntropyModel(nn.Module):
     ) -> List[bytes]:
         """Compress `inputs` (N, C, ...) to one string per batch element.
 
-        `lanes` overrides the module's `lanes` for this call (None: CompressAI stream; "auto"/int:
-        native multi-lane stream)."""
+        `lanes` overrides the module's `lanes` for this call (None: CompressAI stream; "auto": the
+        native interleaved stream; "multilane"/int: the multi-lane stream)."""
         lanes = self.lanes if lanes is ... else check_lanes(lanes)
         check_compress_args(inputs, indexes)
         tables = self._coder_tables()

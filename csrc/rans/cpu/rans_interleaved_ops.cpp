@@ -1,6 +1,6 @@
 // CPU torch ops of the interleaved rANS stream, version 2 (csrc/rans/FORMAT.md, "Interleaved
 // stream, version 2"): rans_iv_prepare / rans_iv_encode / rans_iv_decode / rans_iv_stream_info /
-// rans_iv_isa. Schemas in csrc/register.cpp under "--- rans ---".
+// rans_iv_embed / rans_iv_restore / rans_iv_isa. Schemas in csrc/register.cpp under "--- rans ---".
 //
 // The coders are csrc/rans/rans_interleaved.h (scalar reference, warp body) and
 // rans_interleaved_simd.cpp (AVX2 / AVX-512); `isa` picks one: -1 the best this CPU runs
@@ -133,7 +133,7 @@ at::Tensor rans_iv_encode(const at::Tensor& symbols, const at::Tensor& indexes,
   check_int32_cpu(indexes, "indexes");
   TORCH_CHECK_VALUE(symbols.sizes() == indexes.sizes(), "symbols and indexes must have the same shape, got ",
                     symbols.sizes(), " and ", indexes.sizes());
-  TORCH_CHECK_VALUE(width == 16 || width == 32, "width must be 16 or 32, got ", width);
+  TORCH_CHECK_VALUE(iv_width_ok(static_cast<int>(width)), "width must be 1, 2, 4, 8, 16 or 32, got ", width);
   TORCH_CHECK_VALUE(groups >= 1 && groups <= kIvMaxGroups, "groups must be in [1, 65536], got ", groups);
   const int isa = resolve_isa(isa_arg);
   const at::Tensor sym = symbols.contiguous(), idx = indexes.contiguous();
@@ -226,6 +226,29 @@ std::vector<int64_t> rans_iv_stream_info(const at::Tensor& data) {
   return info;
 }
 
+// The embedded form of an interleaved stream and back (rans_interleaved.h, FORMAT.md "Embedded
+// interleaved streams"): the same arguments, checks and output for both directions.
+using IvEmbeddingFn = Status (*)(const uint8_t*, size_t, int64_t, int, std::vector<uint8_t>&);
+
+at::Tensor convert_embedding(const at::Tensor& data, int64_t symbols, int64_t precision, IvEmbeddingFn fn,
+                             const char* what) {
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  TORCH_CHECK_VALUE(symbols >= 0, "symbols must be >= 0, got ", symbols);
+  TORCH_CHECK_VALUE(precision >= 1 && precision <= 16, "precision must be in [1, 16], got ", precision);
+  std::vector<uint8_t> out;
+  throw_status(fn(bytes, size, symbols, static_cast<int>(precision), out), what);
+  return to_tensor(out);
+}
+
+at::Tensor rans_iv_embed(const at::Tensor& data, int64_t symbols, int64_t precision) {
+  return convert_embedding(data, symbols, precision, &iv_embed_stream, "rans_iv_embed");
+}
+
+at::Tensor rans_iv_restore(const at::Tensor& data, int64_t symbols, int64_t precision) {
+  return convert_embedding(data, symbols, precision, &iv_restore_stream, "rans_iv_restore");
+}
+
 }  // namespace
 
 // [the coder -1 resolves to, the best this CPU supports] as isa numbers.
@@ -247,4 +270,6 @@ TORCH_LIBRARY_IMPL(dualres_ext, CPU, m) {
   m.impl("rans_iv_encode", &dualres::rans::rans_iv_encode);
   m.impl("rans_iv_decode", &dualres::rans::rans_iv_decode);
   m.impl("rans_iv_stream_info", &dualres::rans::rans_iv_stream_info);
+  m.impl("rans_iv_embed", &dualres::rans::rans_iv_embed);
+  m.impl("rans_iv_restore", &dualres::rans::rans_iv_restore);
 }

@@ -529,6 +529,7 @@ void iv_encode_steps(IvIsa isa, const int32_t* sym, const int32_t* idx, int64_t 
     iv_encode_steps_scalar(sym, idx, n, width, s1 - 1, s1, tb, x, out);
     --s1;
   }
+  if (width < 16) isa = IvIsa::kScalar;  // the vector coders fill 16 or 32 lanes
   if (isa == IvIsa::kAvx512) {
     const bool reg = tb.T <= kIvRegRows;
     if (width == 32) {
@@ -550,6 +551,7 @@ Status iv_decode_steps(IvIsa isa, const int32_t* idx, int64_t n, int width, int6
   int64_t s = s0;
   const int64_t full = std::min<int64_t>(s1, n / width);  // steps with all W lanes active
   Status st = Status::kOk;
+  if (width < 16) isa = IvIsa::kScalar;  // the vector coders fill 16 or 32 lanes
   if (isa == IvIsa::kAvx512) {
     st = width == 32 ? decode_avx512<2>(idx, s, full, tb, x, r, out) : decode_avx512<1>(idx, s, full, tb, x, r, out);
   } else if (isa == IvIsa::kAvx2) {

@@ -190,7 +190,7 @@ at::Tensor rans_iv_encode_cuda(const at::Tensor& symbols, const at::Tensor& inde
                    "symbols and indexes must be int32 tensors");
   TORCH_CHECK_VALUE(symbols.device() == indexes.device(), "symbols and indexes must be on one device");
   TORCH_CHECK_VALUE(symbols.sizes() == indexes.sizes(), "symbols and indexes must have the same shape");
-  TORCH_CHECK_VALUE(width == 16 || width == 32, "width must be 16 or 32, got ", width);
+  TORCH_CHECK_VALUE(iv_width_ok(static_cast<int>(width)), "width must be 1, 2, 4, 8, 16 or 32, got ", width);
   TORCH_CHECK_VALUE(groups >= 1 && groups <= kIvMaxGroups, "groups must be in [1, 65536], got ", groups);
   (void)isa;  // the device has one coder
   const c10::cuda::CUDAGuard guard(symbols.device());

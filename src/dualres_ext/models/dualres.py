@@ -409,9 +409,9 @@ class DualRes(nn.Module):
         self.inv_gain_h = nn.Parameter((-log_g)[:, None].repeat(1, M_H).clone())
         self.inv_gain_l = nn.Parameter((-log_g)[:, None].repeat(1, M_L).clone())
 
-        # lanes: "auto"/int = dualres_ext's multi-lane rANS stream (the encoder picks the lane
-        # count and writes it; decoding does not depend on the thread count), None = CompressAI's
-        # single-lane stream.
+        # lanes: "auto" = dualres_ext's interleaved rANS stream, "multilane"/int = the multi-lane
+        # one (the encoder picks width or lanes and writes them; decoding does not depend on the
+        # thread count), None = CompressAI's single-lane stream.
         self.entropy_bottleneck = EntropyBottleneck(Z, lanes=lanes)
         self.gaussian_conditional = GaussianConditional(None, lanes=lanes)
 
@@ -658,12 +658,12 @@ class DualRes(nn.Module):
         y_h, y_l = self.analysis(x, quality)
         return self.compress_latents(y_h, y_l, self.hyper_analysis(y_h, y_l))
 
-    def _encode_step(self, y: torch.Tensor, coder: _SliceCoder, strings: list) -> SliceStep:
+    def _encode_step(self, y: torch.Tensor, coder: _SliceCoder, strings: list, lanes) -> SliceStep:
         pieces = coder.split(y)
         gc = self.gaussian_conditional
 
         def step(i, scales, means):
-            strings.append(gc.compress(pieces[i], gc.build_indexes(scales), means=means))
+            strings.append(gc.compress(pieces[i], gc.build_indexes(scales), means=means, lanes=lanes))
             return quantize_latent(pieces[i], means, False, gc)
 
         return step
@@ -676,13 +676,13 @@ class DualRes(nn.Module):
 
         return step
 
-    def _exact_encode_step(self, y: torch.Tensor, coder: _SliceCoder, strings: list) -> ExactStep:
+    def _exact_encode_step(self, y: torch.Tensor, coder: _SliceCoder, strings: list, lanes) -> ExactStep:
         pieces = coder.split(y)
         gc = self.gaussian_conditional
 
         def step(i, indexes, means):
             piece = pieces[i].double()
-            strings.append(gc.compress(piece, indexes, means=means))
+            strings.append(gc.compress(piece, indexes, means=means, lanes=lanes))
             return quantize_latent(piece, means, False, gc)
 
         return step
@@ -706,26 +706,30 @@ class DualRes(nn.Module):
         return bool(exact)
 
     @torch.no_grad()
-    def compress_latents(self, y_h: torch.Tensor, y_l: torch.Tensor, z: torch.Tensor, exact: Optional[bool] = None):
+    def compress_latents(
+        self, y_h: torch.Tensor, y_l: torch.Tensor, z: torch.Tensor, exact: Optional[bool] = None, lanes=...
+    ):
         """The coding half of :meth:`compress`: latents (already scaled by the quality's gains,
         as :meth:`analysis` gives them) to byte strings. The quality only enters the decoder
         through the synthesis. ``exact``: code the entropy parameters with the integer networks
-        (:attr:`exact`, bitstream version 4) or, False, with the float64 copies (versions 2/3);
-        default: the integer ones when the model has them. The decoder must be told the same."""
-        strings = [self.entropy_bottleneck.compress(z)]
+        (:attr:`exact`, bitstream versions 4 and 5) or, False, with the float64 copies (versions
+        2/3); default: the integer ones when the model has them. The decoder must be told the
+        same. ``lanes``: the entropy models' stream for this call (default: their own ``lanes``);
+        decoders read it from the strings."""
+        strings = [self.entropy_bottleneck.compress(z, lanes=lanes)]
         z_hat = quantize_latent(z, self.z_offset(), False, self.entropy_bottleneck)
         if self._use_exact(exact):
             self.exact.decode_latents(
                 z_hat,
-                self._exact_encode_step(y_h, self.coder_h, strings),
-                self._exact_encode_step(y_l, self.coder_l, strings),
+                self._exact_encode_step(y_h, self.coder_h, strings, lanes),
+                self._exact_encode_step(y_l, self.coder_l, strings, lanes),
             )
             return {"strings": strings, "shape": tuple(z.shape[-2:])}
         nets = self.coding_nets()  # float64: see "Portable streams" in the module docstring
         self.decode_latents(
             z_hat.double(),
-            self._encode_step(y_h.double(), nets.coder_h, strings),
-            self._encode_step(y_l.double(), nets.coder_l, strings),
+            self._encode_step(y_h.double(), nets.coder_h, strings, lanes),
+            self._encode_step(y_l.double(), nets.coder_l, strings, lanes),
             nets,
         )
         return {"strings": strings, "shape": tuple(z.shape[-2:])}

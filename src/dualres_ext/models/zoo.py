@@ -50,9 +50,10 @@ def build(name: str = "compact", pretrained: bool = False, **overrides) -> DualR
     ``overrides`` replace configuration entries (``N``, ``N1``, ``k1``, ``M_H``, ``M_L``, ``N_hyper``, ``Z``,
     ``slices_H``, ``slices_L``, ``hidden``, ``lambdas``; the synthesis widths ``N_s``, ``N1_s``, ``k1_s``,
     which default to the analysis' ``N``, ``N1``, ``k1``; ``modulation``, the per-quality channel
-    modulation of both transforms) or set ``lanes``: ``"auto"`` (default) or
-    an int = the multi-lane rANS stream with that many lanes per slice (chosen by the encoder,
-    read from the stream by the decoder); ``None`` = CompressAI's single-lane stream.
+    modulation of both transforms) or set ``lanes``: ``"auto"`` (default) = the
+    native interleaved rANS stream (its width chosen by the encoder, read from the stream by the
+    decoder), ``"multilane"`` or an int = the multi-lane stream; ``None`` = CompressAI's
+    single-lane stream.
     Without ``pretrained`` the weights are randomly initialised.
     """
     if name not in CONFIGS:

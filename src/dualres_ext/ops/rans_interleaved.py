@@ -1,7 +1,8 @@
 """Interleaved rANS stream, version 2 (csrc/rans/FORMAT.md, "Interleaved stream, version 2").
 
-Thin, checked wrappers over ``torch.ops.dualres_ext.rans_iv_*``. W (16 or 32) rANS states share
-one stream of 16-bit words, laid out for SIMD registers and CUDA warps; ``groups`` cuts the
+Thin, checked wrappers over ``torch.ops.dualres_ext.rans_iv_*``. W (1, 2, 4, 8, 16 or 32) rANS
+states share one stream of 16-bit words, laid out for SIMD registers and CUDA warps (16 and 32;
+the narrower widths keep short streams short, each state costing 4 bytes); ``groups`` cuts the
 symbols into independently decodable groups (threads), ``chained=True`` makes them split points
 of one encoder chain instead of separately encoded groups (same bytes per group).
 
@@ -18,6 +19,11 @@ from ..cache import TensorCache
 from .args import int32_tensor, int_arg, stream_tensor
 
 _ops = torch.ops.dualres_ext
+
+WIDTHS = (1, 2, 4, 8, 16, 32)
+# width="auto": the widest W whose start states (4 bytes per state and group) cost at most this
+# fraction of the stream's words -- the same budget as the multi-lane stream's automatic lane count.
+AUTO_STATE_BUDGET = 0.0025
 
 ISAS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2, "warp": 3}
 _ISA_NAMES = {v: k for k, v in ISAS.items()}
@@ -89,20 +95,24 @@ def encode(
     offsets=None,
     *,
     tables=None,
-    width: int = 32,
+    width="auto",
     groups: int = 1,
     chained: bool = False,
     isa: str = "auto",
 ) -> bytes:
     """Encode int32 ``symbols`` with tables ``cdfs[indexes]`` into an interleaved stream.
 
-    ``width``: interleaved states (16 or 32; 32 = one CUDA warp). ``groups``: independently
-    decodable groups (capped at the number of W-symbol steps); each costs 4*width bytes of states
-    and a few bytes of length. Groups are encoded in parallel unless ``chained``, where they are
-    split points of one encoder chain (Recoil-style: saved states and word offsets). ``isa``:
-    "auto", "scalar", "avx2", "avx512" or "warp" (the CUDA warp body emulated on the host); all
-    write the same bytes. CUDA symbols/indexes (CUDA builds) are coded by the warp kernel
-    (one warp per group) into the same bytes; the stream comes back to the host.
+    ``width``: interleaved states, 1, 2, 4, 8, 16 or 32 (32 = one CUDA warp; 16 and 32 run on the
+    CPU's vector units), or "auto": the widest whose start states cost at most 0.25% of the coded
+    words (:data:`AUTO_STATE_BUDGET`), found by coding with 32 and, for a short stream, once more
+    narrower; a rule of the bytes alone, so every device writes the same stream. ``groups``:
+    independently decodable groups (capped at the number of W-symbol steps); each costs
+    4*width bytes of states and a few bytes of length. Groups are encoded in parallel unless
+    ``chained``, where they are split points of one encoder chain (Recoil-style: saved states
+    and word offsets). ``isa``: "auto", "scalar", "avx2", "avx512" or "warp" (the CUDA warp
+    body emulated on the host); all write the same bytes. CUDA symbols/indexes (CUDA builds)
+    are coded by the warp kernel (one warp per group) into the same bytes; the stream comes
+    back to the host.
     """
     symbols, indexes = int32_tensor(symbols, "symbols", True), int32_tensor(indexes, "indexes", True)
     if symbols.device != indexes.device:
@@ -111,12 +121,27 @@ def encode(
         raise ValueError(
             f"symbols and indexes must have the same shape, got {tuple(symbols.shape)} and {tuple(indexes.shape)}"
         )
-    width = _bounded(width, "width", 16, 32)
-    if width not in (16, 32):
-        raise ValueError(f"width must be 16 or 32, got {width}")
+    auto = isinstance(width, str)
+    if auto and width != "auto":
+        raise ValueError(f'width must be "auto" or one of {WIDTHS}, got {width!r}')
+    if not auto:
+        width = _bounded(width, "width", 1, 32)
+        if width not in WIDTHS:
+            raise ValueError(f"width must be one of {WIDTHS} or 'auto', got {width}")
     groups = _bounded(groups, "groups", 1, 1 << 16)
     tb = _tables(cdfs, cdf_lengths, offsets, tables)
-    out = _ops.rans_iv_encode(symbols, indexes, tb.handle, width, groups, bool(chained), _isa(isa))
+
+    def run(w: int) -> torch.Tensor:
+        return _ops.rans_iv_encode(symbols, indexes, tb.handle, w, groups, bool(chained), _isa(isa))
+
+    out = run(32 if auto else width)
+    if auto:
+        info = _ops.rans_iv_stream_info(out)
+        word_bytes, states = 2 * sum(info[5:]), info[4]
+        fit = [w for w in WIDTHS if 4 * w * states <= AUTO_STATE_BUDGET * word_bytes]
+        narrow = fit[-1] if fit else 1
+        if narrow != 32:
+            out = run(narrow)
     return out.numpy().tobytes()
 
 
@@ -142,6 +167,41 @@ def stream_info(data) -> dict:
         "groups": info[4],
         "group_words": list(info[5:]),
     }
+
+
+def is_stream(data) -> bool:
+    """Whether ``data`` is a well-formed interleaved stream: its header and CRC-32C pass the
+    checks of :func:`stream_info` (the format is defined in C++ only)."""
+    try:
+        _ops.rans_iv_stream_info(stream_tensor(data))
+    except ValueError:
+        return False
+    return True
+
+
+def embed(data, symbols: int, precision: int = 16) -> bytes:
+    """The embedded form of an interleaved stream (FORMAT.md, "Embedded interleaved streams"): without
+    its magic, version, precision, CRC-32C and symbol count, which a container that checksums its
+    contents and knows ``symbols`` and ``precision`` supplies. Validates ``data`` like a decoder."""
+    symbols, precision = int_arg(symbols, "symbols"), int_arg(precision, "precision")
+    return _ops.rans_iv_embed(stream_tensor(data), symbols, precision).numpy().tobytes()
+
+
+def restore(data, symbols: int, precision: int = 16) -> bytes:
+    """The stream :func:`embed` was given, byte for byte, from its embedded form; untrusted
+    input is refused with ValueError (header checks; the decoder checks the rest)."""
+    symbols, precision = int_arg(symbols, "symbols"), int_arg(precision, "precision")
+    return _ops.rans_iv_restore(stream_tensor(data), symbols, precision).numpy().tobytes()
+
+
+@torch.library.register_fake("dualres_ext::rans_iv_embed")
+def _embed_fake(data, symbols, precision):
+    return torch.empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("dualres_ext::rans_iv_restore")
+def _restore_fake(data, symbols, precision):
+    return torch.empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
 
 
 def isa() -> dict:
