@@ -40,11 +40,12 @@ def _synthetic(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def codec_cases() -> dict:
     """``encode`` on the bundled photo, a crop, grey and synthetic pictures and rate control (default
-    weights), as version 3 and as version 4 streams."""
+    weights), as version 3, 4 and 5 streams."""
     photo = _photo()
     synthetic = _synthetic(_rng(1), 90, 130)
     grey = _synthetic(_rng(2), 80, 96)[..., 0]
     v3 = {"version": 3}  # the float64 entropy parameters: streams of earlier writers, still written on request
+    v4 = {"version": 4}  # integer entropy parameters, multi-lane sections: earlier writers' too
     return {
         "photo_q0": (photo, {"quality": 0, **v3}),
         "photo_q2.5": (photo, {"quality": 2.5, **v3}),
@@ -53,14 +54,21 @@ def codec_cases() -> dict:
         "grey_q1": (grey, {"quality": 1, **v3}),
         "synthetic_q4": (synthetic, {"quality": 4, **v3}),
         "photo_max_bytes": (photo, {"max_bytes": 6000, **v3}),
-        # version 4 (exact integer entropy parameters), the default writer's
-        "v4_photo_q0": (photo, {"quality": 0}),
-        "v4_photo_q2.5": (photo, {"quality": 2.5}),
-        "v4_photo_q5": (photo, {"quality": 5}),
-        "v4_crop_q3": (np.ascontiguousarray(photo[37:107, 11:111]), {"quality": 3}),
-        "v4_grey_q1": (grey, {"quality": 1}),
-        "v4_synthetic_q4": (synthetic, {"quality": 4}),
-        "v4_photo_max_bytes": (photo, {"max_bytes": 6000}),
+        # version 4 (exact integer entropy parameters)
+        "v4_photo_q0": (photo, {"quality": 0, **v4}),
+        "v4_photo_q2.5": (photo, {"quality": 2.5, **v4}),
+        "v4_photo_q5": (photo, {"quality": 5, **v4}),
+        "v4_crop_q3": (np.ascontiguousarray(photo[37:107, 11:111]), {"quality": 3, **v4}),
+        "v4_grey_q1": (grey, {"quality": 1, **v4}),
+        "v4_synthetic_q4": (synthetic, {"quality": 4, **v4}),
+        "v4_photo_max_bytes": (photo, {"max_bytes": 6000, **v4}),
+        # version 5 (version 4's parameters, interleaved rANS sections), the default writer's
+        "v5_photo_q0": (photo, {"quality": 0}),
+        "v5_photo_q5": (photo, {"quality": 5}),
+        "v5_crop_q3": (np.ascontiguousarray(photo[37:107, 11:111]), {"quality": 3}),
+        "v5_grey_q1": (grey, {"quality": 1}),
+        "v5_synthetic_q4": (synthetic, {"quality": 4}),
+        "v5_photo_max_bytes": (photo, {"max_bytes": 6000}),
     }
 
 
@@ -86,13 +94,13 @@ def _seeded_bottleneck(cls, seed: int, channels: int = 8):
 
 
 def entropy_cases() -> dict:
-    """dualres_ext's entropy models in both stream formats, and CompressAI's accelerated ones."""
+    """dualres_ext's entropy models in every stream format, and CompressAI's accelerated ones."""
     from dualres_ext.entropy_models import EntropyBottleneck, GaussianConditional
     from dualres_ext.models import get_scale_table
 
     cases = {}
     y, scales, means = _gaussian_inputs(3)
-    for lanes in (None, "auto", 3):
+    for lanes in (None, "auto", "multilane", 3):
         gc = GaussianConditional(None, lanes=lanes)
         gc.update_scale_table(get_scale_table())
         idx = gc.build_indexes(scales)
@@ -101,7 +109,7 @@ def entropy_cases() -> dict:
             lambda s, gc=gc, idx=idx: gc.decompress(s, idx, means=means),
         )
     x = torch.from_numpy(_rng(4).normal(0, 5, (2, 8, 6, 5))).float()
-    for lanes in (None, "auto"):
+    for lanes in (None, "auto", "multilane"):
         eb = _seeded_bottleneck(lambda c, lanes=lanes: EntropyBottleneck(c, lanes=lanes), 5)
         eb.update(force=True)
         cases[f"bottleneck_lanes_{lanes}"] = (
@@ -114,7 +122,7 @@ def entropy_cases() -> dict:
         return cases
     from dualres_ext.compat import accelerate
 
-    for lanes in (None, "auto"):
+    for lanes in (None, "auto", "multilane"):
         holder = torch.nn.Module()
         holder.entropy_bottleneck = _seeded_bottleneck(cai.EntropyBottleneck, 5)
         holder.gaussian_conditional = cai.GaussianConditional(None)
@@ -149,8 +157,10 @@ def _tables(seed: int, count: int = 24, precision: int = 16):
 
 
 def rans_cases() -> dict:
-    """The native multi-lane stream at several lane counts, its embedded form, and CompressAI's."""
+    """The native streams (multi-lane at several lane counts, interleaved at several widths and
+    groups), their embedded forms, and CompressAI's."""
     from dualres_ext import ops
+    from dualres_ext.ops import rans_interleaved
 
     cdfs, lengths, offsets = _tables(6)
     rng = _rng(7)
@@ -169,6 +179,17 @@ def rans_cases() -> dict:
     cases["embedded"] = (
         lambda: ops.rans_embed(ops.rans_encode(sym, idx, *tables), n),
         lambda d: ops.rans_decode(ops.rans_restore(d, n), idx, *tables),
+    )
+    for width, groups, chained in ((32, 1, False), (16, 3, False), (16, 3, True), (4, 1, False), ("auto", 1, False)):
+        cases[f"interleaved_w{width}_g{groups}{'_chained' if chained else ''}"] = (
+            lambda width=width, groups=groups, chained=chained: rans_interleaved.encode(
+                sym, idx, *tables, width=width, groups=groups, chained=chained
+            ),
+            lambda d: rans_interleaved.decode(d, idx, *tables),
+        )
+    cases["interleaved_embedded"] = (
+        lambda: rans_interleaved.embed(rans_interleaved.encode(sym, idx, *tables, width=8), n),
+        lambda d: rans_interleaved.decode(rans_interleaved.restore(d, n), idx, *tables),
     )
     cases["compat"] = (
         lambda: ops.rans_encode_compat(sym, idx, *tables),

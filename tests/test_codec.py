@@ -158,7 +158,7 @@ def test_bad_magic_and_version(model, stream):
     bad[4] = 99
     with pytest.raises(codec.BitstreamError, match="version 99"):
         codec.decode(bytes(bad), weights=model)
-    assert codec.VERSION == 4 and stream[4] == 3  # a model without exact networks writes version 3
+    assert codec.VERSION == 5 and stream[4] == 3  # a model without exact networks writes version 3
     bad[4] = 1  # the float32-parameter streams: refused by name, not decoded into garbage
     with pytest.raises(codec.BitstreamError, match="version 1 .*re-encode"):
         codec.decode(bytes(bad), weights=model)
@@ -233,7 +233,9 @@ def test_sections_are_embedded_rans_streams(model):
     ]
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        written = [s[0] for s in model.compress(imageio.pad(x, 64), 2.0)["strings"]]
+        y_h, y_l = model.analysis(imageio.pad(x, 64), 2.0)
+        coded = model.compress_latents(y_h, y_l, model.hyper_analysis(y_h, y_l), lanes="multilane")
+    written = [s[0] for s in coded["strings"]]
     restored = [ops.rans_restore(s, n, 16) for s, n in zip(head["sections"], counts)]
     assert restored == written
     assert [ops.rans_stream_info(s)["symbols"] for s in written] == counts
@@ -242,6 +244,39 @@ def test_sections_are_embedded_rans_streams(model):
     saved = sum(len(w) - len(e) for w, e in zip(written, head["sections"]))
     assert 8 * len(written) <= saved <= 17 * len(written)
     assert len(pack_version_2(head, written)) - len(stream) >= saved + 6 + 2 * len(written)
+
+
+def test_version_5_sections_are_embedded_interleaved_streams():
+    """Version 5 (the shipped weights' default) stores each section as an interleaved rANS stream
+    without the fields the container implies; restored, they are the model's own strings, whose
+    width the encoder chose by their size."""
+    from dualres_ext.ops import rans_interleaved
+
+    shipped, _ = zoo.resolve_model(None, None)
+    img = photo_like(128, 192)
+    stream = codec.encode(img, quality=4)
+    head = codec.parse_header(stream)
+    assert head["version"] == 5 and not head["flags"] & codec.FLAG_COMPAT
+    counts = shipped.symbol_counts((2, 3))
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        y_h, y_l = shipped.analysis(imageio.pad(x, 64), 4.0)
+        written = [s[0] for s in shipped.compress_latents(y_h, y_l, shipped.hyper_analysis(y_h, y_l))["strings"]]
+    restored = [rans_interleaved.restore(s, n, 16) for s, n in zip(head["sections"], counts)]
+    assert restored == written
+    infos = [rans_interleaved.stream_info(s) for s in written]
+    assert [i["symbols"] for i in infos] == counts
+    # The states of every section cost at most 0.25% of its words (W = 1 when even one state would not).
+    for info in infos:
+        words = 2 * sum(info["group_words"])
+        assert info["width"] == 1 or 4 * info["width"] * info["groups"] <= 0.0025 * words
+    # magic, version, precision, CRC-32C and the symbol count's varint: 8 + 1..3 bytes per section
+    saved = sum(len(w) - len(e) for w, e in zip(written, head["sections"]))
+    assert 9 * len(written) <= saved <= 11 * len(written)
+    # A section that is not a valid embedded stream is refused as a corrupted bitstream.
+    bad = dict(head, sections=[head["sections"][0][:1]] + head["sections"][1:])
+    with pytest.raises(codec.BitstreamError, match="corrupted"):
+        codec._restore_sections(shipped, bad, (2, 3))
 
 
 def test_version_2_streams_still_decode(model, stream):

@@ -211,13 +211,16 @@ def test_layer_inputs_stay_within_bounds(shipped):
 def test_versions_and_ids(shipped, tmp_path):
     rng = np.random.default_rng(0)
     img = (rng.random((70, 100, 3)) * 255).astype(np.uint8)
-    v4 = codec.encode(img, quality=2)
+    v5 = codec.encode(img, quality=2)
+    v4 = codec.encode(img, quality=2, version=4)
     v3 = codec.encode(img, quality=2, version=3)
-    assert v4[4] == 4 and v3[4] == 3
-    assert codec.parse_header(v4)["weights_id"] == weights_id(shipped)
+    assert v5[4] == 5 and v4[4] == 4 and v3[4] == 3
+    assert codec.parse_header(v5)["weights_id"] == codec.parse_header(v4)["weights_id"] == weights_id(shipped)
     assert codec.parse_header(v3)["weights_id"] == weights_id(shipped, float_only=True)
     assert weights_id(shipped) != weights_id(shipped, float_only=True)
-    for data in (v3, v4):
+    # Versions 4 and 5 code the same symbols with the same entropy parameters: the same latents.
+    assert codec.decode(v5, output="numpy").tobytes() == codec.decode(v4, output="numpy").tobytes()
+    for data in (v3, v4, v5):
         out = codec.decode(data, output="numpy")
         assert out.shape == img.shape
     # A weights file keeps the exact networks bit for bit.
@@ -230,10 +233,11 @@ def test_versions_and_ids(shipped, tmp_path):
     plain = copy.deepcopy(shipped)
     plain.exact = None
     assert codec.encode(img, quality=2, weights=plain) == v3
-    with pytest.raises(codec.BitstreamError, match="version 4"):
-        codec.decode(v4, weights=plain)
-    with pytest.raises(ValueError, match="version=4"):
-        codec.encode(img, weights=plain, version=4)
+    for version, data in ((4, v4), (5, v5)):
+        with pytest.raises(codec.BitstreamError, match=f"version {version}"):
+            codec.decode(data, weights=plain)
+        with pytest.raises(ValueError, match=f"version={version}"):
+            codec.encode(img, weights=plain, version=version)
 
 
 def test_forward_matches_the_decoder(shipped):

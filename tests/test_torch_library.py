@@ -15,6 +15,7 @@ import torch._dynamo
 
 import dualres_ext
 from dualres_ext import layers, ops
+from dualres_ext.ops import rans_interleaved
 from dualres_ext.entropy_models import EntropyBottleneck, GaussianConditional
 from dualres_ext.models import build
 from dualres_ext.models.loss import rate_distortion
@@ -26,6 +27,8 @@ CPU_ONLY = {
     "gdn_forward_save",
     "rans_embed",
     "rans_restore",
+    "rans_iv_embed",
+    "rans_iv_restore",
     "rans_encode_compat",
     "rans_decode_compat",
     "rans_decode_compat_stream",
@@ -191,6 +194,22 @@ def _cases_rans_restore(device):
     yield torch.ops.dualres_ext.rans_embed(data, n, 16), n, 16
 
 
+def _interleaved_stream():
+    symbols, indexes, cdfs, lengths, offsets = _coding_inputs("cpu")
+    data = rans_interleaved.encode(symbols, indexes, cdfs, lengths, offsets, width=8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), indexes.numel()
+
+
+def _cases_rans_iv_embed(device):
+    data, n = _interleaved_stream()
+    yield data, n, 16
+
+
+def _cases_rans_iv_restore(device):
+    data, n = _interleaved_stream()
+    yield torch.ops.dualres_ext.rans_iv_embed(data, n, 16), n, 16
+
+
 def _cases_rans_encode_compat(device):
     yield tuple(_coding_inputs("cpu"))
 
@@ -242,6 +261,8 @@ OPCHECK_CASES = {
     "rans_decode": _cases_rans_decode,
     "rans_embed": _cases_rans_embed,
     "rans_restore": _cases_rans_restore,
+    "rans_iv_embed": _cases_rans_iv_embed,
+    "rans_iv_restore": _cases_rans_iv_restore,
     "rans_encode_compat": _cases_rans_encode_compat,
     "rans_decode_compat": _cases_rans_decode_compat,
     "rans_decode_compat_stream": _cases_rans_decode_compat_stream,
@@ -255,6 +276,8 @@ DATA_DEPENDENT = {
     "rans_encode",
     "rans_embed",
     "rans_restore",
+    "rans_iv_embed",
+    "rans_iv_restore",
     "rans_encode_compat",
     "rans_encode_batch",
     "gaussian_cdf_tables",

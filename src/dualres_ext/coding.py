@@ -81,7 +81,7 @@ def encode(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: Lanes) 
     if lanes is None:
         return ops.rans_encode_compat(symbols, indexes, *tables)
     if lanes == "auto":
-        return rans_interleaved.encode(symbols, indexes, *tables)
+        return rans_interleaved.encode(symbols, indexes, *tables, width="auto")
     return ops.rans_encode(symbols, indexes, *tables, lanes=None if lanes == "multilane" else lanes)
 
 

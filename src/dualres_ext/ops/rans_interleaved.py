@@ -95,7 +95,7 @@ def encode(
     offsets=None,
     *,
     tables=None,
-    width="auto",
+    width=32,
     groups: int = 1,
     chained: bool = False,
     isa: str = "auto",
