@@ -1,4 +1,4 @@
-"""Interleaved rANS stream v2 (csrc/rans/rans_interleaved.h, dualres_ext.rans_interleaved):
+"""Interleaved rANS stream v2 (csrc/rans/rans_interleaved.h, dualres_ext.ops.rans_interleaved):
 round trips, byte identity across SIMD paths / threads / the CUDA warp body emulated on the host,
 groups and split points, hostile streams, size on the Gaussian workload."""
 
