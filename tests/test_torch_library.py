@@ -15,10 +15,10 @@ import torch._dynamo
 
 import dualres_ext
 from dualres_ext import layers, ops
-from dualres_ext.ops import rans_interleaved
 from dualres_ext.entropy_models import EntropyBottleneck, GaussianConditional
 from dualres_ext.models import build
 from dualres_ext.models.loss import rate_distortion
+from dualres_ext.ops import rans_interleaved
 
 CUDA = torch.cuda.is_available() and dualres_ext.build_info()["cuda"]
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
