@@ -115,7 +115,7 @@ def worker(paths, flag: str) -> None:
         head = codec.parse_header(open(path, "rb").read())
         tracer.start()
         t = time.perf_counter()
-        y_h, y_l = codec._decode_latents(model, wid, head)
+        y_h, y_l = codec._decode_latents(model, wid, [head])
         seconds = time.perf_counter() - t
         latents = hashlib.sha256(y_h.numpy().tobytes() + y_l.numpy().tobytes()).hexdigest()
         print(tracer.hexdigest(), latents, f"{seconds:.4f}", flush=True)

@@ -268,7 +268,7 @@ for path in sys.argv[2:]:
             return inner(i, indexes, means)
         return run
     model._exact_decode_step = traced
-    y_h, y_l = codec._decode_latents(model, wid, head)
+    y_h, y_l = codec._decode_latents(model, wid, [head])
     model._exact_decode_step = step
     digest.update(y_h.numpy().tobytes() + y_l.numpy().tobytes())
     print(digest.hexdigest())

@@ -121,6 +121,60 @@ def test_lists_encode_and_decode_like_single_images():
         codec.encode(images[:3], metadata=[{}, {}])
 
 
+def test_batches_code_and_decode_each_stream_as_alone():
+    """With the exact networks a batch runs the entropy parameters and the coder for all its
+    pictures at once: the same symbols and parameters as each alone, so the very same latents
+    (and, from the same latents, the same streams); float64 version-3 streams too, one by one."""
+    model, _ = codec.resolve_model(None, None)
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy(rng.random((3, 3, 128, 128))).float()
+    with torch.no_grad():
+        y_h, y_l = model.analysis(x, 2.0)
+        z = model.hyper_analysis(y_h, y_l)
+        batch = model.compress_latents(y_h, y_l, z)
+        for b in range(3):
+            alone = model.compress_latents(y_h[b : b + 1], y_l[b : b + 1], z[b : b + 1])
+            assert [s[0] for s in alone["strings"]] == [s[b] for s in batch["strings"]]
+    images = [picture(20, 64, 96), picture(21, 64, 96), picture(22, 60, 90)]
+    streams = codec.encode(images, quality=1.5) + [codec.encode(images[0], quality=1.5, version=3)]
+    heads = [codec.parse_header(s) for s in streams]
+    together = codec._decode_all_latents(model, codec.weights_id(model), heads)
+    for head, (got_h, got_l) in zip(heads, together):
+        want_h, want_l = codec._decode_latents(model, codec.weights_id(model), [head])
+        assert torch.equal(got_h, want_h) and torch.equal(got_l, want_l)
+    # A damaged stream in a batch fails the batch with a BitstreamError, never silently.
+    bad = bytearray(streams[1])
+    bad[-30] ^= 0x20
+    with pytest.raises(codec.BitstreamError):
+        codec.decode([streams[0], bytes(bad)])
+
+
+def test_encoder_slice_loop_never_reads_back_to_the_host(monkeypatch):
+    """The encoder's slice loop (entropy parameters, indexes, quantisation) keeps its symbols where
+    the model runs and reads nothing back until every slice is done: on a GPU no slice waits for
+    the host. Checked on the CPU by making every read-back method raise inside the loop."""
+    model, _ = codec.resolve_model(None, None)
+    x = torch.from_numpy(np.random.default_rng(12).random((2, 3, 64, 128))).float()
+    with torch.no_grad():
+        y_h, y_l = model.analysis(x, 3.0)
+        z = model.hyper_analysis(y_h, y_l)
+        expected = model.compress_latents(y_h, y_l, z)  # also fills the layers' caches
+    loop = model.exact.decode_latents
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("a host read-back inside the slice loop")
+
+    def guarded(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__"):
+                m.setattr(torch.Tensor, name, forbid)
+            return loop(*args, **kwargs)
+
+    monkeypatch.setattr(model.exact, "decode_latents", guarded)
+    with torch.no_grad():
+        assert model.compress_latents(y_h, y_l, z)["strings"] == expected["strings"]
+
+
 def test_dataset_decodes_in_loader_workers(tmp_path):
     for i in range(4):
         (tmp_path / "sub" if i % 2 else tmp_path).mkdir(exist_ok=True)

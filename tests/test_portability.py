@@ -24,7 +24,7 @@ torch.set_num_threads(int(sys.argv[1]))
 model, wid = codec.resolve_model(None, None)
 for path in sys.argv[2:]:
     head = codec.parse_header(open(path, "rb").read())
-    y_h, y_l = codec._decode_latents(model, wid, head)
+    y_h, y_l = codec._decode_latents(model, wid, [head])
     print(hashlib.sha256(y_h.numpy().tobytes() + y_l.numpy().tobytes()).hexdigest())
 print(get_scale_table().numpy().tobytes().hex())
 """
@@ -47,7 +47,7 @@ def streams(tmp_path_factory):
         path = folder / f"{i}.drx"
         path.write_bytes(data)
         paths.append(str(path))
-        y_h, y_l = codec._decode_latents(model, wid, codec.parse_header(data))
+        y_h, y_l = codec._decode_latents(model, wid, [codec.parse_header(data)])
         expected.append(hashlib.sha256(y_h.numpy().tobytes() + y_l.numpy().tobytes()).hexdigest())
     return paths, expected
 

@@ -204,25 +204,25 @@ def encode(
     dev = next(model.parameters()).device
     config_id = CONFIG_IDS.get(getattr(model, "name", "custom"), 0)
     batchable = max_bytes is None and not (refine_steps or refine_rounds)
-    latents = _batched_analysis(model, pictures, q) if batchable else [None] * len(pictures)
+    coded = _batched_coding(model, pictures, q, exact, lanes) if batchable else [None] * len(pictures)
     streams = []
-    for picture, start, meta in zip(pictures, latents, metadatas):
+    for picture, done, meta in zip(pictures, coded, metadatas):
         x, grey, height, width = picture
         flags = (FLAG_GREY if grey else 0) | (FLAG_CUDA if dev.type == "cuda" else 0)
 
-        def encode_at(quality: float, x=x, start=start, height=height, width=width, flags=flags, meta=meta) -> bytes:
-            if start is None or quality != q:
+        def encode_at(quality: float, x=x, done=done, height=height, width=width, flags=flags, meta=meta) -> bytes:
+            if done is None or quality != q:
                 with torch.no_grad():
                     y_h, y_l = model.analysis(x, quality)
-                    start = (y_h, y_l, model.hyper_analysis(y_h, y_l))
-            coded = start
-            if refine_steps or refine_rounds:  # the refining encoder's stage between analysis and coding
-                with torch.enable_grad():
-                    coded = refine_latents(
-                        model, x, quality, start, refine_steps, size=(height, width), flip_rounds=refine_rounds
-                    )
-            out = model.compress_latents(*coded, exact=exact, lanes=lanes)
-            coding, sections = _embed_sections(model, [s[0] for s in out["strings"]], out["shape"], version, lanes)
+                    latents = (y_h, y_l, model.hyper_analysis(y_h, y_l))
+                if refine_steps or refine_rounds:  # the refining encoder's stage between analysis and coding
+                    with torch.enable_grad():
+                        latents = refine_latents(
+                            model, x, quality, latents, refine_steps, size=(height, width), flip_rounds=refine_rounds
+                        )
+                out = model.compress_latents(*latents, exact=exact, lanes=lanes)
+                done = ([s[0] for s in out["strings"]], out["shape"])
+            coding, sections = _embed_sections(model, *done, version, lanes)
             return pack(config_id, flags | coding, quality, wid, width, height, sections, meta, version=version)
 
         streams.append(encode_at(q) if max_bytes is None else _fit_size(encode_at, q, int(max_bytes)))
@@ -256,19 +256,29 @@ def _picture(image, model, limit: int):
 
 
 @torch.no_grad()
-def _batched_analysis(model, pictures, quality: float) -> list:
-    """Each picture's latents ``(y_h, y_l, z)``, pictures of equal padded size in one batch."""
+@torch.no_grad()
+def _batched_coding(model, pictures, quality: float, exact: bool, lanes) -> list:
+    """Each picture's coded ``(strings, z shape)``, pictures of equal padded size in one batch
+    through the analysis and, with the exact networks, through the entropy parameters and the
+    coder too (integer arithmetic: each picture's strings are the ones it gets alone; on a GPU
+    the whole slice loop runs there, and the symbols come to the host once). The float64
+    networks of version 3 code each picture on its own."""
     groups: dict = {}
     for i, (x, *_) in enumerate(pictures):
         groups.setdefault(tuple(x.shape), []).append(i)
-    latents = [None] * len(pictures)
+    coded = [None] * len(pictures)
     for members in groups.values():
         x = torch.cat([pictures[i][0] for i in members])
         y_h, y_l = model.analysis(x, quality)
         z = model.hyper_analysis(y_h, y_l)
+        parts = (
+            [(y_h, y_l, z)] if exact else [(y_h[b : b + 1], y_l[b : b + 1], z[b : b + 1]) for b in range(len(members))]
+        )
+        outs = [model.compress_latents(*part, exact=exact, lanes=lanes) for part in parts]
         for b, i in enumerate(members):
-            latents[i] = (y_h[b : b + 1], y_l[b : b + 1], z[b : b + 1])
-    return latents
+            out, k = (outs[0], b) if exact else (outs[b], 0)
+            coded[i] = ([s[k] for s in out["strings"]], out["shape"])
+    return coded
 
 
 SIZE_SEARCH_ENCODES = 10
@@ -350,7 +360,7 @@ def decode(data, device=None, output: str = "pil", weights=None, max_pixels: Opt
     many = isinstance(data, (list, tuple))
     heads = [_checked_header(d, limit) for d in (data if many else [data])]
     model, wid = resolve_model(weights, device)
-    latents = [_decode_latents(model, wid, head) for head in heads]
+    latents = _decode_all_latents(model, wid, heads)
     groups: dict = {}
     for i, (y_h_hat, _) in enumerate(latents):
         groups.setdefault(tuple(y_h_hat.shape), []).append(i)
@@ -380,10 +390,43 @@ def _checked_header(data, limit: int) -> dict:
     return head
 
 
-def _decode_latents(model, wid: int, head: dict):
-    """The decoded latents ``(ŷ_H, ŷ_L)`` of one parsed stream, checked against the model
-    (``wid``: the model's full weights id; versions 2 and 3 carry the id without the exact
-    networks, which they do not use)."""
+def _decode_all_latents(model, wid: int, heads: list) -> list:
+    """The decoded latents ``(ŷ_H, ŷ_L)`` of each parsed stream. Exact streams (versions 4, 5) of
+    one latent size are decoded as one batch (integer arithmetic: each stream's latents are the
+    ones it gets alone; on a GPU the slice loop runs there for all of them); streams of the
+    float64 versions one by one."""
+    latents = [None] * len(heads)
+    groups: dict = {}
+    for i, head in enumerate(heads):
+        if head["version"] >= 4 and len(heads) > 1:
+            groups.setdefault((-(-head["height"] // model.stride), -(-head["width"] // model.stride)), []).append(i)
+        else:
+            latents[i] = _decode_latents(model, wid, [head])
+    for members in groups.values():
+        batch = _decode_latents(model, wid, [heads[i] for i in members])
+        for b, i in enumerate(members):
+            latents[i] = (batch[0][b : b + 1], batch[1][b : b + 1])
+    return latents
+
+
+def _decode_latents(model, wid: int, heads: list):
+    """The decoded latents ``(ŷ_H, ŷ_L)`` of parsed streams of one version and latent size, as a
+    batch, checked against the model (``wid``: the model's full weights id; versions 2 and 3
+    carry the id without the exact networks, which they do not use)."""
+    stride = model.stride
+    for head in heads:
+        exact = _check_head(model, wid, head)
+    shape = (-(-heads[0]["height"] // stride), -(-heads[0]["width"] // stride))
+    per_stream = [_restore_sections(model, head, shape) for head in heads]
+    strings = [list(sections) for sections in zip(*per_stream)]
+    try:
+        return model.decompress_latents(strings, shape, exact=exact)
+    except (RuntimeError, ValueError) as exc:
+        raise BitstreamError(f"corrupted bitstream: {exc}") from exc
+
+
+def _check_head(model, wid: int, head: dict) -> bool:
+    """Checks a parsed stream against the decoding model; whether it has exact entropy parameters."""
     exact = head["version"] >= 4
     if exact and getattr(model, "exact", None) is None:
         raise BitstreamError(
@@ -405,15 +448,9 @@ def _decode_latents(model, wid: int, head: dict):
         warnings.warn(
             "the bitstream was encoded on a different kind of device "
             f"({'CUDA' if head['cuda'] else 'CPU'}); decoding may not reproduce it",
-            stacklevel=3,
+            stacklevel=5,
         )
-    stride = model.stride
-    shape = (-(-head["height"] // stride), -(-head["width"] // stride))
-    strings = [[s] for s in _restore_sections(model, head, shape)]
-    try:
-        return model.decompress_latents(strings, shape, exact=exact)
-    except (RuntimeError, ValueError) as exc:
-        raise BitstreamError(f"corrupted bitstream: {exc}") from exc
+    return exact
 
 
 def read_metadata(data) -> dict:

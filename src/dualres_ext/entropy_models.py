@@ -192,10 +192,22 @@ class EntropyModel(nn.Module):
 
         `lanes` overrides the module's `lanes` for this call (None: CompressAI stream; "auto": the
         native interleaved stream; "multilane"/int: the multi-lane stream)."""
-        lanes = self.lanes if lanes is ... else check_lanes(lanes)
         check_compress_args(inputs, indexes)
+        return self.compress_symbols(ops.quantize_symbols(inputs, means), indexes, lanes=lanes)
+
+    def compress_symbols(
+        self, symbols: Tensor, indexes: Tensor, *, lanes: Union[None, str, int, type(Ellipsis)] = ...
+    ) -> List[bytes]:
+        """The coding half of :meth:`compress`: already quantised int32 ``symbols`` (N, C, ...), as
+        ``ops.quantize_symbols(inputs, means)`` gives them, to one string per batch element. An
+        encoder that quantises on a GPU can gather the symbols of many calls and bring them to
+        the host at once."""
+        lanes = self.lanes if lanes is ... else check_lanes(lanes)
+        check_compress_args(symbols, indexes)
+        if symbols.dtype != torch.int32:
+            raise TypeError(f"symbols must be an int32 tensor, got {symbols.dtype}")
         tables = self._coder_tables()
-        symbols = ops.quantize_symbols(inputs, means).cpu()
+        symbols = symbols.cpu()
         indexes = self._as_indexes(indexes)  # the coder checks their range
         n = symbols.size(0)
         return coding.encode_batch(symbols.reshape(n, -1), indexes.reshape(n, -1), tables, lanes)

@@ -66,6 +66,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ..cache import TensorCache
 from ..entropy_models import EntropyBottleneck, GaussianConditional
 from ..layers import GDN, conv, deconv
@@ -676,16 +677,32 @@ class DualRes(nn.Module):
 
         return step
 
-    def _exact_encode_step(self, y: torch.Tensor, coder: _SliceCoder, strings: list, lanes) -> ExactStep:
+    def _exact_encode_step(self, y: torch.Tensor, coder: _SliceCoder, pending: list) -> ExactStep:
+        """Quantises each slice where the model runs and keeps its symbols and indexes there
+        (``pending``): the slice loop never waits for the host; :meth:`_code_pending` codes them."""
         pieces = coder.split(y)
         gc = self.gaussian_conditional
 
         def step(i, indexes, means):
             piece = pieces[i].double()
-            strings.append(gc.compress(piece, indexes, means=means, lanes=lanes))
+            pending.append((ops.quantize_symbols(piece, means), indexes.to(torch.int32)))
             return quantize_latent(piece, means, False, gc)
 
         return step
+
+    def _code_pending(self, pending: list, lanes) -> list:
+        """One string list per slice from ``pending`` ``(symbols, indexes)`` pairs, brought to the
+        host in one transfer (they may live on a GPU)."""
+        if not pending:
+            return []
+        flat = torch.cat([t.reshape(-1) for pair in pending for t in pair]).cpu()
+        parts = iter(flat.split([t.numel() for pair in pending for t in pair]))
+        gc = self.gaussian_conditional
+        out = []
+        for symbols, indexes in pending:
+            host_symbols, host_indexes = next(parts).view(symbols.shape), next(parts).view(indexes.shape)
+            out.append(gc.compress_symbols(host_symbols, host_indexes, lanes=lanes))
+        return out
 
     def _exact_decode_step(self, strings: Sequence) -> ExactStep:
         gc = self.gaussian_conditional
@@ -719,12 +736,13 @@ class DualRes(nn.Module):
         strings = [self.entropy_bottleneck.compress(z, lanes=lanes)]
         z_hat = quantize_latent(z, self.z_offset(), False, self.entropy_bottleneck)
         if self._use_exact(exact):
+            pending = []
             self.exact.decode_latents(
                 z_hat,
-                self._exact_encode_step(y_h, self.coder_h, strings, lanes),
-                self._exact_encode_step(y_l, self.coder_l, strings, lanes),
+                self._exact_encode_step(y_h, self.coder_h, pending),
+                self._exact_encode_step(y_l, self.coder_l, pending),
             )
-            return {"strings": strings, "shape": tuple(z.shape[-2:])}
+            return {"strings": strings + self._code_pending(pending, lanes), "shape": tuple(z.shape[-2:])}
         nets = self.coding_nets()  # float64: see "Portable streams" in the module docstring
         self.decode_latents(
             z_hat.double(),

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
+from ..cache import TensorCache
 from ..integer import IntConv, IntLUT, gelu, half_tanh, state_prefixes
 from .quantize import quantize_latent
 
@@ -51,8 +52,10 @@ class ExactSlices(nn.Module):
 
     @property
     def latent_bound(self) -> int:
-        """The bound every layer that reads ŷ clamps it to (ŷ in grid units)."""
-        return int(self.slices[0]["l1"].in_bound[-1])
+        """The bound every layer that reads ŷ clamps it to (ŷ in grid units); read from the
+        buffer once (on a GPU every read would wait for the device)."""
+        source = self.slices[0]["l1"].in_bound
+        return _scalars.get(self, [source], lambda: int(source[-1]))
 
     def run(
         self,
@@ -71,6 +74,7 @@ class ExactSlices(nn.Module):
         (what every reader of ŷ was converted for) where it is made."""
         unit = float(2**latent_bits)
         bound = float(self.latent_bound)
+        prepared = _prepared_table(table)
         decoded: List[Tensor] = []  # ŷ of each slice, float64
         decoded_int: List[Tensor] = []  # the same in grid units, clamped, float32 integers
         base = [features] if extra is None else [features, extra]
@@ -78,7 +82,7 @@ class ExactSlices(nn.Module):
             h = nets["ctx_act"](nets["ctx"](torch.cat(base + decoded_int, 1), True, nets["ctx_act"].bound))
             p = nets["p2"](nets["p1_act"](nets["p1"](h, True, nets["p1_act"].bound)), True)
             s = p.size(1) // 2
-            indexes = scale_indexes(p[:, :s], table, scale_bits)
+            indexes = scale_indexes(p[:, :s], prepared, scale_bits)
             means = p[:, s:].double() / unit
             y = step(i, indexes, means).double()
             y_int = torch.round(y * unit)  # exact: symbol * 2^k + μ_int
@@ -91,13 +95,25 @@ class ExactSlices(nn.Module):
         return torch.cat(decoded, 1)
 
 
-def scale_indexes(sigma: Tensor, table: Tensor, scale_bits: int) -> Tensor:
+# Python numbers read once from buffers (on a GPU each read waits for the device), keyed on the
+# buffers so that a changed buffer is read again.
+_scalars: TensorCache = TensorCache()
+
+
+def _prepared_table(table: Tensor) -> ops.ScaleTable:
+    """``table`` validated once, with its first entry as the lower bound."""
+    return _scalars.get(table, [table], lambda: ops.ScaleTable(table, float(table[0])))
+
+
+def scale_indexes(sigma: Tensor, table, scale_bits: int) -> Tensor:
     """The scale table index of integer scales ``sigma`` (float32 integers, grid 2^-scale_bits,
     ``0 <= sigma < 2^24``): the number of thresholds ``T_j = floor(table_j * 2^scale_bits)``,
     ``j < 63``, strictly below ``sigma``. Computed by the native ``build_indexes`` on the exact
     float32 values ``sigma * 2^-scale_bits``: for an integer ``n``, ``table_j < n * 2^-b`` iff
-    ``floor(table_j * 2^b) < n``, and float comparisons are exact (the test checks every value)."""
-    return ops.build_indexes((sigma * (2.0**-scale_bits)).contiguous(), table, table[0].item(), strict=True)
+    ``floor(table_j * 2^b) < n``, and float comparisons are exact (the test checks every value).
+    ``table``: the float32 scale table, or an ``ops.ScaleTable`` of it prepared once."""
+    prepared = table if isinstance(table, ops.ScaleTable) else _prepared_table(table)
+    return prepared.build_indexes((sigma * (2.0**-scale_bits)).contiguous(), strict=True)
 
 
 def _chain(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
@@ -185,9 +201,13 @@ class ExactCoder(nn.Module):
             check(f_l, nets["ctx"])
             check(extra, nets["ctx"], f_l.numel())
 
+    def _meta(self) -> List[int]:
+        """``meta`` as Python integers, read once (see :data:`_scalars`)."""
+        return _scalars.get(self, [self.meta], lambda: [int(v) for v in self.meta.tolist()])
+
     @property
     def latent_bits(self) -> int:
-        return int(self.meta[0])
+        return self._meta()[0]
 
     @classmethod
     def from_state(cls, state: Dict[str, Tensor], prefix: str = "") -> "ExactCoder":
@@ -216,7 +236,7 @@ class ExactCoder(nn.Module):
     def hyper(self, z_hat: Tensor):
         """Integer hyper features ``(f_h, f_l)`` of the decoded ``ẑ`` (each layer's input within
         its bounds: ẑ clamped here, the rest by the layers before, as in the slice loop)."""
-        z_bound = float(self.meta[2])
+        z_bound = float(self._meta()[2])
         x = torch.round(z_hat.double() * float(2**self.latent_bits)).clamp_(-z_bound, z_bound).float()
         f_l = _chain(self.h_s, x)
         return _chain(self.h_s_up_h, f_l), f_l
@@ -225,7 +245,7 @@ class ExactCoder(nn.Module):
         """``(ŷ_H, ŷ_L)`` as float64 (exact), as ``DualRes.decode_latents`` but on integers."""
         k = self.latent_bits
         f_h, f_l = self.hyper(z_hat)
-        table, b = self.index_table, int(self.meta[1])
+        table, b = self.index_table, self._meta()[1]
         y_h = self.coder_h.run(f_h, None, step_h, table, k, b)
         bound = float(self.coder_h.latent_bound)  # = cond_down_h's input bound (checked at construction)
         extra = self.cond_down_h(torch.round(y_h * float(2**k)).clamp_(-bound, bound).float(), True)
