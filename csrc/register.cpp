@@ -102,6 +102,11 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def(
       "rans_iv_decode(Tensor data, Tensor indexes, __torch__.torch.classes.dualres_ext.RansIvTables tables, int isa) "
       "-> Tensor");
+  // (symbols, per-group status on the indexes' device, 0 = ok): on CUDA nothing waits for the
+  // device, and the caller reads the statuses of many streams at once (CPU: raises, zeros).
+  m.def(
+      "rans_iv_decode_deferred(Tensor data, Tensor indexes, __torch__.torch.classes.dualres_ext.RansIvTables "
+      "tables) -> (Tensor, Tensor)");
   // [precision, width, chained, symbols, groups, words per group...] after a decoder's validation.
   m.def("rans_iv_stream_info(Tensor data) -> int[]");
   m.def("rans_iv_embed(Tensor data, int symbols, int precision) -> Tensor");

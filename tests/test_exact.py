@@ -261,8 +261,8 @@ for path in sys.argv[2:]:
     head = codec.parse_header(open(path, "rb").read())
     digest = hashlib.sha256()
     step = model._exact_decode_step
-    def traced(strings, step=step):
-        inner = step(strings)
+    def traced(*args, step=step):
+        inner = step(*args)
         def run(i, indexes, means):
             digest.update(indexes.numpy().tobytes()); digest.update(means.numpy().tobytes())
             return inner(i, indexes, means)

@@ -14,7 +14,7 @@ the C++ header checks (:func:`dualres_ext.ops.rans_interleaved.is_stream`,
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -117,8 +117,28 @@ def encode_batch(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: L
     return [encode(symbols[i], indexes[i], tables, lanes) for i in range(symbols.size(0))]
 
 
-def decode_batch(strings: Sequence, indexes: Tensor, tables: CoderTables, native_only: bool = False) -> Tensor:
-    """int32 [N, L]: row i decoded from ``strings[i]`` with ``indexes[i]`` (CPU int32, [N, L])."""
-    if len(strings) == 1:
-        return decode(strings[0], indexes[0], tables, native_only).unsqueeze(0)
-    return torch.stack([decode(s, indexes[i], tables, native_only) for i, s in enumerate(strings)])
+def decode_batch(
+    strings: Sequence, indexes: Tensor, tables: CoderTables, native_only: bool = False, deferred: Optional[list] = None
+) -> Tensor:
+    """int32 [N, L] on the indexes' device: row i decoded from ``strings[i]`` with ``indexes[i]``
+    (int32, [N, L]).
+
+    ``deferred`` (a list, with ``native_only``): interleaved streams are decoded where the indexes
+    are (:func:`~dualres_ext.ops.rans_interleaved.decode_deferred`: on a GPU without waiting for
+    it) and their statuses appended to ``deferred``, for the caller to check once with
+    :func:`~dualres_ext.ops.rans_interleaved.check_statuses` after many calls. Any other string
+    is decoded on the host."""
+    if deferred is not None and native_only:
+        rows = []
+        for i, s in enumerate(strings):
+            data = stream_tensor(s)
+            if rans_interleaved.is_stream(data):
+                symbols, status = rans_interleaved.decode_deferred(data, indexes[i], *tables)
+                deferred.append(status)
+            else:
+                symbols = decode(data, indexes[i].cpu(), tables, native_only).to(indexes.device)
+            rows.append(symbols)
+        return torch.stack(rows)
+    host = indexes.cpu()
+    rows = [decode(s, host[i], tables, native_only) for i, s in enumerate(strings)]
+    return (rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)).to(indexes.device)

@@ -173,12 +173,12 @@ class EntropyModel(nn.Module):
         return coding.coder_tables(self, self._quantized_cdf, self._cdf_length, self._offset)
 
     @staticmethod
-    def _as_indexes(indexes: Tensor) -> Tensor:
+    def _as_indexes(indexes: Tensor, host: bool = True) -> Tensor:
         if not isinstance(indexes, Tensor):
             raise TypeError(f"indexes must be a torch.Tensor, got {type(indexes).__name__}")
         if indexes.is_floating_point() or indexes.is_complex() or indexes.dtype == torch.bool:
             raise TypeError(f"indexes must be an integer tensor, got {indexes.dtype}")
-        return indexes.to("cpu", torch.int32).contiguous()
+        return indexes.to("cpu" if host else indexes.device, torch.int32).contiguous()
 
     def compress(
         self,
@@ -220,17 +220,22 @@ class EntropyModel(nn.Module):
         means: Optional[Tensor] = None,
         *,
         lanes: Union[None, str, int, type(Ellipsis)] = ...,
+        deferred: Optional[list] = None,
     ) -> Tensor:
         """Decode the strings of compress() back to the dequantized tensor (N, C, ...).
 
         In CompressAI mode (`lanes` None, the module's or this call's), a string that carries the
         native header is decoded as a native stream, so strings made with compress(..., lanes=k)
-        decode without telling decompress."""
+        decode without telling decompress. `deferred` (a list; native `lanes`): interleaved
+        streams are decoded where `indexes` are, on a GPU without waiting for it, and their
+        statuses are appended to the list for the caller to check once
+        (:func:`dualres_ext.ops.rans_interleaved.check_statuses`): a decoder of many calls in a row."""
         lanes = self.lanes if lanes is ... else check_lanes(lanes)
         check_decompress_args(strings, indexes, means)
         tables = self._coder_tables()
-        flat = self._as_indexes(indexes).reshape(indexes.size(0), -1)  # the coder checks their range
-        symbols = coding.decode_batch(strings, flat, tables, native_only=lanes is not None)
+        on_device = deferred is not None and lanes is not None
+        flat = self._as_indexes(indexes, host=not on_device).reshape(indexes.size(0), -1)  # the coder checks them
+        symbols = coding.decode_batch(strings, flat, tables, native_only=lanes is not None, deferred=deferred)
         symbols = symbols.reshape(indexes.shape).to(indexes.device)
         return self.dequantize(symbols, means, dtype)
 

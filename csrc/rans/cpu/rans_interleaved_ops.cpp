@@ -1,6 +1,7 @@
 // CPU torch ops of the interleaved rANS stream, version 2 (csrc/rans/FORMAT.md, "Interleaved
 // stream, version 2"): rans_iv_prepare / rans_iv_encode / rans_iv_decode / rans_iv_stream_info /
-// rans_iv_embed / rans_iv_restore / rans_iv_isa. Schemas in csrc/register.cpp under "--- rans ---".
+// rans_iv_decode_deferred / rans_iv_embed / rans_iv_restore / rans_iv_isa. Schemas in csrc/register.cpp under "--- rans
+// ---".
 //
 // The coders are csrc/rans/rans_interleaved.h (scalar reference, warp body) and
 // rans_interleaved_simd.cpp (AVX2 / AVX-512); `isa` picks one: -1 the best this CPU runs
@@ -215,6 +216,18 @@ at::Tensor rans_iv_decode(const at::Tensor& data, const at::Tensor& indexes,
   return out;
 }
 
+// The CPU side of rans_iv_decode_deferred: the CPU decoder raises at once, so the status it
+// gives back (one int32 per group, 0 = ok, as the CUDA one) is always zeros.
+std::tuple<at::Tensor, at::Tensor> rans_iv_decode_deferred(const at::Tensor& data, const at::Tensor& indexes,
+                                                           const c10::intrusive_ptr<RansIvTables>& tables) {
+  at::Tensor out = rans_iv_decode(data, indexes, tables, -1);
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  IvHeader h;
+  throw_status(iv_parse_header(bytes, size, -1, h), "rans_iv_decode");
+  return {out, at::zeros({std::max<int64_t>(h.groups, 1)}, at::TensorOptions().dtype(at::kInt))};
+}
+
 // [precision, width, chained, symbols, groups, words of each group...], validated like a decoder.
 std::vector<int64_t> rans_iv_stream_info(const at::Tensor& data) {
   size_t size = 0;
@@ -269,6 +282,7 @@ TORCH_LIBRARY_IMPL(dualres_ext, CPU, m) {
   m.impl("rans_iv_prepare", &dualres::rans::rans_iv_prepare);
   m.impl("rans_iv_encode", &dualres::rans::rans_iv_encode);
   m.impl("rans_iv_decode", &dualres::rans::rans_iv_decode);
+  m.impl("rans_iv_decode_deferred", &dualres::rans::rans_iv_decode_deferred);
   m.impl("rans_iv_stream_info", &dualres::rans::rans_iv_stream_info);
   m.impl("rans_iv_embed", &dualres::rans::rans_iv_embed);
   m.impl("rans_iv_restore", &dualres::rans::rans_iv_restore);

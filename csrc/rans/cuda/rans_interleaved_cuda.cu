@@ -13,7 +13,8 @@
 // back to the host, where the header and CRC are written (the result is a host byte string).
 // Decode: the header and CRC are checked on the host (the stream is there), the payload goes to
 // the device in one copy, each warp checks its own indexes, and the per-group status comes back
-// (any failure is a ValueError; a device fault is impossible: every read is bounded).
+// (any failure is a ValueError; a device fault is impossible: every read is bounded), or, in
+// rans_iv_decode_deferred, stays on the device for the caller to read once for many streams.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -273,6 +274,45 @@ at::Tensor rans_iv_decode_cuda(const at::Tensor& data, const at::Tensor& indexes
   return out;
 }
 
+// As rans_iv_decode_cuda, without waiting for the device: the stream (a CPU tensor: the header
+// is checked on the host, where it is) and its group offsets go up in one non-blocking copy from
+// pinned memory, and the per-group status comes back as a device tensor for the caller to check
+// once for many streams (csrc/rans/FORMAT.md "Decoder obligations": every read stays bounded, so
+// a bad stream can only give wrong symbols until its status is read).
+std::tuple<at::Tensor, at::Tensor> rans_iv_decode_deferred_cuda(const at::Tensor& data, const at::Tensor& indexes,
+                                                                const c10::intrusive_ptr<RansIvTables>& tables) {
+  TORCH_CHECK_TYPE(data.scalar_type() == at::kByte, "data must be a uint8 tensor, got ", data.scalar_type());
+  TORCH_CHECK_VALUE(data.dim() == 1 && data.device().is_cpu(), "data must be a 1-D CPU tensor");
+  TORCH_CHECK_TYPE(indexes.scalar_type() == at::kInt, "indexes must be an int32 tensor, got ", indexes.scalar_type());
+  TORCH_CHECK_VALUE(indexes.is_cuda(), "indexes must be on a CUDA device for the CUDA decoder");
+  const c10::cuda::CUDAGuard guard(indexes.device());
+  const at::Tensor host = data.contiguous();
+  const at::Tensor idx = indexes.contiguous();
+  const int64_t n = idx.numel();
+  IvHeader h;
+  throw_status(iv_parse_header(host.data_ptr<uint8_t>(), static_cast<size_t>(host.numel()), n, h), "rans_iv_decode");
+  if (n > 0 && h.precision != tables->prep.precision) throw_status(Status::kMismatch, "rans_iv_decode");
+  auto opts = at::TensorOptions().device(indexes.device());
+  at::Tensor out = at::empty(indexes.sizes(), idx.options());
+  at::Tensor status = at::zeros({std::max<int64_t>(h.groups, 1)}, opts.dtype(at::kInt));
+  if (h.groups == 0) return {out, status};
+  IvTablesView tv = device_view(*tables, indexes.device());
+  const int64_t offs_bytes = (h.groups + 1) * 8, size = host.numel();
+  at::Tensor staging = at::empty({offs_bytes + size}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(staging.data_ptr<uint8_t>(), h.word_offset.data(), static_cast<size_t>(offs_bytes));
+  std::memcpy(staging.data_ptr<uint8_t>() + offs_bytes, host.data_ptr<uint8_t>(), static_cast<size_t>(size));
+  // The caching host allocator keeps `staging` until the copy on the current stream has run.
+  const at::Tensor staged = staging.to(indexes.device(), /*non_blocking=*/true);
+  const size_t smem = staged_bytes(tv, reinterpret_cast<const void*>(&iv_decode_kernel));
+  const unsigned blocks = static_cast<unsigned>((h.groups + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  iv_decode_kernel<<<blocks, 32 * kWarpsPerBlock, smem, at::cuda::getCurrentCUDAStream()>>>(
+      staged.data_ptr<uint8_t>() + offs_bytes, reinterpret_cast<const uint64_t*>(staged.data_ptr<uint8_t>()),
+      static_cast<int64_t>(h.states_pos), static_cast<int64_t>(h.words_pos), idx.data_ptr<int32_t>(), n, h.width,
+      iv_steps(n, h.width), h.groups, h.chained, tv, smem > 0, out.data_ptr<int32_t>(), status.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, status};
+}
+
 }  // namespace
 }  // namespace dualres::rans
 
@@ -280,4 +320,5 @@ TORCH_LIBRARY_IMPL(dualres_ext, CUDA, m) {
   dualres::rans::register_iv_tables_class();
   m.impl("rans_iv_encode", &dualres::rans::rans_iv_encode_cuda);
   m.impl("rans_iv_decode", &dualres::rans::rans_iv_decode_cuda);
+  m.impl("rans_iv_decode_deferred", &dualres::rans::rans_iv_decode_deferred_cuda);
 }

@@ -68,6 +68,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..cache import TensorCache
+from ..ops import rans_interleaved
 from ..entropy_models import EntropyBottleneck, GaussianConditional
 from ..layers import GDN, conv, deconv
 from .exact import ExactStep
@@ -704,11 +705,13 @@ class DualRes(nn.Module):
             out.append(gc.compress_symbols(host_symbols, host_indexes, lanes=lanes))
         return out
 
-    def _exact_decode_step(self, strings: Sequence) -> ExactStep:
+    def _exact_decode_step(self, strings: Sequence, deferred: list) -> ExactStep:
+        """Decodes each slice where the model runs (on a GPU without waiting for it); the streams'
+        statuses go to ``deferred``, checked once after the loop."""
         gc = self.gaussian_conditional
 
         def step(i, indexes, means):
-            return gc.decompress(strings[i], indexes, means=means).to(means.dtype)
+            return gc.decompress(strings[i], indexes, means=means, deferred=deferred).to(means.dtype)
 
         return step
 
@@ -773,9 +776,13 @@ class DualRes(nn.Module):
         z_hat = self.entropy_bottleneck.decompress(strings[0], shape)
         dtype = z_hat.dtype
         if self._use_exact(exact):
+            deferred: list = []
             y_h_hat, y_l_hat = self.exact.decode_latents(
-                z_hat, self._exact_decode_step(strings[1 : 1 + n_h]), self._exact_decode_step(strings[1 + n_h :])
+                z_hat,
+                self._exact_decode_step(strings[1 : 1 + n_h], deferred),
+                self._exact_decode_step(strings[1 + n_h :], deferred),
             )
+            rans_interleaved.check_statuses(deferred)
             return y_h_hat.to(dtype), y_l_hat.to(dtype)
         y_h_hat, y_l_hat = self.decode_latents(
             z_hat.double(),

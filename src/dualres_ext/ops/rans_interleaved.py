@@ -155,6 +155,38 @@ def decode(data, indexes, cdfs=None, cdf_lengths=None, offsets=None, *, tables=N
     return _ops.rans_iv_decode(data, indexes, tb.handle, _isa(isa))
 
 
+def decode_deferred(data, indexes, cdfs=None, cdf_lengths=None, offsets=None, *, tables=None):
+    """:func:`decode` that does not wait for a GPU: ``(symbols, status)``, with ``status`` one int32
+    per group (0 = decoded) on the indexes' device. With CUDA ``indexes`` (CUDA builds) the header
+    is checked on the host, the stream goes up in one non-blocking copy and one warp decodes each
+    group; the symbols of a bad stream are then wrong until :func:`check_statuses` reads its
+    status, which it does for many streams at once. On the CPU a bad stream raises at once."""
+    data = stream_tensor(data)
+    indexes = int32_tensor(indexes, "indexes", True)
+    tb = _tables(cdfs, cdf_lengths, offsets, tables)
+    return _ops.rans_iv_decode_deferred(data, indexes, tb.handle)
+
+
+def check_statuses(statuses) -> None:
+    """Raises ValueError if a status of :func:`decode_deferred` is not 0: one read from the device
+    for all of them."""
+    if not statuses:
+        return
+    codes = torch.cat([s.reshape(-1) for s in statuses]).cpu()
+    bad = torch.nonzero(codes)
+    if bad.numel():
+        raise ValueError(
+            f"rans_iv_decode: corrupt stream, or indexes or tables other than the encoder's "
+            f"(status {int(codes[bad[0, 0]])} in {bad.numel()} of {codes.numel()} groups)"
+        )
+
+
+@torch.library.register_fake("dualres_ext::rans_iv_decode_deferred")
+def _decode_deferred_fake(data, indexes, tables):
+    groups = torch.library.get_ctx().new_dynamic_size()
+    return indexes.new_empty(indexes.shape, dtype=torch.int32), indexes.new_empty((groups,), dtype=torch.int32)
+
+
 def stream_info(data) -> dict:
     """The validated header of an interleaved stream (CRC included): precision, width, chained,
     symbols, groups and each group's word count."""
