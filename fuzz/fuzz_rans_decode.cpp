@@ -99,7 +99,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       decode_stream(restored.data(), restored.size(), idx.data(), n, pt, out.data(), SerialFor{});
   } else if (mode == 1 || mode == 2) {
     Prepared pt;
-    if (pt.prepare(tv, idx.data(), n, false, kCompatPrecision)) return 0;
+    if (pt.prepare_compat(tv, idx.data(), n, false)) return 0;
     std::vector<uint8_t> s(stream, stream + stream_size);
     CompatDecoder dec;
     if (mode == 1) {
@@ -165,9 +165,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (pt.precision == kCompatPrecision) {
       std::vector<uint8_t> cenc;
       if (compat_encode(sym.data(), idx.data(), m, pt, cenc) != Status::kOk) return 0;  // |v| >= 2^30
+      Prepared pc;  // the compat decoder's own lookup
+      must(pc.prepare_compat(tv, idx.data(), m, false) == nullptr);
       CompatDecoder dec;
       must(dec.init(cenc.data(), cenc.size()) == Status::kOk);
-      must(dec.decode(idx.data(), m, pt, out.data()) == Status::kOk);
+      must(dec.decode(idx.data(), m, pc, out.data()) == Status::kOk);
       must(dec.finished_cleanly());
       must(std::memcmp(out.data(), sym.data(), 4 * static_cast<size_t>(m)) == 0);
     }

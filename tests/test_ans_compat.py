@@ -193,3 +193,87 @@ def test_workload_round_trip_compat(gen):
     out = ops.rans_decode_compat(data, idx, cdfs, lengths, offsets)
     assert out.shape == idx.shape and torch.equal(out, sym)
     assert np.array_equal(ans.RansDecoder().decode_with_indexes(data, idx.numpy(), cdfs, lengths, offsets), sym.numpy())
+
+
+def lookup_tables(gen, T):
+    """Rows for every case of the compat decoder's bucket lookup (128 buckets of 512 slots):
+    long heavy-tailed rows (many symbols per bucket), rows with one symbol of frequency >= 2^15
+    (a bucket range spanning most of the row), three-symbol rows and a row whose boundaries fall
+    on bucket edges (a bucket ending exactly where its second symbol ends)."""
+    long_rows = _random_tables(gen, T, max_len=3000, min_len=600)
+    rows = [long_rows[0][t, : int(long_rows[1][t])].tolist() for t in range(T)]
+    for _ in range(T):
+        big = int(torch.randint(1 << 15, (1 << 16) - 40, (1,), generator=gen))
+        rest = torch.rand(20, generator=gen, dtype=torch.float64) + 1e-3
+        f = (rest / rest.sum() * ((1 << 16) - big - 20)).floor().long() + 1
+        f[0] += (1 << 16) - big - int(f.sum())
+        freqs = f.tolist()
+        freqs.insert(int(torch.randint(0, 21, (1,), generator=gen)), big)
+        rows.append([0] + torch.cumsum(torch.tensor(freqs), 0).tolist())
+    rows.append([0, 1, 2, 1 << 16])
+    rows.append([0, 512, 1024, 1536, 3000, 1 << 16])
+    W = max(len(r) for r in rows)
+    cdfs = torch.zeros(len(rows), W, dtype=torch.int32)
+    for t, r in enumerate(rows):
+        cdfs[t, : len(r)] = torch.tensor(r, dtype=torch.int32)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    offsets = torch.randint(-30, 30, (len(rows),), generator=gen, dtype=torch.int32)
+    return cdfs, lengths, offsets
+
+
+@pytest.mark.parametrize("n", [50, 40000])
+def test_decode_lookup_fresh_tables_against_compressai(gen, n):
+    # n = 40000 exceeds the table entries: the decoder prepares every row, not only those used.
+    for _ in range(2):
+        cdfs, lengths, offsets = lookup_tables(gen, 4)
+        tables = as_lists(cdfs, lengths, offsets)
+        sym, idx = compat_symbols(gen, cdfs, lengths, offsets, n)
+        # Slots spread over whole rows: symbols drawn from each row's own distribution.
+        u = torch.randint(0, 1 << 16, (n,), generator=gen, dtype=torch.int32)
+        rows = cdfs[idx.long()]
+        inside = torch.searchsorted(rows.contiguous(), u.unsqueeze(1), right=True).squeeze(1) - 1
+        inside = torch.minimum(inside, (lengths[idx.long()] - 2).long())
+        natural = (inside + offsets[idx.long()]).int()
+        sym = torch.where(torch.rand(n, generator=gen) < 0.8, natural, sym)
+        data = ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+        assert data == compressai_ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+        ref = compressai_ans.RansDecoder().decode_with_indexes(data, idx.tolist(), *tables)
+        assert ref == sym.tolist()
+        assert torch.equal(ops.rans_decode_compat(data, idx, cdfs, lengths, offsets), sym)
+        dec = ans.RansDecoder()
+        dec.set_stream(data)
+        parts = [dec.decode_stream(idx[i : i + 997].tolist(), *tables) for i in range(0, n, 997)]
+        assert sum(parts, []) == ref
+
+
+def test_decode_lookup_invalid_unused_row(gen):
+    # Many symbols, and a row that is not a CDF but is never used: decoding must not refuse it.
+    cdfs, lengths, offsets = lookup_tables(gen, 2)
+    cdfs[1, 5] = cdfs[1, 4]  # row 1 no longer strictly increasing
+    idx = torch.randint(2, cdfs.shape[0], (cdfs.shape[0] * cdfs.shape[1] + 1,), generator=gen, dtype=torch.int32)
+    sym = offsets[idx.long()]
+    data = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
+    assert torch.equal(ops.rans_decode_compat(data, idx, cdfs, lengths, offsets), sym)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ops.rans_decode_compat(data, torch.ones_like(idx), cdfs, lengths, offsets)
+
+
+def test_hostile_streams_on_lookup_tables(gen):
+    # Random and corrupted streams over rows with many symbols per bucket: ValueError or a stream
+    # that is exactly the encoding of what was returned, never a crash or a hang.
+    cdfs, lengths, offsets = lookup_tables(gen, 3)
+    n = 3000
+    sym, idx = compat_symbols(gen, cdfs, lengths, offsets, n, escapes=False)
+    data = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
+    for k in range(60):
+        if k % 2:
+            b = bytearray(data)
+            start = int(torch.randint(0, len(b), (1,), generator=gen))
+            b[start:] = os.urandom(len(b) - start)
+        else:
+            b = bytearray(os.urandom(int(torch.randint(0, 4 * len(data), (1,), generator=gen))))
+        try:
+            out = ops.rans_decode_compat(bytes(b), idx, cdfs, lengths, offsets)
+        except ValueError:
+            continue
+        assert ops.rans_encode_compat(out, idx, cdfs, lengths, offsets) == bytes(b)

@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -109,70 +110,117 @@ inline const char* check_table(const TableView& tv, int64_t t, int* precision_ou
   return nullptr;
 }
 
-constexpr uint32_t kLow = 1u << 23;  // native state lives in [kLow, kLow << 8)
+// start | (freq - 1) << 16 of symbol s of CDF row c: a decoder gets both with one 32-bit load
+// (freq - 1 fits 16 bits for every precision <= 16).
+DUALRES_HD inline uint32_t packed_start_freq(const int32_t* c, int32_t s) {
+  return static_cast<uint32_t>(c[s]) | static_cast<uint32_t>(c[s + 1] - c[s] - 1) << 16;
+}
 
-// Tables validated and converted once per call. Only the rows named by the indexes are
-// prepared (prepare_row), so a per-position decode_stream call with a few symbols stays cheap.
+// The bucket lookup of a valid CDF row c of length len: b[k] = the symbol holding slot k << shift
+// for k < 2^bits, and b[2^bits] = len - 2 (the last symbol), so the symbols of bucket k are
+// always b[k] .. b[k + 1]. Shared by every decoder's table preparation.
+template <class T>
+inline void bucket_first_symbols(const int32_t* c, int32_t len, int bits, int shift, T* b) {
+  const int64_t nb = int64_t{1} << bits;
+  int32_t s = 0;
+  for (int64_t k = 0; k < nb; ++k) {
+    const int32_t slot = static_cast<int32_t>(k << shift);
+    while (c[s + 1] <= slot) ++s;  // c[len-1] = 2^precision > slot, so s stays <= len - 2
+    b[k] = static_cast<T>(s);
+  }
+  b[nb] = static_cast<T>(len - 2);
+}
+
+constexpr uint32_t kLow = 1u << 23;  // native state lives in [kLow, kLow << 8)
+constexpr int kCompatPrecision = 16;
+// The compat decoder's buckets: 128 per row. Against 256, the [T, 129] lookup of CompressAI's 64
+// Gaussian tables (33 KB + 16 KB) stays close to L1 on its serial chain, and the 2% of slots in a
+// bucket holding three or more symbols cost less than the cache misses (measured: 2.9 vs 3.2 ms).
+constexpr int kCompatBucketBits = 7;
+
+// Tables validated and converted once per call. With fewer symbols than table entries only the
+// rows named by the indexes are prepared, so a per-position decode_stream call stays cheap.
 struct Prepared {
   TableView tv;
   int precision = -1;  // common precision of all prepared rows
   int bucket_bits = 0, bucket_shift = 0;
-  std::vector<uint16_t> bucket;  // [T, 2^bucket_bits + 1]: symbol holding slot (b << shift)
-  // [T, 2^bucket_bits], CPU compat decoder only: when bucket k of a row lies inside one symbol s,
-  // s | start << 16 | freq << 32 (freq > 0), else 0. Saves the decoder two dependent loads per
-  // symbol on its serial chain. Only used rows are written (no fill: it is re-prepared per call).
-  std::unique_ptr<uint64_t[]> direct;
+  std::vector<uint16_t> bucket;  // [T, 2^bucket_bits + 1]: bucket_first_symbols of each row
+  // [T, 2^bucket_bits + 1], compat decoder only: packed_start_freq of the bucket entry's symbol.
+  // Only used rows are written (no fill: it is re-prepared per call).
+  std::unique_ptr<uint32_t[]> bucket_sf;
 
   int64_t bucket_stride() const { return (int64_t{1} << bucket_bits) + 1; }
 
   // Validates the rows used by idx[0..n) and, unless for_encode, builds their decoding search
   // structures (an encoder needs none: building them cost a small stream's encode as much again).
   // A Prepared made for decoding also serves encoding. Returns nullptr or an error message.
-  // required_precision > 0 demands that precision (compat: 16).
+  // required_precision > 0 demands that precision. The compat coder prepares with prepare_compat.
   const char* prepare(const TableView& v, const int32_t* idx, int64_t n, bool for_encode, int required_precision) {
+    return prepare_impl(v, idx, n, for_encode, required_precision, false);
+  }
+  const char* prepare_compat(const TableView& v, const int32_t* idx, int64_t n, bool for_encode) {
+    return prepare_impl(v, idx, n, for_encode, kCompatPrecision, true);
+  }
+
+ private:
+  const char* prepare_impl(const TableView& v, const int32_t* idx, int64_t n, bool for_encode, int required_precision,
+                           bool compat) {
     tv = v;
-    std::vector<uint8_t> used(static_cast<size_t>(tv.T), 0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t t = idx[i];
-      if (t < 0 || t >= tv.T) return "indexes: value out of range [0, number of CDF tables)";
-      used[t] = 1;
+    int32_t lo = 0, hi = 0;
+    if (n > 0) {
+      lo = hi = idx[0];
+      for (int64_t i = 0; i < n; ++i) {  // vectorised min/max
+        lo = lo < idx[i] ? lo : idx[i];
+        hi = hi > idx[i] ? hi : idx[i];
+      }
+      if (lo < 0 || hi >= tv.T) return "indexes: value out of range [0, number of CDF tables)";
     }
+    // With at least as many symbols as table entries, all rows in [lo, hi] are prepared when
+    // they are all valid (marking the rows used cost a pass over the indexes as long as the decode
+    // loop's first 5%); otherwise, or when one is invalid, only the rows used.
+    std::vector<uint8_t> used(static_cast<size_t>(tv.T), 0);
     // Precision first: the bucket layout depends on it.
-    for (int64_t t = 0; t < tv.T; ++t) {
-      if (!used[t]) continue;
-      int p = 0;
-      if (const char* e = check_table(tv, t, &p)) return e;
-      if (precision < 0) precision = p;
-      if (p != precision) return "cdfs: all rows used must share one precision (same final value)";
+    auto check_used = [&]() -> const char* {
+      precision = -1;
+      for (int64_t t = 0; t < tv.T; ++t) {
+        if (!used[t]) continue;
+        int p = 0;
+        if (const char* e = check_table(tv, t, &p)) return e;
+        if (precision < 0) precision = p;
+        if (p != precision) return "cdfs: all rows used must share one precision (same final value)";
+      }
+      return nullptr;
+    };
+    bool all = n > 0 && n >= (int64_t{hi} - lo + 1) * tv.W;
+    if (all) {
+      std::fill(used.begin() + lo, used.begin() + hi + 1, uint8_t{1});
+      if (check_used() != nullptr) {
+        all = false;
+        std::fill(used.begin(), used.end(), uint8_t{0});
+      }
+    }
+    if (!all) {
+      for (int64_t i = 0; i < n; ++i) used[idx[i]] = 1;
+      if (const char* e = check_used()) return e;
     }
     if (precision < 0) precision = required_precision > 0 ? required_precision : 16;
     if (required_precision > 0 && precision != required_precision)
       return "cdfs: CompressAI's format needs 16-bit tables (rows ending at 65536)";
-    bucket_bits = precision < 8 ? precision : 8;
+    const int max_bits = compat ? kCompatBucketBits : 8;
+    bucket_bits = precision < max_bits ? precision : max_bits;
     bucket_shift = precision - bucket_bits;
     if (for_encode) return nullptr;
     bucket.assign(static_cast<size_t>(tv.T * bucket_stride()), 0);
-    direct.reset(new uint64_t[static_cast<size_t>(tv.T) << bucket_bits]);
-    for (int64_t t = 0; t < tv.T; ++t)
-      if (used[t]) prepare_row(t);
-    return nullptr;
-  }
-
-  void prepare_row(int64_t t) {
-    const int32_t* c = tv.cdfs + t * tv.W;
-    const int32_t len = tv.lengths[t];
-    uint16_t* b = bucket.data() + t * bucket_stride();
-    const int64_t nb = int64_t{1} << bucket_bits;
-    int32_t s = 0;
-    uint64_t* d = direct.get() + (t << bucket_bits);
-    for (int64_t k = 0; k < nb; ++k) {
-      const int32_t slot = static_cast<int32_t>(k << bucket_shift);
-      while (c[s + 1] <= slot) ++s;  // c[len-1] = M > slot, so s stays <= len - 2
-      b[k] = static_cast<uint16_t>(s);
-      const bool single = c[s + 1] >= static_cast<int32_t>((k + 1) << bucket_shift);
-      d[k] = single ? (uint64_t(s) | uint64_t(c[s]) << 16 | uint64_t(c[s + 1] - c[s]) << 32) : 0;
+    if (compat) bucket_sf.reset(new uint32_t[static_cast<size_t>(tv.T * bucket_stride())]);
+    for (int64_t t = 0; t < tv.T; ++t) {
+      if (!used[t]) continue;
+      const int32_t* c = tv.cdfs + t * tv.W;
+      uint16_t* b = bucket.data() + t * bucket_stride();
+      bucket_first_symbols(c, tv.lengths[t], bucket_bits, bucket_shift, b);
+      if (compat)
+        for (int64_t k = 0; k < bucket_stride(); ++k) bucket_sf[t * bucket_stride() + k] = packed_start_freq(c, b[k]);
     }
-    b[nb] = static_cast<uint16_t>(len - 2);
+    return nullptr;
   }
 };
 
@@ -509,7 +557,6 @@ inline Status native_decode_lane(const uint8_t* data, size_t size, const int32_t
 // ---------------------------------------------------------------------------------------------
 
 constexpr uint64_t kLow64 = uint64_t{1} << 31;
-constexpr int kCompatPrecision = 16;
 
 struct WordBackBuffer {
   std::vector<uint32_t> buf;
@@ -622,49 +669,147 @@ struct CompatDecoder {
     renorm();
     return val;
   }
+  static DUALRES_RANS_INLINE uint64_t load_u16(const uint8_t* p) {
+    uint16_t v;  // the host's byte order: bucket_sf is written on this machine
+    std::memcpy(&v, p, 2);
+    return v;
+  }
+
+  // The bypass value after an escape symbol (rare). Out of line, with the state by value: inline,
+  // its registers crowded the hot loop's chain values out to the stack.
+  struct Escape {
+    uint64_t x;
+    size_t pos;
+    bool overrun;
+    Status status;
+    int64_t v;
+  };
+  [[gnu::noinline]] static Escape escape(CompatDecoder d, int64_t max_value) {
+    uint32_t val = d.get_bits();
+    int nb = static_cast<int>(val);
+    while (val == kBypassMax) {
+      if (nb > 8 || d.overrun) return {d.x, d.pos, d.overrun, Status::kCorrupt, 0};  // int32 raw: <= 8 chunks
+      val = d.get_bits();
+      nb += static_cast<int>(val);
+    }
+    if (nb > 8) return {d.x, d.pos, d.overrun, Status::kCorrupt, 0};
+    uint64_t raw = 0;
+    for (int j = 0; j < nb; ++j) raw |= uint64_t{d.get_bits()} << (j * kBypassBits);
+    if (raw >= (uint64_t{1} << 31)) return {d.x, d.pos, d.overrun, Status::kCorrupt, 0};
+    return {d.x, d.pos, d.overrun, Status::kOk, value_from_raw(raw, max_value)};
+  }
+
   // Decodes n symbols, continuing from the current state. Works on a local copy of the decoder
   // (kept in registers; a member-based loop was 3x slower in the big op translation unit) and
   // stores it back at the end.
+  // pt must come from prepare_compat (kMismatch otherwise: its lookup is missing).
   Status decode(const int32_t* idx, int64_t n, const Prepared& pt, int32_t* out) {
+    if (n > 0 && !pt.bucket_sf) return Status::kMismatch;
     CompatDecoder d = *this;
-    const Status st = d.decode_local(idx, n, DecodeCtx(pt), pt.direct.get(), pt.bucket_bits, out);
+    const Status st = d.decode_local(idx, n, pt, out);
     *this = d;
     return st;
   }
-  DUALRES_RANS_INLINE Status decode_local(const int32_t* idx, int64_t n, const DecodeCtx dc, const uint64_t* direct,
-                                          int bucket_bits, int32_t* out) {
+
+  // One step of the serial chain: x = freq * (x >> 16) + slot - start, then the renormalisation
+  // word. The 64-bit state allows the renormalised value to be formed from the same product
+  // ((freq * q) << 32 = freq * (q << 32)) in parallel with the plain one, so a compare and a
+  // select end the step instead of a shift and an or after it. pos advances by 4 when the word
+  // is taken; the caller guarantees 4 readable bytes at pos.
+  DUALRES_RANS_INLINE void step(uint64_t fm1, uint64_t start, uint32_t word) {
+    const uint64_t q = x >> kCompatPrecision, slot = x & ((1u << kCompatPrecision) - 1);
+    const uint64_t r = q + slot - start;  // freq * q + slot - start = (freq - 1) * q + r
+    const uint64_t keep = fm1 * q + r;
+    const uint64_t renormed = fm1 * (q << 32) + ((r << 32) | word);
+    const uint64_t next = pos + 4;
+#if defined(__x86_64__) && defined(__GNUC__)
+    // Spelled out: GCC turned the selects into an unpredictable branch.
+    uint64_t nx = keep, np = pos;
+    asm("cmp %[low], %[keep]\n\tcmovb %[ren], %[nx]\n\tcmovb %[next], %[np]"
+        : [nx] "+r"(nx), [np] "+r"(np)
+        : [keep] "r"(keep), [low] "r"(kLow64), [ren] "r"(renormed), [next] "r"(next)
+        : "cc");
+    x = nx;
+    pos = np;
+#else
+    const bool need = keep < kLow64;
+    x = need ? renormed : keep;
+    pos = need ? next : pos;
+#endif
+  }
+
+  // The lookup (FORMAT.md, "Compat stream"): bucket k = slot >> shift of row t holds the symbols
+  // b[k] .. b[k + 1]. When that is at most two, the first slot of b[k + 1] tells which one holds
+  // the slot: two 32-bit loads of packed start/freq, one compare and selects, no branch. Buckets
+  // holding three or more symbols (2% of slots for CompressAI's Gaussian tables) bisect the row.
+  DUALRES_RANS_INLINE Status decode_local(const int32_t* __restrict idx, int64_t n, const Prepared& pt,
+                                          int32_t* __restrict out) {
+    const uint16_t* __restrict bucket = pt.bucket.data();
+    const uint32_t* __restrict bucket_sf = pt.bucket_sf.get();
+    const int32_t* __restrict cdfs = pt.tv.cdfs;
+    const int32_t* __restrict lengths = pt.tv.lengths;
+    const int32_t* __restrict offsets = pt.tv.offsets;
+    const int64_t W = pt.tv.W;
+    // Compat tables are 16-bit (prepare_compat checks), so the layout is a compile-time constant.
+    constexpr uint32_t shift = kCompatPrecision - kCompatBucketBits;
+    constexpr uint64_t kmask = (uint64_t{1} << kCompatBucketBits) - 1;
+    constexpr int64_t stride = (int64_t{1} << kCompatBucketBits) + 1;
     constexpr uint32_t mask = (1u << kCompatPrecision) - 1;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t t = idx[i];
+      const int64_t row = int64_t{t} * stride;
+      const uint64_t k = (x >> shift) & kmask;
+      // The four 16-bit halves loaded separately: each feeds the chain without a shift or mask.
+      const uint8_t* e = reinterpret_cast<const uint8_t*>(bucket_sf + row + k);
+      const uint64_t st0 = load_u16(e), fm0 = load_u16(e + 2), st1 = load_u16(e + 4), fm1_1 = load_u16(e + 6);
+      const uint32_t s0 = bucket[row + k], s1 = bucket[row + k + 1];
       const uint32_t slot = static_cast<uint32_t>(x) & mask;
-      const uint64_t e = direct[(int64_t{t} << bucket_bits) + (slot >> dc.bshift)];
-      uint32_t s, start, freq;
-      if (__builtin_expect(e != 0, 1)) {
-        s = static_cast<uint32_t>(e & 0xffff);
-        start = static_cast<uint32_t>((e >> 16) & 0xffff);
-        freq = static_cast<uint32_t>(e >> 32);
-      } else {  // a bucket holding more than one symbol
-        s = bucket_search(dc, t, slot, start, freq);
+      uint32_t s;
+      if (__builtin_expect(s1 - s0 <= 1 && pos + 4 <= size, 1)) {
+        uint32_t w;
+        std::memcpy(&w, data + pos, 4);  // little-endian host assumed (x86/ARM), as in CompressAI
+        uint64_t st = st0, fm1 = fm0;
+        s = s0;
+#if defined(__x86_64__) && defined(__GNUC__)
+        asm("cmp %[b], %[slot]\n\tcmovae %[st1], %[st]\n\tcmovae %[f1], %[f]\n\tcmovae %[s1], %[s]"
+            : [st] "+r"(st), [f] "+r"(fm1), [s] "+r"(s)
+            : [b] "r"(st1), [slot] "r"(uint64_t{slot}), [st1] "r"(st1), [f1] "r"(fm1_1), [s1] "r"(s1)
+            : "cc");
+#else
+        const bool up = slot >= st1;
+        st = up ? st1 : st;
+        fm1 = up ? fm1_1 : fm1;
+        s = up ? s1 : s;
+#endif
+        step(fm1, st, w);
+      } else {
+        // Bisection over the row's CDF for the symbol of slot in [s0, s1]; the same step with
+        // the bounds-checked renormalisation.
+        const int32_t* c = cdfs + int64_t{t} * W;
+        uint32_t lo = s0, hi = s1;
+        while (lo < hi) {
+          const uint32_t mid = (lo + hi + 1) >> 1;
+          if (static_cast<uint32_t>(c[mid]) <= slot)
+            lo = mid;
+          else
+            hi = mid - 1;
+        }
+        s = lo;
+        x = uint64_t(static_cast<uint32_t>(c[s + 1] - c[s])) * (x >> kCompatPrecision) + slot -
+            static_cast<uint32_t>(c[s]);
+        renorm();
       }
-      x = freq * (x >> kCompatPrecision) + slot - start;
-      renorm();
-      const int64_t max_value = dc.lengths[t] - 2;
+      const int64_t max_value = lengths[t] - 2;
       int64_t v = s;
       if (__builtin_expect(v == max_value, 0)) {
-        uint32_t val = get_bits();
-        int nb = static_cast<int>(val);
-        while (val == kBypassMax) {
-          if (nb > 8 || overrun) return Status::kCorrupt;  // int32 raw values need <= 8 chunks
-          val = get_bits();
-          nb += static_cast<int>(val);
-        }
-        if (nb > 8) return Status::kCorrupt;
-        uint64_t raw = 0;
-        for (int j = 0; j < nb; ++j) raw |= uint64_t{get_bits()} << (j * kBypassBits);
-        if (raw >= (uint64_t{1} << 31)) return Status::kCorrupt;
-        v = value_from_raw(raw, max_value);
+        const Escape e = escape(*this, max_value);
+        x = e.x;
+        pos = e.pos;
+        overrun = e.overrun;
+        if (e.status != Status::kOk) return e.status;
+        v = e.v;
       }
-      const int64_t o = v + dc.offsets[t];
+      const int64_t o = v + offsets[t];
       if (__builtin_expect(o < INT32_MIN || o > INT32_MAX, 0)) return Status::kCorrupt;
       out[i] = static_cast<int32_t>(o);
     }

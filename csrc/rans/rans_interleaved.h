@@ -124,22 +124,23 @@ struct IvPrepared {
     bucket.assign(static_cast<size_t>(T) << bb, 0);
     esc.assign(static_cast<size_t>(T), 0);
     off.assign(static_cast<size_t>(T), 0);
+    std::vector<int32_t> first;
     for (int64_t t = 0; t < T; ++t) {
       off[t] = tv.offsets[t];
       if (!row_ok[t]) continue;
       const int32_t* c = tv.cdfs + t * tv.W;
       const int32_t len = tv.lengths[t];
       esc[t] = len - 2;
-      for (int32_t s = 0; s + 1 < len; ++s)
-        sf[t * stride + s] = static_cast<uint32_t>(c[s]) | static_cast<uint32_t>(c[s + 1] - c[s] - 1) << 16;
+      for (int32_t s = 0; s + 1 < len; ++s) sf[t * stride + s] = packed_start_freq(c, s);
+      // The last symbol of bucket k is the first of bucket k + 1, or the one before when that
+      // one starts exactly at the bucket edge.
+      first.resize((size_t{1} << bb) + 1);
+      bucket_first_symbols(c, len, static_cast<int>(bb), static_cast<int>(bs), first.data());
       uint32_t* b = bucket.data() + (t << bb);
-      int32_t s = 0;
       for (uint32_t k = 0; k < (1u << bb); ++k) {
-        const int32_t lo_slot = static_cast<int32_t>(k << bs), hi_slot = static_cast<int32_t>(((k + 1) << bs) - 1);
-        while (c[s + 1] <= lo_slot) ++s;
-        int32_t e = s;
-        while (c[e + 1] <= hi_slot) ++e;
-        b[k] = static_cast<uint32_t>(s) | static_cast<uint32_t>(e) << 16;
+        const int32_t next = first[k + 1];
+        const int32_t e = next - (c[next] == static_cast<int32_t>((k + 1) << bs));
+        b[k] = static_cast<uint32_t>(first[k]) | static_cast<uint32_t>(e) << 16;
       }
     }
     return nullptr;

@@ -46,8 +46,9 @@ struct Tables {
   }
 };
 
-void prepare_or_throw(Prepared& pt, const Tables& tb, const at::Tensor& idx, bool for_encode, int precision) {
-  const char* err = pt.prepare(tb.view, idx.data_ptr<int32_t>(), idx.numel(), for_encode, precision);
+void prepare_or_throw(Prepared& pt, const Tables& tb, const at::Tensor& idx, bool for_encode, bool compat) {
+  const char* err = compat ? pt.prepare_compat(tb.view, idx.data_ptr<int32_t>(), idx.numel(), for_encode)
+                           : pt.prepare(tb.view, idx.data_ptr<int32_t>(), idx.numel(), for_encode, 0);
   TORCH_CHECK_VALUE(err == nullptr, err ? err : "");
 }
 
@@ -102,7 +103,7 @@ at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& indexes, con
   auto [sym, idx] = symbols_and_indexes(symbols, indexes);
   Tables tb(cdfs, cdf_lengths, offsets);
   Prepared pt;
-  prepare_or_throw(pt, tb, idx, /*for_encode=*/true, 0);
+  prepare_or_throw(pt, tb, idx, /*for_encode=*/true, /*compat=*/false);
   std::vector<uint8_t> out;
   Status st;
   {
@@ -121,7 +122,7 @@ at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& indexes, const 
   at::Tensor idx = indexes.contiguous();
   Tables tb(cdfs, cdf_lengths, offsets);
   Prepared pt;
-  prepare_or_throw(pt, tb, idx, /*for_encode=*/false, 0);
+  prepare_or_throw(pt, tb, idx, /*for_encode=*/false, /*compat=*/false);
   at::Tensor out = at::empty(indexes.sizes(), at::TensorOptions().dtype(at::kInt));
   Status st;
   {
@@ -137,7 +138,7 @@ at::Tensor rans_encode_compat(const at::Tensor& symbols, const at::Tensor& index
   auto [sym, idx] = symbols_and_indexes(symbols, indexes);
   Tables tb(cdfs, cdf_lengths, offsets);
   Prepared pt;
-  prepare_or_throw(pt, tb, idx, /*for_encode=*/true, kCompatPrecision);
+  prepare_or_throw(pt, tb, idx, /*for_encode=*/true, /*compat=*/true);
   std::vector<uint8_t> out;
   Status st;
   {
@@ -159,7 +160,7 @@ at::Tensor decode_compat_impl(const at::Tensor& data, int64_t* state, const at::
   at::Tensor idx = indexes.contiguous();
   Tables tb(cdfs, cdf_lengths, offsets);
   Prepared pt;
-  prepare_or_throw(pt, tb, idx, /*for_encode=*/false, kCompatPrecision);
+  prepare_or_throw(pt, tb, idx, /*for_encode=*/false, /*compat=*/true);
   at::Tensor out = at::empty(indexes.sizes(), at::TensorOptions().dtype(at::kInt));
   if (idx.numel() == 0 && check_end) return out;
   CompatDecoder dec;

@@ -217,8 +217,8 @@ static void test_compat() {
     random_symbols(rng, tb, n, sym, idx);
     for (auto& s : sym) s = std::max(std::min(s, (1 << 29)), -(1 << 29));  // CompressAI's range
     Prepared pe, pd;
-    pe.prepare(tb.view(), idx.data(), n, true, 16);
-    pd.prepare(tb.view(), idx.data(), n, false, 16);
+    pe.prepare_compat(tb.view(), idx.data(), n, true);
+    pd.prepare_compat(tb.view(), idx.data(), n, false);
     std::vector<uint8_t> stream;
     CHECK(compat_encode(sym.data(), idx.data(), n, pe, stream) == Status::kOk, "compat encode");
     CompatDecoder dec;
@@ -263,7 +263,7 @@ static void test_compat() {
   Tables tb = random_tables(rng, 1, 16);
   int32_t s = INT32_MAX, i = 0;
   Prepared pe;
-  pe.prepare(tb.view(), &i, 1, true, 16);
+  pe.prepare_compat(tb.view(), &i, 1, true);
   std::vector<uint8_t> stream;
   CHECK(compat_encode(&s, &i, 1, pe, stream) == Status::kUnencodable, "unencodable");
 }
