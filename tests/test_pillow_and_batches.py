@@ -175,6 +175,32 @@ def test_encoder_slice_loop_never_reads_back_to_the_host(monkeypatch):
         assert model.compress_latents(y_h, y_l, z)["strings"] == expected["strings"]
 
 
+def test_decoder_slice_loop_never_reads_back_to_the_host(monkeypatch):
+    """The decoder's slice loop decodes each slice where the model runs and leaves the streams'
+    statuses there (``decode_deferred``), read once after the loop: as for the encoder, checked
+    by making every read-back method raise inside the loop."""
+    model, _ = codec.resolve_model(None, None)
+    x = torch.from_numpy(np.random.default_rng(13).random((2, 3, 64, 128))).float()
+    with torch.no_grad():
+        coded = model.compress(x, 2.0)
+        expected = model.decompress_latents(coded["strings"], coded["shape"])
+    loop = model.exact.decode_latents
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("a host read-back inside the slice loop")
+
+    def guarded(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__"):
+                m.setattr(torch.Tensor, name, forbid)
+            return loop(*args, **kwargs)
+
+    monkeypatch.setattr(model.exact, "decode_latents", guarded)
+    with torch.no_grad():
+        got = model.decompress_latents(coded["strings"], coded["shape"])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_dataset_decodes_in_loader_workers(tmp_path):
     for i in range(4):
         (tmp_path / "sub" if i % 2 else tmp_path).mkdir(exist_ok=True)

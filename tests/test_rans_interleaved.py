@@ -245,6 +245,22 @@ def test_embedded_form_round_trips_and_refuses_damage(gen):
                 pass
 
 
+def test_deferred_decode_and_status_check(gen):
+    """decode_deferred gives decode's symbols and zero statuses; check_statuses raises on any
+    non-zero status (what a GPU decoder leaves for a bad stream) and reads them all at once."""
+    cdfs, lengths, offsets = random_tables(gen, 4, 16)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (5000,))
+    data = iv.encode(sym, idx, cdfs, lengths, offsets, width=16, groups=3)
+    out, status = iv.decode_deferred(data, idx, cdfs, lengths, offsets)
+    assert torch.equal(out, sym) and status.dtype == torch.int32 and status.tolist() == [0, 0, 0]
+    iv.check_statuses([status, torch.zeros(1, dtype=torch.int32)])
+    iv.check_statuses([])
+    with pytest.raises(ValueError, match="corrupt stream.*1 of 4 groups"):
+        iv.check_statuses([status, torch.tensor([3], dtype=torch.int32)])
+    with pytest.raises(ValueError):
+        iv.decode_deferred(data[:-2], idx, cdfs, lengths, offsets)  # the CPU decoder raises at once
+
+
 def test_table_cache_sees_in_place_changes(gen):
     cdfs, lengths, offsets = random_tables(gen, 3)
     sym, idx = random_symbols(gen, cdfs, lengths, offsets, (500,))

@@ -49,6 +49,7 @@ NOT_TRACEABLE = {
     "rans_iv_prepare": "returns an opaque TorchBind handle of prepared tables",
     "rans_iv_encode": "takes the TorchBind handle of prepared tables (no fake class)",
     "rans_iv_decode": "takes the TorchBind handle of prepared tables (no fake class)",
+    "rans_iv_decode_deferred": "takes the TorchBind handle of prepared tables (no fake class)",
 }
 
 

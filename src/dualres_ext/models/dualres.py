@@ -68,9 +68,9 @@ import torch.nn as nn
 
 from .. import ops
 from ..cache import TensorCache
-from ..ops import rans_interleaved
 from ..entropy_models import EntropyBottleneck, GaussianConditional
 from ..layers import GDN, conv, deconv
+from ..ops import rans_interleaved
 from .exact import ExactStep
 from .quantize import quantize_latent
 
