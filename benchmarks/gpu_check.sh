@@ -9,7 +9,9 @@
 #   4. install a torch-ans wheel ($TORCH_ANS_WHEEL, else wheels/torch_ans-*.whl; skipped when neither
 #      exists, the installed torch_ans is used);
 #   5. the GPU benchmarks against torch_ans on the same GPU (bench_rans_cuda.py,
-#      bench_rans_interleaved.py --device cuda), short runs.
+#      bench_rans_interleaved.py --device cuda), short runs;
+#   6. the codec on the GPU (gpu_codec_check.py): CPU->GPU and GPU->CPU streams decode to the same
+#      latents, the slice loops never synchronise, and a batch's throughput against the CPU.
 # Every step runs under `timeout` and inside an overall budget ($GPU_CHECK_BUDGET_S, default 450 s);
 # a failed step does not stop the next. The summary prints PASS / FAIL / SKIP per step; the exit
 # status is non-zero when a step failed.
@@ -107,6 +109,7 @@ fi
 
 step bench_rans_cuda 60 $PY benchmarks/bench_rans_cuda.py --reps 5 --batch 4 --lanes 0 1024 --no-compressai
 step bench_rans_interleaved_cuda 90 $PY benchmarks/bench_rans_interleaved.py --device cuda --repeat 5 --groups 64 256
+step codec_cuda 90 $PY benchmarks/gpu_codec_check.py --batch 16 --repeat 3
 
 echo
 echo "==== summary ($(($(date +%s) - START))s of ${BUDGET}s; logs in $LOG) ===="

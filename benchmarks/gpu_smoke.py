@@ -16,7 +16,7 @@ from rans_testlib import random_symbols, random_tables  # noqa: E402
 
 import dualres_ext  # noqa: E402
 from dualres_ext import ops  # noqa: E402
-from dualres_ext import rans_interleaved as iv  # noqa: E402
+from dualres_ext.ops import rans_interleaved as iv  # noqa: E402
 
 
 def check(name, ok):
@@ -49,11 +49,23 @@ def main():
 
     # Interleaved v2: widths, groups, split points.
     tb = iv.prepare_tables(cdfs, lengths, offsets)
-    for width, groups, chained in ((32, 1, False), (16, 5, False), (32, 7, True)):
+    for width, groups, chained in ((32, 1, False), (16, 5, False), (32, 7, True), (8, 3, False), (1, 2, True)):
         ref = iv.encode(sym, idx, tables=tb, width=width, groups=groups, chained=chained)
         data = iv.encode(sym.to(dev), idx.to(dev), tables=tb, width=width, groups=groups, chained=chained)
         out = iv.decode(ref, idx.to(dev), tables=tb)
-        check(f"rans v2 W={width} groups={groups} chained={chained}", data == ref and torch.equal(out.cpu(), sym))
+        deferred, status = iv.decode_deferred(ref, idx.to(dev), tables=tb)
+        iv.check_statuses([status])
+        check(
+            f"rans v2 W={width} groups={groups} chained={chained}",
+            data == ref and torch.equal(out.cpu(), sym) and torch.equal(deferred.cpu(), sym),
+        )
+    bad = bytearray(iv.encode(sym, idx, tables=tb, width=16, groups=4))
+    bad[-7] ^= 0x5A  # payload damage; the CRC is not re-sealed, so the host check refuses it
+    try:
+        iv.decode_deferred(bytes(bad), idx.to(dev), tables=tb)
+        check("rans v2 deferred refuses a damaged stream", False)
+    except ValueError:
+        check("rans v2 deferred refuses a damaged stream", True)
 
     # Gaussian ops.
     table = torch.exp(torch.linspace(math.log(0.11), math.log(256), 64))

@@ -173,6 +173,12 @@ def test_encoder_slice_loop_never_reads_back_to_the_host(monkeypatch):
     monkeypatch.setattr(model.exact, "decode_latents", guarded)
     with torch.no_grad():
         assert model.compress_latents(y_h, y_l, z)["strings"] == expected["strings"]
+        # The symbols' range is checked after the loop: a latent that has no int32 symbol raises.
+        for bad in (float("nan"), 3e9):
+            broken = y_l.clone()
+            broken[1, 2, 3, 4] = bad
+            with pytest.raises(ValueError, match="not finite or outside the int32 range"):
+                model.compress_latents(y_h, broken, z)
 
 
 def test_decoder_slice_loop_never_reads_back_to_the_host(monkeypatch):

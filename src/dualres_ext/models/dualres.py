@@ -66,7 +66,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .. import ops
 from ..cache import TensorCache
 from ..entropy_models import EntropyBottleneck, GaussianConditional
 from ..layers import GDN, conv, deconv
@@ -679,30 +678,41 @@ class DualRes(nn.Module):
         return step
 
     def _exact_encode_step(self, y: torch.Tensor, coder: _SliceCoder, pending: list) -> ExactStep:
-        """Quantises each slice where the model runs and keeps its symbols and indexes there
-        (``pending``): the slice loop never waits for the host; :meth:`_code_pending` codes them."""
+        """Quantises each slice where the model runs and keeps its rounded values and indexes
+        there (``pending``): the slice loop never waits for the host (the range check of the
+        symbols too is left to :meth:`_code_pending`, which codes them)."""
         pieces = coder.split(y)
-        gc = self.gaussian_conditional
+        limit = float(2**31 - 1)
 
         def step(i, indexes, means):
-            piece = pieces[i].double()
-            pending.append((ops.quantize_symbols(piece, means), indexes.to(torch.int32)))
-            return quantize_latent(piece, means, False, gc)
+            rounded = torch.round(pieces[i].double() - means)  # ops.quantize_symbols' rounding: half to even
+            pending.append((rounded, indexes))
+            # The decoder's dequantize(symbols, means), exactly; kept finite for the next slices'
+            # integer networks when y is not (such a y is refused after the loop).
+            return rounded.clamp(-limit, limit).nan_to_num_(0.0) + means
 
         return step
 
     def _code_pending(self, pending: list, lanes) -> list:
-        """One string list per slice from ``pending`` ``(symbols, indexes)`` pairs, brought to the
-        host in one transfer (they may live on a GPU)."""
+        """One string list per slice from ``pending`` ``(rounded, indexes)`` pairs: symbols and
+        indexes as int32 where they are, brought to the host in one transfer (they may live on a
+        GPU) with a flag per slice saying its symbols are int32 values."""
         if not pending:
             return []
-        flat = torch.cat([t.reshape(-1) for pair in pending for t in pair]).cpu()
-        parts = iter(flat.split([t.numel() for pair in pending for t in pair]))
+        limit = float(2**31 - 1)
+        tensors = []
+        for rounded, indexes in pending:
+            tensors += [rounded.clamp(-limit, limit).nan_to_num_(0.0).to(torch.int32), indexes.to(torch.int32)]
+        valid = torch.stack([(rounded.abs() <= limit).all() for rounded, _ in pending])  # False for NaN too
+        tensors.append(valid.to(torch.int32))
+        parts = torch.cat([t.reshape(-1) for t in tensors]).cpu().split([t.numel() for t in tensors])
+        if not bool(parts[-1].all()):
+            raise ValueError("compress: y - means has values that are not finite or outside the int32 range")
         gc = self.gaussian_conditional
         out = []
-        for symbols, indexes in pending:
-            host_symbols, host_indexes = next(parts).view(symbols.shape), next(parts).view(indexes.shape)
-            out.append(gc.compress_symbols(host_symbols, host_indexes, lanes=lanes))
+        for k, (rounded, indexes) in enumerate(pending):
+            symbols, host_indexes = parts[2 * k].view(rounded.shape), parts[2 * k + 1].view(indexes.shape)
+            out.append(gc.compress_symbols(symbols, host_indexes, lanes=lanes))
         return out
 
     def _exact_decode_step(self, strings: Sequence, deferred: list) -> ExactStep:

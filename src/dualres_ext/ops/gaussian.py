@@ -88,11 +88,13 @@ class ScaleTable:
         table = self.scale_table.to(device=scales.device, dtype=dtype).contiguous()
         return scales.to(dtype).contiguous(), table
 
-    def build_indexes(self, scales, strict=True):
-        """See :func:`build_indexes`."""
+    def build_indexes(self, scales, strict=True, checked=True):
+        """See :func:`build_indexes`. ``checked=False``: the caller guarantees finite, non-negative
+        scales (e.g. integers that exact networks computed), so nothing is checked and, on a GPU,
+        the call does not wait for the device to report NaNs."""
         require_tensor("scales", scales)
         scales, table = self._inputs(scales)
-        return _ops.gaussian_build_indexes(scales, table, self.bound, _scale_check(strict))
+        return _ops.gaussian_build_indexes(scales, table, self.bound, _scale_check(strict) if checked else 0)
 
     def quantize_and_index(self, y, scales, means=None, strict=True):
         """See :func:`quantize_and_index`."""
