@@ -109,6 +109,8 @@ TORCH_LIBRARY(dualres_ext, m) {
       "tables) -> (Tensor, Tensor)");
   // [precision, width, chained, symbols, groups, words per group...] after a decoder's validation.
   m.def("rans_iv_stream_info(Tensor data) -> int[]");
+  // 1: a well-formed multi-lane stream, 2: a well-formed interleaved one, 0: neither.
+  m.def("rans_stream_kind(Tensor data) -> int");
   m.def("rans_iv_embed(Tensor data, int symbols, int precision) -> Tensor");
   m.def("rans_iv_restore(Tensor data, int symbols, int precision) -> Tensor");
   // [the isa -1 resolves to, the best this CPU supports]

@@ -245,6 +245,23 @@ def test_embedded_form_round_trips_and_refuses_damage(gen):
                 pass
 
 
+def test_stream_kind_tells_the_formats_apart(gen):
+    cdfs, lengths, offsets = random_tables(gen, 4, 16)
+    sym, idx = random_symbols(gen, cdfs, lengths, offsets, (3000,), escapes=False)
+    v2 = iv.encode(sym, idx, cdfs, lengths, offsets, width=4)
+    v1 = ops.rans_encode(sym, idx, cdfs, lengths, offsets)
+    compat = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
+    assert [ops.stream_kind(d) for d in (v2, v1, compat, b"", v2[:-1], v1[:20])] == [
+        "interleaved",
+        "multilane",
+        None,
+        None,
+        None,
+        None,
+    ]
+    assert iv.is_stream(v2) and not iv.is_stream(v1) and ops.is_native_stream(v1) and not ops.is_native_stream(v2)
+
+
 def test_deferred_decode_and_status_check(gen):
     """decode_deferred gives decode's symbols and zero statuses; check_statuses raises on any
     non-zero status (what a GPU decoder leaves for a bad stream) and reads them all at once."""

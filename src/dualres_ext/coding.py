@@ -8,8 +8,8 @@
   * ``"multilane"`` or an int >= 1: the earlier native multi-lane stream (FORMAT.md, version 1)
     with an automatic or the given lane count.
 The layout and its widths or lanes are written in the stream, so decoders need not know them:
-the C++ header checks (:func:`dualres_ext.ops.rans_interleaved.is_stream`,
-:func:`dualres_ext.ops.is_native_stream`) tell the native streams from a CompressAI one.
+the C++ header checks (:func:`dualres_ext.ops.stream_kind`) tell the native streams from a
+CompressAI one.
 """
 
 from __future__ import annotations
@@ -93,23 +93,23 @@ def decode(data, indexes: Tensor, tables: CoderTables, native_only: bool = False
     both fail, the native decoder's error is raised. Any other string is decoded as a CompressAI
     stream, unless ``native_only``: then only native streams are accepted (no CompressAI fallback)."""
     data = stream_tensor(data)
-    for is_kind, decode_kind in (
-        (rans_interleaved.is_stream, rans_interleaved.decode),
-        (ops.is_native_stream, ops.rans_decode),
-    ):
-        if is_kind(data):
+    native = _NATIVE_DECODERS.get(ops.stream_kind(data))
+    if native is not None:
+        try:
+            return native(data, indexes, *tables)
+        except ValueError as native_error:
+            if native_only:
+                raise
             try:
-                return decode_kind(data, indexes, *tables)
-            except ValueError as native_error:
-                if native_only:
-                    raise
-                try:
-                    return ops.rans_decode_compat(data, indexes, *tables)
-                except ValueError:
-                    raise native_error from None
+                return ops.rans_decode_compat(data, indexes, *tables)
+            except ValueError:
+                raise native_error from None
     if native_only:
         return ops.rans_decode(data, indexes, *tables)  # refused with the multi-lane header's error
     return ops.rans_decode_compat(data, indexes, *tables)
+
+
+_NATIVE_DECODERS = {"interleaved": rans_interleaved.decode, "multilane": ops.rans_decode}
 
 
 def encode_batch(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: Lanes) -> List[bytes]:
@@ -132,7 +132,7 @@ def decode_batch(
         rows = []
         for i, s in enumerate(strings):
             data = stream_tensor(s)
-            if rans_interleaved.is_stream(data):
+            if ops.stream_kind(data) == "interleaved":
                 symbols, status = rans_interleaved.decode_deferred(data, indexes[i], *tables)
                 deferred.append(status)
             else:

@@ -1,6 +1,7 @@
 // CPU torch ops of the interleaved rANS stream, version 2 (csrc/rans/FORMAT.md, "Interleaved
 // stream, version 2"): rans_iv_prepare / rans_iv_encode / rans_iv_decode / rans_iv_stream_info /
-// rans_iv_decode_deferred / rans_iv_embed / rans_iv_restore / rans_iv_isa. Schemas in csrc/register.cpp under "--- rans
+// rans_iv_decode_deferred / rans_iv_embed / rans_iv_restore / rans_iv_isa, and rans_stream_kind. Schemas in
+// csrc/register.cpp under "--- rans
 // ---".
 //
 // The coders are csrc/rans/rans_interleaved.h (scalar reference, warp body) and
@@ -228,6 +229,19 @@ std::tuple<at::Tensor, at::Tensor> rans_iv_decode_deferred(const at::Tensor& dat
   return {out, at::zeros({std::max<int64_t>(h.groups, 1)}, at::TensorOptions().dtype(at::kInt))};
 }
 
+// Which native stream `data` is, as the decoders' header and CRC checks find it: 1 multi-lane
+// (version 1), 2 interleaved (version 2), 0 neither (e.g. a CompressAI stream). No exception:
+// a decoder asks this of every string it gets.
+int64_t rans_stream_kind(const at::Tensor& data) {
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  StreamHeader lanes;
+  if (parse_header(bytes, size, -1, lanes) == Status::kOk) return 1;
+  IvHeader iv;
+  if (iv_parse_header(bytes, size, -1, iv) == Status::kOk) return 2;
+  return 0;
+}
+
 // [precision, width, chained, symbols, groups, words of each group...], validated like a decoder.
 std::vector<int64_t> rans_iv_stream_info(const at::Tensor& data) {
   size_t size = 0;
@@ -284,6 +298,7 @@ TORCH_LIBRARY_IMPL(dualres_ext, CPU, m) {
   m.impl("rans_iv_decode", &dualres::rans::rans_iv_decode);
   m.impl("rans_iv_decode_deferred", &dualres::rans::rans_iv_decode_deferred);
   m.impl("rans_iv_stream_info", &dualres::rans::rans_iv_stream_info);
+  m.impl("rans_stream_kind", &dualres::rans::rans_stream_kind);
   m.impl("rans_iv_embed", &dualres::rans::rans_iv_embed);
   m.impl("rans_iv_restore", &dualres::rans::rans_iv_restore);
 }

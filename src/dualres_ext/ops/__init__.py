@@ -41,6 +41,7 @@ from .rans import (
     rans_encode_compat,
     rans_restore,
     rans_stream_info,
+    stream_kind,
 )
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "rans_decode",
     "rans_stream_info",
     "is_native_stream",
+    "stream_kind",
     "rans_encode_batch",
     "rans_decode_batch",
     "rans_embed",

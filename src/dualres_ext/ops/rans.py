@@ -32,6 +32,7 @@ __all__ = [
     "rans_decode_batch",
     "rans_embed",
     "rans_restore",
+    "stream_kind",
     "rans_encode_compat",
     "rans_decode_compat",
     "rans_decode_compat_stream",
@@ -178,17 +179,24 @@ def rans_stream_info(data) -> dict:
     }
 
 
+_STREAM_KINDS = {0: None, 1: "multilane", 2: "interleaved"}
+
+
+def stream_kind(data):
+    """Which native stream ``data`` is, by the decoders' header and CRC-32C checks (the formats are
+    defined in C++ only, csrc/rans): ``"multilane"`` (:func:`rans_encode`'s), ``"interleaved"``
+    (:mod:`.rans_interleaved`'s) or None (anything else, e.g. a CompressAI stream, which passes
+    a check only by accident: magic and version 2^-24, then the fields and a CRC-32C)."""
+    return _STREAM_KINDS[_ops.rans_stream_kind(stream_tensor(data))]
+
+
 def is_native_stream(data) -> bool:
-    """Whether ``data`` is a well-formed native stream: its header and CRC-32C pass the checks of
-    :func:`rans_stream_info` (the format is defined in C++ only: csrc/rans/rans_stream.h).
+    """Whether ``data`` is a well-formed native multi-lane stream: its header and CRC-32C pass the
+    checks of :func:`rans_stream_info` (the format is defined in C++ only: csrc/rans/rans_stream.h).
 
     A CompressAI stream starts with its final rANS state, so it passes only by accident (magic
     and version: 2^-24, then the header fields and a CRC-32C over the rest)."""
-    try:
-        _ops.rans_stream_info(stream_tensor(data))
-    except ValueError:
-        return False
-    return True
+    return _ops.rans_stream_kind(stream_tensor(data)) == 1
 
 
 def rans_encode_batch(symbols, indexes, cdfs, cdf_lengths, offsets, lanes=None) -> list:

@@ -204,11 +204,7 @@ def stream_info(data) -> dict:
 def is_stream(data) -> bool:
     """Whether ``data`` is a well-formed interleaved stream: its header and CRC-32C pass the
     checks of :func:`stream_info` (the format is defined in C++ only)."""
-    try:
-        _ops.rans_iv_stream_info(stream_tensor(data))
-    except ValueError:
-        return False
-    return True
+    return _ops.rans_stream_kind(stream_tensor(data)) == 2
 
 
 def embed(data, symbols: int, precision: int = 16) -> bytes:
