@@ -256,7 +256,6 @@ def _picture(image, model, limit: int):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _batched_coding(model, pictures, quality: float, exact: bool, lanes) -> list:
     """Each picture's coded ``(strings, z shape)``, pictures of equal padded size in one batch
     through the analysis and, with the exact networks, through the entropy parameters and the
@@ -410,12 +409,12 @@ def _decode_all_latents(model, wid: int, heads: list) -> list:
 
 
 def _decode_latents(model, wid: int, heads: list):
-    """The decoded latents ``(ŷ_H, ŷ_L)`` of parsed streams of one version and latent size, as a
-    batch, checked against the model (``wid``: the model's full weights id; versions 2 and 3
-    carry the id without the exact networks, which they do not use)."""
+    """The decoded latents ``(ŷ_H, ŷ_L)`` of parsed streams of one latent size, all exact
+    (versions 4, 5) or a single one, as a batch, checked against the model (``wid``: the model's
+    full weights id; versions 2 and 3 carry the id without the exact networks, which they do not
+    use)."""
     stride = model.stride
-    for head in heads:
-        exact = _check_head(model, wid, head)
+    (exact,) = {_check_head(model, wid, head) for head in heads}
     shape = (-(-heads[0]["height"] // stride), -(-heads[0]["width"] // stride))
     per_stream = [_restore_sections(model, head, shape) for head in heads]
     strings = [list(sections) for sections in zip(*per_stream)]
