@@ -45,7 +45,6 @@ come out, slower.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -57,25 +56,17 @@ from .cache import TensorCache
 
 FLOAT32_EXACT = 1 << 24  # every integer of magnitude <= 2^24 is a float32
 FLOAT64_EXACT = 1 << 53  # ... <= 2^53 a float64
-_NNPACK_BATCH = 8  # ATen considers NNPACK (Winograd) for batches >= 16 only
+DIGIT_BASE = 128  # balanced base-128 digits in [-64, 63] feed the int8 GEMMs
+DIGIT_HALF = 64
 
-__all__ = ["IntConv", "IntLUT", "fast_float32_ok", "quantize_to_grid", "FLOAT32_EXACT", "FLOAT64_EXACT"]
+__all__ = ["IntConv", "IntLUT", "int8_gemm_ok", "quantize_to_grid", "FLOAT32_EXACT", "FLOAT64_EXACT"]
 
 
-def fast_float32_ok(device: torch.device) -> bool:
-    """Whether float32 convolutions on ``device`` are exact for bounded integer inputs: CPU with
-    full float32 precision (no bf16/tf32 math mode). Otherwise :class:`IntConv` uses float64."""
-    if device.type != "cpu":
-        return False
-    mode = os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", "").strip().lower()
-    if mode not in ("", "strict"):  # bf16, f16, tf32, any: oneDNN may down-convert float32
-        return False
-    precisions = []
-    for holder in (torch.backends.mkldnn, getattr(torch.backends.mkldnn, "conv", None)):
-        value = getattr(holder, "fp32_precision", None) if holder is not None else None
-        if value is not None:
-            precisions.append(str(value).lower())
-    return all(p in ("none", "ieee") for p in precisions)
+def int8_gemm_ok(device: torch.device) -> bool:
+    """Whether :class:`IntConv` computes by int8 GEMMs (``torch._int_mm``, exact for operands in
+    ``[-64, 63]`` on every CPU instruction set) on ``device``: CPU, where ``_int_mm`` exists.
+    Elsewhere it uses the float64 im2col convolutions."""
+    return device.type == "cpu" and hasattr(torch, "_int_mm")
 
 
 def quantize_to_grid(x: Tensor, frac_bits: int, bound: int) -> Tensor:
@@ -252,10 +243,12 @@ class IntConv(nn.Module):
 
     # ------------------------------------------------------------------ running
     def _settings(self):
+        """``(transposed, stride, padding, output_padding)``. The stored float32 chunk plan
+        (``chunks``, ``split_bits``, ``float64``) is kept in the state (it is part of a weights
+        file's identity) but no longer used for running."""
         if self._config is None:
-            t, s, p, op, split, f64 = (int(v) for v in self.meta.tolist())
-            self._config = (bool(t), s, p, op, split, [int(v) for v in self.chunks.tolist()])
-            self._float64 = bool(f64)
+            t, s, p, op = (int(v) for v in self.meta[:4].tolist())
+            self._config = (bool(t), s, p, op)
         return self._config
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -267,23 +260,23 @@ class IntConv(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _runtime(self):
-        """Per-device working copies, cached until a buffer changes: float32 weights per chunk
-        (exact: |w| < 2^24), float64 weights (fallback), and the per-channel vectors shaped
-        (1, C, 1, 1): input bound (float32 and float64), bias, multiplier, output bounds (float64)."""
-        transposed, *_, chunks = self._settings()
+        """Per-device working copies, cached until a buffer changes: the int8 GEMM plan (CPU,
+        :func:`gemm_plan`; None where a precondition fails), float64 weights (the fallback), and the
+        per-channel vectors shaped (1, C, 1, 1): input bound (float32 and float64), bias,
+        multiplier, output bounds (float64)."""
+        transposed, stride, padding, output_padding = self._settings()
         device = self.weight.device
 
         def build():
-            w = self.weight.to(device, torch.float32)
             view = (1, -1, 1, 1)
+            gemm = None
+            if int8_gemm_ok(device):
+                gemm = gemm_plan(self.weight, self.bias, self.in_bound, transposed, stride, padding, output_padding)
             return {
-                "w32": [
-                    (w[lo:hi] if transposed else w[:, lo:hi]).contiguous() for lo, hi in zip(chunks[:-1], chunks[1:])
-                ],
+                "gemm": gemm,
                 "w64": self.weight.to(device, torch.float64),
                 "bound32": self.in_bound.to(device, torch.float32).view(view),
                 "bound64": self.in_bound.to(device, torch.float64).view(view),
-                "bias": self.bias.to(device, torch.float64).view(view),
                 "bias_flat": self.bias.to(device, torch.float64),
                 "mult": self.multiplier.to(device, torch.float64).view(view),
                 "low": self.out_low.to(device, torch.float64).view(view),
@@ -300,33 +293,14 @@ class IntConv(nn.Module):
     def accumulate(self, a: Tensor, bounded: bool = False) -> Tensor:
         """The exact integer accumulator ``bias + conv(clamp(a), weight)`` as float64.
         ``bounded``: the caller guarantees ``|a_i| <= in_bound[i]`` (the clamp is skipped)."""
-        transposed, stride, padding, output_padding, split, chunks = self._settings()
+        transposed, stride, padding, output_padding = self._settings()
         rt = self._runtime()
-        if not self._float64 and fast_float32_ok(a.device):
-            a = a.float()
+        gemm = rt["gemm"]
+        if gemm is not None and int8_gemm_ok(a.device):
+            a = a.float()  # exact: integers (clamped) below 2^24
             if not bounded:
                 a = torch.clamp(a, -rt["bound32"], rt["bound32"])
-            parts = [(a, 0)]
-            if split:
-                hi = torch.floor(a * (1.0 / (1 << split)))  # exact: a power-of-two scaling
-                parts = [(hi, split), (torch.sub(a, hi, alpha=float(1 << split)), 0)]  # exact integers
-            out = None
-            for w, lo, hi_ in zip(rt["w32"], chunks[:-1], chunks[1:]):
-                for part, shift in parts:
-                    x = part if len(chunks) == 2 else part[:, lo:hi_]
-                    if transposed:
-                        y = _batched(lambda t: F.conv_transpose2d(t, w, None, stride, padding, output_padding), x)
-                    else:
-                        y = _batched(lambda t: F.conv2d(t, w, None, stride, padding), x)
-                    if out is None:
-                        out = y.double()
-                        if shift:
-                            out.mul_(float(1 << shift))
-                    elif shift:
-                        out.add_(y.double().mul_(float(1 << shift)))
-                    else:
-                        out.add_(y)  # float32 integers into float64: exact (sums < 2^53)
-            return out.add_(rt["bias"])
+            return gemm_accumulate(gemm, a)
         # float64, im2col + GEMM (no cuDNN): exact below 2^53, the same integers.
         a = a.double()
         if not bounded:
@@ -357,10 +331,183 @@ _BUFFERS = ("weight", "bias", "multiplier", "in_bound", "out_low", "out_high", "
 _runtime_cache: TensorCache[dict] = TensorCache()
 
 
-def _batched(fn, x: Tensor) -> Tensor:
-    if x.size(0) < 16:
-        return fn(x)
-    return torch.cat([fn(x[i : i + _NNPACK_BATCH]) for i in range(0, x.size(0), _NNPACK_BATCH)])
+# ---------------------------------------------------------------------------- the int8 GEMM
+def digit_count(bound: int) -> int:
+    """How many balanced base-128 digits (each in ``[-64, 63]``) represent every integer of
+    magnitude at most ``bound``: ``n`` digits cover ``[-64 R, 63 R]`` with ``R = sum_j 128^j``."""
+    n, reach = 1, 1
+    while 63 * reach < bound:
+        n, reach = n + 1, reach * DIGIT_BASE + 1
+    return n
+
+
+def split_digits(x: Tensor, n: int) -> list:
+    """``x`` (integers, float32 below 2^24 or any integer dtype) as ``n`` balanced base-128 digits
+    ``d_0 .. d_{n-1}``, ``x = sum_j d_j 128^j``, each in ``[-64, 63]`` if ``x`` is within
+    :func:`digit_count`'s range (the top digit takes the rest). In ``x``'s dtype; float32 is exact:
+    a shift by 64, a power-of-two scaling and a floor of integers below 2^24."""
+    digits, rest = [], x
+    for _ in range(n - 1):
+        if rest.is_floating_point():
+            hi = torch.floor(rest.add(DIGIT_HALF).mul_(1.0 / DIGIT_BASE))
+        else:
+            hi = torch.div(rest + DIGIT_HALF, DIGIT_BASE, rounding_mode="floor")
+        digits.append(torch.sub(rest, hi, alpha=DIGIT_BASE))
+        rest = hi
+    digits.append(rest)
+    return digits
+
+
+def gemm_plan(
+    weight: Tensor,
+    bias: Tensor,
+    in_bound: Tensor,
+    transposed: bool,
+    stride: int,
+    padding: int,
+    output_padding: int,
+) -> Optional[dict]:
+    """The int8 GEMM form of one layer (CPU), or None where a precondition of its exactness fails.
+
+    A convolution is ``acc[m, p] = bias[m] + sum_k W[m, k] X[k, p]`` with ``X`` the im2col
+    matrix of the input (``k`` = input channel and tap, ``p`` = output pixel). A transposed
+    convolution is turned into ``stride^2`` ordinary ones, one per output phase ``(ry, rx)``
+    (its taps are the kernel positions congruent to the phase), all on one shared window of the
+    input: their weight matrices stacked as rows ``(c, ry, rx)``, then interleaved into the output.
+    Weights and activations are split into balanced base-128 digits in ``[-64, 63]``; the weight
+    digits are stacked along the rows, the activation digits along the columns, so one
+    ``torch._int_mm`` gives every block ``W_i X_j``; they are recombined with powers of 128."""
+    w = weight.to(torch.int64).cpu()
+    if transposed:
+        w = w.transpose(0, 1)  # (C_out, C_in, k, k)
+    c_out, c_in, kh, kw = w.shape
+    if kh != kw:
+        return None
+    k = kh
+    if transposed:
+        phases = range(stride)
+        shift = {r: [(r + padding - t) // stride for t in range(k) if (r + padding - t) % stride == 0] for r in phases}
+        ds = [d for r in phases for d in shift[r]]
+        d_min, d_max = min(ds), max(ds)
+        window = d_max - d_min + 1
+        wm = torch.zeros(c_out, stride, stride, c_in, window, window, dtype=torch.int64)
+        for ry in phases:
+            for rx in phases:
+                for ty in range(k):
+                    if (ry + padding - ty) % stride:
+                        continue
+                    dy = (ry + padding - ty) // stride - d_min
+                    for tx in range(k):
+                        if (rx + padding - tx) % stride:
+                            continue
+                        dx = (rx + padding - tx) // stride - d_min
+                        wm[:, ry, rx, :, dy, dx] = w[:, :, ty, tx]
+        wm = wm.reshape(c_out * stride * stride, c_in * window * window)
+    else:
+        d_min, window = 0, k
+        wm = w.reshape(c_out, c_in * k * k)
+    rows, depth = wm.shape
+    wdigits = digit_count(int(wm.abs().max()) if wm.numel() else 0)
+    adigits = digit_count(int(in_bound.max()))
+    # One block W_i X_j: int8 operands in [-64, 63], whatever the instruction set (non-VNNI
+    # oneDNN multiplies u8 = s8 + 128 by s8 and adds pairs in int16: 2 * 191 * 64 < 2^15); every
+    # partial sum, with that shift and its compensation, below 2^31 in magnitude.
+    if depth * 192 * 64 >= 1 << 31:
+        return None
+    wd = split_digits(wm, wdigits)
+    taps = window * window
+    bound_k = in_bound.to(torch.int64).cpu().repeat_interleave(taps)  # A of column k
+    reach = sum(DIGIT_BASE**j for j in range(adigits - 1))
+    a_ext = bound_k + 2 * DIGIT_HALF * reach  # >= sum_j 128^j |a_j| for |a| <= A
+    # Q_i = sum_j 128^j W_i X_j in int32 if its bound allows, else each block in float64.
+    q_bound = torch.stack([(d.abs() * a_ext[None]).sum(1) for d in wd])  # (wdigits, rows)
+    int32_combine = int(q_bound.amax()) < (1 << 31)
+    total = sum(q_bound[i] * DIGIT_BASE**i for i in range(wdigits))
+    bias_rows = bias.to(torch.int64).cpu()
+    if transposed:
+        bias_rows = bias_rows.repeat_interleave(stride * stride)
+    if int((total + bias_rows.abs()).amax()) >= FLOAT64_EXACT:
+        return None
+    return {
+        "w8": torch.cat(wd).to(torch.int8).contiguous(),  # (wdigits * rows, depth)
+        "bias": bias_rows.to(torch.float64)[:, None],
+        "wdigits": wdigits,
+        "adigits": adigits,
+        "int32_combine": int32_combine,
+        "transposed": transposed,
+        "stride": stride,
+        "padding": padding,
+        "output_padding": output_padding,
+        "kernel": k,
+        "window": window,
+        "d_min": d_min,
+        "c_out": c_out,
+        "rows": rows,
+    }
+
+
+def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
+    """``bias + conv(a)`` (float64, NCHW) by :func:`gemm_plan`'s plan; ``a``: float32 integers
+    within the layer's input bounds."""
+    b, c, h, w = a.shape
+    s, t = plan["stride"], plan["window"]
+    n = plan["adigits"]
+    if plan["transposed"]:
+        k, p, op = plan["kernel"], plan["padding"], plan["output_padding"]
+        ho, wo = (h - 1) * s - 2 * p + k + op, (w - 1) * s - 2 * p + k + op
+        qh, qw = -(-ho // s), -(-wo // s)  # outputs per phase (the last ones cropped)
+        d_min = plan["d_min"]
+        top, left = max(0, -d_min), max(0, -d_min)
+        bottom, right = max(0, qh - 1 + d_min + t - h), max(0, qw - 1 + d_min + t - w)
+        step, origin = 1, d_min
+        gh, gw = qh, qw
+    else:
+        p = plan["padding"]
+        top = left = bottom = right = p
+        gh, gw = (h + 2 * p - t) // s + 1, (w + 2 * p - t) // s + 1
+        step, origin = s, -p
+    hp, wp = h + top + bottom, w + left + right
+    # The activation digits, channel first: (C, digit, B, H, W), padded with zeros.
+    if top or bottom or left or right:
+        buf = torch.zeros((c, n, b, hp, wp), dtype=torch.int8)
+    else:
+        buf = torch.empty((c, n, b, hp, wp), dtype=torch.int8)
+    for j, d in enumerate(split_digits(a, n)):
+        buf[:, j, :, top : top + h, left : left + w].copy_(d.transpose(0, 1))
+    if t == 1 and step == 1 and gh == hp and gw == wp:
+        cols = buf.view(c, n * b * hp * wp)
+    else:
+        y0, x0 = origin + top, origin + left
+        cols = buf.as_strided(
+            (c, t, t, n, b, gh, gw),
+            (n * b * hp * wp, wp, 1, b * hp * wp, hp * wp, step * wp, step),
+            y0 * wp + x0,
+        ).reshape(c * t * t, n * b * gh * gw)
+    prod = torch._int_mm(plan["w8"], cols)  # (wdigits * rows, adigits * B * gh * gw), exact int32
+    rows, pixels = plan["rows"], b * gh * gw
+    blocks = prod.view(plan["wdigits"], rows, n, pixels)
+    acc = None
+    for i in range(plan["wdigits"]):
+        if plan["int32_combine"]:
+            q = blocks[i, :, n - 1]
+            for j in range(n - 2, -1, -1):
+                q = torch.add(blocks[i, :, j], q, alpha=DIGIT_BASE)  # int32, bounded at planning
+            parts = [(q, float(DIGIT_BASE**i))]
+        else:
+            parts = [(blocks[i, :, j], float(DIGIT_BASE ** (i + j))) for j in range(n)]
+        for q, scale in parts:
+            if acc is None and scale == 1.0:
+                acc = torch.add(plan["bias"], q)  # float64: the bias plus an exact int32 block
+            elif acc is None:
+                acc = torch.add(plan["bias"], q, alpha=scale)
+            else:
+                acc.add_(q, alpha=scale)  # exact: integers below 2^53
+    if plan["transposed"]:
+        co = plan["c_out"]
+        acc = acc.view(co, s, s, b, gh, gw).permute(3, 0, 4, 1, 5, 2).reshape(b, co, gh * s, gw * s)
+        return acc[:, :, :ho, :wo]
+    acc = acc.view(rows, b, gh, gw).transpose(0, 1)
+    return acc if b == 1 else acc.contiguous()
 
 
 class IntLUT(nn.Module):
