@@ -348,7 +348,7 @@ def split_digits(x: Tensor, n: int) -> list:
     digits, rest = [], x
     for _ in range(n - 1):
         if rest.is_floating_point():
-            hi = torch.floor(rest.add(DIGIT_HALF).mul_(1.0 / DIGIT_BASE))
+            hi = rest.add(DIGIT_HALF).mul_(1.0 / DIGIT_BASE).floor_()
         else:
             hi = torch.div(rest + DIGIT_HALF, DIGIT_BASE, rounding_mode="floor")
         digits.append(torch.sub(rest, hi, alpha=DIGIT_BASE))
@@ -418,21 +418,24 @@ def gemm_plan(
     bound_k = in_bound.to(torch.int64).cpu().repeat_interleave(taps)  # A of column k
     reach = sum(DIGIT_BASE**j for j in range(adigits - 1))
     a_ext = bound_k + 2 * DIGIT_HALF * reach  # >= sum_j 128^j |a_j| for |a| <= A
-    # Q_i = sum_j 128^j W_i X_j in int32 if its bound allows, else each block in float64.
+    # The blocks are recombined by Horner's rule, first over the activation digits (per weight
+    # digit i: Q_i = sum_j 128^j W_i X_j), then over the weight digits, plus the bias; in int32
+    # as far as the bounds allow (every partial sum of a stage is bounded by the stage's result
+    # bound), the rest in float64 (exact below 2^53).
     q_bound = torch.stack([(d.abs() * a_ext[None]).sum(1) for d in wd])  # (wdigits, rows)
-    int32_combine = int(q_bound.amax()) < (1 << 31)
-    total = sum(q_bound[i] * DIGIT_BASE**i for i in range(wdigits))
     bias_rows = bias.to(torch.int64).cpu()
     if transposed:
         bias_rows = bias_rows.repeat_interleave(stride * stride)
-    if int((total + bias_rows.abs()).amax()) >= FLOAT64_EXACT:
+    total = sum(q_bound[i] * DIGIT_BASE**i for i in range(wdigits)) + bias_rows.abs()
+    if int(total.amax()) >= FLOAT64_EXACT:
         return None
+    int32_stages = 2 if int(total.amax()) < (1 << 31) else 1 if int(q_bound.amax()) < (1 << 31) else 0
     return {
         "w8": torch.cat(wd).to(torch.int8).contiguous(),  # (wdigits * rows, depth)
-        "bias": bias_rows.to(torch.float64)[:, None],
+        "bias": bias_rows.to(torch.int32 if int32_stages == 2 else torch.float64)[:, None],
         "wdigits": wdigits,
         "adigits": adigits,
-        "int32_combine": int32_combine,
+        "int32_stages": int32_stages,
         "transposed": transposed,
         "stride": stride,
         "padding": padding,
@@ -472,7 +475,7 @@ def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
     else:
         buf = torch.empty((c, n, b, hp, wp), dtype=torch.int8)
     for j, d in enumerate(split_digits(a, n)):
-        buf[:, j, :, top : top + h, left : left + w].copy_(d.transpose(0, 1))
+        buf[:, j, :, top : top + h, left : left + w].copy_(d.transpose(0, 1))  # exact: small integers
     if t == 1 and step == 1 and gh == hp and gw == wp:
         cols = buf.view(c, n * b * hp * wp)
     else:
@@ -485,28 +488,27 @@ def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
     prod = torch._int_mm(plan["w8"], cols)  # (wdigits * rows, adigits * B * gh * gw), exact int32
     rows, pixels = plan["rows"], b * gh * gw
     blocks = prod.view(plan["wdigits"], rows, n, pixels)
-    acc = None
-    for i in range(plan["wdigits"]):
-        if plan["int32_combine"]:
-            q = blocks[i, :, n - 1]
-            for j in range(n - 2, -1, -1):
-                q = torch.add(blocks[i, :, j], q, alpha=DIGIT_BASE)  # int32, bounded at planning
-            parts = [(q, float(DIGIT_BASE**i))]
-        else:
-            parts = [(blocks[i, :, j], float(DIGIT_BASE ** (i + j))) for j in range(n)]
-        for q, scale in parts:
-            if acc is None and scale == 1.0:
-                acc = torch.add(plan["bias"], q)  # float64: the bias plus an exact int32 block
-            elif acc is None:
-                acc = torch.add(plan["bias"], q, alpha=scale)
-            else:
-                acc.add_(q, alpha=scale)  # exact: integers below 2^53
+    stages = plan["int32_stages"]
+    if stages == 0:
+        blocks = blocks.double()
+    q = _horner([blocks[:, :, j] for j in range(n)])  # (wdigits, rows, pixels)
+    if stages == 1:
+        q = q.double()
+    acc = _horner(list(q)).add_(plan["bias"])  # (rows, pixels)
     if plan["transposed"]:
         co = plan["c_out"]
         acc = acc.view(co, s, s, b, gh, gw).permute(3, 0, 4, 1, 5, 2).reshape(b, co, gh * s, gw * s)
-        return acc[:, :, :ho, :wo]
+        return acc[:, :, :ho, :wo].double()
     acc = acc.view(rows, b, gh, gw).transpose(0, 1)
-    return acc if b == 1 else acc.contiguous()
+    return acc.double() if b == 1 else acc.double().contiguous()
+
+
+def _horner(digits: list) -> Tensor:
+    """``sum_j 128^j digits[j]`` (integers; int32 where the caller's bounds allow, else float64)."""
+    out = digits[-1]
+    for d in reversed(digits[:-1]):
+        out = torch.add(d, out, alpha=DIGIT_BASE)
+    return out
 
 
 class IntLUT(nn.Module):
