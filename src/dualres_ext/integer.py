@@ -292,6 +292,10 @@ class IntConv(nn.Module):
     def accumulate(self, a: Tensor, bounded: bool = False) -> Tensor:
         """The exact integer accumulator ``bias + conv(clamp(a), weight)`` as float64.
         ``bounded``: the caller guarantees ``|a_i| <= in_bound[i]`` (the clamp is skipped)."""
+        return self._accumulate(a, bounded).double()
+
+    def _accumulate(self, a: Tensor, bounded: bool) -> Tensor:
+        """:meth:`accumulate`, as int32 where the int8 GEMM plan bounds it below 2^31, else float64."""
         transposed, stride, padding, output_padding = self._settings()
         rt = self._runtime()
         gemm = rt["gemm"]
@@ -316,7 +320,10 @@ class IntConv(nn.Module):
         """Requantised output ``clamp(round_half_even(acc * m), low, high)`` as float32 integers;
         with ``index_offset``, that plus the offset as int64 (the index of an :class:`IntLUT`)."""
         rt = self._runtime()
-        acc = self.accumulate(a, bounded).mul_(rt["mult"]).round_()
+        acc = self._accumulate(a, bounded)
+        # One IEEE float64 multiply of the exact accumulator (int32 converted exactly, in the kernel).
+        acc = acc.mul_(rt["mult"]) if acc.dtype == torch.float64 else torch.mul(acc, rt["mult"])
+        acc = acc.round_()
         if rt["uniform"] is not None:  # one clamp range for every channel: the scalar kernel
             acc = acc.clamp_(*rt["uniform"])
         else:
@@ -449,7 +456,7 @@ def gemm_plan(
 
 
 def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
-    """``bias + conv(a)`` (float64, NCHW) by :func:`gemm_plan`'s plan; ``a``: float32 integers
+    """``bias + conv(a)`` (NCHW; int32 where the plan's bounds allow, else float64) by :func:`gemm_plan`'s plan; ``a``: float32 integers
     within the layer's input bounds."""
     b, c, h, w = a.shape
     s, t = plan["stride"], plan["window"]
@@ -498,9 +505,10 @@ def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
     if plan["transposed"]:
         co = plan["c_out"]
         acc = acc.view(co, s, s, b, gh, gw).permute(3, 0, 4, 1, 5, 2).reshape(b, co, gh * s, gw * s)
-        return acc[:, :, :ho, :wo].double()
-    acc = acc.view(rows, b, gh, gw).transpose(0, 1)
-    return acc.double() if b == 1 else acc.double().contiguous()
+        return acc[:, :, :ho, :wo]
+    if b == 1:
+        return acc.view(1, rows, gh, gw)
+    return acc.view(rows, b, gh, gw).transpose(0, 1).contiguous()
 
 
 def _horner(digits: list) -> Tensor:
