@@ -318,7 +318,7 @@ class IntConv(nn.Module):
 
     def forward(self, a: Tensor, bounded: bool = False, index_offset: Optional[int] = None) -> Tensor:
         """Requantised output ``clamp(round_half_even(acc * m), low, high)`` as float32 integers;
-        with ``index_offset``, that plus the offset as int64 (the index of an :class:`IntLUT`)."""
+        with ``index_offset``, that plus the offset as int32 (the index of an :class:`IntLUT`)."""
         rt = self._runtime()
         acc = self._accumulate(a, bounded)
         # One IEEE float64 multiply of the exact accumulator (int32 converted exactly, in the kernel).
@@ -329,7 +329,7 @@ class IntConv(nn.Module):
         else:
             acc = torch.clamp(acc, rt["low"], rt["high"])
         if index_offset is not None:
-            return acc.add_(float(index_offset)).long()
+            return acc.add_(float(index_offset)).to(torch.int32)
         return acc.float()
 
 
@@ -550,13 +550,13 @@ class IntLUT(nn.Module):
         return (self.table.numel() - 1) // 2
 
     def forward(self, q: Tensor) -> Tensor:
-        """``q``: float integers (clamped here), or int64 indexes ``q + bound`` already in range
+        """``q``: float integers (clamped here), or int32/int64 indexes ``q + bound`` already in range
         (what :meth:`IntConv.forward` gives with ``index_offset=bound``). float32 out."""
         table = _runtime_cache.get(self, [self.table], lambda: {"t": self.table.float()})["t"]
-        if q.dtype != torch.int64:
+        if q.is_floating_point():
             bound = self.bound
-            q = q.clamp(-bound, bound).add_(bound).long()
-        return torch.take(table, q)
+            q = q.clamp(-bound, bound).add_(bound).to(torch.int32)
+        return table.index_select(0, q.reshape(-1)).view(q.shape)
 
 
 def gelu(x: Tensor) -> Tensor:
