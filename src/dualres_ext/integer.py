@@ -292,12 +292,11 @@ class IntConv(nn.Module):
     def accumulate(self, a: Tensor, bounded: bool = False) -> Tensor:
         """The exact integer accumulator ``bias + conv(clamp(a), weight)`` as float64.
         ``bounded``: the caller guarantees ``|a_i| <= in_bound[i]`` (the clamp is skipped)."""
-        return self._accumulate(a, bounded).double()
+        return self._accumulate(a, bounded, self._runtime()).double()
 
-    def _accumulate(self, a: Tensor, bounded: bool) -> Tensor:
+    def _accumulate(self, a: Tensor, bounded: bool, rt: dict) -> Tensor:
         """:meth:`accumulate`, as int32 where the int8 GEMM plan bounds it below 2^31, else float64."""
         transposed, stride, padding, output_padding = self._settings()
-        rt = self._runtime()
         gemm = rt["gemm"]
         if gemm is not None and int8_gemm_ok(a.device):
             a = a.float()  # exact: integers (clamped) below 2^24
@@ -320,7 +319,7 @@ class IntConv(nn.Module):
         """Requantised output ``clamp(round_half_even(acc * m), low, high)`` as float32 integers;
         with ``index_offset``, that plus the offset as int32 (the index of an :class:`IntLUT`)."""
         rt = self._runtime()
-        acc = self._accumulate(a, bounded)
+        acc = self._accumulate(a, bounded, rt)
         # One IEEE float64 multiply of the exact accumulator (int32 converted exactly, in the kernel).
         acc = acc.mul_(rt["mult"]) if acc.dtype == torch.float64 else torch.mul(acc, rt["mult"])
         acc = acc.round_()
@@ -354,14 +353,18 @@ def split_digits(x: Tensor, n: int) -> list:
     a shift by 64, a power-of-two scaling and a floor of integers below 2^24."""
     digits, rest = [], x
     for _ in range(n - 1):
-        if rest.is_floating_point():
-            hi = rest.add(DIGIT_HALF).mul_(1.0 / DIGIT_BASE).floor_()
+        if rest.is_floating_point():  # (rest + 64) / 128 = 0.5 + rest / 128: one exact kernel, a floor
+            hi = torch.add(_half(rest), rest, alpha=1.0 / DIGIT_BASE).floor_()
         else:
             hi = torch.div(rest + DIGIT_HALF, DIGIT_BASE, rounding_mode="floor")
         digits.append(torch.sub(rest, hi, alpha=DIGIT_BASE))
         rest = hi
     digits.append(rest)
     return digits
+
+
+def _half(like: Tensor) -> Tensor:
+    return torch.tensor(DIGIT_HALF / DIGIT_BASE, dtype=like.dtype, device=like.device)
 
 
 def gemm_plan(
