@@ -141,6 +141,25 @@ def test_int8_gemm_is_exact(kind, c_in, c_out, act_bound, weight_bound):
     assert torch.equal(conv.accumulate(a), _reference(conv, torch.maximum(torch.minimum(a, bound), -bound)))
 
 
+def test_sparse_high_weight_digits_get_their_own_gemm():
+    """A weight digit that is zero in most columns runs on the other columns only: the same sums."""
+    for kind in ("conv3x3", "conv1x1", "deconv5x5s2"):
+        conv = _layer(kind, 48, 16, 2047, 511, seed=3)
+        w = conv.weight.to(torch.int64)
+        small = torch.randint(-64, 64, w.shape, generator=torch.Generator().manual_seed(4))
+        keep = torch.zeros_like(w, dtype=torch.bool)
+        if conv._settings()[0]:
+            keep[:5] = True  # large weights in a few input channels only
+        else:
+            keep[:, :5] = True
+        conv.weight.copy_(torch.where(keep, w, small).to(conv.weight.dtype))
+        plan = conv._runtime()["gemm"]
+        assert [len(digits) for _, _, digits in plan["gemms"]] == [1, 1]
+        assert plan["gemms"][1][1].numel() <= I._SPARSE_DIGIT * plan["gemms"][0][0].shape[1]
+        for a in _inputs(conv, 2, 6, 7, seed=5):
+            assert torch.equal(conv.accumulate(a, bounded=True), _reference(conv, a)), kind
+
+
 def test_int8_gemm_falls_back_when_a_bound_fails():
     """Int32 blocks: the plan refuses depths whose partial sums could reach 2^31; the layer then
     runs the float64 convolution, with the same integers."""

@@ -57,6 +57,7 @@ FLOAT32_EXACT = 1 << 24  # every integer of magnitude <= 2^24 is a float32
 FLOAT64_EXACT = 1 << 53  # ... <= 2^53 a float64
 DIGIT_BASE = 128  # balanced base-128 digits in [-64, 63] feed the int8 GEMMs
 DIGIT_HALF = 64
+_SPARSE_DIGIT = 0.5  # a weight digit nonzero in at most this share of the columns: a GEMM of its own
 
 __all__ = ["IntConv", "IntLUT", "int8_gemm_ok", "quantize_to_grid", "FLOAT32_EXACT", "FLOAT64_EXACT"]
 
@@ -440,8 +441,19 @@ def gemm_plan(
     if int(total.amax()) >= FLOAT64_EXACT:
         return None
     int32_stages = 2 if int(total.amax()) < (1 << 31) else 1 if int(q_bound.amax()) < (1 << 31) else 0
+    # One GEMM for the weight digits stacked; but a higher digit that is zero in most columns (few
+    # weights above 63 in magnitude there) gets a GEMM of its own on the other columns only.
+    dense, gemms = [], []
+    for i, d in enumerate(wd):
+        used = (d != 0).any(0).nonzero().flatten()
+        if i and used.numel() <= _SPARSE_DIGIT * depth:
+            used = used if used.numel() else torch.zeros(1, dtype=torch.int64)
+            gemms.append((d[:, used].to(torch.int8).contiguous(), used, [i]))
+        else:
+            dense.append(i)
+    gemms.insert(0, (torch.cat([wd[i] for i in dense]).to(torch.int8).contiguous(), None, dense))
     return {
-        "w8": torch.cat(wd).to(torch.int8).contiguous(),  # (wdigits * rows, depth)
+        "gemms": gemms,  # (int8 weight digits stacked (len(digits) * rows, columns), columns or None, digits)
         "bias": bias_rows.to(torch.int32 if int32_stages == 2 else torch.float64)[:, None],
         "wdigits": wdigits,
         "adigits": adigits,
@@ -495,16 +507,19 @@ def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
             (n * b * hp * wp, wp, 1, b * hp * wp, hp * wp, step * wp, step),
             y0 * wp + x0,
         ).reshape(c * t * t, n * b * gh * gw)
-    prod = torch._int_mm(plan["w8"], cols)  # (wdigits * rows, adigits * B * gh * gw), exact int32
     rows, pixels = plan["rows"], b * gh * gw
-    blocks = prod.view(plan["wdigits"], rows, n, pixels)
     stages = plan["int32_stages"]
-    if stages == 0:
-        blocks = blocks.double()
-    q = _horner([blocks[:, :, j] for j in range(n)])  # (wdigits, rows, pixels)
-    if stages == 1:
-        q = q.double()
-    acc = _horner(list(q)).add_(plan["bias"])  # (rows, pixels)
+    q = [None] * plan["wdigits"]
+    for w8, used, digits in plan["gemms"]:
+        x = cols if used is None else cols.index_select(0, used)
+        prod = torch._int_mm(w8, x)  # (len(digits) * rows, adigits * B * gh * gw), exact int32
+        blocks = prod.view(len(digits), rows, n, pixels)
+        if stages == 0:
+            blocks = blocks.double()
+        qs = _horner([blocks[:, :, j] for j in range(n)])  # (len(digits), rows, pixels)
+        for i, qi in zip(digits, qs.double() if stages == 1 else qs):
+            q[i] = qi
+    acc = _horner(q).add_(plan["bias"])  # (rows, pixels)
     if plan["transposed"]:
         co = plan["c_out"]
         acc = acc.view(co, s, s, b, gh, gw).permute(3, 0, 4, 1, 5, 2).reshape(b, co, gh * s, gw * s)
