@@ -17,29 +17,43 @@ integers only:
 * **Nonlinearities** are lookup tables indexed by the clamped integer (:class:`IntLUT`), computed
   once at conversion and stored: no exp/tanh/erf on the path.
 
-**How the sums stay exact.** A float32 convolution computes an exact result whenever every
-product and every partial sum, in whatever order, is an integer of magnitude at most 2^24 (each
-is then representable, so no rounding ever happens, FMA or not). For output channel ``c`` any
-partial sum is bounded by ``L_c = sum_i sum_taps |w_ci| * A_i`` (for a transposed convolution,
-the taps of one output phase: the kernel positions congruent modulo the stride, the largest such
-class). :meth:`IntConv.convert` partitions the input channels into chunks whose bound is at most
-2^24 for every output channel and runs one float32 convolution per chunk; if one channel alone
-exceeds it, the activations are also split into a high and a low part, ``a = hi * 2^S + lo`` with
-``0 <= lo < 2^S`` (exact in float32: a power-of-two scaling and a floor), one convolution each.
-The chunk results are summed in float64, exact while the total bound stays below 2^53 (asserted
-at conversion, with the bias). A 1x1 convolution is a plain GEMM, as fast in float64 as in float32
-cut into three or more chunks, so it then runs as one float64 convolution (exact below 2^53, like
-the fallback below). The summation order, thread count, vector width and convolution
-kernel then cannot change the result -- only the algorithm could: direct and im2col+GEMM
-convolutions (oneDNN's default on CPU, ATen's fallbacks) multiply and add the very products, while
-Winograd or FFT algorithms transform the operands with rounding. On CPU, oneDNN's default is direct;
-NNPACK (Winograd) is only considered by ATen for batches of 16 or more and for non-transposed
-convolutions, so batches are run 8 at a time; a reduced-precision float32 mode (bf16/tf32 set in
-``torch.backends.mkldnn`` or ``ONEDNN_DEFAULT_FPMATH_MODE``) is detected and avoided.
-Elsewhere (CUDA, whose cuDNN may pick Winograd/FFT or TF32, or a CPU with a reduced-precision
-mode) the same integers go through ATen's im2col + GEMM convolution in float64
-(``thnn_conv2d`` / ``slow_conv_transpose2d``, no cuDNN), exact below 2^53: the same integers
-come out, slower.
+**How the sums stay exact.** On CPU a layer is an im2col matrix times the weight matrix, computed
+by ``torch._int_mm`` (int8 x int8 -> int32, oneDNN): integer arithmetic, exact whatever the
+summation order, thread count or vector width -- provided nothing saturates or wraps. Two
+preconditions make sure of it:
+
+* **7-bit digits.** Full-range int8 operands are not safe: oneDNN's kernels for CPUs without
+  AVX-512 VNNI (SSE4.1, AVX2, AVX-512 without VNNI, i.e. ``ONEDNN_MAX_CPU_ISA`` below
+  ``AVX512_CORE_VNNI``) shift one operand to u8 (``+128``) and add pairs of u8 x s8 products in
+  int16 with saturation (``vpmaddubsw``): sums of values in [-128, 127] come out wrong.
+  So every operand is split into balanced base-128 digits in [-64, 63] (``a = sum_j d_j 128^j``,
+  :func:`split_digits`; the digit counts follow from the stored bounds: :func:`digit_count` of
+  ``in_bound`` and of the weights, two each for the shipped 11-13-bit activations and 10-bit
+  weights); a pair sum is then at most ``2 * 191 * 64 < 2^15``. The weight digits are stacked
+  along the rows, the activation digits along the columns, so one ``_int_mm`` per layer gives
+  every block ``W_i X_j`` (:func:`gemm_plan`, :func:`gemm_accumulate`).
+* **int32 blocks.** Any partial sum of a block, with that shift and its compensation, is at most
+  ``K * 192 * 64 < 2^31`` for a depth ``K`` (input channels x taps), asserted when the plan is made.
+
+The blocks are recombined by Horner's rule with powers of 128, plus the bias, in int32 as far as
+the per-row bound ``sum_k |W_i[m, k]| * sum_j 128^j |a_j|`` allows (every shipped layer: its whole
+sum stays below 2^31), otherwise in float64, exact below 2^53 (the plan refuses a layer whose
+bound reaches 2^53; :meth:`IntConv.convert` asserts it too). A transposed convolution is split
+into its ``stride^2`` output phases, ordinary convolutions on one shared input window whose
+weight matrices are stacked as rows and whose outputs are interleaved (a copy, no arithmetic).
+A weight digit that is zero in most columns gets a GEMM of its own on its nonzero columns. The
+tests (``tests/test_integer_gemm.py``) check the accumulators against float64/int64 references
+on inputs and weights at their extremes, and bit for bit under other oneDNN instruction sets
+(SSE4.1, AVX2, AVX-512 without VNNI: a control shows those kernels do saturate full-range
+operands) and ATen CPU capabilities, in other processes.
+
+Elsewhere (CUDA, or any device without ``_int_mm`` on it; also wherever a plan's precondition
+fails) the same integers go through ATen's im2col + GEMM convolution in float64
+(``thnn_conv2d`` / ``slow_conv_transpose2d``, no cuDNN, so no Winograd/FFT or TF32 algorithm),
+exact below 2^53: the same integers come out, slower. CUDA's ``_int_mm`` has shape constraints and
+other kernels; it is not used. (The state keeps the float32 chunk plan of earlier versions --
+``chunks`` and ``meta``'s ``split_bits`` / ``float64`` -- as part of a weights file's identity; it
+is no longer used for running.)
 """
 
 from __future__ import annotations
@@ -82,7 +96,9 @@ class IntConv(nn.Module):
     the float layer's layout, ``bias`` int64, ``multiplier`` float32 (used in float64), ``in_bound`` int64
     per input channel, ``out_low``/``out_high`` int64 per output channel, ``chunks`` int64 input
     channel boundaries, ``meta`` int64 ``[transposed, stride, padding, output_padding, split_bits,
-    float64]`` (float64: one float64 convolution, the plan for 1x1 kernels).
+    float64]`` (``chunks``, ``split_bits`` and ``float64``: the float32 chunk plan of earlier
+    versions, kept in the state, unused for running). The int8 GEMM plan (:func:`gemm_plan`) is
+    derived from the buffers at run time, per device, and cached.
     """
 
     def __init__(
@@ -176,11 +192,12 @@ class IntConv(nn.Module):
             # conservative: the largest phase per (c, i); a sum over i of maxima bounds every phase
         else:
             per_input = taps.sum(dim=(2, 3))
-        # Plans, by measured cost on CPU: a larger kernel runs in float32 with its input channels
-        # chunked (chunks cost far less than a split of the activations, which doubles the work;
-        # a split only when one channel alone is too much); a 1x1 convolution is a plain GEMM, as
-        # fast in float64 as in float32 cut into three or more chunks, so it then runs as one
-        # float64 convolution (exact below 2^53).
+        # The stored float32 chunk plan (``chunks``, ``split_bits``, ``float64``): what earlier
+        # versions ran, kept in the state so that a conversion gives the same buffers (and weights
+        # id); the layers now run the int8 GEMM plan made at run time (:func:`gemm_plan`). Input
+        # channels chunked so each chunk's partial sums stay within 2^24 (the activations split
+        # only when one channel alone is too much); a 1x1 layer of more than three chunks or
+        # with a split: one float64 convolution.
         amax = int(in_bound.max())
         plan = cls._plan(per_input, in_bound, 0)
         if plan is None:
