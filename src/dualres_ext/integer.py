@@ -58,6 +58,7 @@ is no longer used for running.)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -80,7 +81,17 @@ def int8_gemm_ok(device: torch.device) -> bool:
     """Whether :class:`IntConv` computes by int8 GEMMs (``torch._int_mm``, exact for operands in
     ``[-64, 63]`` on every CPU instruction set) on ``device``: CPU, where ``_int_mm`` exists.
     Elsewhere it uses the float64 im2col convolutions."""
-    return device.type == "cpu" and hasattr(torch, "_int_mm")
+    return device.type == "cpu" and _int_mm_on_cpu()
+
+
+@functools.lru_cache(maxsize=None)
+def _int_mm_on_cpu() -> bool:
+    """Whether this PyTorch has a CPU ``_int_mm`` (probed once on a tiny product)."""
+    try:
+        a = torch.tensor([[-64, 63], [5, -7]], dtype=torch.int8)
+        return bool(torch.equal(torch._int_mm(a, a.t().contiguous()), a.int() @ a.int().t()))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def quantize_to_grid(x: Tensor, frac_bits: int, bound: int) -> Tensor:
