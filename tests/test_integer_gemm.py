@@ -97,6 +97,15 @@ def _inputs(conv: I.IntConv, batch: int, h: int, w: int, seed: int):
     return [a.to(torch.float32).contiguous() for a in out]
 
 
+def _plan(conv: I.IntConv):
+    """The int8 GEMM plan of ``conv`` (made here: 1x1 layers run a float64 GEMM in the model)."""
+    return I.gemm_plan(conv.weight, conv.bias, conv.in_bound, *conv._settings())
+
+
+def _gemm(plan, a: torch.Tensor) -> torch.Tensor:
+    return I.gemm_accumulate(plan, a.float()).double()
+
+
 def _reference(conv: I.IntConv, a: torch.Tensor) -> torch.Tensor:
     """``bias + conv(a)`` by ATen's float64 convolution: products and sums of integers below 2^53
     are exact in any order."""
@@ -124,15 +133,19 @@ CASES = [
 @pytest.mark.parametrize("kind,c_in,c_out,act_bound,weight_bound", CASES)
 def test_int8_gemm_is_exact(kind, c_in, c_out, act_bound, weight_bound):
     conv = _layer(kind, c_in, c_out, act_bound, weight_bound, seed=c_in + act_bound)
-    plan = conv._runtime()["gemm"]
+    plan = _plan(conv)
     assert plan is not None  # the int8 path is the one under test
     assert plan["adigits"] == I.digit_count(act_bound) and plan["wdigits"] == I.digit_count(weight_bound)
+    # the layer runs it, except 1x1 layers (one float64 GEMM, measured faster)
+    assert (conv._runtime()["gemm"] is None) == (kind == "conv1x1")
     for batch, h, w in ((1, 7, 9), (3, 6, 5)):
         for i, a in enumerate(_inputs(conv, batch, h, w, seed=batch + h)):
-            got = conv.accumulate(a, bounded=True)
+            got = _gemm(plan, a)
             want = _reference(conv, a)
-            assert got.dtype == torch.float64 and got.shape == want.shape
+            assert got.shape == want.shape
             assert torch.equal(got, want), (kind, i)
+            got = conv.accumulate(a, bounded=True)
+            assert got.dtype == torch.float64 and torch.equal(got, want), (kind, i)
             if batch == 1 and i in (0, 2):
                 assert torch.equal(got, _int64_sums(conv, a).double()), (kind, i)
     # Out-of-bound inputs are clamped first.
@@ -153,18 +166,18 @@ def test_sparse_high_weight_digits_get_their_own_gemm():
         else:
             keep[:, :5] = True
         conv.weight.copy_(torch.where(keep, w, small).to(conv.weight.dtype))
-        plan = conv._runtime()["gemm"]
+        plan = _plan(conv)
         assert [len(digits) for _, _, digits in plan["gemms"]] == [1, 1]
         assert plan["gemms"][1][1].numel() <= I._SPARSE_DIGIT * plan["gemms"][0][0].shape[1]
         for a in _inputs(conv, 2, 6, 7, seed=5):
-            assert torch.equal(conv.accumulate(a, bounded=True), _reference(conv, a)), kind
+            assert torch.equal(_gemm(plan, a), _reference(conv, a)), kind
 
 
 def test_int8_gemm_falls_back_when_a_bound_fails():
     """Int32 blocks: the plan refuses depths whose partial sums could reach 2^31; the layer then
     runs the float64 convolution, with the same integers."""
-    conv = _layer("conv1x1", 180000, 1, 63, 63, seed=1)
-    assert conv._runtime()["gemm"] is None
+    conv = _layer("conv3x3", 20000, 1, 63, 63, seed=1)
+    assert _plan(conv) is None and conv._runtime()["gemm"] is None
     a = _inputs(conv, 1, 1, 1, 0)[0]
     assert torch.equal(conv.accumulate(a), _reference(conv, a))
 
@@ -208,9 +221,9 @@ def digest() -> str:
     h = hashlib.sha256()
     for kind, c_in, c_out, act_bound, weight_bound in CASES:
         conv = _layer(kind, c_in, c_out, act_bound, weight_bound, seed=c_in + act_bound)
-        assert conv._runtime()["gemm"] is not None
+        plan = _plan(conv)
         for i, a in enumerate(_inputs(conv, 2, 6, 7, seed=c_in)):
-            got = conv.accumulate(a, bounded=True)
+            got = _gemm(plan, a)
             if not torch.equal(got, _reference(conv, a)):
                 raise AssertionError(f"{kind} input {i}: not exact")
             h.update(got.numpy().tobytes())
