@@ -54,6 +54,7 @@ def _layer(kind: str, c_in: int, c_out: int, act_bound: int, weight_bound: int, 
         "deconv5x5s2": (5, 2, 2, 1, True),
         "deconv3x3s2": (3, 2, 1, 1, True),
         "deconv4x4s2": (4, 2, 1, 0, True),
+        "deconv1x1s2": (1, 2, 0, 1, True),
     }[kind]
     shape = (c_in, c_out, k, k) if transposed else (c_out, c_in, k, k)
     w = torch.randint(-weight_bound, weight_bound + 1, shape, generator=g)
@@ -124,6 +125,7 @@ CASES = [
     ("deconv5x5s2", 64, 32, 3285, 511),
     ("deconv3x3s2", 40, 24, 2047, 511),
     ("deconv4x4s2", 40, 24, 2047, 511),
+    ("deconv1x1s2", 16, 8, 2047, 511),  # phases without taps
     ("conv3x3", 32, 16, 1 << 15, 511),  # three activation digits
     ("conv1x1", 32, 16, 2047, 1 << 14),  # three weight digits
     ("conv3x3", 24, 8, 40, 60),  # one digit each
@@ -167,8 +169,9 @@ def test_sparse_high_weight_digits_get_their_own_gemm():
             keep[:, :5] = True
         conv.weight.copy_(torch.where(keep, w, small).to(conv.weight.dtype))
         plan = _plan(conv)
-        assert [len(digits) for _, _, digits in plan["gemms"]] == [1, 1]
-        assert plan["gemms"][1][1].numel() <= I._SPARSE_DIGIT * plan["gemms"][0][0].shape[1]
+        for block in plan["blocks"]:
+            assert [len(digits) for _, _, digits in block["gemms"]] == [1, 1]
+            assert block["gemms"][1][1].numel() <= I._SPARSE_DIGIT * block["gemms"][0][0].shape[1]
         for a in _inputs(conv, 2, 6, 7, seed=5):
             assert torch.equal(_gemm(plan, a), _reference(conv, a)), kind
 

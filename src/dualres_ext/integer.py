@@ -421,10 +421,10 @@ def gemm_plan(
     A convolution is ``acc[m, p] = bias[m] + sum_k W[m, k] X[k, p]`` with ``X`` the im2col
     matrix of the input (``k`` = input channel and tap, ``p`` = output pixel). A transposed
     convolution is turned into ``stride^2`` ordinary ones, one per output phase ``(ry, rx)``
-    (its taps are the kernel positions congruent to the phase), all on one shared window of the
-    input: their weight matrices stacked as rows ``(c, ry, rx)``, then interleaved into the output.
-    Weights and activations are split into balanced base-128 digits in ``[-64, 63]``; the weight
-    digits are stacked along the rows, the activation digits along the columns, so one
+    (its taps are the kernel positions congruent to the phase) on one shared window of the input:
+    each phase multiplies the window's columns of its own taps, and the phases' outputs are
+    interleaved. Weights and activations are split into balanced base-128 digits in ``[-64, 63]``;
+    the weight digits are stacked along the rows, the activation digits along the columns, so one
     ``torch._int_mm`` gives every block ``W_i X_j``; they are recombined with powers of 128."""
     w = weight.to(torch.int64).cpu()
     if transposed:
@@ -433,70 +433,37 @@ def gemm_plan(
     if kh != kw:
         return None
     k = kh
+    adigits = digit_count(int(in_bound.max()))
+    bias_rows = bias.to(torch.int64).cpu()
     if transposed:
         phases = range(stride)
         shift = {r: [(r + padding - t) // stride for t in range(k) if (r + padding - t) % stride == 0] for r in phases}
         ds = [d for r in phases for d in shift[r]]
         d_min, d_max = min(ds), max(ds)
         window = d_max - d_min + 1
-        wm = torch.zeros(c_out, stride, stride, c_in, window, window, dtype=torch.int64)
+        blocks = []
         for ry in phases:
             for rx in phases:
+                wm = torch.zeros(c_out, c_in, window, window, dtype=torch.int64)
+                taps = torch.zeros(window, window, dtype=torch.bool)
                 for ty in range(k):
-                    if (ry + padding - ty) % stride:
-                        continue
-                    dy = (ry + padding - ty) // stride - d_min
                     for tx in range(k):
-                        if (rx + padding - tx) % stride:
+                        if (ry + padding - ty) % stride or (rx + padding - tx) % stride:
                             continue
-                        dx = (rx + padding - tx) // stride - d_min
-                        wm[:, ry, rx, :, dy, dx] = w[:, :, ty, tx]
-        wm = wm.reshape(c_out * stride * stride, c_in * window * window)
+                        dy, dx = (ry + padding - ty) // stride - d_min, (rx + padding - tx) // stride - d_min
+                        wm[:, :, dy, dx] = w[:, :, ty, tx]
+                        taps[dy, dx] = True
+                columns = taps.expand(c_in, window, window).flatten().nonzero().flatten()
+                blocks.append(_block_plan(wm.flatten(1)[:, columns], columns, bias_rows, in_bound, window, adigits))
     else:
         d_min, window = 0, k
-        wm = w.reshape(c_out, c_in * k * k)
-    rows, depth = wm.shape
-    wdigits = digit_count(int(wm.abs().max()) if wm.numel() else 0)
-    adigits = digit_count(int(in_bound.max()))
-    # One block W_i X_j: int8 operands in [-64, 63], whatever the instruction set (non-VNNI
-    # oneDNN multiplies u8 = s8 + 128 by s8 and adds pairs in int16: 2 * 191 * 64 < 2^15); every
-    # partial sum, with that shift and its compensation, below 2^31 in magnitude.
-    if depth * 192 * 64 >= 1 << 31:
+        blocks = [_block_plan(w.flatten(1), torch.arange(c_in * k * k), bias_rows, in_bound, k, adigits)]
+    if any(b is None for b in blocks):
         return None
-    wd = split_digits(wm, wdigits)
-    taps = window * window
-    bound_k = in_bound.to(torch.int64).cpu().repeat_interleave(taps)  # A of column k
-    reach = sum(DIGIT_BASE**j for j in range(adigits - 1))
-    a_ext = bound_k + 2 * DIGIT_HALF * reach  # >= sum_j 128^j |a_j| for |a| <= A
-    # The blocks are recombined by Horner's rule, first over the activation digits (per weight
-    # digit i: Q_i = sum_j 128^j W_i X_j), then over the weight digits, plus the bias; in int32
-    # as far as the bounds allow (every partial sum of a stage is bounded by the stage's result
-    # bound), the rest in float64 (exact below 2^53).
-    q_bound = torch.stack([(d.abs() * a_ext[None]).sum(1) for d in wd])  # (wdigits, rows)
-    bias_rows = bias.to(torch.int64).cpu()
-    if transposed:
-        bias_rows = bias_rows.repeat_interleave(stride * stride)
-    total = sum(q_bound[i] * DIGIT_BASE**i for i in range(wdigits)) + bias_rows.abs()
-    if int(total.amax()) >= FLOAT64_EXACT:
-        return None
-    int32_stages = 2 if int(total.amax()) < (1 << 31) else 1 if int(q_bound.amax()) < (1 << 31) else 0
-    # One GEMM for the weight digits stacked; but a higher digit that is zero in most columns (few
-    # weights above 63 in magnitude there) gets a GEMM of its own on the other columns only.
-    dense, gemms = [], []
-    for i, d in enumerate(wd):
-        used = (d != 0).any(0).nonzero().flatten()
-        if i and used.numel() <= _SPARSE_DIGIT * depth:
-            used = used if used.numel() else torch.zeros(1, dtype=torch.int64)
-            gemms.append((d[:, used].to(torch.int8).contiguous(), used, [i]))
-        else:
-            dense.append(i)
-    gemms.insert(0, (torch.cat([wd[i] for i in dense]).to(torch.int8).contiguous(), None, dense))
     return {
-        "gemms": gemms,  # (int8 weight digits stacked (len(digits) * rows, columns), columns or None, digits)
-        "bias": bias_rows.to(torch.int32 if int32_stages == 2 else torch.float64)[:, None],
-        "wdigits": wdigits,
+        "blocks": blocks,  # one per output phase (one for an ordinary convolution), :func:`_block_plan`
+        "wdigits": max(b["wdigits"] for b in blocks),
         "adigits": adigits,
-        "int32_stages": int32_stages,
         "transposed": transposed,
         "stride": stride,
         "padding": padding,
@@ -505,13 +472,61 @@ def gemm_plan(
         "window": window,
         "d_min": d_min,
         "c_out": c_out,
+    }
+
+
+def _block_plan(
+    wm: Tensor, columns: Tensor, bias_rows: Tensor, in_bound: Tensor, window: int, adigits: int
+) -> Optional[dict]:
+    """The GEMMs of the weight matrix ``wm`` (rows, len(columns)) on the im2col ``columns`` (input
+    channel and tap of a ``window`` x ``window`` window), or None if a bound fails."""
+    if columns.numel() == 0:  # a phase without taps (kernel smaller than the stride): zeros
+        wm, columns = torch.zeros(wm.size(0), 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    rows, depth = wm.shape
+    wdigits = digit_count(int(wm.abs().max()))
+    # One block W_i X_j: int8 operands in [-64, 63], whatever the instruction set (non-VNNI
+    # oneDNN multiplies u8 = s8 + 128 by s8 and adds pairs in int16: 2 * 191 * 64 < 2^15); every
+    # partial sum, with that shift and its compensation, below 2^31 in magnitude.
+    if depth * 192 * 64 >= 1 << 31:
+        return None
+    wd = split_digits(wm, wdigits)
+    bound_k = in_bound.to(torch.int64).cpu().repeat_interleave(window * window)[columns]  # A of each column
+    reach = sum(DIGIT_BASE**j for j in range(adigits - 1))
+    a_ext = bound_k + 2 * DIGIT_HALF * reach  # >= sum_j 128^j |a_j| for |a| <= A
+    # The blocks are recombined by Horner's rule, first over the activation digits (per weight
+    # digit i: Q_i = sum_j 128^j W_i X_j), then over the weight digits, plus the bias; in int32
+    # as far as the bounds allow (every partial sum of a stage is bounded by the stage's result
+    # bound), the rest in float64 (exact below 2^53).
+    q_bound = torch.stack([(d.abs() * a_ext[None]).sum(1) for d in wd])  # (wdigits, rows)
+    total = sum(q_bound[i] * DIGIT_BASE**i for i in range(wdigits)) + bias_rows.abs()
+    if int(total.amax()) >= FLOAT64_EXACT:
+        return None
+    int32_stages = 2 if int(total.amax()) < (1 << 31) else 1 if int(q_bound.amax()) < (1 << 31) else 0
+    # One GEMM for the weight digits stacked; but a higher digit that is zero in most columns (few
+    # weights above 63 in magnitude there) gets a GEMM of its own on the other columns only.
+    every = columns.numel() == in_bound.numel() * window * window
+    dense, gemms = [], []
+    for i, d in enumerate(wd):
+        used = (d != 0).any(0).nonzero().flatten()
+        if i and used.numel() <= _SPARSE_DIGIT * depth:
+            used = used if used.numel() else torch.zeros(1, dtype=torch.int64)
+            gemms.append((d[:, used].to(torch.int8).contiguous(), columns[used], [i]))
+        else:
+            dense.append(i)
+    stacked = torch.cat([wd[i] for i in dense]).to(torch.int8).contiguous()
+    gemms.insert(0, (stacked, None if every else columns, dense))
+    return {
+        "gemms": gemms,  # (int8 weight digits stacked (len(digits) * rows, columns), im2col rows or None, digits)
+        "bias": bias_rows.to(torch.int32 if int32_stages == 2 else torch.float64)[:, None],
+        "wdigits": wdigits,
+        "int32_stages": int32_stages,
         "rows": rows,
     }
 
 
 def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
-    """``bias + conv(a)`` (NCHW; int32 where the plan's bounds allow, else float64) by :func:`gemm_plan`'s plan; ``a``: float32 integers
-    within the layer's input bounds."""
+    """``bias + conv(a)`` (NCHW; int32 where the plan's bounds allow, else float64) by
+    :func:`gemm_plan`'s plan; ``a``: float32 integers within the layer's input bounds."""
     b, c, h, w = a.shape
     s, t = plan["stride"], plan["window"]
     n = plan["adigits"]
@@ -546,26 +561,34 @@ def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
             (n * b * hp * wp, wp, 1, b * hp * wp, hp * wp, step * wp, step),
             y0 * wp + x0,
         ).reshape(c * t * t, n * b * gh * gw)
-    rows, pixels = plan["rows"], b * gh * gw
-    stages = plan["int32_stages"]
-    q = [None] * plan["wdigits"]
-    for w8, used, digits in plan["gemms"]:
+    accs = [_block_accumulate(block, cols, n, b * gh * gw) for block in plan["blocks"]]
+    if plan["transposed"]:
+        co = plan["c_out"]
+        if len({x.dtype for x in accs}) > 1:
+            accs = [x.double() for x in accs]
+        acc = torch.stack(accs).view(s, s, co, b, gh, gw).permute(3, 2, 4, 0, 5, 1).reshape(b, co, gh * s, gw * s)
+        return acc[:, :, :ho, :wo]
+    (acc,) = accs
+    rows = acc.size(0)
+    if b == 1:
+        return acc.view(1, rows, gh, gw)
+    return acc.view(rows, b, gh, gw).transpose(0, 1).contiguous()
+
+
+def _block_accumulate(block: dict, cols: Tensor, n: int, pixels: int) -> Tensor:
+    """``bias + W X`` (rows, pixels) of one :func:`_block_plan` on the im2col matrix ``cols``."""
+    rows, stages = block["rows"], block["int32_stages"]
+    q = [None] * block["wdigits"]
+    for w8, used, digits in block["gemms"]:
         x = cols if used is None else cols.index_select(0, used)
-        prod = torch._int_mm(w8, x)  # (len(digits) * rows, adigits * B * gh * gw), exact int32
+        prod = torch._int_mm(w8, x)  # (len(digits) * rows, adigits * pixels), exact int32
         blocks = prod.view(len(digits), rows, n, pixels)
         if stages == 0:
             blocks = blocks.double()
         qs = _horner([blocks[:, :, j] for j in range(n)])  # (len(digits), rows, pixels)
         for i, qi in zip(digits, qs.double() if stages == 1 else qs):
             q[i] = qi
-    acc = _horner(q).add_(plan["bias"])  # (rows, pixels)
-    if plan["transposed"]:
-        co = plan["c_out"]
-        acc = acc.view(co, s, s, b, gh, gw).permute(3, 0, 4, 1, 5, 2).reshape(b, co, gh * s, gw * s)
-        return acc[:, :, :ho, :wo]
-    if b == 1:
-        return acc.view(1, rows, gh, gw)
-    return acc.view(rows, b, gh, gw).transpose(0, 1).contiguous()
+    return _horner(q).add_(block["bias"])
 
 
 def _horner(digits: list) -> Tensor:
