@@ -30,7 +30,8 @@ preconditions make sure of it:
   :func:`split_digits`; the digit counts follow from the stored bounds: :func:`digit_count` of
   ``in_bound`` and of the weights, two each for the shipped 11-13-bit activations and 10-bit
   weights); a pair sum is then at most ``2 * 191 * 64 < 2^15``. The weight digits are stacked
-  along the rows, the activation digits along the columns, so one ``_int_mm`` per layer gives
+  along the rows, the activation digits along the columns, so one ``_int_mm`` per layer (per
+  output phase of a transposed one) gives
   every block ``W_i X_j`` (:func:`gemm_plan`, :func:`gemm_accumulate`).
 * **int32 blocks.** Any partial sum of a block, with that shift and its compensation, is at most
   ``K * 192 * 64 < 2^31`` for a depth ``K`` (input channels x taps), asserted when the plan is made.
@@ -39,12 +40,11 @@ The blocks are recombined by Horner's rule with powers of 128, plus the bias, in
 the per-row bound ``sum_k |W_i[m, k]| * sum_j 128^j |a_j|`` allows (every shipped layer: its whole
 sum stays below 2^31), otherwise in float64, exact below 2^53 (the plan refuses a layer whose
 bound reaches 2^53; :meth:`IntConv.convert` asserts it too). A transposed convolution is split
-into its ``stride^2`` output phases, ordinary convolutions on one shared input window whose
-weight matrices are stacked as rows and whose outputs are interleaved (a copy, no arithmetic).
+into its ``stride^2`` output phases, ordinary convolutions on one shared im2col window of the
+input, each on the columns of its own taps, whose outputs are interleaved (a copy, no arithmetic).
 A weight digit that is zero in most columns gets a GEMM of its own on its nonzero columns. A 1x1
 layer (a GEMM of small depth) runs as one float64 GEMM instead, as below: measured faster on CPU
-than splitting and recombining digits for it. The
-tests (``tests/test_integer_gemm.py``) check the accumulators against float64/int64 references
+than splitting and recombining digits for it. The tests (``tests/test_integer_gemm.py``) check the accumulators against float64/int64 references
 on inputs and weights at their extremes, and bit for bit under other oneDNN instruction sets
 (SSE4.1, AVX2, AVX-512 without VNNI: a control shows those kernels do saturate full-range
 operands) and ATen CPU capabilities, in other processes.
