@@ -31,8 +31,8 @@ preconditions make sure of it:
   ``in_bound`` and of the weights, two each for the shipped 11-13-bit activations and 10-bit
   weights); a pair sum is then at most ``2 * 191 * 64 < 2^15``. The weight digits are stacked
   along the rows, the activation digits along the columns, so one ``_int_mm`` per layer (per
-  output phase of a transposed one) gives
-  every block ``W_i X_j`` (:func:`gemm_plan`, :func:`gemm_accumulate`).
+  output phase of a transposed one) gives every block ``W_i X_j`` (:func:`gemm_plan`,
+  :func:`gemm_accumulate`).
 * **int32 blocks.** Any partial sum of a block, with that shift and its compensation, is at most
   ``K * 192 * 64 < 2^31`` for a depth ``K`` (input channels x taps), asserted when the plan is made.
 
