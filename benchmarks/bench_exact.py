@@ -7,7 +7,8 @@ rounds, so that a shared machine's load hits all of them alike. Measures, on one
 
 * the entropy-parameter path alone (hyper synthesis, slice coders, LRP, ``down(ŷ_H)``, the
   scale-to-index step; quantising the latents but no entropy coding): float64 networks (bitstream
-  versions 2/3) against the integer networks (version 4);
+  versions 2/3) against the integer networks (version 4); with ``--fallback`` also the integer
+  networks with their convolutions forced to float64 im2col (the formulation used off CPU);
 * ``encode`` and ``decode`` end to end, version 3 against version 4 (the shipped weights);
 * CompressAI's mbt2018-mean (quality 3, random weights, no download) ``compress`` /
   ``decompress``, plain and with ``dualres_ext.compat.accelerate`` (default and ``portable=True``).
@@ -23,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from dualres_ext import codec
+from dualres_ext import codec, integer
 from dualres_ext.models.quantize import quantize_latent
 
 
@@ -121,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compressai", action="store_true")
     ap.add_argument("--weights", default=None, help="a weights file with exact networks (default: the shipped one)")
     ap.add_argument("--only-entropy", action="store_true", help="time the entropy-parameter paths only")
+    ap.add_argument(
+        "--fallback", action="store_true", help="also the integer path with float64 convolutions (no int8 GEMM)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     img = load(args.image)
@@ -135,6 +139,17 @@ def main(argv=None) -> int:
         "entropy path float64 (v3)": run_float,
         "entropy path integer (v4)": run_exact,
     }
+    if args.fallback:
+
+        def run_fallback():
+            saved = integer.int8_gemm_ok
+            integer.int8_gemm_ok = lambda device: False
+            try:
+                run_exact()
+            finally:
+                integer.int8_gemm_ok = saved
+
+        jobs["entropy path integer (v4), float64 convolutions"] = run_fallback
     if not args.only_entropy:
         jobs.update(
             {
@@ -169,6 +184,11 @@ def main(argv=None) -> int:
     print(
         f"| entropy path float64 / integer | {ms['entropy path float64 (v3)'] / ms['entropy path integer (v4)']:.2f}x |"
     )
+    if args.fallback:
+        name = "entropy path integer (v4), float64 convolutions"
+        print(
+            f"| entropy path integer with float64 convolutions / integer | {ms[name] / ms['entropy path integer (v4)']:.2f}x |"
+        )
     if args.only_entropy:
         return 0
     print(f"| encode v3 / v4 | {ms['encode v3'] / ms['encode v4']:.2f}x |")

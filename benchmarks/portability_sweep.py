@@ -108,7 +108,7 @@ def worker(paths, flag: str) -> None:
     if flag == "no-mkldnn":
         torch.backends.mkldnn.set_flags(False)
     if flag == "float64":
-        integer.fast_float32_ok = lambda device: False
+        integer.int8_gemm_ok = lambda device: False
     model, wid = codec.resolve_model(None, None)
     tracer = Tracer(model)
     for path in paths:

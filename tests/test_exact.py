@@ -21,17 +21,17 @@ from dualres_ext.models.zoo import load_weights, save_weights, weights_id
 
 def _float64_reference(conv: I.IntConv, a: torch.Tensor) -> torch.Tensor:
     """``bias + conv(clamp(a))`` by the float64 fallback (im2col + GEMM, exact below 2^53)."""
-    saved = I.fast_float32_ok
-    I.fast_float32_ok = lambda device: False
+    saved = I.int8_gemm_ok
+    I.int8_gemm_ok = lambda device: False
     try:
         return conv.accumulate(a.double())
     finally:
-        I.fast_float32_ok = saved
+        I.int8_gemm_ok = saved
 
 
 def _int64_reference(conv: I.IntConv, a: torch.Tensor) -> torch.Tensor:
     """The same sum in int64 arithmetic, by explicit products and sums (no float at all)."""
-    transposed, stride, padding, output_padding, _, _ = conv._settings()
+    transposed, stride, padding, output_padding = conv._settings()
     bound = conv.in_bound[None, :, None, None]
     a = torch.maximum(torch.minimum(a.round().to(torch.int64), bound), -bound)
     w = conv.weight.to(torch.int64)

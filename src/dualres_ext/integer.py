@@ -17,65 +17,83 @@ integers only:
 * **Nonlinearities** are lookup tables indexed by the clamped integer (:class:`IntLUT`), computed
   once at conversion and stored: no exp/tanh/erf on the path.
 
-**How the sums stay exact.** A float32 convolution computes an exact result whenever every
-product and every partial sum, in whatever order, is an integer of magnitude at most 2^24 (each
-is then representable, so no rounding ever happens, FMA or not). For output channel ``c`` any
-partial sum is bounded by ``L_c = sum_i sum_taps |w_ci| * A_i`` (for a transposed convolution,
-the taps of one output phase: the kernel positions congruent modulo the stride, the largest such
-class). :meth:`IntConv.convert` partitions the input channels into chunks whose bound is at most
-2^24 for every output channel and runs one float32 convolution per chunk; if one channel alone
-exceeds it, the activations are also split into a high and a low part, ``a = hi * 2^S + lo`` with
-``0 <= lo < 2^S`` (exact in float32: a power-of-two scaling and a floor), one convolution each.
-The chunk results are summed in float64, exact while the total bound stays below 2^53 (asserted
-at conversion, with the bias). A 1x1 convolution is a plain GEMM, as fast in float64 as in float32
-cut into three or more chunks, so it then runs as one float64 convolution (exact below 2^53, like
-the fallback below). The summation order, thread count, vector width and convolution
-kernel then cannot change the result -- only the algorithm could: direct and im2col+GEMM
-convolutions (oneDNN's default on CPU, ATen's fallbacks) multiply and add the very products, while
-Winograd or FFT algorithms transform the operands with rounding. On CPU, oneDNN's default is direct;
-NNPACK (Winograd) is only considered by ATen for batches of 16 or more and for non-transposed
-convolutions, so batches are run 8 at a time; a reduced-precision float32 mode (bf16/tf32 set in
-``torch.backends.mkldnn`` or ``ONEDNN_DEFAULT_FPMATH_MODE``) is detected and avoided.
-Elsewhere (CUDA, whose cuDNN may pick Winograd/FFT or TF32, or a CPU with a reduced-precision
-mode) the same integers go through ATen's im2col + GEMM convolution in float64
-(``thnn_conv2d`` / ``slow_conv_transpose2d``, no cuDNN), exact below 2^53: the same integers
-come out, slower.
+**How the sums stay exact.** On CPU a layer is an im2col matrix times the weight matrix, computed
+by ``torch._int_mm`` (int8 x int8 -> int32, oneDNN): integer arithmetic, exact whatever the
+summation order, thread count or vector width -- provided nothing saturates or wraps. Two
+preconditions make sure of it:
+
+* **7-bit digits.** Full-range int8 operands are not safe: oneDNN's kernels for CPUs without
+  AVX-512 VNNI (SSE4.1, AVX2, AVX-512 without VNNI, i.e. ``ONEDNN_MAX_CPU_ISA`` below
+  ``AVX512_CORE_VNNI``) shift one operand to u8 (``+128``) and add pairs of u8 x s8 products in
+  int16 with saturation (``vpmaddubsw``): sums of values in [-128, 127] come out wrong.
+  So every operand is split into balanced base-128 digits in [-64, 63] (``a = sum_j d_j 128^j``,
+  :func:`split_digits`; the digit counts follow from the stored bounds: :func:`digit_count` of
+  ``in_bound`` and of the weights, two each for the shipped 11-13-bit activations and 10-bit
+  weights); a pair sum is then at most ``2 * 191 * 64 < 2^15``. The weight digits are stacked
+  along the rows, the activation digits along the columns, so one ``_int_mm`` per layer (per
+  output phase of a transposed one) gives every block ``W_i X_j`` (:func:`gemm_plan`,
+  :func:`gemm_accumulate`).
+* **int32 blocks.** Any partial sum of a block, with that shift and its compensation, is at most
+  ``K * 192 * 64 < 2^31`` for a depth ``K`` (input channels x taps), asserted when the plan is made.
+
+The blocks are recombined by Horner's rule with powers of 128, plus the bias, in int32 as far as
+the per-row bound ``sum_k |W_i[m, k]| * sum_j 128^j |a_j|`` allows (every shipped layer: its whole
+sum stays below 2^31), otherwise in float64, exact below 2^53 (the plan refuses a layer whose
+bound reaches 2^53; :meth:`IntConv.convert` asserts it too). A transposed convolution is split
+into its ``stride^2`` output phases, ordinary convolutions on one shared im2col window of the
+input, each on the columns of its own taps, whose outputs are interleaved (a copy, no arithmetic).
+A weight digit that is zero in most columns gets a GEMM of its own on its nonzero columns. A 1x1
+layer (a GEMM of small depth) runs as one float64 GEMM instead, as below: measured faster on CPU
+than splitting and recombining digits for it. The tests (``tests/test_integer_gemm.py``) check the accumulators against float64/int64 references
+on inputs and weights at their extremes, and bit for bit under other oneDNN instruction sets
+(SSE4.1, AVX2, AVX-512 without VNNI: a control shows those kernels do saturate full-range
+operands) and ATen CPU capabilities, in other processes.
+
+Elsewhere (CUDA, or any device without ``_int_mm`` on it; also wherever a plan's precondition
+fails) the same integers go through ATen's im2col + GEMM convolution in float64
+(``thnn_conv2d`` / ``slow_conv_transpose2d``, no cuDNN, so no Winograd/FFT or TF32 algorithm),
+exact below 2^53: the same integers come out, slower. CUDA's ``_int_mm`` has shape constraints and
+other kernels; it is not used. (The state keeps the float32 chunk plan of earlier versions --
+``chunks`` and ``meta``'s ``split_bits`` / ``float64`` -- as part of a weights file's identity; it
+is no longer used for running.)
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import TensorCache
 
 FLOAT32_EXACT = 1 << 24  # every integer of magnitude <= 2^24 is a float32
 FLOAT64_EXACT = 1 << 53  # ... <= 2^53 a float64
-_NNPACK_BATCH = 8  # ATen considers NNPACK (Winograd) for batches >= 16 only
+DIGIT_BASE = 128  # balanced base-128 digits in [-64, 63] feed the int8 GEMMs
+DIGIT_HALF = 64
+_SPARSE_DIGIT = 0.5  # a weight digit nonzero in at most this share of the columns: a GEMM of its own
 
-__all__ = ["IntConv", "IntLUT", "fast_float32_ok", "quantize_to_grid", "FLOAT32_EXACT", "FLOAT64_EXACT"]
+__all__ = ["IntConv", "IntLUT", "int8_gemm_ok", "quantize_to_grid", "FLOAT32_EXACT", "FLOAT64_EXACT"]
 
 
-def fast_float32_ok(device: torch.device) -> bool:
-    """Whether float32 convolutions on ``device`` are exact for bounded integer inputs: CPU with
-    full float32 precision (no bf16/tf32 math mode). Otherwise :class:`IntConv` uses float64."""
-    if device.type != "cpu":
+def int8_gemm_ok(device: torch.device) -> bool:
+    """Whether :class:`IntConv` computes by int8 GEMMs (``torch._int_mm``, exact for operands in
+    ``[-64, 63]`` on every CPU instruction set) on ``device``: CPU, where ``_int_mm`` exists.
+    Elsewhere it uses the float64 im2col convolutions."""
+    return device.type == "cpu" and _int_mm_on_cpu()
+
+
+@functools.lru_cache(maxsize=None)
+def _int_mm_on_cpu() -> bool:
+    """Whether this PyTorch has a CPU ``_int_mm`` (probed once on a tiny product)."""
+    try:
+        a = torch.tensor([[-64, 63], [5, -7]], dtype=torch.int8)
+        return bool(torch.equal(torch._int_mm(a, a.t().contiguous()), a.int() @ a.int().t()))
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
-    mode = os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", "").strip().lower()
-    if mode not in ("", "strict"):  # bf16, f16, tf32, any: oneDNN may down-convert float32
-        return False
-    precisions = []
-    for holder in (torch.backends.mkldnn, getattr(torch.backends.mkldnn, "conv", None)):
-        value = getattr(holder, "fp32_precision", None) if holder is not None else None
-        if value is not None:
-            precisions.append(str(value).lower())
-    return all(p in ("none", "ieee") for p in precisions)
 
 
 def quantize_to_grid(x: Tensor, frac_bits: int, bound: int) -> Tensor:
@@ -91,7 +109,9 @@ class IntConv(nn.Module):
     the float layer's layout, ``bias`` int64, ``multiplier`` float32 (used in float64), ``in_bound`` int64
     per input channel, ``out_low``/``out_high`` int64 per output channel, ``chunks`` int64 input
     channel boundaries, ``meta`` int64 ``[transposed, stride, padding, output_padding, split_bits,
-    float64]`` (float64: one float64 convolution, the plan for 1x1 kernels).
+    float64]`` (``chunks``, ``split_bits`` and ``float64``: the float32 chunk plan of earlier
+    versions, kept in the state, unused for running). The int8 GEMM plan (:func:`gemm_plan`) is
+    derived from the buffers at run time, per device, and cached.
     """
 
     def __init__(
@@ -185,11 +205,12 @@ class IntConv(nn.Module):
             # conservative: the largest phase per (c, i); a sum over i of maxima bounds every phase
         else:
             per_input = taps.sum(dim=(2, 3))
-        # Plans, by measured cost on CPU: a larger kernel runs in float32 with its input channels
-        # chunked (chunks cost far less than a split of the activations, which doubles the work;
-        # a split only when one channel alone is too much); a 1x1 convolution is a plain GEMM, as
-        # fast in float64 as in float32 cut into three or more chunks, so it then runs as one
-        # float64 convolution (exact below 2^53).
+        # The stored float32 chunk plan (``chunks``, ``split_bits``, ``float64``): what earlier
+        # versions ran, kept in the state so that a conversion gives the same buffers (and weights
+        # id); the layers now run the int8 GEMM plan made at run time (:func:`gemm_plan`). Input
+        # channels chunked so each chunk's partial sums stay within 2^24 (the activations split
+        # only when one channel alone is too much); a 1x1 layer of more than three chunks or
+        # with a split: one float64 convolution.
         amax = int(in_bound.max())
         plan = cls._plan(per_input, in_bound, 0)
         if plan is None:
@@ -252,10 +273,12 @@ class IntConv(nn.Module):
 
     # ------------------------------------------------------------------ running
     def _settings(self):
+        """``(transposed, stride, padding, output_padding)``. The stored float32 chunk plan
+        (``chunks``, ``split_bits``, ``float64``) is kept in the state (it is part of a weights
+        file's identity) but no longer used for running."""
         if self._config is None:
-            t, s, p, op, split, f64 = (int(v) for v in self.meta.tolist())
-            self._config = (bool(t), s, p, op, split, [int(v) for v in self.chunks.tolist()])
-            self._float64 = bool(f64)
+            t, s, p, op = (int(v) for v in self.meta[:4].tolist())
+            self._config = (bool(t), s, p, op)
         return self._config
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -267,23 +290,29 @@ class IntConv(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _runtime(self):
-        """Per-device working copies, cached until a buffer changes: float32 weights per chunk
-        (exact: |w| < 2^24), float64 weights (fallback), and the per-channel vectors shaped
-        (1, C, 1, 1): input bound (float32 and float64), bias, multiplier, output bounds (float64)."""
-        transposed, *_, chunks = self._settings()
+        """Per-device working copies, cached until a buffer changes: the int8 GEMM plan (CPU,
+        :func:`gemm_plan`; None where a precondition fails), float64 weights (the fallback), and the
+        per-channel vectors shaped (1, C, 1, 1): input bound (float32 and float64), bias,
+        multiplier, output bounds (float64)."""
+        transposed, stride, padding, output_padding = self._settings()
         device = self.weight.device
 
         def build():
-            w = self.weight.to(device, torch.float32)
             view = (1, -1, 1, 1)
+            # A 1x1 layer is a plain GEMM with a small depth: one float64 GEMM (as exact) costs less
+            # than splitting and recombining digits (measured on CPU, 1 and 2 threads).
+            pointwise = not transposed and stride == 1 and padding == 0 and self.weight.shape[-2:] == (1, 1)
+            gemm = None
+            if int8_gemm_ok(device) and not pointwise:
+                gemm = gemm_plan(self.weight, self.bias, self.in_bound, transposed, stride, padding, output_padding)
+            w64 = self.weight.to(device, torch.float64)
             return {
-                "w32": [
-                    (w[lo:hi] if transposed else w[:, lo:hi]).contiguous() for lo, hi in zip(chunks[:-1], chunks[1:])
-                ],
-                "w64": self.weight.to(device, torch.float64),
+                "gemm": gemm,
+                "w64": w64,
+                "w64_2d": w64.flatten(1) if pointwise else None,
+                "bias_col": self.bias.to(device, torch.float64)[:, None],
                 "bound32": self.in_bound.to(device, torch.float32).view(view),
                 "bound64": self.in_bound.to(device, torch.float64).view(view),
-                "bias": self.bias.to(device, torch.float64).view(view),
                 "bias_flat": self.bias.to(device, torch.float64),
                 "mult": self.multiplier.to(device, torch.float64).view(view),
                 "low": self.out_low.to(device, torch.float64).view(view),
@@ -300,37 +329,24 @@ class IntConv(nn.Module):
     def accumulate(self, a: Tensor, bounded: bool = False) -> Tensor:
         """The exact integer accumulator ``bias + conv(clamp(a), weight)`` as float64.
         ``bounded``: the caller guarantees ``|a_i| <= in_bound[i]`` (the clamp is skipped)."""
-        transposed, stride, padding, output_padding, split, chunks = self._settings()
-        rt = self._runtime()
-        if not self._float64 and fast_float32_ok(a.device):
-            a = a.float()
+        return self._accumulate(a, bounded, self._runtime()).double()
+
+    def _accumulate(self, a: Tensor, bounded: bool, rt: dict) -> Tensor:
+        """:meth:`accumulate`, as int32 where the int8 GEMM plan bounds it below 2^31, else float64."""
+        transposed, stride, padding, output_padding = self._settings()
+        gemm = rt["gemm"]
+        if gemm is not None and int8_gemm_ok(a.device):
+            a = a.float()  # exact: integers (clamped) below 2^24
             if not bounded:
                 a = torch.clamp(a, -rt["bound32"], rt["bound32"])
-            parts = [(a, 0)]
-            if split:
-                hi = torch.floor(a * (1.0 / (1 << split)))  # exact: a power-of-two scaling
-                parts = [(hi, split), (torch.sub(a, hi, alpha=float(1 << split)), 0)]  # exact integers
-            out = None
-            for w, lo, hi_ in zip(rt["w32"], chunks[:-1], chunks[1:]):
-                for part, shift in parts:
-                    x = part if len(chunks) == 2 else part[:, lo:hi_]
-                    if transposed:
-                        y = _batched(lambda t: F.conv_transpose2d(t, w, None, stride, padding, output_padding), x)
-                    else:
-                        y = _batched(lambda t: F.conv2d(t, w, None, stride, padding), x)
-                    if out is None:
-                        out = y.double()
-                        if shift:
-                            out.mul_(float(1 << shift))
-                    elif shift:
-                        out.add_(y.double().mul_(float(1 << shift)))
-                    else:
-                        out.add_(y)  # float32 integers into float64: exact (sums < 2^53)
-            return out.add_(rt["bias"])
+            return gemm_accumulate(gemm, a)
         # float64, im2col + GEMM (no cuDNN): exact below 2^53, the same integers.
         a = a.double()
         if not bounded:
             a = torch.clamp(a, -rt["bound64"], rt["bound64"])
+        if rt["w64_2d"] is not None and a.size(0) == 1:  # 1x1: bias + W @ a, one GEMM
+            b, c, h, w = a.shape
+            return torch.addmm(rt["bias_col"], rt["w64_2d"], a.reshape(c, h * w)).view(1, -1, h, w)
         w = rt["w64"]
         k = list(w.shape[-2:])
         if transposed:
@@ -341,15 +357,18 @@ class IntConv(nn.Module):
 
     def forward(self, a: Tensor, bounded: bool = False, index_offset: Optional[int] = None) -> Tensor:
         """Requantised output ``clamp(round_half_even(acc * m), low, high)`` as float32 integers;
-        with ``index_offset``, that plus the offset as int64 (the index of an :class:`IntLUT`)."""
+        with ``index_offset``, that plus the offset as int32 (the index of an :class:`IntLUT`)."""
         rt = self._runtime()
-        acc = self.accumulate(a, bounded).mul_(rt["mult"]).round_()
+        acc = self._accumulate(a, bounded, rt)
+        # One IEEE float64 multiply of the exact accumulator (int32 converted exactly, in the kernel).
+        acc = acc.mul_(rt["mult"]) if acc.dtype == torch.float64 else torch.mul(acc, rt["mult"])
+        acc = acc.round_()
         if rt["uniform"] is not None:  # one clamp range for every channel: the scalar kernel
             acc = acc.clamp_(*rt["uniform"])
         else:
             acc = torch.clamp(acc, rt["low"], rt["high"])
         if index_offset is not None:
-            return acc.add_(float(index_offset)).long()
+            return acc.add_(float(index_offset)).to(torch.int32)
         return acc.float()
 
 
@@ -357,10 +376,227 @@ _BUFFERS = ("weight", "bias", "multiplier", "in_bound", "out_low", "out_high", "
 _runtime_cache: TensorCache[dict] = TensorCache()
 
 
-def _batched(fn, x: Tensor) -> Tensor:
-    if x.size(0) < 16:
-        return fn(x)
-    return torch.cat([fn(x[i : i + _NNPACK_BATCH]) for i in range(0, x.size(0), _NNPACK_BATCH)])
+# ---------------------------------------------------------------------------- the int8 GEMM
+def digit_count(bound: int) -> int:
+    """How many balanced base-128 digits (each in ``[-64, 63]``) represent every integer of
+    magnitude at most ``bound``: ``n`` digits cover ``[-64 R, 63 R]`` with ``R = sum_j 128^j``."""
+    n, reach = 1, 1
+    while 63 * reach < bound:
+        n, reach = n + 1, reach * DIGIT_BASE + 1
+    return n
+
+
+def split_digits(x: Tensor, n: int) -> list:
+    """``x`` (integers, float32 below 2^24 or any integer dtype) as ``n`` balanced base-128 digits
+    ``d_0 .. d_{n-1}``, ``x = sum_j d_j 128^j``, each in ``[-64, 63]`` if ``x`` is within
+    :func:`digit_count`'s range (the top digit takes the rest). In ``x``'s dtype; float32 is exact:
+    a shift by 64, a power-of-two scaling and a floor of integers below 2^24."""
+    digits, rest = [], x
+    for _ in range(n - 1):
+        if rest.is_floating_point():  # (rest + 64) / 128 = 0.5 + rest / 128: one exact kernel, a floor
+            hi = torch.add(_half(rest), rest, alpha=1.0 / DIGIT_BASE).floor_()
+        else:
+            hi = torch.div(rest + DIGIT_HALF, DIGIT_BASE, rounding_mode="floor")
+        digits.append(torch.sub(rest, hi, alpha=DIGIT_BASE))
+        rest = hi
+    digits.append(rest)
+    return digits
+
+
+def _half(like: Tensor) -> Tensor:
+    return torch.tensor(DIGIT_HALF / DIGIT_BASE, dtype=like.dtype, device=like.device)
+
+
+def gemm_plan(
+    weight: Tensor,
+    bias: Tensor,
+    in_bound: Tensor,
+    transposed: bool,
+    stride: int,
+    padding: int,
+    output_padding: int,
+) -> Optional[dict]:
+    """The int8 GEMM form of one layer (CPU), or None where a precondition of its exactness fails.
+
+    A convolution is ``acc[m, p] = bias[m] + sum_k W[m, k] X[k, p]`` with ``X`` the im2col
+    matrix of the input (``k`` = input channel and tap, ``p`` = output pixel). A transposed
+    convolution is turned into ``stride^2`` ordinary ones, one per output phase ``(ry, rx)``
+    (its taps are the kernel positions congruent to the phase) on one shared window of the input:
+    each phase multiplies the window's columns of its own taps, and the phases' outputs are
+    interleaved. Weights and activations are split into balanced base-128 digits in ``[-64, 63]``;
+    the weight digits are stacked along the rows, the activation digits along the columns, so one
+    ``torch._int_mm`` gives every block ``W_i X_j``; they are recombined with powers of 128."""
+    w = weight.to(torch.int64).cpu()
+    if transposed:
+        w = w.transpose(0, 1)  # (C_out, C_in, k, k)
+    c_out, c_in, kh, kw = w.shape
+    if kh != kw:
+        return None
+    k = kh
+    adigits = digit_count(int(in_bound.max()))
+    bias_rows = bias.to(torch.int64).cpu()
+    if transposed:
+        phases = range(stride)
+        shift = {r: [(r + padding - t) // stride for t in range(k) if (r + padding - t) % stride == 0] for r in phases}
+        ds = [d for r in phases for d in shift[r]]
+        d_min, d_max = min(ds), max(ds)
+        window = d_max - d_min + 1
+        blocks = []
+        for ry in phases:
+            for rx in phases:
+                wm = torch.zeros(c_out, c_in, window, window, dtype=torch.int64)
+                taps = torch.zeros(window, window, dtype=torch.bool)
+                for ty in range(k):
+                    for tx in range(k):
+                        if (ry + padding - ty) % stride or (rx + padding - tx) % stride:
+                            continue
+                        dy, dx = (ry + padding - ty) // stride - d_min, (rx + padding - tx) // stride - d_min
+                        wm[:, :, dy, dx] = w[:, :, ty, tx]
+                        taps[dy, dx] = True
+                columns = taps.expand(c_in, window, window).flatten().nonzero().flatten()
+                blocks.append(_block_plan(wm.flatten(1)[:, columns], columns, bias_rows, in_bound, window, adigits))
+    else:
+        d_min, window = 0, k
+        blocks = [_block_plan(w.flatten(1), torch.arange(c_in * k * k), bias_rows, in_bound, k, adigits)]
+    if any(b is None for b in blocks):
+        return None
+    return {
+        "blocks": blocks,  # one per output phase (one for an ordinary convolution), :func:`_block_plan`
+        "wdigits": max(b["wdigits"] for b in blocks),
+        "adigits": adigits,
+        "transposed": transposed,
+        "stride": stride,
+        "padding": padding,
+        "output_padding": output_padding,
+        "kernel": k,
+        "window": window,
+        "d_min": d_min,
+        "c_out": c_out,
+    }
+
+
+def _block_plan(
+    wm: Tensor, columns: Tensor, bias_rows: Tensor, in_bound: Tensor, window: int, adigits: int
+) -> Optional[dict]:
+    """The GEMMs of the weight matrix ``wm`` (rows, len(columns)) on the im2col ``columns`` (input
+    channel and tap of a ``window`` x ``window`` window), or None if a bound fails."""
+    if columns.numel() == 0:  # a phase without taps (kernel smaller than the stride): zeros
+        wm, columns = torch.zeros(wm.size(0), 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    rows, depth = wm.shape
+    wdigits = digit_count(int(wm.abs().max()))
+    # One block W_i X_j: int8 operands in [-64, 63], whatever the instruction set (non-VNNI
+    # oneDNN multiplies u8 = s8 + 128 by s8 and adds pairs in int16: 2 * 191 * 64 < 2^15); every
+    # partial sum, with that shift and its compensation, below 2^31 in magnitude.
+    if depth * 192 * 64 >= 1 << 31:
+        return None
+    wd = split_digits(wm, wdigits)
+    bound_k = in_bound.to(torch.int64).cpu().repeat_interleave(window * window)[columns]  # A of each column
+    reach = sum(DIGIT_BASE**j for j in range(adigits - 1))
+    a_ext = bound_k + 2 * DIGIT_HALF * reach  # >= sum_j 128^j |a_j| for |a| <= A
+    # The blocks are recombined by Horner's rule, first over the activation digits (per weight
+    # digit i: Q_i = sum_j 128^j W_i X_j), then over the weight digits, plus the bias; in int32
+    # as far as the bounds allow (every partial sum of a stage is bounded by the stage's result
+    # bound), the rest in float64 (exact below 2^53).
+    q_bound = torch.stack([(d.abs() * a_ext[None]).sum(1) for d in wd])  # (wdigits, rows)
+    total = sum(q_bound[i] * DIGIT_BASE**i for i in range(wdigits)) + bias_rows.abs()
+    if int(total.amax()) >= FLOAT64_EXACT:
+        return None
+    int32_stages = 2 if int(total.amax()) < (1 << 31) else 1 if int(q_bound.amax()) < (1 << 31) else 0
+    # One GEMM for the weight digits stacked; but a higher digit that is zero in most columns (few
+    # weights above 63 in magnitude there) gets a GEMM of its own on the other columns only.
+    every = columns.numel() == in_bound.numel() * window * window
+    dense, gemms = [], []
+    for i, d in enumerate(wd):
+        used = (d != 0).any(0).nonzero().flatten()
+        if i and used.numel() <= _SPARSE_DIGIT * depth:
+            used = used if used.numel() else torch.zeros(1, dtype=torch.int64)
+            gemms.append((d[:, used].to(torch.int8).contiguous(), columns[used], [i]))
+        else:
+            dense.append(i)
+    stacked = torch.cat([wd[i] for i in dense]).to(torch.int8).contiguous()
+    gemms.insert(0, (stacked, None if every else columns, dense))
+    return {
+        "gemms": gemms,  # (int8 weight digits stacked (len(digits) * rows, columns), im2col rows or None, digits)
+        "bias": bias_rows.to(torch.int32 if int32_stages == 2 else torch.float64)[:, None],
+        "wdigits": wdigits,
+        "int32_stages": int32_stages,
+        "rows": rows,
+    }
+
+
+def gemm_accumulate(plan: dict, a: Tensor) -> Tensor:
+    """``bias + conv(a)`` (NCHW; int32 where the plan's bounds allow, else float64) by
+    :func:`gemm_plan`'s plan; ``a``: float32 integers within the layer's input bounds."""
+    b, c, h, w = a.shape
+    s, t = plan["stride"], plan["window"]
+    n = plan["adigits"]
+    if plan["transposed"]:
+        k, p, op = plan["kernel"], plan["padding"], plan["output_padding"]
+        ho, wo = (h - 1) * s - 2 * p + k + op, (w - 1) * s - 2 * p + k + op
+        qh, qw = -(-ho // s), -(-wo // s)  # outputs per phase (the last ones cropped)
+        d_min = plan["d_min"]
+        top, left = max(0, -d_min), max(0, -d_min)
+        bottom, right = max(0, qh - 1 + d_min + t - h), max(0, qw - 1 + d_min + t - w)
+        step, origin = 1, d_min
+        gh, gw = qh, qw
+    else:
+        p = plan["padding"]
+        top = left = bottom = right = p
+        gh, gw = (h + 2 * p - t) // s + 1, (w + 2 * p - t) // s + 1
+        step, origin = s, -p
+    hp, wp = h + top + bottom, w + left + right
+    # The activation digits, channel first: (C, digit, B, H, W), padded with zeros.
+    if top or bottom or left or right:
+        buf = torch.zeros((c, n, b, hp, wp), dtype=torch.int8)
+    else:
+        buf = torch.empty((c, n, b, hp, wp), dtype=torch.int8)
+    for j, d in enumerate(split_digits(a, n)):
+        buf[:, j, :, top : top + h, left : left + w].copy_(d.transpose(0, 1))  # exact: small integers
+    if t == 1 and step == 1 and gh == hp and gw == wp:
+        cols = buf.view(c, n * b * hp * wp)
+    else:
+        y0, x0 = origin + top, origin + left
+        cols = buf.as_strided(
+            (c, t, t, n, b, gh, gw),
+            (n * b * hp * wp, wp, 1, b * hp * wp, hp * wp, step * wp, step),
+            y0 * wp + x0,
+        ).reshape(c * t * t, n * b * gh * gw)
+    accs = [_block_accumulate(block, cols, n, b * gh * gw) for block in plan["blocks"]]
+    if plan["transposed"]:
+        co = plan["c_out"]
+        if len({x.dtype for x in accs}) > 1:
+            accs = [x.double() for x in accs]
+        acc = torch.stack(accs).view(s, s, co, b, gh, gw).permute(3, 2, 4, 0, 5, 1).reshape(b, co, gh * s, gw * s)
+        return acc[:, :, :ho, :wo]
+    (acc,) = accs
+    rows = acc.size(0)
+    if b == 1:
+        return acc.view(1, rows, gh, gw)
+    return acc.view(rows, b, gh, gw).transpose(0, 1).contiguous()
+
+
+def _block_accumulate(block: dict, cols: Tensor, n: int, pixels: int) -> Tensor:
+    """``bias + W X`` (rows, pixels) of one :func:`_block_plan` on the im2col matrix ``cols``."""
+    rows, stages = block["rows"], block["int32_stages"]
+    q = [None] * block["wdigits"]
+    for w8, used, digits in block["gemms"]:
+        x = cols if used is None else cols.index_select(0, used)
+        prod = torch._int_mm(w8, x)  # (len(digits) * rows, adigits * pixels), exact int32
+        blocks = prod.view(len(digits), rows, n, pixels)
+        if stages == 0:
+            blocks = blocks.double()
+        qs = _horner([blocks[:, :, j] for j in range(n)])  # (len(digits), rows, pixels)
+        for i, qi in zip(digits, qs.double() if stages == 1 else qs):
+            q[i] = qi
+    return _horner(q).add_(block["bias"])
+
+
+def _horner(digits: list) -> Tensor:
+    """``sum_j 128^j digits[j]`` (integers; int32 where the caller's bounds allow, else float64)."""
+    out = digits[-1]
+    for d in reversed(digits[:-1]):
+        out = torch.add(d, out, alpha=DIGIT_BASE)
+    return out
 
 
 class IntLUT(nn.Module):
@@ -394,13 +630,13 @@ class IntLUT(nn.Module):
         return (self.table.numel() - 1) // 2
 
     def forward(self, q: Tensor) -> Tensor:
-        """``q``: float integers (clamped here), or int64 indexes ``q + bound`` already in range
+        """``q``: float integers (clamped here), or int32/int64 indexes ``q + bound`` already in range
         (what :meth:`IntConv.forward` gives with ``index_offset=bound``). float32 out."""
         table = _runtime_cache.get(self, [self.table], lambda: {"t": self.table.float()})["t"]
-        if q.dtype != torch.int64:
+        if q.is_floating_point():
             bound = self.bound
-            q = q.clamp(-bound, bound).add_(bound).long()
-        return torch.take(table, q)
+            q = q.clamp(-bound, bound).add_(bound).to(torch.int32)
+        return table.index_select(0, q.reshape(-1)).view(q.shape)
 
 
 def gelu(x: Tensor) -> Tensor:
