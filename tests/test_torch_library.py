@@ -328,7 +328,9 @@ def test_untraceable_ops_take_no_tensors_or_return_metadata(name):
     schema = getattr(torch.ops.dualres_ext, name).default._schema
     returns = [str(r.type) for r in schema.returns]
     handles = [a for a in list(schema.arguments) + list(schema.returns) if "torch.classes" in str(a.type)]
-    assert returns in (["str"], ["int"], ["List[int]"]) or handles, f"{name}: {returns} -- a tensor op needs a fake kernel"
+    assert returns in (["str"], ["int"], ["List[int]"]) or handles, (
+        f"{name}: {returns} -- a tensor op needs a fake kernel"
+    )
 
 
 # ---- GDN: compile, export -----------------------------------------------------------------------
