@@ -7,9 +7,9 @@ rounds, so that a shared machine's load hits all of them alike. Measures, on one
 
 * the entropy-parameter path alone (hyper synthesis, slice coders, LRP, ``down(ŷ_H)``, the
   scale-to-index step; quantising the latents but no entropy coding): float64 networks (bitstream
-  versions 2/3) against the integer networks (version 4); with ``--fallback`` also the integer
+  versions 2/3) against the integer networks (versions 4 and 5); with ``--fallback`` also the integer
   networks with their convolutions forced to float64 im2col (the formulation used off CPU);
-* ``encode`` and ``decode`` end to end, version 3 against version 4 (the shipped weights);
+* ``encode`` and ``decode`` end to end, version 3 against versions 4 and 5 (the shipped weights);
 * CompressAI's mbt2018-mean (quality 3, random weights, no download) ``compress`` /
   ``decompress``, plain and with ``dualres_ext.compat.accelerate`` (default and ``portable=True``).
 
@@ -135,9 +135,10 @@ def main(argv=None) -> int:
     w = args.weights
     v3 = codec.encode(img, quality=args.quality, version=3, weights=w)
     v4 = codec.encode(img, quality=args.quality, version=4, weights=w)
+    v5 = codec.encode(img, quality=args.quality, version=5, weights=w)
     jobs = {
         "entropy path float64 (v3)": run_float,
-        "entropy path integer (v4)": run_exact,
+        "entropy path integer (v4, v5)": run_exact,
     }
     if args.fallback:
 
@@ -149,14 +150,16 @@ def main(argv=None) -> int:
             finally:
                 integer.int8_gemm_ok = saved
 
-        jobs["entropy path integer (v4), float64 convolutions"] = run_fallback
+        jobs["entropy path integer (v4, v5), float64 convolutions"] = run_fallback
     if not args.only_entropy:
         jobs.update(
             {
                 "encode v3": lambda: codec.encode(img, quality=args.quality, version=3, weights=w),
                 "encode v4": lambda: codec.encode(img, quality=args.quality, version=4, weights=w),
+                "encode v5": lambda: codec.encode(img, quality=args.quality, version=5, weights=w),
                 "decode v3": lambda: codec.decode(v3, output="numpy", weights=w),
                 "decode v4": lambda: codec.decode(v4, output="numpy", weights=w),
+                "decode v5": lambda: codec.decode(v5, output="numpy", weights=w),
             }
         )
     if not args.no_compressai and not args.only_entropy:
@@ -175,29 +178,30 @@ def main(argv=None) -> int:
     h, w = img.shape[:2]
     print(
         f"{w}x{h}, quality {args.quality}, {args.threads} threads, best of {args.repeat} interleaved rounds; "
-        f"v3 {len(v3)} bytes, v4 {len(v4)} bytes\n"
+        f"v3 {len(v3)} bytes, v4 {len(v4)} bytes, v5 {len(v5)} bytes\n"
     )
     print("| operation | ms |\n|---|---:|")
     for name, value in ms.items():
         print(f"| {name} | {value:.1f} |")
     print("\n| ratio | value |\n|---|---:|")
     print(
-        f"| entropy path float64 / integer | {ms['entropy path float64 (v3)'] / ms['entropy path integer (v4)']:.2f}x |"
+        f"| entropy path float64 / integer | {ms['entropy path float64 (v3)'] / ms['entropy path integer (v4, v5)']:.2f}x |"
     )
     if args.fallback:
-        name = "entropy path integer (v4), float64 convolutions"
+        name = "entropy path integer (v4, v5), float64 convolutions"
         print(
-            f"| entropy path integer with float64 convolutions / integer | {ms[name] / ms['entropy path integer (v4)']:.2f}x |"
+            f"| entropy path integer with float64 convolutions / integer | {ms[name] / ms['entropy path integer (v4, v5)']:.2f}x |"
         )
     if args.only_entropy:
         return 0
-    print(f"| encode v3 / v4 | {ms['encode v3'] / ms['encode v4']:.2f}x |")
-    print(f"| decode v3 / v4 | {ms['decode v3'] / ms['decode v4']:.2f}x |")
+    for new in ("v4", "v5"):
+        print(f"| encode v3 / {new} | {ms['encode v3'] / ms[f'encode {new}']:.2f}x |")
+        print(f"| decode v3 / {new} | {ms['decode v3'] / ms[f'decode {new}']:.2f}x |")
     if not args.no_compressai:
         for what in ("compress", "decompress"):
-            ours = ms["encode v4" if what == "compress" else "decode v4"]
+            ours = ms["encode v5" if what == "compress" else "decode v5"]
             for peer in ("mbt2018-mean", "mbt2018-mean accelerated", "mbt2018-mean portable"):
-                print(f"| {peer} {what} / DualRes v4 | {ms[f'{peer} {what}'] / ours:.2f}x |")
+                print(f"| {peer} {what} / DualRes v5 | {ms[f'{peer} {what}'] / ours:.2f}x |")
     return 0
 
 
