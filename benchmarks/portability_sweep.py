@@ -1,6 +1,6 @@
-"""Portability sweep of version-4 streams: every stream decodes to the encoder's scale indexes and
-means, bit for bit, under other thread counts, ATen CPU kernels, oneDNN instruction sets and the
-float64 (CUDA-style) convolution path.
+"""Portability sweep of the default (version-5) streams: every stream decodes to the encoder's
+scale indexes and means, bit for bit, under other thread counts, ATen CPU kernels, oneDNN
+instruction sets and the float64 (CUDA-style) convolution path.
 
     PYTHONPATH=src python benchmarks/portability_sweep.py KODAK_FOLDER --crops 300 --out summary.json
 
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     for name, img, q in pictures(args.folder, args.crops, args.seed):
         tracer.start()
         data = codec.encode(img, quality=q)
-        assert data[4] == 4
+        assert data[4] == codec.VERSION
         path = os.path.join(work, f"{len(paths)}.drx")
         with open(path, "wb") as f:
             f.write(data)

@@ -1,4 +1,4 @@
-"""Add exact (integer) entropy-parameter networks to a DualRes weights file (bitstream version 4).
+"""Add exact (integer) entropy-parameter networks to a DualRes weights file (bitstream versions 4, 5).
 
 Post-training conversion (src/dualres_ext/models/exact.py): the float weights stay as they are;
 activation ranges are calibrated on training pictures (never on the evaluation sets), then every

@@ -1,5 +1,6 @@
-"""Exact entropy parameters (bitstream version 4): integer layers, the converted shipped weights,
-version-4 streams and their decoding in other processes (other ATen/oneDNN kernels, threads)."""
+"""Exact entropy parameters (bitstream versions 4 and 5): integer layers, the converted shipped
+weights, the default streams and their decoding in other processes (other ATen/oneDNN kernels,
+threads)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ float32 noise of a table boundary in most streams. So coding never runs the netw
 decoded symbols and (μ, σ) -- the hyper synthesis, the slice coders and ``down(ŷ_H)`` -- in float32:
 
 * with :attr:`DualRes.exact` (integer networks made from the weights by
-  :mod:`dualres_ext.models.exact`, stored in the weights file; bitstream version 4) they run on
+  :mod:`dualres_ext.models.exact`, stored in the weights file; bitstream versions 4 and 5) they run on
   integers, exactly: the same indexes and means on every CPU, GPU and thread count;
 * otherwise (and for streams of versions 2 and 3) on float64 copies of their weights, with ``ŷ``
   in float64 on that path: rounding differences ~1e-16 relative instead of ~1e-7, a boundary
@@ -568,7 +568,7 @@ class DualRes(nn.Module):
         z_hat = quantize_latent(z, self.z_offset(), self.training, self.entropy_bottleneck)
         dtype = y_h.dtype
         if self.exact is not None and not (self.training or torch.is_grad_enabled()):
-            # Inference with the exact networks: the values the version-4 decoder gets.
+            # Inference with the exact networks: the values the decoder of versions 4 and 5 gets.
             lik_h, lik_l = [], []
             y_h_hat, y_l_hat = self.exact.decode_latents(
                 z_hat,

@@ -4,7 +4,7 @@ Everything between the decoded symbols and each slice's (scale index, mean) -- t
 ``h_s`` / ``h_s_up_h``, ``down(ŷ_H)`` (``cond_down_h``), the slice coders (context, parameter and
 LRP networks) and the scale-to-index step -- runs on :mod:`dualres_ext.integer` layers, so an
 encoder and a decoder compute the same integers on any CPU, GPU and thread count (bitstream
-version 4, docs/BITSTREAM.md).
+versions 4 and 5, docs/BITSTREAM.md).
 
 Grids (all fixed at conversion, stored in the weights file):
 
