@@ -15,8 +15,9 @@ import sys
 import torch
 
 from dualres_ext import ops
+from dualres_ext.ops import rans_interleaved
 
-MODES = {"native": 0, "compat": 1, "compat_chunked": 2, "roundtrip": 3, "large": 4}
+MODES = {"native": 0, "compat": 1, "compat_chunked": 2, "roundtrip": 3, "large": 4, "iv": 5, "iv_roundtrip": 6}
 
 
 def harness_indexes(seed: int, n: int, tables: int) -> torch.Tensor:
@@ -77,6 +78,20 @@ def main(out_dir):
                         blob = pack(mode, flags, seed, cdfs, lengths, offsets, data, n)
                         open(os.path.join(out_dir, f"{mode}_{name}_n{n}_e{escape_rate}"), "wb").write(blob)
                         count += 1
+                # Interleaved streams: widths, groups, split points (flags of mode 6 pick the same).
+                for width, groups, chained in ((1, 1, False), (4, 2, True), (16, 3, False), (32, 1, False)):
+                    data = rans_interleaved.encode(
+                        sym, idx, cdfs, lengths, offsets, width=width, groups=groups, chained=chained
+                    )
+                    tag = f"{name}_n{n}_e{escape_rate}_w{width}_g{groups}{'c' if chained else ''}"
+                    open(os.path.join(out_dir, f"iv_{tag}"), "wb").write(
+                        pack("iv", 0, seed, cdfs, lengths, offsets, data, n)
+                    )
+                    flags = (width.bit_length() - 1) | (groups - 1) << 3 | (0x40 if chained else 0)
+                    open(os.path.join(out_dir, f"iv_roundtrip_{tag}"), "wb").write(
+                        pack("iv_roundtrip", flags, seed, cdfs, lengths, offsets, sym.numpy().tobytes(), n)
+                    )
+                    count += 2
                 # Round trip seeds: the symbols themselves are the payload.
                 blob = pack("roundtrip", 0, seed, cdfs, lengths, offsets, sym.numpy().tobytes(), n)
                 open(os.path.join(out_dir, f"roundtrip_{name}_n{n}_e{escape_rate}"), "wb").write(blob)

@@ -349,6 +349,12 @@ struct IvGroupOut {
   std::vector<uint16_t> words;
 };
 
+// Writes the CRC-32C of everything after the fixed header into bytes 6..9.
+inline void iv_seal(std::vector<uint8_t>& out) {
+  const uint32_t crc = crc32c(out.data() + kIvFixedHeader, out.size() - kIvFixedHeader);
+  for (int b = 0; b < 4; ++b) out[6 + b] = static_cast<uint8_t>(crc >> (8 * b));
+}
+
 // The stream from the encoded groups (words already in decoder order), sealed with its CRC.
 inline void iv_assemble(std::vector<uint8_t>& out, int precision, int width, bool chained, int64_t n,
                         const std::vector<IvGroupOut>& groups) {
@@ -378,8 +384,7 @@ inline void iv_assemble(std::vector<uint8_t>& out, int precision, int width, boo
       *p++ = static_cast<uint8_t>(w >> 8);
     }
   }
-  const uint32_t crc = crc32c(out.data() + kIvFixedHeader, out.size() - kIvFixedHeader);
-  for (int b = 0; b < 4; ++b) out[6 + b] = static_cast<uint8_t>(crc >> (8 * b));
+  iv_seal(out);
 }
 
 // Embedded form (FORMAT.md, "Embedded interleaved streams"): the stream without what a
@@ -422,8 +427,7 @@ inline Status iv_restore_stream(const uint8_t* data, size_t size, int64_t symbol
   out.resize(kIvFixedHeader);
   put_varint(out, static_cast<uint64_t>(symbols));
   out.insert(out.end(), data + 2, data + size);
-  const uint32_t crc = crc32c(out.data() + kIvFixedHeader, out.size() - kIvFixedHeader);
-  for (int b = 0; b < 4; ++b) out[6 + b] = static_cast<uint8_t>(crc >> (8 * b));
+  iv_seal(out);
   IvHeader h;
   return iv_parse_header(out.data(), out.size(), symbols, h);
 }

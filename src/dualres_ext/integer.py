@@ -81,9 +81,15 @@ __all__ = ["IntConv", "IntLUT", "int8_gemm_ok", "quantize_to_grid", "FLOAT32_EXA
 
 def int8_gemm_ok(device: torch.device) -> bool:
     """Whether :class:`IntConv` computes by int8 GEMMs (``torch._int_mm``, exact for operands in
-    ``[-64, 63]`` on every CPU instruction set) on ``device``: CPU, where ``_int_mm`` exists.
-    Elsewhere it uses the float64 im2col convolutions."""
-    return device.type == "cpu" and _int_mm_on_cpu()
+    ``[-64, 63]`` on every CPU instruction set) on ``device``: CPU, where ``_int_mm`` exists and
+    oneDNN is on (without it ``_int_mm`` falls back to a loop about 100x slower). Elsewhere it
+    uses the float64 im2col convolutions (the same integers)."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.backends.mkldnn.enabled)
+        and _int_mm_on_cpu()
+    )
 
 
 @functools.lru_cache(maxsize=None)

@@ -181,12 +181,6 @@ def check_statuses(statuses) -> None:
         )
 
 
-@torch.library.register_fake("dualres_ext::rans_iv_decode_deferred")
-def _decode_deferred_fake(data, indexes, tables):
-    groups = torch.library.get_ctx().new_dynamic_size()
-    return indexes.new_empty(indexes.shape, dtype=torch.int32), indexes.new_empty((groups,), dtype=torch.int32)
-
-
 def stream_info(data) -> dict:
     """The validated header of an interleaved stream (CRC included): precision, width, chained,
     symbols, groups and each group's word count."""
