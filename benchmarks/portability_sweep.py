@@ -162,6 +162,8 @@ def main(argv=None) -> int:
         "encode_seconds": round(encode_seconds, 1),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "version": codec.VERSION,
+        "command": f"python benchmarks/portability_sweep.py KODAK --crops {args.crops}",
         "configs": {},
     }
     latents_ref = None
