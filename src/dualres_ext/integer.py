@@ -44,8 +44,9 @@ into its ``stride^2`` output phases, ordinary convolutions on one shared im2col 
 input, each on the columns of its own taps, whose outputs are interleaved (a copy, no arithmetic).
 A weight digit that is zero in most columns gets a GEMM of its own on its nonzero columns. A 1x1
 layer (a GEMM of small depth) runs as one float64 GEMM instead, as below: measured faster on CPU
-than splitting and recombining digits for it. The tests (``tests/test_integer_gemm.py``) check the accumulators against float64/int64 references
-on inputs and weights at their extremes, and bit for bit under other oneDNN instruction sets
+than splitting and recombining digits for it. The tests (``tests/test_integer_gemm.py``) check the
+accumulators against float64/int64 references on inputs and weights at their extremes, and bit
+for bit under other oneDNN instruction sets
 (SSE4.1, AVX2, AVX-512 without VNNI: a control shows those kernels do saturate full-range
 operands) and ATen CPU capabilities, in other processes.
 
