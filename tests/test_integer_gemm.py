@@ -262,3 +262,13 @@ def test_int8_gemm_identical_under_other_kernels(env, package_env):
     if "ONEDNN_MAX_CPU_ISA" in env and "ATEN_CPU_CAPABILITY" not in env:
         # the child really ran a non-VNNI kernel, one that full-range int8 operands would break
         assert control == "saturates"
+
+
+def test_int8_gemms_only_where_they_are_fast_and_exact():
+    """CPU with oneDNN on (without it ``_int_mm`` is a slow loop): int8 GEMMs; elsewhere the float64
+    convolutions, which give the same integers."""
+    cpu = torch.device("cpu")
+    assert I.int8_gemm_ok(cpu) == I._int_mm_on_cpu()
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not I.int8_gemm_ok(cpu)
+    assert not I.int8_gemm_ok(torch.device("meta"))
