@@ -1,8 +1,7 @@
 // CPU torch ops of the interleaved rANS stream, version 2 (csrc/rans/FORMAT.md, "Interleaved
-// stream, version 2"): rans_iv_prepare / rans_iv_encode / rans_iv_decode / rans_iv_stream_info /
-// rans_iv_decode_deferred / rans_iv_embed / rans_iv_restore / rans_iv_isa, and rans_stream_kind. Schemas in
-// csrc/register.cpp under "--- rans
-// ---".
+// stream, version 2"): rans_iv_prepare, rans_iv_encode, rans_iv_decode, rans_iv_decode_deferred,
+// rans_iv_stream_info, rans_iv_embed, rans_iv_restore, rans_iv_isa; and rans_stream_kind, which
+// tells the native streams apart. Schemas in csrc/register.cpp under "--- rans ---".
 //
 // The coders are csrc/rans/rans_interleaved.h (scalar reference, warp body) and
 // rans_interleaved_simd.cpp (AVX2 / AVX-512); `isa` picks one: -1 the best this CPU runs
@@ -18,22 +17,20 @@
 #include <vector>
 
 #include "common/gil_release.h"
+#include "rans/cpu/op_helpers.h"
 #include "rans/cpu/rans_interleaved_simd.h"
 #include "rans/rans_iv_tables.h"
 
 namespace dualres::rans {
 namespace {
 
+using ops::check_int32_cpu;
+using ops::convert_embedding;
+using ops::stream_bytes;
+using ops::throw_status;
+using ops::to_tensor;
+
 constexpr int kIsaWarpEmulator = 3;
-
-void check_int32_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be an int32 tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-}
-
-void throw_status(Status st, const char* what) {
-  TORCH_CHECK_VALUE(st == Status::kOk, what, ": ", status_message(st));
-}
 
 // pp.check_indexes with the index range found by the widest ISA this CPU runs.
 const char* checked_indexes(const IvPrepared& pp, const int32_t* idx, int64_t n) {
@@ -69,20 +66,6 @@ void parallel_groups(int64_t count, F&& f) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t g = next.fetch_add(1); g < count; g = next.fetch_add(1)) f(g);
   });
-}
-
-at::Tensor to_tensor(const std::vector<uint8_t>& bytes) {
-  at::Tensor out = at::empty({static_cast<int64_t>(bytes.size())}, at::TensorOptions().dtype(at::kByte));
-  if (!bytes.empty()) std::memcpy(out.data_ptr<uint8_t>(), bytes.data(), bytes.size());
-  return out;
-}
-
-const uint8_t* stream_bytes(const at::Tensor& data, size_t& size) {
-  TORCH_CHECK_TYPE(data.scalar_type() == at::kByte, "data must be a uint8 tensor, got ", data.scalar_type());
-  TORCH_CHECK_VALUE(data.device().is_cpu(), "data must be on the CPU, got ", data.device());
-  TORCH_CHECK_VALUE(data.dim() == 1 && data.is_contiguous(), "data must be a contiguous 1-D tensor");
-  size = static_cast<size_t>(data.numel());
-  return data.data_ptr<uint8_t>();
 }
 
 c10::intrusive_ptr<RansIvTables> rans_iv_prepare(const at::Tensor& cdfs, const at::Tensor& cdf_lengths,
@@ -254,20 +237,7 @@ std::vector<int64_t> rans_iv_stream_info(const at::Tensor& data) {
 }
 
 // The embedded form of an interleaved stream and back (rans_interleaved.h, FORMAT.md "Embedded
-// interleaved streams"): the same arguments, checks and output for both directions.
-using IvEmbeddingFn = Status (*)(const uint8_t*, size_t, int64_t, int, std::vector<uint8_t>&);
-
-at::Tensor convert_embedding(const at::Tensor& data, int64_t symbols, int64_t precision, IvEmbeddingFn fn,
-                             const char* what) {
-  size_t size = 0;
-  const uint8_t* bytes = stream_bytes(data, size);
-  TORCH_CHECK_VALUE(symbols >= 0, "symbols must be >= 0, got ", symbols);
-  TORCH_CHECK_VALUE(precision >= 1 && precision <= 16, "precision must be in [1, 16], got ", precision);
-  std::vector<uint8_t> out;
-  throw_status(fn(bytes, size, symbols, static_cast<int>(precision), out), what);
-  return to_tensor(out);
-}
-
+// interleaved streams").
 at::Tensor rans_iv_embed(const at::Tensor& data, int64_t symbols, int64_t precision) {
   return convert_embedding(data, symbols, precision, &iv_embed_stream, "rans_iv_embed");
 }

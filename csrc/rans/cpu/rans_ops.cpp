@@ -15,15 +15,17 @@
 #include <vector>
 
 #include "common/gil_release.h"
+#include "rans/cpu/op_helpers.h"
 #include "rans/rans_stream.h"
 
 namespace dualres::rans {
 namespace {
 
-void check_int32_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be an int32 tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-}
+using ops::check_int32_cpu;
+using ops::convert_embedding;
+using ops::stream_bytes;
+using ops::throw_status;
+using ops::to_tensor;
 
 // Owns contiguous copies (when needed) of the table tensors and exposes them as a TableView.
 struct Tables {
@@ -50,25 +52,6 @@ void prepare_or_throw(Prepared& pt, const Tables& tb, const at::Tensor& idx, boo
   const char* err = compat ? pt.prepare_compat(tb.view, idx.data_ptr<int32_t>(), idx.numel(), for_encode)
                            : pt.prepare(tb.view, idx.data_ptr<int32_t>(), idx.numel(), for_encode, 0);
   TORCH_CHECK_VALUE(err == nullptr, err ? err : "");
-}
-
-void throw_status(Status st, const char* what) {
-  TORCH_CHECK_VALUE(st == Status::kOk, what, ": ", status_message(st));
-}
-
-const uint8_t* stream_bytes(const at::Tensor& data, size_t& size) {
-  TORCH_CHECK_TYPE(data.scalar_type() == at::kByte, "data must be a uint8 tensor, got ", data.scalar_type());
-  TORCH_CHECK_VALUE(data.device().is_cpu(), "data must be on the CPU, got ", data.device());
-  TORCH_CHECK_VALUE(data.dim() == 1, "data must be 1-D, got shape ", data.sizes());
-  TORCH_CHECK_VALUE(data.is_contiguous(), "data must be contiguous");
-  size = static_cast<size_t>(data.numel());
-  return data.data_ptr<uint8_t>();
-}
-
-at::Tensor to_tensor(const std::vector<uint8_t>& bytes) {
-  at::Tensor out = at::empty({static_cast<int64_t>(bytes.size())}, at::TensorOptions().dtype(at::kByte));
-  if (!bytes.empty()) std::memcpy(out.data_ptr<uint8_t>(), bytes.data(), bytes.size());
-  return out;
 }
 
 // ATen's thread pool behind the core's parallel_for interface. Lanes are handed out one at a
@@ -212,21 +195,7 @@ std::vector<int64_t> rans_stream_info(const at::Tensor& data) {
   return info;
 }
 
-// The embedded form of a native stream and back (rans_stream.h, FORMAT.md "Embedded streams"):
-// the same arguments, checks and output for both directions.
-using EmbeddingFn = Status (*)(const uint8_t*, size_t, int64_t, int, std::vector<uint8_t>&);
-
-at::Tensor convert_embedding(const at::Tensor& data, int64_t symbols, int64_t precision, EmbeddingFn fn,
-                             const char* what) {
-  size_t size = 0;
-  const uint8_t* bytes = stream_bytes(data, size);
-  TORCH_CHECK_VALUE(symbols >= 0, "symbols must be >= 0, got ", symbols);
-  TORCH_CHECK_VALUE(precision >= 1 && precision <= 16, "precision must be in [1, 16], got ", precision);
-  std::vector<uint8_t> out;
-  throw_status(fn(bytes, size, symbols, static_cast<int>(precision), out), what);
-  return to_tensor(out);
-}
-
+// The embedded form of a multi-lane stream and back (rans_stream.h, FORMAT.md "Embedded streams").
 at::Tensor rans_embed(const at::Tensor& data, int64_t symbols, int64_t precision) {
   return convert_embedding(data, symbols, precision, &embed_stream, "rans_embed");
 }
