@@ -149,6 +149,26 @@ def test_batches_code_and_decode_each_stream_as_alone():
         codec.decode([streams[0], bytes(bad)])
 
 
+# Every way a tensor's values reach Python (on a GPU: a wait for the device).
+_READ_BACKS = ("cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+
+def _forbid_read_backs_in_the_slice_loop(monkeypatch, model) -> None:
+    """Makes every read-back method raise while ``model``'s exact slice loop runs."""
+    loop = model.exact.decode_latents
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("a host read-back inside the slice loop")
+
+    def guarded(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in _READ_BACKS:
+                m.setattr(torch.Tensor, name, forbid)
+            return loop(*args, **kwargs)
+
+    monkeypatch.setattr(model.exact, "decode_latents", guarded)
+
+
 def test_encoder_slice_loop_never_reads_back_to_the_host(monkeypatch):
     """The encoder's slice loop (entropy parameters, indexes, quantisation) keeps its symbols where
     the model runs and reads nothing back until every slice is done: on a GPU no slice waits for
@@ -159,18 +179,7 @@ def test_encoder_slice_loop_never_reads_back_to_the_host(monkeypatch):
         y_h, y_l = model.analysis(x, 3.0)
         z = model.hyper_analysis(y_h, y_l)
         expected = model.compress_latents(y_h, y_l, z)  # also fills the layers' caches
-    loop = model.exact.decode_latents
-
-    def forbid(*args, **kwargs):
-        raise AssertionError("a host read-back inside the slice loop")
-
-    def guarded(*args, **kwargs):
-        with monkeypatch.context() as m:
-            for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__"):
-                m.setattr(torch.Tensor, name, forbid)
-            return loop(*args, **kwargs)
-
-    monkeypatch.setattr(model.exact, "decode_latents", guarded)
+    _forbid_read_backs_in_the_slice_loop(monkeypatch, model)
     with torch.no_grad():
         assert model.compress_latents(y_h, y_l, z)["strings"] == expected["strings"]
         # The symbols' range is checked after the loop: a latent that has no int32 symbol raises.
@@ -190,18 +199,7 @@ def test_decoder_slice_loop_never_reads_back_to_the_host(monkeypatch):
     with torch.no_grad():
         coded = model.compress(x, 2.0)
         expected = model.decompress_latents(coded["strings"], coded["shape"])
-    loop = model.exact.decode_latents
-
-    def forbid(*args, **kwargs):
-        raise AssertionError("a host read-back inside the slice loop")
-
-    def guarded(*args, **kwargs):
-        with monkeypatch.context() as m:
-            for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__"):
-                m.setattr(torch.Tensor, name, forbid)
-            return loop(*args, **kwargs)
-
-    monkeypatch.setattr(model.exact, "decode_latents", guarded)
+    _forbid_read_backs_in_the_slice_loop(monkeypatch, model)
     with torch.no_grad():
         got = model.decompress_latents(coded["strings"], coded["shape"])
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
