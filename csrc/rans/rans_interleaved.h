@@ -349,12 +349,6 @@ struct IvGroupOut {
   std::vector<uint16_t> words;
 };
 
-// Writes the CRC-32C of everything after the fixed header into bytes 6..9.
-inline void iv_seal(std::vector<uint8_t>& out) {
-  const uint32_t crc = crc32c(out.data() + kIvFixedHeader, out.size() - kIvFixedHeader);
-  for (int b = 0; b < 4; ++b) out[6 + b] = static_cast<uint8_t>(crc >> (8 * b));
-}
-
 // The stream from the encoded groups (words already in decoder order), sealed with its CRC.
 inline void iv_assemble(std::vector<uint8_t>& out, int precision, int width, bool chained, int64_t n,
                         const std::vector<IvGroupOut>& groups) {
@@ -384,52 +378,19 @@ inline void iv_assemble(std::vector<uint8_t>& out, int precision, int width, boo
       *p++ = static_cast<uint8_t>(w >> 8);
     }
   }
-  iv_seal(out);
+  seal_native<kIvFixedHeader>(out.data(), out.size());
 }
 
-// Embedded form (FORMAT.md, "Embedded interleaved streams"): the stream without what a
-// container that checksums its contents and knows the symbol count and precision repeats --
-// magic, version, precision, CRC-32C and symbol count. Kept: W, flags, then everything after
-// the symbol count unchanged. iv_embed_stream validates `data` like a decoder (with the given
-// symbol count and precision, so that iv_restore_stream can rebuild it from them).
+// Embedded form (FORMAT.md, "Embedded interleaved streams"; rans_stream.h embed_native): the
+// stream without magic, version, precision, CRC-32C and symbol count; kept: W, flags, then
+// everything after the count. Validated like a decoder, both ways.
 inline Status iv_embed_stream(const uint8_t* data, size_t size, int64_t symbols, int precision,
                               std::vector<uint8_t>& out) {
-  IvHeader h;
-  const Status st = iv_parse_header(data, size, symbols, h);
-  if (st != Status::kOk) return st;
-  // An empty stream uses no table: encoders write precision 16 there, and so does the restore.
-  if (h.precision != (symbols == 0 ? 16 : precision)) return Status::kMismatch;
-  size_t pos = kIvFixedHeader;
-  uint64_t n = 0;
-  get_varint(data, size, pos, n);  // read fine in iv_parse_header
-  out.clear();
-  out.reserve(2 + size - pos);
-  out.push_back(data[4]);
-  out.push_back(data[5]);
-  out.insert(out.end(), data + pos, data + size);
-  return Status::kOk;
+  return embed_native<kIvFixedHeader, IvHeader>(data, size, symbols, precision, out, iv_parse_header);
 }
-
-// The stream an embedded one came from, byte for byte (encoders write minimal varints), sealed
-// with its CRC-32C and validated like a decoder would: untrusted bytes come back as a Status.
 inline Status iv_restore_stream(const uint8_t* data, size_t size, int64_t symbols, int precision,
                                 std::vector<uint8_t>& out) {
-  out.clear();
-  if (size < 2) return Status::kTruncated;
-  if (symbols < 0 || precision < 1 || precision > 16) return Status::kMismatch;
-  out.reserve(kIvFixedHeader + 10 + size);
-  out.push_back(kMagic0);
-  out.push_back(kMagic1);
-  out.push_back(kIvVersion);
-  out.push_back(static_cast<uint8_t>(symbols == 0 ? 16 : precision));
-  out.push_back(data[0]);
-  out.push_back(data[1]);
-  out.resize(kIvFixedHeader);
-  put_varint(out, static_cast<uint64_t>(symbols));
-  out.insert(out.end(), data + 2, data + size);
-  iv_seal(out);
-  IvHeader h;
-  return iv_parse_header(out.data(), out.size(), symbols, h);
+  return restore_native<kIvFixedHeader, kIvVersion, IvHeader>(data, size, symbols, precision, out, iv_parse_header);
 }
 
 // ---------------------------------------------------------------------------------------------

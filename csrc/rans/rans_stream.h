@@ -197,57 +197,79 @@ inline void write_stream_header(std::vector<uint8_t>& out, int precision, int st
   for (int64_t i = 0; i < lanes; ++i) put_varint(out, lane_size[i]);
 }
 
-// Fills in the CRC-32C once header and payload are in place.
-inline void seal_stream(uint8_t* data, size_t size) {
-  const uint32_t crc = crc32c(data + kFixedHeader, size - kFixedHeader);
-  for (int b = 0; b < 4; ++b) data[5 + b] = static_cast<uint8_t>(crc >> (8 * b));
+// Writes the CRC-32C of everything after a fixed header of kFixed bytes into its last 4 bytes
+// (every native format ends its fixed header with it).
+template <size_t kFixed>
+inline void seal_native(uint8_t* data, size_t size) {
+  const uint32_t crc = crc32c(data + kFixed, size - kFixed);
+  for (int b = 0; b < 4; ++b) data[kFixed - 4 + b] = static_cast<uint8_t>(crc >> (8 * b));
 }
 
-// Embedded form (FORMAT.md, "Embedded streams"). A container that checksums its contents and
-// knows each stream's symbol count and precision (the .drx file, docs/BITSTREAM.md) need not
-// store what the stream repeats of it: magic, version, precision, CRC-32C and symbol count, 8 to
-// 17 bytes per stream (a 768x512 photo has six, and at 0.2 bpp every 100 bytes are 1% of it).
-// Kept: K, then the lane count, the lane lengths and the payload, unchanged.
+// Fills in the CRC-32C once header and payload are in place.
+inline void seal_stream(uint8_t* data, size_t size) {
+  seal_native<kFixedHeader>(data, size);
+}
+
+// Embedded forms (FORMAT.md, "Embedded streams"), shared by the native formats, whose fixed
+// headers are magic(2) version precision, the format's own bytes, then the CRC-32C (last 4) and
+// the symbol count (varint). A container that checksums its contents and knows each stream's
+// symbol count and precision (the .drx file, docs/BITSTREAM.md) need not store what the stream
+// repeats of it: magic, version, precision, CRC-32C and symbol count, 8 to 17 bytes per stream
+// (a 768x512 photo has six, and at 0.2 bpp every 100 bytes are 1% of it). Kept: the format's own
+// bytes (multi-lane: K; interleaved: W and flags), then everything after the count, unchanged.
 //
-// embed_stream validates `data` like a decoder (its symbol count and precision must be the
-// ones given, so that restore_stream can rebuild it from them).
-inline Status embed_stream(const uint8_t* data, size_t size, int64_t symbols, int precision,
-                           std::vector<uint8_t>& out) {
-  StreamHeader h;
-  const Status st = parse_header(data, size, symbols, h);
+// embed_native validates `data` like a decoder (`parse`, with the given symbol count; the
+// precision must be the given one, so that restore_native can rebuild the stream from them).
+template <size_t kFixed, class Header, class Parse>
+inline Status embed_native(const uint8_t* data, size_t size, int64_t symbols, int precision, std::vector<uint8_t>& out,
+                           Parse parse) {
+  Header h;
+  const Status st = parse(data, size, symbols, h);
   if (st != Status::kOk) return st;
-  // An empty stream uses no table: encoders write precision 16 there, and so does restore_stream.
+  // An empty stream uses no table: encoders write precision 16 there, and so does the restore.
   if (h.precision != (symbols == 0 ? 16 : precision)) return Status::kMismatch;
-  size_t pos = kFixedHeader;
+  size_t pos = kFixed;
   uint64_t n = 0;
-  get_varint(data, size, pos, n);  // read fine in parse_header
+  get_varint(data, size, pos, n);  // read fine in parse
   out.clear();
-  out.reserve(1 + size - pos);
-  out.push_back(data[4]);
+  out.reserve(kFixed - 8 + size - pos);
+  out.insert(out.end(), data + 4, data + kFixed - 4);
   out.insert(out.end(), data + pos, data + size);
   return Status::kOk;
 }
 
 // The stream an embedded one came from, byte for byte (our encoders write minimal varints),
-// sealed with its CRC-32C and validated like a decoder would: untrusted bytes come back as a
-// Status, and a kOk result is a stream decode_stream accepts the header of.
-inline Status restore_stream(const uint8_t* data, size_t size, int64_t symbols, int precision,
-                             std::vector<uint8_t>& out) {
+// sealed with its CRC-32C and validated like a decoder would (`parse`): untrusted bytes come
+// back as a Status, and a kOk result is a stream whose header the decoder accepts.
+template <size_t kFixed, uint8_t kVersionByte, class Header, class Parse>
+inline Status restore_native(const uint8_t* data, size_t size, int64_t symbols, int precision,
+                             std::vector<uint8_t>& out, Parse parse) {
+  constexpr size_t kOwn = kFixed - 8;  // the format's own header bytes
   out.clear();
-  if (size == 0) return Status::kTruncated;
+  if (size < kOwn) return Status::kTruncated;
   if (symbols < 0 || precision < 1 || precision > 16) return Status::kMismatch;
-  out.reserve(kFixedHeader + 10 + size);
+  out.reserve(kFixed + 10 + size);
   out.push_back(kMagic0);
   out.push_back(kMagic1);
-  out.push_back(kVersion);
+  out.push_back(kVersionByte);
   out.push_back(static_cast<uint8_t>(symbols == 0 ? 16 : precision));
-  out.push_back(data[0]);
-  out.resize(kFixedHeader);
+  out.insert(out.end(), data, data + kOwn);
+  out.resize(kFixed);
   put_varint(out, static_cast<uint64_t>(symbols));
-  out.insert(out.end(), data + 1, data + size);
-  seal_stream(out.data(), out.size());
-  StreamHeader h;
-  return parse_header(out.data(), out.size(), symbols, h);
+  out.insert(out.end(), data + kOwn, data + size);
+  seal_native<kFixed>(out.data(), out.size());
+  Header h;
+  return parse(out.data(), out.size(), symbols, h);
+}
+
+// The multi-lane stream's embedded form and back.
+inline Status embed_stream(const uint8_t* data, size_t size, int64_t symbols, int precision,
+                           std::vector<uint8_t>& out) {
+  return embed_native<kFixedHeader, StreamHeader>(data, size, symbols, precision, out, parse_header);
+}
+inline Status restore_stream(const uint8_t* data, size_t size, int64_t symbols, int precision,
+                             std::vector<uint8_t>& out) {
+  return restore_native<kFixedHeader, kVersion, StreamHeader>(data, size, symbols, precision, out, parse_header);
 }
 
 template <int K>
