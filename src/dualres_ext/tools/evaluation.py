@@ -273,7 +273,7 @@ def evaluate(
     bd_ms_ssim = bd_rates(curves, chosen, "ms_ssim_db", log)
     differences = psnr_differences(curves, chosen)
     summary = {
-        "folder": os.path.abspath(folder),
+        "folder": os.path.basename(os.path.abspath(folder)),  # the set's name; where it lies is local
         "images": len(files),
         "qualities": list(qualities),
         "refine_steps": refine[0],
