@@ -152,15 +152,15 @@ at::Tensor rans_iv_encode(const at::Tensor& symbols, const at::Tensor& indexes,
   return to_tensor(out);
 }
 
-at::Tensor rans_iv_decode(const at::Tensor& data, const at::Tensor& indexes,
-                          const c10::intrusive_ptr<RansIvTables>& tables, int64_t isa_arg) {
+// rans_iv_decode, also giving the stream's parsed header `h` (for its group count).
+at::Tensor decode_stream_groups(const at::Tensor& data, const at::Tensor& indexes,
+                                const c10::intrusive_ptr<RansIvTables>& tables, int64_t isa_arg, IvHeader& h) {
   size_t size = 0;
   const uint8_t* bytes = stream_bytes(data, size);
   check_int32_cpu(indexes, "indexes");
   const int isa = resolve_isa(isa_arg);
   const at::Tensor idx = indexes.contiguous();
   const int64_t n = idx.numel();
-  IvHeader h;
   throw_status(iv_parse_header(bytes, size, n, h), "rans_iv_decode");
   const IvPrepared& pp = tables->prep;
   if (n > 0 && h.precision != pp.precision) throw_status(Status::kMismatch, "rans_iv_decode");
@@ -204,12 +204,15 @@ at::Tensor rans_iv_decode(const at::Tensor& data, const at::Tensor& indexes,
 // gives back (one int32 per group, 0 = ok, as the CUDA one) is always zeros.
 std::tuple<at::Tensor, at::Tensor> rans_iv_decode_deferred(const at::Tensor& data, const at::Tensor& indexes,
                                                            const c10::intrusive_ptr<RansIvTables>& tables) {
-  at::Tensor out = rans_iv_decode(data, indexes, tables, -1);
-  size_t size = 0;
-  const uint8_t* bytes = stream_bytes(data, size);
   IvHeader h;
-  throw_status(iv_parse_header(bytes, size, -1, h), "rans_iv_decode");
+  at::Tensor out = decode_stream_groups(data, indexes, tables, -1, h);
   return {out, at::zeros({std::max<int64_t>(h.groups, 1)}, at::TensorOptions().dtype(at::kInt))};
+}
+
+at::Tensor rans_iv_decode(const at::Tensor& data, const at::Tensor& indexes,
+                          const c10::intrusive_ptr<RansIvTables>& tables, int64_t isa_arg) {
+  IvHeader h;
+  return decode_stream_groups(data, indexes, tables, isa_arg, h);
 }
 
 // Which native stream `data` is, as the decoders' header and CRC checks find it: 1 multi-lane

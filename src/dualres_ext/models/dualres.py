@@ -73,6 +73,8 @@ from ..ops import rans_interleaved
 from .exact import ExactStep
 from .quantize import quantize_latent
 
+_INT32_MAX = float(2**31 - 1)  # the largest symbol the coders take, as the float64 rounding's bound
+
 # CompressAI's MSE lambdas for its qualities 1..6 (rate + lambda * 255^2 * MSE), the trained
 # operating points of the default quality ladder; quality index 0 is the lowest rate.
 DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)
@@ -678,41 +680,37 @@ class DualRes(nn.Module):
         return step
 
     def _exact_encode_step(self, y: torch.Tensor, coder: _SliceCoder, pending: list) -> ExactStep:
-        """Quantises each slice where the model runs and keeps its rounded values and indexes
-        there (``pending``): the slice loop never waits for the host (the range check of the
-        symbols too is left to :meth:`_code_pending`, which codes them)."""
+        """Quantises each slice where the model runs and keeps its symbols, indexes and a flag
+        saying the symbols are int32 values there (``pending``): the slice loop never waits for
+        the host; :meth:`_code_pending` checks the flags and codes them after it."""
         pieces = coder.split(y)
-        limit = float(2**31 - 1)
 
         def step(i, indexes, means):
             rounded = torch.round(pieces[i].double() - means)  # ops.quantize_symbols' rounding: half to even
-            pending.append((rounded, indexes))
-            # The decoder's dequantize(symbols, means), exactly; kept finite for the next slices'
-            # integer networks when y is not (such a y is refused after the loop).
-            return rounded.clamp(-limit, limit).nan_to_num_(0.0) + means
+            valid = (rounded.abs() <= _INT32_MAX).all()  # False for NaN too
+            # Kept finite for the next slices' integer networks when y is not (refused after the loop).
+            symbols = rounded.clamp_(-_INT32_MAX, _INT32_MAX).nan_to_num_(0.0)
+            pending.append((symbols, indexes, valid))
+            return symbols + means  # the decoder's dequantize(symbols, means), exactly
 
         return step
 
     def _code_pending(self, pending: list, lanes) -> list:
-        """One string list per slice from ``pending`` ``(rounded, indexes)`` pairs: symbols and
-        indexes as int32 where they are, brought to the host in one transfer (they may live on a
-        GPU) with a flag per slice saying its symbols are int32 values."""
+        """One string list per slice from ``pending`` ``(symbols, indexes, valid)``: symbols and
+        indexes as int32 where they are, brought to the host in one transfer with the flags (they
+        may live on a GPU)."""
         if not pending:
             return []
-        limit = float(2**31 - 1)
-        tensors = []
-        for rounded, indexes in pending:
-            tensors += [rounded.clamp(-limit, limit).nan_to_num_(0.0).to(torch.int32), indexes.to(torch.int32)]
-        valid = torch.stack([(rounded.abs() <= limit).all() for rounded, _ in pending])  # False for NaN too
-        tensors.append(valid.to(torch.int32))
+        tensors = [t.to(torch.int32) for symbols, indexes, _ in pending for t in (symbols, indexes)]
+        tensors.append(torch.stack([valid for *_, valid in pending]).to(torch.int32))
         parts = torch.cat([t.reshape(-1) for t in tensors]).cpu().split([t.numel() for t in tensors])
         if not bool(parts[-1].all()):
             raise ValueError("compress: y - means has values that are not finite or outside the int32 range")
         gc = self.gaussian_conditional
         out = []
-        for k, (rounded, indexes) in enumerate(pending):
-            symbols, host_indexes = parts[2 * k].view(rounded.shape), parts[2 * k + 1].view(indexes.shape)
-            out.append(gc.compress_symbols(symbols, host_indexes, lanes=lanes))
+        for k, (symbols, indexes, _) in enumerate(pending):
+            host_symbols, host_indexes = parts[2 * k].view(symbols.shape), parts[2 * k + 1].view(indexes.shape)
+            out.append(gc.compress_symbols(host_symbols, host_indexes, lanes=lanes))
         return out
 
     def _exact_decode_step(self, strings: Sequence, deferred: list) -> ExactStep:
