@@ -18,6 +18,12 @@ loss averaged over qualities). python/export_weights.py turns one into the packa
 With --ema DECAY an exponential moving average of the weights is kept beside them (Polyak
 averaging: it smooths the noise of small-batch steps, much as a lower lr does); each validation
 scores both, and best.pt takes whichever is lower.
+
+--qat trains for the integer entropy-parameter networks of bitstream versions 4 and 5
+(dualres_ext.models.fake_quant): those networks round in the forward pass as their conversion
+(python/convert_exact.py, to be run on the result) will, on the grids the conversion gives the
+starting weights (calibrated once per run folder on training crops, OUT/qat_stats.pt), with
+straight-through gradients. Validation then scores the rounded networks.
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dualres_ext.models import build
+from dualres_ext.models import build, fake_quant, get_scale_table
+from dualres_ext.models.dualres import CODING_NETS
+from dualres_ext.models.exact import DEFAULTS as EXACT_DEFAULTS
+from dualres_ext.models.exact import calibrate
 from dualres_ext.models.loss import rate_distortion
 from dualres_ext.tools.evaluation import IMAGE_EXTENSIONS  # train on whatever `eval` reads (.tif included)
 from dualres_ext.training import (
@@ -127,6 +136,27 @@ def load_val(files: list[str], size: int) -> list[torch.Tensor]:
         left, top = (w - cw) // 2, (h - ch) // 2
         out.append(torch.from_numpy(np.asarray(img.crop((left, top, left + cw, top + ch))).copy()).permute(2, 0, 1))
     return out
+
+
+def install_fake_quant(model, args, device) -> None:
+    """--qat: the conversion's grids for ``model``'s current weights, calibrated on evenly spread
+    centre crops of the training photos (the same on every process, and kept in OUT so that a
+    resumed run rounds to the same grids), installed on its entropy-parameter networks."""
+    stats_path = os.path.join(args.out, "qat_stats.pt")
+    if os.path.isfile(stats_path):
+        stats = torch.load(stats_path, weights_only=True)
+    else:
+        files = list_images(args.train)
+        count = min(args.qat_images, len(files))
+        picks = [files[int(i * len(files) / count)] for i in range(count)]
+        crops = [img[None].float().div(255).to(device) for img in load_val(picks, args.crop)]
+        model.eval()
+        stats = calibrate(model, crops, list(range(model.num_qualities)))
+        model.train()
+        if "LOCAL_RANK" not in os.environ or int(os.environ["LOCAL_RANK"]) == 0:
+            torch.save(stats, stats_path)
+    grids = fake_quant.grids_of(model, stats, get_scale_table())
+    fake_quant.install(model, grids, EXACT_DEFAULTS["weight_bits"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +310,21 @@ def main(argv=None) -> int:
         "validation scores it too and best.pt takes the lower loss",
     )
     ap.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantisation-aware training of the exact entropy-parameter networks (see above)",
+    )
+    ap.add_argument(
+        "--only-coding-nets",
+        action="store_true",
+        help="optimise only the entropy-parameter networks (hyper synthesis, slice coders, LRP, "
+        "down(y_H)); the transforms and the factorized prior's density stay as they are (with --qat: the "
+        "networks that are converted; give it again when resuming such a run)",
+    )
+    ap.add_argument(
+        "--qat-images", type=int, default=8, help="training crops that calibrate the --qat grids (once per --out)"
+    )
+    ap.add_argument(
         "--init",
         default=None,
         help="start a new run from a weights file (e.g. the package's dualres_compact.pt, which "
@@ -339,6 +384,9 @@ def main(argv=None) -> int:
         config["modulation"] = True
     torch.manual_seed(args.seed + rank)
     model = build(args.model, **config).to(device)
+    if args.only_coding_nets:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in CODING_NETS or is_auxiliary(name))
     main_params, aux_params = parameter_groups(model)
     optimizer = torch.optim.Adam(optimizer_groups(model), lr=args.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
@@ -372,7 +420,10 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"initialised from {args.init} (step {step}); optimiser state starts fresh", flush=True)
         del init
-    # The average lives on the process that validates and saves (the weights are the same on all).
+    if args.qat:
+        install_fake_quant(model, args, device)
+    # The average lives on the process that validates and saves (the weights are the same on all);
+    # a copy of the model, it rounds as the model does.
     ema = None
     if args.ema is not None and rank == 0:
         ema = WeightAverage(unwrap(model), args.ema, ema_state)

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from dualres_ext import codec
+from dualres_ext.models import build
+from dualres_ext.models.dualres import CODING_NETS
 from dualres_ext.tools.demo import BUNDLED_PHOTO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,6 +319,33 @@ def test_modulated_checkpoint_resumes_with_its_own_lr_and_exports(folders, packa
     img = np.asarray(Image.open(ASTRONAUT).convert("RGB"))[:70, :90]
     data = codec.encode(img, quality=4.5, weights=str(weights))
     assert codec.decode(data, weights=str(weights), output="numpy").shape == img.shape
+
+
+def test_qat_rounds_and_trains_only_the_coding_nets(folders, package_env):
+    out = folders[2] / "qat"
+    qat = ("--qat", "--qat-images", "2", "--only-coding-nets", "--lr", "1e-3")
+    r = _run(_train_args(folders, out, "--steps", "2", *qat), package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats_file = out / "qat_stats.pt"
+    stats = torch.load(stats_file, weights_only=True)
+    assert stats["h_s.0"] > 0 and stats["y_hat_h"] > 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["state_dict"]
+    torch.manual_seed(0)  # the script's seed: the weights it started from
+    start = build("compact").state_dict()
+    assert set(state) == set(start)  # the rounding leaves no state behind
+    moved = {k.split(".")[0] for k in state if not torch.equal(state[k], start[k])}
+    assert moved and moved <= set(CODING_NETS) | {"entropy_bottleneck"}, moved
+    assert {"coder_h", "coder_l", "h_s"} <= moved
+    assert not any(
+        k.startswith("entropy_bottleneck") and not k.endswith("quantiles")
+        for k in state
+        if not torch.equal(state[k], start[k])
+    )
+    # Resuming rounds to the same grids: the calibration is kept, not redone.
+    stamp = stats_file.stat().st_mtime_ns
+    r = _run(_train_args(folders, out, "--steps", "3", *qat), package_env)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
+    assert stats_file.stat().st_mtime_ns == stamp
 
 
 def test_sigterm_stops_cleanly_and_saves(folders, package_env):

@@ -524,6 +524,11 @@ class DualRes(nn.Module):
 
         return _coding_nets_cache.get(self, [p for m in sources for p in m.parameters()], build)
 
+    def forget_coding_nets(self) -> None:
+        """Drop the cached :meth:`coding_nets` (after changing how the networks compute, not
+        their weights: e.g. :func:`dualres_ext.models.fake_quant.install`)."""
+        _coding_nets_cache.clear(self)
+
     def synthesis(self, y_h_hat: torch.Tensor, y_l_hat: torch.Tensor, quality) -> torch.Tensor:
         """The picture (not clamped) from the decoded latents at ``quality``."""
         point = self._quality_point(quality, y_h_hat.device, y_h_hat.dtype)

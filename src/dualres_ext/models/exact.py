@@ -23,7 +23,7 @@ The float model's weights are unchanged: conversion only adds these buffers
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -308,6 +308,20 @@ def calibrate(model, images: Sequence[Tensor], qualities: Sequence[float]) -> Di
     return stats
 
 
+class LayerGrid(NamedTuple):
+    """The integer grids of one converted layer. ``kind``: "conv" (input channel ``i`` in units
+    of ``in_scale[i]``), "table" (a GELU table; ``in_scale`` None) or "lrp" (a slice coder's
+    ``0.5 tanh`` correction, a table onto the latent grid; ``in_scale`` None). The output,
+    channel ``c`` in units of ``out_scale[c]`` (one entry: every channel), is clamped to
+    ``[out_low[c], out_high[c]]``."""
+
+    kind: str
+    in_scale: Optional[Tensor]
+    out_scale: Tensor
+    out_low: Tensor
+    out_high: Tensor
+
+
 def _scale_of(peak: float, bits: int, margin: float) -> float:
     """Grid step of a tensor of largest magnitude ``peak``: ``bits``-bit integers cover
     ``margin * peak``."""
@@ -324,9 +338,25 @@ def convert(
     latent_bits: int = DEFAULTS["latent_bits"],
     scale_bits: int = DEFAULTS["scale_bits"],
     margin: float = DEFAULTS["margin"],
+    grids: Optional[Dict[str, LayerGrid]] = None,
 ) -> ExactCoder:
-    """The :class:`ExactCoder` of a DualRes ``model`` from calibration ``stats`` (:func:`calibrate`)."""
+    """The :class:`ExactCoder` of a DualRes ``model`` from calibration ``stats`` (:func:`calibrate`).
+
+    ``grids``: if given, filled with the :class:`LayerGrid` of every converted convolution and
+    every table nonlinearity, keyed by module path in ``model.coding_nets()`` (what
+    :mod:`.fake_quant` rounds to while training)."""
     nets = model.coding_nets()
+    record: Dict[str, LayerGrid] = {} if grids is None else grids
+
+    def int_conv(layer, name, in_scale, in_bound, out_scale, low, high) -> IntConv:
+        record[name] = LayerGrid("conv", in_scale.clone(), out_scale.clone(), low.clone(), high.clone())
+        return IntConv.convert(layer, in_scale, in_bound, out_scale, low, high, weight_bits)
+
+    def gelu_table(name: str, scale: float) -> IntLUT:
+        """GELU as a table on one grid (what it reads is what it writes)."""
+        record[name] = LayerGrid("table", None, vec(scale, 1), ivec(-q_act, 1), ivec(q_act, 1))
+        return IntLUT.tabulate(gelu, scale, q_act, scale, q_act)
+
     q_act = (1 << act_bits) - 1
     lat = 2.0**-latent_bits
 
@@ -340,10 +370,10 @@ def convert(
         return torch.full((n,), int(value), dtype=torch.int64)
 
     def hidden(layer, name, in_scale, in_bound):
-        """A conv followed by a table nonlinearity: returns (conv, its grid)."""
+        """A conv whose output is a hidden activation: returns (conv, its grid)."""
         s = _scale_of(stats[name], act_bits, margin)
         n = layer.out_channels
-        conv = IntConv.convert(layer, in_scale, in_bound, vec(s, n), ivec(-q_act, n), ivec(q_act, n), weight_bits)
+        conv = int_conv(layer, name, in_scale, in_bound, vec(s, n), ivec(-q_act, n), ivec(q_act, n))
         return conv, s
 
     # ẑ on the latent grid.
@@ -353,7 +383,7 @@ def convert(
     scale, bound = vec(lat, z_ch), ivec(z_bound, z_ch)
     for idx in (0, 2):
         conv, s = hidden(nets.h_s[idx], f"h_s.{idx}", scale, bound)
-        h_s += [conv, IntLUT.tabulate(gelu, s, q_act, s, q_act)]
+        h_s += [conv, gelu_table(f"h_s.{idx + 1}", s)]
         scale, bound = vec(s, conv.out_low.numel()), ivec(q_act, conv.out_low.numel())
     # f_l: no nonlinearity on the features; h_s_up_h starts with a GELU on them.
     conv, s_fl = hidden(nets.h_s[4], "h_s.4", scale, bound)
@@ -361,7 +391,7 @@ def convert(
     m_l = nets.h_s[4].out_channels
     fl_scale, fl_bound = vec(s_fl, m_l), ivec(q_act, m_l)
     up, s_fh = hidden(nets.h_s_up_h[1], "h_s_up_h.1", fl_scale, fl_bound)
-    h_s_up_h = [IntLUT.tabulate(gelu, s_fl, q_act, s_fl, q_act), up]
+    h_s_up_h = [gelu_table("h_s_up_h.0", s_fl), up]
     m_h = nets.h_s_up_h[1].out_channels
     fh_scale, fh_bound = vec(s_fh, m_h), ivec(q_act, m_h)
 
@@ -388,14 +418,14 @@ def convert(
             out_scale = torch.cat([vec(2.0**-scale_bits, size), vec(lat, size)])
             low = torch.cat([ivec(0, size), ivec(-mu_bound, size)])
             high = torch.cat([ivec(sigma_high, size), ivec(mu_bound, size)])
-            p2 = IntConv.convert(
+            p2 = int_conv(
                 p_layer,
+                f"{name}.param_nets.{i}.2",
                 vec(s_p, p_layer.in_channels),
                 ivec(q_act, p_layer.in_channels),
                 out_scale,
                 low,
                 high,
-                weight_bits,
             )
             l_layer = coder.lrp_nets[i][0]
             l1, s_l = hidden(
@@ -409,16 +439,17 @@ def convert(
                 l2_layer, f"{name}.lrp_nets.{i}.2", vec(s_l, l2_layer.in_channels), ivec(q_act, l2_layer.in_channels)
             )
             half = 1 << (latent_bits - 1)
+            record[name] = LayerGrid("lrp", None, vec(lat, 1), ivec(-half, 1), ivec(half, 1))
             out.append(
                 nn.ModuleDict(
                     {
                         "ctx": ctx,
-                        "ctx_act": IntLUT.tabulate(gelu, s_h, q_act, s_h, q_act),
+                        "ctx_act": gelu_table(f"{name}.context_nets.{i}.1", s_h),
                         "p1": p1,
-                        "p1_act": IntLUT.tabulate(gelu, s_p, q_act, s_p, q_act),
+                        "p1_act": gelu_table(f"{name}.param_nets.{i}.1", s_p),
                         "p2": p2,
                         "l1": l1,
-                        "l1_act": IntLUT.tabulate(gelu, s_l, q_act, s_l, q_act),
+                        "l1_act": gelu_table(f"{name}.lrp_nets.{i}.1", s_l),
                         "l2": l2,
                         "l2_act": IntLUT.tabulate(half_tanh, s_t, q_act, lat, half),
                     }
