@@ -55,24 +55,32 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output weights file")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--stats", default=None, help="calibration cache: read if it exists, else written")
+    ap.add_argument(
+        "--stats",
+        default=None,
+        help="calibration ranges: read if the file exists (e.g. the OUT/qat_stats.pt of a train.py --qat "
+        "run, whose grids the training rounded to), else calibrated and written there",
+    )
     for key, value in DEFAULTS.items():
         ap.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     args = ap.parse_args(argv)
 
     model = load_weights(args.weights)
     model.exact = None
-    images, picks = calibration_images(args.folder, args.images, args.size)
     if args.stats and os.path.isfile(args.stats):
+        # e.g. a --qat run's OUT/qat_stats.pt: the grids that training rounded to
         stats = torch.load(args.stats, weights_only=True)
+        calibration = {"stats_file": os.path.basename(args.stats)}
     else:
+        images, picks = calibration_images(args.folder, args.images, args.size)
         stats = calibrate(model, images, list(range(model.num_qualities)))
         if args.stats:
             torch.save(stats, args.stats)
+        calibration = {"calibration": [os.path.basename(p) for p in picks], "size": args.size}
     options = {key: getattr(args, key) for key in DEFAULTS}
     model.exact = convert(model, stats, get_scale_table(), **options)
     metadata = dict(getattr(model, "metadata", {}) or {})
-    metadata["exact"] = {"calibration": [os.path.basename(p) for p in picks], "size": args.size, **options}
+    metadata["exact"] = {**calibration, **options}
     save_weights(model, args.out, metadata=metadata)
     check = load_weights(args.out)
     print(

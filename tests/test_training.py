@@ -347,6 +347,19 @@ def test_qat_rounds_and_trains_only_the_coding_nets(folders, package_env):
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
     assert stats_file.stat().st_mtime_ns == stamp
 
+    # Export, convert on the grids the run rounded to, and code version 5 with the result.
+    weights, exact = folders[2] / "qat.pt", folders[2] / "qat-exact.pt"
+    r = _run(["python/export_weights.py", str(out / "last.pt"), str(weights)], package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = [str(folders[0]), "--weights", str(weights), "--out", str(exact), "--stats", str(stats_file)]
+    r = _run(["python/convert_exact.py", *args], package_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = codec.load_weights(exact)
+    assert model.metadata["exact"]["stats_file"] == "qat_stats.pt"
+    img = np.asarray(Image.open(ASTRONAUT).convert("RGB"))[:70, :90]
+    data = codec.encode(img, quality=2, weights=str(exact))
+    assert data[4] == 5 and codec.decode(data, weights=str(exact), output="numpy").shape == img.shape
+
 
 def test_sigterm_stops_cleanly_and_saves(folders, package_env):
     """A signal (preemption, torchrun passing one on) ends the run like the deadline does: the step
