@@ -196,10 +196,11 @@ def test_workload_round_trip_compat(gen):
 
 
 def lookup_tables(gen, T):
-    """Rows for every case of the compat decoder's bucket lookup (128 buckets of 512 slots):
+    """Rows for every case of the compat decoder's bucket lookup (64 buckets of 1024 slots):
     long heavy-tailed rows (many symbols per bucket), rows with one symbol of frequency >= 2^15
-    (a bucket range spanning most of the row), three-symbol rows and a row whose boundaries fall
-    on bucket edges (a bucket ending exactly where its second symbol ends)."""
+    (a bucket range spanning most of the row), three-symbol rows, a row whose boundaries fall
+    on bucket edges (a bucket ending exactly where its second symbol ends) and one whose
+    boundaries fall inside buckets (two or three symbols per bucket)."""
     long_rows = _random_tables(gen, T, max_len=3000, min_len=600)
     rows = [long_rows[0][t, : int(long_rows[1][t])].tolist() for t in range(T)]
     for _ in range(T):
@@ -212,6 +213,7 @@ def lookup_tables(gen, T):
         rows.append([0] + torch.cumsum(torch.tensor(freqs), 0).tolist())
     rows.append([0, 1, 2, 1 << 16])
     rows.append([0, 512, 1024, 1536, 3000, 1 << 16])
+    rows.append([0, 1024, 2048, 2100, 2200, 3072, 5000, 1 << 16])
     W = max(len(r) for r in rows)
     cdfs = torch.zeros(len(rows), W, dtype=torch.int32)
     for t, r in enumerate(rows):
