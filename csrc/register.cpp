@@ -9,6 +9,7 @@
 
 #include "common/cpu_kernels.h"
 #include "rans/cpu/rans_interleaved_simd.h"
+#include "rans/rans_compat_tables.h"
 #include "rans/rans_iv_tables.h"
 
 namespace dualres {
@@ -81,6 +82,17 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def(
       "rans_decode_compat_stream(Tensor data, Tensor(a!) state, Tensor indexes, Tensor cdfs, Tensor cdf_lengths, "
       "Tensor offsets) -> Tensor");
+  // The same decoder with its tables prepared once into an opaque RansCompatTables handle (CPU
+  // tensors). With means or dtype it returns CompressAI's dequantised values, dtype(symbols) +
+  // means (float32/float64; means: CPU, of the indexes' element count; its dtype wins), from the
+  // same pass; else the int32 symbols.
+  dualres::rans::register_compat_tables_class();  // before the schemas naming it
+  m.def(
+      "rans_compat_prepare(Tensor cdfs, Tensor cdf_lengths, Tensor offsets) -> "
+      "__torch__.torch.classes.dualres_ext.RansCompatTables");
+  m.def(
+      "rans_decode_compat_prepared(Tensor data, Tensor indexes, __torch__.torch.classes.dualres_ext.RansCompatTables "
+      "tables, Tensor? means, ScalarType? dtype) -> Tensor");
   // Several native streams sharing one set of tables in one call (CUDA: one launch per step for
   // all of them; csrc/rans/cuda). Outputs are in input order.
   m.def(

@@ -173,13 +173,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (restore_stream(s.data(), s.size(), n, pt.precision, restored) == Status::kOk)
       decode_stream(restored.data(), restored.size(), idx.data(), n, pt, out.data(), SerialFor{});
   } else if (mode == 1 || mode == 2) {
-    Prepared pt;
-    if (pt.prepare_compat(tv, idx.data(), n, false)) return 0;
+    // The tables of a call (rows used) or of a handle (all rows, indexes checked against them).
+    CompatTables pt;
+    if (flags & 0x40) {
+      pt.prepare_all(tv);
+      if (pt.check_indexes(idx.data(), n)) return 0;
+    } else if (pt.prepare_used(tv, idx.data(), n)) {
+      return 0;
+    }
     std::vector<uint8_t> s(stream, stream + stream_size);
     CompatDecoder dec;
     if (mode == 1) {
       if (dec.init(s.data(), s.size()) != Status::kOk) return 0;
-      if (dec.decode(idx.data(), n, pt, out.data()) == Status::kOk) (void)dec.finished_cleanly();
+      if (flags & 0x20) {
+        std::vector<float> values(static_cast<size_t>(n) + 1);
+        if (dec.decode(idx.data(), n, pt, CompatDequantized<float, false>{values.data(), nullptr}) == Status::kOk)
+          (void)dec.finished_cleanly();
+      } else if (dec.decode(idx.data(), n, pt, out.data()) == Status::kOk) {
+        (void)dec.finished_cleanly();
+      }
       return 0;
     }
     if (flags & 0x80) {
@@ -270,8 +282,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (pt.precision == kCompatPrecision) {
       std::vector<uint8_t> cenc;
       if (compat_encode(sym.data(), idx.data(), m, pt, cenc) != Status::kOk) return 0;  // |v| >= 2^30
-      Prepared pc;  // the compat decoder's own lookup
-      must(pc.prepare_compat(tv, idx.data(), m, false) == nullptr);
+      CompatTables pc;  // the compat decoder's own lookup
+      must(pc.prepare_used(tv, idx.data(), m) == nullptr);
       CompatDecoder dec;
       must(dec.init(cenc.data(), cenc.size()) == Status::kOk);
       must(dec.decode(idx.data(), m, pc, out.data()) == Status::kOk);

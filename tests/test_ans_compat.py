@@ -196,10 +196,11 @@ def test_workload_round_trip_compat(gen):
 
 
 def lookup_tables(gen, T):
-    """Rows for every case of the compat decoder's bucket lookup (128 buckets of 512 slots):
+    """Rows for every case of the compat decoder's bucket lookup (64 buckets of 1024 slots):
     long heavy-tailed rows (many symbols per bucket), rows with one symbol of frequency >= 2^15
-    (a bucket range spanning most of the row), three-symbol rows and a row whose boundaries fall
-    on bucket edges (a bucket ending exactly where its second symbol ends)."""
+    (a bucket range spanning most of the row), three-symbol rows, a row whose boundaries fall
+    on bucket edges (a bucket ending exactly where its second symbol ends) and one whose
+    boundaries fall inside buckets (two or three symbols per bucket)."""
     long_rows = _random_tables(gen, T, max_len=3000, min_len=600)
     rows = [long_rows[0][t, : int(long_rows[1][t])].tolist() for t in range(T)]
     for _ in range(T):
@@ -212,6 +213,7 @@ def lookup_tables(gen, T):
         rows.append([0] + torch.cumsum(torch.tensor(freqs), 0).tolist())
     rows.append([0, 1, 2, 1 << 16])
     rows.append([0, 512, 1024, 1536, 3000, 1 << 16])
+    rows.append([0, 1024, 2048, 2100, 2200, 3072, 5000, 1 << 16])
     W = max(len(r) for r in rows)
     cdfs = torch.zeros(len(rows), W, dtype=torch.int32)
     for t, r in enumerate(rows):
@@ -277,3 +279,71 @@ def test_hostile_streams_on_lookup_tables(gen):
         except ValueError:
             continue
         assert ops.rans_encode_compat(out, idx, cdfs, lengths, offsets) == bytes(b)
+
+
+def test_prepared_tables_follow_the_tensors(gen):
+    # Large calls decode with tables prepared once per table tensors: the same tensors reuse them,
+    # and replacing or writing any of the three (in place: the version counter) prepares anew.
+    from dualres_ext.ops import rans
+
+    cdfs, lengths, offsets = lookup_tables(gen, 3)
+    n = cdfs.numel() + 1
+    sym, idx = compat_symbols(gen, cdfs, lengths, offsets, n)
+    data = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
+    assert torch.equal(ops.rans_decode_compat(data, idx, cdfs, lengths, offsets), sym)
+    handle = rans._compat_tables(cdfs, lengths, offsets)
+    assert rans._compat_tables(cdfs, lengths, offsets) is handle
+    offsets.add_(5)  # every value moves with its table's offset
+    assert rans._compat_tables(cdfs, lengths, offsets) is not handle
+    assert torch.equal(ops.rans_decode_compat(data, idx, cdfs, lengths, offsets), sym + 5)
+    other, other_lengths, _ = lookup_tables(gen, 3)
+    if other.shape == cdfs.shape:
+        cdfs.copy_(other)
+        lengths.copy_(other_lengths)
+    else:
+        cdfs, lengths = other, other_lengths
+    sym, idx = compat_symbols(gen, cdfs, lengths, offsets, n)
+    data = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
+    assert torch.equal(ops.rans_decode_compat(data, idx, cdfs, lengths, offsets), sym)
+    # Small calls (and lists) prepare the rows they use; the same symbols either way.
+    few = min(n, 200)
+    head = ans.RansEncoder().encode_with_indexes(sym[:few], idx[:few], cdfs, lengths, offsets)
+    assert torch.equal(ops.rans_decode_compat(head, idx[:few], cdfs, lengths, offsets), sym[:few])
+    lists = cdfs.tolist(), lengths.tolist(), offsets.tolist()
+    assert torch.equal(ops.rans_decode_compat(head, idx[:few], *lists), sym[:few])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_dequantized(gen, dtype):
+    # means/dtype: the decoder writes CompressAI's dequantised values in the same pass.
+    cdfs, lengths, offsets = lookup_tables(gen, 3)
+    sym, idx = compat_symbols(gen, cdfs, lengths, offsets, 5000)
+    data = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
+    means = torch.randn(5000, dtype=dtype, generator=gen) * 3
+    got = ops.rans_decode_compat(data, idx, cdfs, lengths, offsets, means=means)
+    assert got.dtype == dtype and torch.equal(got, sym.to(dtype) + means)
+    got = ops.rans_decode_compat(data, idx.reshape(50, 100), cdfs, lengths, offsets, dtype=dtype)
+    assert got.shape == (50, 100) and torch.equal(got, sym.to(dtype).reshape(50, 100))
+    # The means' dtype wins over dtype, as in CompressAI's dequantize.
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    assert ops.rans_decode_compat(data, idx, cdfs, lengths, offsets, means=means, dtype=other).dtype == dtype
+    with pytest.raises(TypeError, match="means"):
+        ops.rans_decode_compat(data, idx, cdfs, lengths, offsets, means=means.half())
+    with pytest.raises(TypeError, match="dtype"):
+        ops.rans_decode_compat(data, idx, cdfs, lengths, offsets, dtype=torch.int64)
+    with pytest.raises(ValueError, match="means"):
+        ops.rans_decode_compat(data, idx, cdfs, lengths, offsets, means=means[:-1])
+    # Stream errors are the same with a dequantising decode.
+    with pytest.raises(ValueError, match="rans_decode_compat"):
+        ops.rans_decode_compat(data[: len(data) // 2], idx, cdfs, lengths, offsets, means=means)
+    with pytest.raises(ValueError, match="indexes"):
+        ops.rans_decode_compat(data, torch.full_like(idx, 99), cdfs, lengths, offsets, means=means)
+    # Hostile bytes through the prepared decoder: a ValueError or values, never a crash or a hang.
+    for k in range(40):
+        b = bytearray(data)
+        start = int(torch.randint(0, len(b), (1,), generator=gen))
+        b[start:] = os.urandom(len(b) - start) if k % 2 else b[start:][: int(torch.randint(0, 9, (1,), generator=gen))]
+        try:
+            ops.rans_decode_compat(bytes(b), idx, cdfs, lengths, offsets, means=means)
+        except ValueError:
+            pass

@@ -230,6 +230,14 @@ def test_gaussian_compress_byte_identical_to_compressai(shape):
         m1 = torch.randn(shape[0], shape[1], 1, 1)
         s1 = mine.compress(y, indexes, m1.expand(shape))
         assert torch.equal(mine.decompress(s1, indexes, means=m1), ref.decompress(s1, indexes, means=m1))
+    # Means the decoder dequantises with in its own pass (float64, non-contiguous) or that it leaves
+    # to dequantize (half, or needing a gradient): the same values as CompressAI's either way.
+    strings = mine.compress(y, indexes, means)
+    for m in (means.double(), means.transpose(0, 1).contiguous().transpose(0, 1), means.half(), means.requires_grad_()):
+        decoded = mine.decompress(strings, indexes, means=m)
+        expected = ref.decompress(strings, indexes, means=m)
+        assert decoded.dtype == expected.dtype and torch.equal(decoded, expected)
+    means.requires_grad_(False)
 
 
 @pytest.mark.parametrize("lanes", ["auto", 1, 7])
@@ -324,8 +332,19 @@ def test_derived_state_follows_the_buffers():
     scales = _log_uniform((1, 4, 6, 6))
     before = gc.build_indexes(scales)
     assert torch.equal(before, ops.build_indexes(scales, gc.scale_table, gc.lower_bound_scale.bound, strict=False))
+    y = torch.randn(1, 4, 6, 6) * scales * 2
+    ref = theirs.GaussianConditional(None)
+    ref.update_scale_table(get_scale_table())
+    assert gc.compress(y, before) == ref.compress(y, before)
+    assert torch.equal(gc.decompress(ref.compress(y, before), before), ref.decompress(ref.compress(y, before), before))
     gc.update_scale_table(get_scale_table()[::2], force=True)
     assert torch.equal(gc.build_indexes(scales), ops.build_indexes(scales, gc.scale_table, 0.11, strict=False))
+    # The coder's prepared tables follow the rebuilt ones.
+    ref.update_scale_table(get_scale_table()[::2], force=True)
+    indexes = gc.build_indexes(scales)
+    strings = ref.compress(y, indexes)
+    assert gc.compress(y, indexes) == strings
+    assert torch.equal(gc.decompress(strings, indexes), ref.decompress(strings, indexes))
     with torch.no_grad():
         gc.scale_table.mul_(2.0)
         gc.lower_bound_scale.bound.fill_(0.5)

@@ -51,6 +51,9 @@ NOT_TRACEABLE = {
     "rans_iv_encode": "takes the TorchBind handle of prepared tables (no fake class)",
     "rans_iv_decode": "takes the TorchBind handle of prepared tables (no fake class)",
     "rans_iv_decode_deferred": "takes the TorchBind handle of prepared tables (no fake class)",
+    # The same for the CompressAI-format decoder's prepared tables.
+    "rans_compat_prepare": "returns an opaque TorchBind handle of prepared tables",
+    "rans_decode_compat_prepared": "takes the TorchBind handle of prepared tables (no fake class)",
 }
 
 

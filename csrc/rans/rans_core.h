@@ -133,10 +133,12 @@ inline void bucket_first_symbols(const int32_t* c, int32_t len, int bits, int sh
 
 constexpr uint32_t kLow = 1u << 23;  // native state lives in [kLow, kLow << 8)
 constexpr int kCompatPrecision = 16;
-// The compat decoder's buckets: 128 per row. Against 256, the [T, 129] lookup of CompressAI's 64
-// Gaussian tables (33 KB + 16 KB) stays close to L1 on its serial chain, and the 2% of slots in a
-// bucket holding three or more symbols cost less than the cache misses (measured: 2.9 vs 3.2 ms).
-constexpr int kCompatBucketBits = 7;
+// The compat decoder's buckets: 64 per row (CompatTables). On the benchmark's Gaussian latent (43
+// of CompressAI's 64 tables in use) the 17 KB of lookup they need stays in L1 beside the streams
+// through it, which outweighs the 2.8% of slots left to the bisection (128 buckets: 1.1%, 34 KB);
+// measured 5.1 vs 5.4 ns per symbol. Wide rows bisect more often with 64: on tables 40-62 (scales
+// 15 to 226) 15.3 vs 12.7 ns.
+constexpr int kCompatBucketBits = 6;
 
 // Tables validated and converted once per call. With fewer symbols than table entries only the
 // rows named by the indexes are prepared, so a per-position decode_stream call stays cheap.
@@ -145,26 +147,23 @@ struct Prepared {
   int precision = -1;  // common precision of all prepared rows
   int bucket_bits = 0, bucket_shift = 0;
   std::vector<uint16_t> bucket;  // [T, 2^bucket_bits + 1]: bucket_first_symbols of each row
-  // [T, 2^bucket_bits + 1], compat decoder only: packed_start_freq of the bucket entry's symbol.
-  // Only used rows are written (no fill: it is re-prepared per call).
-  std::unique_ptr<uint32_t[]> bucket_sf;
 
   int64_t bucket_stride() const { return (int64_t{1} << bucket_bits) + 1; }
 
   // Validates the rows used by idx[0..n) and, unless for_encode, builds their decoding search
   // structures (an encoder needs none: building them cost a small stream's encode as much again).
   // A Prepared made for decoding also serves encoding. Returns nullptr or an error message.
-  // required_precision > 0 demands that precision. The compat coder prepares with prepare_compat.
+  // required_precision > 0 demands that precision. The compat encoder validates with
+  // prepare_compat; the compat decoder has its own tables (CompatTables).
   const char* prepare(const TableView& v, const int32_t* idx, int64_t n, bool for_encode, int required_precision) {
-    return prepare_impl(v, idx, n, for_encode, required_precision, false);
+    return prepare_impl(v, idx, n, for_encode, required_precision);
   }
-  const char* prepare_compat(const TableView& v, const int32_t* idx, int64_t n, bool for_encode) {
-    return prepare_impl(v, idx, n, for_encode, kCompatPrecision, true);
+  const char* prepare_compat(const TableView& v, const int32_t* idx, int64_t n) {
+    return prepare_impl(v, idx, n, /*for_encode=*/true, kCompatPrecision);
   }
 
  private:
-  const char* prepare_impl(const TableView& v, const int32_t* idx, int64_t n, bool for_encode, int required_precision,
-                           bool compat) {
+  const char* prepare_impl(const TableView& v, const int32_t* idx, int64_t n, bool for_encode, int required_precision) {
     tv = v;
     int32_t lo = 0, hi = 0;
     if (n > 0) {
@@ -206,19 +205,14 @@ struct Prepared {
     if (precision < 0) precision = required_precision > 0 ? required_precision : 16;
     if (required_precision > 0 && precision != required_precision)
       return "cdfs: CompressAI's format needs 16-bit tables (rows ending at 65536)";
-    const int max_bits = compat ? kCompatBucketBits : 8;
-    bucket_bits = precision < max_bits ? precision : max_bits;
+    bucket_bits = precision < 8 ? precision : 8;
     bucket_shift = precision - bucket_bits;
     if (for_encode) return nullptr;
     bucket.assign(static_cast<size_t>(tv.T * bucket_stride()), 0);
-    if (compat) bucket_sf.reset(new uint32_t[static_cast<size_t>(tv.T * bucket_stride())]);
     for (int64_t t = 0; t < tv.T; ++t) {
       if (!used[t]) continue;
-      const int32_t* c = tv.cdfs + t * tv.W;
-      uint16_t* b = bucket.data() + t * bucket_stride();
-      bucket_first_symbols(c, tv.lengths[t], bucket_bits, bucket_shift, b);
-      if (compat)
-        for (int64_t k = 0; k < bucket_stride(); ++k) bucket_sf[t * bucket_stride() + k] = packed_start_freq(c, b[k]);
+      bucket_first_symbols(tv.cdfs + t * tv.W, tv.lengths[t], bucket_bits, bucket_shift,
+                           bucket.data() + t * bucket_stride());
     }
     return nullptr;
   }
@@ -622,6 +616,142 @@ inline Status compat_encode(const int32_t* sym, const int32_t* idx, int64_t n, c
   return Status::kOk;
 }
 
+// The compat decoder's tables (FORMAT.md, "Compat stream"): per row, 64 buckets of 1024 slots,
+// each naming the symbol that holds its first slot and that symbol's packed start and frequency.
+// Built once per set of tables (prepare_all: the RansCompatTables handle, kept across calls) or
+// per call for the rows the indexes name (prepare_used). Self-contained: the decoder reads these
+// arrays only, never the tensors they were built from, so a handle stays memory-safe whatever
+// later happens to those tensors.
+struct CompatTables {
+  static constexpr int kBuckets = 1 << kCompatBucketBits;
+  struct Row {
+    uint32_t sf[kBuckets + 1] = {};   // packed_start_freq of sym[k]
+    uint16_t sym[kBuckets + 1] = {};  // bucket_first_symbols (sym[kBuckets]: the last symbol)
+    int32_t offset = 0;
+    int32_t max_value = -1;  // the escape symbol, cdf_lengths - 2; -1: the row cannot decode
+    int64_t cdf = 0;         // the row's CDF in `cdf` (0: the placeholder of rows that cannot decode)
+  };
+  std::vector<Row> rows;
+  // The CDFs of the rows built, back to back, for the bisection; it starts with {0, 2^16}, the
+  // CDF the rows that cannot decode point at, so that no row can lead a read astray.
+  std::vector<int32_t> cdf;
+  std::vector<const char*> row_error;  // prepare_all: why row t cannot decode (nullptr: it can)
+  int64_t T = 0;
+  bool all_usable = false;  // prepare_all: every row can decode (no index needs checking)
+
+  // Every row. A row that is not a 16-bit CDF is recorded and is an error only for the indexes
+  // naming it (check_indexes).
+  void prepare_all(const TableView& tv) {
+    T = tv.T;
+    row_error.assign(static_cast<size_t>(T), nullptr);
+    std::vector<uint8_t> use(static_cast<size_t>(T), 1);
+    all_usable = true;
+    for (int64_t t = 0; t < T; ++t) {
+      row_error[t] = row_problem(tv, t);
+      if (row_error[t] != nullptr) {
+        use[t] = 0;
+        all_usable = false;
+      }
+    }
+    build(tv, use.data());
+  }
+
+  // The rows named by idx[0..n), each of which must be a 16-bit CDF; an index outside [0, T) or
+  // a row that is not is an error (nullptr or its message). With at least as many symbols as
+  // table entries all rows between the smallest and largest index are built when they all can
+  // decode (marking the rows used cost a pass over the indexes); otherwise only the rows used.
+  const char* prepare_used(const TableView& tv, const int32_t* idx, int64_t n) {
+    T = tv.T;
+    row_error.assign(static_cast<size_t>(T), "cdfs: a row these indexes do not use was not prepared");
+    all_usable = false;
+    std::vector<uint8_t> use(static_cast<size_t>(T), 0);
+    if (n > 0) {
+      int32_t lo = idx[0], hi = idx[0];
+      for (int64_t i = 0; i < n; ++i) {  // vectorised min/max
+        lo = lo < idx[i] ? lo : idx[i];
+        hi = hi > idx[i] ? hi : idx[i];
+      }
+      if (lo < 0 || hi >= T) return "indexes: value out of range [0, number of CDF tables)";
+      bool range = n >= (int64_t{hi} - lo + 1) * tv.W;
+      for (int64_t t = lo; range && t <= hi; ++t) range = row_problem(tv, t) == nullptr;
+      if (range) {
+        std::fill(use.begin() + lo, use.begin() + hi + 1, uint8_t{1});
+      } else {
+        for (int64_t i = 0; i < n; ++i) use[idx[i]] = 1;
+        for (int64_t t = lo; t <= hi; ++t)
+          if (use[t])
+            if (const char* e = row_problem(tv, t)) return e;
+      }
+    }
+    for (int64_t t = 0; t < T; ++t)
+      if (use[t]) row_error[t] = nullptr;
+    build(tv, use.data());
+    return nullptr;
+  }
+
+  // Every index in [0, T) and naming a row that can decode (nullptr or a message). Out-of-range
+  // indexes are also caught by the decoder itself (kBadIndex).
+  const char* check_indexes(const int32_t* idx, int64_t n) const {
+    if (all_usable) return nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      if (idx[i] < 0 || idx[i] >= T) return "indexes: value out of range [0, number of CDF tables)";
+      if (row_error[idx[i]] != nullptr) return row_error[idx[i]];
+    }
+    return nullptr;
+  }
+
+ private:
+  static const char* row_problem(const TableView& tv, int64_t t) {
+    int p = 0;
+    if (const char* e = check_table(tv, t, &p)) return e;
+    if (p != kCompatPrecision) return "cdfs: CompressAI's format needs 16-bit tables (rows ending at 65536)";
+    return nullptr;
+  }
+
+  void build(const TableView& tv, const uint8_t* use) {
+    int64_t total = 2;
+    for (int64_t t = 0; t < T; ++t)
+      if (use[t]) total += tv.lengths[t];
+    cdf.resize(static_cast<size_t>(total));
+    cdf[0] = 0;
+    cdf[1] = 1 << kCompatPrecision;
+    rows.assign(static_cast<size_t>(T), Row{});
+    int64_t at = 2;
+    for (int64_t t = 0; t < T; ++t) {
+      Row& r = rows[t];
+      r.offset = tv.offsets[t];
+      if (!use[t]) continue;
+      const int32_t* c = tv.cdfs + t * tv.W;
+      const int32_t len = tv.lengths[t];
+      r.max_value = len - 2;
+      r.cdf = at;
+      std::copy(c, c + len, cdf.begin() + at);
+      at += len;
+      bucket_first_symbols(c, len, kCompatBucketBits, kCompatPrecision - kCompatBucketBits, r.sym);
+      for (int k = 0; k <= kBuckets; ++k) r.sf[k] = packed_start_freq(c, r.sym[k]);
+    }
+  }
+};
+
+// Where the compat decoder puts each decoded value v at position i: the symbols themselves, or
+// dequantised as CompressAI's decompress does it, T(v) + means[i] (or T(v) without means), in the
+// same pass (the decode loop waits on its serial chain; the stores cost next to nothing there).
+struct CompatSymbols {
+  int32_t* out;
+  DUALRES_RANS_INLINE void operator()(int64_t i, int32_t v) const { out[i] = v; }
+};
+template <class T, bool kMeans>
+struct CompatDequantized {
+  T* out;
+  const T* means;
+  DUALRES_RANS_INLINE void operator()(int64_t i, int32_t v) const {
+    if constexpr (kMeans)
+      out[i] = static_cast<T>(v) + means[i];
+    else
+      out[i] = static_cast<T>(v);
+  }
+};
+
 // Decoder state for CompressAI streams; also the state of a RansDecoder between decode_stream calls.
 struct CompatDecoder {
   const uint8_t* data = nullptr;
@@ -669,9 +799,9 @@ struct CompatDecoder {
     renorm();
     return val;
   }
-  static DUALRES_RANS_INLINE uint64_t load_u16(const uint8_t* p) {
-    uint16_t v;  // the host's byte order: bucket_sf is written on this machine
-    std::memcpy(&v, p, 2);
+  static DUALRES_RANS_INLINE uint64_t load_u16(const uint32_t* p, int half) {
+    uint16_t v;  // the host's byte order: the packed entries are written on this machine
+    std::memcpy(&v, reinterpret_cast<const uint8_t*>(p) + 2 * half, 2);
     return v;
   }
 
@@ -699,119 +829,161 @@ struct CompatDecoder {
     return {d.x, d.pos, d.overrun, Status::kOk, value_from_raw(raw, max_value)};
   }
 
-  // Decodes n symbols, continuing from the current state. Works on a local copy of the decoder
-  // (kept in registers; a member-based loop was 3x slower in the big op translation unit) and
-  // stores it back at the end.
-  // pt must come from prepare_compat (kMismatch otherwise: its lookup is missing).
-  Status decode(const int32_t* idx, int64_t n, const Prepared& pt, int32_t* out) {
-    if (n > 0 && !pt.bucket_sf) return Status::kMismatch;
+  // Decodes n symbols, continuing from the current state, into sink (CompatSymbols or
+  // CompatDequantized). Works on a local copy of the decoder (kept in registers; a member-based
+  // loop was 3x slower in the big op translation unit) and stores it back at the end.
+  // Every index must name a row of ct that can decode (prepare_used guarantees it, check_indexes
+  // after prepare_all); an index outside [0, T) stops the decode with kBadIndex.
+  template <class Sink>
+  Status decode(const int32_t* idx, int64_t n, const CompatTables& ct, Sink sink) {
     CompatDecoder d = *this;
-    const Status st = d.decode_local(idx, n, pt, out);
+    const Status st = d.decode_local(idx, n, ct, sink);
     *this = d;
     return st;
   }
-
-  // One step of the serial chain: x = freq * (x >> 16) + slot - start, then the renormalisation
-  // word. The 64-bit state allows the renormalised value to be formed from the same product
-  // ((freq * q) << 32 = freq * (q << 32)) in parallel with the plain one, so a compare and a
-  // select end the step instead of a shift and an or after it. pos advances by 4 when the word
-  // is taken; the caller guarantees 4 readable bytes at pos.
-  DUALRES_RANS_INLINE void step(uint64_t fm1, uint64_t start, uint32_t word) {
-    const uint64_t q = x >> kCompatPrecision, slot = x & ((1u << kCompatPrecision) - 1);
-    const uint64_t r = q + slot - start;  // freq * q + slot - start = (freq - 1) * q + r
-    const uint64_t keep = fm1 * q + r;
-    const uint64_t renormed = fm1 * (q << 32) + ((r << 32) | word);
-    const uint64_t next = pos + 4;
-#if defined(__x86_64__) && defined(__GNUC__)
-    // Spelled out: GCC turned the selects into an unpredictable branch.
-    uint64_t nx = keep, np = pos;
-    asm("cmp %[low], %[keep]\n\tcmovb %[ren], %[nx]\n\tcmovb %[next], %[np]"
-        : [nx] "+r"(nx), [np] "+r"(np)
-        : [keep] "r"(keep), [low] "r"(kLow64), [ren] "r"(renormed), [next] "r"(next)
-        : "cc");
-    x = nx;
-    pos = np;
-#else
-    const bool need = keep < kLow64;
-    x = need ? renormed : keep;
-    pos = need ? next : pos;
-#endif
+  Status decode(const int32_t* idx, int64_t n, const CompatTables& ct, int32_t* out) {
+    return decode(idx, n, ct, CompatSymbols{out});
   }
 
-  // The lookup (FORMAT.md, "Compat stream"): bucket k = slot >> shift of row t holds the symbols
-  // b[k] .. b[k + 1]. When that is at most two, the first slot of b[k + 1] tells which one holds
-  // the slot: two 32-bit loads of packed start/freq, one compare and selects, no branch. Buckets
-  // holding three or more symbols (2% of slots for CompressAI's Gaussian tables) bisect the row.
-  DUALRES_RANS_INLINE Status decode_local(const int32_t* __restrict idx, int64_t n, const Prepared& pt,
-                                          int32_t* __restrict out) {
-    const uint16_t* __restrict bucket = pt.bucket.data();
-    const uint32_t* __restrict bucket_sf = pt.bucket_sf.get();
-    const int32_t* __restrict cdfs = pt.tv.cdfs;
-    const int32_t* __restrict lengths = pt.tv.lengths;
-    const int32_t* __restrict offsets = pt.tv.offsets;
-    const int64_t W = pt.tv.W;
-    // Compat tables are 16-bit (prepare_compat checks), so the layout is a compile-time constant.
+  // The symbol of slot among lo .. hi of CDF c (c[lo] <= slot < c[hi + 1]), by a bisection
+  // whose steps are selects (its branches would be as unpredictable as the slots).
+  static DUALRES_RANS_INLINE uint32_t bisect(const int32_t* c, uint32_t lo, uint32_t hi, uint32_t slot) {
+    for (uint32_t len = hi - lo + 1; len > 1;) {
+      const uint32_t half = len >> 1;
+      lo = static_cast<uint32_t>(c[lo + half]) <= slot ? lo + half : lo;
+      len -= half;
+    }
+    return lo;
+  }
+  // The symbol of the state's slot in row r by bisection between the bucket's entries k and k + 1,
+  // then the step with the checked renormalisation: the path of the buckets' middle symbols and
+  // of the stream's last bytes.
+  DUALRES_RANS_INLINE uint32_t slow_step(const CompatTables::Row& r, const int32_t* cdf, uint64_t k) {
+    constexpr uint32_t mask = (1u << kCompatPrecision) - 1;
+    const uint32_t slot = static_cast<uint32_t>(x) & mask;
+    const int32_t* c = cdf + r.cdf;
+    const uint32_t s = bisect(c, r.sym[k], r.sym[k + 1], slot);
+    x = uint64_t{static_cast<uint32_t>(c[s + 1] - c[s])} * (x >> kCompatPrecision) + slot - static_cast<uint32_t>(c[s]);
+    renorm();
+    return s;
+  }
+
+  // The lookup (FORMAT.md, "Compat stream"): bucket k = slot >> 10 of row t starts in symbol
+  // s0 = sym[k], and its last slot is in s1 = sym[k + 1]. A slot in s0 (slot - start0 < freq0)
+  // or in s1 (slot >= start1) is resolved with the two packed entries and selects, no branch;
+  // only a slot in a symbol strictly between them bisects the row's CDF. The step then forms the
+  // plain and the renormalised next state from the same product and selects one, and the next
+  // bucket index with it (from the state kept, or from the word read).
+  //
+  // Bounds: the fast path reads a stream word unchecked, so symbols are decoded in runs no longer
+  // than the whole words left (each step takes at most one); the slow and escape paths read
+  // through the checked word() and shorten the run. With fewer than 4 bytes left, one symbol at
+  // a time goes through the slow path.
+  template <class Sink>
+  DUALRES_RANS_INLINE Status decode_local(const int32_t* __restrict idx, int64_t n, const CompatTables& ct, Sink sink) {
+    using Row = CompatTables::Row;
+    const Row* __restrict rows = ct.rows.data();
+    const int32_t* __restrict cdf = ct.cdf.data();
+    const uint64_t T = static_cast<uint64_t>(ct.T);
     constexpr uint32_t shift = kCompatPrecision - kCompatBucketBits;
     constexpr uint64_t kmask = (uint64_t{1} << kCompatBucketBits) - 1;
-    constexpr int64_t stride = (int64_t{1} << kCompatBucketBits) + 1;
-    constexpr uint32_t mask = (1u << kCompatPrecision) - 1;
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t t = idx[i];
-      const int64_t row = int64_t{t} * stride;
-      const uint64_t k = (x >> shift) & kmask;
-      // The four 16-bit halves loaded separately: each feeds the chain without a shift or mask.
-      const uint8_t* e = reinterpret_cast<const uint8_t*>(bucket_sf + row + k);
-      const uint64_t st0 = load_u16(e), fm0 = load_u16(e + 2), st1 = load_u16(e + 4), fm1_1 = load_u16(e + 6);
-      const uint32_t s0 = bucket[row + k], s1 = bucket[row + k + 1];
-      const uint32_t slot = static_cast<uint32_t>(x) & mask;
-      uint32_t s;
-      if (__builtin_expect(s1 - s0 <= 1 && pos + 4 <= size, 1)) {
-        uint32_t w;
-        std::memcpy(&w, data + pos, 4);  // little-endian host assumed (x86/ARM), as in CompressAI
-        uint64_t st = st0, fm1 = fm0;
-        s = s0;
+    constexpr uint64_t mask = (uint64_t{1} << kCompatPrecision) - 1;
+    const uint8_t* const bytes = data;
+    uint64_t k = (x >> shift) & kmask;
+    int64_t i = 0;
+    while (i < n) {
+      int64_t end = std::min<int64_t>(n, i + static_cast<int64_t>((size - pos) / 4));
+      for (; i < end; ++i) {
+        const uint32_t t = static_cast<uint32_t>(idx[i]);
+        if (__builtin_expect(t >= T, 0)) return Status::kBadIndex;
+        const Row& r = rows[t];
+        // The four 16-bit halves loaded separately: each feeds the chain without a shift or mask.
+        const uint64_t st0 = load_u16(r.sf + k, 0), fm0 = load_u16(r.sf + k, 1);
+        const uint64_t st1 = load_u16(r.sf + k + 1, 0), fm1_1 = load_u16(r.sf + k + 1, 1);
+        const uint32_t s0 = r.sym[k], s1 = r.sym[k + 1];
+        const uint64_t slot = x & mask;
+        // Negative both: slot is past s0 (slot - st0 > fm0) and before s1 (slot < st1).
+        const int64_t past0 = static_cast<int64_t>(st0 + fm0 - slot), from1 = static_cast<int64_t>(slot - st1);
+        uint32_t s;
+        if (__builtin_expect((past0 & from1) >= 0, 1)) {
+          uint32_t w;
+          std::memcpy(&w, bytes + pos, 4);  // little-endian host assumed (x86/ARM), as in CompressAI
+          uint64_t st = st0, fm1 = fm0;
+          s = s0;
 #if defined(__x86_64__) && defined(__GNUC__)
-        asm("cmp %[b], %[slot]\n\tcmovae %[st1], %[st]\n\tcmovae %[f1], %[f]\n\tcmovae %[s1], %[s]"
-            : [st] "+r"(st), [f] "+r"(fm1), [s] "+r"(s)
-            : [b] "r"(st1), [slot] "r"(uint64_t{slot}), [st1] "r"(st1), [f1] "r"(fm1_1), [s1] "r"(s1)
-            : "cc");
+          // Spelled out: GCC turned these selects into unpredictable branches.
+          asm("cmp %[b], %[slot]\n\tcmovae %[st1], %[st]\n\tcmovae %[f1], %[f]\n\tcmovae %[s1], %[s]"
+              : [st] "+r"(st), [f] "+r"(fm1), [s] "+r"(s)
+              : [b] "r"(st1), [slot] "r"(slot), [st1] "r"(st1), [f1] "r"(fm1_1), [s1] "r"(s1)
+              : "cc");
 #else
-        const bool up = slot >= st1;
-        st = up ? st1 : st;
-        fm1 = up ? fm1_1 : fm1;
-        s = up ? s1 : s;
+          const bool up = slot >= st1;
+          st = up ? st1 : st;
+          fm1 = up ? fm1_1 : fm1;
+          s = up ? s1 : s;
 #endif
-        step(fm1, st, w);
-      } else {
-        // Bisection over the row's CDF for the symbol of slot in [s0, s1]; the same step with
-        // the bounds-checked renormalisation.
-        const int32_t* c = cdfs + int64_t{t} * W;
-        uint32_t lo = s0, hi = s1;
-        while (lo < hi) {
-          const uint32_t mid = (lo + hi + 1) >> 1;
-          if (static_cast<uint32_t>(c[mid]) <= slot)
-            lo = mid;
-          else
-            hi = mid - 1;
+          // x = freq * q + slot - start = (freq - 1) * q + r; with the word, (x << 32) | w comes
+          // from the same product ((freq - 1) * (q << 32)), in parallel with x.
+          const uint64_t q = x >> kCompatPrecision;
+          const uint64_t rest = q + slot - st;
+          const uint64_t keep = fm1 * q + rest;
+          const uint64_t renormed = fm1 * (q << 32) + ((rest << 32) | w);
+          const uint64_t next = pos + 4;
+          const uint64_t k_keep = (keep >> shift) & kmask, k_renormed = (w >> shift) & kmask;
+#if defined(__x86_64__) && defined(__GNUC__)
+          uint64_t nx = keep, np = pos, nk = k_keep;
+          asm("cmp %[low], %[keep]\n\tcmovb %[ren], %[nx]\n\tcmovb %[next], %[np]\n\tcmovb %[kr], %[nk]"
+              : [nx] "+r"(nx), [np] "+r"(np), [nk] "+r"(nk)
+              : [keep] "r"(keep), [low] "r"(kLow64), [ren] "r"(renormed), [next] "r"(next), [kr] "r"(k_renormed)
+              : "cc");
+          x = nx;
+          pos = np;
+          k = nk;
+#else
+          const bool need = keep < kLow64;
+          x = need ? renormed : keep;
+          pos = need ? next : pos;
+          k = need ? k_renormed : k_keep;
+#endif
+        } else {
+          s = slow_step(r, cdf, k);
+          k = (x >> shift) & kmask;
+          end = std::min<int64_t>(end, i + 1 + static_cast<int64_t>((size - pos) / 4));
         }
-        s = lo;
-        x = uint64_t(static_cast<uint32_t>(c[s + 1] - c[s])) * (x >> kCompatPrecision) + slot -
-            static_cast<uint32_t>(c[s]);
-        renorm();
+        int64_t v = s;
+        if (__builtin_expect(v == r.max_value, 0)) {
+          const Escape e = escape(*this, r.max_value);
+          x = e.x;
+          pos = e.pos;
+          overrun = e.overrun;
+          if (e.status != Status::kOk) return e.status;
+          v = e.v;
+          k = (x >> shift) & kmask;
+          end = std::min<int64_t>(end, i + 1 + static_cast<int64_t>((size - pos) / 4));
+        }
+        const int64_t o = v + r.offset;
+        if (__builtin_expect(o < INT32_MIN || o > INT32_MAX, 0)) return Status::kCorrupt;
+        sink(i, static_cast<int32_t>(o));
       }
-      const int64_t max_value = lengths[t] - 2;
-      int64_t v = s;
-      if (__builtin_expect(v == max_value, 0)) {
-        const Escape e = escape(*this, max_value);
+      if (i == n || pos + 4 <= size) continue;
+      // Fewer than 4 bytes left: one symbol through the checked path.
+      const uint32_t t = static_cast<uint32_t>(idx[i]);
+      if (t >= T) return Status::kBadIndex;
+      const Row& r = rows[t];
+      int64_t v = slow_step(r, cdf, k);
+      if (v == r.max_value) {
+        const Escape e = escape(*this, r.max_value);
         x = e.x;
         pos = e.pos;
         overrun = e.overrun;
         if (e.status != Status::kOk) return e.status;
         v = e.v;
       }
-      const int64_t o = v + offsets[t];
-      if (__builtin_expect(o < INT32_MIN || o > INT32_MAX, 0)) return Status::kCorrupt;
-      out[i] = static_cast<int32_t>(o);
+      k = (x >> shift) & kmask;
+      const int64_t o = v + r.offset;
+      if (o < INT32_MIN || o > INT32_MAX) return Status::kCorrupt;
+      sink(i, static_cast<int32_t>(o));
+      ++i;
     }
     return overrun ? Status::kTruncated : Status::kOk;
   }

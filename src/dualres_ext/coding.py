@@ -85,28 +85,41 @@ def encode(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: Lanes) 
     return ops.rans_encode(symbols, indexes, *tables, lanes=None if lanes == "multilane" else lanes)
 
 
-def decode(data, indexes: Tensor, tables: CoderTables, native_only: bool = False) -> Tensor:
+def decode(
+    data,
+    indexes: Tensor,
+    tables: CoderTables,
+    native_only: bool = False,
+    means: Optional[Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
     """int32 symbols shaped like ``indexes`` from one string of :func:`encode`, any ``lanes``.
 
     A string that passes a native header check (interleaved, then multi-lane) is decoded as that
     stream and, should that fail, as a CompressAI one (which passes a check only by accident); if
     both fail, the native decoder's error is raised. Any other string is decoded as a CompressAI
-    stream, unless ``native_only``: then only native streams are accepted (no CompressAI fallback)."""
+    stream, unless ``native_only``: then only native streams are accepted (no CompressAI fallback).
+
+    With ``means`` or ``dtype`` (float32/float64, CPU means of the indexes' shape) the dequantised
+    values come back instead, ``ops.dequantize(symbols, means, dtype)``: a CompressAI stream's are
+    written by its decoder in the same pass (:func:`dualres_ext.ops.rans_decode_compat`)."""
+    dequantized = means is not None or dtype is not None
     data = stream_tensor(data)
     native = _NATIVE_DECODERS.get(ops.stream_kind(data))
     if native is not None:
         try:
-            return native(data, indexes, *tables)
+            symbols = native(data, indexes, *tables)
         except ValueError as native_error:
             if native_only:
                 raise
             try:
-                return ops.rans_decode_compat(data, indexes, *tables)
+                return ops.rans_decode_compat(data, indexes, *tables, means=means, dtype=dtype)
             except ValueError:
                 raise native_error from None
+        return ops.dequantize(symbols, means, dtype) if dequantized else symbols
     if native_only:
         return ops.rans_decode(data, indexes, *tables)  # refused with the multi-lane header's error
-    return ops.rans_decode_compat(data, indexes, *tables)
+    return ops.rans_decode_compat(data, indexes, *tables, means=means, dtype=dtype)
 
 
 _NATIVE_DECODERS = {"interleaved": rans_interleaved.decode, "multilane": ops.rans_decode}
@@ -118,10 +131,17 @@ def encode_batch(symbols: Tensor, indexes: Tensor, tables: CoderTables, lanes: L
 
 
 def decode_batch(
-    strings: Sequence, indexes: Tensor, tables: CoderTables, native_only: bool = False, deferred: Optional[list] = None
+    strings: Sequence,
+    indexes: Tensor,
+    tables: CoderTables,
+    native_only: bool = False,
+    deferred: Optional[list] = None,
+    means: Optional[Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """int32 [N, L] on the indexes' device: row i decoded from ``strings[i]`` with ``indexes[i]``
-    (int32, [N, L]).
+    (int32, [N, L]). With ``means`` ([N, L]) or ``dtype``, the dequantised values instead
+    (:func:`decode`; CPU indexes, not with ``deferred``).
 
     ``deferred`` (a list, with ``native_only``): interleaved streams are decoded where the indexes
     are (:func:`~dualres_ext.ops.rans_interleaved.decode_deferred`: on a GPU without waiting for
@@ -140,5 +160,11 @@ def decode_batch(
             rows.append(symbols)
         return torch.stack(rows)
     host = indexes.cpu()
-    rows = [decode(s, host[i], tables, native_only) for i, s in enumerate(strings)]
+    if means is not None or dtype is not None:
+        rows = [
+            decode(s, host[i], tables, native_only, None if means is None else means[i], dtype)
+            for i, s in enumerate(strings)
+        ]
+    else:
+        rows = [decode(s, host[i], tables, native_only) for i, s in enumerate(strings)]
     return (rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)).to(indexes.device)

@@ -65,6 +65,22 @@ def check_decompress_args(strings, indexes: Tensor, means: Optional[Tensor]) -> 
                     raise ValueError("Invalid means parameters")
 
 
+def _dequantize_in_decoder(indexes: Tensor, means: Optional[Tensor], dtype: torch.dtype) -> bool:
+    """Whether ``decompress`` may have the decoder write ``dequantize(symbols, means, dtype)`` itself
+    (the same values, no pass over the symbols after it): host indexes, float32/float64 output,
+    means on the host of the indexes' very shape (no broadcasting) and needing no gradient."""
+    if indexes.device.type != "cpu":
+        return False
+    if means is None:
+        return dtype in (torch.float32, torch.float64)
+    return (
+        means.device.type == "cpu"
+        and means.dtype in (torch.float32, torch.float64)
+        and means.shape == indexes.shape
+        and not (means.requires_grad and torch.is_grad_enabled())
+    )
+
+
 class EntropyModel(nn.Module):
     """Base class: quantisation, the coder tables and compress/decompress on the native coder.
 
@@ -235,6 +251,10 @@ class EntropyModel(nn.Module):
         tables = self._coder_tables()
         on_device = deferred is not None and lanes is not None
         flat = self._as_indexes(indexes, host=not on_device).reshape(indexes.size(0), -1)  # the coder checks them
+        if not on_device and _dequantize_in_decoder(indexes, means, dtype):
+            rows = None if means is None else means.reshape(flat.shape)
+            values = coding.decode_batch(strings, flat, tables, native_only=lanes is not None, means=rows, dtype=dtype)
+            return values.reshape(indexes.shape)
         symbols = coding.decode_batch(strings, flat, tables, native_only=lanes is not None, deferred=deferred)
         symbols = symbols.reshape(indexes.shape).to(indexes.device)
         return self.dequantize(symbols, means, dtype)

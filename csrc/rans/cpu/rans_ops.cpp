@@ -16,6 +16,7 @@
 
 #include "common/gil_release.h"
 #include "rans/cpu/op_helpers.h"
+#include "rans/rans_compat_tables.h"
 #include "rans/rans_stream.h"
 
 namespace dualres::rans {
@@ -49,10 +50,12 @@ struct Tables {
 };
 
 void prepare_or_throw(Prepared& pt, const Tables& tb, const at::Tensor& idx, bool for_encode, bool compat) {
-  const char* err = compat ? pt.prepare_compat(tb.view, idx.data_ptr<int32_t>(), idx.numel(), for_encode)
+  const char* err = compat ? pt.prepare_compat(tb.view, idx.data_ptr<int32_t>(), idx.numel())
                            : pt.prepare(tb.view, idx.data_ptr<int32_t>(), idx.numel(), for_encode, 0);
   TORCH_CHECK_VALUE(err == nullptr, err ? err : "");
 }
+
+constexpr const char* kBadIndexMessage = "indexes: value out of range [0, number of CDF tables)";
 
 // ATen's thread pool behind the core's parallel_for interface. Lanes are handed out one at a
 // time from a shared counter rather than in fixed halves: when a worker is descheduled (a busy
@@ -142,8 +145,9 @@ at::Tensor decode_compat_impl(const at::Tensor& data, int64_t* state, const at::
   check_int32_cpu(indexes, "indexes");
   at::Tensor idx = indexes.contiguous();
   Tables tb(cdfs, cdf_lengths, offsets);
-  Prepared pt;
-  prepare_or_throw(pt, tb, idx, /*for_encode=*/false, /*compat=*/true);
+  CompatTables ct;
+  const char* err = ct.prepare_used(tb.view, idx.data_ptr<int32_t>(), idx.numel());
+  TORCH_CHECK_VALUE(err == nullptr, err ? err : "");
   at::Tensor out = at::empty(indexes.sizes(), at::TensorOptions().dtype(at::kInt));
   if (idx.numel() == 0 && check_end) return out;
   CompatDecoder dec;
@@ -160,7 +164,7 @@ at::Tensor decode_compat_impl(const at::Tensor& data, int64_t* state, const at::
   Status st;
   {
     GilRelease nogil;
-    st = dec.decode(idx.data_ptr<int32_t>(), idx.numel(), pt, out.data_ptr<int32_t>());
+    st = dec.decode(idx.data_ptr<int32_t>(), idx.numel(), ct, out.data_ptr<int32_t>());
   }
   if (st == Status::kOk && check_end && !dec.finished_cleanly()) st = Status::kCorrupt;
   throw_status(st, "rans_decode_compat");
@@ -181,6 +185,68 @@ at::Tensor rans_decode_compat_stream(const at::Tensor& data, const at::Tensor& s
   TORCH_CHECK_VALUE(state.device().is_cpu() && state.numel() == 2 && state.is_contiguous(),
                     "state must be a contiguous CPU tensor with 2 elements");
   return decode_compat_impl(data, state.data_ptr<int64_t>(), indexes, cdfs, cdf_lengths, offsets, /*check_end=*/false);
+}
+
+c10::intrusive_ptr<RansCompatTables> rans_compat_prepare(const at::Tensor& cdfs, const at::Tensor& cdf_lengths,
+                                                         const at::Tensor& offsets) {
+  Tables tb(cdfs, cdf_lengths, offsets);
+  auto h = c10::make_intrusive<RansCompatTables>();
+  h->tables.prepare_all(tb.view);
+  return h;
+}
+
+// A whole CompressAI stream with prepared tables, into the symbols or, with means or dtype, their
+// dequantised values (CompressAI's decompress: dtype(symbol) + mean) written by the decode loop.
+at::Tensor rans_decode_compat_prepared(const at::Tensor& data, const at::Tensor& indexes,
+                                       const c10::intrusive_ptr<RansCompatTables>& tables,
+                                       const std::optional<at::Tensor>& means, std::optional<at::ScalarType> dtype) {
+  size_t size = 0;
+  const uint8_t* bytes = stream_bytes(data, size);
+  check_int32_cpu(indexes, "indexes");
+  TORCH_CHECK_VALUE(tables, "tables: expected a RansCompatTables handle from rans_compat_prepare");
+  const CompatTables& ct = tables->tables;
+  const at::Tensor idx = indexes.contiguous();
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const int64_t n = idx.numel();
+  const char* err = ct.check_indexes(ip, n);
+  TORCH_CHECK_VALUE(err == nullptr, err ? err : "");
+  at::ScalarType out_type = at::kInt;
+  at::Tensor m;
+  if (means) {
+    TORCH_CHECK_TYPE(means->scalar_type() == at::kFloat || means->scalar_type() == at::kDouble,
+                     "means must be a float32 or float64 tensor, got ", means->scalar_type());
+    TORCH_CHECK_VALUE(means->device().is_cpu(), "means must be on the CPU, got ", means->device());
+    TORCH_CHECK_VALUE(means->numel() == n, "means must have one element per index (", n, "), got shape ",
+                      means->sizes());
+    m = means->contiguous();
+    out_type = m.scalar_type();
+  } else if (dtype) {
+    TORCH_CHECK_TYPE(*dtype == at::kFloat || *dtype == at::kDouble, "dtype must be float32 or float64, got ", *dtype);
+    out_type = *dtype;
+  }
+  at::Tensor out = at::empty(indexes.sizes(), at::TensorOptions().dtype(out_type));
+  if (n == 0) return out;
+  CompatDecoder dec;
+  throw_status(dec.init(bytes, size), "rans_decode_compat");
+  Status st;
+  {
+    GilRelease nogil;
+    if (out_type == at::kInt) {
+      st = dec.decode(ip, n, ct, CompatSymbols{out.data_ptr<int32_t>()});
+    } else if (out_type == at::kFloat) {
+      st = m.defined()
+               ? dec.decode(ip, n, ct, CompatDequantized<float, true>{out.data_ptr<float>(), m.data_ptr<float>()})
+               : dec.decode(ip, n, ct, CompatDequantized<float, false>{out.data_ptr<float>(), nullptr});
+    } else {
+      st = m.defined()
+               ? dec.decode(ip, n, ct, CompatDequantized<double, true>{out.data_ptr<double>(), m.data_ptr<double>()})
+               : dec.decode(ip, n, ct, CompatDequantized<double, false>{out.data_ptr<double>(), nullptr});
+    }
+  }
+  TORCH_CHECK_VALUE(st != Status::kBadIndex, kBadIndexMessage);
+  if (st == Status::kOk && !dec.finished_cleanly()) st = Status::kCorrupt;
+  throw_status(st, "rans_decode_compat");
+  return out;
 }
 
 // The validated header of a native stream (CRC included): [precision, states per lane, symbols,
@@ -216,4 +282,7 @@ TORCH_LIBRARY_IMPL(dualres_ext, CPU, m) {
   m.impl("rans_encode_compat", &dualres::rans::rans_encode_compat);
   m.impl("rans_decode_compat", &dualres::rans::rans_decode_compat);
   m.impl("rans_decode_compat_stream", &dualres::rans::rans_decode_compat_stream);
+  dualres::rans::register_compat_tables_class();
+  m.impl("rans_compat_prepare", &dualres::rans::rans_compat_prepare);
+  m.impl("rans_decode_compat_prepared", &dualres::rans::rans_decode_compat_prepared);
 }

@@ -216,9 +216,13 @@ static void test_compat() {
     std::vector<int32_t> sym, idx;
     random_symbols(rng, tb, n, sym, idx);
     for (auto& s : sym) s = std::max(std::min(s, (1 << 29)), -(1 << 29));  // CompressAI's range
-    Prepared pe, pd;
-    pe.prepare_compat(tb.view(), idx.data(), n, true);
-    pd.prepare_compat(tb.view(), idx.data(), n, false);
+    Prepared pe;
+    pe.prepare_compat(tb.view(), idx.data(), n);
+    // The tables of one call (rows used) and of a handle (all rows): the same decoder either way.
+    CompatTables pd, all;
+    CHECK(pd.prepare_used(tb.view(), idx.data(), n) == nullptr, "compat prepare");
+    all.prepare_all(tb.view());
+    CHECK(all.check_indexes(idx.data(), n) == nullptr, "compat indexes");
     std::vector<uint8_t> stream;
     CHECK(compat_encode(sym.data(), idx.data(), n, pe, stream) == Status::kOk, "compat encode");
     CompatDecoder dec;
@@ -230,6 +234,16 @@ static void test_compat() {
     CHECK(dec.decode(idx.data() + half, n - half, pd, out.data() + half) == Status::kOk, "piece 2");
     CHECK(dec.finished_cleanly(), "compat clean end");
     CHECK(out == sym, "compat round trip n=%lld", (long long)n);
+    // Dequantised in the decode pass: double(symbol) + mean.
+    std::vector<double> means(n), values(n);
+    for (int64_t k = 0; k < n; ++k) means[k] = 0.25 * static_cast<double>(k % 7) - 0.5;
+    CompatDecoder dq;
+    CHECK(dq.init(stream.data(), stream.size()) == Status::kOk, "init 2");
+    CHECK(dq.decode(idx.data(), n, all, CompatDequantized<double, true>{values.data(), means.data()}) == Status::kOk,
+          "dequantised");
+    CHECK(dq.finished_cleanly(), "dequantised clean end");
+    for (int64_t k = 0; k < n; ++k)
+      CHECK(values[k] == static_cast<double>(sym[k]) + means[k], "dequantised value n=%lld", (long long)n);
     if (n > 100) {
       // Bypass chunks are stored verbatim, so only escape-free streams have every bit flip
       // detectable from the final state; re-encode without escapes.
@@ -259,11 +273,43 @@ static void test_compat() {
       }
     }
   }
+  {
+    // A handle's rows that cannot decode are an error only for indexes naming them; an index out
+    // of range stops the decoder itself.
+    Tables tb = random_tables(rng, 3, 16);
+    tb.cdfs[1 * tb.W] = 1;  // row 1 no longer starts at 0
+    std::vector<int32_t> sym, idx;
+    random_symbols(rng, tb, 500, sym, idx);
+    for (auto& t : idx) t = t == 1 ? 2 : t;
+    for (int64_t k = 0; k < 500; ++k) sym[k] = tb.offsets[idx[k]];
+    CompatTables all;
+    all.prepare_all(tb.view());
+    CHECK(!all.all_usable && all.check_indexes(idx.data(), 500) == nullptr, "unused bad row");
+    CompatTables used;
+    CHECK(used.prepare_used(tb.view(), idx.data(), 500) == nullptr, "unused bad row (call)");
+    Prepared pe;
+    CHECK(pe.prepare_compat(tb.view(), idx.data(), 500) == nullptr, "compat prepare (bad row unused)");
+    std::vector<uint8_t> stream;
+    CHECK(compat_encode(sym.data(), idx.data(), 500, pe, stream) == Status::kOk, "compat encode 3");
+    std::vector<int32_t> out(500);
+    CompatDecoder dec;
+    CHECK(dec.init(stream.data(), stream.size()) == Status::kOk, "init 3");
+    CHECK(dec.decode(idx.data(), 500, all, out.data()) == Status::kOk && dec.finished_cleanly() && out == sym,
+          "decode beside a bad row");
+    idx[250] = 1;
+    CHECK(all.check_indexes(idx.data(), 500) != nullptr, "bad row used");
+    CHECK(used.prepare_used(tb.view(), idx.data(), 500) != nullptr, "bad row used (call)");
+    idx[250] = 3;
+    CHECK(all.check_indexes(idx.data(), 500) != nullptr, "index out of range");
+    CompatDecoder d2;
+    CHECK(d2.init(stream.data(), stream.size()) == Status::kOk, "init 4");
+    CHECK(d2.decode(idx.data(), 500, all, out.data()) == Status::kBadIndex, "decoder range check");
+  }
   // A value CompressAI cannot represent is refused.
   Tables tb = random_tables(rng, 1, 16);
   int32_t s = INT32_MAX, i = 0;
   Prepared pe;
-  pe.prepare_compat(tb.view(), &i, 1, true);
+  pe.prepare_compat(tb.view(), &i, 1);
   std::vector<uint8_t> stream;
   CHECK(compat_encode(&s, &i, 1, pe, stream) == Status::kUnencodable, "unencodable");
 }
