@@ -61,6 +61,7 @@ is no longer used for running.)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Optional, Sequence
@@ -70,6 +71,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .cache import TensorCache
+from .ops import int_conv as _int16
 
 FLOAT32_EXACT = 1 << 24  # every integer of magnitude <= 2^24 is a float32
 FLOAT64_EXACT = 1 << 53  # ... <= 2^53 a float64
@@ -77,14 +79,49 @@ DIGIT_BASE = 128  # balanced base-128 digits in [-64, 63] feed the int8 GEMMs
 DIGIT_HALF = 64
 _SPARSE_DIGIT = 0.5  # a weight digit nonzero in at most this share of the columns: a GEMM of its own
 
-__all__ = ["IntConv", "IntLUT", "int8_gemm_ok", "quantize_to_grid", "FLOAT32_EXACT", "FLOAT64_EXACT"]
+__all__ = [
+    "IntConv",
+    "IntLUT",
+    "float64_convolutions",
+    "int16_conv_ok",
+    "int8_gemm_ok",
+    "quantize_to_grid",
+    "FLOAT32_EXACT",
+    "FLOAT64_EXACT",
+]
+
+
+_float64_only = False  # set by float64_convolutions()
+
+
+@contextlib.contextmanager
+def float64_convolutions():
+    """Within the block, every :class:`IntConv` call runs the float64 convolutions (the formulation
+    used off CPU): a reference for tests and benchmarks. Process-wide, not thread-safe."""
+    global _float64_only
+    saved, _float64_only = _float64_only, True
+    try:
+        yield
+    finally:
+        _float64_only = saved
+
+
+def int16_conv_ok(device: torch.device) -> bool:
+    """Whether :class:`IntConv` runs the native int16 kernel (:mod:`dualres_ext.ops.int_conv`) on
+    ``device`` for the layers it takes: the CPU."""
+    return device.type == "cpu" and not _float64_only
 
 
 def int8_gemm_ok(device: torch.device) -> bool:
     """Whether :class:`IntConv` computes by int8 GEMMs (``torch._int_mm``, exact for operands in
-    ``[-64, 63]`` on every CPU instruction set) on ``device``: CPU, where ``_int_mm`` exists and
-    oneDNN is on (without it ``_int_mm`` falls back to a loop about 100x slower). Elsewhere it
-    uses the float64 im2col convolutions (the same integers)."""
+    ``[-64, 63]`` on every CPU instruction set) on ``device`` for the layers the int16 kernel does
+    not take: CPU, where ``_int_mm`` exists and oneDNN is on (without it ``_int_mm`` falls back to
+    a loop about 100x slower). Elsewhere it uses the float64 im2col convolutions (the same
+    integers)."""
+    return not _float64_only and _int8_capable(device)
+
+
+def _int8_capable(device: torch.device) -> bool:
     return (
         device.type == "cpu"
         and torch.backends.mkldnn.is_available()
@@ -297,23 +334,32 @@ class IntConv(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _runtime(self):
-        """Per-device working copies, cached until a buffer changes: the int8 GEMM plan (CPU,
-        :func:`gemm_plan`; None where a precondition fails), float64 weights (the fallback), and the
-        per-channel vectors shaped (1, C, 1, 1): input bound (float32 and float64), bias,
-        multiplier, output bounds (float64)."""
+        """Per-device working copies, cached until a buffer changes: the packed int16 weights of the
+        native kernel (CPU, where :func:`dualres_ext.ops.int_conv.int16_fits` takes the layer), else
+        the int8 GEMM plan (CPU, :func:`gemm_plan`; None where a precondition fails), float64
+        weights (the fallback), and the per-channel vectors shaped (1, C, 1, 1): input bound
+        (float32 and float64), bias, multiplier, output bounds (float64)."""
         transposed, stride, padding, output_padding = self._settings()
         device = self.weight.device
 
         def build():
             view = (1, -1, 1, 1)
+            native = None
+            # made whatever float64_convolutions() says: the calls choose
+            if device.type == "cpu" and _int16.int16_fits(self.weight, self.bias, self.in_bound, transposed, stride):
+                native = _int16.pack(self.weight, stride, padding, transposed)
             # A 1x1 layer is a plain GEMM with a small depth: one float64 GEMM (as exact) costs less
             # than splitting and recombining digits (measured on CPU, 1 and 2 threads).
             pointwise = not transposed and stride == 1 and padding == 0 and self.weight.shape[-2:] == (1, 1)
             gemm = None
-            if int8_gemm_ok(device) and not pointwise:
+            if native is None and _int8_capable(device) and not pointwise:
                 gemm = gemm_plan(self.weight, self.bias, self.in_bound, transposed, stride, padding, output_padding)
             w64 = self.weight.to(device, torch.float64)
             return {
+                "native": native,
+                "kernel": int(self.weight.shape[-1]),
+                # the output range, for tables indexed by it (Python integers, read once)
+                "out_range": (int(self.out_low.min()), int(self.out_high.max())),
                 "gemm": gemm,
                 "w64": w64,
                 "w64_2d": w64.flatten(1) if pointwise else None,
@@ -333,13 +379,41 @@ class IntConv(nn.Module):
 
         return _runtime_cache.get(self, [getattr(self, n) for n in _BUFFERS], build)
 
+    def _native(self, rt: dict, inputs: Sequence[Tensor]) -> bool:
+        """Whether this call runs the native int16 kernel."""
+        return rt["native"] is not None and all(int16_conv_ok(x.device) for x in inputs)
+
+    def _int16(
+        self, rt: dict, inputs: Sequence[Tensor], requantise: bool, table: Optional[Tensor], channels_last: bool
+    ):
+        transposed, stride, padding, output_padding = self._settings()
+        inputs = [x if x.dtype == torch.float32 else x.float() for x in inputs]
+        extra = (self.multiplier, self.out_low, self.out_high, table) if requantise else (None, None, None, None)
+        return _int16.int_conv(
+            inputs,
+            rt["native"],
+            self.bias,
+            self.in_bound,
+            *extra,
+            kernel_size=rt["kernel"],
+            stride=stride,
+            padding=padding,
+            output_padding=output_padding,
+            transposed=transposed,
+            channels_last=channels_last,
+        )
+
     def accumulate(self, a: Tensor, bounded: bool = False) -> Tensor:
         """The exact integer accumulator ``bias + conv(clamp(a), weight)`` as float64.
-        ``bounded``: the caller guarantees ``|a_i| <= in_bound[i]`` (the clamp is skipped)."""
-        return self._accumulate(a, bounded, self._runtime()).double()
+        ``bounded``: the caller guarantees ``|a_i| <= in_bound[i]`` (the clamp may be skipped)."""
+        rt = self._runtime()
+        if self._native(rt, [a]):
+            return self._int16(rt, [a], False, None, False).double()
+        return self._accumulate(a, bounded, rt).double()
 
     def _accumulate(self, a: Tensor, bounded: bool, rt: dict) -> Tensor:
-        """:meth:`accumulate`, as int32 where the int8 GEMM plan bounds it below 2^31, else float64."""
+        """:meth:`accumulate` by the int8 GEMMs or the float64 convolutions: int32 where the int8
+        GEMM plan bounds it below 2^31, else float64."""
         transposed, stride, padding, output_padding = self._settings()
         gemm = rt["gemm"]
         if gemm is not None and int8_gemm_ok(a.device):
@@ -362,10 +436,36 @@ class IntConv(nn.Module):
             )
         return torch._C._nn.thnn_conv2d(a, w, k, rt["bias_flat"], [stride] * 2, [padding] * 2)
 
-    def forward(self, a: Tensor, bounded: bool = False, index_offset: Optional[int] = None) -> Tensor:
-        """Requantised output ``clamp(round_half_even(acc * m), low, high)`` as float32 integers;
-        with ``index_offset``, that plus the offset as int32 (the index of an :class:`IntLUT`)."""
+    def forward(
+        self,
+        a,
+        bounded: bool = False,
+        index_offset: Optional[int] = None,
+        table: Optional["IntLUT"] = None,
+        channels_last: bool = False,
+    ) -> Tensor:
+        """Requantised output ``clamp(round_half_even(acc * m), low, high)`` as float32 integers of
+        the input ``a`` (a tensor, or a sequence of tensors concatenated along the channels);
+        ``bounded``: the caller guarantees the input bounds (the clamp may be skipped). With
+        ``index_offset``, the output plus the offset as int32 (the index of an :class:`IntLUT`);
+        with ``table`` (an :class:`IntLUT` whose range holds the output's), ``table`` of the output.
+        ``channels_last``: the output's memory layout where the native kernel runs (elsewhere
+        NCHW); the values do not depend on it."""
+        inputs = [a] if isinstance(a, Tensor) else list(a)
+        if index_offset is not None and table is not None:
+            raise ValueError("IntConv: index_offset or table, not both")
         rt = self._runtime()
+        if self._native(rt, inputs):
+            low, high = rt["out_range"]
+            if table is not None and -table.bound <= low and high <= table.bound:
+                return self._int16(rt, inputs, True, table.values(), channels_last)
+            out = self._int16(rt, inputs, True, None, channels_last)
+            if table is not None:
+                return table(out)
+            if index_offset is not None:
+                return out.add_(float(index_offset)).to(torch.int32)
+            return out
+        a = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
         acc = self._accumulate(a, bounded, rt)
         # One IEEE float64 multiply of the exact accumulator (int32 converted exactly, in the kernel).
         acc = acc.mul_(rt["mult"]) if acc.dtype == torch.float64 else torch.mul(acc, rt["mult"])
@@ -374,6 +474,8 @@ class IntConv(nn.Module):
             acc = acc.clamp_(*rt["uniform"])
         else:
             acc = torch.clamp(acc, rt["low"], rt["high"])
+        if table is not None:
+            return table(acc)
         if index_offset is not None:
             return acc.add_(float(index_offset)).to(torch.int32)
         return acc.float()
@@ -636,10 +738,14 @@ class IntLUT(nn.Module):
     def bound(self) -> int:
         return (self.table.numel() - 1) // 2
 
+    def values(self) -> Tensor:
+        """The table as float32 (made once per change of ``table``)."""
+        return _runtime_cache.get(self, [self.table], lambda: {"t": self.table.float()})["t"]
+
     def forward(self, q: Tensor) -> Tensor:
         """``q``: float integers (clamped here), or int32/int64 indexes ``q + bound`` already in range
         (what :meth:`IntConv.forward` gives with ``index_offset=bound``). float32 out."""
-        table = _runtime_cache.get(self, [self.table], lambda: {"t": self.table.float()})["t"]
+        table = self.values()
         if q.is_floating_point():
             bound = self.bound
             q = q.clamp(-bound, bound).add_(bound).to(torch.int32)
