@@ -40,6 +40,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "common/cpu_kernels.h"
@@ -261,29 +262,18 @@ DUALRES_TARGET_AVX512_VNNI void tile_avx512(const TileArgs& a, int32_t* acc) {
 #endif
 
 // ----------------------------------------------------------------------------- requantisation
-// Where one output pixel's channels go: dst[m * stride] for channel m of the tile.
-struct Dst {
-  void* base;  // the tile's first channel of this pixel
-  int64_t stride;
-};
+// finish_*: channels [m, m + count) of one pixel's accumulators `acc` to `dst` (32-bit values,
+// contiguous): the accumulators themselves, or requantised (through the table) as float32.
 
-template <class T>
-void scatter(const T* v, int64_t count, const Dst& d) {
-  T* out = static_cast<T*>(d.base);
-  for (int64_t i = 0; i < count; ++i) out[i * d.stride] = v[i];
-}
-
-// Channels [m, m + count) of one pixel's accumulators (count <= 16).
-void finish_scalar(const Layer& L, const int32_t* acc, int64_t m, int64_t count, const Dst& d) {
-  if (L.mode == Mode::kAccumulator) return scatter(acc, count, d);
-  float v[kChannelBlock];
+void finish_scalar(const Layer& L, const int32_t* acc, int64_t m, int64_t count, int32_t* dst) {
+  if (L.mode == Mode::kAccumulator) return (void)std::memcpy(dst, acc, count * sizeof(int32_t));
+  float* out = reinterpret_cast<float*>(dst);
   for (int64_t i = 0; i < count; ++i) {
     double q = std::nearbyint(static_cast<double>(acc[i]) * L.mult[m + i]);
     q = q > L.low[m + i] ? q : L.low[m + i];  // max_pd / min_pd: the second operand on ties
     q = q < L.high[m + i] ? q : L.high[m + i];
-    v[i] = L.mode == Mode::kTable ? L.table[static_cast<int32_t>(q) + L.table_bound] : static_cast<float>(q);
+    out[i] = L.mode == Mode::kTable ? L.table[static_cast<int32_t>(q) + L.table_bound] : static_cast<float>(q);
   }
-  scatter(v, count, d);
 }
 
 #if DUALRES_CPU_X86
@@ -294,9 +284,9 @@ DUALRES_TARGET_AVX2 __m256d requant4(__m128i a, const double* mult, const double
   return _mm256_min_pd(q, _mm256_loadu_pd(high));
 }
 
-// Channels [m, m + count) of one pixel (count <= 8).
-DUALRES_TARGET_AVX2 void finish_avx2(const Layer& L, const int32_t* acc, int64_t m, int64_t count, const Dst& d) {
-  if (L.mode == Mode::kAccumulator) return scatter(acc, count, d);
+// count <= 8
+DUALRES_TARGET_AVX2 void finish_avx2(const Layer& L, const int32_t* acc, int64_t m, int64_t count, int32_t* dst) {
+  if (L.mode == Mode::kAccumulator) return (void)std::memcpy(dst, acc, count * sizeof(int32_t));
   const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc));
   const __m256d q0 = requant4(_mm256_castsi256_si128(a), &L.mult[m], &L.low[m], &L.high[m]);
   const __m256d q1 = requant4(_mm256_extracti128_si256(a, 1), &L.mult[m + 4], &L.low[m + 4], &L.high[m + 4]);
@@ -308,10 +298,11 @@ DUALRES_TARGET_AVX2 void finish_avx2(const Layer& L, const int32_t* acc, int64_t
   } else {
     v = _mm256_set_m128(_mm256_cvtpd_ps(q1), _mm256_cvtpd_ps(q0));
   }
-  if (d.stride == 1 && count == 8) return _mm256_storeu_ps(static_cast<float*>(d.base), v);
+  float* out = reinterpret_cast<float*>(dst);
+  if (count == 8) return _mm256_storeu_ps(out, v);
   alignas(32) float tmp[8];
   _mm256_store_ps(tmp, v);
-  scatter(tmp, count, d);
+  std::memcpy(out, tmp, count * sizeof(float));
 }
 
 DUALRES_TARGET_AVX512_VNNI __m512d requant8(__m256i a, const double* mult, const double* low, const double* high) {
@@ -321,15 +312,12 @@ DUALRES_TARGET_AVX512_VNNI __m512d requant8(__m256i a, const double* mult, const
   return _mm512_min_pd(q, _mm512_loadu_pd(high));
 }
 
-// Channels [m, m + count) of one pixel (count <= 16).
+// count <= 16
 DUALRES_TARGET_AVX512_VNNI void finish_avx512(const Layer& L, const int32_t* acc, int64_t m, int64_t count,
-                                              const Dst& d) {
+                                              int32_t* dst) {
   const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
-  if (L.mode == Mode::kAccumulator) {
-    if (d.stride == 1) return _mm512_mask_storeu_epi32(d.base, mask, _mm512_loadu_si512(acc));
-    return scatter(acc, count, d);
-  }
   const __m512i a = _mm512_loadu_si512(acc);
+  if (L.mode == Mode::kAccumulator) return _mm512_mask_storeu_epi32(dst, mask, a);
   const __m512d q0 = requant8(_mm512_castsi512_si256(a), &L.mult[m], &L.low[m], &L.high[m]);
   const __m512d q1 = requant8(_mm512_extracti64x4_epi64(a, 1), &L.mult[m + 8], &L.low[m + 8], &L.high[m + 8]);
   __m512 v;
@@ -340,10 +328,7 @@ DUALRES_TARGET_AVX512_VNNI void finish_avx512(const Layer& L, const int32_t* acc
   } else {
     v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(q0)), _mm512_cvtpd_ps(q1), 1);
   }
-  if (d.stride == 1) return _mm512_mask_storeu_ps(d.base, mask, v);
-  alignas(64) float tmp[16];
-  _mm512_store_ps(tmp, v);
-  scatter(tmp, count, d);
+  _mm512_mask_storeu_ps(dst, mask, v);
 }
 #endif
 
@@ -353,8 +338,7 @@ struct Run {
   const Taps* taps;
   Kernel kernel;
   int64_t N, H, W, Ho, Wo;
-  int64_t pad_top, pad_left, Hp, Wp;
-  const int32_t* xbuf;  // [N][Hp][Wp][CP] int16 pairs
+  int64_t pad_top, pad_left, Hp, Wp;  // the zero-padded input: row y of the input is padded row y + pad_top
   void* out;
   bool channels_last, int_out;
 };
@@ -407,33 +391,36 @@ std::vector<std::pair<int64_t, TileShape>> channel_blocks(Kernel kernel, int64_t
   return out;
 }
 
-void finish(Kernel kernel, const Layer& L, const int32_t* acc, int64_t m, int64_t count, const Dst& d) {
+void finish(Kernel kernel, const Layer& L, const int32_t* acc, int64_t m, int64_t count, int32_t* dst) {
 #if DUALRES_CPU_X86
-  if (kernel == Kernel::kAvx512) return finish_avx512(L, acc, m, count, d);
+  if (kernel == Kernel::kAvx512) return finish_avx512(L, acc, m, count, dst);
   if (kernel == Kernel::kAvx2) {
-    finish_avx2(L, acc, m, std::min<int64_t>(count, 8), d);
-    if (count > 8) {
-      const size_t elem = L.mode == Mode::kAccumulator ? sizeof(int32_t) : sizeof(float);
-      const Dst d8{static_cast<char*>(d.base) + 8 * d.stride * elem, d.stride};
-      finish_avx2(L, acc + 8, m + 8, count - 8, d8);
-    }
+    finish_avx2(L, acc, m, std::min<int64_t>(count, 8), dst);
+    if (count > 8) finish_avx2(L, acc + 8, m + 8, count - 8, dst + 8);
     return;
   }
 #endif
-  finish_scalar(L, acc, m, count, d);
+  finish_scalar(L, acc, m, count, dst);
 }
 
-// One row of one phase grid of one image: every channel block, every tile.
-void run_row(const Run& r, int64_t n, const Phase& ph, int64_t qy, const std::vector<int64_t>& tap_off,
-             const std::vector<std::pair<int64_t, TileShape>>& blocks) {
+// One row of one phase grid of one image: every channel block, every tile. `xbuf` holds the
+// image's padded rows from `first_row` on (int16 pairs, Wp * CP per row). Channels-last outputs
+// are written in place; NCHW ones go through `rowbuf` (the row's pixels x channels, 32-bit
+// values, at least cols * M), then one transposing copy.
+void run_row(const Run& r, int64_t n, const Phase& ph, int64_t qy, const int32_t* xbuf, int64_t first_row,
+             const std::vector<int64_t>& tap_off, const std::vector<std::pair<int64_t, TileShape>>& blocks,
+             int32_t* rowbuf) {
+  static_assert(sizeof(float) == sizeof(int32_t), "outputs are 32-bit values");
   const Layer& L = *r.L;
   const int64_t in_step = r.taps->in_step, out_step = r.taps->out_step;
   const int64_t oy = qy * out_step + ph.ry;
-  const size_t elem = r.int_out ? sizeof(int32_t) : sizeof(float);
-  char* out = static_cast<char*>(r.out);
+  int32_t* out = static_cast<int32_t*>(r.out);
+  // Where the channels of grid column q go: base + q * pixel_stride (+ channel).
+  int32_t* base = r.channels_last ? out + ((n * r.Ho + oy) * r.Wo + ph.rx) * L.M : rowbuf;
+  const int64_t pixel_stride = r.channels_last ? out_step * L.M : L.M;
   alignas(64) int32_t acc[kMaxTilePixels * 64];
-  // The base pixel of grid point (qy, 0): taps add their offsets.
-  const int32_t* row = r.xbuf + ((n * r.Hp + qy * in_step + r.pad_top) * r.Wp + r.pad_left) * L.CP;
+  // The base pixel of grid point (qy, 0) (a packed row): taps add their offsets.
+  const int32_t* row = xbuf + ((qy * in_step + r.pad_top - first_row) * r.Wp + r.pad_left) * L.CP;
   for (const auto& [m0, shape] : blocks) {
     TileArgs a{nullptr, tap_off.data() + ph.first, ph.count, in_step * L.CP, L.w + (ph.first * L.CP * L.Mp + m0), L.CP,
                L.Mp,    L.bias.data() + m0};
@@ -441,22 +428,16 @@ void run_row(const Run& r, int64_t n, const Phase& ph, int64_t qy, const std::ve
       a.x = row + qx * in_step * L.CP;
       shape.fn(a, acc);
       const int64_t valid = std::min<int64_t>(shape.np, ph.cols - qx);
-      for (int64_t p = 0; p < valid; ++p) {
-        const int64_t ox = (qx + p) * out_step + ph.rx;
-        for (int64_t m = m0; m < m0 + shape.channels && m < L.M; m += kChannelBlock) {
-          const int64_t count = std::min<int64_t>(kChannelBlock, L.M - m);
-          int64_t offset, stride;
-          if (r.channels_last) {
-            offset = ((n * r.Ho + oy) * r.Wo + ox) * L.M + m;
-            stride = 1;
-          } else {
-            offset = ((n * L.M + m) * r.Ho + oy) * r.Wo + ox;
-            stride = r.Ho * r.Wo;
-          }
-          finish(r.kernel, L, acc + p * shape.channels + (m - m0), m, count, Dst{out + offset * elem, stride});
-        }
-      }
+      for (int64_t p = 0; p < valid; ++p)
+        for (int64_t m = m0; m < m0 + shape.channels && m < L.M; m += kChannelBlock)
+          finish(r.kernel, L, acc + p * shape.channels + (m - m0), m, std::min<int64_t>(kChannelBlock, L.M - m),
+                 base + (qx + p) * pixel_stride + m);
     }
+  }
+  if (r.channels_last) return;
+  for (int64_t m = 0; m < L.M; ++m) {
+    int32_t* dst = out + ((n * L.M + m) * r.Ho + oy) * r.Wo + ph.rx;
+    for (int64_t q = 0; q < ph.cols; ++q) dst[q * out_step] = rowbuf[q * L.M + m];
   }
 }
 
@@ -488,15 +469,16 @@ bool convert(Tag tag, const float* src, int64_t src_stride, int16_t* dst, int64_
   return bad != 0;
 }
 
-// Fills the padded rows [begin, end) (row = n * Hp + padded y) of the int16 buffer.
+// Fills padded rows [first, last] of image n into buf (row first at buf); returns true if a value
+// was NaN or not an integer.
 template <class Tag>
-bool pack_rows(Tag tag, const Run& r, const std::vector<Piece>& pieces, const float* bound, int64_t C, int16_t* buf,
-               int64_t begin, int64_t end) {
+bool pack_rows(Tag tag, const Run& r, const std::vector<Piece>& pieces, const float* bound, int64_t C, int64_t n,
+               int64_t first, int64_t last, int16_t* buf) {
   const int64_t C2 = 2 * r.L->CP;
   bool bad = false;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / r.Hp, iy = row % r.Hp - r.pad_top;
-    int16_t* dst = buf + row * r.Wp * C2;
+  for (int64_t row = first; row <= last; ++row) {
+    const int64_t iy = row - r.pad_top;
+    int16_t* dst = buf + (row - first) * r.Wp * C2;
     if (iy < 0 || iy >= r.H) {
       std::memset(dst, 0, r.Wp * C2 * sizeof(int16_t));
       continue;
@@ -533,19 +515,24 @@ void check_exactness(const Layer& L, const Taps& taps, const std::vector<int32_t
   const int16_t* w = reinterpret_cast<const int16_t*>(L.w);
   const int64_t Mp = L.Mp, CP = L.CP;
   std::vector<int64_t> worst(Mp, 0), sum(Mp);
-  int64_t* s = sum.data();
   for (const Phase& ph : taps.phases) {
     std::fill(sum.begin(), sum.end(), 0);
+    const int16_t* wp = w + ph.first * CP * Mp * 2;
+    const int64_t pairs = ph.count * CP;
     cpu::dispatch([&](auto tag) {
       cpu::run(tag, [&]() DUALRES_CPU_INLINE {
-        for (int64_t t = ph.first; t < ph.first + ph.count; ++t)
-          for (int64_t cp = 0; cp < CP; ++cp) {
-            const int16_t* wr = w + (t * CP + cp) * Mp * 2;
-            const int32_t a0 = A2[2 * cp], a1 = A2[2 * cp + 1];
-            // |w| <= 2^15 and A <= 2^15 - 1: the pair's sum is below 2^31
-            for (int64_t m = 0; m < Mp; ++m)
-              s[m] += std::abs(int32_t(wr[2 * m])) * a0 + std::abs(int32_t(wr[2 * m + 1])) * a1;
-          }
+        // Locals: stores to the sums must not look as if they could change the sizes.
+        const int16_t* const wl = wp;
+        const int32_t* const a = A2.data();
+        int64_t* const s = sum.data();
+        const int64_t n = pairs, mp = Mp, cp = CP;
+        for (int64_t j = 0; j < n; ++j) {
+          const int16_t* wr = wl + j * mp * 2;
+          const int32_t a0 = a[2 * (j % cp)], a1 = a[2 * (j % cp) + 1];
+          // |w| <= 2^15, A <= 2^15 - 1: the pair's sum is below 2^31
+          for (int64_t m = 0; m < mp; ++m)
+            s[m] += std::abs(int32_t(wr[2 * m])) * a0 + std::abs(int32_t(wr[2 * m + 1])) * a1;
+        }
       });
     });
     for (int64_t m = 0; m < Mp; ++m) worst[m] = std::max(worst[m], sum[m]);
@@ -732,34 +719,67 @@ at::Tensor int_conv_cpu(at::TensorList inputs, const at::Tensor& packed, const a
   if (N == 0) return out;
   r.out = out.data_ptr();
 
-  // The int16 input buffer, plus slack for the last tile's pixels beyond a row's end.
-  const int64_t rows = N * r.Hp, row_len = r.Wp * 2 * CP;
-  const int64_t slack = (kMaxTilePixels * taps.in_step + 1) * 2 * CP;
-  at::Tensor xbuf = at::empty({rows * row_len + slack}, at::TensorOptions().dtype(at::kShort));
-  int16_t* buf = xbuf.data_ptr<int16_t>();
-  std::memset(buf + rows * row_len, 0, slack * sizeof(int16_t));
-  std::atomic<bool> bad{false};
-  cpu::dispatch([&](auto tag) {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      if (pack_rows(tag, r, pieces, boundf.data(), C, buf, begin, end)) bad.store(true);
-    });
-  });
-  TORCH_CHECK_VALUE(!bad.load(), "int_conv: the inputs must be integers (found NaN or a fraction)");
-  r.xbuf = reinterpret_cast<const int32_t*>(buf);
-
+  // Work items: the rows of every phase grid, by image, then grid row, then phase. A thread takes
+  // a run of items, converts the padded input rows they read into its own int16 buffer (rows
+  // shared with a neighbour's run are converted by both), then computes them: one parallel region.
+  struct Item {
+    int64_t n, qy;
+    const Phase* ph;
+    int64_t first, last;  // the padded rows it reads (and the row of its grid point)
+  };
+  std::vector<std::pair<int64_t, int64_t>> reach(taps.phases.size(), {0, 0});  // dy range, 0 included
+  int64_t widest = 0, deepest = 0, grid_rows = 0;
+  for (size_t i = 0; i < taps.phases.size(); ++i) {
+    const Phase& ph = taps.phases[i];
+    for (int64_t t = ph.first; t < ph.first + ph.count; ++t)
+      reach[i] = {std::min(reach[i].first, taps.taps[t].dy), std::max(reach[i].second, taps.taps[t].dy)};
+    widest = std::max(widest, ph.cols);
+    deepest = std::max(deepest, ph.count);
+    grid_rows = std::max(grid_rows, ph.cols ? ph.rows : 0);
+  }
+  std::vector<Item> items;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t qy = 0; qy < grid_rows; ++qy)
+      for (size_t i = 0; i < taps.phases.size(); ++i) {
+        const Phase& ph = taps.phases[i];
+        if (qy >= ph.rows || !ph.cols) continue;
+        const int64_t y = qy * taps.in_step + r.pad_top;
+        items.push_back({n, qy, &ph, y + reach[i].first, y + reach[i].second});
+      }
   std::vector<int64_t> tap_off(taps.taps.size());
   for (size_t t = 0; t < taps.taps.size(); ++t) tap_off[t] = (taps.taps[t].dy * r.Wp + taps.taps[t].dx) * CP;
   const auto blocks = channel_blocks(kernel, Mp);
-  std::vector<std::pair<const Phase*, int64_t>> items;  // (phase, grid row) per image
-  for (const Phase& ph : taps.phases)
-    for (int64_t qy = 0; qy < (ph.cols ? ph.rows : 0); ++qy) items.push_back({&ph, qy});
-  const int64_t per_image = static_cast<int64_t>(items.size());
-  at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const auto& [ph, qy] = items[i % per_image];
-      run_row(r, i / per_image, *ph, qy, tap_off, blocks);
-    }
+  // Below about 4M multiply-adds a run stays on one thread (a parallel region costs more).
+  const int64_t item_work = std::max<int64_t>(1, widest * Mp * (2 * CP * deepest + 16));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / item_work);
+  const int64_t slack = (kMaxTilePixels * taps.in_step + 1) * 2 * CP;  // the last tile's pixels past a row
+  std::atomic<bool> bad{false};
+  cpu::dispatch([&](auto tag) {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> rowbuf(channels_last ? 0 : widest * M);
+      std::unique_ptr<int16_t[]> buf;
+      int64_t capacity = 0;
+      for (int64_t i = begin; i < end;) {
+        int64_t j = i, first = items[i].first, last = items[i].last;
+        for (; j < end && items[j].n == items[i].n; ++j) {
+          first = std::min(first, items[j].first);
+          last = std::max(last, items[j].last);
+        }
+        const int64_t size = (last - first + 1) * r.Wp * 2 * CP + slack;
+        if (size > capacity) {
+          buf.reset(new int16_t[size]);
+          capacity = size;
+        }
+        if (pack_rows(tag, r, pieces, boundf.data(), C, items[i].n, first, last, buf.get())) bad.store(true);
+        std::memset(buf.get() + size - slack, 0, slack * sizeof(int16_t));
+        const int32_t* xbuf = reinterpret_cast<const int32_t*>(buf.get());
+        for (; i < j; ++i)
+          run_row(r, items[i].n, *items[i].ph, items[i].qy, xbuf, first, tap_off, blocks, rowbuf.data());
+      }
+    });
   });
+  // The sums of a bad input were computed on clamped, truncated values: bounded, just meaningless.
+  TORCH_CHECK_VALUE(!bad.load(), "int_conv: the inputs must be integers (found NaN or a fraction)");
   return out;
 }
 
