@@ -17,10 +17,24 @@ integers only:
 * **Nonlinearities** are lookup tables indexed by the clamped integer (:class:`IntLUT`), computed
   once at conversion and stored: no exp/tanh/erf on the path.
 
-**How the sums stay exact.** On CPU a layer is an im2col matrix times the weight matrix, computed
-by ``torch._int_mm`` (int8 x int8 -> int32, oneDNN): integer arithmetic, exact whatever the
-summation order, thread count or vector width -- provided nothing saturates or wraps. Two
-preconditions make sure of it:
+**How the sums stay exact.** On CPU a layer is one native op (:mod:`dualres_ext.ops.int_conv`,
+``csrc/integer``): the input, clamped to its bounds, is converted to int16 (the bounds are at most
+32767), the weights are int16 (packed once per layer), and every output's ``bias + sum w * a`` is
+accumulated in int32 (AVX-512 VNNI, AVX2 or plain C++, chosen at run time): integer arithmetic,
+exact whatever the summation order, vector width or thread count -- provided nothing wraps. The op
+makes sure of it, on every call: for each output channel, ``|bias|`` plus the largest sum of
+``|w| * A_i`` over the taps of one output phase must be below 2^31 (then every partial sum is);
+:func:`dualres_ext.ops.int_conv.int16_fits` makes the same check once, to choose the formulation.
+Every shipped layer fits. A transposed convolution runs as its ``stride^2`` output phases
+(ordinary convolutions of the same input, on the taps congruent to the phase) whose outputs
+interleave. The requantisation and the table of the layer that follows (``forward(..., table=)``)
+run in the same pass, and the op takes the pieces of a concatenated input as a list. The tests
+(``tests/test_int_conv.py``) check it against PyTorch references on inputs and weights at their
+extremes, and bit for bit under every kernel set and thread count, in other processes.
+
+A layer the int16 kernel does not take (bounds beyond int16, or sums that could reach 2^31) is an
+im2col matrix times the weight matrix computed by ``torch._int_mm`` (int8 x int8 -> int32,
+oneDNN), again exact provided nothing saturates or wraps. Two preconditions make sure of it:
 
 * **7-bit digits.** Full-range int8 operands are not safe: oneDNN's kernels for CPUs without
   AVX-512 VNNI (SSE4.1, AVX2, AVX-512 without VNNI, i.e. ``ONEDNN_MAX_CPU_ISA`` below
@@ -28,35 +42,34 @@ preconditions make sure of it:
   int16 with saturation (``vpmaddubsw``): sums of values in [-128, 127] come out wrong.
   So every operand is split into balanced base-128 digits in [-64, 63] (``a = sum_j d_j 128^j``,
   :func:`split_digits`; the digit counts follow from the stored bounds: :func:`digit_count` of
-  ``in_bound`` and of the weights, two each for the shipped 11-13-bit activations and 10-bit
-  weights); a pair sum is then at most ``2 * 191 * 64 < 2^15``. The weight digits are stacked
-  along the rows, the activation digits along the columns, so one ``_int_mm`` per layer (per
-  output phase of a transposed one) gives every block ``W_i X_j`` (:func:`gemm_plan`,
+  ``in_bound`` and of the weights); a pair sum is then at most ``2 * 191 * 64 < 2^15``. The weight
+  digits are stacked along the rows, the activation digits along the columns, so one ``_int_mm``
+  per layer (per output phase of a transposed one) gives every block ``W_i X_j`` (:func:`gemm_plan`,
   :func:`gemm_accumulate`).
 * **int32 blocks.** Any partial sum of a block, with that shift and its compensation, is at most
   ``K * 192 * 64 < 2^31`` for a depth ``K`` (input channels x taps), asserted when the plan is made.
 
 The blocks are recombined by Horner's rule with powers of 128, plus the bias, in int32 as far as
-the per-row bound ``sum_k |W_i[m, k]| * sum_j 128^j |a_j|`` allows (every shipped layer: its whole
-sum stays below 2^31), otherwise in float64, exact below 2^53 (the plan refuses a layer whose
-bound reaches 2^53; :meth:`IntConv.convert` asserts it too). A transposed convolution is split
-into its ``stride^2`` output phases, ordinary convolutions on one shared im2col window of the
-input, each on the columns of its own taps, whose outputs are interleaved (a copy, no arithmetic).
-A weight digit that is zero in most columns gets a GEMM of its own on its nonzero columns. A 1x1
-layer (a GEMM of small depth) runs as one float64 GEMM instead, as below: measured faster on CPU
-than splitting and recombining digits for it. The tests (``tests/test_integer_gemm.py``) check the
-accumulators against float64/int64 references on inputs and weights at their extremes, and bit
-for bit under other oneDNN instruction sets
-(SSE4.1, AVX2, AVX-512 without VNNI: a control shows those kernels do saturate full-range
-operands) and ATen CPU capabilities, in other processes.
+the per-row bound ``sum_k |W_i[m, k]| * sum_j 128^j |a_j|`` allows, otherwise in float64, exact
+below 2^53 (the plan refuses a layer whose bound reaches 2^53; :meth:`IntConv.convert` asserts it
+too). A transposed convolution is split into its ``stride^2`` output phases, ordinary convolutions
+on one shared im2col window of the input, each on the columns of its own taps, whose outputs are
+interleaved (a copy, no arithmetic). A weight digit that is zero in most columns gets a GEMM of its
+own on its nonzero columns. Such a 1x1 layer (a GEMM of small depth) runs as one float64 GEMM
+instead, as below: measured faster on CPU than splitting and recombining digits for it. The tests
+(``tests/test_integer_gemm.py``) check the accumulators against float64/int64 references on inputs
+and weights at their extremes, and bit for bit under other oneDNN instruction sets (SSE4.1, AVX2,
+AVX-512 without VNNI: a control shows those kernels do saturate full-range operands) and ATen CPU
+capabilities, in other processes.
 
 Elsewhere (CUDA, or any device without ``_int_mm`` on it; also wherever a plan's precondition
 fails) the same integers go through ATen's im2col + GEMM convolution in float64
 (``thnn_conv2d`` / ``slow_conv_transpose2d``, no cuDNN, so no Winograd/FFT or TF32 algorithm),
-exact below 2^53: the same integers come out, slower. CUDA's ``_int_mm`` has shape constraints and
-other kernels; it is not used. (The state keeps the float32 chunk plan of earlier versions --
-``chunks`` and ``meta``'s ``split_bits`` / ``float64`` -- as part of a weights file's identity; it
-is no longer used for running.)
+exact below 2^53: the same integers come out, slower (:func:`float64_convolutions` runs them on the
+CPU too, as a reference). CUDA's ``_int_mm`` has shape constraints and other kernels; it is not
+used. (The state keeps the float32 chunk plan of earlier versions -- ``chunks`` and ``meta``'s
+``split_bits`` / ``float64`` -- as part of a weights file's identity; it is no longer used for
+running.)
 """
 
 from __future__ import annotations
@@ -154,8 +167,9 @@ class IntConv(nn.Module):
     per input channel, ``out_low``/``out_high`` int64 per output channel, ``chunks`` int64 input
     channel boundaries, ``meta`` int64 ``[transposed, stride, padding, output_padding, split_bits,
     float64]`` (``chunks``, ``split_bits`` and ``float64``: the float32 chunk plan of earlier
-    versions, kept in the state, unused for running). The int8 GEMM plan (:func:`gemm_plan`) is
-    derived from the buffers at run time, per device, and cached.
+    versions, kept in the state, unused for running). The packed int16 weights of the native
+    kernel, or else the int8 GEMM plan (:func:`gemm_plan`), are derived from the buffers at run
+    time, per device, and cached.
     """
 
     def __init__(
@@ -251,7 +265,7 @@ class IntConv(nn.Module):
             per_input = taps.sum(dim=(2, 3))
         # The stored float32 chunk plan (``chunks``, ``split_bits``, ``float64``): what earlier
         # versions ran, kept in the state so that a conversion gives the same buffers (and weights
-        # id); the layers now run the int8 GEMM plan made at run time (:func:`gemm_plan`). Input
+        # id); the layers now run what :meth:`_runtime` derives from the buffers. Input
         # channels chunked so each chunk's partial sums stay within 2^24 (the activations split
         # only when one channel alone is too much); a 1x1 layer of more than three chunks or
         # with a split: one float64 convolution.
