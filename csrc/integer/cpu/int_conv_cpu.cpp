@@ -17,14 +17,15 @@
 // the output is the int32 accumulator bias + conv(x).
 //
 // Formulation. Inputs (any number of float32 NCHW tensors of any strides, concatenated along the
-// channels; their values must be integers, clamped here to +-A) are converted once into an int16
-// channels-last buffer, zero-padded so every tap reads inside it. A transposed convolution is cut
-// into its stride^2 output phases (the kernel taps congruent to the phase; each phase is an
-// ordinary stride-1 convolution of the same buffer). The weights are packed by int_conv_pack as
-// int16 pairs of consecutive input channels, [tap][channel pair][output channel][2], output
-// channels padded to a multiple of 16, so one 32-bit broadcast of an input pixel's channel pair
-// times one vector of weights gives 16 (AVX-512) or 8 (AVX2) output channels' pair sums
-// (vpdpwssd / vpmaddwd). A register tile is NP consecutive output pixels of a row times up to
+// channels; their values must be integers, clamped here to +-A) are converted into int16
+// channels-last rows, zero-padded so every tap reads inside them (each thread converts the rows
+// its output rows read, then computes those: one parallel region per call). A transposed
+// convolution is cut into its stride^2 output phases (the kernel taps congruent to the phase;
+// each phase is an ordinary stride-1 convolution of the same rows). The weights are packed by
+// int_conv_pack as int16 pairs of consecutive input channels, [tap][channel pair][output
+// channel][2], output channels padded to a multiple of 16, so one 32-bit broadcast of an input
+// pixel's channel pair times one vector of weights gives 16 (AVX-512) or 8 (AVX2) output
+// channels' pair sums (vpdpwssd / vpmaddwd). A register tile is NP consecutive output pixels of a row times up to
 // 64 output channels; the requantisation runs on the tile and writes float32 or int32, NCHW or
 // channels-last.
 //
@@ -147,9 +148,9 @@ void check_settings(int64_t k, int64_t stride, int64_t padding, int64_t output_p
   TORCH_CHECK_VALUE(k >= 1 && k <= 64, "int_conv: kernel size must be in [1, 64], got ", k);
   TORCH_CHECK_VALUE(stride >= 1 && stride <= 64, "int_conv: stride must be in [1, 64], got ", stride);
   TORCH_CHECK_VALUE(padding >= 0 && padding <= 64, "int_conv: padding must be in [0, 64], got ", padding);
-  TORCH_CHECK_VALUE(output_padding >= 0 && (output_padding < stride || (!transposed && output_padding == 0)),
-                    "int_conv: output_padding must be in [0, stride) (0 for a convolution), got ", output_padding);
   TORCH_CHECK_VALUE(transposed || output_padding == 0, "int_conv: output_padding is for transposed convolutions");
+  TORCH_CHECK_VALUE(output_padding >= 0 && output_padding < stride,
+                    "int_conv: output_padding must be in [0, stride), got ", output_padding);
 }
 
 int64_t round_up(int64_t v, int64_t m) {
@@ -448,21 +449,37 @@ struct Piece {
   int64_t sN, sC, sH, sW;
 };
 
-// dst[i * dst_stride] = the int16 of src[i * src_stride] clamped to +-bound[i * bound_stride];
-// returns true if a value was NaN or not an integer.
+// A block of `rows` x `cols` values: dst[r * dst_row + c * dst_col] = the int16 of
+// src[r * src_row + c * src_col] clamped to +-bound[r * bound_row + c * bound_col]; returns true
+// if a value was NaN or not an integer. One kernel-set call per block; the inner loop vectorises.
+struct Block {
+  const float* src;
+  int64_t src_row, src_col;
+  int16_t* dst;
+  int64_t dst_row, dst_col;
+  const float* bound;
+  int64_t bound_row, bound_col;
+  int64_t rows, cols;
+};
+
 template <class Tag>
-bool convert(Tag tag, const float* src, int64_t src_stride, int16_t* dst, int64_t dst_stride, const float* bound,
-             int64_t bound_stride, int64_t count) {
+bool convert(Tag tag, const Block& b) {
   int bad = 0;
   cpu::run(tag, [&]() DUALRES_CPU_INLINE {
+    const Block k = b;  // a local copy: the int16 stores must not look as if they could change it
     int local = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      const float v = src[i * src_stride], a = bound[i * bound_stride];
-      float c = v > -a ? v : -a;  // NaN: -a, and reported below
-      c = c < a ? c : a;
-      const int32_t q = static_cast<int32_t>(c);
-      local |= (v != v) | (static_cast<float>(q) != c);
-      dst[i * dst_stride] = static_cast<int16_t>(q);
+    for (int64_t r = 0; r < k.rows; ++r) {
+      const float* src = k.src + r * k.src_row;
+      const float* bound = k.bound + r * k.bound_row;
+      int16_t* dst = k.dst + r * k.dst_row;
+      for (int64_t i = 0; i < k.cols; ++i) {
+        const float v = src[i * k.src_col], a = bound[i * k.bound_col];
+        float c = v > -a ? v : -a;  // NaN: -a, and reported below
+        c = c < a ? c : a;
+        const int32_t q = static_cast<int32_t>(c);
+        local |= (v != v) | (static_cast<float>(q) != c);
+        dst[i * k.dst_col] = static_cast<int16_t>(q);
+      }
     }
     bad = local;
   });
@@ -490,13 +507,12 @@ bool pack_rows(Tag tag, const Run& r, const std::vector<Piece>& pieces, const fl
       for (int64_t ix = 0; ix < r.W; ++ix) interior[ix * C2 + C] = 0;
     for (const Piece& p : pieces) {
       const float* src = p.data + n * p.sN + iy * p.sH;
-      if (p.sC == 1) {  // channels-last: one run of channels per pixel
-        for (int64_t ix = 0; ix < r.W; ++ix)
-          bad |= convert(tag, src + ix * p.sW, 1, interior + ix * C2 + p.offset, 1, bound + p.offset, 1, p.channels);
-      } else {  // one run of pixels per channel
-        for (int64_t c = 0; c < p.channels; ++c)
-          bad |= convert(tag, src + c * p.sC, p.sW, interior + p.offset + c, C2, bound + p.offset + c, 0, r.W);
-      }
+      int16_t* to = interior + p.offset;
+      const float* a = bound + p.offset;
+      if (p.sC == 1)  // channels-last: pixels by channels
+        bad |= convert(tag, Block{src, p.sW, 1, to, C2, 1, a, 0, 1, r.W, p.channels});
+      else  // channels by pixels
+        bad |= convert(tag, Block{src, p.sC, p.sW, to, 1, C2, a, 1, 0, p.channels, r.W});
     }
   }
   return bad;
