@@ -371,6 +371,10 @@ def test_intconv_native_equals_the_float64_path(kind):
     with I.float64_convolutions():
         want_narrow = narrow(conv(x, True))
     assert torch.equal(conv(x, True, table=narrow), want_narrow)
+    # A table alone keeps a channels-last input channels-last (the next layer reads it faster).
+    q = torch.randint(-3000, 3000, (2, 5, 4, 6)).float()
+    q_cl = q.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(lut(q_cl), lut(q)) and lut(q_cl).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_intconv_takes_only_layers_that_fit():

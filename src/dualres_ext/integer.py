@@ -758,11 +758,15 @@ class IntLUT(nn.Module):
 
     def forward(self, q: Tensor) -> Tensor:
         """``q``: float integers (clamped here), or int32/int64 indexes ``q + bound`` already in range
-        (what :meth:`IntConv.forward` gives with ``index_offset=bound``). float32 out."""
+        (what :meth:`IntConv.forward` gives with ``index_offset=bound``). float32 out, channels-last
+        where ``q`` is (what the next :class:`IntConv` reads fastest on CPU)."""
         table = self.values()
         if q.is_floating_point():
             bound = self.bound
             q = q.clamp(-bound, bound).add_(bound).to(torch.int32)
+        if q.dim() == 4 and not q.is_contiguous() and q.is_contiguous(memory_format=torch.channels_last):
+            nhwc = q.permute(0, 2, 3, 1)  # contiguous: looked up in memory order
+            return table.index_select(0, nhwc.reshape(-1)).view(nhwc.shape).permute(0, 3, 1, 2)
         return table.index_select(0, q.reshape(-1)).view(q.shape)
 
 
