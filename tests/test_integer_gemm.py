@@ -1,5 +1,5 @@
-"""The int8 GEMM form of :class:`dualres_ext.integer.IntConv` (CPU): balanced base-128 digits, one
-``torch._int_mm`` per layer, against exact references (float64 convolutions, exact below 2^53, and
+"""The int8 GEMM form of :class:`dualres_ext.integer.IntConv` (CPU, for the layers the native int16
+kernel does not take): balanced base-128 digits, one ``torch._int_mm`` per layer, against exact references (float64 convolutions, exact below 2^53, and
 explicit int64 sums), on random layers with inputs and weights at their extremes; and the same
 accumulators in other processes under other oneDNN instruction sets and ATen CPU kernels (the
 non-VNNI ones saturate int16 pair sums of full-range int8 operands)."""
