@@ -143,12 +143,8 @@ def main(argv=None) -> int:
     if args.fallback:
 
         def run_fallback():
-            saved = integer.int8_gemm_ok
-            integer.int8_gemm_ok = lambda device: False
-            try:
+            with integer.float64_convolutions():
                 run_exact()
-            finally:
-                integer.int8_gemm_ok = saved
 
         jobs["entropy path integer (v4, v5), float64 convolutions"] = run_fallback
     if not args.only_entropy:

@@ -1,6 +1,6 @@
 """Portability sweep of the default (version-5) streams: every stream decodes to the encoder's
 scale indexes and means, bit for bit, under other thread counts, ATen CPU kernels, oneDNN
-instruction sets and the float64 (CUDA-style) convolution path.
+instruction sets, dualres_ext kernel sets and the float64 (CUDA-style) convolution path.
 
     PYTHONPATH=src python benchmarks/portability_sweep.py KODAK_FOLDER --crops 300 --out summary.json
 
@@ -16,6 +16,7 @@ stream, recording the same digest and one of the decoded latents; all must agree
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -35,8 +36,16 @@ from dualres_ext import codec, integer
 CONFIGS = {
     "1-thread": ({}, 1, ""),
     "3-threads": ({}, 3, ""),
-    "aten-default+sse41": ({"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}, 1, ""),
-    "aten-avx2+avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, 2, ""),
+    "aten-default+sse41": (
+        {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "DUALRES_CPU_KERNELS": "scalar"},
+        1,
+        "",
+    ),
+    "aten-avx2+avx2": (
+        {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DUALRES_CPU_KERNELS": "avx2"},
+        2,
+        "",
+    ),
     "aten-avx512+avx512": ({"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, 2, ""),
     "no-onednn": ({}, 2, "no-mkldnn"),
     "float64-convolutions": ({}, 2, "float64"),
@@ -107,18 +116,17 @@ def worker(paths, flag: str) -> None:
     """Decode every stream; print ``trace-digest latent-digest seconds`` per stream."""
     if flag == "no-mkldnn":
         torch.backends.mkldnn.set_flags(False)
-    if flag == "float64":
-        integer.int8_gemm_ok = lambda device: False
     model, wid = codec.resolve_model(None, None)
     tracer = Tracer(model)
-    for path in paths:
-        head = codec.parse_header(open(path, "rb").read())
-        tracer.start()
-        t = time.perf_counter()
-        y_h, y_l = codec._decode_latents(model, wid, [head])
-        seconds = time.perf_counter() - t
-        latents = hashlib.sha256(y_h.numpy().tobytes() + y_l.numpy().tobytes()).hexdigest()
-        print(tracer.hexdigest(), latents, f"{seconds:.4f}", flush=True)
+    with integer.float64_convolutions() if flag == "float64" else contextlib.nullcontext():
+        for path in paths:
+            head = codec.parse_header(open(path, "rb").read())
+            tracer.start()
+            t = time.perf_counter()
+            y_h, y_l = codec._decode_latents(model, wid, [head])
+            seconds = time.perf_counter() - t
+            latents = hashlib.sha256(y_h.numpy().tobytes() + y_l.numpy().tobytes()).hexdigest()
+            print(tracer.hexdigest(), latents, f"{seconds:.4f}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -145,6 +145,21 @@ TORCH_LIBRARY(dualres_ext, m) {
   m.def("pmf_to_quantized_cdf(Tensor pmf, Tensor lengths, int precision) -> Tensor");
   m.def("gaussian_cdf_tables(Tensor scale_table, float tail_mass, int precision) -> (Tensor, Tensor, Tensor)");
 
+  // --- integer convolutions (csrc/integer): dualres_ext.integer.IntConv on CPU ---
+  // The int16 weight pairs int_conv reads, (k*k, ceil(C_in/2), C_out rounded up to 16, 2), from a
+  // (C_out, C_in, k, k) weight ((C_in, C_out, k, k) transposed) of integers that fit int16.
+  m.def("int_conv_pack(Tensor weight, int stride, int padding, bool transposed) -> Tensor");
+  // bias + conv(clamp(cat(inputs, 1), +-in_bound), weight) in exact int32 sums (refused where an
+  // int32 could overflow); inputs: float32 integers. With multiplier, low and high: requantised to
+  // float32 (round half even of acc * multiplier in float64, clamped to [low, high]), through
+  // `table` (float32, indexed by value + its half length) if given; without: the int32 sums.
+  // Output (N, C_out, H_out, W_out), channels-last strides if channels_last. isa: -1 auto,
+  // 0 scalar, 1 avx2, 2 avx512 (VNNI); the results do not depend on it.
+  m.def(
+      "int_conv(Tensor[] inputs, Tensor packed, Tensor bias, Tensor in_bound, Tensor? multiplier, Tensor? low, "
+      "Tensor? high, Tensor? table, int kernel_size, int stride, int padding, int output_padding, bool transposed, "
+      "bool channels_last, int isa) -> Tensor");
+
   // --- gdn (csrc/gdn) ---
   // beta (C,), gamma (C, C): effective (reparametrised) float32 parameters; bias (C,) is added to x first.
   m.def("gdn_forward(Tensor x, Tensor beta, Tensor gamma, Tensor? bias, bool inverse, bool simplified) -> Tensor");

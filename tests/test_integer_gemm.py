@@ -1,5 +1,5 @@
-"""The int8 GEMM form of :class:`dualres_ext.integer.IntConv` (CPU): balanced base-128 digits, one
-``torch._int_mm`` per layer, against exact references (float64 convolutions, exact below 2^53, and
+"""The int8 GEMM form of :class:`dualres_ext.integer.IntConv` (CPU, for the layers the native int16
+kernel does not take): balanced base-128 digits, one ``torch._int_mm`` per layer, against exact references (float64 convolutions, exact below 2^53, and
 explicit int64 sums), on random layers with inputs and weights at their extremes; and the same
 accumulators in other processes under other oneDNN instruction sets and ATen CPU kernels (the
 non-VNNI ones saturate int16 pair sums of full-range int8 operands)."""
@@ -138,8 +138,13 @@ def test_int8_gemm_is_exact(kind, c_in, c_out, act_bound, weight_bound):
     plan = _plan(conv)
     assert plan is not None  # the int8 path is the one under test
     assert plan["adigits"] == I.digit_count(act_bound) and plan["wdigits"] == I.digit_count(weight_bound)
-    # the layer runs it, except 1x1 layers (one float64 GEMM, measured faster)
-    assert (conv._runtime()["gemm"] is None) == (kind == "conv1x1")
+    # the layer runs it where the native int16 kernel does not take the layer, except 1x1 layers
+    # (one float64 GEMM, measured faster)
+    rt = conv._runtime()
+    assert (rt["native"] is not None) == I._int16.int16_fits(
+        conv.weight, conv.bias, conv.in_bound, *conv._settings()[:2]
+    )
+    assert (rt["gemm"] is None) == (kind == "conv1x1" or rt["native"] is not None)
     for batch, h, w in ((1, 7, 9), (3, 6, 5)):
         for i, a in enumerate(_inputs(conv, batch, h, w, seed=batch + h)):
             got = _gemm(plan, a)
@@ -185,16 +190,14 @@ def test_int8_gemm_falls_back_when_a_bound_fails():
     assert torch.equal(conv.accumulate(a), _reference(conv, a))
 
 
-def test_requantised_output_matches_the_float64_path():
-    conv = _layer("conv3x3", 64, 32, 2047, 511, seed=5)
+@pytest.mark.parametrize("act_bound", [2047, 1 << 15])  # the native int16 kernel; the int8 GEMMs
+def test_requantised_output_matches_the_float64_path(act_bound):
+    conv = _layer("conv3x3", 64, 32, act_bound, 511, seed=5)
+    assert (conv._runtime()["native"] is None) == (act_bound > 32767)
     a = _inputs(conv, 1, 8, 8, 1)[4]
-    saved = I.int8_gemm_ok
-    try:
-        I.int8_gemm_ok = lambda device: False
+    with I.float64_convolutions():
         want = conv(a, True)
         want_index = conv(a, True, 4095)
-    finally:
-        I.int8_gemm_ok = saved
     assert torch.equal(conv(a, True), want) and torch.equal(conv(a, True, 4095), want_index)
 
 

@@ -34,6 +34,8 @@ CPU_ONLY = {
     "rans_decode_compat_stream",
     "pmf_to_quantized_cdf",
     "gaussian_cdf_tables",
+    "int_conv_pack",
+    "int_conv",
 }
 # Ops with a CUDA kernel only (the CPU wrapper loops over rans_encode / rans_decode instead).
 CUDA_ONLY = {"rans_encode_batch", "rans_decode_batch"}
@@ -249,6 +251,38 @@ def _cases_rans_decode_batch(device):
     yield [data, data], [indexes, indexes], cdfs, lengths, offsets
 
 
+def _int_conv_layer(transposed):
+    """A small integer layer: 6 input channels (bound 300), 5 output channels, 10-bit weights."""
+    g = _gen(12)
+    k, stride, padding, output_padding = (5, 2, 2, 1) if transposed else (3, 1, 1, 0)
+    shape = (6, 5, k, k) if transposed else (5, 6, k, k)
+    weight = torch.randint(-511, 512, shape, generator=g, dtype=torch.int16)
+    bias = torch.randint(-1000, 1000, (5,), generator=g)
+    return weight, bias, torch.full((6,), 300), (k, stride, padding, output_padding, transposed)
+
+
+def _cases_int_conv_pack(device):
+    for transposed in (False, True):
+        weight, _, _, (k, stride, padding, _, _) = _int_conv_layer(transposed)
+        yield weight, stride, padding, transposed
+
+
+def _cases_int_conv(device):
+    g = _gen(13)
+    for transposed in (False, True):
+        weight, bias, in_bound, (k, stride, padding, output_padding, _) = _int_conv_layer(transposed)
+        packed = torch.ops.dualres_ext.int_conv_pack(weight, stride, padding, transposed)
+        x = torch.randint(-300, 301, (2, 6, 4, 5), generator=g).float()
+        inputs = [x[:, :4], x[:, 4:]]
+        multiplier = torch.full((5,), 1e-3)
+        low, high = torch.full((5,), -20), torch.full((5,), 20)
+        table = torch.randn(41, generator=g)
+        geometry = (k, stride, padding, output_padding, transposed)
+        yield inputs, packed, bias, in_bound, None, None, None, None, *geometry, False, -1
+        yield inputs, packed, bias, in_bound, multiplier, low, high, None, *geometry, True, -1
+        yield [x], packed, bias, in_bound, multiplier, low, high, table, *geometry, False, 0
+
+
 OPCHECK_CASES = {
     "gdn_forward": _cases_gdn_forward,
     "gdn_forward_": _cases_gdn_forward_,
@@ -273,6 +307,8 @@ OPCHECK_CASES = {
     "rans_decode_compat_stream": _cases_rans_decode_compat_stream,
     "rans_encode_batch": _cases_rans_encode_batch,
     "rans_decode_batch": _cases_rans_decode_batch,
+    "int_conv_pack": _cases_int_conv_pack,
+    "int_conv": _cases_int_conv,
 }
 
 # Ops whose output size depends on the data (an unbacked size in the fake kernel): opcheck's

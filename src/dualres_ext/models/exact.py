@@ -69,9 +69,12 @@ class ExactSlices(nn.Module):
         """The slice loop on integers; returns ŷ (float64, exact multiples of 2^-latent_bits).
 
         Every layer input here is within that layer's bounds by construction (``bounded=True``
-        skips the layers' own clamps): table outputs and requantised outputs are clamped to the
-        grid bound the next layer was converted for, and ŷ is clamped to :attr:`latent_bound`
-        (what every reader of ŷ was converted for) where it is made."""
+        lets the layers skip their own clamps): table outputs and requantised outputs are clamped
+        to the grid bound the next layer was converted for, and ŷ is clamped to
+        :attr:`latent_bound` (what every reader of ŷ was converted for) where it is made. A layer
+        takes its concatenated input as a list and runs its table itself; the hidden activations
+        are channels-last (what the CPU kernel reads and writes fastest), the outputs that leave
+        the networks (scales, means, the LRP term) NCHW."""
         unit = float(2**latent_bits)
         bound = float(self.latent_bound)
         prepared = _prepared_table(table)
@@ -79,16 +82,16 @@ class ExactSlices(nn.Module):
         decoded_int: List[Tensor] = []  # the same in grid units, clamped, float32 integers
         base = [features] if extra is None else [features, extra]
         for i, nets in enumerate(self.slices):
-            h = nets["ctx_act"](nets["ctx"](torch.cat(base + decoded_int, 1), True, nets["ctx_act"].bound))
-            p = nets["p2"](nets["p1_act"](nets["p1"](h, True, nets["p1_act"].bound)), True)
+            h = nets["ctx"](base + decoded_int, True, table=nets["ctx_act"], channels_last=True)
+            p = nets["p2"](nets["p1"](h, True, table=nets["p1_act"], channels_last=True), True)
             s = p.size(1) // 2
             indexes = scale_indexes(p[:, :s], prepared, scale_bits)
             means = p[:, s:].double() / unit
             y = step(i, indexes, means).double()
             y_int = torch.round(y * unit)  # exact: symbol * 2^k + μ_int
-            lrp_in = torch.cat([h, y_int.clamp(-bound, bound).float()], 1)
-            r = nets["l2_act"](
-                nets["l2"](nets["l1_act"](nets["l1"](lrp_in, True, nets["l1_act"].bound)), True, nets["l2_act"].bound)
+            lrp_in = [h, y_int.clamp(-bound, bound).float()]
+            r = nets["l2"](
+                nets["l1"](lrp_in, True, table=nets["l1_act"], channels_last=True), True, table=nets["l2_act"]
             ).double()
             decoded.append(y + r / unit)
             decoded_int.append(y_int.add_(r).clamp_(-bound, bound).float())
@@ -118,18 +121,18 @@ def scale_indexes(sigma: Tensor, table, scale_bits: int) -> Tensor:
 
 
 def _chain(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
-    """A Sequential of IntConv / IntLUT layers; a convolution followed by a table hands it its
-    indexes directly. Inputs after the first are within bounds by construction."""
+    """A Sequential of IntConv / IntLUT layers; a convolution followed by a table runs it itself.
+    Inputs after the first are within bounds by construction. Channels-last outputs."""
     layers = list(layers)
     i = 0
     while i < len(layers):
         layer = layers[i]
         follower = layers[i + 1] if i + 1 < len(layers) else None
         if isinstance(layer, IntConv) and isinstance(follower, IntLUT):
-            x = follower(layer(x, True, follower.bound))
+            x = layer(x, True, table=follower, channels_last=True)
             i += 2
         else:
-            x = layer(x, True) if isinstance(layer, IntConv) else layer(x)
+            x = layer(x, True, channels_last=True) if isinstance(layer, IntConv) else layer(x)
             i += 1
     return x
 
@@ -249,7 +252,7 @@ class ExactCoder(nn.Module):
         table, b = self.index_table, self._meta()[1]
         y_h = self.coder_h.run(f_h, None, step_h, table, k, b)
         bound = float(self.coder_h.latent_bound)  # = cond_down_h's input bound (checked at construction)
-        extra = self.cond_down_h(torch.round(y_h * float(2**k)).clamp_(-bound, bound).float(), True)
+        extra = self.cond_down_h(torch.round(y_h * float(2**k)).clamp_(-bound, bound).float(), True, channels_last=True)
         y_l = self.coder_l.run(f_l, extra, step_l, table, k, b)
         return y_h, y_l
 

@@ -4,6 +4,7 @@
 * :mod:`.rans_interleaved`: the interleaved stream for SIMD and warps (csrc/rans, version 2);
 * :mod:`.gaussian`: Gaussian conditional indexing, quantisation, likelihood, CDF tables (csrc/gaussian);
 * :mod:`.gdn`: fused GDN / IGDN (csrc/gdn);
+* :mod:`.int_conv`: the integer convolutions of ``dualres_ext.integer`` on CPU (csrc/integer);
 * :mod:`.args`: argument conversion shared by the families.
 
 Every wrapper takes Python values and tensors and raises TypeError/ValueError naming the argument;
@@ -14,7 +15,10 @@ trust, such as bitstream bytes). The op schemas are declared in csrc/register.cp
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.dualres_ext.*)
-from . import rans_interleaved  # noqa: F401  (the interleaved stream, version 2: its own namespace)
+from . import (
+    int_conv,  # noqa: F401  (integer convolutions: their own namespace, used by integer.py)
+    rans_interleaved,  # noqa: F401  (the interleaved stream, version 2: its own namespace)
+)
 from .gaussian import (
     DEFAULT_LIKELIHOOD_BOUND,
     DEFAULT_SCALE_BOUND,
