@@ -6,7 +6,6 @@ kernel call of a process, checked here in a subprocess)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -17,17 +16,10 @@ import torch
 import dualres_ext
 from dualres_ext import ops
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_testlib import SUPPORTED, cpu_kernels  # noqa: E402
+
 ALL_SETS = ["scalar", "avx2", "avx512"]
-SUPPORTED = dualres_ext.build_info()["cpu_supported"].split(",")
-
-
-@contextlib.contextmanager
-def cpu_kernels(name):
-    before = torch.ops.dualres_ext.set_cpu_kernels(name)
-    try:
-        yield
-    finally:
-        torch.ops.dualres_ext.set_cpu_kernels(before)
 
 
 def each_set(fn):

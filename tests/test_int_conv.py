@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dualres_ext
 from dualres_ext import integer as I
 from dualres_ext.ops import int_conv as IC
 
-SUPPORTED = dualres_ext.build_info()["cpu_supported"].split(",")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_testlib import SUPPORTED, cpu_kernels  # noqa: E402
 
 
 def _isa_runs(isa: int) -> bool:
@@ -61,15 +61,6 @@ def threads(n):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def cpu_kernels(name):
-    before = torch.ops.dualres_ext.set_cpu_kernels(name)
-    try:
-        yield
-    finally:
-        torch.ops.dualres_ext.set_cpu_kernels(before)
 
 
 class Layer:
