@@ -57,11 +57,17 @@ def test_encode_byte_identical_to_compressai(gen, n):
         cdfs, lengths, offsets = random_tables(gen, int(torch.randint(1, 10, (1,), generator=gen)))
         sym, idx = compat_symbols(gen, cdfs, lengths, offsets, n)
         tables = as_lists(cdfs, lengths, offsets)
-        ref = compressai_ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+        ours = ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets)
+        # CompressAI's encoder writes into a buffer of one 32-bit word per symbol, which a few
+        # symbols of small frequency or with escapes overrun (heap corruption, an abort now and
+        # then): it is the reference where its output fits, CompressAI's decoder below otherwise.
+        if len(ours) <= 4 * n:
+            ref = compressai_ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+            assert ours == ref
+        ref = ours
         assert ans.RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), *tables) == ref
         # Tensors / numpy give the same bytes.
         assert ans.RansEncoder().encode_with_indexes(sym, idx.numpy(), cdfs, lengths, offsets) == ref
-        assert ops.rans_encode_compat(sym, idx, cdfs, lengths, offsets) == ref
         # Both decoders read it.
         assert compressai_ans.RansDecoder().decode_with_indexes(ref, idx.tolist(), *tables) == sym.tolist()
         assert ans.RansDecoder().decode_with_indexes(ref, idx.tolist(), *tables) == sym.tolist()
